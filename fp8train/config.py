@@ -1,0 +1,537 @@
+"""Typed configuration of a run: one dataclass per Hydra group, validated once, before any work.
+
+Hydra composes ``conf/`` into a plain DictConfig; :func:`to_typed` merges it key by key into the dataclass
+schema below (also registered in Hydra's ConfigStore as ``fp8train_schema``) and then checks every value.
+All problems are collected and raised together as one :class:`ConfigError`, each written the way the user
+types the fix: ``optim.lr=-1: must be > 0``. Nothing reads a file, builds a model or touches a device
+before this passes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from fp8train.errors import ConfigError
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+CONF_DIR = PROJECT_ROOT / "conf"
+GROUPS = ("model", "precision", "optim", "data", "backend", "parallel", "logger", "monitor", "experiment", "debug")
+
+
+class BackendName(str, enum.Enum):
+    auto = "auto"  # hpu if Habana's stack is importable, else cuda if available, else cpu
+    cpu = "cpu"
+    cuda = "cuda"
+    hpu = "hpu"
+
+
+class Recipe(str, enum.Enum):
+    bf16 = "bf16"  # fp32 master weights, matmuls under bf16 autocast
+    fp32 = "fp32"  # everything in fp32: a numerical reference, slow on accelerators
+
+
+class OptimName(str, enum.Enum):
+    adamw = "adamw"
+
+
+class ScheduleName(str, enum.Enum):
+    cosine = "cosine"  # linear warmup, then cosine from lr down to min_lr at decay_steps
+    constant = "constant"  # linear warmup, then lr
+
+
+class ParallelName(str, enum.Enum):
+    single = "single"  # one process, one device
+
+
+class WandbMode(str, enum.Enum):
+    online = "online"
+    offline = "offline"  # files only, no network; `wandb sync RUN_DIR/wandb/offline-run-*` uploads later
+    disabled = "disabled"
+
+
+@dataclass
+class ModelConfig:
+    """A Llama-style decoder (see fp8train/model/llama.py)."""
+
+    name: str = "tiny"  # shows in run names and the run directory
+    vocab_size: int | None = None  # null: the tokenizer's vocabulary, rounded up to a multiple of 64
+    d_model: int = 256  # residual width
+    n_layers: int = 4
+    n_heads: int = 4  # query heads; head_dim = d_model / n_heads
+    n_kv_heads: int | None = None  # key/value heads for grouped-query attention; null = n_heads
+    ffn_dim: int = 768  # SwiGLU hidden width (the width of u, g and h)
+    max_seq_len: int = 512  # longest sequence the RoPE tables are built for
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False  # share the input embedding with lm_head
+    init_std: float = 0.02  # std of every weight at init; residual projections get init_std / sqrt(2 * n_layers)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    def check(self, at: str) -> list[str]:
+        p = _Problems(at, self)
+        for name in ("d_model", "n_layers", "n_heads", "ffn_dim", "max_seq_len"):
+            p.positive(name)
+        p.positive("vocab_size", optional=True)
+        p.positive("n_kv_heads", optional=True)
+        p.positive("rope_theta")
+        p.positive("norm_eps")
+        p.positive("init_std")
+        if self.n_heads > 0 and self.d_model > 0:
+            if self.d_model % self.n_heads:
+                p.add("n_heads", f"must divide model.d_model={self.d_model}")
+            elif self.head_dim % 2:
+                p.add("n_heads", f"gives an odd head_dim {self.head_dim}; RoPE needs an even one")
+            if self.n_kv_heads and self.n_kv_heads > 0 and self.n_heads % self.n_kv_heads:
+                p.add("n_kv_heads", f"must divide model.n_heads={self.n_heads}")
+        return p.found
+
+
+@dataclass
+class SourceConfig:
+    """One local UTF-8 text file."""
+
+    path: str = ""  # required; relative paths are taken from the directory you launch from
+    name: str | None = None  # label of its validation loss (val_loss/NAME); null = the file's stem
+
+
+@dataclass
+class TokenizerConfig:
+    """Where the tokenizer comes from."""
+
+    path: str | None = None  # a tokenizer.json or a Hugging Face tokenizer folder; null = train one locally
+    vocab_size: int = 4096  # size of the byte-level BPE trained when path is null
+
+
+@dataclass
+class DataConfig:
+    """Local text -> tokenizer -> token cache on disk -> batches deterministic in (seed, step, rank)."""
+
+    name: str = "tinyshakespeare"
+    sources: list[SourceConfig] = field(default_factory=lambda: [SourceConfig(path="data/tinyshakespeare.txt")])
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    seq_len: int = 256  # tokens per training sequence
+    val_fraction: float = 0.05  # the last fraction of every source is held out for validation
+    cache_dir: str = "${oc.env:FP8TRAIN_CACHE_DIR,.cache/fp8train}"  # tokenizer and token caches
+
+    def check(self, at: str) -> list[str]:
+        p = _Problems(at, self)
+        p.positive("seq_len")
+        if not 0.0 < self.val_fraction < 0.5:
+            p.add("val_fraction", "must be > 0 and < 0.5")
+        if self.tokenizer.path is None and self.tokenizer.vocab_size < 260:
+            p.add("tokenizer.vocab_size", "must be >= 260 (256 bytes plus special tokens)")
+        if not self.sources:
+            p.add("sources", "needs at least one text file")
+        names = [source_name(s) for s in self.sources]
+        for i, s in enumerate(self.sources):
+            if not s.path:
+                p.add(f"sources.{i}.path", "a text file is required: data.sources=[{path: FILE}]")
+            elif not resolve_path(s.path).is_file():
+                p.add(f"sources.{i}.path", f"no such file ({resolve_path(s.path)})")
+            if names.count(names[i]) > 1:
+                p.add(f"sources.{i}.name", f"'{names[i]}' names two sources; give each a distinct name")
+        if self.tokenizer.path is not None and not resolve_path(self.tokenizer.path).exists():
+            p.add("tokenizer.path", f"no such file or folder ({resolve_path(self.tokenizer.path)})")
+        return p.found
+
+
+@dataclass
+class PrecisionConfig:
+    """Number formats of the matmuls (the converter in fp8train/precision applies it)."""
+
+    recipe: Recipe = Recipe.bf16
+
+    def check(self, at: str) -> list[str]:
+        return []
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with decoupled weight decay, warmup and a decay schedule."""
+
+    name: OptimName = OptimName.adamw
+    lr: float = 1e-3  # peak learning rate, reached at the end of warmup
+    min_lr: float = 1e-4  # floor of the cosine schedule
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # applied to matrices only, never to norms
+    warmup_steps: int = 20
+    schedule: ScheduleName = ScheduleName.cosine
+    decay_steps: int | None = None  # cosine length in steps; null = trainer.max_steps
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    fused: bool | None = None  # torch's fused AdamW kernel; null = wherever the device has it
+
+    def check(self, at: str) -> list[str]:
+        p = _Problems(at, self)
+        p.positive("lr")
+        p.positive("eps")
+        p.positive("decay_steps", optional=True)
+        p.non_negative("min_lr")
+        p.non_negative("weight_decay")
+        p.non_negative("warmup_steps")
+        p.non_negative("grad_clip")
+        if self.min_lr > self.lr > 0:
+            p.add("min_lr", f"must be <= optim.lr={self.lr}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            p.add("betas", "must be two numbers in [0, 1)")
+        return p.found
+
+
+@dataclass
+class BackendConfig:
+    """The device a run uses."""
+
+    name: BackendName = BackendName.auto
+    compile: bool = False  # torch.compile the model (cuda: inductor; hpu: hpu_backend)
+    threads: int | None = None  # cpu: torch intra-op threads; null = torch's default (all cores)
+
+    def check(self, at: str) -> list[str]:
+        p = _Problems(at, self)
+        p.positive("threads", optional=True)
+        return p.found
+
+
+@dataclass
+class ParallelConfig:
+    """How the model is spread over processes."""
+
+    name: ParallelName = ParallelName.single
+
+    def check(self, at: str) -> list[str]:
+        return []
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases run settings."""
+
+    mode: WandbMode = WandbMode.offline
+    project: str = "fp8train"
+    entity: str | None = None
+    group: str | None = None  # runs of one comparison share a group; null = "<data>-<model>"
+    name: str | None = None  # null = "<model>-<precision>-s<seed>"
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggerConfig:
+    """Console, metrics.jsonl and wandb."""
+
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    log_every: int = 10  # steps between metric lines (each costs one device sync)
+    progress: bool = True  # progress bar when the console is a terminal
+
+    def check(self, at: str) -> list[str]:
+        p = _Problems(at, self)
+        p.positive("log_every")
+        return p.found
+
+
+@dataclass
+class MonitorConfig:
+    """Per-layer outlier statistics."""
+
+    enabled: bool = False
+
+    def check(self, at: str) -> list[str]:
+        p = _Problems(at, self)
+        if self.enabled:
+            p.add("enabled", "the outlier monitor is not part of this version of fp8train; use monitor=disabled")
+        return p.found
+
+
+@dataclass
+class TrainerConfig:
+    """Length, batch, evaluation and checkpoint cadence of a run."""
+
+    max_steps: int = 200  # optimizer steps
+    micro_batch_size: int = 8  # sequences per forward pass
+    grad_accum_steps: int = 1  # micro-batches per optimizer step
+    eval_every: int = 50  # steps between validation passes (and one at the end); 0 = only at the end
+    eval_batches: int = 8  # micro-batches per validation source and pass
+    checkpoint_every: int = 100  # steps between checkpoints (and one at the end); 0 = only at the end
+    keep_last: int = 2  # complete checkpoints kept; older ones are deleted
+    seed: int = 1234
+    stop_at: int | None = None  # end this invocation after this step with a checkpoint; resume=auto continues
+
+    def check(self, at: str) -> list[str]:
+        p = _Problems(at, self)
+        p.positive("stop_at", optional=True)
+        for name in ("max_steps", "micro_batch_size", "grad_accum_steps", "eval_batches", "keep_last"):
+            p.positive(name)
+        p.non_negative("eval_every")
+        p.non_negative("checkpoint_every")
+        p.non_negative("seed")
+        return p.found
+
+
+@dataclass
+class Config:
+    """A whole run. ``resume``: none | auto (newest complete checkpoint in the run dir) | a checkpoint path."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    resume: str = "none"
+
+    def __post_init__(self) -> None:
+        problems = [q for name in _SECTIONS for q in getattr(self, name).check(name)]
+        if self.data.seq_len > self.model.max_seq_len:
+            problems.append(
+                f"data.seq_len={self.data.seq_len}: exceeds model.max_seq_len={self.model.max_seq_len} "
+                f"of model '{self.model.name}'; lower data.seq_len or raise model.max_seq_len"
+            )
+        if self.resume not in ("none", "auto") and not resolve_path(self.resume).exists():
+            problems.append(f"resume={self.resume}: no such checkpoint; use resume=auto, resume=none or a path")
+        if problems:
+            raise ConfigError(problems)
+
+    @property
+    def run_name(self) -> str:
+        """The wandb run name; it always shows the precision."""
+        return self.logger.wandb.name or f"{self.model.name}-{self.precision.recipe.value}-s{self.trainer.seed}"
+
+    @property
+    def run_group(self) -> str:
+        return self.logger.wandb.group or f"{self.data.name}-{self.model.name}"
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens per optimizer step on one process."""
+        t = self.trainer
+        return t.micro_batch_size * t.grad_accum_steps * self.data.seq_len
+
+
+_SECTIONS = ("model", "data", "precision", "optim", "backend", "parallel", "logger", "monitor", "trainer")
+
+
+def resolve_path(path: str | Path) -> Path:
+    """Config paths are relative to the directory a run is launched from (Hydra does not change it)."""
+    return Path(path).expanduser().resolve()
+
+
+def source_name(source: SourceConfig) -> str:
+    return source.name or Path(source.path).stem
+
+
+def register_schema() -> None:
+    """Put the schema in Hydra's ConfigStore as ``fp8train_schema`` (the typed form of conf/config.yaml)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="fp8train_schema", node=Config)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# DictConfig -> Config, collecting every problem
+
+
+def to_typed(raw: DictConfig | dict) -> Config:
+    """Validate a composed config and return it as dataclasses; raises one ConfigError listing every problem."""
+    raw = OmegaConf.create(OmegaConf.to_container(raw, resolve=False) if isinstance(raw, DictConfig) else raw)
+    raw.pop("hydra", None)
+    try:
+        plain = OmegaConf.to_container(raw, resolve=True)
+    except OmegaConfBaseException as e:
+        raise ConfigError([f"cannot resolve an interpolation: {_first_line(e)}"]) from None
+    schema = OmegaConf.structured(Config)
+    problems: list[str] = []
+    for path, value in _leaves(plain):
+        hint = _hint_at(Config, path)
+        if hint is _UNKNOWN:
+            problems.append(_unknown_key(path))
+        elif value != "???":  # a required value left unset keeps the schema default, which check() reports
+            try:
+                OmegaConf.update(schema, path, value, merge=True, force_add=False)
+            except OmegaConfBaseException as e:
+                detail = f" ({_first_line(e)})" if isinstance(value, list) else ""
+                problems.append(f"{path}={format_value(value)}: {_expected(hint)}{detail}")
+    # Values of the wrong type kept their defaults above, so the value checks below still run on the rest.
+    try:
+        cfg = OmegaConf.to_object(schema)  # runs Config.__post_init__, which checks every value
+    except ConfigError as e:
+        problems += e.problems
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "config") -> Config:
+    """Compose conf/ with Hydra overrides (no run dir, no logging) and validate: for tests and `fp8train check`."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+
+    problems, usable = override_problems(overrides)
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        try:
+            raw = hydra_compose(config_name=config_name, overrides=usable)
+        except HydraException as e:
+            raise ConfigError([*problems, _first_line(e)]) from None
+    try:
+        cfg = to_typed(raw)
+    except ConfigError as e:
+        problems += e.problems
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def override_problems(overrides: list[str] | tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """Problems Hydra would stop at one by one (an unknown group option or key), and the overrides without them."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    args = [a for a in overrides if not a.startswith("-")]
+    try:
+        parsed = OverridesParser.create().parse_overrides(args)
+    except Exception:  # malformed overrides are reported by Hydra itself, in its own words
+        return [], args
+    problems, usable = [], []
+    for arg, o in zip(args, parsed):
+        key = o.key_or_group
+        if key in GROUPS and not o.package:
+            options = sorted(p.stem for p in (CONF_DIR / key).glob("*.yaml"))
+            choices = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
+            bad = [c for c in choices if c != "null" and c not in options] if not o.is_delete() else []
+            problems += [f"{key}={c}: unknown option; choose one of {', '.join(options)}" for c in bad]
+        elif not key.startswith("hydra") and not o.is_add() and _hint_at(Config, key) is _UNKNOWN:
+            problems.append(_unknown_key(key))
+            bad = [key]
+        else:
+            bad = []
+        if not bad:
+            usable.append(arg)
+    return problems, usable
+
+
+def _unknown_key(path: str) -> str:
+    parent = path.rsplit(".", 1)[0] if "." in path else ""
+    known = _known_keys(Config, parent)
+    return f"{path}: unknown setting" + (f" (known here: {', '.join(known)})" if known else "")
+
+
+def format_value(value: Any) -> str:
+    """A value written as a Hydra override would write it."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, enum.Enum):
+        return str(value.value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(format_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {format_value(v)}" for k, v in value.items()) + "}"
+    return str(value)
+
+
+class _Problems:
+    """Collects `section.field=value: message` lines for one config section."""
+
+    def __init__(self, at: str, obj: Any):
+        self.at, self.obj, self.found = at, obj, []
+
+    def add(self, name: str, message: str) -> None:
+        value = self.obj
+        for part in name.split("."):
+            value = value[int(part)] if isinstance(value, (list, ListConfig)) else getattr(value, part, None)
+        self.found.append(f"{self.at}.{name}={format_value(value)}: {message}")
+
+    def positive(self, name: str, optional: bool = False) -> None:
+        value = getattr(self.obj, name)
+        if value is None and optional:
+            return
+        if value is None or not value > 0 or (isinstance(value, float) and not math.isfinite(value)):
+            self.add(name, "must be > 0")
+
+    def non_negative(self, name: str) -> None:
+        value = getattr(self.obj, name)
+        if not value >= 0 or (isinstance(value, float) and not math.isfinite(value)):
+            self.add(name, "must be >= 0")
+
+
+_UNKNOWN = object()
+
+
+def _leaves(node: Any, prefix: str = ""):
+    """(dotted path, value) for every scalar or list in a nested dict; lists are set as a whole."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _leaves(v, f"{prefix}.{k}" if prefix else str(k))
+    else:
+        yield prefix, node
+
+
+def _hint_at(cls: type, path: str) -> Any:
+    hint: Any = cls
+    for part in path.split("."):
+        hint = _unwrap_optional(hint)
+        if not dataclasses.is_dataclass(hint):
+            return _UNKNOWN
+        hints = typing.get_type_hints(hint)
+        if part not in hints:
+            return _UNKNOWN
+        hint = hints[part]
+    return hint
+
+
+def _known_keys(cls: type, path: str) -> list[str]:
+    hint = _unwrap_optional(_hint_at(cls, path)) if path else cls
+    return [f.name for f in dataclasses.fields(hint)] if dataclasses.is_dataclass(hint) else []
+
+
+def _unwrap_optional(hint: Any) -> Any:
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if typing.get_origin(hint) is typing.Union and len(args) == 1 else hint
+
+
+def _expected(hint: Any) -> str:
+    optional = typing.get_origin(hint) is typing.Union and type(None) in typing.get_args(hint)
+    base = _unwrap_optional(hint)
+    if isinstance(base, type) and issubclass(base, enum.Enum):
+        text = "must be one of " + ", ".join(m.value for m in base)
+    elif base is bool:
+        text = "expected true or false"
+    elif base is int:
+        text = "expected an integer"
+    elif base is float:
+        text = "expected a number"
+    elif base is str:
+        text = "expected a string"
+    elif typing.get_origin(base) is list:
+        inner = typing.get_args(base)[0]
+        if dataclasses.is_dataclass(inner):
+            names = ", ".join(f.name for f in dataclasses.fields(inner))
+            text = f"expected a list of {{{names}}} entries"
+        else:
+            text = f"expected a list of {getattr(inner, '__name__', inner)}"
+    elif dataclasses.is_dataclass(base):
+        text = "expected a group of settings (" + ", ".join(f.name for f in dataclasses.fields(base)) + ")"
+    else:
+        text = f"expected {base}"
+    return text + (" (or null)" if optional else "")
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
