@@ -1,0 +1,52 @@
+"""What every device backend provides to the trainer: a device, autocast, a sync point and memory stats."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Backend:
+    """A device. Subclasses override what differs; the trainer never branches on the device name."""
+
+    name: str = "cpu"
+    device: torch.device = torch.device("cpu")
+    dist_backend: str = "gloo"  # torch.distributed backend for data parallelism on this device
+
+    def autocast(self, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+        """Mixed precision for the forward pass; ``None`` runs in the parameters' dtype."""
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def mark_step(self) -> None:
+        """End of a graph segment (Gaudi lazy mode); a no-op elsewhere."""
+
+    def synchronize(self) -> None:
+        """Wait for queued device work, so wall-clock timings are honest."""
+
+    def peak_memory_bytes(self) -> int:
+        """Peak memory of this process on the device since the last reset."""
+        return 0
+
+    def reset_peak_memory(self) -> None:
+        pass
+
+    def compile(self, model: torch.nn.Module) -> torch.nn.Module:
+        return torch.compile(model)
+
+    def rng_state(self) -> dict:
+        """Device RNG state for checkpoints (the CPU generator is saved by the trainer)."""
+        return {}
+
+    def set_rng_state(self, state: dict) -> None:
+        pass
+
+    def has_fused_adamw(self) -> bool:
+        return False
+
+    def describe(self) -> str:
+        return self.name

@@ -1,0 +1,53 @@
+"""The ``fp8train`` command: ``fp8train train ...`` runs training, the other subcommands inspect and report."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from fp8train.errors import Fp8trainError
+
+
+def cmd_check(args: argparse.Namespace) -> None:
+    """Compose and validate a config without doing any work; print it and what it implies."""
+    from omegaconf import OmegaConf
+
+    from fp8train import backends
+    from fp8train.config import compose
+
+    cfg = compose(args.overrides)
+    print(OmegaConf.to_yaml(OmegaConf.structured(cfg)), end="")
+    m = cfg.model
+    # Parameters without embeddings: attention (q, o: d*d; k, v: d*kv_dim) and SwiGLU (3*d*ffn), norms.
+    kv_dim = m.kv_heads * m.head_dim
+    per_layer = 2 * m.d_model * m.d_model + 2 * m.d_model * kv_dim + 3 * m.d_model * m.ffn_dim + 2 * m.d_model
+    print(
+        f"# {m.n_layers * per_layer / 1e6:.1f}M parameters without embeddings; "
+        f"{cfg.tokens_per_step} tokens per step; backend auto -> {backends.detect().value}; config is valid"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="fp8train", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("train", help="train (same as python train.py; Hydra overrides follow)", add_help=False)
+    check = sub.add_parser("check", help="validate a config and print it, without running anything")
+    check.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=llama_1b optim.lr=3e-4")
+    check.set_defaults(func=cmd_check)
+
+    if argv[:1] == ["train"]:  # Hydra parses its own arguments (overrides, -m, --cfg job, ...)
+        from fp8train.cli.train import main as train_main
+
+        train_main(argv[1:])
+        return
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except Fp8trainError as e:
+        print(f"fp8train: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""Batches from the token cache, a pure function of (seed, step, micro_step, rank).
+
+Training windows are ``seq_len + 1`` tokens at stride ``seq_len`` over train.bin (inputs are the first seq_len,
+targets the last seq_len). Every sample of a run has a global index
+
+    g = ((step * grad_accum_steps + micro_step) * world_size + rank) * micro_batch_size + j
+
+and takes window ``perm_epoch[g % n_windows]`` of epoch ``g // n_windows``, where ``perm_epoch`` is
+``numpy.random.default_rng([seed, epoch]).permutation(n_windows)``. So a resumed run needs only the step to get
+the same data, and within an epoch no window repeats across steps, micro steps or ranks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+
+from fp8train.config import DataConfig, resolve_path
+from fp8train.data.tokenizer import build_tokenizer
+from fp8train.data.tokens import SourceText, TokenCache, build_token_cache, read_sources
+from fp8train.errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+def build_data(
+    cfg: DataConfig, *, seed: int, micro_batch_size: int, grad_accum_steps: int, rank: int = 0, world_size: int = 1
+) -> TokenData:
+    """Read and split the sources, get the tokenizer and the token cache (building what is missing), check sizes."""
+    if not (0 <= rank < world_size and micro_batch_size > 0 and grad_accum_steps > 0 and seed >= 0):
+        raise ValueError(f"bad batch layout: {seed=} {micro_batch_size=} {grad_accum_steps=} {rank=} {world_size=}")
+    t0 = time.perf_counter()
+    cache_dir = resolve_path(cfg.cache_dir)
+    sources = read_sources(cfg)
+    train_sha256 = hashlib.sha256("".join(s.train_sha256 for s in sources).encode()).hexdigest()
+    tok = build_tokenizer(cfg.tokenizer, [s.train for s in sources], train_sha256, cache_dir)
+    tokenizer_sha256 = hashlib.sha256(tok.tokenizer.to_str().encode()).hexdigest()
+    cache = build_token_cache(sources, tok.tokenizer, tok.eos_id, tokenizer_sha256, cache_dir)
+    _check_lengths(cfg, sources, cache)
+    data = TokenData(
+        tokenizer=tok.tokenizer,
+        tokenizer_file=tok.file,
+        eos_id=tok.eos_id,
+        cache=cache,
+        val_sources=[s.name for s in sources],
+        fingerprint=hashlib.sha256(f"{cache.key}|seq_len={cfg.seq_len}".encode()).hexdigest()[:16],
+        seq_len=cfg.seq_len,
+        seed=seed,
+        micro_batch_size=micro_batch_size,
+        grad_accum_steps=grad_accum_steps,
+        rank=rank,
+        world_size=world_size,
+    )
+    log.info(
+        "data ready in %.1f s: %s train tokens (%s windows of %d), val %s, vocab %d, fingerprint %s",
+        time.perf_counter() - t0,
+        f"{data.n_train_tokens:,}",
+        f"{data.n_train_windows:,}",
+        cfg.seq_len,
+        ", ".join(f"{name} {n:,}" for name, n in data.n_val_tokens.items()),
+        data.vocab_size,
+        data.fingerprint,
+    )
+    return data
+
+
+class TokenData:
+    """The tokenizer plus deterministic training and validation batches (CPU int64 tensors)."""
+
+    def __init__(
+        self,
+        *,
+        tokenizer: Tokenizer,
+        tokenizer_file: Path,
+        eos_id: int,
+        cache: TokenCache,
+        val_sources: list[str],
+        fingerprint: str,
+        seq_len: int,
+        seed: int,
+        micro_batch_size: int,
+        grad_accum_steps: int,
+        rank: int,
+        world_size: int,
+    ):
+        self.tokenizer = tokenizer
+        self.tokenizer_file = tokenizer_file
+        self.vocab_size = tokenizer.get_vocab_size()
+        self.eos_id = eos_id
+        self.fingerprint = fingerprint  # identifies source bytes, split, tokenizer and seq_len
+        self.val_sources = list(val_sources)
+        self.seq_len = seq_len
+        self.seed = seed
+        self.micro_batch_size = micro_batch_size
+        self.grad_accum_steps = grad_accum_steps
+        self.rank = rank
+        self.world_size = world_size
+        self.cache_path = cache.path
+        self._train = cache.train
+        self._val = dict(zip(self.val_sources, cache.val))
+        self.n_train_tokens = len(self._train)
+        self.n_val_tokens = {name: len(v) for name, v in self._val.items()}
+        self.n_train_windows = (self.n_train_tokens - 1) // seq_len
+        self._offsets = np.arange(seq_len + 1)
+        self._perms: dict[int, np.ndarray] = {}  # epoch -> permutation; the current and the next epoch
+
+    def train_batch(self, step: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets), each (micro_batch_size, seq_len) int64, for this rank at (step, micro_step)."""
+        if not 0 <= micro_step < self.grad_accum_steps or step < 0:
+            raise ValueError(f"{step=} {micro_step=} outside the run (grad_accum_steps={self.grad_accum_steps})")
+        B = self.micro_batch_size
+        first = ((step * self.grad_accum_steps + micro_step) * self.world_size + self.rank) * B
+        windows = np.array([self._window(g) for g in range(first, first + B)], dtype=np.int64)
+        return self._gather(self._train, windows)
+
+    def val_batches(self, source: str, max_batches: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Up to ``max_batches`` batches of consecutive, non-overlapping windows from the start of a val split.
+
+        Every call yields the same batches. The last one has fewer than micro_batch_size rows when the
+        split runs out.
+        """
+        if source not in self._val:
+            raise KeyError(f"no validation source '{source}'; the sources are {self.val_sources}")
+        tokens = self._val[source]
+        n_windows = min((len(tokens) - 1) // self.seq_len, max_batches * self.micro_batch_size)
+        for start in range(0, n_windows, self.micro_batch_size):
+            yield self._gather(tokens, np.arange(start, min(start + self.micro_batch_size, n_windows)))
+
+    def position(self, step: int) -> dict:
+        """Where the data stream stands before ``step``: global samples consumed and the epoch they reach."""
+        samples_seen = step * self.grad_accum_steps * self.world_size * self.micro_batch_size
+        return {"step": step, "epoch": samples_seen // self.n_train_windows, "samples_seen": samples_seen}
+
+    def _window(self, g: int) -> int:
+        """Index of the training window of global sample ``g``."""
+        epoch, i = divmod(g, self.n_train_windows)
+        perm = self._perms.get(epoch)
+        if perm is None:
+            perm = np.random.default_rng([self.seed, epoch]).permutation(self.n_train_windows)
+            self._perms = {e: p for e, p in self._perms.items() if e == epoch - 1}  # a batch may straddle epochs
+            self._perms[epoch] = perm
+        return int(perm[i])
+
+    def _gather(self, tokens: np.ndarray, windows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = torch.from_numpy(tokens[windows[:, None] * self.seq_len + self._offsets].astype(np.int64))  # (B, T+1)
+        return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+
+    def __repr__(self) -> str:
+        return (
+            f"TokenData(vocab_size={self.vocab_size}, n_train_tokens={self.n_train_tokens}, "
+            f"seq_len={self.seq_len}, val_sources={self.val_sources}, fingerprint={self.fingerprint!r})"
+        )
+
+
+def _check_lengths(cfg: DataConfig, sources: list[SourceText], cache: TokenCache) -> None:
+    """Each split must hold at least one window of seq_len + 1 tokens."""
+    window = cfg.seq_len + 1
+    if len(cache.train) < window:
+        raise DataError(
+            f"data.seq_len={cfg.seq_len}: the training split holds only {len(cache.train)} tokens, fewer than one "
+            f"window of data.seq_len + 1 = {window}. Lower data.seq_len, lower data.val_fraction={cfg.val_fraction}, "
+            "or add text to data.sources."
+        )
+    for s, val in zip(sources, cache.val):
+        if len(val) < window:
+            raise DataError(
+                f"data.seq_len={cfg.seq_len}: the validation split of source '{s.name}' ({s.path}) holds only "
+                f"{len(val)} tokens (the last data.val_fraction={cfg.val_fraction} of its text), fewer than one "
+                f"window of data.seq_len + 1 = {window}. Lower data.seq_len, raise data.val_fraction, or point "
+                f"data.sources.{s.index}.path at a longer file."
+            )

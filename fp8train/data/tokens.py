@@ -1,0 +1,338 @@
+"""Text sources -> train/val split -> token ids on disk.
+
+Each source file is read whole, checked (exists, non-empty, not binary, strict UTF-8) and split by characters:
+its last ``val_fraction`` becomes the validation part, cut at a line start when one is near. The token cache is a
+directory ``cache_dir/tokens-<key>/`` holding flat arrays of ids (uint16 for vocabularies under 65536, else uint32):
+
+    train.bin    every source's train part in config order, each followed by one EOS
+    val_<i>.bin  source i's val part, followed by one EOS
+    meta.json    token counts, dtype, and what the key was made of
+
+The key hashes the exact train and val bytes of every source and the tokenizer, so a changed file, split or
+tokenizer gets a new directory and an unchanged one is reused. The directory is written under a temporary name
+and renamed into place, so readers never see a half-written cache and concurrent builders do not collide.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import itertools
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from fp8train.config import DataConfig, SourceConfig, resolve_path, source_name
+from fp8train.errors import DataError
+
+log = logging.getLogger(__name__)
+
+TOKENS_FORMAT = 1  # bump when the layout or the encoding procedure changes: old caches are then ignored
+PIECE_CHARS = 1 << 16  # characters per encode call; bounds the memory of tokenizers' Encoding objects
+BATCH_PIECES = 16  # pieces per encode_batch call (tokenizers spreads a batch over its thread pool)
+PROGRESS_CHARS = 16 << 20  # log progress every this many characters, on inputs larger than this
+
+
+@dataclass
+class SourceText:
+    """One source file, checked and split."""
+
+    index: int
+    name: str
+    path: Path
+    key: str  # how the user sets it: "data.sources.0.path=data/x.txt"
+    train: str
+    val: str
+    train_sha256: str  # of the train part's UTF-8 bytes
+    val_sha256: str
+
+
+@dataclass
+class TokenCache:
+    """A token cache directory, memory-mapped read-only."""
+
+    path: Path
+    key: str
+    train: np.memmap  # (n_train_tokens,)
+    val: list[np.memmap]  # one per source, in config order
+    meta: dict
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reading and splitting
+
+
+def read_sources(cfg: DataConfig) -> list[SourceText]:
+    """Read, check and split every source in config order."""
+    return [_read_source(i, source, cfg.val_fraction) for i, source in enumerate(cfg.sources)]
+
+
+def _read_source(i: int, source: SourceConfig, val_fraction: float) -> SourceText:
+    key = f"data.sources.{i}.path={source.path}"
+    path = resolve_path(source.path)
+    raw = read_bytes(path, key)
+    text = decode_utf8(raw, path, key)
+    n_chars, cut = len(text), split_point(text, val_fraction)
+    # The val tail is at most half the text, so encoding it is the cheap way to the byte offset of the cut.
+    # The parts are then decoded again from the bytes, so the whole text and its parts never coexist
+    # (a str of non-Latin-1 text takes 2-4 bytes per character).
+    byte_cut = len(raw) - len(text[cut:].encode("utf-8"))
+    del text
+    view = memoryview(raw)
+    src = SourceText(
+        index=i,
+        name=source_name(source),
+        path=path,
+        key=key,
+        train=str(view[:byte_cut], "utf-8"),
+        val=str(view[byte_cut:], "utf-8"),
+        train_sha256=hashlib.sha256(view[:byte_cut]).hexdigest(),
+        val_sha256=hashlib.sha256(view[byte_cut:]).hexdigest(),
+    )
+    log.info(
+        "source %d '%s': %s, %s characters -> train %s / val %s",
+        i,
+        src.name,
+        path,
+        f"{n_chars:,}",
+        f"{len(src.train):,}",
+        f"{len(src.val):,}",
+    )
+    return src
+
+
+def read_bytes(path: Path, key: str) -> bytes:
+    """The file's bytes; DataError if it is missing, not a file, empty or binary."""
+    fix = f"point {key.split('=')[0]} at a UTF-8 text file"
+    if not path.exists():
+        raise DataError(
+            f"{key}: no such file ({path}); relative paths are taken from the directory you launch from. "
+            f"Fix the path, or {fix}."
+        )
+    if not path.is_file():
+        raise DataError(f"{key}: {path} is not a regular file; {fix}.")
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{key}: cannot read {path} ({e.strerror or e}); check its permissions or {fix}.") from None
+    if not raw:
+        raise DataError(f"{key}: the file {path} is empty; {fix} that holds some text.")
+    nul = raw.find(b"\0")
+    if nul >= 0:
+        raise DataError(
+            f"{key}: the file {path} looks binary (a NUL byte at byte offset {nul}); training needs plain text. "
+            f"Extract the text first (for example to a .txt file) and {fix}."
+        )
+    return raw
+
+
+def decode_utf8(raw: bytes, path: Path, key: str) -> str:
+    """Strict UTF-8 decoding; the error names the byte offset and line of the first bad byte."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(
+            f"{key}: the file {path} is not valid UTF-8: byte 0x{raw[e.start]:02x} at byte offset {e.start} "
+            f"(line {line}) {e.reason}. Convert it to UTF-8 (for example `iconv -f latin1 -t utf-8 in.txt > "
+            f"out.txt`) and point {key.split('=')[0]} at the converted file."
+        ) from None
+
+
+def split_point(text: str, val_fraction: float) -> int:
+    """Character index where the validation tail starts: ``val_fraction`` of the text, moved to a line start.
+
+    The nearest line start within a quarter of the val size is taken, so the val part holds whole lines and
+    is 75-125% of the nominal size; text without a newline in that range is cut at the exact fraction.
+    """
+    n = len(text)
+    n_val = round(n * val_fraction)
+    target = n - n_val
+    tol = n_val // 4
+    left = text.rfind("\n", max(target - tol - 1, 0), target)  # cut = left + 1, in [target - tol, target]
+    right = text.find("\n", target, min(target + tol, n - 1))  # cut = right + 1, in (target, target + tol]
+    cuts = [j + 1 for j in (left, right) if j >= 0]
+    return min(cuts, key=lambda c: abs(c - target)) if cuts else target
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Encoding
+
+
+# Places where GPT-2's pre-tokenizer regex starts a new pre-token whatever precedes them, so that encoding the
+# text in pieces cut there gives exactly the ids of encoding it whole: the start of a line after a lone newline,
+# and a lone space between words. (Inside runs of spaces and newlines a cut would change the pre-tokens.)
+_LINE_START = re.compile(r"(?<=\S\n)(?=\S)")
+_WORD_START = re.compile(r"(?<=\S)(?= \S)")
+
+
+def text_pieces(text: str, piece_chars: int = PIECE_CHARS) -> Iterator[str]:
+    """Consecutive pieces of ``piece_chars`` to ``4 * piece_chars`` characters that concatenate to ``text``.
+
+    Pieces end at a line start, else a word start (see _LINE_START), so byte-level BPE ids are unchanged by
+    the cuts; only text with neither for 4 * piece_chars characters is cut blindly. Tokenizers that prepend a
+    space to every input (SentencePiece-style Metaspace) get one more space per piece.
+    """
+    n, start = len(text), 0
+    while n - start > piece_chars:
+        lo, hi = start + piece_chars, min(start + 4 * piece_chars, n)
+        found = _LINE_START.search(text, lo, hi) or _WORD_START.search(text, lo, hi)
+        cut = found.start() if found else hi
+        if cut >= n:
+            break
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
+
+
+def encode_chunks(tokenizer: Tokenizer, text: str, piece_chars: int = PIECE_CHARS) -> Iterator[tuple[int, list[int]]]:
+    """(characters consumed, their ids) for consecutive chunks of ``text``; no special tokens are added."""
+    encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)  # _fast (no offsets): tokenizers>=0.20
+    pieces = text_pieces(text, piece_chars)
+    while batch := list(itertools.islice(pieces, BATCH_PIECES)):
+        yield sum(map(len, batch)), [i for e in encode(batch, add_special_tokens=False) for i in e.ids]
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size < 65536 else np.uint32)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The cache
+
+
+def build_token_cache(
+    sources: list[SourceText], tokenizer: Tokenizer, eos_id: int, tokenizer_sha256: str, cache_dir: Path
+) -> TokenCache:
+    """Tokenize every source into ``cache_dir/tokens-<key>/`` unless it is already there, and map it."""
+    recipe = {
+        "format": TOKENS_FORMAT,
+        "tokenizer_sha256": tokenizer_sha256,
+        "eos_id": eos_id,
+        "parts": [[s.train_sha256, s.val_sha256] for s in sources],
+    }
+    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+    final = cache_dir / f"tokens-{key}"
+    if final.is_dir():
+        log.info("token cache hit: %s", final)
+    else:
+        t0 = time.perf_counter()
+        with publishing(final) as tmp:
+            meta = _write_tokens(tmp, sources, tokenizer, eos_id)
+            (tmp / "meta.json").write_text(json.dumps({**meta, "recipe": recipe}, indent=2) + "\n")
+        log.info("token cache written in %.1f s: %s", time.perf_counter() - t0, final)
+    return open_token_cache(final, key)
+
+
+def open_token_cache(path: Path, key: str) -> TokenCache:
+    """Memory-map a finished cache directory, checking its files against meta.json."""
+    meta_file = path / "meta.json"
+    corrupt = f"Delete {path} (it is rebuilt on the next run), or set data.cache_dir to another folder."
+    try:
+        meta = json.loads(meta_file.read_text())
+        dtype = np.dtype(meta["dtype"])
+        counts = {"train.bin": meta["train_tokens"]}
+        counts.update({f"val_{i}.bin": s["val_tokens"] for i, s in enumerate(meta["sources"])})
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"data.cache_dir: the token cache {path} has no readable meta.json ({e}). {corrupt}") from None
+    for name, count in counts.items():
+        file = path / name
+        if not file.is_file() or file.stat().st_size != count * dtype.itemsize:
+            raise DataError(f"data.cache_dir: {file} is missing or does not hold {count} tokens. {corrupt}")
+    train = np.memmap(path / "train.bin", dtype=dtype, mode="r")
+    val = [np.memmap(path / f"val_{i}.bin", dtype=dtype, mode="r") for i in range(len(meta["sources"]))]
+    return TokenCache(path=path, key=key, train=train, val=val, meta=meta)
+
+
+@contextlib.contextmanager
+def publishing(final: Path) -> Iterator[Path]:
+    """A fresh temporary directory beside ``final``, renamed to ``final`` when the block succeeds.
+
+    rename(2) of a directory is atomic and fails when the target exists and is not empty: then another
+    process published the same content first, and ours is discarded.
+    """
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    except OSError as e:
+        raise DataError(
+            f"data.cache_dir={final.parent}: cannot create a folder there ({e.strerror or e}); "
+            "set data.cache_dir (or FP8TRAIN_CACHE_DIR) to a writable folder."
+        ) from None
+    try:
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is plain shared data
+        yield tmp
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not final.is_dir():
+                raise
+            log.info("%s was written meanwhile by another process; using that one", final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_tokens(out: Path, sources: list[SourceText], tokenizer: Tokenizer, eos_id: int) -> dict:
+    """Write train.bin and val_<i>.bin into ``out``; return the meta.json fields."""
+    dtype = token_dtype(tokenizer.get_vocab_size())
+    total_chars = sum(len(s.train) + len(s.val) for s in sources)
+    progress = _Progress(total_chars)
+    source_meta = [{"name": s.name, "path": str(s.path), "train_sha256": s.train_sha256} for s in sources]
+    with open(out / "train.bin", "wb") as f:
+        for s, m in zip(sources, source_meta):
+            m["train_chars"] = len(s.train)
+            m["train_tokens"] = _write_part(f, s.train, tokenizer, eos_id, dtype, progress)
+    for s, m in zip(sources, source_meta):
+        with open(out / f"val_{s.index}.bin", "wb") as f:
+            m["val_chars"] = len(s.val)
+            m["val_tokens"] = _write_part(f, s.val, tokenizer, eos_id, dtype, progress)
+        m["val_sha256"] = s.val_sha256
+    return {
+        "format": TOKENS_FORMAT,
+        "dtype": dtype.name,
+        "vocab_size": tokenizer.get_vocab_size(),
+        "eos_id": eos_id,
+        "train_tokens": sum(m["train_tokens"] for m in source_meta),
+        "sources": source_meta,
+    }
+
+
+def _write_part(f, text: str, tokenizer: Tokenizer, eos_id: int, dtype: np.dtype, progress: _Progress) -> int:
+    """Append the ids of ``text`` and one EOS to the open file ``f``; return how many were written."""
+    n = 0
+    for n_chars, ids in encode_chunks(tokenizer, text):
+        f.write(np.asarray(ids, dtype=dtype).tobytes())
+        n += len(ids)
+        progress.advance(n_chars)
+    f.write(np.asarray([eos_id], dtype=dtype).tobytes())
+    return n + 1
+
+
+class _Progress:
+    """Logs 'tokenized X / Y M characters' every PROGRESS_CHARS characters, for inputs big enough to wait on."""
+
+    def __init__(self, total_chars: int):
+        self.total, self.done, self.next_report, self.t0 = total_chars, 0, PROGRESS_CHARS, time.perf_counter()
+        if total_chars > PROGRESS_CHARS:
+            log.info("tokenizing %.0f M characters", total_chars / 1e6)
+
+    def advance(self, chars: int) -> None:
+        self.done += chars
+        if self.total > PROGRESS_CHARS and self.done >= self.next_report:
+            log.info(
+                "tokenized %.0f / %.0f M characters (%.0f s)",
+                self.done / 1e6,
+                self.total / 1e6,
+                time.perf_counter() - self.t0,
+            )
+            self.next_report = self.done + PROGRESS_CHARS

@@ -1,0 +1,49 @@
+"""Optimizers and learning-rate schedules."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from fp8train.backends import Backend
+from fp8train.config import OptimConfig, ScheduleName
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices and embeddings; never norms or biases (1-D), whose scale is not a capacity knob."""
+    decay, no_decay = [], []
+    for p in model.parameters():  # tied weights appear once
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build(cfg: OptimConfig, model: nn.Module, backend: Backend) -> torch.optim.Optimizer:
+    """AdamW with decoupled weight decay; torch's fused kernel where the device has one (optim.fused=null)."""
+    fused = backend.has_fused_adamw() if cfg.fused is None else cfg.fused
+    return torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay),
+        lr=cfg.lr,
+        betas=tuple(cfg.betas),
+        eps=cfg.eps,
+        fused=fused or None,
+    )
+
+
+def lr_factor(step: int, cfg: OptimConfig, max_steps: int) -> float:
+    """Multiplier of optim.lr for the step that follows ``step`` completed steps."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps  # never 0: the first step already moves the weights
+    if cfg.schedule == ScheduleName.constant:
+        return 1.0
+    decay_steps = cfg.decay_steps or max_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, decay_steps - cfg.warmup_steps))
+    floor = cfg.min_lr / cfg.lr
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_schedule(cfg: OptimConfig, optimizer: torch.optim.Optimizer, max_steps: int):
+    """Linear warmup, then cosine to min_lr (or constant); its state is the step count, saved in checkpoints."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg, max_steps))

@@ -1,0 +1,278 @@
+"""The training loop: wires backend, data, model, precision, optimizer, engine, logging and checkpoints.
+
+One optimizer step = ``grad_accum_steps`` micro-batches of ``micro_batch_size`` x ``seq_len`` tokens.
+Steps are counted as completed steps: the checkpoint "step 30" holds the state after 30 optimizer steps and
+a run resumed from it trains step 31 on the same data, with the same learning rate, as an unbroken run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from fp8train import backends, checkpoint, optim, parallel, precision
+from fp8train.config import Config
+from fp8train.data import build_data
+from fp8train.errors import CheckpointError
+from fp8train.loggers import RunLogger, use_progress_bar
+from fp8train.model import build_model
+
+log = logging.getLogger("fp8train")
+
+
+class Trainer:
+    def __init__(self, cfg: Config, run_dir: Path):
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.ckpt_root = self.run_dir / "checkpoints"
+        self.resume_from = find_resume_checkpoint(cfg.resume, self.ckpt_root)
+        torch.manual_seed(cfg.trainer.seed)
+        random.seed(cfg.trainer.seed)
+        self.backend = backends.select(cfg.backend)
+        self.data = build_data(
+            cfg.data,
+            seed=cfg.trainer.seed,
+            micro_batch_size=cfg.trainer.micro_batch_size,
+            grad_accum_steps=cfg.trainer.grad_accum_steps,
+        )
+        self.cfg = cfg = with_vocab_size(cfg, self.data.vocab_size)
+        model = build_model(cfg.model).to(self.backend.device)
+        self.model = precision.convert(model, cfg.precision, self.backend)
+        self.autocast_dtype = precision.autocast_dtype(cfg.precision)
+        self.optimizer = optim.build(cfg.optim, self.model, self.backend)
+        self.scheduler = optim.build_schedule(cfg.optim, self.optimizer, cfg.trainer.max_steps)
+        self.engine = parallel.wrap(self.model, self.optimizer, cfg.parallel, self.backend)
+        self.forward = self.backend.compile(self.model) if cfg.backend.compile else self.model
+        self.step = self.load_checkpoint(self.resume_from) if self.resume_from else 0
+        self.write_run_files()
+        self.logger = RunLogger(cfg, self.run_dir, enabled=self.engine.is_main, resume_step=self.step)
+
+    # ----------------------------------------------------------------------------------------------------------
+    def fit(self) -> dict:
+        """Train until trainer.max_steps; returns the last training and validation metrics."""
+        cfg, t = self.cfg, self.cfg.trainer
+        self.log_start()
+        last: dict = {}
+        bar = tqdm(
+            total=t.max_steps, initial=self.step, unit="step", dynamic_ncols=True, disable=not use_progress_bar(cfg)
+        )
+        window_t0, window_tokens = time.perf_counter(), 0
+        with logging_redirect_tqdm(loggers=[logging.getLogger()]):
+            try:
+                while self.step < t.max_steps:
+                    loss, grad_norm = self.train_step()
+                    self.step += 1
+                    window_tokens += cfg.tokens_per_step * self.engine.world_size
+                    bar.update(1)
+                    finished = self.step == t.max_steps
+                    if self.step % cfg.logger.log_every == 0 or finished:
+                        self.backend.synchronize()
+                        elapsed = time.perf_counter() - window_t0
+                        last = self.log_train(loss, grad_norm, window_tokens / elapsed, bar)
+                        window_t0, window_tokens = time.perf_counter(), 0
+                    if (t.eval_every and self.step % t.eval_every == 0) or finished:
+                        last.update(self.evaluate())
+                    stopping = t.stop_at is not None and self.step >= t.stop_at and not finished
+                    if (t.checkpoint_every and self.step % t.checkpoint_every == 0) or finished or stopping:
+                        self.save_checkpoint()
+                    if stopping:
+                        log.info("stopping after step %d (trainer.stop_at); continue with resume=auto", self.step)
+                        break
+            finally:
+                bar.close()
+                self.logger.summary({k: v for k, v in last.items() if isinstance(v, (int, float))})
+                self.logger.finish()
+        self.log_end(last)
+        return last
+
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step over grad_accum_steps micro-batches; returns (mean loss, grad norm) on device."""
+        accum = self.cfg.trainer.grad_accum_steps
+        self.model.train()
+        loss_sum = torch.zeros((), device=self.backend.device)
+        for micro_step in range(accum):
+            inputs, targets = self.batch(self.data.train_batch(self.step, micro_step))
+            with self.engine.no_sync(sync=micro_step == accum - 1):
+                loss = self.loss(inputs, targets) / accum
+                self.engine.backward(loss)
+            loss_sum += loss.detach()
+            self.backend.mark_step()
+        grad_norm = self.engine.clip_grad_norm(self.cfg.optim.grad_clip)
+        self.engine.step()
+        self.scheduler.step()
+        self.backend.mark_step()
+        return loss_sum, grad_norm
+
+    def loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        with self.backend.autocast(self.autocast_dtype):
+            logits = self.forward(inputs)
+        # Cross-entropy in fp32: log-softmax over a large vocabulary loses too much in bf16.
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Mean validation loss per source and over all sources (weighted by tokens), and perplexity."""
+        self.model.eval()
+        metrics, total, count = {}, 0.0, 0
+        for source in self.data.val_sources:
+            losses = [
+                self.loss(*self.batch(b)).item() for b in self.data.val_batches(source, self.cfg.trainer.eval_batches)
+            ]
+            metrics[f"val_loss/{source}"] = sum(losses) / len(losses)
+            total, count = total + sum(losses), count + len(losses)
+        metrics["val_loss"] = total / count
+        metrics["val_ppl"] = math.exp(min(metrics["val_loss"], 50.0))
+        self.logger.log(metrics, self.step)
+        log.info("step %d: val_loss %.4f  val_ppl %.2f", self.step, metrics["val_loss"], metrics["val_ppl"])
+        return metrics
+
+    def batch(self, pair: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return tuple(x.to(self.backend.device, non_blocking=True) for x in pair)
+
+    # ----------------------------------------------------------------------------------------------------------
+    def log_train(self, loss: torch.Tensor, grad_norm: torch.Tensor, tokens_per_s: float, bar: tqdm) -> dict:
+        metrics = {
+            "loss": loss.item(),
+            "lr": self.scheduler.get_last_lr()[0],
+            "grad_norm": grad_norm.item(),
+            "tokens_per_s": tokens_per_s,
+            "tokens": self.step * self.cfg.tokens_per_step * self.engine.world_size,
+            "peak_mem_gb": self.backend.peak_memory_bytes() / 2**30,
+        }
+        self.logger.log(metrics, self.step)
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+        log.info(
+            "step %d/%d  loss %.4f  lr %.2e  grad_norm %.3f  %s tok/s  peak mem %.2f GB",
+            self.step,
+            self.cfg.trainer.max_steps,
+            metrics["loss"],
+            metrics["lr"],
+            metrics["grad_norm"],
+            f"{tokens_per_s:,.0f}",
+            metrics["peak_mem_gb"],
+        )
+        return metrics
+
+    def log_start(self) -> None:
+        cfg = self.cfg
+        n = self.model.num_params()
+        log.info("run dir: %s", self.run_dir)
+        log.info(
+            "model %s: %.2fM parameters (%.2fM excluding the input embedding), %d layers, d %d, vocab %d",
+            cfg.model.name,
+            n / 1e6,
+            self.model.num_params(exclude_embeddings=True) / 1e6,
+            cfg.model.n_layers,
+            cfg.model.d_model,
+            cfg.model.vocab_size,
+        )
+        log.info(
+            "backend %s, precision %s, %d tokens per step, %d steps%s",
+            self.backend.describe(),
+            cfg.precision.recipe.value,
+            cfg.tokens_per_step * self.engine.world_size,
+            cfg.trainer.max_steps,
+            f", resuming after step {self.step}" if self.step else "",
+        )
+
+    def log_end(self, last: dict) -> None:
+        parts = [f"{k} {last[k]:.4f}" for k in ("loss", "val_loss") if k in last]
+        log.info("done: step %d%s", self.step, ("; " + ", ".join(parts)) if parts else "")
+        log.info(
+            "results in %s (metrics.jsonl, checkpoints/, train.log%s)",
+            self.run_dir,
+            ", wandb/" if (self.run_dir / "wandb").exists() else "",
+        )
+
+    # ----------------------------------------------------------------------------------------------------------
+    def write_run_files(self) -> None:
+        """The resolved config and the tokenizer, beside the metrics, so a run dir explains itself."""
+        if not self.engine.is_main:
+            return
+        (self.run_dir / "config.yaml").write_text(config_yaml(self.cfg))
+        shutil.copyfile(self.data.tokenizer_file, self.run_dir / "tokenizer.json")
+
+    def save_checkpoint(self) -> None:
+        if not self.engine.is_main:
+            return
+        state = {
+            "step": self.step,
+            "scheduler": self.scheduler.state_dict(),
+            "data_position": self.data.position(self.step),
+            "data_fingerprint": self.data.fingerprint,
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), **self.backend.rng_state()},
+        }
+        checkpoint.save(
+            self.ckpt_root,
+            self.step,
+            self.model,
+            self.optimizer,
+            state,
+            config_yaml(self.cfg),
+            self.cfg.trainer.keep_last,
+        )
+
+    def load_checkpoint(self, path: Path) -> int:
+        state = checkpoint.load(path, self.model, self.optimizer, self.backend.device)
+        if state["data_fingerprint"] != self.data.fingerprint:
+            raise CheckpointError(
+                f"resume: {path} was trained on other data or another tokenizer/seq_len than this run's "
+                f"(data.* settings changed). Resume with the data settings in {path / 'config.yaml'}, or start a "
+                f"new run directory."
+            )
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        self.backend.set_rng_state(state["rng"])
+        log.info("resumed from %s (step %d)", path, state["step"])
+        return state["step"]
+
+
+def find_resume_checkpoint(resume: str, ckpt_root: Path) -> Path | None:
+    """resume=none refuses to overwrite a run that has checkpoints; auto takes the newest complete one."""
+    if resume == "auto":
+        found = checkpoint.latest(ckpt_root)
+        if found is None:
+            log.info("resume=auto: no complete checkpoint in %s, starting at step 0", ckpt_root)
+        return found
+    if resume == "none":
+        if checkpoint.latest(ckpt_root) is not None:
+            raise CheckpointError(
+                f"The run directory {ckpt_root.parent} already holds checkpoints. Pass resume=auto to continue "
+                f"that run, or choose a new directory with hydra.run.dir=PATH."
+            )
+        return None
+    return Path(resume).expanduser().resolve()
+
+
+def with_vocab_size(cfg: Config, tokenizer_vocab: int) -> Config:
+    """Fill model.vocab_size from the tokenizer (rounded up to 64 for matmul-friendly shapes), or check it."""
+    if cfg.model.vocab_size is None:
+        vocab = -(-tokenizer_vocab // 64) * 64
+    elif cfg.model.vocab_size < tokenizer_vocab:
+        from fp8train.errors import ConfigError
+
+        raise ConfigError(
+            [
+                f"model.vocab_size={cfg.model.vocab_size}: smaller than the tokenizer's "
+                f"{tokenizer_vocab} tokens; raise it or set model.vocab_size=null"
+            ]
+        )
+    else:
+        vocab = cfg.model.vocab_size
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
+
+
+def config_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

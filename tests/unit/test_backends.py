@@ -1,0 +1,44 @@
+"""Backend selection on a CPU-only machine, and the errors for devices that are not there."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from fp8train.backends import detect, select
+from fp8train.config import BackendConfig, BackendName
+from fp8train.errors import BackendError
+
+no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+no_habana = pytest.mark.skipif(importlib.util.find_spec("habana_frameworks") is not None, reason="Gaudi present")
+
+
+@no_cuda
+@no_habana
+def test_auto_picks_cpu_here():
+    assert detect() == BackendName.cpu
+    backend = select(BackendConfig(name=BackendName.auto))
+    assert backend.name == "cpu" and backend.device.type == "cpu" and backend.dist_backend == "gloo"
+
+
+def test_cpu_backend_reports_peak_memory_and_autocast():
+    backend = select(BackendConfig(name=BackendName.cpu))
+    assert backend.peak_memory_bytes() > 10 * 2**20  # this process already holds torch
+    with backend.autocast(torch.bfloat16):
+        assert (torch.ones(4, 4) @ torch.ones(4, 4)).dtype == torch.bfloat16
+    with backend.autocast(None):
+        assert (torch.ones(4, 4) @ torch.ones(4, 4)).dtype == torch.float32
+
+
+@no_cuda
+def test_cuda_without_gpu_names_the_fix():
+    with pytest.raises(BackendError, match="backend.name=cuda: no CUDA device is visible.*backend.name=cpu"):
+        select(BackendConfig(name=BackendName.cuda))
+
+
+@no_habana
+def test_hpu_without_habana_names_the_docker_image():
+    with pytest.raises(BackendError, match="habana_frameworks.*docker/Dockerfile.gaudi.*vault.habana.ai"):
+        select(BackendConfig(name=BackendName.hpu))

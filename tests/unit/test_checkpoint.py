@@ -1,0 +1,86 @@
+"""Checkpoints: exact round trip, atomic completion, retention and damage detection."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fp8train import checkpoint
+from fp8train.config import ModelConfig
+from fp8train.errors import CheckpointError
+from fp8train.model import build_model
+
+CFG = ModelConfig(vocab_size=96, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, tie_embeddings=True)
+
+
+def trained(seed: int):
+    torch.manual_seed(seed)
+    model = build_model(CFG)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(2):
+        model(torch.randint(0, 96, (2, 8))).logsumexp(-1).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    return model, opt
+
+
+def save(root, step, model, opt, keep_last=3):
+    return checkpoint.save(root, step, model, opt, {"step": step, "rng": torch.get_rng_state()}, "a: 1\n", keep_last)
+
+
+def test_round_trip_is_exact(tmp_path):
+    model, opt = trained(0)
+    path = save(tmp_path, 7, model, opt)
+    model2, opt2 = trained(1)  # different weights and moments, to be overwritten
+    state = checkpoint.load(path, model2, opt2, torch.device("cpu"))
+    assert state["step"] == 7
+    for (k, a), (_, b) in zip(model.state_dict().items(), model2.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert model2.lm_head.weight is model2.embed_tokens.weight  # tying survives the load
+    s1, s2 = opt.state_dict()["state"], opt2.state_dict()["state"]
+    assert all(torch.equal(s1[i][k], s2[i][k]) for i in s1 for k in s1[i])
+
+
+def test_manifest_lists_every_file_with_checksum(tmp_path):
+    model, opt = trained(0)
+    path = save(tmp_path, 1, model, opt)
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["step"] == 1
+    assert set(manifest["files"]) == {"model.safetensors", "optimizer.pt", "trainer.pt", "config.yaml"}
+    assert all(len(m["sha256"]) == 64 and m["bytes"] > 0 for m in manifest["files"].values())
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_incomplete_folders_are_never_taken(tmp_path):
+    model, opt = trained(0)
+    save(tmp_path, 5, model, opt)
+    (tmp_path / ".tmp-step_0000010-123").mkdir()  # a write that was killed before its rename
+    (tmp_path / "step_0000020").mkdir()  # a folder without a manifest
+    assert checkpoint.latest(tmp_path).name == "step_0000005"
+
+
+def test_keep_last_deletes_oldest_and_orders_numerically(tmp_path):
+    model, opt = trained(0)
+    for step in (9, 10, 100, 1000):
+        save(tmp_path, step, model, opt, keep_last=2)
+    assert [p.name for p in checkpoint.complete_checkpoints(tmp_path)] == ["step_0000100", "step_0001000"]
+
+
+def test_damaged_file_is_detected(tmp_path):
+    model, opt = trained(0)
+    path = save(tmp_path, 3, model, opt)
+    data = bytearray((path / "optimizer.pt").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (path / "optimizer.pt").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="optimizer.pt is missing or does not match its checksum"):
+        checkpoint.load(path, *trained(1), torch.device("cpu"))
+
+
+def test_weights_of_another_shape_give_a_clear_error(tmp_path):
+    model, opt = trained(0)
+    path = save(tmp_path, 3, model, opt)
+    other = build_model(ModelConfig(vocab_size=96, d_model=64, n_layers=2, n_heads=4, ffn_dim=64))
+    with pytest.raises(CheckpointError, match="do not fit this model"):
+        checkpoint.load(path, other, torch.optim.AdamW(other.parameters()), torch.device("cpu"))

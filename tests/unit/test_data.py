@@ -1,0 +1,320 @@
+"""Data pipeline: source checks, split, tokenizer (trained, cached, loaded), token cache, deterministic batches."""
+
+import json
+import logging
+import multiprocessing
+
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer, models
+
+from fp8train.config import PROJECT_ROOT, DataConfig, SourceConfig, TokenizerConfig
+from fp8train.data import TokenData, build_data
+from fp8train.data import tokenizer as tokenizer_module
+from fp8train.data.tokenizer import train_bpe
+from fp8train.data.tokens import encode_chunks, publishing, split_point
+from fp8train.errors import DataError
+
+SHAKESPEARE = (PROJECT_ROOT / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")
+TEXT = SHAKESPEARE[:30_000]  # ~9k tokens: enough for a 512-token BPE, trained in a few ms
+
+
+def data_cfg(tmp_path, texts, *, vocab_size=512, seq_len=32, val_fraction=0.1, tokenizer_path=None, names=None):
+    """A DataConfig over ``texts`` (str or bytes), each written to its own file in tmp_path."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    sources = []
+    for i, text in enumerate(texts):
+        path = tmp_path / f"src{i}.txt"
+        path.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8"))
+        sources.append(SourceConfig(path=str(path), name=names[i] if names else None))
+    return DataConfig(
+        name="test",
+        sources=sources,
+        tokenizer=TokenizerConfig(path=tokenizer_path, vocab_size=vocab_size),
+        seq_len=seq_len,
+        val_fraction=val_fraction,
+        cache_dir=str(tmp_path / "cache"),
+    )
+
+
+def build(cfg, seed=0, micro_batch_size=4, grad_accum_steps=2, rank=0, world_size=1) -> TokenData:
+    return build_data(
+        cfg,
+        seed=seed,
+        micro_batch_size=micro_batch_size,
+        grad_accum_steps=grad_accum_steps,
+        rank=rank,
+        world_size=world_size,
+    )
+
+
+def train_tokens(data: TokenData) -> np.ndarray:
+    dtype = json.loads((data.cache_path / "meta.json").read_text())["dtype"]
+    return np.fromfile(data.cache_path / "train.bin", dtype=dtype)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+def test_trained_tokenizer_round_trips_any_text_and_has_the_configured_size(tmp_path):
+    data = build(data_cfg(tmp_path, [TEXT], vocab_size=512))
+    assert data.vocab_size == data.tokenizer.get_vocab_size() == 512
+    assert data.eos_id == data.tokenizer.token_to_id("<|endoftext|>")
+    assert data.tokenizer_file.is_file()
+    assert Tokenizer.from_file(str(data.tokenizer_file)).to_str() == data.tokenizer.to_str()
+    for text in ["Plain ASCII, with  two spaces.\n\tTab", "Crème brûlée à Zürich, naïve façade", "emoji 😀🚀 中文 ∑x²"]:
+        assert data.tokenizer.decode(data.tokenizer.encode(text).ids) == text
+    # Merges were learned: common English is shorter in tokens than in bytes.
+    assert len(data.tokenizer.encode(TEXT[:2000]).ids) < 0.5 * len(TEXT[:2000].encode())
+
+
+def test_second_build_reuses_the_cached_tokenizer(tmp_path, monkeypatch, caplog):
+    cfg = data_cfg(tmp_path, [TEXT])
+    first = build(cfg)
+    mtime = first.tokenizer_file.stat().st_mtime_ns
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the tokenizer was trained again")
+
+    monkeypatch.setattr(tokenizer_module, "train_bpe", no_training)
+    with caplog.at_level(logging.INFO, logger="fp8train.data"):
+        second = build(cfg)
+    assert second.tokenizer_file == first.tokenizer_file
+    assert second.tokenizer_file.stat().st_mtime_ns == mtime
+    assert any("tokenizer cache hit" in r.getMessage() for r in caplog.records)
+    assert any("token cache hit" in r.getMessage() for r in caplog.records)
+    assert len(list((tmp_path / "cache").glob("tokenizer-*"))) == 1
+
+
+def test_chunked_encoding_equals_encoding_the_whole_text():
+    tokenizer = train_bpe([TEXT], 400)
+    # Runs of spaces and blank lines at line ends and starts are where a careless cut changes the pre-tokens.
+    lines = "".join(f"line {i}  \n\n   indented {i}\n \nx{i}'s\n" for i in range(300)) + TEXT[:5000]
+    one_line = "".join(f"word{i}  x{i}, {i}   y  " for i in range(300))  # no newline: cut at lone spaces
+    for text in [lines, one_line]:
+        chunks = list(encode_chunks(tokenizer, text, piece_chars=50))
+        assert len(chunks) > 5
+        assert sum(n for n, _ in chunks) == len(text)
+        assert [i for _, ids in chunks for i in ids] == tokenizer.encode(text, add_special_tokens=False).ids
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Split
+
+
+def test_val_split_is_the_tail_starting_at_a_line():
+    cut = split_point(TEXT, 0.1)
+    assert TEXT[cut - 1] == "\n"
+    assert abs((len(TEXT) - cut) - 0.1 * len(TEXT)) <= 0.025 * len(TEXT)
+    assert split_point("a" * 1000, 0.1) == 900  # no newline near: the exact fraction
+
+
+def test_token_cache_holds_exactly_the_train_and_val_text(tmp_path):
+    data = build(data_cfg(tmp_path, [TEXT], val_fraction=0.1))
+    cut = split_point(TEXT, 0.1)
+    train, val = train_tokens(data), np.fromfile(data.cache_path / "val_0.bin", dtype=np.uint16)
+    assert train[-1] == val[-1] == data.eos_id and data.eos_id not in train[:-1]
+    assert data.tokenizer.decode(train[:-1].tolist()) == TEXT[:cut]
+    assert data.tokenizer.decode(val[:-1].tolist()) == TEXT[cut:]
+    assert data.n_train_tokens == len(train) and data.n_val_tokens == {"src0": len(val)}
+
+
+def test_tokenizer_never_sees_the_val_text(tmp_path):
+    word = "Zyxquor"  # appears nowhere in Shakespeare; 300 repeats make it one token if BPE ever sees it
+    block = "".join(f"{word} {word}.\n" for _ in range(150))
+    in_val = build(data_cfg(tmp_path / "val", [TEXT + block], val_fraction=0.1, vocab_size=1024))
+    in_train = build(data_cfg(tmp_path / "train", [block + TEXT], val_fraction=0.1, vocab_size=1024))
+    cut = split_point(TEXT + block, 0.1)
+    assert cut <= len(TEXT) + 1  # the whole block lies in the val tail
+    assert len(in_val.tokenizer.encode(" " + word).ids) > 1
+    assert len(in_train.tokenizer.encode(" " + word).ids) == 1  # control: seen in training -> merged
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Batches
+
+
+def test_batches_depend_only_on_seed_step_micro_step_rank(tmp_path):
+    a = build(data_cfg(tmp_path / "a", [TEXT]), seed=7)
+    b = build(data_cfg(tmp_path / "b", [TEXT]), seed=7)  # separate caches: tokenizer trained twice
+    other_seed = build(data_cfg(tmp_path / "a", [TEXT]), seed=8)
+    assert a.fingerprint == b.fingerprint
+    for step, micro_step in [(0, 0), (5, 1), (400, 0)]:  # step 400 is past the first epoch
+        xa, ya = a.train_batch(step, micro_step)
+        xb, yb = b.train_batch(step, micro_step)
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+        assert not torch.equal(xa, other_seed.train_batch(step, micro_step)[0])
+    assert not torch.equal(a.train_batch(0, 0)[0], a.train_batch(0, 1)[0])
+
+
+def test_train_batch_is_the_window_the_spec_names(tmp_path):
+    data = build(data_cfg(tmp_path, [TEXT]), seed=3, micro_batch_size=4, grad_accum_steps=2, rank=1, world_size=2)
+    tokens, T, n = train_tokens(data), data.seq_len, data.n_train_windows
+    assert n == (len(tokens) - 1) // T
+    step, micro_step = 9, 1
+    x, y = data.train_batch(step, micro_step)
+    assert x.dtype == y.dtype == torch.int64 and x.shape == y.shape == (4, T) and x.device.type == "cpu"
+    assert torch.equal(x[:, 1:], y[:, :-1])  # targets are inputs shifted by one
+    for j in range(4):
+        g = ((step * 2 + micro_step) * 2 + 1) * 4 + j
+        window = np.random.default_rng([3, g // n]).permutation(n)[g % n]
+        assert x[j].tolist() == tokens[window * T : window * T + T].tolist()
+        assert y[j].tolist() == tokens[window * T + 1 : window * T + T + 1].tolist()
+
+
+def test_one_epoch_over_ranks_and_micro_steps_covers_every_window_once(tmp_path):
+    cfg = data_cfg(tmp_path, [TEXT])
+    B, G, W = 3, 2, 2
+    ranks = [build(cfg, seed=1, micro_batch_size=B, grad_accum_steps=G, rank=r, world_size=W) for r in range(W)]
+    tokens, T, n = train_tokens(ranks[0]), ranks[0].seq_len, ranks[0].n_train_windows
+    window_of = {tuple(tokens[w * T : w * T + T].tolist()): w for w in range(n)}
+    assert len(window_of) == n  # every window's text is distinct, so rows identify windows
+    order = []  # windows in global sample order g
+    step = 0
+    while len(order) < 2 * n:
+        for micro_step in range(G):
+            for rank in ranks:
+                order += [window_of[tuple(row)] for row in rank.train_batch(step, micro_step)[0].tolist()]
+        step += 1
+    assert sorted(order[:n]) == list(range(n))
+    assert sorted(order[n : 2 * n]) == list(range(n))
+    assert order[:n] != order[n : 2 * n]  # each epoch has its own order
+    assert ranks[0].position(step) == {"step": step, "epoch": step * B * G * W // n, "samples_seen": step * B * G * W}
+
+
+def test_val_batches_are_fixed_consecutive_windows(tmp_path):
+    data = build(data_cfg(tmp_path, [TEXT], seq_len=16), micro_batch_size=4)
+    val = np.fromfile(data.cache_path / "val_0.bin", dtype=np.uint16)
+    n_windows = (len(val) - 1) // 16
+    first = list(data.val_batches("src0", 3))
+    second = list(data.val_batches("src0", 3))
+    assert len(first) == 3
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, second))
+    inputs = torch.cat([x for x, _ in first])
+    targets = torch.cat([y for _, y in first])
+    assert inputs.reshape(-1).tolist() == val[: 12 * 16].tolist()  # windows in order, no overlap
+    assert targets.reshape(-1).tolist() == val[1 : 12 * 16 + 1].tolist()
+    everything = list(data.val_batches("src0", 10**6))  # capped by the split: the last batch may be short
+    assert sum(len(x) for x, _ in everything) == n_windows
+    assert len(everything) == -(-n_windows // 4)
+
+
+def test_two_named_sources(tmp_path):
+    a, b = SHAKESPEARE[:20_000], SHAKESPEARE[500_000:520_000]
+    data = build(data_cfg(tmp_path, [a, b], names=["first", "second"]))
+    assert data.val_sources == ["first", "second"]
+    train = train_tokens(data)
+    ends = np.flatnonzero(train == data.eos_id)  # one EOS after each source's train part
+    assert ends.tolist() == [ends[0], len(train) - 1]
+    assert data.tokenizer.decode(train[: ends[0]].tolist()) == a[: split_point(a, 0.1)]
+    assert data.tokenizer.decode(train[ends[0] + 1 : -1].tolist()) == b[: split_point(b, 0.1)]
+    assert len(list(data.val_batches("second", 1))) == 1
+    with pytest.raises(KeyError):
+        next(data.val_batches("src0", 1))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Given tokenizers
+
+
+@pytest.fixture
+def trained(tmp_path):
+    """A BPE trained on TEXT and the data built with it."""
+    return build(data_cfg(tmp_path / "ref", [TEXT]))
+
+
+def test_tokenizer_json_and_folders_load_offline(tmp_path, trained, monkeypatch):
+    from transformers import PreTrainedTokenizerFast
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    reference = trained.train_batch(2, 1)[0]
+    fast_dir, vocab_dir = tmp_path / "hf_fast", tmp_path / "hf_vocab"
+    PreTrainedTokenizerFast(tokenizer_object=trained.tokenizer, eos_token="<|endoftext|>").save_pretrained(fast_dir)
+    vocab_dir.mkdir()
+    trained.tokenizer.model.save(str(vocab_dir))  # vocab.json + merges.txt: only transformers can read these
+    (vocab_dir / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "GPT2Tokenizer", "eos_token": "<|endoftext|>"})
+    )
+    for i, path in enumerate([trained.tokenizer_file, fast_dir, vocab_dir]):
+        data = build(data_cfg(tmp_path / f"run{i}", [TEXT], tokenizer_path=str(path)))
+        assert data.vocab_size == trained.vocab_size and data.eos_id == trained.eos_id
+        assert data.tokenizer_file.is_file()
+        assert torch.equal(data.train_batch(2, 1)[0], reference)  # same ids, same windows
+
+
+def test_tokenizer_without_eos_is_refused(tmp_path):
+    file = tmp_path / "tokenizer.json"
+    Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]")).save(str(file))
+    with pytest.raises(DataError, match=r"data\.tokenizer\.path=.*no end-of-text token"):
+        build(data_cfg(tmp_path, [TEXT], tokenizer_path=str(file)))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# User errors
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        (None, "no such file"),
+        (b"", "is empty"),
+        (b"text\x00\x01\x02 more", r"looks binary \(a NUL byte at byte offset 4\)"),
+        (
+            "Caf\u00e9 au lait\nna\u00efve\n".encode("latin-1"),
+            r"not valid UTF-8: byte 0xe9 at byte offset 3 \(line 1\)",
+        ),
+    ],
+    ids=["missing", "empty", "binary", "latin-1"],
+)
+def test_unusable_source_names_key_and_file(tmp_path, content, expected):
+    cfg = data_cfg(tmp_path, [TEXT, content or b""])
+    path = tmp_path / "src1.txt"
+    if content is None:
+        path.unlink()
+    with pytest.raises(DataError, match=expected) as e:
+        build(cfg)
+    assert f"data.sources.1.path={path}" in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_corpus_too_short_for_seq_len(tmp_path):
+    with pytest.raises(DataError, match=r"^data\.seq_len=4096: the training split holds only \d+ tokens"):
+        build(data_cfg(tmp_path, [TEXT[:3000]], seq_len=4096))
+    with pytest.raises(DataError, match=r"^data\.seq_len=512: the validation split of source 'src0'.*val_fraction"):
+        build(data_cfg(tmp_path, [TEXT[:20_000]], seq_len=512, val_fraction=0.05))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Cache atomicity
+
+
+def test_concurrent_builds_leave_one_complete_cache(tmp_path):
+    cfg = data_cfg(tmp_path, [SHAKESPEARE[:200_000]], vocab_size=1024)
+    kwargs = dict(seed=0, micro_batch_size=2, grad_accum_steps=1)
+    ctx = multiprocessing.get_context("spawn")  # fork would copy the thread pools of torch and tokenizers
+    procs = [ctx.Process(target=build_data, args=(cfg,), kwargs=kwargs) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    data = build(cfg)
+    cache = tmp_path / "cache"
+    assert sorted(p.name.split("-")[0] for p in cache.iterdir()) == ["tokenizer", "tokens"]
+    assert data.cache_path.parent == cache
+    assert len(train_tokens(data)) == data.n_train_tokens
+
+
+def test_a_late_publisher_discards_its_copy_and_a_failed_one_leaves_nothing(tmp_path):
+    final = tmp_path / "tokens-x"
+    with publishing(final) as slow:
+        (slow / "who").write_text("slow")
+        with publishing(final) as fast:  # another process finishing first
+            (fast / "who").write_text("fast")
+    assert (final / "who").read_text() == "fast"
+    with pytest.raises(RuntimeError):
+        with publishing(tmp_path / "tokens-y"):
+            raise RuntimeError("tokenization failed")
+    assert [p.name for p in tmp_path.iterdir()] == ["tokens-x"]

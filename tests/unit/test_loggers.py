@@ -1,0 +1,55 @@
+"""metrics.jsonl and wandb run identity."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from fp8train.config import compose
+from fp8train.loggers import RunLogger, read_metrics
+
+
+def test_metrics_lines_and_non_finite_values(tmp_path):
+    cfg = compose(["logger.wandb.mode=disabled"])
+    logger = RunLogger(cfg, tmp_path)
+    logger.log({"loss": 2.5, "lr": 1e-3}, step=1)
+    logger.log({"val_loss": math.nan}, step=1)
+    logger.finish()
+    assert read_metrics(tmp_path) == [{"step": 1, "loss": 2.5, "lr": 1e-3}, {"step": 1, "val_loss": "nan"}]
+
+
+def test_resume_drops_the_lines_of_steps_that_will_be_redone(tmp_path):
+    cfg = compose(["logger.wandb.mode=disabled"])
+    (tmp_path / "metrics.jsonl").write_text(
+        "".join(json.dumps({"step": s, "loss": s}) + "\n" for s in range(1, 8)) + '{"step": 8, "lo'
+    )  # a torn line from a killed run
+    logger = RunLogger(cfg, tmp_path, resume_step=5)
+    logger.log({"loss": 60.0}, step=6)
+    logger.finish()
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4, 5, 6]
+    assert read_metrics(tmp_path)[-1]["loss"] == 60.0
+
+
+def test_wandb_run_is_named_after_the_precision_and_grouped(tmp_path):
+    cfg = compose(["logger.wandb.mode=offline", "precision=fp32", "logger.wandb.group=compare"])
+    logger = RunLogger(cfg, tmp_path)
+    try:
+        assert logger.wandb.name == "tiny-fp32-s1234"
+        assert logger.wandb.group == "compare"
+        assert logger.wandb.config["precision"]["recipe"] == "fp32"
+        run_id = logger.wandb.id
+    finally:
+        logger.finish()
+    assert (tmp_path / "wandb_id").read_text() == run_id
+    resumed = RunLogger(cfg, tmp_path)
+    try:
+        assert resumed.wandb.id == run_id  # a resumed run continues the same wandb run
+    finally:
+        resumed.finish()
+
+
+def test_non_main_ranks_write_nothing(tmp_path):
+    logger = RunLogger(compose([]), tmp_path, enabled=False)
+    logger.log({"loss": 1.0}, step=1)
+    logger.finish()
+    assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "wandb").exists()

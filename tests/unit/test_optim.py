@@ -1,0 +1,83 @@
+"""Learning-rate schedule and AdamW parameter groups."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fp8train import optim
+from fp8train.backends import select
+from fp8train.config import BackendConfig, ModelConfig, OptimConfig, ScheduleName
+from fp8train.model import build_model
+
+
+def test_warmup_is_linear_and_reaches_peak():
+    cfg = OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10)
+    factors = [optim.lr_factor(s, cfg, max_steps=100) for s in range(10)]
+    assert factors == pytest.approx([(s + 1) / 10 for s in range(10)])
+
+
+def test_cosine_goes_from_peak_to_min_lr_at_decay_end():
+    cfg = OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10)
+    assert optim.lr_factor(10, cfg, 110) == pytest.approx(1.0)
+    assert optim.lr_factor(60, cfg, 110) == pytest.approx(0.1 + 0.9 * 0.5)  # half-way: mean of peak and floor
+    assert optim.lr_factor(110, cfg, 110) == pytest.approx(0.1)
+    assert optim.lr_factor(500, cfg, 110) == pytest.approx(0.1)  # stays at the floor past decay
+    mid = [optim.lr_factor(s, cfg, 110) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(mid, mid[1:]))  # monotone decay
+
+
+def test_decay_steps_override_max_steps():
+    cfg = OptimConfig(lr=1.0, min_lr=0.0, warmup_steps=0, decay_steps=40)
+    assert optim.lr_factor(20, cfg, max_steps=1000) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert optim.lr_factor(40, cfg, max_steps=1000) == pytest.approx(0.0)
+
+
+def test_constant_schedule():
+    cfg = OptimConfig(warmup_steps=4, schedule=ScheduleName.constant)
+    assert [optim.lr_factor(s, cfg, 100) for s in (0, 3, 4, 99)] == pytest.approx([0.25, 1.0, 1.0, 1.0])
+
+
+def test_scheduler_sets_the_optimizer_lr_per_step():
+    p = torch.nn.Parameter(torch.zeros(2, 2))
+    cfg = OptimConfig(lr=2e-3, min_lr=2e-4, warmup_steps=2)
+    opt = torch.optim.AdamW([p], lr=cfg.lr)
+    sched = optim.build_schedule(cfg, opt, max_steps=10)
+    seen = []
+    for _ in range(10):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert seen == pytest.approx([cfg.lr * optim.lr_factor(s, cfg, 10) for s in range(10)])
+
+
+def test_weight_decay_only_on_matrices_and_tied_weight_once():
+    model = build_model(ModelConfig(vocab_size=128, d_model=32, n_layers=2, n_heads=4, ffn_dim=64, tie_embeddings=True))
+    decay, no_decay = optim.param_groups(model, 0.1)
+    assert all(p.ndim == 2 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
+    n_norms = 2 * 2 + 1
+    assert len(no_decay["params"]) == n_norms
+    ids = [id(p) for g in (decay, no_decay) for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters()))
+
+
+def test_fused_adamw_on_cpu_matches_the_plain_loop():
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=4, ffn_dim=64)
+    backend = select(BackendConfig(name="cpu"))
+    results = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        model = build_model(cfg)
+        opt = optim.build(OptimConfig(fused=fused), model, backend)
+        assert bool(opt.defaults["fused"]) is fused
+        for step in range(3):
+            torch.manual_seed(step)
+            loss = model(torch.randint(0, 64, (2, 8))).square().mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        results.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-6)

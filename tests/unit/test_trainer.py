@@ -1,0 +1,65 @@
+"""The training step in-process: accumulation, clipping and the schedule as the loop applies them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fp8train.config import compose
+from fp8train.parallel import SingleEngine
+from fp8train.trainer import Trainer
+from tests.helpers import SMALL
+
+
+def make_trainer(tmp_path, *overrides: str) -> Trainer:
+    cfg = compose([*SMALL, "precision=fp32", "optim.fused=false", *overrides])
+    return Trainer(cfg, tmp_path)
+
+
+def test_grad_accumulation_equals_one_large_batch(tmp_path):
+    # micro 4 x accum 2 reads the same 8 windows as micro 8 x accum 1 (global sample index), so one step of each
+    # must give the same loss and the same updated weights, up to fp32 summation order.
+    big = make_trainer(tmp_path / "a", "trainer.micro_batch_size=8", "trainer.grad_accum_steps=1")
+    acc = make_trainer(tmp_path / "b", "trainer.micro_batch_size=4", "trainer.grad_accum_steps=2")
+    loss_big, norm_big = big.train_step()
+    loss_acc, norm_acc = acc.train_step()
+    assert loss_acc.item() == pytest.approx(loss_big.item(), rel=1e-6)
+    assert norm_acc.item() == pytest.approx(norm_big.item(), rel=1e-5)
+    for (name, a), b in zip(big.model.named_parameters(), acc.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_clipping_scales_gradients_to_the_limit_and_reports_the_raw_norm():
+    model = torch.nn.Linear(4, 3, bias=True)
+    engine = SingleEngine(model, torch.optim.SGD(model.parameters(), lr=1.0))
+    model.weight.grad = torch.full((3, 4), 2.0)  # norm sqrt(12 * 4) = sqrt(48)
+    model.bias.grad = torch.full((3,), 2.0)  # norm sqrt(12)
+    raw = engine.clip_grad_norm(max_norm=1.0)
+    assert raw.item() == pytest.approx(60**0.5)
+    clipped = torch.cat([model.weight.grad.flatten(), model.bias.grad]).norm()
+    assert clipped.item() == pytest.approx(1.0, rel=1e-5)
+    assert engine.clip_grad_norm(max_norm=0.0).item() == pytest.approx(1.0, rel=1e-5)  # 0: measure, never clip
+    assert clipped.item() == pytest.approx(torch.cat([model.weight.grad.flatten(), model.bias.grad]).norm().item())
+
+
+def test_lr_in_the_loop_follows_the_schedule(tmp_path):
+    t = make_trainer(tmp_path, "optim.warmup_steps=4", "optim.lr=1e-3")
+    seen = []
+    for _ in range(6):
+        seen.append(t.optimizer.param_groups[0]["lr"])
+        t.train_step()
+    assert seen[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
+    assert seen[5] < seen[4] <= 1e-3
+
+
+def test_vocab_size_comes_from_the_tokenizer_rounded_to_64(tmp_path):
+    t = make_trainer(tmp_path, "data.tokenizer.vocab_size=1000")
+    assert t.data.vocab_size == 1000 and t.cfg.model.vocab_size == 1024
+    assert t.model.embed_tokens.weight.shape == (1024, 64)
+
+
+def test_too_small_vocab_size_is_a_config_error(tmp_path):
+    from fp8train.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model.vocab_size=512: smaller than the tokenizer's 2048 tokens"):
+        make_trainer(tmp_path, "model.vocab_size=512")
