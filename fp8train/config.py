@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,10 +38,34 @@ class BackendName(str, enum.Enum):
 class Recipe(str, enum.Enum):
     bf16 = "bf16"  # fp32 master weights, matmuls under bf16 autocast
     fp32 = "fp32"  # everything in fp32: a numerical reference, slow on accelerators
+    fp8 = "fp8"  # selected linears in FP8 (E4M3 forward, E5M2 gradients), the rest as bf16
+
+
+class SmoothSwiGLU(str, enum.Enum):
+    none = "none"  # plain SwiGLU: h = silu(g) * u goes to the FP8 down projection as is
+    token = "token"  # per-token s_t = max_j |u_tj| (the paper's code): quantize silu(g) * u / s_t, multiply y by s_t
+    channel = "channel"  # per-channel s_j = max_t |h_tj| (the paper's text): Q(h / s) . Q(W_down diag(s))^T
+    bf16_down = "bf16_down"  # keep the down projection (its input h) in bf16
+
+
+class ScalingRecipe(str, enum.Enum):
+    current = "current"  # scale from this tensor's amax now (just-in-time)
+    delayed = "delayed"  # scale from an amax history of earlier steps (Transformer Engine's default)
+
+
+class AmaxAlgo(str, enum.Enum):
+    max = "max"  # max over the history window (NVIDIA TE default)
+    most_recent = "most_recent"  # the previous step's amax only (Habana TE default)
+
+
+class Fp8Profile(str, enum.Enum):
+    ocp = "ocp"  # OCP FP8: E4M3 max 448 (H100, CPU emulation)
+    gaudi2 = "gaudi2"  # Gaudi2 hardware: E4M3 saturates at 240
 
 
 class OptimName(str, enum.Enum):
     adamw = "adamw"
+    adamw_fp8 = "adamw_fp8"  # AdamW with moments stored in FP8 (m in E4M3, v in E5M2), block-scaled
 
 
 class ScheduleName(str, enum.Enum):
@@ -156,9 +181,29 @@ class PrecisionConfig:
     """Number formats of the matmuls (the converter in fp8train/precision applies it)."""
 
     recipe: Recipe = Recipe.bf16
+    smooth_swiglu: SmoothSwiGLU = SmoothSwiGLU.none  # fp8 only
+    scaling: ScalingRecipe = ScalingRecipe.delayed  # fp8 only
+    amax_history_len: int = 16  # delayed scaling: steps of amax history per tensor
+    amax_compute_algo: AmaxAlgo = AmaxAlgo.max
+    margin: int = 0  # scales are divided by 2^margin: headroom against growth between steps
+    pow2_scales: bool = False  # round scales down to powers of two (exact rescaling, as Habana TE does)
+    profile: Fp8Profile = Fp8Profile.ocp  # gaudi2: emulate Gaudi2's E4M3 range (max 240) on any device
+    stochastic_grad_rounding: bool = False  # E5M2 gradients rounded stochastically (Gaudi's default)
+    linears: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )  # which linears go to FP8
 
     def check(self, at: str) -> list[str]:
-        return []
+        p = _Problems(at, self)
+        p.positive("amax_history_len")
+        p.non_negative("margin")
+        known = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+        unknown = [n for n in self.linears if n not in known]
+        if unknown:
+            p.add("linears", f"unknown linear(s) {', '.join(unknown)}; choose from {', '.join(known)}")
+        if self.recipe != Recipe.fp8 and self.smooth_swiglu != SmoothSwiGLU.none:
+            p.add("smooth_swiglu", f"only applies to precision.recipe=fp8 (recipe is {self.recipe.value})")
+        return p.found
 
 
 @dataclass
@@ -176,6 +221,10 @@ class OptimConfig:
     decay_steps: int | None = None  # cosine length in steps; null = trainer.max_steps
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     fused: bool | None = None  # torch's fused AdamW kernel; null = wherever the device has it
+    m_format: str = "e4m3"  # adamw_fp8: FP8 format of the first moment
+    v_format: str = "e5m2"  # adamw_fp8: FP8 format of the second moment (needs E5M2's range)
+    block_size: int | None = 128  # adamw_fp8: elements per scale; null = one scale per tensor
+    fp8_min_numel: int = 4096  # adamw_fp8: smaller tensors and 1-D params keep fp32 moments
 
     def check(self, at: str) -> list[str]:
         p = _Problems(at, self)
@@ -190,6 +239,11 @@ class OptimConfig:
             p.add("min_lr", f"must be <= optim.lr={self.lr}")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             p.add("betas", "must be two numbers in [0, 1)")
+        for name in ("m_format", "v_format"):
+            if getattr(self, name) not in ("e4m3", "e5m2"):
+                p.add(name, "must be e4m3 or e5m2")
+        p.positive("block_size", optional=True)
+        p.non_negative("fp8_min_numel")
         return p.found
 
 
@@ -337,10 +391,17 @@ def source_name(source: SourceConfig) -> str:
 
 
 def register_schema() -> None:
-    """Put the schema in Hydra's ConfigStore as ``fp8train_schema`` (the typed form of conf/config.yaml)."""
+    """Register the schema in Hydra's ConfigStore: ``fp8train_schema`` (typed) and ``fp8train_defaults``.
+
+    conf/config.yaml lists ``fp8train_defaults`` first, the schema's default values as a plain (untyped) node, so
+    that every schema key exists and can be overridden without ``+``, while type checking is left to
+    :func:`to_typed`, which reports every problem at once instead of stopping at the first.
+    """
     from hydra.core.config_store import ConfigStore
 
-    ConfigStore.instance().store(name="fp8train_schema", node=Config)
+    cs = ConfigStore.instance()
+    cs.store(name="fp8train_schema", node=Config)
+    cs.store(name="fp8train_defaults", node=OmegaConf.to_container(OmegaConf.structured(Config), enum_to_str=True))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -383,6 +444,7 @@ def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "con
     from hydra import initialize_config_dir
     from hydra.errors import HydraException
 
+    register_schema()
     problems, usable = override_problems(overrides)
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         try:
@@ -501,13 +563,17 @@ def _known_keys(cls: type, path: str) -> list[str]:
     return [f.name for f in dataclasses.fields(hint)] if dataclasses.is_dataclass(hint) else []
 
 
+def _is_union(hint: Any) -> bool:
+    return typing.get_origin(hint) in (typing.Union, types.UnionType)
+
+
 def _unwrap_optional(hint: Any) -> Any:
     args = [a for a in typing.get_args(hint) if a is not type(None)]
-    return args[0] if typing.get_origin(hint) is typing.Union and len(args) == 1 else hint
+    return args[0] if _is_union(hint) and len(args) == 1 else hint
 
 
 def _expected(hint: Any) -> str:
-    optional = typing.get_origin(hint) is typing.Union and type(None) in typing.get_args(hint)
+    optional = _is_union(hint) and type(None) in typing.get_args(hint)
     base = _unwrap_optional(hint)
     if isinstance(base, type) and issubclass(base, enum.Enum):
         text = "must be one of " + ", ".join(m.value for m in base)
