@@ -180,6 +180,7 @@ class DataConfig:
 class PrecisionConfig:
     """Number formats of the matmuls (the converter in fp8train/precision applies it)."""
 
+    name: str = "bf16"  # shows in run names and run directories (fp8_smooth, fp8_smooth_channel, ...)
     recipe: Recipe = Recipe.bf16
     smooth_swiglu: SmoothSwiGLU = SmoothSwiGLU.none  # fp8 only
     scaling: ScalingRecipe = ScalingRecipe.delayed  # fp8 only
@@ -365,7 +366,8 @@ class Config:
     @property
     def run_name(self) -> str:
         """The wandb run name; it always shows the precision."""
-        return self.logger.wandb.name or f"{self.model.name}-{self.precision.recipe.value}-s{self.trainer.seed}"
+        optim = "-adamw_fp8" if self.optim.name == OptimName.adamw_fp8 else ""
+        return self.logger.wandb.name or f"{self.model.name}-{self.precision.name}{optim}-s{self.trainer.seed}"
 
     @property
     def run_group(self) -> str:

@@ -25,6 +25,7 @@ from fp8train import backends, checkpoint, optim, parallel, precision
 from fp8train.config import Config
 from fp8train.data import build_data
 from fp8train.errors import CheckpointError
+from fp8train.fp8.scaling import step_scalers
 from fp8train.loggers import RunLogger, use_progress_bar
 from fp8train.model import build_model
 
@@ -111,6 +112,8 @@ class Trainer:
         grad_norm = self.engine.clip_grad_norm(self.cfg.optim.grad_clip)
         self.engine.step()
         self.scheduler.step()
+        # Delayed scaling: this step's amaxes (max-reduced over data-parallel ranks) set the next step's scales.
+        step_scalers(self.model, self.engine.reduce_amax)
         self.backend.mark_step()
         return loss_sum, grad_norm
 
@@ -180,7 +183,7 @@ class Trainer:
         log.info(
             "backend %s, precision %s, %d tokens per step, %d steps%s",
             self.backend.describe(),
-            cfg.precision.recipe.value,
+            cfg.precision.name,
             cfg.tokens_per_step * self.engine.world_size,
             cfg.trainer.max_steps,
             f", resuming after step {self.step}" if self.step else "",

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fp8train.fp8.ops import Fp8Ops
+
 
 @dataclass
 class Backend:
@@ -47,6 +49,10 @@ class Backend:
 
     def has_fused_adamw(self) -> bool:
         return False
+
+    def fp8_ops(self) -> Fp8Ops:
+        """The FP8 quantize and matmul primitives of this device (here: emulation, exact but not fast)."""
+        return Fp8Ops()
 
     def describe(self) -> str:
         return self.name

@@ -2,11 +2,50 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 
 from fp8train.backends.base import Backend
+from fp8train.fp8.ops import Fp8Ops
+
+log = logging.getLogger("fp8train")
+
+FP8_MIN_CAPABILITY = (8, 9)  # Ada (sm_89) and Hopper (sm_90) have FP8 tensor cores
+
+
+class ScaledMmOps(Fp8Ops):
+    """FP8 matmuls on tensor cores through ``torch._scaled_mm`` (quantize is the emulated one: plain torch ops that
+    torch.compile fuses into one amax + scale + cast kernel).
+
+    cuBLASLt's constraints: a row-major, b column-major, M, K and N multiples of 16, fp32 scales, and no E5M2 x
+    E5M2 product (dX uses E5M2 x E4M3). ``_scaled_mm`` takes inverse scales: x = q / scale.
+    """
+
+    name = "scaled_mm"
+
+    def scaled_mm(
+        self,
+        a_q: torch.Tensor,
+        b_q: torch.Tensor,
+        scale_a: torch.Tensor,
+        scale_b: torch.Tensor,
+        out_dtype: torch.dtype,
+    ) -> torch.Tensor:
+        if a_q.dtype == torch.float8_e5m2 and b_q.dtype == torch.float8_e5m2:
+            raise ValueError("FP8 GEMMs on CUDA have no E5M2 x E5M2 form; quantize one operand to E4M3")
+        (m, k), n = a_q.shape, b_q.shape[0]
+        if m % 16 or k % 16 or n % 16:
+            # Only a shape check (static under torch.compile); the emulation gives the same numbers.
+            return super().scaled_mm(a_q, b_q, scale_a, scale_b, out_dtype)
+        return torch._scaled_mm(
+            a_q.contiguous(),
+            b_q.contiguous().t(),  # (K, N) column-major, as cuBLASLt wants its second operand
+            scale_a=scale_a.float().reciprocal(),
+            scale_b=scale_b.float().reciprocal(),
+            out_dtype=out_dtype,
+        )
 
 
 @dataclass
@@ -35,6 +74,18 @@ class CudaBackend(Backend):
 
     def has_fused_adamw(self) -> bool:
         return True
+
+    def fp8_ops(self) -> Fp8Ops:
+        """``torch._scaled_mm`` on sm_89+; below that, FP8 numerics are emulated (exact, but no speed-up)."""
+        capability = torch.cuda.get_device_capability(self.device)
+        if capability >= FP8_MIN_CAPABILITY:
+            return ScaledMmOps()
+        log.warning(
+            "FP8 is emulated below sm_89: this GPU is sm_%d%d, so FP8 matmuls run as fp32 matmuls of FP8 values "
+            "(same numerics, no speed-up). Use precision=bf16 for speed on this GPU.",
+            *capability,
+        )
+        return Fp8Ops()
 
     def describe(self) -> str:
         major, minor = torch.cuda.get_device_capability(self.device)

@@ -15,6 +15,7 @@ class SingleEngine:
     """One process, one device. Multi-process engines provide the same methods."""
 
     rank, world_size, is_main = 0, 1, True
+    reduce_amax = None  # FP8 amaxes need no reduction with one process
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
         self.model = model

@@ -1,36 +1,110 @@
 """The precision converter: applied between "build the model" and "wrap it for parallelism".
 
-The model code never mentions a number format; a recipe turns a plain model into one that computes in that
-format, and tells the trainer which autocast dtype to run the forward pass under.
+The model code never mentions a number format. ``convert`` turns a plain fp32 model into one that computes in
+the configured format (``precision.recipe``) and tells the trainer which autocast dtype to run the forward in:
+
+- bf16 / fp32: no module is swapped; bf16 comes from autocast around the forward.
+- fp8: the chosen ``nn.Linear`` layers become ``Fp8Linear`` (E4M3 forward, E5M2 gradients, the backend's FP8
+  ops), the MLPs become the chosen Smooth-SwiGLU variant, and everything else (embeddings, lm_head, norms,
+  attention softmax, linears whose dims are not multiples of 16) runs in bf16 under autocast.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 
 import torch
 from torch import nn
 
 from fp8train.backends import Backend
-from fp8train.config import PrecisionConfig, Recipe
+from fp8train.config import PrecisionConfig, Recipe, SmoothSwiGLU
+from fp8train.errors import BackendError
+from fp8train.fp8.linear import Fp8Linear
+from fp8train.fp8.scaling import ScalingConfig
+from fp8train.model.mlp import SwiGLU
+from fp8train.precision.smooth_swiglu import VARIANTS
 
 log = logging.getLogger(__name__)
 
-_AUTOCAST = {Recipe.bf16: torch.bfloat16, Recipe.fp32: None}
-
-
-def convert(model: nn.Module, cfg: PrecisionConfig, backend: Backend) -> nn.Module:
-    """Apply a precision recipe to a freshly built fp32 model and return it (modules may be swapped)."""
-    # bf16 and fp32 keep fp32 master weights and swap nothing: bf16 comes from autocast around the forward.
-    log.info(
-        "precision %s: no modules converted, fp32 master weights, autocast %s on %s",
-        cfg.recipe.value,
-        autocast_dtype(cfg),
-        backend.name,
-    )
-    return model
+_AUTOCAST = {Recipe.bf16: torch.bfloat16, Recipe.fp32: None, Recipe.fp8: torch.bfloat16}
 
 
 def autocast_dtype(cfg: PrecisionConfig) -> torch.dtype | None:
     """The dtype the forward pass runs under (None: the parameters' own fp32)."""
     return _AUTOCAST[cfg.recipe]
+
+
+def convert(model: nn.Module, cfg: PrecisionConfig, backend: Backend) -> nn.Module:
+    """Apply a precision recipe to a freshly built fp32 model, in place, and return it."""
+    if cfg.recipe != Recipe.fp8:
+        log.info(
+            "precision %s: no modules converted (fp32 master weights, autocast %s)",
+            cfg.recipe.value,
+            autocast_dtype(cfg),
+        )
+        return model
+    check_hardware(cfg, backend)
+    ops = backend.fp8_ops()
+    wanted = set(cfg.linears)
+    if cfg.smooth_swiglu == SmoothSwiGLU.bf16_down:
+        wanted.discard("down_proj")  # the paper's other fix: the quadratic tensor never meets FP8
+    swapped, skipped = Counter(), []
+    for parent_name, parent in list(model.named_modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is not nn.Linear or name not in wanted:
+                continue
+            if child.in_features % 16 or child.out_features % 16:
+                skipped.append(f"{parent_name}.{name}")  # FP8 GEMMs need both dims divisible by 16
+                continue
+            setattr(
+                parent,
+                name,
+                Fp8Linear.from_linear(
+                    child, scaling=scaling_config(cfg), ops=ops, stochastic_grad=cfg.stochastic_grad_rounding
+                ),
+            )
+            swapped[name] += 1
+    variant = VARIANTS.get(cfg.smooth_swiglu.value)
+    n_mlps = 0
+    if variant is not None:
+        for parent in list(model.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, SwiGLU):
+                    setattr(parent, name, variant(child))
+                    n_mlps += 1
+    log.info(
+        "precision fp8 (%s ops, %s scaling, %s profile): %d linears to FP8 (%s); Smooth-SwiGLU %s%s; kept in bf16: "
+        "embeddings, lm_head, norms%s%s",
+        ops.name,
+        cfg.scaling.value,
+        cfg.profile.value,
+        sum(swapped.values()),
+        ", ".join(f"{k} x{v}" for k, v in swapped.items()) or "none",
+        cfg.smooth_swiglu.value,
+        f" on {n_mlps} MLPs" if n_mlps else "",
+        ", down_proj" if cfg.smooth_swiglu == SmoothSwiGLU.bf16_down else "",
+        f"; not multiples of 16: {', '.join(skipped)}" if skipped else "",
+    )
+    return model
+
+
+def scaling_config(cfg: PrecisionConfig) -> ScalingConfig:
+    return ScalingConfig(
+        recipe=cfg.scaling.value,
+        amax_history_len=cfg.amax_history_len,
+        amax_compute_algo=cfg.amax_compute_algo.value,
+        margin=cfg.margin,
+        pow2=cfg.pow2_scales,
+        profile=cfg.profile.value,
+    )
+
+
+def check_hardware(cfg: PrecisionConfig, backend: Backend) -> None:
+    """Refuse what the device cannot do, naming the override that fixes it."""
+    if backend.name == "hpu":
+        raise BackendError(
+            "precision.recipe=fp8 on backend.name=hpu needs Gaudi's own FP8 path (Habana Transformer Engine or "
+            "torch.ops.hpu casts), which this version of fp8train does not have. Train on Gaudi with "
+            "precision=bf16, or emulate Gaudi2's FP8 numerics on another device with precision.profile=gaudi2."
+        )

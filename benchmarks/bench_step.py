@@ -1,0 +1,221 @@
+"""Tokens/s of a full training step (forward, backward, AdamW step) for each precision, in one process.
+
+    python benchmarks/bench_step.py --shape 1b --out benchmarks/results/step_1b.json        # H100: Llama-1B class
+    python benchmarks/bench_step.py --shape 7b_layers --out benchmarks/results/step_7b.json # 7B layer shape, 4 layers
+    python benchmarks/bench_step.py --shape cpu_tiny --device cpu --no-compile              # proves the script runs
+
+Variants: bf16, fp8 (plain SwiGLU), fp8_smooth (token), fp8_smooth_channel, and torchao's float8 training
+(tensorwise) when torchao is importable. Every variant runs the same model shape, data and optimizer; results
+are reported as ratios to bf16 measured in the same run. ``--per-linear`` also times each linear shape alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from fp8train import backends, precision  # noqa: E402
+from fp8train.config import BackendConfig, ModelConfig, PrecisionConfig, Recipe, SmoothSwiGLU  # noqa: E402
+from fp8train.model import build_model  # noqa: E402
+
+SHAPES = {
+    # name: (model config, micro batch, seq_len)
+    "1b": (
+        ModelConfig(
+            name="llama_1b",
+            vocab_size=32000,
+            d_model=2048,
+            n_layers=16,
+            n_heads=16,
+            n_kv_heads=8,
+            ffn_dim=5632,
+            max_seq_len=2048,
+        ),
+        8,
+        2048,
+    ),
+    "7b_layers": (
+        ModelConfig(
+            name="llama2_7b_4layers",
+            vocab_size=32000,
+            d_model=4096,
+            n_layers=4,
+            n_heads=32,
+            ffn_dim=11008,
+            max_seq_len=4096,
+        ),
+        2,
+        4096,
+    ),
+    "cpu_tiny": (
+        ModelConfig(
+            name="tiny", vocab_size=2048, d_model=256, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=768, max_seq_len=256
+        ),
+        4,
+        128,
+    ),
+}
+VARIANTS = {
+    "bf16": PrecisionConfig(name="bf16", recipe=Recipe.bf16),
+    "fp8": PrecisionConfig(name="fp8", recipe=Recipe.fp8),
+    "fp8_smooth": PrecisionConfig(name="fp8_smooth", recipe=Recipe.fp8, smooth_swiglu=SmoothSwiGLU.token),
+    "fp8_smooth_channel": PrecisionConfig(
+        name="fp8_smooth_channel", recipe=Recipe.fp8, smooth_swiglu=SmoothSwiGLU.channel
+    ),
+}
+
+
+def build(variant: str, model_cfg: ModelConfig, backend, compile_model: bool):
+    torch.manual_seed(0)
+    model = build_model(model_cfg).to(backend.device)
+    if variant == "torchao_tensorwise":
+        from torchao.float8 import convert_to_float8_training
+
+        # Same filter as fp8train's converter: lm_head stays in bf16, dims must be multiples of 16.
+        convert_to_float8_training(
+            model,
+            module_filter_fn=lambda m, fqn: fqn != "lm_head" and m.in_features % 16 == 0 and m.out_features % 16 == 0,
+        )
+    else:
+        model = precision.convert(model, VARIANTS[variant], backend)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=backend.has_fused_adamw())
+    forward = backend.compile(model) if compile_model else model
+    return model, forward, opt
+
+
+def time_steps(variant, model_cfg, batch, seq_len, backend, args) -> dict:
+    from fp8train.fp8.scaling import step_scalers
+
+    model, forward, opt = build(variant, model_cfg, backend, args.compile)
+    tokens = torch.randint(0, model_cfg.vocab_size, (batch, seq_len + 1), device=backend.device)
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    backend.reset_peak_memory()
+    times = []
+    for i in range(args.warmup + args.steps):
+        backend.synchronize()
+        t0 = time.perf_counter()
+        with backend.autocast(torch.bfloat16):
+            logits = forward(inputs)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step_scalers(model)
+        backend.synchronize()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    step_s = statistics.median(times)
+    return {
+        "step_ms": step_s * 1e3,
+        "tokens_per_s": batch * seq_len / step_s,
+        "loss": loss.item(),
+        "peak_mem_gb": backend.peak_memory_bytes() / 2**30,
+    }
+
+
+def time_linears(model_cfg, tokens, backend, args) -> list[dict]:
+    """Forward+backward of each distinct linear shape alone: bf16 nn.Linear vs fp8train's Fp8Linear."""
+    from fp8train.fp8.linear import Fp8Linear
+    from fp8train.fp8.scaling import ScalingConfig
+
+    d, f, kv = model_cfg.d_model, model_cfg.ffn_dim, model_cfg.kv_heads * model_cfg.head_dim
+    rows = []
+    for name, (k, n) in {"q/o_proj": (d, d), "k/v_proj": (d, kv), "gate/up_proj": (d, f), "down_proj": (f, d)}.items():
+        x = torch.randn(tokens, k, device=backend.device, requires_grad=True)
+        result = {"linear": name, "shape": f"{tokens}x{k} @ {k}x{n}"}
+        for label in ("bf16", "fp8"):
+            lin = torch.nn.Linear(k, n, bias=False, device=backend.device)
+            if label == "fp8":
+                lin = Fp8Linear.from_linear(lin, scaling=ScalingConfig(recipe="delayed"), ops=backend.fp8_ops())
+            fn = backend.compile(lin) if args.compile else lin
+            times = []
+            for i in range(args.warmup + args.steps):
+                backend.synchronize()
+                t0 = time.perf_counter()
+                with backend.autocast(torch.bfloat16):
+                    y = fn(x)
+                y.float().sum().backward()
+                backend.synchronize()
+                if i >= args.warmup:
+                    times.append(time.perf_counter() - t0)
+            result[f"{label}_ms"] = statistics.median(times) * 1e3
+        result["fp8_speedup"] = result["bf16_ms"] / result["fp8_ms"]
+        rows.append(result)
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", choices=sorted(SHAPES), default="1b")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--variants", default="bf16,fp8,fp8_smooth,fp8_smooth_channel,torchao_tensorwise")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--batch", type=int, help="micro batch (default: the shape's)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--per-linear", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--out", type=Path)
+    args = p.parse_args()
+
+    backend = backends.select(BackendConfig(name=args.device))
+    model_cfg, batch, seq_len = SHAPES[args.shape]
+    batch = args.batch or batch
+    results = {
+        "shape": args.shape,
+        "model": dataclasses.asdict(model_cfg),
+        "batch": batch,
+        "seq_len": seq_len,
+        "device": backend.describe(),
+        "torch": torch.__version__,
+        "compile": args.compile,
+        "variants": {},
+    }
+    print(
+        f"{args.shape}: {model_cfg.n_layers} layers, d {model_cfg.d_model}, batch {batch} x {seq_len} on "
+        f"{backend.describe()}, compile={args.compile}"
+    )
+    for variant in args.variants.split(","):
+        try:
+            r = time_steps(variant, model_cfg, batch, seq_len, backend, args)
+        except ImportError as e:
+            print(f"  {variant:20s} skipped ({e})")
+            continue
+        results["variants"][variant] = r
+        print(
+            f"  {variant:20s} {r['tokens_per_s']:>12,.0f} tok/s  {r['step_ms']:8.1f} ms/step  "
+            f"{r['peak_mem_gb']:6.2f} GB  loss {r['loss']:.3f}"
+        )
+    base = results["variants"].get("bf16")
+    if base:
+        print(
+            "ratios to bf16:",
+            ", ".join(f"{k} {v['tokens_per_s'] / base['tokens_per_s']:.3f}x" for k, v in results["variants"].items()),
+        )
+    if "fp8" in results["variants"] and "fp8_smooth" in results["variants"]:
+        overhead = results["variants"]["fp8"]["tokens_per_s"] / results["variants"]["fp8_smooth"]["tokens_per_s"] - 1
+        print(f"Smooth-SwiGLU (token) overhead over plain FP8: {overhead * 100:+.1f}%")
+    if args.per_linear:
+        results["linears"] = time_linears(model_cfg, batch * seq_len, backend, args)
+        for r in results["linears"]:
+            print(
+                f"  {r['linear']:13s} {r['shape']:24s} bf16 {r['bf16_ms']:7.3f} ms  fp8 {r['fp8_ms']:7.3f} ms  "
+                f"{r['fp8_speedup']:.2f}x"
+            )
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2))
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

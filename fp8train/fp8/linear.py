@@ -1,0 +1,119 @@
+"""``Fp8Linear``: an ``nn.Linear`` whose three matmuls run on FP8 operands.
+
+    forward   y  = Q4(x) . Q4(W)^T (+ b)          Q4: E4M3 (more mantissa: values)
+    backward  dX = Q5(g) . Q4(W)                  Q5: E5M2 (more range: gradients), optionally stochastic
+              dW = Q5(g)^T . Q4(x)
+              db = sum of g over tokens, in fp32
+
+Shapes: x (..., K) is flattened to (M, K) tokens; W (N, K); y (..., N). Only the FP8 copies of x and W are saved
+for backward (1 byte per element instead of 2 or 4): that is where FP8 saves activation memory. The scales come
+from three ``TensorScaler`` submodules (input, weight, grad_output); the matmuls from an ``Fp8Ops`` (emulated
+here, ``torch._scaled_mm`` on H100 via the backend).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fp8train.fp8.formats import E4M3, E5M2
+from fp8train.fp8.ops import Fp8Ops
+from fp8train.fp8.scaling import ScalingConfig, TensorScaler
+
+
+class _Fp8LinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, layer: Fp8Linear, out_dtype: torch.dtype, weight_override: bool):
+        ops = layer.ops
+        with torch.autocast(x.device.type, enabled=False):  # the dtypes here are chosen, not autocast's
+            x_MK = x.reshape(-1, x.shape[-1])
+            qx, sx = layer.input_scaler.quantize(x_MK, ops)
+            # A weight passed in (e.g. W_down * s) changes every step: its delayed history would always lag.
+            qw, sw = layer.weight_scaler.quantize(weight, ops, force_current=weight_override)
+            y = ops.scaled_mm(qx, qw, sx, sw, out_dtype)  # (M, N)
+            if bias is not None:
+                y = y + bias.to(out_dtype)
+        ctx.save_for_backward(qx, qw, sx, sw)
+        ctx.layer = layer
+        ctx.x_shape, ctx.x_dtype, ctx.w_dtype = x.shape, x.dtype, weight.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        qx, qw, sx, sw = ctx.saved_tensors
+        layer = ctx.layer
+        ops = layer.ops
+        dx = dw = db = None
+        with torch.autocast(grad_y.device.type, enabled=False):
+            g_MN = grad_y.reshape(-1, grad_y.shape[-1])
+            qg, sg = layer.grad_scaler.quantize(g_MN, ops, stochastic=layer.stochastic_grad)
+            if ctx.needs_input_grad[0]:
+                # E5M2 x E4M3: H100 has no E5M2 x E5M2 GEMM, and the weight needs no more than E4M3.
+                dx = ops.scaled_mm(qg, qw.t(), sg, sw, ctx.x_dtype).reshape(ctx.x_shape)
+            if ctx.needs_input_grad[1]:
+                dw = ops.scaled_mm(qg.t(), qx.t(), sg, sx, ctx.w_dtype)  # (N, M) . (K, M)^T -> (N, K)
+            if ctx.needs_input_grad[2]:
+                db = g_MN.float().sum(0).to(ctx.bias_dtype)  # summed over all tokens: fp32, not bf16
+        return dx, dw, db, None, None, None
+
+
+class Fp8Linear(nn.Linear):
+    """A drop-in ``nn.Linear`` computing its forward and backward matmuls in FP8 (see the module docstring)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        *,
+        scaling: ScalingConfig,
+        ops: Fp8Ops | None = None,
+        stochastic_grad: bool = False,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self.scaling = scaling
+        self.ops = ops if ops is not None else Fp8Ops()
+        self.stochastic_grad = stochastic_grad  # E5M2 gradients rounded stochastically (unbiased; Gaudi's default)
+        self._make_scalers(self.weight.device)
+
+    def _make_scalers(self, device: torch.device) -> None:
+        self.input_scaler = TensorScaler(E4M3, self.scaling, device=device)
+        self.weight_scaler = TensorScaler(E4M3, self.scaling, device=device)
+        self.grad_scaler = TensorScaler(E5M2, self.scaling, device=device)
+
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Linear, *, scaling: ScalingConfig, ops: Fp8Ops | None = None, stochastic_grad: bool = False
+    ) -> Fp8Linear:
+        """An Fp8Linear holding the very Parameter objects of ``linear``, so optimizers and ties stay valid."""
+        new = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            scaling=scaling,
+            ops=ops,
+            stochastic_grad=stochastic_grad,
+            device="meta",  # no second copy of the weights, not even for a moment
+        )
+        new.weight = linear.weight
+        new.bias = linear.bias
+        new._make_scalers(linear.weight.device)
+        new.train(linear.training)
+        return new
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """``x @ W.T + b`` in FP8. ``weight`` replaces W (e.g. W * s) and is scaled just-in-time; gradients flow
+        to whatever produced it. Output dtype: the autocast dtype when autocast is on for x's device, else x's."""
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):
+            out_dtype = torch.get_autocast_dtype(device_type)
+        else:
+            out_dtype = x.dtype
+        w = self.weight if weight is None else weight
+        return _Fp8LinearFn.apply(x, w, self.bias, self, out_dtype, weight is not None)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, ops={self.ops.name}, stochastic_grad={self.stochastic_grad}"

@@ -1,0 +1,191 @@
+"""Per-tensor FP8 scaling state: amax histories, scales, and the overflow / underflow counters the monitor reads.
+
+One ``TensorScaler`` per FP8 tensor (the input, weight and output gradient of each ``Fp8Linear``). Recipes:
+
+- ``current``: the scale comes from this tensor's amax now (just-in-time). Robust; one extra reduction.
+- ``delayed``: the scale for step t comes from the amax history up to step t-1, so a spike at step t is quantized
+  with a scale that did not see it (it saturates) and only enters the scale at t+1. Slot 0 of the history is the
+  running amax of the current step (max over micro-batches); ``step_scalers`` max-reduces slot 0 over
+  data-parallel ranks in one collective and then moves every scaler to the next step.
+
+All state lives in persistent buffers, so it is in ``model.state_dict()`` and a resumed run scales exactly as an
+uninterrupted one. Nothing here calls ``.item()`` on the training path or branches on tensor values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fp8train.fp8 import formats
+from fp8train.fp8.ops import Fp8Ops, amax_of
+
+RECIPES = ("current", "delayed")
+AMAX_ALGOS = ("max", "most_recent")
+
+
+@dataclass
+class ScalingConfig:
+    """How the scales of FP8 tensors are chosen (the same for every tensor of a model)."""
+
+    recipe: str = "delayed"  # "current": scale from this tensor's amax; "delayed": from the previous steps' amaxes
+    amax_history_len: int = 16  # delayed: steps of amax history (NVIDIA TE uses up to 1024, Habana TE 1)
+    amax_compute_algo: str = "max"  # delayed: "max" over the history or its "most_recent" step
+    margin: int = 0  # scales are divided by 2^margin: headroom against amax growth between steps
+    pow2: bool = False  # round scales down to a power of two (rescaling is then exact, as in Habana TE)
+    profile: str = "ocp"  # "ocp" (E4M3 max 448) or "gaudi2" (E4M3 saturates at 240)
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.recipe not in RECIPES:
+            problems.append(f"recipe={self.recipe!r} is not one of {RECIPES}")
+        if self.amax_history_len < 1:
+            problems.append(f"amax_history_len={self.amax_history_len} must be >= 1")
+        if self.amax_compute_algo not in AMAX_ALGOS:
+            problems.append(f"amax_compute_algo={self.amax_compute_algo!r} is not one of {AMAX_ALGOS}")
+        if self.profile not in formats.PROFILES:
+            problems.append(f"profile={self.profile!r} is not one of {formats.PROFILES}")
+        if problems:
+            raise ValueError("ScalingConfig: " + "; ".join(problems))
+
+
+class TensorScaler(nn.Module):
+    """Scaling state of one FP8 tensor.
+
+    Buffers (all persistent):
+      amax_history (L,) fp32   slot 0: running amax of the current step; slot i: the amax of i steps ago
+      scale () fp32            delayed: the scale of the current step; current: the last scale used
+      scale_ready () bool      delayed: False until a step() has seen a nonzero amax. Until then there is no
+                               history to scale from, and the scaler uses current scaling instead of a blind 1.0
+                               (which would flush a whole step of small gradients to zero in E5M2)
+      n_saturated, n_underflow, n_elements () int64, stat_amax, stat_scale, stat_ratio () fp32
+                               statistics since the last ``pop_stats()``, gathered only while ``track_stats``
+    State (history, scale) changes only in training mode: evaluation reuses the scales without moving them.
+    """
+
+    def __init__(self, fmt: str, cfg: ScalingConfig, device: torch.device | str | None = None):
+        super().__init__()
+        self.fmt = fmt
+        self.cfg = cfg
+        self.fp8_max = formats.fp8_max(fmt, cfg.profile)
+        self.track_stats = False  # counting saturated / flushed elements costs two extra passes over each tensor
+        f32 = {"dtype": torch.float32, "device": device}
+        i64 = {"dtype": torch.int64, "device": device}
+        self.register_buffer("amax_history", torch.zeros(cfg.amax_history_len, **f32))
+        self.register_buffer("scale", torch.ones((), **f32))
+        self.register_buffer("scale_ready", torch.zeros((), dtype=torch.bool, device=device))
+        for name in ("n_saturated", "n_underflow", "n_elements"):
+            self.register_buffer(name, torch.zeros((), **i64))
+        for name in ("stat_amax", "stat_scale", "stat_ratio"):
+            self.register_buffer(name, torch.zeros((), **f32))
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        return f"{self.fmt}, {c.recipe}, history={c.amax_history_len}, {c.amax_compute_algo}, profile={c.profile}"
+
+    def _scale_from(self, amax: torch.Tensor) -> torch.Tensor:
+        c = self.cfg
+        return formats.scale_from_amax(amax, self.fmt, c.profile, c.margin, c.pow2, prev_scale=self.scale)
+
+    def scale_for(self, amax_now: torch.Tensor, force_current: bool = False) -> torch.Tensor:
+        """The scale to quantize a tensor whose amax is ``amax_now`` with, recording the amax for this step.
+
+        current (or ``force_current``, for tensors that change every step, like a rescaled weight): from
+        ``amax_now``. delayed: the scale computed at the last ``step()`` from the history up to the previous step.
+        Returns a new tensor (never the buffer itself), so later in-place updates cannot corrupt saved copies.
+        """
+        amax_now = amax_now.detach().float()
+        just_in_time = self._scale_from(amax_now)
+        if force_current or self.cfg.recipe == "current":
+            scale = just_in_time
+        else:
+            scale = torch.where(self.scale_ready, self.scale, just_in_time)
+        if self.training:
+            self.amax_history[:1].copy_(torch.maximum(self.amax_history[:1], amax_now.reshape(1)))
+            if self.cfg.recipe == "current":
+                self.scale.copy_(scale)
+        if self.track_stats:
+            self.stat_amax.copy_(torch.maximum(self.stat_amax, amax_now))
+            self.stat_scale.copy_(scale)
+            self.stat_ratio.copy_(torch.maximum(self.stat_ratio, amax_now * scale / self.fp8_max))
+        return scale
+
+    def quantize(
+        self, x: torch.Tensor, ops: Fp8Ops, stochastic: bool = False, force_current: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(q, scale)``: x quantized to this scaler's format with its scale, statistics counted if tracked."""
+        x = x.detach()
+        scale = self.scale_for(amax_of(x), force_current)
+        q, _ = ops.quantize(x, self.fmt, scale, self.cfg.profile, stochastic)
+        if self.track_stats:
+            self.count(x, q, scale)
+        return q, scale
+
+    @torch.no_grad()
+    def count(self, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> None:
+        """Add to the counters: elements beyond the format's max (saturated) and nonzeros quantized to 0."""
+        self.n_saturated.add_(((x.float() * scale).abs() > self.fp8_max).sum())
+        self.n_underflow.add_(((x != 0) & (q.float() == 0)).sum())
+        self.n_elements.add_(x.numel())
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """End of an optimizer step (after the amax all-reduce): delayed -> next scale from the history; roll."""
+        if self.cfg.recipe == "delayed":
+            hist = self.amax_history
+            amax = hist.amax() if self.cfg.amax_compute_algo == "max" else hist[0]
+            self.scale.copy_(self._scale_from(amax))
+            self.scale_ready.logical_or_((amax > 0) & torch.isfinite(self.fp8_max / amax))
+        rolled = self.amax_history.roll(1)
+        rolled[0] = 0.0
+        self.amax_history.copy_(rolled)
+
+    @torch.no_grad()
+    def pop_stats(self) -> dict:
+        """Statistics since the last call (one step when called every step), then reset them.
+
+        amax: largest amax seen; scale: the last scale used; saturated_frac / underflow_frac: fraction of elements
+        beyond the format's max / nonzero but flushed to zero; amax_ratio: the largest amax_now / amax_assumed,
+        where amax_assumed = fp8_max / scale (> 1 means that tensor overflowed its scale). All zero unless
+        ``track_stats`` was on. One device sync per call.
+        """
+        n = self.n_elements.clamp(min=1).double()
+        values = torch.stack(
+            [
+                self.stat_amax.double(),
+                self.stat_scale.double(),
+                self.n_saturated.double() / n,
+                self.n_underflow.double() / n,
+                self.stat_ratio.double(),
+            ]
+        ).tolist()
+        for buf in (self.n_saturated, self.n_underflow, self.n_elements, self.stat_amax, self.stat_ratio):
+            buf.zero_()
+        return dict(zip(("amax", "scale", "saturated_frac", "underflow_frac", "amax_ratio"), values))
+
+
+def fp8_scalers(model: nn.Module) -> list[TensorScaler]:
+    """Every TensorScaler of a model, in module order (the same on every rank)."""
+    return [m for m in model.modules() if isinstance(m, TensorScaler)]
+
+
+@torch.no_grad()
+def step_scalers(model: nn.Module, reduce_amax: Callable[[torch.Tensor], None] | None = None) -> None:
+    """Move every scaler of ``model`` to the next step, once per optimizer step.
+
+    ``reduce_amax(t)`` reduces, in place, one tensor holding every scaler's amax of this step (e.g.
+    ``dist.all_reduce(t, op=MAX)``): one collective per step however many FP8 tensors there are.
+    """
+    scalers = fp8_scalers(model)
+    if not scalers:
+        return
+    if reduce_amax is not None:
+        amax = torch.stack([s.amax_history[0] for s in scalers])
+        reduce_amax(amax)
+        for s, a in zip(scalers, amax.unbind()):
+            s.amax_history[0].copy_(a)
+    for s in scalers:
+        s.step()

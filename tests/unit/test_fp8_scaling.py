@@ -1,0 +1,201 @@
+"""Scaling state: delayed vs current, amax history windows, micro-batches, the one-collective step, checkpoints,
+and the overflow / underflow counters."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from fp8train.fp8.formats import E4M3, E5M2, fp8_min_subnormal
+from fp8train.fp8.linear import Fp8Linear
+from fp8train.fp8.ops import Fp8Ops
+from fp8train.fp8.scaling import ScalingConfig, TensorScaler, fp8_scalers, step_scalers
+
+
+def t(v: float) -> torch.Tensor:
+    return torch.tensor(v)
+
+
+def delayed(**kw) -> TensorScaler:
+    return TensorScaler(E4M3, ScalingConfig(recipe="delayed", **kw))
+
+
+def run_steps(scaler: TensorScaler, amaxes: list[float]) -> list[float]:
+    """One scale_for per step with the given amaxes; returns the scale used at each step."""
+    used = []
+    for a in amaxes:
+        used.append(scaler.scale_for(t(a)).item())
+        scaler.step()
+    return used
+
+
+def test_delayed_scale_uses_the_previous_steps_only():
+    s = delayed(amax_history_len=4)
+    used = run_steps(s, [1.0, 1.0, 1.0, 100.0, 1.0])
+    assert used[1:4] == [448.0, 448.0, 448.0]  # the spike at step 3 is quantized with the old scale ...
+    assert used[4] == pytest.approx(4.48)  # ... and is in the scale of step 4
+
+
+def test_delayed_first_step_without_history_scales_just_in_time():
+    s = delayed()
+    assert not s.scale_ready
+    assert s.scale_for(t(2.0)).item() == 224.0  # not a blind 1.0
+    s.step()
+    assert s.scale_ready and s.scale_for(t(50.0)).item() == 224.0  # from now on: delayed
+
+
+def test_max_and_most_recent_over_the_window():
+    amaxes = [1.0, 8.0, 2.0]
+    s_max, s_recent = delayed(amax_history_len=4), delayed(amax_history_len=4, amax_compute_algo="most_recent")
+    run_steps(s_max, amaxes)
+    run_steps(s_recent, amaxes)
+    assert s_max.scale.item() == 448.0 / 8
+    assert s_recent.scale.item() == 448.0 / 2
+
+
+@pytest.mark.parametrize("length", [1, 3, 16])
+def test_history_of_length_l_forgets_a_spike_after_l_steps(length):
+    s = delayed(amax_history_len=length)
+    run_steps(s, [1.0, 1.0])
+    used = run_steps(s, [64.0] + [1.0] * (length + 1))  # spike at step t = 0 of this list
+    assert used[0] == 448.0
+    assert used[1 : length + 1] == [7.0] * length  # the scales of steps t+1 .. t+L saw the spike
+    assert used[length + 1] == 448.0  # step t+L+1 no longer does
+
+
+def test_micro_batches_of_one_step_take_the_max():
+    s = delayed()
+    run_steps(s, [1.0])
+    for a in (2.0, 7.0, 3.0):  # three micro-batches, one step: all use the same (delayed) scale
+        assert s.scale_for(t(a)).item() == 448.0
+    assert s.amax_history[0].item() == 7.0
+    s.step()
+    assert s.scale.item() == 64.0
+
+
+def test_current_scaling_follows_each_tensor_and_keeps_the_scale_for_zero_tensors():
+    s = TensorScaler(E5M2, ScalingConfig(recipe="current"))
+    assert s.scale_for(t(2.0)).item() == 28672.0
+    assert s.scale_for(t(4.0)).item() == 14336.0
+    assert s.scale_for(t(0.0)).item() == 14336.0  # an all-zero tensor says nothing about the range
+    assert s.amax_history[0].item() == 4.0
+    s.step()
+    assert s.amax_history[:2].tolist() == [0.0, 4.0]
+
+
+def test_pow2_and_margin_apply_to_delayed_scales():
+    s = delayed(pow2=True, margin=1)
+    run_steps(s, [3.0])
+    assert s.scale.item() == 64.0  # 448 / 3 = 149 -> 128, then / 2^1
+
+
+def test_eval_mode_reuses_scales_without_recording():
+    s = delayed()
+    run_steps(s, [1.0])
+    s.eval()
+    assert s.scale_for(t(1000.0)).item() == 448.0
+    assert s.amax_history.max().item() == 1.0
+    c = TensorScaler(E4M3, ScalingConfig(recipe="current")).eval()
+    c.scale_for(t(4.0))
+    assert c.scale.item() == 1.0 and c.amax_history[0].item() == 0.0
+
+
+def two_layer_model(recipe: str = "delayed") -> nn.Module:
+    cfg = ScalingConfig(recipe=recipe, amax_history_len=4)
+    return nn.Sequential(Fp8Linear(16, 32, scaling=cfg), nn.ReLU(), Fp8Linear(32, 16, scaling=cfg))
+
+
+def test_step_scalers_makes_one_reduce_call_with_every_amax():
+    model = two_layer_model()
+    scalers = fp8_scalers(model)
+    assert len(scalers) == 6
+    for i, s in enumerate(scalers):
+        s.amax_history[0] = i + 1.0
+    calls = []
+
+    def reduce_amax(amax: torch.Tensor) -> None:  # stands in for dist.all_reduce(amax, MAX) with other ranks
+        calls.append(amax.clone())
+        amax.copy_(torch.maximum(amax, torch.full_like(amax, 4.0)))
+
+    step_scalers(model, reduce_amax)
+    assert len(calls) == 1 and calls[0].tolist() == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    reduced = [4.0, 4.0, 4.0, 4.0, 5.0, 6.0]
+    for s, a in zip(scalers, reduced):
+        assert s.scale.item() == pytest.approx(s.fp8_max / a)  # the reduced amax set the scale
+        assert s.amax_history[:2].tolist() == [0.0, a]  # and is what the history keeps
+    step_scalers(nn.Linear(2, 2), reduce_amax)  # no FP8 tensors: nothing to reduce
+    assert len(calls) == 1
+
+
+def test_step_scalers_without_reduction_steps_every_scaler():
+    model = two_layer_model()
+    model(torch.randn(8, 16)).sum().backward()
+    step_scalers(model)
+    assert all(bool(s.scale_ready) and s.amax_history[0].item() == 0.0 for s in fp8_scalers(model))
+
+
+def train_steps(model: nn.Module, steps: int, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    outs = []
+    for _ in range(steps):
+        x = torch.randn(8, 16, generator=g) * (1 + 10 * torch.rand(1, generator=g))
+        y = model(x)
+        y.square().mean().backward()
+        step_scalers(model)
+        outs.append(y.detach())
+    return outs
+
+
+def test_state_dict_round_trip_resumes_exactly():
+    torch.manual_seed(0)
+    model = two_layer_model()
+    train_steps(model, 5, seed=1)
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    buf.seek(0)
+    resumed = two_layer_model()
+    resumed.load_state_dict(torch.load(buf))
+    keys = model.state_dict().keys()
+    assert {"0.input_scaler.amax_history", "0.input_scaler.scale", "2.grad_scaler.n_saturated"} <= set(keys)
+    for a, b in zip(train_steps(model, 4, seed=2), train_steps(resumed, 4, seed=2)):
+        assert torch.equal(a, b)
+    for a, b in zip(fp8_scalers(model), fp8_scalers(resumed)):
+        assert torch.equal(a.scale, b.scale) and torch.equal(a.amax_history, b.amax_history)
+
+
+def test_pop_stats_counts_planted_saturated_and_flushed_elements():
+    s = delayed()
+    run_steps(s, [1.0])  # scale 448: |x| > 1 saturates, |x| < 2^-9 / 2 / 448 flushes to zero
+    s.track_stats = True
+    flush = fp8_min_subnormal(E4M3) / 2 / 448
+    x = torch.rand(1000) * 0.9 + 0.05  # ordinary values in [0.05, 0.95]
+    x[:7] = torch.tensor([1.5, -2.0, 3.0, -40.0, 1.01, 8.0, -1.2])  # 7 above the overflow threshold
+    x[7:20] = torch.linspace(0.1, 0.9, 13) * flush * torch.tensor([1.0, -1.0]).repeat(7)[:13]  # 13 flushed
+    x[20:25] = 0.0  # zeros are not underflow
+    x = x[torch.randperm(1000)]
+    q, scale = s.quantize(x, Fp8Ops())
+    assert scale.item() == 448.0
+    assert (q.float()[x.abs() > 1].abs() == 448).all()
+    stats = s.pop_stats()
+    assert stats["saturated_frac"] == pytest.approx(7 / 1000)
+    assert stats["underflow_frac"] == pytest.approx(13 / 1000)
+    assert stats["amax"] == 40.0 and stats["scale"] == 448.0
+    assert stats["amax_ratio"] == pytest.approx(40.0)  # 40x above the amax the scale assumed (1.0)
+    after = s.pop_stats()
+    assert after["saturated_frac"] == 0 and after["underflow_frac"] == 0 and after["amax_ratio"] == 0
+
+
+def test_no_counting_unless_tracked():
+    s = delayed()
+    s.quantize(torch.randn(100) * 1000, Fp8Ops())
+    assert s.n_elements.item() == 0 and s.n_saturated.item() == 0
+
+
+def test_config_validation_names_every_problem():
+    with pytest.raises(ValueError) as e:
+        ScalingConfig(recipe="lazy", amax_history_len=0, amax_compute_algo="mean", profile="h100")
+    for word in ("recipe", "amax_history_len", "amax_compute_algo", "profile"):
+        assert word in str(e.value)

@@ -1,0 +1,110 @@
+"""The precision converter: which modules become FP8, which stay, and what it refuses."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from fp8train import precision
+from fp8train.backends import select
+from fp8train.backends.base import Backend
+from fp8train.config import BackendConfig, ModelConfig, PrecisionConfig, Recipe, SmoothSwiGLU
+from fp8train.errors import BackendError
+from fp8train.fp8.linear import Fp8Linear
+from fp8train.model import build_model
+from fp8train.model.mlp import SwiGLU
+from fp8train.precision.smooth_swiglu import SmoothSwiGLUChannel, SmoothSwiGLUToken
+
+CPU = select(BackendConfig(name="cpu"))
+
+
+def model(**kw) -> nn.Module:
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=192, tie_embeddings=False)
+    return build_model(ModelConfig(**{**cfg, **kw}))
+
+
+def fp8(**kw) -> PrecisionConfig:
+    return PrecisionConfig(name="test", recipe=Recipe.fp8, **kw)
+
+
+def linears_by_type(m: nn.Module) -> dict[str, str]:
+    return {name: type(mod).__name__ for name, mod in m.named_modules() if isinstance(mod, nn.Linear)}
+
+
+def test_fp8_swaps_attention_and_mlp_linears_and_keeps_lm_head_and_embeddings(caplog):
+    m = model()
+    params_before = {name: p for name, p in m.named_parameters()}
+    with caplog.at_level(logging.INFO):
+        precision.convert(m, fp8(), CPU)
+    kinds = linears_by_type(m)
+    assert kinds.pop("lm_head") == "Linear"
+    assert set(kinds.values()) == {"Fp8Linear"} and len(kinds) == 2 * 7
+    assert type(m.embed_tokens) is nn.Embedding
+    # The same Parameter objects: an optimizer built before or after the swap updates the model's weights.
+    assert all(params_before[name] is p for name, p in m.named_parameters())
+    assert "14 linears to FP8" in caplog.text
+
+
+def test_bf16_and_fp32_swap_nothing():
+    for recipe in (Recipe.bf16, Recipe.fp32):
+        m = model()
+        precision.convert(m, PrecisionConfig(recipe=recipe), CPU)
+        assert set(linears_by_type(m).values()) == {"Linear"}
+    assert precision.autocast_dtype(PrecisionConfig(recipe=Recipe.fp32)) is None
+    assert precision.autocast_dtype(fp8()) == torch.bfloat16
+
+
+def test_linears_filter_and_dims_not_multiple_of_16_stay_high_precision(caplog):
+    m = model(n_kv_heads=1, ffn_dim=200)  # k/v out 16 is fine; ffn 200 is not a multiple of 16
+    with caplog.at_level(logging.INFO):
+        precision.convert(m, fp8(linears=["q_proj", "gate_proj", "down_proj"]), CPU)
+    kinds = linears_by_type(m)
+    assert kinds["layers.0.self_attn.q_proj"] == "Fp8Linear"
+    assert kinds["layers.0.self_attn.k_proj"] == "Linear"  # not asked for
+    assert kinds["layers.0.mlp.gate_proj"] == "Linear" and kinds["layers.0.mlp.down_proj"] == "Linear"
+    assert "not multiples of 16: layers.0.mlp.gate_proj, layers.0.mlp.down_proj" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "variant,mlp_type,down_type",
+    [
+        (SmoothSwiGLU.none, SwiGLU, Fp8Linear),
+        (SmoothSwiGLU.token, SmoothSwiGLUToken, Fp8Linear),
+        (SmoothSwiGLU.channel, SmoothSwiGLUChannel, Fp8Linear),
+        (SmoothSwiGLU.bf16_down, SwiGLU, nn.Linear),
+    ],
+)
+def test_smooth_swiglu_variant_is_installed_by_the_converter(variant, mlp_type, down_type):
+    m = model()
+    keys_before = set(m.state_dict())
+    precision.convert(m, fp8(smooth_swiglu=variant), CPU)
+    for layer in m.layers:
+        assert type(layer.mlp) is mlp_type and type(layer.mlp.down_proj) is down_type
+    # Same parameter names as the plain model; the converter only adds FP8 scaling state (buffers).
+    keys_after = set(m.state_dict())
+    assert keys_before <= keys_after
+    assert all("_scaler." in k for k in keys_after - keys_before)
+
+
+def test_converted_model_trains_without_non_finite_values():
+    m = precision.convert(model(), fp8(smooth_swiglu=SmoothSwiGLU.token), CPU)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+    for _ in range(3):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = m(torch.randint(0, 256, (2, 32)))
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), torch.randint(0, 256, (64,)))
+        loss.backward()
+        assert all(torch.isfinite(p.grad).all() for p in m.parameters())
+        opt.step()
+        opt.zero_grad()
+    assert torch.isfinite(loss)
+
+
+def test_fp8_on_gaudi_without_its_fp8_path_names_the_fix():
+    gaudi = Backend(name="hpu", device=torch.device("cpu"), dist_backend="hccl")
+    with pytest.raises(BackendError, match="precision=bf16.*precision.profile=gaudi2"):
+        precision.convert(model(), fp8(), gaudi)
