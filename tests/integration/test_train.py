@@ -14,6 +14,9 @@ from fp8train import checkpoint
 from fp8train.loggers import read_metrics
 from tests.helpers import ROOT, SMALL, run_train
 
+# The loop's own behaviour, in bf16 (fast on CPU); FP8 runs are tested in test_fp8_train.py.
+BF16 = [*SMALL, "precision=bf16"]
+
 pytestmark = pytest.mark.slow
 
 
@@ -34,7 +37,7 @@ def test_tiny_run_learns_and_writes_its_run_dir(tmp_path):
     run_dir = tmp_path / "run"
     out = run_train(
         run_dir,
-        *SMALL,
+        *BF16,
         "trainer.max_steps=150",
         "trainer.eval_every=75",
         "trainer.checkpoint_every=75",
@@ -67,7 +70,7 @@ def test_tiny_run_learns_and_writes_its_run_dir(tmp_path):
 
 
 def test_stop_and_resume_gives_bit_identical_losses(tmp_path):
-    args = [*SMALL, "trainer.max_steps=60", "trainer.eval_every=0", "trainer.checkpoint_every=20"]
+    args = [*BF16, "trainer.max_steps=60", "trainer.eval_every=0", "trainer.checkpoint_every=20"]
     straight = run_train(tmp_path / "straight", *args)
     assert straight.returncode == 0, straight.stderr
     first = run_train(tmp_path / "split", *args, "trainer.stop_at=30")
@@ -84,10 +87,10 @@ def test_stop_and_resume_gives_bit_identical_losses(tmp_path):
 
 def test_resume_none_refuses_a_run_dir_with_checkpoints(tmp_path):
     run_dir = tmp_path / "run"
-    assert run_train(run_dir, *SMALL, "trainer.max_steps=2").returncode == 0
+    assert run_train(run_dir, *BF16, "trainer.max_steps=2").returncode == 0
     before = {p.name: p.stat().st_mtime_ns for p in (run_dir / "checkpoints").iterdir()}
     metrics_before = (run_dir / "metrics.jsonl").read_text()
-    out = run_train(run_dir, *SMALL, "trainer.max_steps=4")
+    out = run_train(run_dir, *BF16, "trainer.max_steps=4")
     assert out.returncode == 2
     assert "already holds checkpoints. Pass resume=auto" in out.stderr and "Traceback" not in out.stderr
     assert {p.name: p.stat().st_mtime_ns for p in (run_dir / "checkpoints").iterdir()} == before
@@ -122,7 +125,7 @@ def test_bad_config_lists_every_problem_without_traceback_or_run_dir(tmp_path):
 def test_unreadable_data_is_a_clear_error(tmp_path):
     bad = tmp_path / "latin1.txt"
     bad.write_bytes("caf\xe9 au lait\n".encode("latin-1") * 100)
-    out = run_train(tmp_path / "run", *SMALL, f"data.sources=[{{path: {bad}}}]")
+    out = run_train(tmp_path / "run", *BF16, f"data.sources=[{{path: {bad}}}]")
     assert out.returncode == 2
     assert "UTF-8" in out.stderr and str(bad) in out.stderr and "Traceback" not in out.stderr
 
@@ -137,7 +140,7 @@ def test_fp8train_command_checks_and_trains(tmp_path):
     assert bad.returncode == 2 and "optim.lr=0.0: must be > 0" in bad.stderr
     run_dir = tmp_path / "run"
     out = subprocess.run(
-        [*exe, "train", f"hydra.run.dir={run_dir}", *SMALL, "trainer.max_steps=3"],
+        [*exe, "train", f"hydra.run.dir={run_dir}", *BF16, "trainer.max_steps=3"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -151,7 +154,7 @@ def test_wandb_offline_run_is_written_into_the_run_dir(tmp_path):
     run_dir = tmp_path / "run"
     out = run_train(
         run_dir,
-        *[a for a in SMALL if "wandb" not in a],
+        *[a for a in BF16 if "wandb" not in a],
         "trainer.max_steps=3",
         "logger.wandb.mode=offline",
         "logger.wandb.group=cmp",

@@ -28,9 +28,10 @@ def test_every_config_file_composes_and_validates(group, option):
 
 def test_defaults_are_the_documented_default_run():
     cfg = compose([])
-    assert (cfg.model.name, cfg.precision.recipe.value, cfg.data.name) == ("tiny", "bf16", "tinyshakespeare")
+    assert (cfg.model.name, cfg.precision.name, cfg.data.name) == ("tiny", "fp8_smooth", "tinyshakespeare")
+    assert (cfg.precision.recipe.value, cfg.precision.smooth_swiglu.value) == ("fp8", "token")
     assert cfg.logger.wandb.mode.value == "offline"
-    assert cfg.run_name == "tiny-bf16-s1234"  # the wandb run name shows the precision
+    assert cfg.run_name == "tiny-fp8_smooth-s1234"  # the wandb run name shows the precision
     assert cfg.tokens_per_step == cfg.trainer.micro_batch_size * cfg.data.seq_len
 
 
