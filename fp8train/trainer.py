@@ -28,6 +28,7 @@ from fp8train.errors import CheckpointError
 from fp8train.fp8.scaling import step_scalers
 from fp8train.loggers import RunLogger, use_progress_bar
 from fp8train.model import build_model
+from fp8train.optim.adamw_fp8 import state_bytes_per_param
 
 log = logging.getLogger("fp8train")
 
@@ -71,9 +72,16 @@ class Trainer:
         window_t0, window_tokens = time.perf_counter(), 0
         with logging_redirect_tqdm(loggers=[logging.getLogger()]):
             try:
+                first_step = self.step
                 while self.step < t.max_steps:
                     loss, grad_norm = self.train_step()
                     self.step += 1
+                    if self.step == first_step + 1:  # optimizer state exists once the first step has run
+                        log.info(
+                            "optimizer %s: %.3f bytes of state per parameter",
+                            cfg.optim.name.value,
+                            state_bytes_per_param(self.optimizer, self.model),
+                        )
                     window_tokens += cfg.tokens_per_step * self.engine.world_size
                     bar.update(1)
                     finished = self.step == t.max_steps

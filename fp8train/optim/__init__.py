@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from fp8train.backends import Backend
-from fp8train.config import OptimConfig, ScheduleName
+from fp8train.config import OptimConfig, OptimName, ScheduleName
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -21,7 +21,20 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build(cfg: OptimConfig, model: nn.Module, backend: Backend) -> torch.optim.Optimizer:
-    """AdamW with decoupled weight decay; torch's fused kernel where the device has one (optim.fused=null)."""
+    """AdamW with decoupled weight decay: torch's (fused where the device has it) or with FP8 moments."""
+    if cfg.name == OptimName.adamw_fp8:
+        from fp8train.optim.adamw_fp8 import AdamWFp8
+
+        return AdamWFp8(
+            param_groups(model, cfg.weight_decay),
+            lr=cfg.lr,
+            betas=tuple(cfg.betas),
+            eps=cfg.eps,
+            m_format=cfg.m_format,
+            v_format=cfg.v_format,
+            block_size=cfg.block_size,
+            min_numel=cfg.fp8_min_numel,
+        )
     fused = backend.has_fused_adamw() if cfg.fused is None else cfg.fused
     return torch.optim.AdamW(
         param_groups(model, cfg.weight_decay),

@@ -34,10 +34,25 @@ def test_fp8_smooth_run_learns_like_bf16(tmp_path):
     assert losses["fp8_smooth"] == pytest.approx(losses["bf16"], rel=0.03), losses
 
 
-def test_fp8_delayed_scaling_state_resumes_exactly(tmp_path):
+def test_adamw_fp8_run_ends_within_2_percent_of_adamw(tmp_path):
+    losses = {}
+    for optim in ("adamw", "adamw_fp8"):
+        # fp8_min_numel=0 puts every matrix of this small model on FP8 moments (1-D params stay fp32).
+        out = run_train(tmp_path / optim, *LEARN, "precision=bf16", f"optim={optim}", "optim.fp8_min_numel=0")
+        assert out.returncode == 0, out.stderr
+        losses[optim] = final_val_loss(tmp_path / optim)
+    log = (tmp_path / "adamw_fp8" / "train.log").read_text()
+    bytes_per_param = float(log.split("optimizer adamw_fp8: ")[1].split(" bytes")[0])
+    assert bytes_per_param < 2.2  # fp32 AdamW: 8
+    assert losses["adamw_fp8"] == pytest.approx(losses["adamw"], rel=0.02), losses
+
+
+def test_fp8_scaling_state_and_fp8_moments_resume_exactly(tmp_path):
     args = [
         *SMALL,
         "precision=fp8_smooth",
+        "optim=adamw_fp8",
+        "optim.fp8_min_numel=0",
         "trainer.max_steps=24",
         "trainer.eval_every=0",
         "trainer.checkpoint_every=8",
