@@ -226,6 +226,7 @@ class OptimConfig:
     v_format: str = "e5m2"  # adamw_fp8: FP8 format of the second moment (needs E5M2's range)
     block_size: int | None = 128  # adamw_fp8: elements per scale; null = one scale per tensor
     fp8_min_numel: int = 4096  # adamw_fp8: smaller tensors and 1-D params keep fp32 moments
+    habana_fused: bool = False  # adamw_fp8 on hpu: Habana's FusedAdamW(moments_dtype=...) instead of AdamWFp8
 
     def check(self, at: str) -> list[str]:
         p = _Problems(at, self)
@@ -244,6 +245,8 @@ class OptimConfig:
             if getattr(self, name) not in ("e4m3", "e5m2"):
                 p.add(name, "must be e4m3 or e5m2")
         p.positive("block_size", optional=True)
+        if self.habana_fused and self.name != OptimName.adamw_fp8:
+            p.add("habana_fused", "only applies to optim=adamw_fp8")
         p.non_negative("fp8_min_numel")
         return p.found
 

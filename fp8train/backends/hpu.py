@@ -60,5 +60,14 @@ class HpuBackend(Backend):
             raise BackendError("backend.compile=true on hpu needs eager mode: set PT_HPU_LAZY_MODE=0.")
         return torch.compile(model, backend="hpu_backend")
 
+    def fused_fp8_adamw(
+        self, param_groups: list[dict], lr: float, betas: tuple[float, float], eps: float, m_format: str, v_format: str
+    ) -> torch.optim.Optimizer:
+        """Habana's fused AdamW with FP8 moments (its own kernel and scaling), instead of fp8train's AdamWFp8."""
+        from habana_frameworks.torch.hpex.optimizers import FusedAdamW
+
+        dtypes = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+        return FusedAdamW(param_groups, lr=lr, betas=betas, eps=eps, moments_dtype=(dtypes[m_format], dtypes[v_format]))
+
     def describe(self) -> str:
         return f"hpu ({torch.hpu.get_device_name()}, {'lazy' if lazy_mode() else 'eager'} mode)"

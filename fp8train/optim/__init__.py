@@ -9,6 +9,7 @@ from torch import nn
 
 from fp8train.backends import Backend
 from fp8train.config import OptimConfig, OptimName, ScheduleName
+from fp8train.errors import BackendError
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -22,6 +23,15 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def build(cfg: OptimConfig, model: nn.Module, backend: Backend) -> torch.optim.Optimizer:
     """AdamW with decoupled weight decay: torch's (fused where the device has it) or with FP8 moments."""
+    if cfg.name == OptimName.adamw_fp8 and cfg.habana_fused:
+        if backend.name != "hpu":
+            raise BackendError(
+                f"optim.habana_fused=true needs backend.name=hpu (this run: {backend.name}); set "
+                "optim.habana_fused=false to use fp8train's AdamWFp8 on any device."
+            )
+        return backend.fused_fp8_adamw(
+            param_groups(model, cfg.weight_decay), cfg.lr, tuple(cfg.betas), cfg.eps, cfg.m_format, cfg.v_format
+        )
     if cfg.name == OptimName.adamw_fp8:
         from fp8train.optim.adamw_fp8 import AdamWFp8
 

@@ -81,3 +81,22 @@ def test_fused_adamw_on_cpu_matches_the_plain_loop():
             opt.zero_grad()
         results.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-6)
+
+
+def test_adamw_fp8_is_built_from_the_config():
+    from fp8train.optim.adamw_fp8 import AdamWFp8
+
+    model = build_model(ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=4, ffn_dim=64))
+    cfg = OptimConfig(name="adamw_fp8", block_size=64, fp8_min_numel=0)
+    opt = optim.build(cfg, model, select(BackendConfig(name="cpu")))
+    assert isinstance(opt, AdamWFp8)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+
+
+def test_habana_fused_adam_outside_gaudi_names_the_fix():
+    from fp8train.errors import BackendError
+
+    model = build_model(ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=4, ffn_dim=64))
+    cfg = OptimConfig(name="adamw_fp8", habana_fused=True)
+    with pytest.raises(BackendError, match="optim.habana_fused=true needs backend.name=hpu.*optim.habana_fused=false"):
+        optim.build(cfg, model, select(BackendConfig(name="cpu")))
