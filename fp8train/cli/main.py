@@ -29,7 +29,9 @@ def cmd_check(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="fp8train", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="fp8train", description="Train Llama-style models in FP8 (fp8train train) and inspect configs."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("train", help="train (same as python train.py; Hydra overrides follow)", add_help=False)
     check = sub.add_parser("check", help="validate a config and print it, without running anything")
