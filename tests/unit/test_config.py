@@ -22,8 +22,8 @@ def test_every_config_file_composes_and_validates(group, option):
     cfg = compose([f"{group}={option}", *NEEDS.get((group, option), [])])
     assert isinstance(cfg, Config)
     if group in ("model", "precision", "optim", "data", "backend", "parallel"):
-        section = getattr(cfg, group)
-        assert getattr(section, "name", getattr(section, "recipe", None)).__str__().endswith(option) or group == "data"
+        name = getattr(cfg, group).name
+        assert getattr(name, "value", name) == option  # each option file names itself
 
 
 def test_defaults_are_the_documented_default_run():
