@@ -27,16 +27,40 @@ def cmd_check(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_export_hf(args: argparse.Namespace) -> None:
+    """Write a Hugging Face LlamaForCausalLM folder from a checkpoint (or a run dir's newest checkpoint)."""
+    from pathlib import Path
+
+    from fp8train import checkpoint
+    from fp8train.errors import CheckpointError
+    from fp8train.export.hf import export_hf
+    from fp8train.loggers import setup_console
+
+    setup_console()
+    ckpt = Path(args.checkpoint)
+    if (ckpt / "checkpoints").is_dir():  # a run directory: take its newest complete checkpoint
+        ckpt = checkpoint.latest(ckpt / "checkpoints") or ckpt
+    if not ckpt.is_dir():
+        raise CheckpointError(f"{ckpt}: no such checkpoint folder.")
+    print(f"wrote {export_hf(ckpt, Path(args.out), args.dtype)}")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(
-        prog="fp8train", description="Train Llama-style models in FP8 (fp8train train) and inspect configs."
+        prog="fp8train",
+        description="Train Llama-style models in FP8 (fp8train train), inspect configs and export checkpoints.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("train", help="train (same as python train.py; Hydra overrides follow)", add_help=False)
     check = sub.add_parser("check", help="validate a config and print it, without running anything")
     check.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=llama_1b optim.lr=3e-4")
     check.set_defaults(func=cmd_check)
+    export = sub.add_parser("export-hf", help="write a Hugging Face LlamaForCausalLM folder from a checkpoint")
+    export.add_argument("checkpoint", help="RUN_DIR/checkpoints/step_N, or a run dir (its newest checkpoint)")
+    export.add_argument("out", help="output folder (new or empty)")
+    export.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="weight dtype (default bf16)")
+    export.set_defaults(func=cmd_export_hf)
 
     if argv[:1] == ["train"]:  # Hydra parses its own arguments (overrides, -m, --cfg job, ...)
         from fp8train.cli.train import main as train_main

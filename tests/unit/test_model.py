@@ -22,28 +22,15 @@ def tokens(cfg: ModelConfig, B: int = 2, T: int = 16, seed: int = 0) -> torch.Te
 
 def hf_llama(cfg: ModelConfig, model: Llama):
     """transformers' LlamaForCausalLM with the same config, holding a copy of model's weights."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    hf_cfg = LlamaConfig(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.d_model,
-        intermediate_size=cfg.ffn_dim,
-        num_hidden_layers=cfg.n_layers,
-        num_attention_heads=cfg.n_heads,
-        num_key_value_heads=cfg.kv_heads,
-        max_position_embeddings=cfg.max_seq_len,
-        # transformers 5 keeps theta inside rope_parameters (a top-level rope_theta is moved there).
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-        rms_norm_eps=cfg.norm_eps,
-        tie_word_embeddings=cfg.tie_embeddings,
-        attention_bias=False,
-        mlp_bias=False,
-        attn_implementation="sdpa",  # eager's softmax runs in float32, which would cap a float64 comparison
-    )
+    from fp8train.export.hf import hf_config, hf_state_dict
+
+    # sdpa: eager attention's softmax runs in float32, which would cap a float64 comparison.
+    hf_cfg = hf_config(cfg, attn_implementation="sdpa")
     assert hf_cfg.rope_parameters["rope_theta"] == cfg.rope_theta
     hf = LlamaForCausalLM(hf_cfg).eval()
-    ours = model.state_dict()
-    renamed = {k if k == "lm_head.weight" else f"model.{k}": v for k, v in ours.items()}
+    renamed = hf_state_dict(model)
     assert set(renamed) == set(hf.state_dict()), "parameter names must equal HF's, minus the 'model.' prefix"
     hf.load_state_dict(renamed, strict=True)
     return hf

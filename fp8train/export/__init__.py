@@ -1,0 +1,1 @@
+"""Exports of fp8train checkpoints to other formats."""

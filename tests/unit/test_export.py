@@ -1,0 +1,76 @@
+"""export-hf: an FP8-trained checkpoint becomes a transformers Llama with the same logits."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fp8train.config import compose
+from fp8train.export.hf import export_hf, load_checkpoint_model
+from fp8train.trainer import Trainer
+from tests.helpers import ROOT, SMALL
+
+
+@pytest.fixture(scope="module")
+def fp8_checkpoint(tmp_path_factory):
+    """A checkpoint of a few steps of fp8_smooth training (GQA, tied embeddings): FP8 buffers and all."""
+    run_dir = tmp_path_factory.mktemp("run")
+    cfg = compose([*SMALL, "precision=fp8_smooth", "trainer.max_steps=3", "trainer.eval_every=0"])
+    assert cfg.model.tie_embeddings and cfg.model.kv_heads < cfg.model.n_heads
+    Trainer(cfg, run_dir).fit()
+    return run_dir
+
+
+def tokens(vocab: int) -> torch.Tensor:
+    return torch.randint(0, vocab, (2, 48), generator=torch.Generator().manual_seed(0))
+
+
+def test_exported_bf16_logits_equal_fp8trains_bf16_forward(fp8_checkpoint, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = export_hf(fp8_checkpoint / "checkpoints" / "step_0000003", tmp_path / "hf", dtype="bf16")
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16, local_files_only=True).eval()
+    ours = load_checkpoint_model(fp8_checkpoint / "checkpoints" / "step_0000003").to(torch.bfloat16).eval()
+    x = tokens(ours.cfg.vocab_size)
+    with torch.no_grad():
+        assert torch.equal(hf(x).logits, ours(x))
+    assert hf.config.tie_word_embeddings and hf.config.num_key_value_heads == ours.cfg.kv_heads
+    assert not any("_scaler" in k for k in hf.state_dict())
+
+
+def test_exported_fp32_weights_equal_the_checkpoint(fp8_checkpoint, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = export_hf(fp8_checkpoint / "checkpoints" / "step_0000003", tmp_path / "hf", dtype="fp32")
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, local_files_only=True).eval()
+    ours = load_checkpoint_model(fp8_checkpoint / "checkpoints" / "step_0000003").eval()
+    for k, v in ours.state_dict().items():
+        name = k if k.startswith("lm_head") else f"model.{k}"
+        assert torch.equal(hf.state_dict()[name], v), k
+    x = tokens(ours.cfg.vocab_size)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, ours(x), rtol=1e-5, atol=1e-5)
+
+
+def test_exported_tokenizer_encodes_like_the_runs_tokenizer(fp8_checkpoint, tmp_path):
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    out = export_hf(fp8_checkpoint / "checkpoints" / "step_0000003", tmp_path / "hf")
+    hf_tok = AutoTokenizer.from_pretrained(out, local_files_only=True)
+    ours = Tokenizer.from_file(str(fp8_checkpoint / "tokenizer.json"))
+    text = "First Citizen:\nBefore we proceed any further, hear me speak."
+    assert hf_tok(text)["input_ids"] == ours.encode(text).ids
+    assert hf_tok.eos_token == "<|endoftext|>"
+
+
+def test_cli_exports_a_run_dir_and_refuses_a_non_empty_output(fp8_checkpoint, tmp_path):
+    cmd = [sys.executable, "-m", "fp8train.cli.main", "export-hf", str(fp8_checkpoint), str(tmp_path / "hf")]
+    ok = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert (tmp_path / "hf" / "model.safetensors").is_file() and (tmp_path / "hf" / "config.json").is_file()
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert again.returncode == 2 and "exists and is not empty" in again.stderr and "Traceback" not in again.stderr
