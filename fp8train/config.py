@@ -25,7 +25,19 @@ from fp8train.errors import ConfigError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = PROJECT_ROOT / "conf"
-GROUPS = ("model", "precision", "optim", "data", "backend", "parallel", "logger", "monitor", "experiment", "debug")
+GROUPS = (
+    "model",
+    "precision",
+    "optim",
+    "data",
+    "backend",
+    "parallel",
+    "logger",
+    "monitor",
+    "variant",
+    "experiment",
+    "debug",
+)
 
 
 class BackendName(str, enum.Enum):
@@ -327,11 +339,12 @@ class TrainerConfig:
     keep_last: int = 2  # complete checkpoints kept; older ones are deleted
     seed: int = 1234
     stop_at: int | None = None  # end this invocation after this step with a checkpoint; resume=auto continues
+    max_bad_steps: int = 5  # stop (with a checkpoint) after this many consecutive steps with non-finite loss/grads
 
     def check(self, at: str) -> list[str]:
         p = _Problems(at, self)
         p.positive("stop_at", optional=True)
-        for name in ("max_steps", "micro_batch_size", "grad_accum_steps", "eval_batches", "keep_last"):
+        for name in ("max_steps", "micro_batch_size", "grad_accum_steps", "eval_batches", "keep_last", "max_bad_steps"):
             p.positive(name)
         p.non_negative("eval_every")
         p.non_negative("checkpoint_every")

@@ -45,11 +45,23 @@ def cmd_export_hf(args: argparse.Namespace) -> None:
     print(f"wrote {export_hf(ckpt, Path(args.out), args.dtype)}")
 
 
+def cmd_compare(args: argparse.Namespace) -> None:
+    """Loss curves of several runs on one PNG, and a table of their gaps to the bf16 run."""
+    import os
+    from pathlib import Path
+
+    from fp8train.cli.compare import compare
+
+    out = Path(args.out) if args.out else Path(os.path.commonpath([Path(p).resolve() for p in args.runs])) / "compare"
+    print(compare([Path(p) for p in args.runs], out))
+    print(f"wrote {out / 'compare.png'} and {out / 'compare.md'}")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(
         prog="fp8train",
-        description="Train Llama-style models in FP8 (fp8train train), inspect configs and export checkpoints.",
+        description="Train Llama-style models in FP8 (fp8train train), inspect configs, compare runs, export.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("train", help="train (same as python train.py; Hydra overrides follow)", add_help=False)
@@ -61,6 +73,10 @@ def main(argv: list[str] | None = None) -> None:
     export.add_argument("out", help="output folder (new or empty)")
     export.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="weight dtype (default bf16)")
     export.set_defaults(func=cmd_export_hf)
+    cmp = sub.add_parser("compare", help="plot and tabulate loss curves of runs (BF16 vs FP8 variants)")
+    cmp.add_argument("runs", nargs="+", help="run directories (each with metrics.jsonl and config.yaml)")
+    cmp.add_argument("--out", help="output folder (default: RUNS' common parent/compare)")
+    cmp.set_defaults(func=cmd_compare)
 
     if argv[:1] == ["train"]:  # Hydra parses its own arguments (overrides, -m, --cfg job, ...)
         from fp8train.cli.train import main as train_main
