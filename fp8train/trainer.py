@@ -10,8 +10,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import random
 import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -24,13 +27,21 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from fp8train import backends, checkpoint, optim, parallel, precision
 from fp8train.config import Config
 from fp8train.data import build_data
-from fp8train.errors import CheckpointError
-from fp8train.fp8.scaling import step_scalers
+from fp8train.errors import CheckpointError, Fp8trainError
+from fp8train.fp8.scaling import discard_scalers, step_scalers
 from fp8train.loggers import RunLogger, use_progress_bar
 from fp8train.model import build_model
 from fp8train.optim.adamw_fp8 import state_bytes_per_param
 
 log = logging.getLogger("fp8train")
+
+
+class DivergenceError(Fp8trainError):
+    """Too many consecutive steps with a non-finite loss or gradient norm."""
+
+
+class RunDirError(Fp8trainError):
+    """A run directory that holds another run's files."""
 
 
 class Trainer:
@@ -49,6 +60,7 @@ class Trainer:
             grad_accum_steps=cfg.trainer.grad_accum_steps,
         )
         self.cfg = cfg = with_vocab_size(cfg, self.data.vocab_size)
+        check_run_dir(self.run_dir, cfg)
         model = build_model(cfg.model).to(self.backend.device)
         self.model = precision.convert(model, cfg.precision, self.backend)
         self.autocast_dtype = precision.autocast_dtype(cfg.precision)
@@ -56,6 +68,8 @@ class Trainer:
         self.scheduler = optim.build_schedule(cfg.optim, self.optimizer, cfg.trainer.max_steps)
         self.engine = parallel.wrap(self.model, self.optimizer, cfg.parallel, self.backend)
         self.forward = self.backend.compile(self.model) if cfg.backend.compile else self.model
+        self.bad_steps, self.bad_in_a_row = 0, 0  # optimizer steps skipped for non-finite loss/grads
+        self.saved_path: Path | None = None
         self.step = self.load_checkpoint(self.resume_from) if self.resume_from else 0
         self.write_run_files()
         self.logger = RunLogger(cfg, self.run_dir, enabled=self.engine.is_main, resume_step=self.step)
@@ -70,7 +84,7 @@ class Trainer:
             total=t.max_steps, initial=self.step, unit="step", dynamic_ncols=True, disable=not use_progress_bar(cfg)
         )
         window_t0, window_tokens = time.perf_counter(), 0
-        with logging_redirect_tqdm(loggers=[logging.getLogger()]):
+        with logging_redirect_tqdm(loggers=[logging.getLogger()]), StopSignals() as signals:
             try:
                 first_step = self.step
                 while self.step < t.max_steps:
@@ -92,11 +106,19 @@ class Trainer:
                         window_t0, window_tokens = time.perf_counter(), 0
                     if (t.eval_every and self.step % t.eval_every == 0) or finished:
                         last.update(self.evaluate())
-                    stopping = t.stop_at is not None and self.step >= t.stop_at and not finished
-                    if (t.checkpoint_every and self.step % t.checkpoint_every == 0) or finished or stopping:
+                    stop = None if finished else self.stop_reason(signals.received)
+                    if (t.checkpoint_every and self.step % t.checkpoint_every == 0) or finished or stop:
                         self.save_checkpoint()
-                    if stopping:
-                        log.info("stopping after step %d (trainer.stop_at); continue with resume=auto", self.step)
+                    if self.bad_in_a_row >= t.max_bad_steps:
+                        raise self.divergence_error()
+                    if stop:
+                        log.info(
+                            "%s: stopped after step %d with a checkpoint; continue with the same command and "
+                            "hydra.run.dir=%s resume=auto",
+                            stop,
+                            self.step,
+                            self.run_dir,
+                        )
                         break
             finally:
                 bar.close()
@@ -118,12 +140,94 @@ class Trainer:
             loss_sum += loss.detach()
             self.backend.mark_step()
         grad_norm = self.engine.clip_grad_norm(self.cfg.optim.grad_clip)
-        self.engine.step()
+        if self.all_finite(loss_sum, grad_norm):
+            self.engine.step()
+            # Delayed scaling: this step's amaxes (max-reduced over data-parallel ranks) set the next step's scales.
+            step_scalers(self.model, self.engine.reduce_amax)
+            self.bad_in_a_row = 0
+        else:
+            self.skip_step(loss_sum, grad_norm)
+        # The schedule advances even over a skipped step: step t always trains on batch t with the lr of step t.
         self.scheduler.step()
-        # Delayed scaling: this step's amaxes (max-reduced over data-parallel ranks) set the next step's scales.
-        step_scalers(self.model, self.engine.reduce_amax)
         self.backend.mark_step()
         return loss_sum, grad_norm
+
+    def all_finite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
+        """One host sync per step; the flag is max-reduced so every data-parallel rank skips the same steps."""
+        bad = (~torch.isfinite(loss) | ~torch.isfinite(grad_norm)).float().reshape(1)
+        if self.engine.reduce_amax is not None:
+            self.engine.reduce_amax(bad)
+        return not bad.item()
+
+    def skip_step(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        """Drop the step's gradients and amaxes: weights, optimizer moments and FP8 scales stay as they were."""
+        self.optimizer.zero_grad(set_to_none=True)
+        discard_scalers(self.model)
+        self.bad_steps += 1
+        self.bad_in_a_row += 1
+        log.warning(
+            "step %d: loss %s, grad_norm %s: not finite, optimizer step skipped (%d in a row, %d in total; "
+            "trainer.max_bad_steps=%d in a row stop the run)",
+            self.step + 1,
+            loss.item(),
+            grad_norm.item(),
+            self.bad_in_a_row,
+            self.bad_steps,
+            self.cfg.trainer.max_bad_steps,
+        )
+
+    def stop_reason(self, signal_name: str | None) -> str | None:
+        """Why this invocation ends before max_steps after the step just done, if it does."""
+        t = self.cfg.trainer
+        if signal_name:
+            return f"received {signal_name}"
+        if t.stop_at is not None and self.step >= t.stop_at:
+            return "trainer.stop_at"
+        if self.bad_in_a_row >= t.max_bad_steps:
+            return "diverged"
+        return None
+
+    def divergence_error(self) -> DivergenceError:
+        layer = self.first_non_finite_layer()
+        where = (
+            f"the first layer whose output is not finite is {layer}"
+            if layer
+            else "the forward pass is finite, so the gradients overflowed in the backward pass"
+        )
+        return DivergenceError(
+            f"{self.bad_in_a_row} steps in a row (up to step {self.step}) had a non-finite loss or gradient norm; "
+            f"{where}. The weights were left at the last good step and saved in {self.saved_path}. Lower optim.lr, "
+            f"set optim.grad_clip or try precision=bf16, then continue with hydra.run.dir={self.run_dir} "
+            f"resume=auto (trainer.max_bad_steps=N tolerates more bad steps)."
+        )
+
+    @torch.no_grad()
+    def first_non_finite_layer(self) -> str | None:
+        """Re-run the last step's forward with a hook on every module; the first module (in forward order) to
+        output inf/NaN is where the numbers broke. Eval mode, so no FP8 scaling state moves."""
+        found: list[str] = []
+
+        def check(name):
+            def hook(module, args, output):
+                outs = output if isinstance(output, (tuple, list)) else (output,)
+                if not found and any(torch.is_tensor(o) and not torch.isfinite(o).all() for o in outs):
+                    found.append(name)
+
+            return hook
+
+        handles = [m.register_forward_hook(check(name)) for name, m in self.model.named_modules() if name]
+        self.model.eval()
+        try:
+            for micro_step in range(self.cfg.trainer.grad_accum_steps):
+                inputs, _ = self.batch(self.data.train_batch(self.step - 1, micro_step))
+                with self.backend.autocast(self.autocast_dtype):
+                    self.model(inputs)
+                if found:
+                    break
+        finally:
+            for h in handles:
+                h.remove()
+        return found[0] if found else None
 
     def loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         with self.backend.autocast(self.autocast_dtype):
@@ -160,11 +264,12 @@ class Trainer:
             "tokens_per_s": tokens_per_s,
             "tokens": self.step * self.cfg.tokens_per_step * self.engine.world_size,
             "peak_mem_gb": self.backend.peak_memory_bytes() / 2**30,
+            "bad_steps": self.bad_steps,
         }
         self.logger.log(metrics, self.step)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
         log.info(
-            "step %d/%d  loss %.4f  lr %.2e  grad_norm %.3f  %s tok/s  peak mem %.2f GB",
+            "step %d/%d  loss %.4f  lr %.2e  grad_norm %.3f  %s tok/s  peak mem %.2f GB%s",
             self.step,
             self.cfg.trainer.max_steps,
             metrics["loss"],
@@ -172,6 +277,7 @@ class Trainer:
             metrics["grad_norm"],
             f"{tokens_per_s:,.0f}",
             metrics["peak_mem_gb"],
+            f"  bad steps {self.bad_steps}" if self.bad_steps else "",
         )
         return metrics
 
@@ -211,7 +317,9 @@ class Trainer:
         """The resolved config and the tokenizer, beside the metrics, so a run dir explains itself."""
         if not self.engine.is_main:
             return
-        (self.run_dir / "config.yaml").write_text(config_yaml(self.cfg))
+        tmp = self.run_dir / f".config.yaml.{os.getpid()}"  # renamed into place: a kill never leaves half a file
+        tmp.write_text(config_yaml(self.cfg))
+        os.replace(tmp, self.run_dir / "config.yaml")
         shutil.copyfile(self.data.tokenizer_file, self.run_dir / "tokenizer.json")
 
     def save_checkpoint(self) -> None:
@@ -222,9 +330,10 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "data_position": self.data.position(self.step),
             "data_fingerprint": self.data.fingerprint,
+            "bad_steps": (self.bad_steps, self.bad_in_a_row),
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), **self.backend.rng_state()},
         }
-        checkpoint.save(
+        self.saved_path = checkpoint.save(
             self.ckpt_root,
             self.step,
             self.model,
@@ -235,7 +344,8 @@ class Trainer:
         )
 
     def load_checkpoint(self, path: Path) -> int:
-        state = checkpoint.load(path, self.model, self.optimizer, self.backend.device)
+        verified = self.cfg.resume == "auto"  # find_resume_checkpoint has just checked it
+        state = checkpoint.load(path, self.model, self.optimizer, self.backend.device, verified)
         if state["data_fingerprint"] != self.data.fingerprint:
             raise CheckpointError(
                 f"resume: {path} was trained on other data or another tokenizer/seq_len than this run's "
@@ -246,14 +356,15 @@ class Trainer:
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
         self.backend.set_rng_state(state["rng"])
+        self.bad_steps, self.bad_in_a_row = state.get("bad_steps", (0, 0))
         log.info("resumed from %s (step %d)", path, state["step"])
         return state["step"]
 
 
 def find_resume_checkpoint(resume: str, ckpt_root: Path) -> Path | None:
-    """resume=none refuses to overwrite a run that has checkpoints; auto takes the newest complete one."""
+    """resume=none refuses to overwrite a run that has checkpoints; auto takes the newest intact one."""
     if resume == "auto":
-        found = checkpoint.latest(ckpt_root)
+        found = checkpoint.latest_intact(ckpt_root)
         if found is None:
             log.info("resume=auto: no complete checkpoint in %s, starting at step 0", ckpt_root)
         return found
@@ -265,6 +376,62 @@ def find_resume_checkpoint(resume: str, ckpt_root: Path) -> Path | None:
             )
         return None
     return Path(resume).expanduser().resolve()
+
+
+def check_run_dir(run_dir: Path, cfg: Config) -> None:
+    """resume=none into a directory holding a run with other model/data/optim/precision settings would mix two
+    runs' metrics and overwrite the old ones: refuse, naming what differs. The same settings may start over (a run
+    that died before its first checkpoint)."""
+    old_file = run_dir / "config.yaml"
+    if cfg.resume != "none" or not old_file.is_file():
+        return
+    try:
+        old = OmegaConf.to_container(OmegaConf.load(old_file), resolve=True)
+    except Exception as e:  # not a config fp8train wrote: still someone's file, so leave it alone
+        raise RunDirError(
+            f"The run directory {run_dir} holds a config.yaml that cannot be read ({e}). Choose a new directory "
+            f"with hydra.run.dir=PATH."
+        ) from None
+    new = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    diffs = [
+        f"{key}: {a} -> {b}"
+        for section in ("model", "data", "optim", "precision")
+        for key, a, b in _differences(old.get(section), new[section], section)
+    ]
+    if diffs:
+        raise RunDirError(
+            f"The run directory {run_dir} holds a run with other settings ({'; '.join(diffs)}). Choose a new "
+            f"directory with hydra.run.dir=PATH, or pass resume=auto to continue that run."
+        )
+
+
+def _differences(a, b, prefix: str) -> list[tuple[str, object, object]]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b), key=str) for d in _differences(a.get(k), b.get(k), f"{prefix}.{k}")]
+    return [] if a == b else [(prefix, a, b)]
+
+
+class StopSignals:
+    """SIGTERM (a scheduler's preemption) and SIGINT (Ctrl-C) end the run after the current step, with a
+    checkpoint, instead of mid-step; a second signal acts as usual (the handlers are restored on the first)."""
+
+    def __enter__(self) -> StopSignals:
+        self.received: str | None = None
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():  # signal handlers can only be set there
+            self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def handle(self, signum, frame) -> None:
+        self.received = signal.Signals(signum).name
+        self.restore()
+
+    def restore(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
 
 
 def with_vocab_size(cfg: Config, tokenizer_vocab: int) -> Config:

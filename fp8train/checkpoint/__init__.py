@@ -44,13 +44,42 @@ def save(
     config_yaml: str,
     keep_last: int,
 ) -> Path:
-    """Write a checkpoint of ``step`` and delete all but the newest ``keep_last`` complete ones."""
+    """Write a checkpoint of ``step`` and delete all but the newest ``keep_last`` complete ones.
+
+    A failed write (disk full, quota) removes its temporary folder and leaves every earlier checkpoint as it was.
+    """
     ckpt_root.mkdir(parents=True, exist_ok=True)
+    remove_stale_tmp(ckpt_root)
     final = ckpt_root / step_dir_name(step)
     tmp = ckpt_root / f".tmp-{step_dir_name(step)}-{os.getpid()}"
+    t0 = time.perf_counter()
+    try:
+        _write(tmp, step, model, optimizer, trainer_state, config_yaml)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        prev = latest(ckpt_root)
+        kept = (
+            f"the previous checkpoint step {int(prev.name[len(PREFIX) :])} is intact"
+            if prev
+            else "no earlier checkpoint"
+        )
+        raise CheckpointError(
+            f"writing checkpoint step {step} to {ckpt_root} failed: {e.strerror or e} ({kept}). "
+            f"Free space or fix the directory, then continue with resume=auto."
+        ) from None
+    if final.exists():  # a checkpoint of the same step from an earlier attempt: replace it
+        _remove(final)
+    os.replace(tmp, final)
+    _fsync(ckpt_root)
+    log.info("checkpoint step %d -> %s (%.1f s)", step, final, time.perf_counter() - t0)
+    for old in complete_checkpoints(ckpt_root)[:-keep_last]:
+        _remove(old)
+    return final
+
+
+def _write(tmp: Path, step: int, model, optimizer, trainer_state: dict, config_yaml: str) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    t0 = time.perf_counter()
     save_model(model, str(tmp / "model.safetensors"))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(trainer_state, tmp / "trainer.pt")
@@ -59,14 +88,35 @@ def save(
     _write_synced(tmp / MANIFEST, json.dumps({"step": step, "files": files}, indent=2))
     for p in tmp.iterdir():
         _fsync(p)
-    if final.exists():  # a checkpoint of the same step from an earlier attempt: replace it
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync(ckpt_root)
-    log.info("checkpoint step %d -> %s (%.1f s)", step, final, time.perf_counter() - t0)
-    for old in complete_checkpoints(ckpt_root)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+
+
+def _remove(path: Path) -> None:
+    """Rename to a temporary name first: a deletion killed halfway never leaves a damaged step_* folder."""
+    doomed = path.parent / f".tmp-del-{path.name}-{os.getpid()}"
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def remove_stale_tmp(ckpt_root: Path) -> None:
+    """Delete temporary folders left by writes of processes that died (killed, out of memory, node lost).
+
+    Folders are named ``.tmp-...-PID``; one whose PID is no longer running on this machine is stale. A folder of a
+    live process (another run writing into this directory by mistake) is left alone.
+    """
+    for p in ckpt_root.glob(".tmp-*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid))):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def complete_checkpoints(ckpt_root: Path) -> list[Path]:
@@ -82,28 +132,57 @@ def latest(ckpt_root: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def verify(path: Path) -> dict:
-    """Read the manifest and check every file's size and checksum; returns the manifest."""
-    manifest_file = path / MANIFEST
-    if not manifest_file.is_file():
-        raise CheckpointError(f"resume={path}: not a complete fp8train checkpoint (no {MANIFEST}).")
+def damage(path: Path) -> str | None:
+    """What is wrong with a checkpoint folder (``"optimizer.pt: checksum mismatch"``), or None if it is intact."""
     try:
-        manifest = json.loads(manifest_file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"resume={path}: {MANIFEST} is unreadable ({e}).") from None
+        manifest = json.loads((path / MANIFEST).read_text())
+    except FileNotFoundError:
+        return f"no {MANIFEST} (not a complete fp8train checkpoint)"
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return f"{MANIFEST} is unreadable ({e})"
     for name, meta in manifest["files"].items():
         f = path / name
-        if not f.is_file() or f.stat().st_size != meta["bytes"] or _sha256(f) != meta["sha256"]:
-            raise CheckpointError(
-                f"resume={path}: {name} is missing or does not match its checksum in {MANIFEST}; the checkpoint "
-                f"is damaged. Resume from an older one (resume=PATH) or start over (resume=none)."
-            )
-    return manifest
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != meta["bytes"]:
+            return f"{name} has {f.stat().st_size} bytes, its manifest says {meta['bytes']} (truncated?)"
+        if _sha256(f) != meta["sha256"]:
+            return f"{name} does not match its checksum in {MANIFEST}"
+    return None
 
 
-def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, map_location: torch.device) -> dict:
+def verify(path: Path) -> None:
+    """Check every file's size and checksum against the manifest; raise CheckpointError naming a damaged file."""
+    problem = damage(path)
+    if problem:
+        raise CheckpointError(
+            f"resume={path}: {problem}; the checkpoint is damaged. Resume from an older one (resume=PATH, or "
+            f"resume=auto to take the newest intact one) or start over in a new run directory."
+        )
+
+
+def latest_intact(ckpt_root: Path) -> Path | None:
+    """The newest complete checkpoint whose files match their checksums; damaged ones are skipped with a warning."""
+    found = complete_checkpoints(ckpt_root)
+    for path in reversed(found):
+        problem = damage(path)
+        if problem is None:
+            return path
+        log.warning("checkpoint %s is damaged: %s; falling back to the previous one", path, problem)
+    if found:
+        raise CheckpointError(
+            f"resume=auto: no intact checkpoint in {ckpt_root} (all {len(found)} are damaged, see the warnings "
+            f"above). Start over in a new run directory, or restore a checkpoint from a backup."
+        )
+    return None
+
+
+def load(
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, map_location: torch.device, verified: bool = False
+) -> dict:
     """Restore model and optimizer in place; return the trainer state saved with them."""
-    verify(path)
+    if not verified:
+        verify(path)
     try:
         load_model(model, str(path / "model.safetensors"), device=str(map_location))
     except RuntimeError as e:

@@ -144,6 +144,16 @@ class TensorScaler(nn.Module):
         self.amax_history.copy_(rolled)
 
     @torch.no_grad()
+    def discard_step(self) -> None:
+        """Forget the amax recorded by a step that was skipped (non-finite loss or gradients).
+
+        Slot 0 goes back to 0, as after ``step()``, so an inf/NaN amax never enters the history or the next scale;
+        the scale of the delayed recipe was not touched by the step. (With ``current`` the ``scale`` buffer only
+        records the last scale used; it is recomputed from each tensor's own amax.)
+        """
+        self.amax_history[0] = 0.0
+
+    @torch.no_grad()
     def pop_stats(self) -> dict:
         """Statistics since the last call (one step when called every step), then reset them.
 
@@ -189,3 +199,10 @@ def step_scalers(model: nn.Module, reduce_amax: Callable[[torch.Tensor], None] |
             s.amax_history[0].copy_(a)
     for s in scalers:
         s.step()
+
+
+@torch.no_grad()
+def discard_scalers(model: nn.Module) -> None:
+    """Undo the amax recording of a skipped optimizer step in every scaler of ``model`` (instead of step_scalers)."""
+    for s in fp8_scalers(model):
+        s.discard_step()

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -74,7 +79,7 @@ def test_damaged_file_is_detected(tmp_path):
     data = bytearray((path / "optimizer.pt").read_bytes())
     data[len(data) // 2] ^= 0xFF
     (path / "optimizer.pt").write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match="optimizer.pt is missing or does not match its checksum"):
+    with pytest.raises(CheckpointError, match="optimizer.pt does not match its checksum"):
         checkpoint.load(path, *trained(1), torch.device("cpu"))
 
 
@@ -84,3 +89,54 @@ def test_weights_of_another_shape_give_a_clear_error(tmp_path):
     other = build_model(ModelConfig(vocab_size=96, d_model=64, n_layers=2, n_heads=4, ffn_dim=64))
     with pytest.raises(CheckpointError, match="do not fit this model"):
         checkpoint.load(path, other, torch.optim.AdamW(other.parameters()), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("writer", ["save_model", "torch.save"])
+def test_disk_full_keeps_the_previous_checkpoint_intact(tmp_path, monkeypatch, writer):
+    model, opt = trained(0)
+    prev = save(tmp_path, 3, model, opt)
+    before = {p.name: p.read_bytes() for p in prev.iterdir()}
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    if writer == "save_model":
+        monkeypatch.setattr(checkpoint, "save_model", no_space)
+    else:
+        monkeypatch.setattr(checkpoint.torch, "save", no_space)
+    with pytest.raises(CheckpointError, match=r"(?i)no space left.*previous checkpoint step 3 is intact"):
+        save(tmp_path, 4, model, opt)
+    assert [p.name for p in tmp_path.iterdir()] == ["step_0000003"]  # no temp folder, no step 4
+    assert {p.name: p.read_bytes() for p in prev.iterdir()} == before
+
+
+def test_stale_temp_folders_of_dead_processes_are_removed_by_the_next_write(tmp_path):
+    model, opt = trained(0)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".tmp-step_0000004-{int(dead.stdout)}"
+    live = tmp_path / f".tmp-step_0000004-{os.getppid()}"  # another live process writing here: not ours to delete
+    for d in (stale, live):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"half")
+    save(tmp_path, 5, model, opt)
+    assert not stale.exists() and live.exists()
+    assert checkpoint.latest(tmp_path).name == "step_0000005"
+
+
+def test_latest_intact_skips_damaged_checkpoints_with_a_warning(tmp_path, caplog):
+    model, opt = trained(0)
+    for step in (1, 2, 3):
+        save(tmp_path, step, model, opt)
+    with open(tmp_path / "step_0000003" / "model.safetensors", "r+b") as f:
+        f.truncate(10)
+    data = bytearray((tmp_path / "step_0000002" / "trainer.pt").read_bytes())
+    data[-5] ^= 0x01  # same size, one bit flipped
+    (tmp_path / "step_0000002" / "trainer.pt").write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING):
+        assert checkpoint.latest_intact(tmp_path).name == "step_0000001"
+    assert "step_0000003 is damaged: model.safetensors has 10 bytes" in caplog.text
+    assert "step_0000002 is damaged: trainer.pt does not match its checksum" in caplog.text
+    (tmp_path / "step_0000001" / "optimizer.pt").unlink()
+    with pytest.raises(CheckpointError, match="no intact checkpoint .*all 3 are damaged"):
+        checkpoint.latest_intact(tmp_path)
+    assert checkpoint.latest_intact(tmp_path / "none") is None

@@ -1,0 +1,116 @@
+"""Bad steps are skipped without touching any state, divergence stops with the broken layer named, and a run
+directory of another run is never overwritten."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import signal
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fp8train.config import compose
+from fp8train.fp8.scaling import ScalingConfig, TensorScaler, discard_scalers
+from fp8train.loggers import read_metrics
+from fp8train.trainer import DivergenceError, RunDirError, StopSignals, Trainer
+from tests.helpers import SMALL
+
+FP8 = [*SMALL, "precision=fp8_smooth", "optim=adamw_fp8", "optim.fp8_min_numel=0", "optim.fused=false"]
+
+
+def same(a, b) -> bool:
+    """Equal nested state (dicts, lists, tensors bit for bit, NaN equal to NaN)."""
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    if torch.is_tensor(a):
+        return torch.equal(a, b) or bool(((a == b) | (a.isnan() & b.isnan())).all())
+    return a == b
+
+
+def test_discard_step_forgets_the_skipped_steps_amax():
+    s = TensorScaler("e4m3", ScalingConfig(recipe="delayed", amax_history_len=4))
+    s.train()
+    s.scale_for(torch.tensor(2.0))
+    s.step()
+    before = copy.deepcopy(s.state_dict())
+    s.scale_for(torch.tensor(float("inf")))
+    assert math.isinf(s.amax_history[0].item())
+    discard_scalers(torch.nn.Sequential(s))
+    assert same(s.state_dict(), before)
+
+
+def test_non_finite_steps_are_skipped_and_divergence_names_the_layer(tmp_path, caplog):
+    cfg = compose(
+        [
+            *FP8,
+            "trainer.micro_batch_size=2",
+            "trainer.max_steps=10",
+            "trainer.checkpoint_every=0",
+            "trainer.max_bad_steps=3",
+        ]
+    )
+    trainer = Trainer(cfg, tmp_path)
+    # Steps 3 and 5-7 (1-based) blow up in layers.1.mlp.down_proj; from step 5 on they stay broken.
+    broken = trainer.model.get_submodule("layers.1.mlp.down_proj")
+    broken.register_forward_hook(lambda m, a, out: out * math.inf if trainer.step == 2 or trainer.step >= 4 else None)
+    snapshots = {}  # state at the start of each step (0-based index)
+    train_step = trainer.train_step
+
+    def recording_step():
+        snapshots[trainer.step] = copy.deepcopy((trainer.model.state_dict(), trainer.optimizer.state_dict()["state"]))
+        return train_step()
+
+    trainer.train_step = recording_step
+    with caplog.at_level(logging.WARNING), pytest.raises(DivergenceError) as err:
+        trainer.fit()
+
+    msg = str(err.value)
+    assert "3 steps in a row (up to step 7)" in msg
+    assert "first layer whose output is not finite is layers.1.mlp.down_proj" in msg
+    assert "step 3: loss nan" in caplog.text and "optimizer step skipped (1 in a row, 1 in total" in caplog.text
+    rows = [r for r in read_metrics(tmp_path) if "loss" in r]
+    assert [r["bad_steps"] for r in rows] == [0, 0, 1, 1, 2, 3, 4]
+    # A skipped step changes nothing: weights, FP8 scaling state, optimizer moments and step counts.
+    assert same(snapshots[3], snapshots[2])
+    assert not same(snapshots[4], snapshots[3])  # step 4 was good and trained
+    final = (trainer.model.state_dict(), trainer.optimizer.state_dict()["state"])
+    assert same(final, snapshots[4])
+    assert all(torch.isfinite(b).all() for k, b in final[0].items() if "amax_history" in k)
+    # The schedule still advanced, so step t keeps the lr and batch of step t.
+    assert trainer.scheduler.last_epoch == 7
+    # The stop wrote the last good state as step 7.
+    assert trainer.saved_path.name == "step_0000007"
+    saved = load_file(trainer.saved_path / "model.safetensors")
+    assert all(torch.equal(saved[k], snapshots[4][0][k]) for k in saved)
+
+
+def test_run_dir_of_another_run_is_refused_and_left_alone(tmp_path):
+    Trainer(compose([*SMALL, "precision=fp32"]), tmp_path)
+    config_before = (tmp_path / "config.yaml").read_text()
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 7.0}\n')
+    with pytest.raises(RunDirError) as err:
+        Trainer(compose([*SMALL, "precision=fp32", "optim.lr=0.5", "model.n_layers=3"]), tmp_path)
+    assert "optim.lr: 0.001 -> 0.5" in str(err.value) and "model.n_layers: 2 -> 3" in str(err.value)
+    assert "resume=auto" in str(err.value)
+    assert (tmp_path / "config.yaml").read_text() == config_before
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1, "loss": 7.0}\n'
+    # The same settings again (a run that died before its first checkpoint) may start over.
+    Trainer(compose([*SMALL, "precision=fp32"]), tmp_path)
+
+
+def test_first_signal_asks_to_stop_and_a_second_one_acts_at_once():
+    with StopSignals() as signals:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)  # Python runs handlers between bytecodes
+        assert signals.received == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
