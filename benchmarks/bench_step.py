@@ -25,46 +25,23 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fp8train import backends, precision  # noqa: E402
-from fp8train.config import BackendConfig, ModelConfig, PrecisionConfig, Recipe, SmoothSwiGLU  # noqa: E402
+from fp8train.config import BackendConfig, ModelConfig, PrecisionConfig, Recipe, SmoothSwiGLU, compose  # noqa: E402
 from fp8train.model import build_model  # noqa: E402
 
+# name: (overrides of conf/model, micro batch, seq_len); the model shapes come from the config files themselves.
 SHAPES = {
-    # name: (model config, micro batch, seq_len)
-    "1b": (
-        ModelConfig(
-            name="llama_1b",
-            vocab_size=32000,
-            d_model=2048,
-            n_layers=16,
-            n_heads=16,
-            n_kv_heads=8,
-            ffn_dim=5632,
-            max_seq_len=2048,
-        ),
-        8,
-        2048,
-    ),
-    "7b_layers": (
-        ModelConfig(
-            name="llama2_7b_4layers",
-            vocab_size=32000,
-            d_model=4096,
-            n_layers=4,
-            n_heads=32,
-            ffn_dim=11008,
-            max_seq_len=4096,
-        ),
-        2,
-        4096,
-    ),
-    "cpu_tiny": (
-        ModelConfig(
-            name="tiny", vocab_size=2048, d_model=256, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=768, max_seq_len=256
-        ),
-        4,
-        128,
-    ),
+    "1b": (["model=llama_1b"], 8, 2048),
+    "7b_layers": (["model=llama2_7b", "model.n_layers=4"], 2, 4096),
+    "cpu_tiny": (["model=tiny", "model.vocab_size=2048", "model.n_layers=2", "model.max_seq_len=256"], 4, 128),
 }
+
+
+def model_config(shape: str) -> ModelConfig:
+    overrides, _, seq_len = SHAPES[shape]
+    cfg = compose([*overrides, f"data.seq_len={seq_len}"]).model
+    return dataclasses.replace(cfg, vocab_size=cfg.vocab_size or 32000)
+
+
 VARIANTS = {
     "bf16": PrecisionConfig(name="bf16", recipe=Recipe.bf16),
     "fp8": PrecisionConfig(name="fp8", recipe=Recipe.fp8),
@@ -168,7 +145,8 @@ def main() -> None:
     args = p.parse_args()
 
     backend = backends.select(BackendConfig(name=args.device))
-    model_cfg, batch, seq_len = SHAPES[args.shape]
+    _, batch, seq_len = SHAPES[args.shape]
+    model_cfg = model_config(args.shape)
     batch = args.batch or batch
     results = {
         "shape": args.shape,
