@@ -70,17 +70,28 @@ def build(variant: str, model_cfg: ModelConfig, backend, compile_model: bool):
     return model, forward, opt
 
 
+def median_seconds(fn, backend, args) -> float:
+    """Median wall time of fn() over args.steps calls after args.warmup, synchronised on both sides."""
+    times = []
+    for i in range(args.warmup + args.steps):
+        backend.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        backend.synchronize()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def time_steps(variant, model_cfg, batch, seq_len, backend, args) -> dict:
     from fp8train.fp8.scaling import step_scalers
 
     model, forward, opt = build(variant, model_cfg, backend, args.compile)
     tokens = torch.randint(0, model_cfg.vocab_size, (batch, seq_len + 1), device=backend.device)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    backend.reset_peak_memory()
-    times = []
-    for i in range(args.warmup + args.steps):
-        backend.synchronize()
-        t0 = time.perf_counter()
+    losses = []
+
+    def step():
         with backend.autocast(torch.bfloat16):
             logits = forward(inputs)
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
@@ -88,14 +99,14 @@ def time_steps(variant, model_cfg, batch, seq_len, backend, args) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
         step_scalers(model)
-        backend.synchronize()
-        if i >= args.warmup:
-            times.append(time.perf_counter() - t0)
-    step_s = statistics.median(times)
+        losses.append(loss.detach())
+
+    backend.reset_peak_memory()
+    step_s = median_seconds(step, backend, args)
     return {
         "step_ms": step_s * 1e3,
         "tokens_per_s": batch * seq_len / step_s,
-        "loss": loss.item(),
+        "loss": losses[-1].item(),
         "peak_mem_gb": backend.peak_memory_bytes() / 2**30,
     }
 
@@ -115,17 +126,13 @@ def time_linears(model_cfg, tokens, backend, args) -> list[dict]:
             if label == "fp8":
                 lin = Fp8Linear.from_linear(lin, scaling=ScalingConfig(recipe="delayed"), ops=backend.fp8_ops())
             fn = backend.compile(lin) if args.compile else lin
-            times = []
-            for i in range(args.warmup + args.steps):
-                backend.synchronize()
-                t0 = time.perf_counter()
+
+            def fwd_bwd(fn=fn, x=x):
                 with backend.autocast(torch.bfloat16):
                     y = fn(x)
                 y.float().sum().backward()
-                backend.synchronize()
-                if i >= args.warmup:
-                    times.append(time.perf_counter() - t0)
-            result[f"{label}_ms"] = statistics.median(times) * 1e3
+
+            result[f"{label}_ms"] = median_seconds(fwd_bwd, backend, args) * 1e3
         result["fp8_speedup"] = result["bf16_ms"] / result["fp8_ms"]
         rows.append(result)
     return rows
