@@ -111,6 +111,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False  # share the input embedding with lm_head
     init_std: float = 0.02  # std of every weight at init; residual projections get init_std / sqrt(2 * n_layers)
+    init_from: str | None = None  # start from these weights: a `fp8train import-hf` folder or a checkpoint folder
 
     @property
     def head_dim(self) -> int:
@@ -129,6 +130,8 @@ class ModelConfig:
         p.positive("rope_theta")
         p.positive("norm_eps")
         p.positive("init_std")
+        if self.init_from is not None and not (resolve_path(self.init_from) / "model.safetensors").is_file():
+            p.add("init_from", "needs a folder with model.safetensors (fp8train import-hf output or a checkpoint)")
         if self.n_heads > 0 and self.d_model > 0:
             if self.d_model % self.n_heads:
                 p.add("n_heads", f"must divide model.d_model={self.d_model}")

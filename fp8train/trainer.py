@@ -61,7 +61,10 @@ class Trainer:
         )
         self.cfg = cfg = with_vocab_size(cfg, self.data.vocab_size)
         check_run_dir(self.run_dir, cfg)
-        model = build_model(cfg.model).to(self.backend.device)
+        model = build_model(cfg.model)
+        if cfg.model.init_from and not self.resume_from:  # a resumed run takes its weights from the checkpoint
+            init_from_weights(model, Path(cfg.model.init_from))
+        model = model.to(self.backend.device)
         self.model = precision.convert(model, cfg.precision, self.backend)
         self.autocast_dtype = precision.autocast_dtype(cfg.precision)
         self.optimizer = optim.build(cfg.optim, self.model, self.backend)
@@ -432,6 +435,20 @@ class StopSignals:
 
     def __exit__(self, *exc) -> None:
         self.restore()
+
+
+def init_from_weights(model: torch.nn.Module, folder: Path) -> None:
+    """Start from saved weights; the model settings must be those the weights were saved with."""
+    from fp8train.errors import ConfigError
+    from fp8train.export.hf import load_weights, saved_model_config
+
+    saved = dataclasses.asdict(saved_model_config(folder))
+    ours = dataclasses.asdict(dataclasses.replace(model.cfg, init_from=None))
+    diffs = [f"model.{k}={ours[k]} (the weights have {saved[k]})" for k in ours if k != "name" and ours[k] != saved[k]]
+    if diffs:
+        raise ConfigError([f"model.init_from={folder}: the model differs from the saved one: {'; '.join(diffs)}"])
+    load_weights(model, folder)
+    log.info("model weights from %s", folder)
 
 
 def with_vocab_size(cfg: Config, tokenizer_vocab: int) -> Config:

@@ -57,6 +57,18 @@ def cmd_compare(args: argparse.Namespace) -> None:
     print(f"wrote {out / 'compare.png'} and {out / 'compare.md'}")
 
 
+def cmd_import_hf(args: argparse.Namespace) -> None:
+    """Turn a local Hugging Face Llama folder into weights fp8train starts from (model.init_from=OUT)."""
+    from pathlib import Path
+
+    from fp8train.export.hf import import_hf
+    from fp8train.loggers import setup_console
+
+    setup_console()
+    out = import_hf(Path(args.hf_dir), Path(args.out))
+    print(f"wrote {out}; train from it with model.init_from={out} and the model settings in {out / 'model.yaml'}")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(
@@ -73,6 +85,10 @@ def main(argv: list[str] | None = None) -> None:
     export.add_argument("out", help="output folder (new or empty)")
     export.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="weight dtype (default bf16)")
     export.set_defaults(func=cmd_export_hf)
+    imp = sub.add_parser("import-hf", help="turn a local Hugging Face Llama folder into weights to train from")
+    imp.add_argument("hf_dir", help="folder with config.json and safetensors weights (nothing downloads)")
+    imp.add_argument("out", help="output folder (new or empty)")
+    imp.set_defaults(func=cmd_import_hf)
     cmp = sub.add_parser("compare", help="plot and tabulate loss curves of runs (BF16 vs FP8 variants)")
     cmp.add_argument("runs", nargs="+", help="run directories (each with metrics.jsonl and config.yaml)")
     cmp.add_argument("--out", help="output folder (default: RUNS' common parent/compare)")

@@ -8,6 +8,8 @@ no extra weights: the exported model is a plain Llama whose logits equal fp8trai
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 from pathlib import Path
 
@@ -55,24 +57,37 @@ def hf_state_dict(model: Llama) -> dict[str, torch.Tensor]:
     return {k if k.startswith("lm_head.") else f"model.{k}": v for k, v in model.state_dict().items()}
 
 
-def load_checkpoint_model(ckpt: Path) -> Llama:
-    """The plain (unconverted) Llama of an fp8train checkpoint folder, in fp32."""
-    ckpt = Path(ckpt)
-    if not (ckpt / "model.safetensors").is_file() or not (ckpt / "config.yaml").is_file():
-        raise CheckpointError(f"{ckpt}: not an fp8train checkpoint (needs model.safetensors and config.yaml).")
-    raw = OmegaConf.load(ckpt / "config.yaml")
-    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), raw.model))
-    model = build_model(cfg)
-    saved = {k: v for k, v in load_file(str(ckpt / "model.safetensors")).items() if "_scaler." not in k}
-    missing, unexpected = model.load_state_dict(saved, strict=False)
+def saved_model_config(folder: Path) -> ModelConfig:
+    """The model settings stored with a checkpoint (config.yaml) or an import-hf folder (model.yaml)."""
+    for name, pick in (("config.yaml", lambda raw: raw.model), ("model.yaml", lambda raw: raw)):
+        if (folder / name).is_file():
+            raw = pick(OmegaConf.load(folder / name))
+            cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), raw))
+            return dataclasses.replace(cfg, init_from=None)
+    raise CheckpointError(f"{folder}: no config.yaml or model.yaml saying which model its weights belong to.")
+
+
+def load_weights(model: Llama, folder: Path) -> None:
+    """Load a folder's model.safetensors into ``model`` (FP8 scaling state in it is skipped)."""
+    cfg = model.cfg
+    saved = {k: v for k, v in load_file(str(folder / "model.safetensors")).items() if "_scaler." not in k}
+    with torch.no_grad():
+        missing, unexpected = model.load_state_dict(saved, strict=False)
     # safetensors stores a tied weight once, under one of its two names.
     tied = {"lm_head.weight", "embed_tokens.weight"} if cfg.tie_embeddings else set()
     if unexpected or set(missing) - tied or len(missing) > 1:
-        raise CheckpointError(
-            f"{ckpt}: weights do not match its config.yaml (missing {missing}, unexpected {unexpected})."
-        )
-    if cfg.tie_embeddings:  # load_state_dict may have filled only one side of the tie; re-tie to be sure
+        raise CheckpointError(f"{folder}: weights do not match the model (missing {missing}, unexpected {unexpected}).")
+    if cfg.tie_embeddings:  # load_state_dict may have filled one side of the tie only; re-tie to be sure
         model.lm_head.weight = model.embed_tokens.weight
+
+
+def load_checkpoint_model(ckpt: Path) -> Llama:
+    """The plain (unconverted) Llama of an fp8train checkpoint folder, in fp32."""
+    ckpt = Path(ckpt)
+    if not (ckpt / "model.safetensors").is_file():
+        raise CheckpointError(f"{ckpt}: not an fp8train checkpoint (no model.safetensors).")
+    model = build_model(saved_model_config(ckpt))
+    load_weights(model, ckpt)
     return model
 
 
@@ -99,4 +114,49 @@ def export_hf(ckpt: Path, out: Path, dtype: str = "bf16") -> Path:
     tok.eos_token = tok.bos_token = tok.pad_token = eos
     tok.save_pretrained(out)
     log.info("exported %s -> %s (%s, %d parameters)", ckpt, out, dtype, model.num_params())
+    return out
+
+
+def import_hf(hf_dir: Path, out: Path) -> Path:
+    """Write ``out/`` (model.safetensors under fp8train's names, model.yaml, tokenizer.json if the folder has a
+    tokenizer) from a local Hugging Face Llama folder; train from it with ``model.init_from=OUT``."""
+    from safetensors.torch import save_model
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    hf_dir, out = Path(hf_dir), Path(out)
+    config = json.loads((hf_dir / "config.json").read_text()) if (hf_dir / "config.json").is_file() else {}
+    if config.get("model_type") != "llama":
+        raise CheckpointError(
+            f"{hf_dir}: not a Hugging Face Llama folder (config.json model_type is "
+            f"{config.get('model_type')!r}, expected 'llama')."
+        )
+    if out.exists() and any(out.iterdir()):
+        raise CheckpointError(f"{out} exists and is not empty; choose a new output folder.")
+    hf = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, local_files_only=True)
+    c = hf.config
+    rope = (getattr(c, "rope_parameters", None) or {}).get("rope_theta") or getattr(c, "rope_theta", 10000.0)
+    cfg = ModelConfig(
+        name=hf_dir.name,
+        vocab_size=c.vocab_size,
+        d_model=c.hidden_size,
+        n_layers=c.num_hidden_layers,
+        n_heads=c.num_attention_heads,
+        n_kv_heads=c.num_key_value_heads,
+        ffn_dim=c.intermediate_size,
+        max_seq_len=c.max_position_embeddings,
+        rope_theta=float(rope),
+        norm_eps=c.rms_norm_eps,
+        tie_embeddings=bool(c.tie_word_embeddings),
+    )
+    model = build_model(cfg)
+    renamed = {k.removeprefix("model."): v for k, v in hf.state_dict().items()}
+    model.load_state_dict(renamed, strict=True)
+    out.mkdir(parents=True, exist_ok=True)
+    save_model(model, str(out / "model.safetensors"))
+    (out / "model.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    try:
+        AutoTokenizer.from_pretrained(hf_dir, local_files_only=True).backend_tokenizer.save(str(out / "tokenizer.json"))
+    except (OSError, ValueError, AttributeError):
+        log.warning("%s has no fast tokenizer; pass data.tokenizer.path=... yourself", hf_dir)
+    log.info("imported %s -> %s (%d parameters)", hf_dir, out, model.num_params())
     return out

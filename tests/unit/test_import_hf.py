@@ -1,0 +1,92 @@
+"""import-hf: a local Hugging Face Llama becomes weights fp8train trains from (model.init_from)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fp8train.config import compose
+from fp8train.data.tokenizer import train_bpe
+from fp8train.errors import CheckpointError, ConfigError
+from fp8train.export.hf import import_hf, load_checkpoint_model
+from fp8train.trainer import Trainer
+from tests.helpers import ROOT, SMALL
+
+SHAPE = dict(
+    vocab_size=320,
+    hidden_size=64,
+    intermediate_size=192,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-5,
+)
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory):
+    """A small HF Llama (GQA, tied, theta 5e5) with a fast tokenizer, saved as a user would have it."""
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("hf_llama")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**SHAPE, tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 5e5})
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    text = (ROOT / "data" / "tinyshakespeare.txt").read_text()[:200_000]
+    tok = PreTrainedTokenizerFast(tokenizer_object=train_bpe([text], vocab_size=300), eos_token="<|endoftext|>")
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_imported_weights_give_the_hf_logits(hf_folder, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    out = import_hf(hf_folder, tmp_path / "imported")
+    ours = load_checkpoint_model(out).eval()
+    hf = LlamaForCausalLM.from_pretrained(hf_folder, dtype=torch.float32, local_files_only=True).eval()
+    assert ours.cfg.rope_theta == 5e5 and ours.cfg.kv_heads == 2 and ours.cfg.tie_embeddings
+    x = torch.randint(0, 320, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), hf(x).logits, rtol=1e-5, atol=1e-5)
+    assert (out / "tokenizer.json").is_file()
+
+
+def test_training_starts_from_the_imported_weights_in_fp8(hf_folder, tmp_path):
+    out = import_hf(hf_folder, tmp_path / "imported")
+    shape = ["model.vocab_size=320", "model.max_seq_len=256", "model.rope_theta=500000.0"]
+    cfg = compose(
+        [
+            *SMALL,
+            *shape,
+            "precision=fp8_smooth",
+            f"model.init_from={out}",
+            f"data.tokenizer.path={out / 'tokenizer.json'}",
+            "trainer.max_steps=2",
+        ]
+    )
+    trainer = Trainer(cfg, tmp_path / "run")
+    imported = load_checkpoint_model(out).state_dict()
+    for k, v in trainer.model.state_dict().items():
+        if "_scaler." not in k:
+            assert torch.equal(v, imported[k]), k
+    trainer.fit()
+    with pytest.raises(ConfigError, match=r"model.d_model=128 \(the weights have 64\)"):
+        Trainer(
+            compose(
+                [
+                    *SMALL,
+                    *shape,
+                    "model.d_model=128",
+                    f"model.init_from={out}",
+                    f"data.tokenizer.path={out / 'tokenizer.json'}",
+                ]
+            ),
+            tmp_path / "run2",
+        )
+
+
+def test_a_folder_that_is_not_a_llama_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
+    with pytest.raises(CheckpointError, match="not a Hugging Face Llama folder"):
+        import_hf(tmp_path, tmp_path / "out")
