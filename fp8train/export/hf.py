@@ -27,22 +27,30 @@ log = logging.getLogger(__name__)
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
+# ModelConfig field -> LlamaConfig field, used both ways (rope_theta lives in rope_parameters: handled apart).
+HF_FIELDS = {
+    "vocab_size": "vocab_size",
+    "d_model": "hidden_size",
+    "ffn_dim": "intermediate_size",
+    "n_layers": "num_hidden_layers",
+    "n_heads": "num_attention_heads",
+    "n_kv_heads": "num_key_value_heads",
+    "max_seq_len": "max_position_embeddings",
+    "norm_eps": "rms_norm_eps",
+    "tie_embeddings": "tie_word_embeddings",
+}
+
+
 def hf_config(cfg: ModelConfig, eos_id: int | None = None, dtype: torch.dtype = torch.float32, **extra):
     """transformers' LlamaConfig describing the same model as ``cfg`` (``extra``: more LlamaConfig fields)."""
     from transformers import LlamaConfig
 
+    fields = {hf: getattr(cfg, ours) for ours, hf in HF_FIELDS.items()}
+    fields["num_key_value_heads"] = cfg.kv_heads  # n_kv_heads=null means one kv head per query head
     return LlamaConfig(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.d_model,
-        intermediate_size=cfg.ffn_dim,
-        num_hidden_layers=cfg.n_layers,
-        num_attention_heads=cfg.n_heads,
-        num_key_value_heads=cfg.kv_heads,
-        max_position_embeddings=cfg.max_seq_len,
+        **fields,
         # transformers >= 5 keeps theta inside rope_parameters (a top-level rope_theta is moved there).
         rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-        rms_norm_eps=cfg.norm_eps,
-        tie_word_embeddings=cfg.tie_embeddings,
         attention_bias=False,
         mlp_bias=False,
         bos_token_id=eos_id,
@@ -136,17 +144,7 @@ def import_hf(hf_dir: Path, out: Path) -> Path:
     c = hf.config
     rope = (getattr(c, "rope_parameters", None) or {}).get("rope_theta") or getattr(c, "rope_theta", 10000.0)
     cfg = ModelConfig(
-        name=hf_dir.name,
-        vocab_size=c.vocab_size,
-        d_model=c.hidden_size,
-        n_layers=c.num_hidden_layers,
-        n_heads=c.num_attention_heads,
-        n_kv_heads=c.num_key_value_heads,
-        ffn_dim=c.intermediate_size,
-        max_seq_len=c.max_position_embeddings,
-        rope_theta=float(rope),
-        norm_eps=c.rms_norm_eps,
-        tie_embeddings=bool(c.tie_word_embeddings),
+        name=hf_dir.name, rope_theta=float(rope), **{ours: getattr(c, hf) for ours, hf in HF_FIELDS.items()}
     )
     model = build_model(cfg)
     renamed = {k.removeprefix("model."): v for k, v in hf.state_dict().items()}
