@@ -87,6 +87,12 @@ class ScheduleName(str, enum.Enum):
 
 class ParallelName(str, enum.Enum):
     single = "single"  # one process, one device
+    deepspeed = "deepspeed"  # data parallel over processes and nodes through DeepSpeed (ZeRO stages 0-3)
+
+
+class Fp8Engine(str, enum.Enum):
+    native = "native"  # fp8train's Fp8Linear with the backend's FP8 ops (emulated on CPU, _scaled_mm, torch.ops.hpu)
+    te = "te"  # Habana Transformer Engine's te.Linear over the same weights (backend.name=hpu only)
 
 
 class WandbMode(str, enum.Enum):
@@ -205,6 +211,7 @@ class PrecisionConfig:
     pow2_scales: bool = False  # round scales down to powers of two (exact rescaling, as Habana TE does)
     profile: Fp8Profile = Fp8Profile.ocp  # gaudi2: emulate Gaudi2's E4M3 range (max 240) on any device
     stochastic_grad_rounding: bool = False  # E5M2 gradients rounded stochastically (Gaudi's default)
+    engine: Fp8Engine = Fp8Engine.native  # fp8 only: who runs the FP8 linears
     linears: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )  # which linears go to FP8
@@ -219,6 +226,17 @@ class PrecisionConfig:
             p.add("linears", f"unknown linear(s) {', '.join(unknown)}; choose from {', '.join(known)}")
         if self.recipe != Recipe.fp8 and self.smooth_swiglu != SmoothSwiGLU.none:
             p.add("smooth_swiglu", f"only applies to precision.recipe=fp8 (recipe is {self.recipe.value})")
+        if self.engine == Fp8Engine.te:
+            if self.recipe != Recipe.fp8:
+                p.add("engine", f"only applies to precision.recipe=fp8 (recipe is {self.recipe.value})")
+            if self.smooth_swiglu in (SmoothSwiGLU.channel, SmoothSwiGLU.bf16_down):
+                p.add(
+                    "engine",
+                    "Habana TE supports precision.smooth_swiglu=token or none (channel needs fp8train's "
+                    "own Fp8Linear: precision.engine=native)",
+                )
+            if self.scaling != ScalingRecipe.delayed:
+                p.add("engine", "Habana TE only does delayed scaling: set precision.scaling=delayed")
         return p.found
 
 
@@ -282,12 +300,22 @@ class BackendConfig:
 
 @dataclass
 class ParallelConfig:
-    """How the model is spread over processes."""
+    """How the model is spread over processes. deepspeed: one process per device, started by a launcher
+    (deepspeed, torchrun, mpirun: see launch/) that sets RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT."""
 
     name: ParallelName = ParallelName.single
+    zero_stage: int = 1  # deepspeed: 0 plain data parallel, 1 shards optimizer state, 2 + gradients, 3 + weights
+    ds_config: str | None = None  # deepspeed: a JSON file merged over the generated ds_config (its keys win)
+    timeout_min: int = 30  # minutes a collective may wait for another rank before the run fails
 
     def check(self, at: str) -> list[str]:
-        return []
+        p = _Problems(at, self)
+        if self.zero_stage not in (0, 1, 2, 3):
+            p.add("zero_stage", "must be 0, 1, 2 or 3")
+        if self.ds_config is not None and not resolve_path(self.ds_config).is_file():
+            p.add("ds_config", f"no such file ({resolve_path(self.ds_config)})")
+        p.positive("timeout_min")
+        return p.found
 
 
 @dataclass
@@ -396,6 +424,16 @@ class Config:
     def tokens_per_step(self) -> int:
         """Tokens per optimizer step on one process."""
         t = self.trainer
+        if (
+            self.parallel.name == ParallelName.deepspeed
+            and self.parallel.zero_stage == 3
+            and self.precision.recipe == Recipe.fp8
+            and self.precision.smooth_swiglu == SmoothSwiGLU.channel
+        ):
+            problems.append(
+                "precision.smooth_swiglu=channel: reads W_down outside its module, where ZeRO-3 holds only a shard "
+                "of it; use parallel.zero_stage=2 or lower, or precision.smooth_swiglu=token"
+            )
         return t.micro_batch_size * t.grad_accum_steps * self.data.seq_len
 
 

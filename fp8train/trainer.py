@@ -46,18 +46,24 @@ class RunDirError(Fp8trainError):
 
 class Trainer:
     def __init__(self, cfg: Config, run_dir: Path):
-        self.cfg, self.run_dir = cfg, Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.cfg = cfg
+        self.launch = parallel.launch_env(cfg.parallel)
+        self.backend = backends.select(cfg.backend, self.launch.local_rank)
+        parallel.init_distributed(cfg.parallel, self.backend, self.launch)
+        self.run_dir = agree_on_run_dir(Path(run_dir))
+        if self.launch.rank != 0:
+            quiet_logging()
         self.ckpt_root = self.run_dir / "checkpoints"
         self.resume_from = find_resume_checkpoint(cfg.resume, self.ckpt_root)
-        torch.manual_seed(cfg.trainer.seed)
+        torch.manual_seed(cfg.trainer.seed)  # the same initial weights on every rank
         random.seed(cfg.trainer.seed)
-        self.backend = backends.select(cfg.backend)
         self.data = build_data(
             cfg.data,
             seed=cfg.trainer.seed,
             micro_batch_size=cfg.trainer.micro_batch_size,
             grad_accum_steps=cfg.trainer.grad_accum_steps,
+            rank=self.launch.rank,
+            world_size=self.launch.world_size,
         )
         self.cfg = cfg = with_vocab_size(cfg, self.data.vocab_size)
         check_run_dir(self.run_dir, cfg)
@@ -69,7 +75,17 @@ class Trainer:
         self.autocast_dtype = precision.autocast_dtype(cfg.precision)
         self.optimizer = optim.build(cfg.optim, self.model, self.backend)
         self.scheduler = optim.build_schedule(cfg.optim, self.optimizer, cfg.trainer.max_steps)
-        self.engine = parallel.wrap(self.model, self.optimizer, cfg.parallel, self.backend)
+        self.engine = parallel.wrap(
+            self.model,
+            self.optimizer,
+            cfg.parallel,
+            self.backend,
+            ds_batch={
+                "micro_batch_size": cfg.trainer.micro_batch_size,
+                "grad_accum_steps": cfg.trainer.grad_accum_steps,
+                "grad_clip": cfg.optim.grad_clip,
+            },
+        )
         self.forward = self.backend.compile(self.model) if cfg.backend.compile else self.model
         self.bad_steps, self.bad_in_a_row = 0, 0  # optimizer steps skipped for non-finite loss/grads
         self.saved_path: Path | None = None
@@ -84,7 +100,11 @@ class Trainer:
         self.log_start()
         last: dict = {}
         bar = tqdm(
-            total=t.max_steps, initial=self.step, unit="step", dynamic_ncols=True, disable=not use_progress_bar(cfg)
+            total=t.max_steps,
+            initial=self.step,
+            unit="step",
+            dynamic_ncols=True,
+            disable=not (use_progress_bar(cfg) and self.engine.is_main),
         )
         window_t0, window_tokens = time.perf_counter(), 0
         with logging_redirect_tqdm(loggers=[logging.getLogger()]), StopSignals() as signals:
@@ -95,9 +115,10 @@ class Trainer:
                     self.step += 1
                     if self.step == first_step + 1:  # optimizer state exists once the first step has run
                         log.info(
-                            "optimizer %s: %.3f bytes of state per parameter",
+                            "optimizer %s: %.3f bytes of state per parameter%s",
                             cfg.optim.name.value,
                             state_bytes_per_param(self.optimizer, self.model),
+                            " on this rank (ZeRO shards the state)" if getattr(self.engine, "stage", 0) else "",
                         )
                     window_tokens += cfg.tokens_per_step * self.engine.world_size
                     bar.update(1)
@@ -127,6 +148,7 @@ class Trainer:
                 bar.close()
                 self.logger.summary({k: v for k, v in last.items() if isinstance(v, (int, float))})
                 self.logger.finish()
+                self.engine.close()
         self.log_end(last)
         return last
 
@@ -142,9 +164,8 @@ class Trainer:
                 self.engine.backward(loss)
             loss_sum += loss.detach()
             self.backend.mark_step()
-        grad_norm = self.engine.clip_grad_norm(self.cfg.optim.grad_clip)
-        if self.all_finite(loss_sum, grad_norm):
-            self.engine.step()
+        grad_norm, applied = self.engine.optimizer_step(self.cfg.optim.grad_clip, loss_sum)
+        if applied:
             # Delayed scaling: this step's amaxes (max-reduced over data-parallel ranks) set the next step's scales.
             step_scalers(self.model, self.engine.reduce_amax)
             self.bad_in_a_row = 0
@@ -155,16 +176,8 @@ class Trainer:
         self.backend.mark_step()
         return loss_sum, grad_norm
 
-    def all_finite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
-        """One host sync per step; the flag is max-reduced so every data-parallel rank skips the same steps."""
-        bad = (~torch.isfinite(loss) | ~torch.isfinite(grad_norm)).float().reshape(1)
-        if self.engine.reduce_amax is not None:
-            self.engine.reduce_amax(bad)
-        return not bad.item()
-
     def skip_step(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
-        """Drop the step's gradients and amaxes: weights, optimizer moments and FP8 scales stay as they were."""
-        self.optimizer.zero_grad(set_to_none=True)
+        """The engine dropped the gradients; drop the amaxes too: weights, moments and FP8 scales stay as they were."""
         discard_scalers(self.model)
         self.bad_steps += 1
         self.bad_in_a_row += 1
@@ -182,6 +195,10 @@ class Trainer:
     def stop_reason(self, signal_name: str | None) -> str | None:
         """Why this invocation ends before max_steps after the step just done, if it does."""
         t = self.cfg.trainer
+        if self.engine.world_size > 1:  # a signal may reach some ranks only: all stop if any got one
+            flag = torch.tensor([1.0 if signal_name else 0.0], device=self.backend.device)
+            self.engine.reduce_amax(flag)
+            signal_name = signal_name or ("a signal on another rank" if flag.item() else None)
         if signal_name:
             return f"received {signal_name}"
         if t.stop_at is not None and self.step >= t.stop_at:
@@ -260,6 +277,7 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------------------------
     def log_train(self, loss: torch.Tensor, grad_norm: torch.Tensor, tokens_per_s: float, bar: tqdm) -> dict:
+        loss = self.engine.mean(loss)  # every rank logs at the same steps, so this collective lines up
         metrics = {
             "loss": loss.item(),
             "lr": self.scheduler.get_last_lr()[0],
@@ -326,29 +344,31 @@ class Trainer:
         shutil.copyfile(self.data.tokenizer_file, self.run_dir / "tokenizer.json")
 
     def save_checkpoint(self) -> None:
-        if not self.engine.is_main:
-            return
+        """Every rank takes part (each writes its own shards); rank 0 writes the shared files."""
         state = {
             "step": self.step,
             "scheduler": self.scheduler.state_dict(),
             "data_position": self.data.position(self.step),
             "data_fingerprint": self.data.fingerprint,
             "bad_steps": (self.bad_steps, self.bad_in_a_row),
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), **self.backend.rng_state()},
+            "rng": self.rng_state(),
         }
         self.saved_path = checkpoint.save(
             self.ckpt_root,
             self.step,
-            self.model,
-            self.optimizer,
+            self.engine,
             state,
             config_yaml(self.cfg),
             self.cfg.trainer.keep_last,
+            rank_state={"rng": self.rng_state()} if self.engine.world_size > 1 else None,
         )
+
+    def rng_state(self) -> dict:
+        return {"torch": torch.get_rng_state(), "python": random.getstate(), **self.backend.rng_state()}
 
     def load_checkpoint(self, path: Path) -> int:
         verified = self.cfg.resume == "auto"  # find_resume_checkpoint has just checked it
-        state = checkpoint.load(path, self.model, self.optimizer, self.backend.device, verified)
+        state = checkpoint.load(path, self.engine, self.backend.device, verified)
         if state["data_fingerprint"] != self.data.fingerprint:
             raise CheckpointError(
                 f"resume: {path} was trained on other data or another tokenizer/seq_len than this run's "
@@ -356,12 +376,29 @@ class Trainer:
                 f"new run directory."
             )
         self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
-        self.backend.set_rng_state(state["rng"])
+        rng = state.get("rank_state", state)["rng"]  # each rank continues its own random stream
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        self.backend.set_rng_state(rng)
         self.bad_steps, self.bad_in_a_row = state.get("bad_steps", (0, 0))
         log.info("resumed from %s (step %d)", path, state["step"])
         return state["step"]
+
+
+def agree_on_run_dir(run_dir: Path) -> Path:
+    """Rank 0's run directory for every rank. Hydra names it after the start time on each rank, and ranks started a
+    second apart would otherwise write two directories; the one this rank created in vain is removed if empty."""
+    chosen = Path(parallel.broadcast_object(str(run_dir)))
+    if chosen != run_dir and run_dir.is_dir() and not any(run_dir.iterdir()):
+        run_dir.rmdir()
+    chosen.mkdir(parents=True, exist_ok=True)
+    return chosen
+
+
+def quiet_logging() -> None:
+    """Ranks other than 0 report only warnings and errors: one rank's progress lines are the run's."""
+    logging.getLogger().setLevel(logging.WARNING)
+    logging.getLogger("fp8train").setLevel(logging.WARNING)
 
 
 def find_resume_checkpoint(resume: str, ckpt_root: Path) -> Path | None:

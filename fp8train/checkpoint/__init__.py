@@ -2,8 +2,10 @@
 ``step_NNNNNNN`` is always complete (rename is atomic within one filesystem).
 
 Layout of ``RUN_DIR/checkpoints/step_0000030/``:
-    model.safetensors   model weights (tied weights stored once)
-    optimizer.pt        optimizer state_dict
+    model.safetensors   model weights (tied weights stored once), FP8 scaling state included
+    optimizer.pt        optimizer state_dict (parallel=single)
+    deepspeed/          parallel=deepspeed: DeepSpeed's own files (module states, one optimizer partition per rank)
+    rank_<r>.pt         multi-process runs: each rank's RNG state
     trainer.pt          step, schedule, data position, RNG states, data fingerprint
     config.yaml         the resolved config of the run that wrote it
     manifest.json       written last: step, size and sha256 of every file above
@@ -20,8 +22,6 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model, save_model
-from torch import nn
 
 from fp8train.errors import CheckpointError
 
@@ -38,23 +38,39 @@ def step_dir_name(step: int) -> str:
 def save(
     ckpt_root: Path,
     step: int,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    engine,
     trainer_state: dict,
     config_yaml: str,
     keep_last: int,
+    rank_state: dict | None = None,
 ) -> Path:
     """Write a checkpoint of ``step`` and delete all but the newest ``keep_last`` complete ones.
 
-    A failed write (disk full, quota) removes its temporary folder and leaves every earlier checkpoint as it was.
+    ``engine`` (fp8train.parallel) writes the model and optimizer files; every rank of a multi-process run calls
+    this, rank 0 writes the rest and renames the folder into place once all ranks are done. ``rank_state`` (e.g.
+    this rank's RNG) goes to ``rank_<r>.pt``. A failed write (disk full, quota) removes its temporary folder and
+    leaves every earlier checkpoint as it was.
     """
-    ckpt_root.mkdir(parents=True, exist_ok=True)
-    remove_stale_tmp(ckpt_root)
+    from fp8train import parallel
+
+    main = engine.is_main
+    tmp = None
+    if main:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        remove_stale_tmp(ckpt_root)
+        tmp = ckpt_root / f".tmp-{step_dir_name(step)}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    tmp = Path(parallel.broadcast_object(str(tmp)))
     final = ckpt_root / step_dir_name(step)
-    tmp = ckpt_root / f".tmp-{step_dir_name(step)}-{os.getpid()}"
     t0 = time.perf_counter()
     try:
-        _write(tmp, step, model, optimizer, trainer_state, config_yaml)
+        engine.save_state(tmp)
+        if rank_state is not None:
+            torch.save(rank_state, tmp / f"rank_{engine.rank}.pt")
+        parallel.barrier()
+        if main:
+            _finish(tmp, step, trainer_state, config_yaml)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         prev = latest(ckpt_root)
@@ -67,26 +83,26 @@ def save(
             f"writing checkpoint step {step} to {ckpt_root} failed: {e.strerror or e} ({kept}). "
             f"Free space or fix the directory, then continue with resume=auto."
         ) from None
-    if final.exists():  # a checkpoint of the same step from an earlier attempt: replace it
-        _remove(final)
-    os.replace(tmp, final)
-    _fsync(ckpt_root)
-    log.info("checkpoint step %d -> %s (%.1f s)", step, final, time.perf_counter() - t0)
-    for old in complete_checkpoints(ckpt_root)[:-keep_last]:
-        _remove(old)
+    if main:
+        if final.exists():  # a checkpoint of the same step from an earlier attempt: replace it
+            _remove(final)
+        os.replace(tmp, final)
+        _fsync(ckpt_root)
+        log.info("checkpoint step %d -> %s (%.1f s)", step, final, time.perf_counter() - t0)
+        for old in complete_checkpoints(ckpt_root)[:-keep_last]:
+            _remove(old)
+    parallel.barrier()
     return final
 
 
-def _write(tmp: Path, step: int, model, optimizer, trainer_state: dict, config_yaml: str) -> None:
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_model(model, str(tmp / "model.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+def _finish(tmp: Path, step: int, trainer_state: dict, config_yaml: str) -> None:
+    """Rank 0's part: trainer state, config, then the manifest (last) over every file of the folder."""
     torch.save(trainer_state, tmp / "trainer.pt")
     (tmp / "config.yaml").write_text(config_yaml)
-    files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
+    paths = sorted(p for p in tmp.rglob("*") if p.is_file())
+    files = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in paths}
     _write_synced(tmp / MANIFEST, json.dumps({"step": step, "files": files}, indent=2))
-    for p in tmp.iterdir():
+    for p in paths:
         _fsync(p)
 
 
@@ -177,21 +193,17 @@ def latest_intact(ckpt_root: Path) -> Path | None:
     return None
 
 
-def load(
-    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, map_location: torch.device, verified: bool = False
-) -> dict:
-    """Restore model and optimizer in place; return the trainer state saved with them."""
+def load(path: Path, engine, map_location: torch.device, verified: bool = False) -> dict:
+    """Restore model and optimizer in place through ``engine``; return the trainer state saved with them, with
+    this rank's ``rank_<r>.pt`` (if the checkpoint has one) under ``"rank_state"``."""
     if not verified:
         verify(path)
-    try:
-        load_model(model, str(path / "model.safetensors"), device=str(map_location))
-    except RuntimeError as e:
-        raise CheckpointError(
-            f"resume={path}: its weights do not fit this model ({str(e).splitlines()[0]}); resume with the "
-            f"model settings the run was started with (see {path / 'config.yaml'})."
-        ) from None
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=map_location, weights_only=True))
-    return torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
+    engine.load_state(path, map_location)
+    state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
+    rank_file = path / f"rank_{engine.rank}.pt"
+    if rank_file.is_file():
+        state["rank_state"] = torch.load(rank_file, map_location="cpu", weights_only=True)
+    return state
 
 
 def _sha256(path: Path) -> str:

@@ -45,8 +45,22 @@ def hydra_main(raw: DictConfig) -> None:
         fail(e)
 
 
+def without_local_rank(argv: list[str]) -> list[str]:
+    """The deepspeed launcher appends ``--local_rank=N`` unless given --no_local_rank; LOCAL_RANK in the
+    environment says the same, and Hydra would reject the flag, so it is dropped."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--local_rank":
+            skip = True
+        elif not a.startswith("--local_rank="):
+            out.append(a)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = without_local_rank(sys.argv[1:] if argv is None else argv)
     preflight(argv)
     sys.argv = [sys.argv[0], *argv]
     hydra_main()

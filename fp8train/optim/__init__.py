@@ -21,6 +21,20 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def fp8_param_groups(model: nn.Module, weight_decay: float, min_numel: int) -> list[dict]:
+    """param_groups, with the FP8-moment rule of AdamWFp8 decided here from each parameter's own shape: large
+    matrices get FP8 moments, the rest fp32. The decision survives DeepSpeed ZeRO flattening a group."""
+    decay, no_decay = param_groups(model, weight_decay)
+    big = [p for p in decay["params"] if p.numel() >= min_numel]
+    small = [p for p in decay["params"] if p.numel() < min_numel]
+    groups = [
+        {**decay, "params": big, "fp8_moments": True},
+        {**decay, "params": small, "fp8_moments": False},
+        {**no_decay, "fp8_moments": False},
+    ]
+    return [g for g in groups if g["params"]]
+
+
 def build(cfg: OptimConfig, model: nn.Module, backend: Backend) -> torch.optim.Optimizer:
     """AdamW with decoupled weight decay: torch's (fused where the device has it) or with FP8 moments."""
     if cfg.name == OptimName.adamw_fp8 and cfg.habana_fused:
@@ -36,7 +50,7 @@ def build(cfg: OptimConfig, model: nn.Module, backend: Backend) -> torch.optim.O
         from fp8train.optim.adamw_fp8 import AdamWFp8
 
         return AdamWFp8(
-            param_groups(model, cfg.weight_decay),
+            fp8_param_groups(model, cfg.weight_decay, cfg.fp8_min_numel),
             lr=cfg.lr,
             betas=tuple(cfg.betas),
             eps=cfg.eps,

@@ -22,8 +22,10 @@ E4M3 flushes it to zero (and a later zero gradient with m != 0 would then divide
 m is linear in the gradient and signed, so E4M3's extra mantissa bit is worth more there than range.
 
 Tensors under ``min_numel`` elements and 1-D tensors (norms, biases) keep fp32 m and v: they are a negligible
-share of the memory and the most sensitive to noise. On CUDA the per-tensor update is one ``torch.compile``d
-function (a handful of fused kernels, no Python loop over blocks); on the CPU it runs eagerly.
+share of the memory and the most sensitive to noise. A param group may decide for all its tensors with
+``fp8_moments=True/False``: DeepSpeed's ZeRO hands the optimizer flat 1-D partitions of many parameters, whose
+shape no longer tells a matrix from a norm, so ``optim.build`` sorts parameters into groups by their own shapes.
+On CUDA the per-tensor update is one ``torch.compile``d function (a handful of fused kernels, no Python loop over blocks); on the CPU it runs eagerly.
 """
 
 from __future__ import annotations
@@ -85,6 +87,7 @@ class AdamWFp8(torch.optim.Optimizer):
             v_format=v_format,
             block_size=block_size,
             min_numel=min_numel,
+            fp8_moments=None,  # None: by each tensor's shape and size; True/False: for every tensor of the group
         )
         super().__init__(params, defaults)
         self.compile = compile  # None: compile the per-tensor update on CUDA only
@@ -164,7 +167,10 @@ class AdamWFp8(torch.optim.Optimizer):
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
         if p.dtype in _LOW_PRECISION:
             state["master"] = p.detach().float().clone(memory_format=torch.contiguous_format)
-        if p.ndim >= 2 and p.numel() >= group["min_numel"]:
+        fp8 = group.get("fp8_moments")
+        if fp8 is None:
+            fp8 = p.ndim >= 2 and p.numel() >= group["min_numel"]
+        if fp8:
             block = group["block_size"] or p.numel()
             n_blocks = math.ceil(p.numel() / block)
             for name, fmt in (("exp_avg", group["m_format"]), ("exp_avg_sq", group["v_format"])):

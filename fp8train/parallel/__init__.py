@@ -1,14 +1,56 @@
-"""Engines: how a model and its optimizer are run over processes. ``wrap`` picks one from parallel.name."""
+"""Engines: how a model and its optimizer are run over processes. ``wrap`` picks one from parallel.name.
+
+Every engine offers the same few methods, so the trainer never branches on the engine:
+``no_sync`` / ``backward`` per micro-batch, ``optimizer_step`` once per step (clip, skip non-finite steps, update),
+``reduce_amax`` for FP8 delayed scaling, ``save_state`` / ``load_state`` for the model and optimizer part of a
+checkpoint, and ``barrier`` / ``broadcast_object`` for the little coordination the trainer needs.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from safetensors.torch import load_model, save_model
 from torch import nn
 
 from fp8train.backends import Backend
 from fp8train.config import ParallelConfig, ParallelName
+from fp8train.errors import CheckpointError
+
+MODEL_FILE, OPTIMIZER_FILE = "model.safetensors", "optimizer.pt"
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    """Where this process sits among the processes of a run, as a launcher described it in the environment."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+
+def launch_env(cfg: ParallelConfig) -> LaunchEnv:
+    """RANK / LOCAL_RANK / WORLD_SIZE as set by deepspeed, torchrun, or mpirun (OMPI_COMM_WORLD_*)."""
+    if cfg.name == ParallelName.single:
+        return LaunchEnv()
+    env = os.environ
+
+    def read(*names: str, default: int) -> int:
+        for name in names:
+            if name in env:
+                return int(env[name])
+        return default
+
+    return LaunchEnv(
+        rank=read("RANK", "OMPI_COMM_WORLD_RANK", default=0),
+        local_rank=read("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", default=0),
+        world_size=read("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", default=1),
+    )
 
 
 class SingleEngine:
@@ -28,19 +70,93 @@ class SingleEngine:
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
-    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
-        """The global gradient norm before clipping (clipping only when max_norm > 0)."""
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        if max_norm > 0:
-            return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
-        return torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
-
-    def step(self) -> None:
-        self.optimizer.step()
+    def optimizer_step(self, max_norm: float, loss: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """Clip (when max_norm > 0) and update, unless the loss or the gradients are not finite: then the
+        gradients are dropped and nothing moves. Returns (the global gradient norm before clipping, applied)."""
+        grad_norm = clip_grad_norm(self.model, max_norm)
+        applied = self.all_finite(loss, grad_norm)
+        if applied:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm, applied
+
+    def all_finite(self, *values: torch.Tensor) -> bool:
+        """One host sync; the flag is max-reduced so that every data-parallel rank takes the same decision."""
+        bad = torch.stack([(~torch.isfinite(v)).any() for v in values]).any().float().reshape(1)
+        if self.reduce_amax is not None:
+            self.reduce_amax(bad)
+        return not bad.item()
+
+    def mean(self, t: torch.Tensor) -> torch.Tensor:
+        """The mean of ``t`` over data-parallel ranks (e.g. the loss of the whole global batch)."""
+        return t
+
+    def save_state(self, folder: Path) -> None:
+        """Write the model and optimizer part of a checkpoint into ``folder`` (every rank calls this)."""
+        save_model(self.model, str(folder / MODEL_FILE))
+        torch.save(self.optimizer.state_dict(), folder / OPTIMIZER_FILE)
+
+    def load_state(self, folder: Path, device: torch.device) -> None:
+        try:
+            load_model(self.model, str(folder / MODEL_FILE), device=str(device))
+        except RuntimeError as e:
+            raise CheckpointError(
+                f"resume={folder}: its weights do not fit this model ({str(e).splitlines()[0]}); resume with the "
+                f"model settings the run was started with (see {folder / 'config.yaml'})."
+            ) from None
+        except FileNotFoundError:
+            raise CheckpointError(
+                f"resume={folder}: no {MODEL_FILE}; it was written by parallel=deepspeed: resume it with "
+                f"parallel=deepspeed (any number of ranks for ZeRO stage 0), or export it with fp8train export-hf."
+            ) from None
+        self.optimizer.load_state_dict(torch.load(folder / OPTIMIZER_FILE, map_location=device, weights_only=True))
+
+    def close(self) -> None:
+        pass
 
 
-def wrap(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: ParallelConfig, backend: Backend) -> SingleEngine:
+def barrier() -> None:
+    """Wait for every rank (a no-op in a single process)."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_object(obj):
+    """Rank 0's ``obj`` on every rank (``obj`` itself in a single process)."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """The global gradient norm before clipping (clipping only when max_norm > 0)."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if max_norm > 0:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+    return torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+
+
+def wrap(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    cfg: ParallelConfig,
+    backend: Backend,
+    ds_batch: dict | None = None,
+) -> SingleEngine:
+    """The engine of parallel.name; ``ds_batch`` holds the batch layout and clipping DeepSpeed must know."""
     if cfg.name == ParallelName.single:
         return SingleEngine(model, optimizer)
-    raise ValueError(f"unknown parallel.name {cfg.name}")  # unreachable: the config schema only allows the above
+    from fp8train.parallel.deepspeed import DeepSpeedEngine
+
+    return DeepSpeedEngine(model, optimizer, cfg, backend, **(ds_batch or {}))
+
+
+def init_distributed(cfg: ParallelConfig, backend: Backend, env: LaunchEnv) -> None:
+    """Join the process group of a multi-process run (a no-op for parallel=single)."""
+    if cfg.name == ParallelName.single:
+        return
+    from fp8train.parallel.deepspeed import init_distributed as ds_init
+
+    ds_init(cfg, backend, env)

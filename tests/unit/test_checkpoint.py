@@ -12,10 +12,11 @@ import sys
 import pytest
 import torch
 
-from fp8train import checkpoint
+from fp8train import checkpoint, parallel
 from fp8train.config import ModelConfig
 from fp8train.errors import CheckpointError
 from fp8train.model import build_model
+from fp8train.parallel import SingleEngine
 
 CFG = ModelConfig(vocab_size=96, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, tie_embeddings=True)
 
@@ -32,14 +33,19 @@ def trained(seed: int):
 
 
 def save(root, step, model, opt, keep_last=3):
-    return checkpoint.save(root, step, model, opt, {"step": step, "rng": torch.get_rng_state()}, "a: 1\n", keep_last)
+    engine = SingleEngine(model, opt)
+    return checkpoint.save(root, step, engine, {"step": step, "rng": torch.get_rng_state()}, "a: 1\n", keep_last)
+
+
+def load(path, model, opt, verified=False):
+    return checkpoint.load(path, SingleEngine(model, opt), torch.device("cpu"), verified)
 
 
 def test_round_trip_is_exact(tmp_path):
     model, opt = trained(0)
     path = save(tmp_path, 7, model, opt)
     model2, opt2 = trained(1)  # different weights and moments, to be overwritten
-    state = checkpoint.load(path, model2, opt2, torch.device("cpu"))
+    state = load(path, model2, opt2)
     assert state["step"] == 7
     for (k, a), (_, b) in zip(model.state_dict().items(), model2.state_dict().items()):
         assert torch.equal(a, b), k
@@ -80,7 +86,7 @@ def test_damaged_file_is_detected(tmp_path):
     data[len(data) // 2] ^= 0xFF
     (path / "optimizer.pt").write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="optimizer.pt does not match its checksum"):
-        checkpoint.load(path, *trained(1), torch.device("cpu"))
+        load(path, *trained(1))
 
 
 def test_weights_of_another_shape_give_a_clear_error(tmp_path):
@@ -88,7 +94,7 @@ def test_weights_of_another_shape_give_a_clear_error(tmp_path):
     path = save(tmp_path, 3, model, opt)
     other = build_model(ModelConfig(vocab_size=96, d_model=64, n_layers=2, n_heads=4, ffn_dim=64))
     with pytest.raises(CheckpointError, match="do not fit this model"):
-        checkpoint.load(path, other, torch.optim.AdamW(other.parameters()), torch.device("cpu"))
+        load(path, other, torch.optim.AdamW(other.parameters()))
 
 
 @pytest.mark.parametrize("writer", ["save_model", "torch.save"])
@@ -101,7 +107,7 @@ def test_disk_full_keeps_the_previous_checkpoint_intact(tmp_path, monkeypatch, w
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     if writer == "save_model":
-        monkeypatch.setattr(checkpoint, "save_model", no_space)
+        monkeypatch.setattr(parallel, "save_model", no_space)
     else:
         monkeypatch.setattr(checkpoint.torch, "save", no_space)
     with pytest.raises(CheckpointError, match=r"(?i)no space left.*previous checkpoint step 3 is intact"):

@@ -1,0 +1,246 @@
+"""``parallel=deepspeed``: data parallelism with ZeRO through DeepSpeed, on gloo (CPU), nccl (CUDA) or hccl (Gaudi).
+
+What fp8train keeps for itself, so that a DeepSpeed run computes what a single-process run with the same global
+batch computes:
+- the model stays fp32 with the backend's bf16 autocast and fp8train's FP8 linears (DeepSpeed's ``bf16`` mode
+  would cast the model, including the FP8 scaling buffers, to bf16);
+- the optimizer is fp8train's (AdamW or AdamWFp8), passed as DeepSpeed's client optimizer;
+- gradient accumulation is the caller's (``managed_gradient_accumulation: false``): the trainer runs its
+  micro-batches, DeepSpeed reduces and steps once per optimizer step;
+- the learning-rate schedule and the FP8 scaling state are fp8train's; amaxes are max-reduced over all ranks.
+DeepSpeed owns the gradient reduction, the ZeRO partitioning, clipping (``gradient_clipping``) and its checkpoint
+files. On Gaudi, use Habana's DeepSpeed fork (docker/Dockerfile.gaudi installs it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+from torch import nn
+
+from fp8train.backends import Backend
+from fp8train.config import ParallelConfig, resolve_path
+from fp8train.errors import CheckpointError, ConfigError
+from fp8train.parallel import MODEL_FILE, LaunchEnv, SingleEngine, barrier
+
+log = logging.getLogger(__name__)
+
+TAG = "deepspeed"  # DeepSpeed's files of a checkpoint live in CHECKPOINT/deepspeed/
+# ds_config keys that follow from the trainer's settings: a user ds_config may not contradict them.
+OWNED = (
+    "train_micro_batch_size_per_gpu",
+    "gradient_accumulation_steps",
+    "train_batch_size",
+    "managed_gradient_accumulation",
+)
+
+
+def init_distributed(cfg: ParallelConfig, backend: Backend, env: LaunchEnv) -> None:
+    """Join the process group through DeepSpeed with the backend's communication library."""
+    import deepspeed
+
+    if env.world_size == 1:  # started without a launcher: a one-rank group on this machine
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+    for name, value in (("RANK", env.rank), ("LOCAL_RANK", env.local_rank), ("WORLD_SIZE", env.world_size)):
+        os.environ.setdefault(name, str(value))  # mpirun sets only OMPI_COMM_WORLD_*; DeepSpeed reads these
+    deepspeed.init_distributed(
+        dist_backend=backend.dist_backend,
+        timeout=datetime.timedelta(minutes=cfg.timeout_min),
+        verbose=False,
+    )
+
+
+def build_ds_config(
+    cfg: ParallelConfig, *, micro_batch_size: int, grad_accum_steps: int, grad_clip: float, world_size: int
+) -> dict:
+    """The ds_config of a run: generated from the fp8train config, then parallel.ds_config merged over it."""
+    generated = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum_steps,
+        "train_batch_size": micro_batch_size * grad_accum_steps * world_size,
+        "managed_gradient_accumulation": False,
+        "gradient_clipping": grad_clip,
+        "zero_optimization": {
+            "stage": cfg.zero_stage,
+            # Habana's recommended settings for Gaudi2; harmless elsewhere.
+            "contiguous_gradients": False,
+            "overlap_comm": False,
+        },
+        "bf16": {"enabled": False},
+        "fp16": {"enabled": False},
+        "zero_allow_untested_optimizer": True,  # fp8train's AdamW / AdamWFp8 as the client optimizer
+        "steps_per_print": 2**31 - 1,  # fp8train logs progress itself
+        "wall_clock_breakdown": False,
+    }
+    if cfg.ds_config is None:
+        return generated
+    path = resolve_path(cfg.ds_config)
+    try:
+        user = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError([f"parallel.ds_config={cfg.ds_config}: not a readable JSON file ({e})"]) from None
+    problems = [
+        f"parallel.ds_config={cfg.ds_config}: sets {key}={user[key]}, but this run needs {generated[key]}; remove "
+        f"it from the file and set trainer.micro_batch_size / trainer.grad_accum_steps instead"
+        for key in OWNED
+        if key in user and user[key] != generated[key]
+    ]
+    if user.get("bf16", {}).get("enabled") or user.get("fp16", {}).get("enabled"):
+        problems.append(
+            f"parallel.ds_config={cfg.ds_config}: bf16/fp16.enabled would cast the model and its FP8 scaling state "
+            f"to 16 bits; fp8train keeps fp32 weights and sets the compute precision with precision=..."
+        )
+    if "zero_optimization" in user and user["zero_optimization"].get("stage", cfg.zero_stage) != cfg.zero_stage:
+        problems.append(
+            f"parallel.ds_config={cfg.ds_config}: zero_optimization.stage differs from "
+            f"parallel.zero_stage={cfg.zero_stage}; set the stage with parallel.zero_stage only"
+        )
+    if problems:
+        raise ConfigError(problems)
+    return _merge(generated, user)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return out
+
+
+class DeepSpeedEngine(SingleEngine):
+    """``deepspeed.initialize`` around fp8train's model and optimizer; the trainer-facing methods of SingleEngine."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        cfg: ParallelConfig,
+        backend: Backend,
+        *,
+        micro_batch_size: int,
+        grad_accum_steps: int,
+        grad_clip: float,
+    ):
+        import deepspeed
+
+        self.stage = cfg.zero_stage
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.is_main = self.rank == 0
+        self.grad_clip = grad_clip
+        self.ds_config = build_ds_config(
+            cfg,
+            micro_batch_size=micro_batch_size,
+            grad_accum_steps=grad_accum_steps,
+            grad_clip=grad_clip,
+            world_size=self.world_size,
+        )
+        self.ds, ds_optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=self.ds_config, dist_init_required=False
+        )
+        # The trainer keeps calling the plain module (DeepSpeed's ZeRO-3 hooks sit on its submodules) and its own
+        # optimizer object: its param_groups are the ones DeepSpeed steps, so the lr schedule reaches them.
+        super().__init__(model, optimizer)
+        self.ds_optimizer = ds_optimizer
+        log.info(
+            "deepspeed %s: %d ranks (%s), ZeRO stage %d, %d sequences per step",
+            deepspeed.__version__,
+            self.world_size,
+            backend.dist_backend,
+            self.stage,
+            self.ds_config["train_batch_size"],
+        )
+
+    def reduce_amax(self, t: torch.Tensor) -> None:
+        """Max-reduce FP8 amaxes (and the non-finite flag) over all ranks, in place: one collective per step."""
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+
+    def mean(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.detach().clone()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t / self.world_size
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.ds.backward(loss, scale_wrt_gas=False)  # the trainer has already divided by grad_accum_steps
+
+    def optimizer_step(self, max_norm: float, loss: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        if self.stage == 0:
+            # Stage 0 is plain data parallelism: average the gradients, then exactly the single-process step
+            # (DeepSpeed's own stage-0 step would neither report the norm nor skip a non-finite step).
+            self.ds.allreduce_gradients()
+            return super().optimizer_step(max_norm, loss)
+        # ZeRO: DeepSpeed reduces the gradients into each rank's partition, computes the global norm, clips, and
+        # skips the update when that norm is not finite. Stage 1 still holds local gradients here: drop a step
+        # whose loss or gradients are not finite on any rank before DeepSpeed reduces them.
+        local = [p.grad for p in self.model.parameters() if p.grad is not None]
+        local_norm = torch.nn.utils.get_total_norm(local, foreach=True) if local else torch.zeros(())
+        if not self.all_finite(loss, local_norm):
+            self.ds.zero_grad()
+            self.ds_optimizer.zero_grad(set_to_none=True)
+            return torch.tensor(float("nan")), False
+        self.ds.step()
+        norm = self.ds.get_global_grad_norm()
+        grad_norm = torch.as_tensor(float("nan") if norm is None else norm, dtype=torch.float32).detach().cpu()
+        return grad_norm, self.ds.was_step_applied()
+
+    def save_state(self, folder: Path) -> None:
+        """DeepSpeed's files (module, this rank's optimizer partition) in folder/deepspeed/, plus the full weights
+        as model.safetensors from rank 0, so export-hf and model.init_from read DeepSpeed checkpoints too."""
+        self.ds.save_checkpoint(str(folder), tag=TAG, save_latest=False)
+        with self.gathered():
+            if self.is_main:
+                save_file(whole_state_dict(self.model), str(folder / MODEL_FILE))
+        barrier()
+
+    def load_state(self, folder: Path, device: torch.device) -> None:
+        if not (folder / TAG).is_dir():
+            raise CheckpointError(
+                f"resume={folder}: written by parallel=single (no {TAG}/ folder); resume it with parallel=single, "
+                f"or start this run from its weights with model.init_from={folder}."
+            )
+        try:
+            path, _ = self.ds.load_checkpoint(
+                str(folder), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=False
+            )
+        except (RuntimeError, ValueError, AssertionError) as e:
+            raise CheckpointError(
+                f"resume={folder}: DeepSpeed cannot load it into this run ({str(e).splitlines()[0][:200]}). ZeRO "
+                f"stages 1-3 must resume with the number of ranks and the zero stage they were saved with "
+                f"(see {folder / 'config.yaml'})."
+            ) from None
+        if path is None:
+            raise CheckpointError(f"resume={folder}: DeepSpeed found no checkpoint in {folder / TAG}.")
+
+    def gathered(self):
+        """ZeRO-3 keeps a shard of each weight per rank: gather them whole for the duration of the block."""
+        if self.stage < 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None)
+
+    def close(self) -> None:
+        """A barrier, then leave the group: without it a rank can exit while another still talks to it."""
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+def whole_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict as standalone tensors, a tied weight once under its first name. Under ZeRO the
+    parameters are views into DeepSpeed's flat buffers, which safetensors refuses to save as they are."""
+    state = model.state_dict()
+    seen: set[int] = set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            state.pop(name, None)
+        seen.add(id(p))
+    return {k: v.detach().contiguous().clone() for k, v in state.items()}
