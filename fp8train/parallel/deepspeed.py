@@ -175,7 +175,7 @@ class DeepSpeedEngine(SingleEngine):
         if self.stage == 0:
             # Stage 0 is plain data parallelism: average the gradients, then exactly the single-process step
             # (DeepSpeed's own stage-0 step would neither report the norm nor skip a non-finite step).
-            self.ds.allreduce_gradients()
+            self.average_gradients()
             return super().optimizer_step(max_norm, loss)
         # ZeRO: DeepSpeed reduces the gradients into each rank's partition, computes the global norm, clips, and
         # skips the update when that norm is not finite. Stage 1 still holds local gradients here: drop a step
@@ -190,6 +190,17 @@ class DeepSpeedEngine(SingleEngine):
         norm = self.ds.get_global_grad_norm()
         grad_norm = torch.as_tensor(float("nan") if norm is None else norm, dtype=torch.float32).detach().cpu()
         return grad_norm, self.ds.was_step_applied()
+
+    @torch.no_grad()
+    def average_gradients(self) -> None:
+        """Mean of every gradient over ranks, in one flat all-reduce (stage 0 with caller-owned accumulation: the
+        engine's own all-reduce runs only inside its step(), which stage 0 does not use)."""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        flat = torch.cat([g.reshape(-1).float() for g in grads])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat /= self.world_size
+        for g, avg in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(avg.view_as(g))
 
     def save_state(self, folder: Path) -> None:
         """DeepSpeed's files (module, this rank's optimizer partition) in folder/deepspeed/, plus the full weights

@@ -56,8 +56,8 @@ def run_ranks(run_dir, *overrides: str, ranks: int = 2) -> str:
     return done.stdout + done.stderr
 
 
-def losses(run_dir) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
+def losses(run_dir, key: str = "loss") -> dict[int, float]:
+    return {r["step"]: r[key] for r in read_metrics(run_dir) if key in r}
 
 
 @pytest.fixture(scope="module")
@@ -65,13 +65,13 @@ def single(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("single")
     done = run_train(run_dir, *COMMON, f"trainer.micro_batch_size={GLOBAL_BATCH}")
     assert done.returncode == 0, done.stderr[-3000:]
-    return losses(run_dir)
+    return losses(run_dir), losses(run_dir, "grad_norm")
 
 
 @pytest.mark.parametrize(
     "zero_stage, micro_batch, accum",
-    [(1, GLOBAL_BATCH // 2, 1), (2, GLOBAL_BATCH // 4, 2)],
-    ids=["zero1", "zero2-accum2"],
+    [(0, GLOBAL_BATCH // 2, 1), (1, GLOBAL_BATCH // 2, 1), (2, GLOBAL_BATCH // 4, 2), (3, GLOBAL_BATCH // 2, 1)],
+    ids=["zero0", "zero1", "zero2-accum2", "zero3"],
 )
 def test_two_ranks_match_one_process_with_the_same_global_batch(tmp_path, single, zero_stage, micro_batch, accum):
     run_dir = tmp_path / "ds"
@@ -86,8 +86,12 @@ def test_two_ranks_match_one_process_with_the_same_global_batch(tmp_path, single
     assert sorted(ds) == list(range(1, STEPS + 1))
     # Only rank 0 writes metrics: one line per step, not two.
     assert len([r for r in read_metrics(run_dir) if "loss" in r]) == STEPS
-    for step, loss in single.items():
-        assert loss == pytest.approx(ds[step], rel=1e-4), step
+    single_losses, single_norms = single
+    for step, loss in single_losses.items():
+        assert ds[step] == pytest.approx(loss, rel=1e-4), step
+    # The norm of the averaged gradient: a rank stepping on its own half-batch gradient has a visibly larger one.
+    for step, norm in losses(run_dir, "grad_norm").items():
+        assert norm == pytest.approx(single_norms[step], rel=2e-3), step
 
 
 def test_zero2_with_fp8_adam_resumes_exactly(tmp_path):

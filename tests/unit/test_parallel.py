@@ -1,0 +1,90 @@
+"""Engine plumbing that needs no second process: the generated ds_config, the launch environment, the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fp8train.cli.train import without_local_rank
+from fp8train.config import ParallelConfig, ParallelName, compose
+from fp8train.errors import ConfigError
+from fp8train.parallel import launch_env
+from fp8train.parallel.deepspeed import build_ds_config
+
+
+def ds_config(tmp_path=None, user: dict | None = None, **batch) -> dict:
+    path = None
+    if user is not None:
+        path = tmp_path / "ds.json"
+        path.write_text(json.dumps(user))
+    cfg = ParallelConfig(name=ParallelName.deepspeed, zero_stage=2, ds_config=None if path is None else str(path))
+    layout = {"micro_batch_size": 4, "grad_accum_steps": 3, "grad_clip": 1.0, "world_size": 8, **batch}
+    return build_ds_config(cfg, **layout)
+
+
+def test_ds_config_follows_the_trainer_settings():
+    ds = ds_config()
+    assert ds["train_batch_size"] == 4 * 3 * 8
+    assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["gradient_accumulation_steps"] == 3
+    assert ds["zero_optimization"]["stage"] == 2 and ds["gradient_clipping"] == 1.0
+    assert ds["managed_gradient_accumulation"] is False  # the trainer runs the micro-batches itself
+    assert ds["bf16"]["enabled"] is False  # fp32 weights: bf16 mode would cast the FP8 scaling buffers too
+    assert ds["zero_allow_untested_optimizer"] is True
+
+
+def test_user_ds_config_is_merged_key_by_key(tmp_path):
+    ds = ds_config(tmp_path, {"zero_optimization": {"reduce_bucket_size": 12345}, "comms_logger": {"enabled": True}})
+    assert ds["zero_optimization"] == {
+        "stage": 2,
+        "contiguous_gradients": False,
+        "overlap_comm": False,
+        "reduce_bucket_size": 12345,
+    }
+    assert ds["comms_logger"] == {"enabled": True}
+
+
+def test_user_ds_config_may_not_contradict_the_run(tmp_path):
+    bad = {"train_micro_batch_size_per_gpu": 2, "bf16": {"enabled": True}, "zero_optimization": {"stage": 3}}
+    with pytest.raises(ConfigError) as e:
+        ds_config(tmp_path, bad)
+    text = str(e.value)
+    assert "sets train_micro_batch_size_per_gpu=2, but this run needs 4" in text
+    assert "bf16/fp16.enabled" in text
+    assert "parallel.zero_stage=2" in text
+
+
+def test_launch_env_reads_torchrun_and_mpirun_variables(monkeypatch):
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "OMPI_COMM_WORLD_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "5")
+    monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_RANK", "1")
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "16")
+    ds = ParallelConfig(name=ParallelName.deepspeed)
+    env = launch_env(ds)
+    assert (env.rank, env.local_rank, env.world_size) == (5, 1, 16)
+    monkeypatch.setenv("RANK", "7")  # a launcher's own variables win
+    assert launch_env(ds).rank == 7
+    assert launch_env(ParallelConfig()).world_size == 1  # parallel=single ignores the environment
+
+
+def test_deepspeed_launcher_local_rank_flag_is_dropped():
+    assert without_local_rank(["--local_rank=3", "a=1", "--local_rank", "2", "b=2"]) == ["a=1", "b=2"]
+
+
+def test_bad_parallel_settings_name_the_fix(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        compose(
+            [
+                "parallel=deepspeed",
+                "parallel.zero_stage=4",
+                f"parallel.ds_config={tmp_path / 'missing.json'}",
+                "parallel.timeout_min=0",
+            ]
+        )
+    text = str(e.value)
+    assert "parallel.zero_stage=4: must be 0, 1, 2 or 3" in text
+    assert "parallel.ds_config=" in text and "no such file" in text
+    assert "parallel.timeout_min=0: must be > 0" in text
+    with pytest.raises(ConfigError, match="ZeRO-3 holds only a shard"):
+        compose(["parallel=deepspeed", "parallel.zero_stage=3", "precision=fp8_smooth_channel"])
