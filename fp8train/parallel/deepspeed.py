@@ -5,8 +5,9 @@ batch computes:
 - the model stays fp32 with the backend's bf16 autocast and fp8train's FP8 linears (DeepSpeed's ``bf16`` mode
   would cast the model, including the FP8 scaling buffers, to bf16);
 - the optimizer is fp8train's (AdamW or AdamWFp8), passed as DeepSpeed's client optimizer;
-- gradient accumulation is the caller's (``managed_gradient_accumulation: false``): the trainer runs its
-  micro-batches, DeepSpeed reduces and steps once per optimizer step;
+- the trainer runs the micro-batches and marks the last one as the accumulation boundary
+  (``set_gradient_accumulation_boundary``, in DeepSpeed since long before Habana's 0.14-based fork): DeepSpeed
+  reduces the gradients in that backward and steps once per optimizer step;
 - the learning-rate schedule and the FP8 scaling state are fp8train's; amaxes are max-reduced over all ranks.
 DeepSpeed owns the gradient reduction, the ZeRO partitioning, clipping (``gradient_clipping``) and its checkpoint
 files. On Gaudi, use Habana's DeepSpeed fork (docker/Dockerfile.gaudi installs it).
@@ -39,7 +40,6 @@ OWNED = (
     "train_micro_batch_size_per_gpu",
     "gradient_accumulation_steps",
     "train_batch_size",
-    "managed_gradient_accumulation",
 )
 
 
@@ -67,7 +67,6 @@ def build_ds_config(
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": grad_accum_steps,
         "train_batch_size": micro_batch_size * grad_accum_steps * world_size,
-        "managed_gradient_accumulation": False,
         "gradient_clipping": grad_clip,
         "zero_optimization": {
             "stage": cfg.zero_stage,
@@ -168,39 +167,28 @@ class DeepSpeedEngine(SingleEngine):
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t / self.world_size
 
+    def no_sync(self, sync: bool) -> contextlib.AbstractContextManager:
+        """Only the last micro-batch's backward reduces gradients over ranks (DeepSpeed does it there)."""
+        self.ds.set_gradient_accumulation_boundary(sync)
+        return contextlib.nullcontext()
+
     def backward(self, loss: torch.Tensor) -> None:
         self.ds.backward(loss, scale_wrt_gas=False)  # the trainer has already divided by grad_accum_steps
 
     def optimizer_step(self, max_norm: float, loss: torch.Tensor) -> tuple[torch.Tensor, bool]:
         if self.stage == 0:
-            # Stage 0 is plain data parallelism: average the gradients, then exactly the single-process step
-            # (DeepSpeed's own stage-0 step would neither report the norm nor skip a non-finite step).
-            self.average_gradients()
+            # Plain data parallelism: the boundary backward has averaged the gradients in place, so the
+            # single-process step follows (DeepSpeed's own stage-0 step neither reports the norm nor skips a
+            # non-finite step).
             return super().optimizer_step(max_norm, loss)
-        # ZeRO: DeepSpeed reduces the gradients into each rank's partition, computes the global norm, clips, and
-        # skips the update when that norm is not finite. Stage 1 still holds local gradients here: drop a step
-        # whose loss or gradients are not finite on any rank before DeepSpeed reduces them.
-        local = [p.grad for p in self.model.parameters() if p.grad is not None]
-        local_norm = torch.nn.utils.get_total_norm(local, foreach=True) if local else torch.zeros(())
-        if not self.all_finite(loss, local_norm):
-            self.ds.zero_grad()
-            self.ds_optimizer.zero_grad(set_to_none=True)
-            return torch.tensor(float("nan")), False
+        # ZeRO: the gradients sit in each rank's partition; DeepSpeed computes the global norm, clips, and skips
+        # the update (clearing the partitions) when that norm is not finite. That covers a non-finite loss too:
+        # the loss is computed in fp32 from the logits, so it can only be inf/NaN if the logits are, and then
+        # their gradients are NaN.
         self.ds.step()
         norm = self.ds.get_global_grad_norm()
         grad_norm = torch.as_tensor(float("nan") if norm is None else norm, dtype=torch.float32).detach().cpu()
         return grad_norm, self.ds.was_step_applied()
-
-    @torch.no_grad()
-    def average_gradients(self) -> None:
-        """Mean of every gradient over ranks, in one flat all-reduce (stage 0 with caller-owned accumulation: the
-        engine's own all-reduce runs only inside its step(), which stage 0 does not use)."""
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        flat = torch.cat([g.reshape(-1).float() for g in grads])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        flat /= self.world_size
-        for g, avg in zip(grads, flat.split([g.numel() for g in grads])):
-            g.copy_(avg.view_as(g))
 
     def save_state(self, folder: Path) -> None:
         """DeepSpeed's files (module, this rank's optimizer partition) in folder/deepspeed/, plus the full weights

@@ -28,7 +28,6 @@ def test_ds_config_follows_the_trainer_settings():
     assert ds["train_batch_size"] == 4 * 3 * 8
     assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["gradient_accumulation_steps"] == 3
     assert ds["zero_optimization"]["stage"] == 2 and ds["gradient_clipping"] == 1.0
-    assert ds["managed_gradient_accumulation"] is False  # the trainer runs the micro-batches itself
     assert ds["bf16"]["enabled"] is False  # fp32 weights: bf16 mode would cast the FP8 scaling buffers too
     assert ds["zero_allow_untested_optimizer"] is True
 
