@@ -405,6 +405,16 @@ class Config:
                 f"data.seq_len={self.data.seq_len}: exceeds model.max_seq_len={self.model.max_seq_len} "
                 f"of model '{self.model.name}'; lower data.seq_len or raise model.max_seq_len"
             )
+        if (
+            self.parallel.name == ParallelName.deepspeed
+            and self.parallel.zero_stage == 3
+            and self.precision.recipe == Recipe.fp8
+            and self.precision.smooth_swiglu == SmoothSwiGLU.channel
+        ):
+            problems.append(
+                "precision.smooth_swiglu=channel: reads W_down outside its module, where ZeRO-3 holds only a shard "
+                "of it; use parallel.zero_stage=2 or lower, or precision.smooth_swiglu=token"
+            )
         if self.resume not in ("none", "auto") and not resolve_path(self.resume).exists():
             problems.append(f"resume={self.resume}: no such checkpoint; use resume=auto, resume=none or a path")
         if problems:
@@ -424,16 +434,6 @@ class Config:
     def tokens_per_step(self) -> int:
         """Tokens per optimizer step on one process."""
         t = self.trainer
-        if (
-            self.parallel.name == ParallelName.deepspeed
-            and self.parallel.zero_stage == 3
-            and self.precision.recipe == Recipe.fp8
-            and self.precision.smooth_swiglu == SmoothSwiGLU.channel
-        ):
-            problems.append(
-                "precision.smooth_swiglu=channel: reads W_down outside its module, where ZeRO-3 holds only a shard "
-                "of it; use parallel.zero_stage=2 or lower, or precision.smooth_swiglu=token"
-            )
         return t.micro_batch_size * t.grad_accum_steps * self.data.seq_len
 
 

@@ -71,7 +71,7 @@ class Trainer:
         if cfg.model.init_from and not self.resume_from:  # a resumed run takes its weights from the checkpoint
             init_from_weights(model, Path(cfg.model.init_from))
         model = model.to(self.backend.device)
-        self.model = precision.convert(model, cfg.precision, self.backend)
+        self.model = self.backend.fuse(precision.convert(model, cfg.precision, self.backend))
         self.autocast_dtype = precision.autocast_dtype(cfg.precision)
         self.optimizer = optim.build(cfg.optim, self.model, self.backend)
         self.scheduler = optim.build_schedule(cfg.optim, self.optimizer, cfg.trainer.max_steps)
@@ -86,6 +86,7 @@ class Trainer:
                 "grad_clip": cfg.optim.grad_clip,
             },
         )
+        self.fp8_step = precision.step_context(cfg.precision, self.backend, self.engine.dp_group)
         self.forward = self.backend.compile(self.model) if cfg.backend.compile else self.model
         self.bad_steps, self.bad_in_a_row = 0, 0  # optimizer steps skipped for non-finite loss/grads
         self.saved_path: Path | None = None
@@ -157,13 +158,14 @@ class Trainer:
         accum = self.cfg.trainer.grad_accum_steps
         self.model.train()
         loss_sum = torch.zeros((), device=self.backend.device)
-        for micro_step in range(accum):
-            inputs, targets = self.batch(self.data.train_batch(self.step, micro_step))
-            with self.engine.no_sync(sync=micro_step == accum - 1):
-                loss = self.loss(inputs, targets) / accum
-                self.engine.backward(loss)
-            loss_sum += loss.detach()
-            self.backend.mark_step()
+        with self.fp8_step():  # Habana TE: one FP8 region per optimizer step; a no-op otherwise
+            for micro_step in range(accum):
+                inputs, targets = self.batch(self.data.train_batch(self.step, micro_step))
+                with self.engine.no_sync(sync=micro_step == accum - 1):
+                    loss = self.loss(inputs, targets) / accum
+                    self.engine.backward(loss)
+                loss_sum += loss.detach()
+                self.backend.mark_step()
         grad_norm, applied = self.engine.optimizer_step(self.cfg.optim.grad_clip, loss_sum)
         if applied:
             # Delayed scaling: this step's amaxes (max-reduced over data-parallel ranks) set the next step's scales.

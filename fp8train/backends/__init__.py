@@ -40,4 +40,4 @@ def select(cfg: BackendConfig, local_rank: int = 0) -> Backend:
         return CudaBackend(name="cuda", device=torch.device("cuda", local_rank), dist_backend="nccl")
     from fp8train.backends.hpu import HpuBackend
 
-    return HpuBackend(name="hpu", device=torch.device("hpu"), dist_backend="hccl")
+    return HpuBackend(name="hpu", device=torch.device("hpu"), dist_backend="hccl", eager=cfg.compile)

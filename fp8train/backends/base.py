@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fp8train.errors import BackendError
 from fp8train.fp8.ops import Fp8Ops
 
 
@@ -54,5 +55,23 @@ class Backend:
         """The FP8 quantize and matmul primitives of this device (here: emulation, exact but not fast)."""
         return Fp8Ops()
 
+    def fuse(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Swap in the device's fused kernels (norms, attention) where it has them; the model code stays plain."""
+        return model
+
+    def te_linear(self, linear: torch.nn.Linear) -> torch.nn.Module:
+        """``linear`` run by the device's Transformer Engine (precision.engine=te)."""
+        raise BackendError(TE_NEEDS_HPU.format(name=self.name))
+
+    def fp8_autocast(self, cfg, group) -> contextlib.AbstractContextManager:
+        """The Transformer Engine's FP8 region around one optimizer step (precision.engine=te)."""
+        raise BackendError(TE_NEEDS_HPU.format(name=self.name))
+
     def describe(self) -> str:
         return self.name
+
+
+TE_NEEDS_HPU = (
+    "precision.engine=te runs FP8 through Habana's Transformer Engine, which needs backend.name=hpu (this run: "
+    "{name}); use precision.engine=native, fp8train's own FP8 linears, on this device."
+)

@@ -2,10 +2,21 @@
 
 Not run on Gaudi hardware in fp8train's own tests (there is none in CI); written against the documented API
 of Habana's software 1.19-1.24. Kept thin on purpose: everything here is a direct call into Habana's package.
+tests/hpu runs it on a Gaudi: ``python -m pytest tests/hpu``.
+
+- Mode: ``PT_HPU_LAZY_MODE`` is read once, when habana_frameworks is first imported, so it is set here before
+  that import: 1 (lazy: ops gather into graphs cut by ``mark_step``) unless the run asks for
+  ``backend.compile=true`` (eager mode + ``torch.compile(backend="hpu_backend")``). A value already in the
+  environment wins.
+- Communication: importing ``habana_frameworks.torch.distributed.hccl`` registers the ``hccl`` backend.
+- Kernels: Habana's fused RMSNorm and SDPA replace the model's plain ones (``fuse``); RoPE stays in PyTorch.
+- FP8, two engines: ``native`` = fp8train's Fp8Linear with ``HpuFp8Ops`` (Gaudi2 casts and GEMMs), ``te`` =
+  Habana's Transformer Engine (fp8train/backends/hpu_te.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 from dataclasses import dataclass
@@ -14,15 +25,19 @@ import torch
 
 from fp8train.backends.base import Backend
 from fp8train.errors import BackendError
+from fp8train.fp8 import formats
+from fp8train.fp8.ops import Fp8Ops, amax_of
 
 GAUDI_IMAGE = "vault.habana.ai/gaudi-docker/1.23.0/ubuntu22.04/habanalabs/pytorch-installer-2.9.0:latest"
 
 
-def import_habana():
-    """Import Habana's bridge; lazy mode must be chosen before the first import, so it is set here."""
-    os.environ.setdefault("PT_HPU_LAZY_MODE", "1")
+def import_habana(eager: bool = False):
+    """Import Habana's bridge; lazy or eager mode must be chosen before the first import, so it is set here."""
+    os.environ.setdefault("PT_HPU_LAZY_MODE", "0" if eager else "1")
     try:
-        return importlib.import_module("habana_frameworks.torch.core")
+        core = importlib.import_module("habana_frameworks.torch.core")
+        importlib.import_module("habana_frameworks.torch.distributed.hccl")  # registers the "hccl" backend
+        return core
     except ImportError as e:
         raise BackendError(
             f"backend.name=hpu needs Habana's PyTorch bridge (habana_frameworks), which is not installed here "
@@ -35,12 +50,45 @@ def lazy_mode() -> bool:
     return os.environ.get("PT_HPU_LAZY_MODE", "1") == "1"
 
 
+class HpuFp8Ops(Fp8Ops):
+    """Gaudi2's FP8 cast and GEMM (``torch.ops.hpu``). E4M3 saturates at 240 in hardware; GEMM operands must share
+    one format, which Fp8Linear's ``hybrid`` mode (precision.profile=gaudi2) guarantees."""
+
+    name = "hpu"
+
+    def quantize(self, x, fmt, scale, profile="gaudi2", stochastic=False):
+        q, _ = torch.ops.hpu.cast_to_fp8_v2(
+            x.detach(), scale.float(), stochastic, False, formats.fp8_dtype(fmt)
+        )  # scale multiplies, as in fp8train
+        return q, amax_of(x)
+
+    def scaled_mm(self, a_q, b_q, scale_a, scale_b, out_dtype):
+        if a_q.dtype != b_q.dtype:
+            raise ValueError("Gaudi2 FP8 GEMMs need both operands in one format (precision.profile=gaudi2)")
+        # (M, K) x (N, K)^T -> (M, N); the *_scale_inv arguments multiply the product back to real units.
+        return torch.ops.hpu.fp8_gemm_v2(
+            a_q,
+            False,
+            b_q,
+            True,
+            None,
+            out_dtype,
+            scale_a.float().reciprocal(),
+            scale_b.float().reciprocal(),
+            None,
+            False,
+        )
+
+
 @dataclass
 class HpuBackend(Backend):
+    eager: bool = False  # backend.compile=true: eager mode + torch.compile(backend="hpu_backend")
+
     def __post_init__(self) -> None:
-        self._htcore = import_habana()
+        self._htcore = import_habana(self.eager)
         if not torch.hpu.is_available():
             raise BackendError("backend.name=hpu: habana_frameworks imports but sees no Gaudi device (hl-smi).")
+        self._te = None
 
     def mark_step(self) -> None:
         if lazy_mode():
@@ -57,8 +105,65 @@ class HpuBackend(Backend):
 
     def compile(self, model: torch.nn.Module) -> torch.nn.Module:
         if lazy_mode():
-            raise BackendError("backend.compile=true on hpu needs eager mode: set PT_HPU_LAZY_MODE=0.")
+            raise BackendError(
+                "backend.compile=true on hpu needs eager mode, but PT_HPU_LAZY_MODE=1 is set in the environment: "
+                "unset it (fp8train then picks eager mode for compiled runs) or set PT_HPU_LAZY_MODE=0."
+            )
         return torch.compile(model, backend="hpu_backend")
+
+    def fuse(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Habana's fused RMSNorm and FusedSDPA in place of the model's plain ones (same weights, same math)."""
+        from habana_frameworks.torch.hpex.kernels import FusedSDPA
+        from habana_frameworks.torch.hpex.normalization import FusedRMSNorm
+
+        from fp8train.model.llama import Attention, RMSNorm
+
+        def rms_norm(norm: RMSNorm):
+            def forward(x: torch.Tensor) -> torch.Tensor:
+                return FusedRMSNorm.apply(x, norm.weight.to(x.dtype), norm.eps)  # same dtype for both, as required
+
+            return forward
+
+        def sdpa(q, k, v, is_causal=False, enable_gqa=False):
+            return FusedSDPA.apply(q, k, v, None, 0.0, is_causal, None, "None", False)
+
+        for module in model.modules():
+            if isinstance(module, RMSNorm):
+                module.forward = rms_norm(module)
+            elif isinstance(module, Attention):
+                module.sdpa = sdpa
+        return model
+
+    def has_fused_adamw(self) -> bool:
+        return False  # torch's fused AdamW is CUDA/CPU only; optim.habana_fused selects Habana's FP8 FusedAdamW
+
+    def fp8_ops(self) -> Fp8Ops:
+        return HpuFp8Ops()
+
+    def _transformer_engine(self):
+        if self._te is None:
+            from fp8train.backends.hpu_te import import_te
+
+            self._te = import_te()
+        return self._te
+
+    def te_linear(self, linear: torch.nn.Linear) -> torch.nn.Module:
+        from fp8train.backends.hpu_te import TeLinear
+
+        return TeLinear(linear, self._transformer_engine())
+
+    def fp8_autocast(self, cfg, group) -> contextlib.AbstractContextManager:
+        from fp8train.backends import hpu_te
+
+        te = self._transformer_engine()
+        recipe = hpu_te.delayed_scaling(
+            te,
+            amax_history_len=cfg.amax_history_len,
+            amax_compute_algo=cfg.amax_compute_algo.value,
+            margin=cfg.margin,
+            reduce_amax=group is not None,
+        )
+        return hpu_te.fp8_autocast(te, recipe, group)
 
     def fused_fp8_adamw(
         self, param_groups: list[dict], lr: float, betas: tuple[float, float], eps: float, m_format: str, v_format: str

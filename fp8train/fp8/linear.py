@@ -5,6 +5,10 @@
               dW = Q5(g)^T . Q4(x)
               db = sum of g over tokens, in fp32
 
+Gaudi2's GEMMs cannot mix E4M3 and E5M2 operands, so with ``hybrid=True`` (Habana TE's HYBRID format; set by
+``precision.profile=gaudi2``) the forward also keeps E5M2 copies of x and W and both backward GEMMs run E5M2 x
+E5M2. Their scales follow from the E4M3 ones (the same assumed amax), so no extra scaling state is needed.
+
 Shapes: x (..., K) is flattened to (M, K) tokens; W (N, K); y (..., N). Only the FP8 copies of x and W are saved
 for backward (1 byte per element instead of 2 or 4): that is where FP8 saves activation memory. The scales come
 from three ``TensorScaler`` submodules (input, weight, grad_output); the matmuls from an ``Fp8Ops`` (emulated
@@ -16,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fp8train.fp8 import formats
 from fp8train.fp8.formats import E4M3, E5M2
 from fp8train.fp8.ops import Fp8Ops
 from fp8train.fp8.scaling import ScalingConfig, TensorScaler
@@ -33,6 +38,9 @@ class _Fp8LinearFn(torch.autograd.Function):
             y = ops.scaled_mm(qx, qw, sx, sw, out_dtype)  # (M, N)
             if bias is not None:
                 y = y + bias.to(out_dtype)
+            if layer.hybrid:  # the backward GEMMs get E5M2 copies (one byte each, as the E4M3 ones would be)
+                qx, sx = _as_e5m2(x_MK, sx, layer.input_scaler, ops)
+                qw, sw = _as_e5m2(weight, sw, layer.weight_scaler, ops)
         ctx.save_for_backward(qx, qw, sx, sw)
         ctx.layer = layer
         ctx.x_shape, ctx.x_dtype, ctx.w_dtype = x.shape, x.dtype, weight.dtype
@@ -49,13 +57,26 @@ class _Fp8LinearFn(torch.autograd.Function):
             g_MN = grad_y.reshape(-1, grad_y.shape[-1])
             qg, sg = layer.grad_scaler.quantize(g_MN, ops, stochastic=layer.stochastic_grad)
             if ctx.needs_input_grad[0]:
-                # E5M2 x E4M3: H100 has no E5M2 x E5M2 GEMM, and the weight needs no more than E4M3.
+                # E5M2 x E4M3: H100 has no E5M2 x E5M2 GEMM, and the weight needs no more than E4M3 (hybrid: the
+                # saved copies are E5M2, as Gaudi2 requires).
                 dx = ops.scaled_mm(qg, qw.t(), sg, sw, ctx.x_dtype).reshape(ctx.x_shape)
             if ctx.needs_input_grad[1]:
                 dw = ops.scaled_mm(qg.t(), qx.t(), sg, sx, ctx.w_dtype)  # (N, M) . (K, M)^T -> (N, K)
             if ctx.needs_input_grad[2]:
                 db = g_MN.float().sum(0).to(ctx.bias_dtype)  # summed over all tokens: fp32, not bf16
         return dx, dw, db, None, None, None
+
+
+def _as_e5m2(
+    x: torch.Tensor, scale_e4m3: torch.Tensor, scaler: TensorScaler, ops: Fp8Ops
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x in E5M2 with the scale for the amax the E4M3 scale assumed (fp8_max / scale): the same recipe, history
+    and margin decide both copies, as in Habana TE's hybrid cast."""
+    c = scaler.cfg
+    amax_assumed = scaler.fp8_max / scale_e4m3
+    scale = formats.scale_from_amax(amax_assumed, E5M2, c.profile, 0, c.pow2)
+    q, _ = ops.quantize(x.detach(), E5M2, scale, c.profile)
+    return q, scale
 
 
 class Fp8Linear(nn.Linear):
@@ -70,6 +91,7 @@ class Fp8Linear(nn.Linear):
         scaling: ScalingConfig,
         ops: Fp8Ops | None = None,
         stochastic_grad: bool = False,
+        hybrid: bool = False,
         device=None,
         dtype=None,
     ):
@@ -77,6 +99,7 @@ class Fp8Linear(nn.Linear):
         self.scaling = scaling
         self.ops = ops if ops is not None else Fp8Ops()
         self.stochastic_grad = stochastic_grad  # E5M2 gradients rounded stochastically (unbiased; Gaudi's default)
+        self.hybrid = hybrid  # backward GEMMs E5M2 x E5M2 (Gaudi2) instead of E5M2 x E4M3
         self._make_scalers(self.weight.device)
 
     def _make_scalers(self, device: torch.device) -> None:
@@ -86,7 +109,13 @@ class Fp8Linear(nn.Linear):
 
     @classmethod
     def from_linear(
-        cls, linear: nn.Linear, *, scaling: ScalingConfig, ops: Fp8Ops | None = None, stochastic_grad: bool = False
+        cls,
+        linear: nn.Linear,
+        *,
+        scaling: ScalingConfig,
+        ops: Fp8Ops | None = None,
+        stochastic_grad: bool = False,
+        hybrid: bool = False,
     ) -> Fp8Linear:
         """An Fp8Linear holding the very Parameter objects of ``linear``, so optimizers and ties stay valid."""
         new = cls(
@@ -96,6 +125,7 @@ class Fp8Linear(nn.Linear):
             scaling=scaling,
             ops=ops,
             stochastic_grad=stochastic_grad,
+            hybrid=hybrid,
             device="meta",  # no second copy of the weights, not even for a moment
         )
         new.weight = linear.weight
@@ -116,4 +146,6 @@ class Fp8Linear(nn.Linear):
         return _Fp8LinearFn.apply(x, w, self.bias, self, out_dtype, weight is not None)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, ops={self.ops.name}, stochastic_grad={self.stochastic_grad}"
+        return (
+            f"{super().extra_repr()}, ops={self.ops.name}, stochastic_grad={self.stochastic_grad}, hybrid={self.hybrid}"
+        )

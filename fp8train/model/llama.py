@@ -88,6 +88,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+        # The attention kernel: PyTorch's SDPA; a device backend may put its fused kernel here (same signature).
+        self.sdpa = F.scaled_dot_product_attention
 
     def forward(self, x_BTD: torch.Tensor, cos_TE: torch.Tensor, sin_TE: torch.Tensor) -> torch.Tensor:
         B, T, _ = x_BTD.shape
@@ -99,7 +101,7 @@ class Attention(nn.Module):
         k_BKTE = apply_rope(k_BKTE, cos_TE, sin_TE)
         # Scale 1/sqrt(E) keeps the logits of the softmax O(1) at init; enable_gqa lets query head h read kv head
         # h // (H / K) without materialising the repeated k/v.
-        y_BHTE = F.scaled_dot_product_attention(q_BHTE, k_BKTE, v_BKTE, is_causal=True, enable_gqa=K != H)
+        y_BHTE = self.sdpa(q_BHTE, k_BKTE, v_BKTE, is_causal=True, enable_gqa=K != H)
         y_BTD = y_BHTE.transpose(1, 2).reshape(B, T, H * E)
         return self.o_proj(y_BTD)
 

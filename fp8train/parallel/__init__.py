@@ -58,6 +58,7 @@ class SingleEngine:
 
     rank, world_size, is_main = 0, 1, True
     reduce_amax = None  # FP8 amaxes need no reduction with one process
+    dp_group = None  # the process group of data-parallel ranks (for Habana TE's amax reduction)
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
         self.model = model

@@ -134,6 +134,7 @@ class DeepSpeedEngine(SingleEngine):
         self.stage = cfg.zero_stage
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.is_main = self.rank == 0
+        self.dp_group = dist.group.WORLD
         self.grad_clip = grad_clip
         self.ds_config = build_ds_config(
             cfg,

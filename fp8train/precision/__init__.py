@@ -5,20 +5,24 @@ the configured format (``precision.recipe``) and tells the trainer which autocas
 
 - bf16 / fp32: no module is swapped; bf16 comes from autocast around the forward.
 - fp8: the chosen ``nn.Linear`` layers become ``Fp8Linear`` (E4M3 forward, E5M2 gradients, the backend's FP8
-  ops), the MLPs become the chosen Smooth-SwiGLU variant, and everything else (embeddings, lm_head, norms,
-  attention softmax, linears whose dims are not multiples of 16) runs in bf16 under autocast.
+  ops; ``precision.engine=te``: Habana TE's linear instead), the MLPs become the chosen Smooth-SwiGLU variant,
+  and everything else (embeddings, lm_head, norms, attention softmax, linears whose dims are not multiples of 16)
+  runs in bf16 under autocast.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import Counter
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from fp8train.backends import Backend
-from fp8train.config import PrecisionConfig, Recipe, SmoothSwiGLU
+from fp8train.backends.base import TE_NEEDS_HPU
+from fp8train.config import Fp8Engine, Fp8Profile, PrecisionConfig, Recipe, SmoothSwiGLU
 from fp8train.errors import BackendError
 from fp8train.fp8.linear import Fp8Linear
 from fp8train.fp8.scaling import ScalingConfig
@@ -45,7 +49,7 @@ def convert(model: nn.Module, cfg: PrecisionConfig, backend: Backend) -> nn.Modu
         )
         return model
     check_hardware(cfg, backend)
-    ops = backend.fp8_ops()
+    ops = backend.fp8_ops() if cfg.engine == Fp8Engine.native else None
     wanted = set(cfg.linears)
     if cfg.smooth_swiglu == SmoothSwiGLU.bf16_down:
         wanted.discard("down_proj")  # the paper's other fix: the quadratic tensor never meets FP8
@@ -57,13 +61,7 @@ def convert(model: nn.Module, cfg: PrecisionConfig, backend: Backend) -> nn.Modu
             if child.in_features % 16 or child.out_features % 16:
                 skipped.append(f"{parent_name}.{name}")  # FP8 GEMMs need both dims divisible by 16
                 continue
-            setattr(
-                parent,
-                name,
-                Fp8Linear.from_linear(
-                    child, scaling=scaling_config(cfg), ops=ops, stochastic_grad=cfg.stochastic_grad_rounding
-                ),
-            )
+            setattr(parent, name, fp8_linear(child, cfg, backend, ops))
             swapped[name] += 1
     variant = VARIANTS.get(cfg.smooth_swiglu.value)
     n_mlps = 0
@@ -74,9 +72,9 @@ def convert(model: nn.Module, cfg: PrecisionConfig, backend: Backend) -> nn.Modu
                     setattr(parent, name, variant(child))
                     n_mlps += 1
     log.info(
-        "precision fp8 (%s ops, %s scaling, %s profile): %d linears to FP8 (%s); Smooth-SwiGLU %s%s; kept in bf16: "
+        "precision fp8 (%s, %s scaling, %s profile): %d linears to FP8 (%s); Smooth-SwiGLU %s%s; kept in bf16: "
         "embeddings, lm_head, norms%s%s",
-        ops.name,
+        f"{ops.name} ops" if ops else "Habana TE",
         cfg.scaling.value,
         cfg.profile.value,
         sum(swapped.values()),
@@ -87,6 +85,27 @@ def convert(model: nn.Module, cfg: PrecisionConfig, backend: Backend) -> nn.Modu
         f"; not multiples of 16: {', '.join(skipped)}" if skipped else "",
     )
     return model
+
+
+def fp8_linear(linear: nn.Linear, cfg: PrecisionConfig, backend: Backend, ops) -> nn.Module:
+    """The FP8 replacement of one linear, sharing its parameters."""
+    if cfg.engine == Fp8Engine.te:
+        return backend.te_linear(linear)
+    return Fp8Linear.from_linear(
+        linear,
+        scaling=scaling_config(cfg),
+        ops=ops,
+        stochastic_grad=cfg.stochastic_grad_rounding,
+        hybrid=cfg.profile == Fp8Profile.gaudi2,  # Gaudi2 GEMMs take one format: E5M2 x E5M2 backward
+    )
+
+
+def step_context(cfg: PrecisionConfig, backend: Backend, group) -> Callable[[], contextlib.AbstractContextManager]:
+    """What wraps one optimizer step (every micro-batch's forward and backward): Habana TE's fp8_autocast for
+    precision.engine=te, with amaxes max-reduced over ``group``; nothing otherwise (Fp8Linear scales itself)."""
+    if cfg.recipe == Recipe.fp8 and cfg.engine == Fp8Engine.te:
+        return lambda: backend.fp8_autocast(cfg, group)
+    return contextlib.nullcontext
 
 
 def scaling_config(cfg: PrecisionConfig) -> ScalingConfig:
@@ -102,9 +121,11 @@ def scaling_config(cfg: PrecisionConfig) -> ScalingConfig:
 
 def check_hardware(cfg: PrecisionConfig, backend: Backend) -> None:
     """Refuse what the device cannot do, naming the override that fixes it."""
-    if backend.name == "hpu":
+    if backend.name == "hpu" and cfg.engine == Fp8Engine.native and cfg.profile != Fp8Profile.gaudi2:
         raise BackendError(
-            "precision.recipe=fp8 on backend.name=hpu needs Gaudi's own FP8 path (Habana Transformer Engine or "
-            "torch.ops.hpu casts), which this version of fp8train does not have. Train on Gaudi with "
-            "precision=bf16, or emulate Gaudi2's FP8 numerics on another device with precision.profile=gaudi2."
+            f"precision.engine=native on backend.name=hpu needs precision.profile=gaudi2 (this run: "
+            f"{cfg.profile.value}): Gaudi2 saturates E4M3 at 240 and its GEMMs take one FP8 format, so the backward "
+            f"runs E5M2 x E5M2. Use precision=fp8_smooth_gaudi2, or add precision.profile=gaudi2."
         )
+    if backend.name != "hpu" and cfg.engine == Fp8Engine.te:
+        raise BackendError(TE_NEEDS_HPU.format(name=backend.name))

@@ -11,7 +11,7 @@ from torch import nn
 from fp8train import precision
 from fp8train.backends import select
 from fp8train.backends.base import Backend
-from fp8train.config import BackendConfig, ModelConfig, PrecisionConfig, Recipe, SmoothSwiGLU
+from fp8train.config import BackendConfig, Fp8Engine, Fp8Profile, ModelConfig, PrecisionConfig, Recipe, SmoothSwiGLU
 from fp8train.errors import BackendError
 from fp8train.fp8.linear import Fp8Linear
 from fp8train.model import build_model
@@ -104,7 +104,16 @@ def test_converted_model_trains_without_non_finite_values():
     assert torch.isfinite(loss)
 
 
-def test_fp8_on_gaudi_without_its_fp8_path_names_the_fix():
+def test_gaudi_native_fp8_needs_the_gaudi2_profile_and_te_needs_a_gaudi():
     gaudi = Backend(name="hpu", device=torch.device("cpu"), dist_backend="hccl")
-    with pytest.raises(BackendError, match="precision=bf16.*precision.profile=gaudi2"):
+    with pytest.raises(BackendError, match="engine=native on backend.name=hpu needs precision.profile=gaudi2"):
         precision.convert(model(), fp8(), gaudi)
+    with pytest.raises(BackendError, match="precision.engine=te .* needs backend.name=hpu .*this run: cpu"):
+        precision.convert(model(), fp8(engine=Fp8Engine.te), CPU)
+
+
+def test_gaudi2_profile_makes_linears_hybrid():
+    m = precision.convert(model(), fp8(profile=Fp8Profile.gaudi2), CPU)
+    assert all(mod.hybrid for mod in m.modules() if isinstance(mod, Fp8Linear))
+    m = precision.convert(model(), fp8(), CPU)
+    assert not any(mod.hybrid for mod in m.modules() if isinstance(mod, Fp8Linear))

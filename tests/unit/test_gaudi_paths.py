@@ -1,0 +1,175 @@
+"""The Gaudi2 FP8 engines' wiring, checked on the CPU.
+
+Habana's software cannot run here, so ``precision.engine=te`` is driven by a stand-in module that implements the
+documented TE calls fp8train makes (``te.Linear`` with a passed-in weight, ``fp8_autocast``, ``DelayedScaling``,
+``get/set_extra_state``) with plain PyTorch arithmetic. These tests check fp8train's side: parameters stay
+shared, Smooth-SwiGLU works around TE linears, one autocast spans a whole step with the configured recipe and
+group, and TE's FP8 state survives a safetensors checkpoint. TE's numerics are Habana's and are exercised only
+by tests/hpu on a Gaudi.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from fp8train import precision
+from fp8train.backends.base import Backend
+from fp8train.backends.hpu_te import TeLinear, delayed_scaling
+from fp8train.config import AmaxAlgo, Fp8Engine, ModelConfig, PrecisionConfig, Recipe, SmoothSwiGLU
+from fp8train.model import build_model
+from fp8train.precision.smooth_swiglu import SmoothSwiGLUToken
+
+
+def stand_in_te() -> types.SimpleNamespace:
+    """A module with the shape of Habana TE: Linear, fp8_autocast, recipe.DelayedScaling, recipe.Format."""
+    te = types.SimpleNamespace(entered=[], calls_inside=0, active=False)
+
+    class Linear(nn.Module):
+        def __init__(self, in_features, out_features, bias=True, skip_weight_param_allocation=False, **kw):
+            super().__init__()
+            assert skip_weight_param_allocation, "fp8train passes its own weights"
+            self.kw = kw
+            self.register_buffer("scale_fwd", torch.ones(3))  # stands for TE's FP8 meta (scales, histories)
+
+        def forward(self, inp, weight=None, bias=None, is_first_microbatch=None):
+            if te.active:
+                te.calls_inside += 1
+                self.scale_fwd.add_(1.0)
+            return F.linear(inp, weight, bias)
+
+        def get_extra_state(self):
+            buf = io.BytesIO()
+            torch.save({"scale_fwd": self.scale_fwd.clone()}, buf)
+            return buf
+
+        def set_extra_state(self, state):
+            state.seek(0)
+            self.scale_fwd.copy_(torch.load(state)["scale_fwd"])
+
+    @contextlib.contextmanager
+    def fp8_autocast(enabled=False, fp8_recipe=None, fp8_group=None):
+        te.entered.append((enabled, fp8_recipe, fp8_group))
+        te.active = True
+        try:
+            yield
+        finally:
+            te.active = False
+
+    class DelayedScaling:
+        def __init__(self, **kw):
+            self.kw = kw
+
+    te.Linear = Linear
+    te.fp8_autocast = fp8_autocast
+    te.recipe = types.SimpleNamespace(DelayedScaling=DelayedScaling, Format=types.SimpleNamespace(HYBRID="HYBRID"))
+    return te
+
+
+class StandInGaudi(Backend):
+    """A Backend named hpu whose TE is the stand-in (the real HpuBackend differs only in importing Habana's)."""
+
+    def __init__(self, te):
+        super().__init__(name="hpu", device=torch.device("cpu"), dist_backend="hccl")
+        self.te = te
+
+    def te_linear(self, linear):
+        return TeLinear(linear, self.te)
+
+    def fp8_autocast(self, cfg, group):
+        recipe = delayed_scaling(
+            self.te,
+            amax_history_len=cfg.amax_history_len,
+            amax_compute_algo=cfg.amax_compute_algo.value,
+            margin=cfg.margin,
+            reduce_amax=group is not None,
+        )
+        return self.te.fp8_autocast(enabled=True, fp8_recipe=recipe, fp8_group=group)
+
+
+def te_precision(**kw) -> PrecisionConfig:
+    return PrecisionConfig(name="te", recipe=Recipe.fp8, engine=Fp8Engine.te, smooth_swiglu=SmoothSwiGLU.token, **kw)
+
+
+def small_model() -> nn.Module:
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=128, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=32)
+    return build_model(cfg)
+
+
+def test_te_linears_share_the_model_parameters_and_smooth_swiglu_wraps_them():
+    te = stand_in_te()
+    plain = small_model()
+    params_before = {id(p) for p in plain.parameters()}
+    tokens = torch.randint(0, 128, (2, 16))
+    reference = plain(tokens).detach()
+    m = precision.convert(plain, te_precision(), StandInGaudi(te))
+    assert {id(p) for p in m.parameters()} == params_before  # optimizer, ties and export see the same weights
+    assert isinstance(m.layers[0].mlp, SmoothSwiGLUToken)
+    assert isinstance(m.layers[0].mlp.down_proj, TeLinear) and isinstance(m.layers[0].self_attn.q_proj, TeLinear)
+    assert not isinstance(m.lm_head, TeLinear)
+    # With the stand-in's exact matmuls the converted model is the plain one (Smooth-SwiGLU is exact).
+    torch.testing.assert_close(m(tokens), reference, rtol=1e-5, atol=1e-5)
+
+
+def test_one_fp8_autocast_spans_the_whole_step_with_the_configured_recipe():
+    te = stand_in_te()
+    cfg = te_precision(amax_history_len=16, amax_compute_algo=AmaxAlgo.max, margin=1)
+    backend = StandInGaudi(te)
+    m = precision.convert(small_model(), cfg, backend)
+    group = object()  # the engine's data-parallel group
+    step = precision.step_context(cfg, backend, group)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    w0 = m.layers[0].mlp.up_proj.weight.detach().clone()
+    with step():
+        for _ in range(3):  # micro-batches: forward and backward inside the one region
+            m(torch.randint(0, 128, (2, 16))).logsumexp(-1).mean().backward()
+    opt.step()
+    assert len(te.entered) == 1
+    enabled, recipe, fp8_group = te.entered[0]
+    assert enabled and fp8_group is group
+    assert recipe.kw == {
+        "margin": 1,
+        "interval": 1,
+        "fp8_format": "HYBRID",
+        "amax_history_len": 16,
+        "amax_compute_algo": "max",
+        "reduce_amax": True,
+    }
+    assert te.calls_inside == 3 * 2 * 7  # micro-batches x layers x linears
+    assert not torch.equal(m.layers[0].mlp.up_proj.weight, w0)  # gradients reached the shared parameter
+    assert precision.step_context(PrecisionConfig(), backend, group) is contextlib.nullcontext
+
+
+def test_te_fp8_state_survives_a_safetensors_checkpoint(tmp_path):
+    te = stand_in_te()
+    cfg = te_precision()
+    m = precision.convert(small_model(), cfg, StandInGaudi(te))
+    with precision.step_context(cfg, StandInGaudi(te), None)():
+        m(torch.randint(0, 128, (2, 16)))
+    keys = [k for k in m.state_dict() if k.endswith("_extra_state")]
+    assert len(keys) == 2 * 7 and "layers.0.mlp.down_proj._extra_state" in keys
+    save_model(m, str(tmp_path / "model.safetensors"))
+    fresh = precision.convert(small_model(), cfg, StandInGaudi(stand_in_te()))
+    assert fresh.layers[0].mlp.down_proj.te.scale_fwd[0] == 1.0
+    load_model(fresh, str(tmp_path / "model.safetensors"))
+    assert fresh.layers[0].mlp.down_proj.te.scale_fwd.tolist() == m.layers[0].mlp.down_proj.te.scale_fwd.tolist()
+    assert fresh.layers[0].mlp.down_proj.te.scale_fwd[0] == 2.0
+
+
+@pytest.mark.parametrize("bad", [{"smooth_swiglu": SmoothSwiGLU.channel}, {"scaling": "current"}])
+def test_te_refuses_what_habana_te_cannot_do(bad):
+    from fp8train.config import compose
+    from fp8train.errors import ConfigError
+
+    overrides = ["precision=fp8_smooth_gaudi2", "precision.engine=te"]
+    overrides += [f"precision.{k}={getattr(v, 'value', v)}" for k, v in bad.items()]
+    with pytest.raises(ConfigError, match="precision.engine=te: "):
+        compose(overrides)
