@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 from tqdm import tqdm
@@ -54,7 +55,7 @@ class Trainer:
         if self.launch.rank != 0:
             quiet_logging()
         self.ckpt_root = self.run_dir / "checkpoints"
-        self.resume_from = find_resume_checkpoint(cfg.resume, self.ckpt_root)
+        self.resume_from = on_rank0(find_resume_checkpoint, cfg.resume, self.ckpt_root)  # checksums read once
         torch.manual_seed(cfg.trainer.seed)  # the same initial weights on every rank
         random.seed(cfg.trainer.seed)
         self.data = build_data(
@@ -401,6 +402,23 @@ def quiet_logging() -> None:
     """Ranks other than 0 report only warnings and errors: one rank's progress lines are the run's."""
     logging.getLogger().setLevel(logging.WARNING)
     logging.getLogger("fp8train").setLevel(logging.WARNING)
+
+
+def on_rank0(fn, *args):
+    """``fn(*args)`` computed by rank 0 and handed to every rank; if it raises an Fp8trainError, every rank raises
+    one with the same message, so all ranks go on or stop together."""
+    result = error = None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            result = fn(*args)
+        except Fp8trainError as e:
+            error = e
+    result, message = parallel.broadcast_object((result, None if error is None else str(error)))
+    if error is not None:
+        raise error
+    if message is not None:
+        raise Fp8trainError(message)
+    return result
 
 
 def find_resume_checkpoint(resume: str, ckpt_root: Path) -> Path | None:
