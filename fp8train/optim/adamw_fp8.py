@@ -25,7 +25,8 @@ Tensors under ``min_numel`` elements and 1-D tensors (norms, biases) keep fp32 m
 share of the memory and the most sensitive to noise. A param group may decide for all its tensors with
 ``fp8_moments=True/False``: DeepSpeed's ZeRO hands the optimizer flat 1-D partitions of many parameters, whose
 shape no longer tells a matrix from a norm, so ``optim.build`` sorts parameters into groups by their own shapes.
-On CUDA the per-tensor update is one ``torch.compile``d function (a handful of fused kernels, no Python loop over blocks); on the CPU it runs eagerly.
+On CUDA the per-tensor update is one ``torch.compile``d function (a handful of fused kernels, no Python loop
+over blocks); on the CPU it runs eagerly.
 """
 
 from __future__ import annotations

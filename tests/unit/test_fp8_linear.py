@@ -90,6 +90,7 @@ def test_hybrid_backward_runs_e5m2_by_e5m2_from_the_same_assumed_amax():
         y.backward(g)
     assert torch.equal(ys[0], ys[1])
     g64 = dequantized(g, E5M2)
+
     # current scaling: the E4M3 scale of x assumes amax' = 448 / scale, the E5M2 copy is scaled for amax'.
     def as_e5m2(t):
         s4 = scale_from_amax(t.abs().amax(), E4M3)
