@@ -344,16 +344,37 @@ class LoggerConfig:
         return p.found
 
 
+class OnAlert(str, enum.Enum):
+    warn = "warn"  # console line, wandb alert, an `alerts` entry in outliers.jsonl; training goes on
+    checkpoint = "checkpoint"  # the same, and a checkpoint of the alerting step (kept per trainer.keep_last)
+    stop = "stop"  # the same, then stop with a checkpoint; resume=auto continues
+
+
 @dataclass
 class MonitorConfig:
-    """Per-layer outlier statistics."""
+    """Per-layer outlier statistics (fp8train/monitor): RUN_DIR/outliers.jsonl, wandb outliers/..., alerts."""
 
     enabled: bool = False
+    interval: int = 25  # steps between monitored steps (step 1 is always one); other steps cost nothing
+    top_k: int = 4  # channels of h and aligned neurons listed per layer
+    alert_factor: float = 4.0  # alert when a layer's h amax exceeds this times its running median
+    median_window: int = 20  # monitored steps in that running median
+    min_history: int = 3  # monitored steps of history before the amax rule can fire
+    overflow_ratio: float = 2.0  # alert on FP8 overflow when a saturating tensor's amax_now / amax_assumed > this
+    alerts_after: int = 100  # no alerts up to this step (statistics are still recorded): early training moves fast
+    on_alert: OnAlert = OnAlert.warn
 
     def check(self, at: str) -> list[str]:
         p = _Problems(at, self)
-        if self.enabled:
-            p.add("enabled", "the outlier monitor is not part of this version of fp8train; use monitor=disabled")
+        for name in ("interval", "top_k", "median_window", "min_history"):
+            p.positive(name)
+        p.non_negative("alerts_after")
+        if not self.alert_factor > 1 or not math.isfinite(self.alert_factor):
+            p.add("alert_factor", "must be > 1 (a multiple of the running median)")
+        if not self.overflow_ratio >= 1 or not math.isfinite(self.overflow_ratio):
+            p.add("overflow_ratio", "must be >= 1 (1: any saturation above the assumed amax alerts)")
+        if self.min_history > self.median_window > 0:
+            p.add("min_history", f"must be <= monitor.median_window={self.median_window}")
         return p.found
 
 

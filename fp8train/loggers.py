@@ -34,18 +34,30 @@ class RunLogger:
         self.wandb = None
         if not enabled:
             return
-        _truncate_after(self.metrics_path, resume_step)
-        self._file = open(self.metrics_path, "a", buffering=1)  # line-buffered: a killed run keeps its lines
+        self._file = JsonLines(self.metrics_path, resume_step)
         if cfg.logger.wandb.mode != WandbMode.disabled:
             self.wandb = _init_wandb(cfg, run_dir)
 
     def log(self, metrics: dict, step: int) -> None:
         if not self.enabled:
             return
-        line = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
-        self._file.write(json.dumps(line) + "\n")
+        self._file.write({"step": step, **metrics})
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
+
+    def log_wandb(self, metrics: dict, step: int) -> None:
+        """To wandb only: for the many per-layer values metrics.jsonl should not be flooded with."""
+        if self.enabled and self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
+    def alert(self, title: str, text: str) -> None:
+        """A wandb alert (an e-mail or Slack message in online mode); never fails the run."""
+        if not self.enabled or self.wandb is None:
+            return
+        try:
+            self.wandb.alert(title=title, text=text, level="WARN")
+        except Exception as e:  # offline runs, old wandb versions: the alert is in the console and files anyway
+            log.debug("wandb alert not sent: %s", e)
 
     def summary(self, values: dict) -> None:
         if self.wandb is not None:
@@ -60,9 +72,33 @@ class RunLogger:
             self.wandb = None
 
 
+class JsonLines:
+    """An append-only JSON-lines file of one run (metrics.jsonl, outliers.jsonl), one object per line.
+
+    ``resume_step`` first drops the lines of steps after it: a resumed run rewrites what came after its checkpoint.
+    Line-buffered, so a killed run keeps every line it wrote.
+    """
+
+    def __init__(self, path: Path, resume_step: int = 0):
+        self.path = Path(path)
+        _truncate_after(self.path, resume_step)
+        self._file = open(self.path, "a", buffering=1)
+
+    def write(self, row: dict) -> None:
+        self._file.write(json.dumps({k: _jsonable(v) for k, v in row.items()}) + "\n")
+
+    def close(self) -> None:
+        self._file.close()
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     """All lines of a run's metrics.jsonl (a torn last line from a killed run is skipped)."""
-    path = Path(run_dir) / METRICS_FILE
+    return read_jsonl(Path(run_dir) / METRICS_FILE)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """All lines of a JSON-lines file (a torn last line from a killed run is skipped); [] if there is none."""
+    path = Path(path)
     rows = []
     for line in path.read_text().splitlines() if path.exists() else []:
         try:
@@ -109,7 +145,7 @@ def _truncate_after(path: Path, step: int) -> None:
     """Keep only lines of steps <= step: a resumed run rewrites what came after its checkpoint."""
     if not path.exists():
         return
-    rows = [r for r in read_metrics(path.parent) if r.get("step", 0) <= step]
+    rows = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
     os.replace(tmp, path)
@@ -121,5 +157,9 @@ def _jsonable(v):
     if isinstance(v, float) and not math.isfinite(v):
         return str(v)  # JSON has no NaN/inf; keep them visible as strings
     if dataclasses.is_dataclass(v):
-        return dataclasses.asdict(v)
+        return _jsonable(dataclasses.asdict(v))
+    if isinstance(v, dict):
+        return {k: _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
     return v

@@ -32,6 +32,7 @@ from fp8train.errors import CheckpointError, Fp8trainError
 from fp8train.fp8.scaling import discard_scalers, step_scalers
 from fp8train.loggers import RunLogger, use_progress_bar
 from fp8train.model import build_model
+from fp8train.monitor import build_monitor
 from fp8train.optim.adamw_fp8 import state_bytes_per_param
 
 log = logging.getLogger("fp8train")
@@ -94,6 +95,9 @@ class Trainer:
         self.step = self.load_checkpoint(self.resume_from) if self.resume_from else 0
         self.write_run_files()
         self.logger = RunLogger(cfg, self.run_dir, enabled=self.engine.is_main, resume_step=self.step)
+        self.monitor = build_monitor(
+            cfg.monitor, self.model, self.run_dir, self.step, self.engine.is_main, self.engine.reduce_amax
+        )
 
     # ----------------------------------------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -133,7 +137,8 @@ class Trainer:
                     if (t.eval_every and self.step % t.eval_every == 0) or finished:
                         last.update(self.evaluate())
                     stop = None if finished else self.stop_reason(signals.received)
-                    if (t.checkpoint_every and self.step % t.checkpoint_every == 0) or finished or stop:
+                    periodic = t.checkpoint_every and self.step % t.checkpoint_every == 0
+                    if periodic or finished or stop or self.monitor.checkpoint_requested:
                         self.save_checkpoint()
                     if self.bad_in_a_row >= t.max_bad_steps:
                         raise self.divergence_error()
@@ -150,6 +155,7 @@ class Trainer:
                 bar.close()
                 self.logger.summary({k: v for k, v in last.items() if isinstance(v, (int, float))})
                 self.logger.finish()
+                self.monitor.close()
                 self.engine.close()
         self.log_end(last)
         return last
@@ -162,7 +168,11 @@ class Trainer:
         with self.fp8_step():  # Habana TE: one FP8 region per optimizer step; a no-op otherwise
             for micro_step in range(accum):
                 inputs, targets = self.batch(self.data.train_batch(self.step, micro_step))
-                with self.engine.no_sync(sync=micro_step == accum - 1):
+                # On monitored steps the monitor's hooks and FP8 statistics watch the first micro-batch's fwd + bwd.
+                with (
+                    self.engine.no_sync(sync=micro_step == accum - 1),
+                    self.monitor.capture(self.step + 1, micro_step == 0),
+                ):
                     loss = self.loss(inputs, targets) / accum
                     self.engine.backward(loss)
                 loss_sum += loss.detach()
@@ -174,6 +184,7 @@ class Trainer:
             self.bad_in_a_row = 0
         else:
             self.skip_step(loss_sum, grad_norm)
+        self.monitor.collect(self.step + 1, self.logger)  # monitored steps only: statistics, alerts, outliers.jsonl
         # The schedule advances even over a skipped step: step t always trains on batch t with the lr of step t.
         self.scheduler.step()
         self.backend.mark_step()
@@ -206,6 +217,8 @@ class Trainer:
             return f"received {signal_name}"
         if t.stop_at is not None and self.step >= t.stop_at:
             return "trainer.stop_at"
+        if self.monitor.stop_reason:  # the same on every rank: the monitor's alert inputs are max-reduced
+            return self.monitor.stop_reason
         if self.bad_in_a_row >= t.max_bad_steps:
             return "diverged"
         return None
@@ -253,8 +266,10 @@ class Trainer:
         return found[0] if found else None
 
     def loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        # The micro-batch the monitor watches runs eagerly: a compiled graph never sees its hooks (no recompiles).
+        forward = self.model if self.monitor.capturing else self.forward
         with self.backend.autocast(self.autocast_dtype):
-            logits = self.forward(inputs)
+            logits = forward(inputs)
         # Cross-entropy in fp32: log-softmax over a large vocabulary loses too much in bf16.
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 

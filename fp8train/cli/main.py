@@ -57,6 +57,17 @@ def cmd_compare(args: argparse.Namespace) -> None:
     print(f"wrote {out / 'compare.png'} and {out / 'compare.md'}")
 
 
+def cmd_report(args: argparse.Namespace) -> None:
+    """Heatmaps and a summary of a run's outlier statistics (RUN_DIR/outliers.jsonl)."""
+    from pathlib import Path
+
+    from fp8train.cli.report import FILES, report
+
+    out = Path(args.out) if args.out else Path(args.run_dir) / "report"
+    print(report(Path(args.run_dir), out))
+    print(f"wrote {', '.join(FILES)} to {out}")
+
+
 def cmd_import_hf(args: argparse.Namespace) -> None:
     """Turn a local Hugging Face Llama folder into weights fp8train starts from (model.init_from=OUT)."""
     from pathlib import Path
@@ -93,6 +104,10 @@ def main(argv: list[str] | None = None) -> None:
     cmp.add_argument("runs", nargs="+", help="run directories (each with metrics.jsonl and config.yaml)")
     cmp.add_argument("--out", help="output folder (default: RUNS' common parent/compare)")
     cmp.set_defaults(func=cmd_compare)
+    rep = sub.add_parser("report", help="heatmaps and a summary of a run's outliers.jsonl (monitor=default)")
+    rep.add_argument("run_dir", help="a run directory with outliers.jsonl")
+    rep.add_argument("--out", help="output folder (default: RUN_DIR/report)")
+    rep.set_defaults(func=cmd_report)
 
     if argv[:1] == ["train"]:  # Hydra parses its own arguments (overrides, -m, --cfg job, ...)
         from fp8train.cli.train import main as train_main

@@ -24,6 +24,7 @@ from fp8train.fp8 import formats
 from fp8train.fp8.ops import Fp8Ops, amax_of
 
 RECIPES = ("current", "delayed")
+STAT_NAMES = ("amax", "scale", "saturated_frac", "underflow_frac", "amax_ratio")  # what pop_stats() reports
 AMAX_ALGOS = ("max", "most_recent")
 
 
@@ -127,7 +128,9 @@ class TensorScaler(nn.Module):
     @torch.no_grad()
     def count(self, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> None:
         """Add to the counters: elements beyond the format's max (saturated) and nonzeros quantized to 0."""
-        self.n_saturated.add_(((x.float() * scale).abs() > self.fp8_max).sum())
+        # With scale = fp8_max / amax rounded to fp32, the largest element can land an ulp or two above fp8_max;
+        # clamping that loses nothing, so only what exceeds fp8_max by more than fp32 rounding counts.
+        self.n_saturated.add_(((x.float() * scale).abs() > self.fp8_max * (1 + 2**-20)).sum())
         self.n_underflow.add_(((x != 0) & (q.float() == 0)).sum())
         self.n_elements.add_(x.numel())
 
@@ -162,6 +165,12 @@ class TensorScaler(nn.Module):
         where amax_assumed = fp8_max / scale (> 1 means that tensor overflowed its scale). All zero unless
         ``track_stats`` was on. One device sync per call.
         """
+        return dict(zip(STAT_NAMES, self.pop_stats_tensor().tolist()))
+
+    @torch.no_grad()
+    def pop_stats_tensor(self) -> torch.Tensor:
+        """``pop_stats()`` as a (5,) float64 tensor in ``STAT_NAMES`` order, left on the device (no sync): many
+        scalers' statistics can then be stacked and read in one transfer."""
         n = self.n_elements.clamp(min=1).double()
         values = torch.stack(
             [
@@ -171,10 +180,10 @@ class TensorScaler(nn.Module):
                 self.n_underflow.double() / n,
                 self.stat_ratio.double(),
             ]
-        ).tolist()
+        )
         for buf in (self.n_saturated, self.n_underflow, self.n_elements, self.stat_amax, self.stat_ratio):
             buf.zero_()
-        return dict(zip(("amax", "scale", "saturated_frac", "underflow_frac", "amax_ratio"), values))
+        return values
 
 
 def fp8_scalers(model: nn.Module) -> list[TensorScaler]:

@@ -1,0 +1,284 @@
+"""``fp8train report RUN_DIR``: heatmaps and a text summary of a run's outliers.jsonl.
+
+Files written (default: RUN_DIR/report/):
+- ``h_amax.png``: amax of the SwiGLU down-projection input h, layers x monitored steps, log colour scale;
+- ``alignment.png``: max |cos(W_up[j], W_gate[j])| over the neurons j of each layer, layers x steps;
+- ``fp8_overflow.png``: per layer and step, the largest % of saturated elements and the largest
+  amax_now / amax_assumed over the layer's FP8 tensors (> 1: the tensor overflowed the scale it was given);
+- ``worst_layers.png``: h amax and the down projection's actual input amax of the layers with the largest h, over
+  steps, alerts marked;
+- ``summary.txt``: what :func:`report` prints.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from fp8train.errors import Fp8trainError
+from fp8train.loggers import read_jsonl
+from fp8train.monitor.monitor import OUTLIERS_FILE
+
+FILES = ("h_amax.png", "alignment.png", "fp8_overflow.png", "worst_layers.png", "summary.txt")
+WORST = 4  # layers drawn in worst_layers.png
+
+
+@dataclass
+class Outliers:
+    """outliers.jsonl as step x layer tables (NaN where a value is missing)."""
+
+    steps: list[int]
+    layers: list[int]
+    rows: list[dict]  # the lines of outliers.jsonl, one per monitored step
+
+    @classmethod
+    def load(cls, run_dir: Path) -> Outliers:
+        path = Path(run_dir) / OUTLIERS_FILE
+        rows = [r for r in read_jsonl(path) if isinstance(r.get("layers"), list)]
+        if not rows:
+            what = "is empty" if path.exists() else "does not exist"
+            raise Fp8trainError(
+                f"{path} {what}: no outlier statistics to report. The monitor writes it during training with "
+                f"monitor=default (or monitor.enabled=true); check that RUN_DIR is a run directory of such a run."
+            )
+        rows = list({r["step"]: r for r in rows}.values())  # one line per step (the last, should a step repeat)
+        rows.sort(key=lambda r: r["step"])
+        layers = sorted({entry["layer"] for r in rows for entry in r["layers"]})
+        return cls([r["step"] for r in rows], layers, rows)
+
+    def table(self, value) -> list[list[float]]:
+        """[layer][step] of ``value(layer_entry)`` (a number or None)."""
+        out = [[math.nan] * len(self.steps) for _ in self.layers]
+        where = {layer: i for i, layer in enumerate(self.layers)}
+        for j, r in enumerate(self.rows):
+            for entry in r["layers"]:
+                v = value(entry)
+                if isinstance(v, (int, float)):
+                    out[where[entry["layer"]]][j] = float(v)
+        return out
+
+    def field(self, key: str) -> list[list[float]]:
+        return self.table(lambda e: e.get(key))
+
+    @property
+    def alerts(self) -> list[dict]:
+        return [a for r in self.rows for a in r.get("alerts", [])]
+
+
+def fp8_worst(stat: str, group: str):
+    """The largest ``stat`` over one layer entry's FP8 tensors of ``group`` (None if it has none)."""
+
+    def value(entry: dict):
+        values = [
+            s[stat]
+            for name, s in entry.get("fp8", {}).items()
+            if tensor_group(name) == group and isinstance(s.get(stat), (int, float))
+        ]
+        return max(values) if values else None
+
+    return value
+
+
+def report(run_dir: Path, out: Path) -> str:
+    """Write the PNGs and summary.txt into ``out``; return the summary."""
+    data = Outliers.load(run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    text = summary(data, run_dir)
+    (out / "summary.txt").write_text(text + "\n")
+    draw(data, out)
+    return text
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def _finite(values) -> list[float]:
+    return [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+
+
+def summary(data: Outliers, run_dir: Path) -> str:
+    """A few lines: the largest outlier, growth per layer, alignment, FP8 overflow, alerts."""
+    steps, first, last = data.steps, data.rows[0], data.rows[-1]
+    lines = [
+        f"{run_dir}: {len(steps)} monitored steps ({steps[0]}..{steps[-1]}), {len(data.layers)} layers"
+        + _precision(run_dir)
+    ]
+    h = data.field("h_amax")
+    peaks = [(v, data.layers[i], steps[j]) for i, row in enumerate(h) for j, v in enumerate(row) if math.isfinite(v)]
+    if peaks:
+        v, layer, step = max(peaks)
+        entry = _entry(data.rows[steps.index(step)], layer)
+        top = entry.get("top_channels") or [[None, None]]
+        lines.append(
+            f"largest h amax: {v:.4g} in layer {layer} at step {step} (amax/RMS {entry.get('h_amax_over_rms', 0):.3g}, "
+            f"kurtosis {entry.get('h_kurtosis', 0):.3g}, top channel {top[0][0]})"
+        )
+        growth = []
+        for i, layer in enumerate(data.layers):
+            vals = _finite(h[i])
+            if vals and vals[0] > 0:
+                growth.append(f"layer {layer} x{vals[-1] / vals[0]:.3g}")
+        lines.append(f"h amax growth, step {steps[0]} -> {steps[-1]}: " + ", ".join(growth))
+    cos_last = [(e.get("cos_max_abs"), e["layer"], e) for e in last["layers"] if "cos_max_abs" in e]
+    if cos_last:
+        cos, layer, e = max(cos_last, key=lambda t: t[0])
+        first_cos = max(_finite(e0.get("cos_max_abs") for e0 in first["layers"]), default=math.nan)
+        neuron = (e.get("aligned_neurons") or [[None]])[0][0]
+        frac = max(_finite(x.get("cos_frac_above_half") for x in last["layers"]), default=math.nan)
+        lines.append(
+            f"alignment: max |cos(W_up, W_gate)| {first_cos:.3f} at step {steps[0]} -> {cos:.3f} at step {steps[-1]} "
+            f"(layer {layer}, neuron {neuron}); largest fraction of neurons above 0.5: {100 * frac:.2f}%"
+        )
+    lines += _overflow_lines(data)
+    alerts = data.alerts
+    if alerts:
+        counts: dict[str, int] = {}
+        for a in alerts:
+            what = f"{a['kind']} ({GROUP_NAMES[tensor_group(a['tensor'])]})" if a["tensor"] != "h" else a["kind"]
+            counts[what] = counts.get(what, 0) + 1
+        lines.append(
+            f"alerts: {len(alerts)}: {', '.join(f'{n} {k}' for k, n in sorted(counts.items()))}; "
+            f"first at step {alerts[0]['step']}: {alerts[0]['message']}"
+        )
+    else:
+        lines.append("alerts: none")
+    return "\n".join(lines)
+
+
+# FP8 tensors are summarised in four groups: the down projection's input (the tensor Smooth-SwiGLU changes), the
+# other linears' inputs, the weights and the output gradients.
+GROUP_NAMES = {"down_in": "down_proj input", "input": "other inputs", "weight": "weights", "grad": "gradients"}
+
+
+def tensor_group(name: str) -> str:
+    """ "mlp.down_proj.input" -> "down_in"; "self_attn.q_proj.grad" -> "grad"."""
+    return "down_in" if name == "mlp.down_proj.input" else name.rsplit(".", 1)[-1]
+
+
+def _overflow_lines(data: Outliers) -> list[str]:
+    """Per group of FP8 tensors: at how many (layer, monitored step) pairs some element saturated, and the worst."""
+    groups: dict[str, list[tuple]] = {g: [] for g in GROUP_NAMES}
+    for r in data.rows:
+        for e in r["layers"]:
+            for name, s in e.get("fp8", {}).items():
+                groups.setdefault(tensor_group(name), []).append(
+                    (s["amax_ratio"] if s["saturated_frac"] > 0 else 0.0, s["saturated_frac"], r["step"], e["layer"])
+                )
+    if not any(groups.values()):
+        return ["FP8: no FP8 tensors in this run"]
+    lines = []
+    for group, found in groups.items():
+        if not found:
+            continue
+        n_pairs = len({(step, layer) for _, _, step, layer in found})
+        hit = {(step, layer) for ratio, _, step, layer in found if ratio > 0}
+        line = f"FP8 {GROUP_NAMES.get(group, group)}: saturated at {len(hit)} of {n_pairs} (layer, step) pairs"
+        if hit:
+            ratio, sat, step, layer = max(found)
+            line += f"; worst {ratio:.3g}x the amax its scale assumed (layer {layer}, step {step}, {100 * sat:.3g}%)"
+        lines.append(line)
+    return lines
+
+
+def _entry(row: dict, layer: int) -> dict:
+    return next((e for e in row["layers"] if e["layer"] == layer), {})
+
+
+def _precision(run_dir: Path) -> str:
+    cfg = Path(run_dir) / "config.yaml"
+    if not cfg.is_file():
+        return ""
+    from omegaconf import OmegaConf
+
+    try:
+        return f", precision {OmegaConf.load(cfg).precision.name}"
+    except Exception:  # a config from another version: the summary does without it
+        return ""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def draw(data: Outliers, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: works on machines without a display
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm, TwoSlopeNorm
+
+    def heatmap(ax, table, title, label, norm=None, cmap="viridis", vmin=None, vmax=None):
+        img = ax.imshow(
+            table, aspect="auto", origin="lower", interpolation="nearest", cmap=cmap, norm=norm, vmin=vmin, vmax=vmax
+        )
+        ax.set(title=title, xlabel="monitored step", ylabel="layer")
+        ticks = sorted({0, len(data.steps) - 1, *range(0, len(data.steps), max(1, len(data.steps) // 5))})
+        ax.set_xticks(ticks, [str(data.steps[t]) for t in ticks])
+        ax.set_yticks(range(len(data.layers)), [str(layer) for layer in data.layers])
+        plt.colorbar(img, ax=ax, label=label)
+
+    def save(fig, name):
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=90)
+        plt.close(fig)
+
+    h = data.field("h_amax")
+    positive = [v for row in h for v in row if math.isfinite(v) and v > 0]
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    norm = LogNorm(vmin=min(positive), vmax=max(positive)) if positive else None
+    heatmap(ax, h, "amax of h = silu(g) * u (down-projection input, plain SwiGLU)", "amax (log scale)", norm=norm)
+    save(fig, "h_amax.png")
+
+    fig, (ax_max, ax_frac) = plt.subplots(1, 2, figsize=(13, 3.6))
+    heatmap(ax_max, data.field("cos_max_abs"), "max |cos(W_up[j], W_gate[j])| over neurons j", "|cos|", vmin=0, vmax=1)
+    frac = [[100 * v for v in row] for row in data.field("cos_frac_above_half")]
+    heatmap(ax_frac, frac, "neurons with |cos(W_up[j], W_gate[j])| > 0.5", "% of neurons", vmin=0)
+    save(fig, "alignment.png")
+
+    present = {tensor_group(n) for r in data.rows for e in r["layers"] for n in e.get("fp8", {})}
+    groups = [g for g in GROUP_NAMES if g in present]
+    fig, axes = plt.subplots(2, max(1, len(groups)), figsize=(4.2 * max(1, len(groups)), 6.4), squeeze=False)
+    for col, group in enumerate(groups):
+        ratio = data.table(fp8_worst("amax_ratio", group))
+        top = max(_finite(v for row in ratio for v in row), default=1.0)
+        centred = TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=max(2.0, top))  # white at 1, red: overflow
+        heatmap(
+            axes[0][col], ratio, f"{GROUP_NAMES[group]}: amax ratio", "amax_now / amax_assumed", centred, "coolwarm"
+        )
+        sat = [[100 * v for v in row] for row in data.table(fp8_worst("saturated_frac", group))]
+        top_sat = max(max(_finite(v for row in sat for v in row), default=0.0), 1e-3)  # all zero: black, not grey
+        heatmap(axes[1][col], sat, f"{GROUP_NAMES[group]}: saturated elements", "%", cmap="magma", vmin=0, vmax=top_sat)
+    if not groups:
+        for ax in axes.flat:
+            ax.set_axis_off()
+        axes[0][0].text(0.5, 0.5, "no FP8 tensors in this run", ha="center", va="center")
+    fig.suptitle("FP8 overflow per layer and monitored step (worst tensor of each group)")
+    save(fig, "fp8_overflow.png")
+
+    save(draw_worst(data, plt), "worst_layers.png")
+
+
+def draw_worst(data: Outliers, plt):
+    """h amax and the down projection's input amax over steps, for the layers with the largest h amax (at most
+    WORST of them); steps with an alert in that layer are marked with a red x."""
+    h, down = data.field("h_amax"), data.field("down_in_amax")
+    peak = {i: max(_finite(h[i]), default=-math.inf) for i in range(len(data.layers))}
+    worst = sorted(peak, key=peak.get, reverse=True)[:WORST]
+    fig, (ax_h, ax_d) = plt.subplots(1, 2, figsize=(13, 4))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    marks = {"h": ax_h, "mlp.down_proj.input": ax_d}  # spike alerts on h, overflow alerts on the down input
+    alerts = {(a["tensor"], a["layer"], a["step"]) for a in data.alerts}
+    for n, i in enumerate(worst):
+        layer, style = data.layers[i], {"color": colors[n % len(colors)], "label": f"layer {data.layers[i]}"}
+        ax_h.plot(data.steps, h[i], marker=".", **style)
+        ax_d.plot(data.steps, down[i], marker=".", **style)
+        for (tensor, ax), table in zip(marks.items(), (h, down)):
+            hits = [j for j, s in enumerate(data.steps) if (tensor, layer, s) in alerts]
+            ax.plot([data.steps[j] for j in hits], [table[i][j] for j in hits], "x", color="red", markersize=9)
+    ax_h.set(title="amax of h = silu(g) * u (x: amax spike alert)", xlabel="step", ylabel="amax", yscale="log")
+    ax_d.set(
+        title="amax of the down projection's actual input (x: FP8 overflow alert)",
+        xlabel="step",
+        ylabel="amax",
+        yscale="log",
+    )
+    for ax in (ax_h, ax_d):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return fig

@@ -1,0 +1,394 @@
+"""``OutlierMonitor``: per-layer outlier statistics on monitored steps, alerts, outliers.jsonl and wandb.
+
+Monitored steps are step 1 and every ``monitor.interval``-th step. On one of them, and only on its first
+micro-batch, the monitor
+
+1. hooks every SwiGLU MLP (whatever Smooth-SwiGLU variant replaced it: they all keep gate_proj, up_proj,
+   down_proj): the outputs of gate_proj and up_proj give g and u, from which it computes the plain SwiGLU
+   ``h = silu(g) * u`` (the tensor that grows quadratically under alignment), and the input of down_proj gives
+   what the down projection actually receives (= h for plain SwiGLU, ``silu(g) * u / s_t`` for Smooth-SwiGLU
+   ``token``, ``h / s`` for ``channel``). The statistics are reduced to a few numbers inside the hook, so no
+   activation is kept alive;
+2. turns on ``track_stats`` of every FP8 tensor scaler, through the forward and the backward of that micro-batch
+   (input, weight and output-gradient of each Fp8Linear: amax, scale used, % saturated, % flushed to zero,
+   amax_now / amax_assumed).
+
+After the optimizer step it adds the W_up / W_gate alignment of every neuron, reads everything with one device
+sync, applies the alert rules and writes one line to outliers.jsonl. Other steps run exactly as without a
+monitor: no hooks, no extra work, no sync.
+
+Under data parallelism the amaxes and FP8 figures are max-reduced over ranks before the alert rules run, so every
+rank takes the same decision (an ``on_alert=stop`` stops them all); the distribution statistics (RMS, kurtosis,
+top channels) are those of rank 0's micro-batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fp8train.config import MonitorConfig, OnAlert
+from fp8train.fp8.scaling import STAT_NAMES, TensorScaler
+from fp8train.loggers import JsonLines, RunLogger, read_jsonl
+from fp8train.monitor import stats
+from fp8train.monitor.alerts import Alert, SpikeRule, overflowed
+
+log = logging.getLogger("fp8train")
+
+OUTLIERS_FILE = "outliers.jsonl"
+# amaxes and FP8 figures taken as the max over data-parallel ranks (the scale is the same on every rank)
+_REDUCED = ("h_amax", "u_amax", "g_amax", "down_in_amax")
+_FP8_REDUCED = tuple(i for i, name in enumerate(STAT_NAMES) if name != "scale")
+
+
+@dataclass
+class LayerTaps:
+    """What the monitor watches in one transformer layer."""
+
+    index: int
+    name: str  # module path of the layer, e.g. "layers.3"
+    mlp: nn.Module
+    fp8: dict[str, TensorScaler] = field(default_factory=dict)  # "mlp.down_proj.input" -> its scaler
+
+
+def find_layers(model: nn.Module) -> list[LayerTaps]:
+    """Every SwiGLU MLP (a module with gate_proj, up_proj and down_proj), in order, with the FP8 scalers of its
+    layer (the MLP's parent: attention and MLP linears)."""
+    modules = dict(model.named_modules())
+    layers = []
+    for name, m in modules.items():
+        if not all(hasattr(m, a) for a in ("gate_proj", "up_proj", "down_proj")):
+            continue
+        prefix = name.rpartition(".")[0]  # "layers.3.mlp" -> "layers.3"
+        start = f"{prefix}." if prefix else ""
+        fp8 = {
+            sub[len(start) :].removesuffix("_scaler"): s
+            for sub, s in modules.items()
+            if isinstance(s, TensorScaler) and sub.startswith(start)
+        }
+        layers.append(LayerTaps(len(layers), prefix or name, m, fp8))
+    return layers
+
+
+class OutlierMonitor:
+    """Statistics, alerts and their records on monitored steps (see the module docstring)."""
+
+    def __init__(
+        self,
+        cfg: MonitorConfig,
+        model: nn.Module,
+        run_dir: Path,
+        resume_step: int = 0,
+        write: bool = True,
+        reduce_max: Callable[[torch.Tensor], None] | None = None,
+    ):
+        self.cfg = cfg
+        self.layers = find_layers(model)
+        self.reduce_max = reduce_max
+        self.spikes = SpikeRule(cfg.alert_factor, cfg.median_window, cfg.min_history)
+        self.capturing = False
+        self.alerts: list[Alert] = []  # the alerts of the last monitored step
+        self._captured: dict[int, dict[str, torch.Tensor]] = {}
+        self._gate: dict[int, torch.Tensor] = {}  # layer -> g, until up_proj's output arrives
+        path = Path(run_dir) / OUTLIERS_FILE
+        if resume_step:
+            self._replay(path, resume_step)
+        self.file = JsonLines(path, resume_step) if write else None
+        if not self.layers:
+            log.warning("monitor: the model has no SwiGLU MLP (gate_proj, up_proj, down_proj): only FP8 statistics")
+
+    def is_monitored(self, step: int) -> bool:
+        """Step 1 and every interval-th step (steps count from 1: the step being trained)."""
+        return step == 1 or step % self.cfg.interval == 0
+
+    # ------------------------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def capture(self, step: int, first_micro_batch: bool = True) -> Iterator[bool]:
+        """Around the forward and backward of a micro-batch: hooks and FP8 statistics on, if this is the first
+        micro-batch of a monitored step. Yields whether it captures (then run the forward on the eager model)."""
+        if not (first_micro_batch and self.is_monitored(step)):
+            yield False
+            return
+        self._captured, self._gate = {}, {}
+        handles = self._hooks()
+        scalers = self._scalers()
+        for s in scalers:
+            s.pop_stats_tensor()  # start from zero (a capture interrupted by an exception may have left counts)
+            s.track_stats = True
+        self.capturing = True
+        try:
+            yield True
+        finally:
+            self.capturing = False
+            for s in scalers:
+                s.track_stats = False
+            for h in handles:
+                h.remove()
+            self._gate = {}
+
+    def _scalers(self) -> list[TensorScaler]:
+        return [s for layer in self.layers for s in layer.fp8.values()]
+
+    def _hooks(self) -> list[torch.utils.hooks.RemovableHandle]:
+        handles = []
+        for layer in self.layers:
+            mlp = layer.mlp
+            handles.append(mlp.gate_proj.register_forward_hook(self._keep_g(layer.index)))
+            handles.append(mlp.up_proj.register_forward_hook(self._measure_h(layer.index)))
+            handles.append(mlp.down_proj.register_forward_pre_hook(self._measure_down_input(layer.index)))
+        return handles
+
+    def _keep_g(self, index: int):
+        def hook(module, args, g):
+            self._gate.setdefault(index, g.detach())
+
+        return hook
+
+    def _measure_h(self, index: int):
+        """Every variant computes g before u: at up_proj's output both are known, and h can be measured."""
+
+        def hook(module, args, u):
+            g = self._gate.pop(index, None)
+            if index in self._captured or g is None:  # a recomputed forward: keep the first
+                return
+            with torch.no_grad(), torch.autocast(u.device.type, enabled=False):
+                h = stats.h_from(g, u)  # (M, F) fp32, freed when the hook returns
+                self._captured[index] = {
+                    **stats.h_stats(h, self.cfg.top_k),
+                    "u_amax": u.detach().abs().amax().float(),
+                    "g_amax": g.abs().amax().float(),
+                }
+
+        return hook
+
+    def _measure_down_input(self, index: int):
+        def hook(module, args):
+            entry = self._captured.get(index)
+            if entry is not None and "down_in_amax" not in entry:
+                entry["down_in_amax"] = args[0].detach().abs().amax().float()
+
+        return hook
+
+    # ------------------------------------------------------------------------------------------------------------
+    def collect(self, step: int, logger: RunLogger | None = None) -> list[Alert]:
+        """After the optimizer step of ``step``: read the statistics (one device sync), alert, write, log.
+
+        Does nothing on steps that are not monitored. Returns this step's alerts (also kept in ``self.alerts``).
+        """
+        self.alerts = []
+        if not self.is_monitored(step):
+            return []
+        records = self._records()
+        self.alerts = self._check(step, records)
+        for a in self.alerts:
+            log.warning("step %d: outlier alert: %s", step, a.message)
+            if logger is not None:
+                logger.alert(f"fp8train: {a.kind} in layer {a.layer}", f"step {step}: {a.message}")
+        if self.file is not None:
+            self.file.write({"step": step, "layers": records, "alerts": [a.to_json() for a in self.alerts]})
+        if logger is not None:
+            logger.log_wandb(wandb_metrics(records, len(self.alerts)), step)
+        log.info("step %d: outliers: %s", step, one_line(records))
+        self._captured = {}
+        return self.alerts
+
+    def _records(self) -> list[dict]:
+        """Per layer, the statistics as Python numbers (one device sync for the whole model)."""
+        tree = []
+        for layer in self.layers:
+            entry = dict(self._captured.get(layer.index, {}))
+            w_up, w_gate = layer.mlp.up_proj.weight, layer.mlp.gate_proj.weight
+            if w_up.shape == w_gate.shape and w_up.dim() == 2 and w_up.numel():  # ZeRO-3 shards: no alignment
+                entry.update(stats.alignment(w_up, w_gate, self.cfg.top_k))
+            entry["fp8"] = {name: s.pop_stats_tensor() for name, s in layer.fp8.items()}
+            tree.append(entry)
+        self._reduce(tree)
+        host = stats.to_host(tree)
+        return [_record(layer.index, entry) for layer, entry in zip(self.layers, host)]
+
+    def _reduce(self, tree: list[dict]) -> None:
+        """Max-reduce the amaxes and FP8 figures over data-parallel ranks, in place, in one collective."""
+        if self.reduce_max is None:
+            return
+        slots = [(e, k) for e in tree for k in _REDUCED if k in e]
+        fp8 = [(e["fp8"], name) for e in tree for name in e["fp8"]]
+        parts = [e[k].reshape(1).float() for e, k in slots] + [d[n][list(_FP8_REDUCED)].float() for d, n in fp8]
+        if not parts:
+            return
+        flat = torch.cat(parts)
+        self.reduce_max(flat)
+        values = iter(flat.unbind())
+        for e, k in slots:
+            e[k] = next(values)
+        for d, n in fp8:
+            merged = d[n].clone()
+            for i in _FP8_REDUCED:
+                merged[i] = next(values)
+            d[n] = merged
+
+    def _check(self, step: int, records: list[dict]) -> list[Alert]:
+        alerts = []
+        for r in records:
+            i = r["layer"]
+            if "h_amax" in r:
+                amax = r["h_amax"]
+                fires, median = self.spikes.check(f"layer_{i}/h_amax", amax)
+                r["h_amax_vs_median"] = amax / median if median else None
+                if fires:
+                    kind = "amax_spike" if math.isfinite(amax) else "non_finite"
+                    times = f" = {amax / median:.1f}x its running median {median:.4g}" if median else ""
+                    alerts.append(
+                        Alert(step, i, "h", kind, amax, median or math.nan, f"layer {i} h amax {amax:.4g}{times}")
+                    )
+            for name, s in r["fp8"].items():
+                if overflowed(s, self.cfg.overflow_ratio):
+                    alerts.append(
+                        Alert(
+                            step,
+                            i,
+                            name,
+                            "fp8_overflow",
+                            s["amax_ratio"],
+                            s["saturated_frac"],
+                            f"layer {i} {name}: FP8 overflow, amax {s['amax_ratio']:.3g}x what its scale assumed, "
+                            f"{100 * s['saturated_frac']:.3g}% of elements saturated",
+                        )
+                    )
+        # Early training grows every amax many-fold; its values still enter the running medians above.
+        return alerts if step > self.cfg.alerts_after else []
+
+    def _replay(self, path: Path, resume_step: int) -> None:
+        """A resumed run continues the running medians from the monitored steps it keeps (those <= resume_step)."""
+        for row in read_jsonl(path):
+            if row.get("step", 0) <= resume_step:
+                for r in row.get("layers", []):
+                    if isinstance(r.get("h_amax"), (int, float)):
+                        self.spikes.record(f"layer_{r['layer']}/h_amax", r["h_amax"])
+
+    # ------------------------------------------------------------------------------------------------------------
+    @property
+    def checkpoint_requested(self) -> bool:
+        """monitor.on_alert=checkpoint and the step just collected raised an alert."""
+        return bool(self.alerts) and self.cfg.on_alert == OnAlert.checkpoint
+
+    @property
+    def stop_reason(self) -> str | None:
+        """Why to stop after the step just collected (monitor.on_alert=stop and an alert), else None."""
+        if self.alerts and self.cfg.on_alert == OnAlert.stop:
+            return f"monitor.on_alert=stop: {self.alerts[0].message}"
+        return None
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+class DisabledMonitor:
+    """monitor.enabled=false: the same interface, doing nothing."""
+
+    capturing = False
+    alerts: list[Alert] = []
+    checkpoint_requested = False
+    stop_reason = None
+
+    def is_monitored(self, step: int) -> bool:
+        return False
+
+    @contextlib.contextmanager
+    def capture(self, step: int, first_micro_batch: bool = True) -> Iterator[bool]:
+        yield False
+
+    def collect(self, step: int, logger: RunLogger | None = None) -> list[Alert]:
+        return []
+
+    def close(self) -> None:
+        pass
+
+
+def build_monitor(
+    cfg: MonitorConfig,
+    model: nn.Module,
+    run_dir: Path,
+    resume_step: int = 0,
+    write: bool = True,
+    reduce_max: Callable[[torch.Tensor], None] | None = None,
+) -> OutlierMonitor | DisabledMonitor:
+    """The monitor of monitor.enabled; only the main rank should ``write`` outliers.jsonl."""
+    if not cfg.enabled:
+        return DisabledMonitor()
+    return OutlierMonitor(cfg, model, run_dir, resume_step, write, reduce_max)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def _record(index: int, entry: dict) -> dict:
+    """One layer's line in outliers.jsonl: channel and neuron indices as ints, FP8 statistics by name."""
+    r = {"layer": index}
+    for k, v in entry.items():
+        if k == "top_channels":
+            r[k] = [[int(ch), amax] for ch, amax in v]
+        elif k == "aligned_neurons":
+            r[k] = [[int(j), cos, up, gate] for j, cos, up, gate in v]
+        elif k == "fp8":
+            r[k] = {name: dict(zip(STAT_NAMES, values)) for name, values in v.items()}
+        else:
+            r[k] = v
+    return r
+
+
+# Per-layer scalars sent to wandb; the per-tensor FP8 detail stays in outliers.jsonl, except for the down
+# projection's input (the tensor Smooth-SwiGLU is about) and each layer's worst tensor.
+WANDB_KEYS = (
+    "h_amax",
+    "h_rms",
+    "h_amax_over_rms",
+    "h_kurtosis",
+    "h_amax_vs_median",
+    "u_amax",
+    "g_amax",
+    "down_in_amax",
+    "cos_mean_abs",
+    "cos_max_abs",
+    "cos_frac_above_half",
+)
+
+
+def wandb_metrics(records: list[dict], n_alerts: int) -> dict:
+    """``outliers/layer_{i}/...`` scalars of one monitored step."""
+    out: dict[str, float] = {"outliers/alerts": n_alerts}
+    for r in records:
+        base = f"outliers/layer_{r['layer']}"
+        out.update({f"{base}/{k}": r[k] for k in WANDB_KEYS if isinstance(r.get(k), (int, float))})
+        fp8 = r.get("fp8", {})
+        if fp8:
+            for stat in ("saturated_frac", "underflow_frac", "amax_ratio"):
+                out[f"{base}/fp8_{stat}_max"] = max(s[stat] for s in fp8.values())
+            for stat, value in fp8.get("mlp.down_proj.input", {}).items():
+                out[f"{base}/down_proj_input/{stat}"] = value
+    return out
+
+
+def one_line(records: list[dict]) -> str:
+    """The console summary of one monitored step: the layer with the largest h amax, the most aligned neuron,
+    the FP8 tensors that saturated."""
+    parts = []
+    with_h = [r for r in records if isinstance(r.get("h_amax"), (int, float))]
+    if with_h:
+        w = max(with_h, key=lambda r: r["h_amax"])
+        parts.append(f"largest h amax {w['h_amax']:.4g} (layer {w['layer']}, kurtosis {w['h_kurtosis']:.3g})")
+    with_cos = [r for r in records if "cos_max_abs" in r]
+    if with_cos:
+        most = max(with_cos, key=lambda r: r["cos_max_abs"])
+        parts.append(f"max |cos(W_up, W_gate)| {most['cos_max_abs']:.3f} (layer {most['layer']})")
+    n_fp8 = sum(len(r.get("fp8", {})) for r in records)
+    if n_fp8:
+        saturated = sum(1 for r in records for s in r["fp8"].values() if s["saturated_frac"] > 0)
+        parts.append(f"{saturated} of {n_fp8} FP8 tensors saturated")
+    return "; ".join(parts) or "no statistics"

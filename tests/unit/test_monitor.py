@@ -1,0 +1,314 @@
+"""The outlier monitor: each statistic against a direct float64 computation on planted tensors, the alert rules,
+the hooks on a model, and the trainer's on_alert actions."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fp8train.config import MonitorConfig, OnAlert, compose
+from fp8train.fp8.formats import E4M3, fp8_max
+from fp8train.fp8.linear import Fp8Linear
+from fp8train.fp8.scaling import ScalingConfig, fp8_scalers, step_scalers
+from fp8train.model.mlp import SwiGLU
+from fp8train.monitor import OUTLIERS_FILE, Alert, DisabledMonitor, OutlierMonitor, build_monitor, stats
+from fp8train.monitor.alerts import SpikeRule, overflowed
+from fp8train.precision.smooth_swiglu import SmoothSwiGLUToken
+from tests.helpers import SMALL
+
+# ---------------------------------------------------------------------------------------------------------------
+# statistics
+
+
+def test_kurtosis_of_known_distributions():
+    signs = torch.tensor([1.0, -1.0]).repeat(5000)
+    assert stats.kurtosis(signs).item() == pytest.approx(1.0, abs=1e-6)  # the smallest kurtosis there is
+    g = torch.Generator().manual_seed(0)
+    assert stats.kurtosis(torch.randn(400_000, generator=g)).item() == pytest.approx(3.0, abs=0.03)
+    assert stats.kurtosis(torch.rand(400_000, generator=g)).item() == pytest.approx(1.8, abs=0.01)  # uniform
+    # One value a among n - 1 zeros (a scaled Bernoulli(1/n)): kurtosis n^2 / (n - 1) - 3, whatever a is.
+    spike = torch.zeros(1000)
+    spike[123] = 37.0
+    assert stats.kurtosis(spike).item() == pytest.approx(1000**2 / 999 - 3, rel=1e-4)
+    assert stats.kurtosis(torch.full((10,), 2.0)).item() == 0.0  # no variance: reported as 0, not NaN
+
+
+def test_h_stats_match_a_float64_computation_and_find_the_planted_channel():
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(512, 96, generator=g)
+    h[:, 17] *= 40.0  # a planted outlier channel
+    h[300, 55] = -25.0  # a single large value: the second channel by amax
+    s = stats.to_host(stats.h_stats(h, top_k=3))
+    ref = h.double()
+    rms = ref.square().mean().sqrt().item()
+    centred = ref - ref.mean()
+    kurt = (centred**4).mean().item() / (centred**2).mean().item() ** 2
+    assert s["h_amax"] == pytest.approx(ref.abs().max().item(), rel=1e-6)
+    assert s["h_rms"] == pytest.approx(rms, rel=1e-5)
+    assert s["h_amax_over_rms"] == pytest.approx(ref.abs().max().item() / rms, rel=1e-5)
+    assert s["h_kurtosis"] == pytest.approx(kurt, rel=1e-4)
+    channels = [int(c) for c, _ in s["top_channels"]]
+    assert channels[:2] == [17, 55]
+    assert s["top_channels"][0][1] == pytest.approx(ref[:, 17].abs().max().item(), rel=1e-6)
+    assert s["top_channels"][1][1] == pytest.approx(25.0)
+
+
+def test_h_is_silu_of_g_times_u_flattened_over_tokens():
+    g, u = torch.randn(2, 5, 8, dtype=torch.bfloat16), torch.randn(2, 5, 8, dtype=torch.bfloat16)
+    h = stats.h_from(g, u)
+    assert h.shape == (10, 8) and h.dtype == torch.float32
+    torch.testing.assert_close(h, (F.silu(g.double()) * u.double()).reshape(10, 8).float(), rtol=1e-6, atol=1e-7)
+
+
+def test_alignment_finds_the_planted_aligned_neuron_and_its_norms():
+    g = torch.Generator().manual_seed(2)
+    w_up, w_gate = torch.randn(64, 32, generator=g), torch.randn(64, 32, generator=g)
+    w_gate[5] = -3.0 * w_up[5]  # neuron 5: W_gate = -3 W_up, cos = -1
+    w_gate[9] = w_up[9] + 0.5 * torch.randn(32, generator=g)  # neuron 9: partly aligned
+    s = stats.to_host(stats.alignment(w_up, w_gate, top_k=2))
+    cos = F.cosine_similarity(w_up.double(), w_gate.double(), dim=1)
+    assert s["cos_max_abs"] == pytest.approx(1.0, abs=1e-6)
+    assert s["cos_mean_abs"] == pytest.approx(cos.abs().mean().item(), rel=1e-5)
+    assert s["cos_frac_above_half"] == pytest.approx((cos.abs() > 0.5).double().mean().item())
+    (j, c, up_norm, gate_norm), (j2, c2, _, _) = s["aligned_neurons"]
+    assert (int(j), int(j2)) == (5, 9)
+    assert c == pytest.approx(-1.0, abs=1e-6) and c2 == pytest.approx(cos[9].item(), rel=1e-5)
+    assert up_norm == pytest.approx(w_up[5].norm().item(), rel=1e-6)
+    assert gate_norm == pytest.approx(3.0 * w_up[5].norm().item(), rel=1e-6)
+    assert s["w_up_norm_mean"] == pytest.approx(w_up.double().norm(dim=1).mean().item(), rel=1e-5)
+
+
+def test_to_host_keeps_the_structure():
+    tree = [{"a": torch.tensor(1.5), "b": {"c": torch.tensor([[1.0, 2.0], [3.0, 4.0]])}, "d": "text"}]
+    assert stats.to_host(tree) == [{"a": 1.5, "b": {"c": [[1.0, 2.0], [3.0, 4.0]]}, "d": "text"}]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# alert rules
+
+
+def test_spike_rule_fires_on_a_planted_spike_and_not_on_noise():
+    rule = SpikeRule(factor=4.0, window=20, min_history=3)
+    rng = random.Random(0)
+    # 500 monitored steps of a slowly growing amax with +-30% noise: delayed scaling's ordinary weather.
+    fired = [rule.check("h", (1 + step / 100) * math.exp(rng.gauss(0, 0.3)))[0] for step in range(500)]
+    assert not any(fired)
+    level = 6.0  # the amax at the end of that drift
+    fires, median = rule.check("h", 10 * level)
+    assert fires and median == pytest.approx(level, rel=0.5)
+    assert not rule.check("h", level)[0]  # one spike does not raise the bar: the median stays put
+    assert rule.check("h", math.inf)[0] and rule.check("h", math.nan)[0]  # non-finite always fires
+
+
+def test_spike_rule_needs_history_first_and_keys_are_independent():
+    rule = SpikeRule(factor=2.0, window=5, min_history=3)
+    assert [rule.check("a", v)[0] for v in (1.0, 100.0, 1.0)] == [False, False, False]  # fewer than 3 known
+    assert rule.check("a", 3.0)[0]  # median of (1, 100, 1) is 1
+    assert not rule.check("b", 50.0)[0]  # another layer has its own history
+
+
+def test_overflow_rule():
+    assert overflowed({"saturated_frac": 1e-4, "amax_ratio": 3.0}, min_ratio=2.0)
+    assert not overflowed({"saturated_frac": 1e-4, "amax_ratio": 1.5}, min_ratio=2.0)
+    assert not overflowed({"saturated_frac": 0.0, "amax_ratio": 0.9}, min_ratio=1.0)
+    assert overflowed({"saturated_frac": 1e-4, "amax_ratio": math.inf}, min_ratio=2.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the monitor on a model
+
+
+class Block(nn.Module):
+    def __init__(self, mlp: nn.Module):
+        super().__init__()
+        self.mlp = mlp
+
+    def forward(self, x):
+        return self.mlp(x)
+
+
+class TwoLayers(nn.Module):
+    """Two SwiGLU MLPs named like a Llama's (layers.{i}.mlp), applied to the same input."""
+
+    def __init__(self, mlps: list[nn.Module]):
+        super().__init__()
+        self.layers = nn.ModuleList(Block(m) for m in mlps)
+
+    def forward(self, x):
+        return sum(layer(x) for layer in self.layers)
+
+
+def planted_mlp(d: int = 32, ffn: int = 64, seed: int = 0) -> SwiGLU:
+    """A SwiGLU whose neuron 3 has W_gate[3] = W_up[3], with an FP8 down projection under delayed scaling."""
+    torch.manual_seed(seed)
+    mlp = SwiGLU(d, ffn)
+    with torch.no_grad():
+        mlp.gate_proj.weight[3] = mlp.up_proj.weight[3]
+    scaling = ScalingConfig(recipe="delayed", amax_history_len=4, amax_compute_algo="max")
+    mlp.down_proj = Fp8Linear.from_linear(mlp.down_proj, scaling=scaling)
+    return mlp
+
+
+def monitor_for(model, tmp_path, **overrides) -> OutlierMonitor:
+    cfg = MonitorConfig(enabled=True, interval=10, alerts_after=0, **overrides)
+    return build_monitor(cfg, model, tmp_path)
+
+
+def test_layers_and_fp8_tensors_are_found_by_name(tmp_path):
+    model = TwoLayers([planted_mlp(seed=0), SmoothSwiGLUToken(planted_mlp(seed=1))])
+    mon = monitor_for(model, tmp_path)
+    assert [(t.index, t.name) for t in mon.layers] == [(0, "layers.0"), (1, "layers.1")]
+    assert sorted(mon.layers[0].fp8) == ["mlp.down_proj.grad", "mlp.down_proj.input", "mlp.down_proj.weight"]
+    assert isinstance(build_monitor(MonitorConfig(enabled=False), model, tmp_path), DisabledMonitor)
+
+
+def test_only_monitored_steps_hook_and_count(tmp_path):
+    mlp = planted_mlp()
+    model = TwoLayers([mlp])
+    mon = monitor_for(model, tmp_path)
+    assert [s for s in range(1, 31) if mon.is_monitored(s)] == [1, 10, 20, 30]
+    with mon.capture(7, first_micro_batch=True) as on:
+        assert not on and not mon.capturing
+        assert not mlp.down_proj._forward_pre_hooks and not mlp.down_proj.input_scaler.track_stats
+    with mon.capture(10, first_micro_batch=False) as on:  # later micro-batches of a monitored step
+        assert not on
+    with mon.capture(10) as on:
+        assert on and mon.capturing and mlp.down_proj.input_scaler.track_stats
+        assert len(mlp.down_proj._forward_pre_hooks) == 1
+    assert not mlp.down_proj._forward_pre_hooks and not mlp.up_proj._forward_hooks
+    assert not any(s.track_stats for s in fp8_scalers(model))
+    assert mon.collect(7) == [] and not (tmp_path / OUTLIERS_FILE).read_text()  # nothing on other steps
+
+
+def test_records_match_direct_computation_and_a_saturating_spike_alerts(tmp_path):
+    mlp = planted_mlp()
+    model = TwoLayers([mlp])
+    mon = monitor_for(model, tmp_path, top_k=2, overflow_ratio=2.0)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for _ in range(4):  # ordinary inputs: the delayed scale settles on their amax
+            model(torch.randn(64, 32))
+            step_scalers(model)
+    x = torch.randn(64, 32)
+    x[10] = 12.0 * mlp.up_proj.weight[3] / mlp.up_proj.weight[3].norm()  # an outlier along the aligned neuron
+    scale_before = mlp.down_proj.input_scaler.scale.item()
+    with mon.capture(10):
+        model(x).square().sum().backward()
+    step_scalers(model)
+    alerts = mon.collect(10)
+    row = json.loads((tmp_path / OUTLIERS_FILE).read_text())
+    (r,) = row["layers"]
+    with torch.no_grad():
+        g, u = mlp.gate_proj(x).double(), mlp.up_proj(x).double()
+    h = F.silu(g) * u
+    assert row["step"] == 10 and r["layer"] == 0
+    assert r["h_amax"] == pytest.approx(h.abs().max().item(), rel=1e-6)
+    assert r["u_amax"] == pytest.approx(u.abs().max().item(), rel=1e-6)
+    assert r["down_in_amax"] == pytest.approx(h.abs().max().item(), rel=1e-6)  # plain SwiGLU: h itself
+    assert r["top_channels"][0][0] == 3  # the aligned neuron carries the quadratic outlier
+    assert r["aligned_neurons"][0][:2] == [3, pytest.approx(1.0)]
+    fp8 = r["fp8"]["mlp.down_proj.input"]
+    sat = ((h * scale_before).abs() > fp8_max(E4M3, "ocp")).double().mean().item()
+    assert fp8["scale"] == scale_before and fp8["saturated_frac"] == pytest.approx(sat) and sat > 0
+    assert fp8["amax_ratio"] == pytest.approx(h.abs().max().item() * scale_before / 448, rel=1e-5)
+    assert fp8["amax_ratio"] > 2
+    assert r["fp8"]["mlp.down_proj.grad"]["amax"] > 0  # the backward of the captured micro-batch was counted
+    overflow = [a for a in alerts if a.kind == "fp8_overflow"]
+    assert [(a.layer, a.tensor) for a in overflow] == [(0, "mlp.down_proj.input")]
+    assert row["alerts"] == [a.to_json() for a in alerts]
+    assert "layer 0 mlp.down_proj.input: FP8 overflow" in overflow[0].message
+
+
+def test_smooth_swiglu_down_projection_input_is_the_rescaled_h(tmp_path):
+    mlp = planted_mlp()
+    model = TwoLayers([SmoothSwiGLUToken(mlp)])
+    mon = monitor_for(model, tmp_path)
+    x = torch.randn(64, 32)
+    x[10] = 12.0 * mlp.up_proj.weight[3] / mlp.up_proj.weight[3].norm()
+    with mon.capture(1):
+        model(x)
+    (r,) = mon._records()
+    with torch.no_grad():
+        g, u = mlp.gate_proj(x).double(), mlp.up_proj(x).double()
+    assert r["h_amax"] == pytest.approx((F.silu(g) * u).abs().max().item(), rel=1e-6)
+    smoothed = F.silu(g) * u / u.abs().amax(dim=-1, keepdim=True)
+    assert r["down_in_amax"] == pytest.approx(smoothed.abs().max().item(), rel=1e-5)
+    assert r["down_in_amax"] < r["h_amax"] / 5
+
+
+def test_resumed_monitor_continues_its_running_median(tmp_path):
+    model = TwoLayers([planted_mlp()])
+    lines = [{"step": s, "layers": [{"layer": 0, "h_amax": 1.0}], "alerts": []} for s in (1, 10, 20, 30)]
+    (tmp_path / OUTLIERS_FILE).write_text("".join(json.dumps(r) + "\n" for r in lines))
+    mon = OutlierMonitor(MonitorConfig(enabled=True, interval=10, min_history=3), model, tmp_path, resume_step=20)
+    mon.close()
+    assert list(mon.spikes.history["layer_0/h_amax"]) == [1.0, 1.0, 1.0]  # steps 1, 10, 20: the kept ones
+    assert [json.loads(x)["step"] for x in (tmp_path / OUTLIERS_FILE).read_text().splitlines()] == [1, 10, 20]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# configuration and the trainer's actions
+
+
+def test_monitor_config_problems_are_named():
+    from fp8train.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        compose(["monitor=default", "monitor.interval=0", "monitor.alert_factor=1", "monitor.on_alert=panic"])
+    found = "\n".join(e.value.problems)
+    assert "monitor.interval=0: must be > 0" in found
+    assert "monitor.alert_factor=1.0: must be > 1" in found
+    assert "monitor.on_alert=panic: must be one of warn, checkpoint, stop" in found
+    assert compose(["monitor=default"]).monitor.on_alert == OnAlert.warn
+
+
+def planted_alert(trainer, at_step: int):
+    """Make the trainer's monitor raise one alert at ``at_step``."""
+    real = trainer.monitor._check
+
+    def check(step, records):
+        found = real(step, records)
+        return [*found, Alert(step, 0, "h", "amax_spike", 9.0, 1.0, "planted")] if step == at_step else found
+
+    trainer.monitor._check = check
+
+
+@pytest.mark.parametrize("action", ["checkpoint", "stop"])
+def test_on_alert_checkpoint_and_stop(tmp_path, action, caplog):
+    from fp8train.trainer import Trainer
+
+    overrides = [*SMALL, "precision=fp32", "monitor=default", "monitor.interval=2", f"monitor.on_alert={action}"]
+    cfg = compose([*overrides, "trainer.max_steps=6", "trainer.checkpoint_every=0", "trainer.eval_every=0"])
+    trainer = Trainer(cfg, tmp_path)
+    planted_alert(trainer, at_step=4)
+    with caplog.at_level("INFO", logger="fp8train"):
+        trainer.fit()
+    saved = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    rows = [json.loads(x) for x in (tmp_path / OUTLIERS_FILE).read_text().splitlines()]
+    if action == "checkpoint":
+        assert trainer.step == 6 and saved == ["step_0000004", "step_0000006"]
+        assert [r["step"] for r in rows] == [1, 2, 4, 6]
+    else:
+        assert trainer.step == 4 and saved == ["step_0000004"]
+        assert "monitor.on_alert=stop: planted: stopped after step 4" in caplog.text
+    assert rows[2]["alerts"][-1]["message"] == "planted"
+    assert "outlier alert: planted" in caplog.text
+
+
+def test_wandb_alerts_and_outlier_keys_never_fail_an_offline_run(tmp_path):
+    from fp8train.loggers import RunLogger, read_metrics
+
+    logger = RunLogger(compose(["logger.wandb.mode=offline"]), tmp_path)
+    try:
+        logger.log_wandb({"outliers/layer_0/h_amax": 3.0}, step=1)
+        logger.alert("fp8train: amax_spike in layer 0", "step 1: planted")  # offline: no alert can be sent
+        logger.log({"loss": 1.0}, step=1)
+    finally:
+        logger.finish()
+    assert read_metrics(tmp_path) == [{"step": 1, "loss": 1.0}]  # outlier keys go to wandb only
