@@ -436,6 +436,11 @@ class Config:
                 "precision.smooth_swiglu=channel: reads W_down outside its module, where ZeRO-3 holds only a shard "
                 "of it; use parallel.zero_stage=2 or lower, or precision.smooth_swiglu=token"
             )
+        if self.precision.engine == Fp8Engine.te and self.backend.name in (BackendName.cpu, BackendName.cuda):
+            problems.append(
+                f"precision.engine=te: Habana's Transformer Engine needs backend.name=hpu (this run: "
+                f"{self.backend.name.value}); use precision.engine=native on this device"
+            )
         if self.resume not in ("none", "auto") and not resolve_path(self.resume).exists():
             problems.append(f"resume={self.resume}: no such checkpoint; use resume=auto, resume=none or a path")
         if problems:

@@ -173,3 +173,11 @@ def test_te_refuses_what_habana_te_cannot_do(bad):
     overrides += [f"precision.{k}={getattr(v, 'value', v)}" for k, v in bad.items()]
     with pytest.raises(ConfigError, match="precision.engine=te: "):
         compose(overrides)
+
+
+def test_te_engine_off_gaudi_is_a_config_error():
+    from fp8train.config import compose
+    from fp8train.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="precision.engine=te: Habana's Transformer Engine needs backend.name=hpu"):
+        compose(["backend=cpu", "precision.engine=te"])
