@@ -13,7 +13,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
+from fp8train.export.hf import load_checkpoint_model
 from fp8train.loggers import read_metrics
 from tests.helpers import ROOT, SMALL, run_train
 
@@ -107,6 +109,12 @@ def test_zero2_with_fp8_adam_resumes_exactly(tmp_path):
     ckpt = broken / "checkpoints" / "step_0000003"
     assert (ckpt / "deepspeed").is_dir() and (ckpt / "model.safetensors").is_file()
     assert {p.name for p in ckpt.glob("rank_*.pt")} == {"rank_0.pt", "rank_1.pt"}
+    # Its model.safetensors is the weights DeepSpeed saved, readable without DeepSpeed (export-hf, init_from).
+    plain = load_checkpoint_model(ckpt).state_dict()
+    module = torch.load(ckpt / "deepspeed" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    assert plain.keys() <= module.keys()
+    for name, tensor in plain.items():
+        assert torch.equal(tensor, module[name].float()), name
     assert max(losses(broken)) == 3
     done = run_ranks(broken, *common, "resume=auto")
     assert "resumed from" in done
