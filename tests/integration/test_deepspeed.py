@@ -8,9 +8,12 @@ puts the single process's micro-batch rows on the ranks in order and delayed-sca
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -38,9 +41,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ranks(run_dir, *overrides: str, ranks: int = 2) -> str:
-    """torchrun train.py on ``ranks`` CPU processes; returns what they printed (stdout and stderr)."""
-    cmd = [
+def torchrun_cmd(run_dir, *overrides: str, ranks: int = 2) -> list[str]:
+    return [
         sys.executable,
         "-m",
         "torch.distributed.run",
@@ -52,8 +54,15 @@ def run_ranks(run_dir, *overrides: str, ranks: int = 2) -> str:
         "parallel=deepspeed",
         *overrides,
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def run_ranks(run_dir, *overrides: str, ranks: int = 2) -> str:
+    """torchrun train.py on ``ranks`` CPU processes; returns what they printed (stdout and stderr)."""
+    cmd = torchrun_cmd(run_dir, *overrides, ranks=ranks)
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=ENV)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     return done.stdout + done.stderr
 
@@ -118,4 +127,53 @@ def test_zero2_with_fp8_adam_resumes_exactly(tmp_path):
     assert max(losses(broken)) == 3
     done = run_ranks(broken, *common, "resume=auto")
     assert "resumed from" in done
+    assert losses(broken) == losses(unbroken)
+
+
+def rank_pid(launcher_pid: int, rank: int) -> int | None:
+    """The pid of the training process of ``rank`` among the launcher's children (Linux /proc)."""
+    children = Path(f"/proc/{launcher_pid}/task/{launcher_pid}/children")
+    for pid in children.read_text().split() if children.exists() else []:
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env:
+            return int(pid)
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds rank processes through Linux /proc")
+def test_sigterm_to_one_rank_stops_all_with_a_checkpoint_and_resume_is_exact(tmp_path):
+    """A preemption signal that reaches one rank only: every rank stops after the same step, one checkpoint is
+    written, and resume=auto continues to the losses of a run that was never stopped."""
+    common = [
+        "parallel.zero_stage=2",
+        "trainer.micro_batch_size=4",
+        "trainer.max_steps=200",
+        "trainer.checkpoint_every=0",
+    ]
+    unbroken = tmp_path / "unbroken"
+    run_ranks(unbroken, *common)
+    broken = tmp_path / "broken"
+    proc = subprocess.Popen(
+        torchrun_cmd(broken, *common), cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not any(r.get("step", 0) >= 5 for r in read_metrics(broken)) and proc.poll() is None:
+            assert time.monotonic() < deadline, "no training progress"
+            time.sleep(0.01)
+        pid = rank_pid(proc.pid, 1)
+        assert pid is not None and proc.poll() is None, "the run ended before it could be signalled"
+        os.kill(pid, signal.SIGTERM)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out[-3000:]
+    assert "received a signal on another rank: stopped after step" in out
+    stopped = max(losses(broken))
+    assert 5 <= stopped < 200
+    assert [p.name for p in (broken / "checkpoints").iterdir()] == [f"step_{stopped:07d}"]
+    run_ranks(broken, *common, "resume=auto")
     assert losses(broken) == losses(unbroken)
