@@ -35,6 +35,16 @@ COMMON = [
 GLOBAL_BATCH = 8  # sequences per optimizer step in every run below
 
 
+@pytest.fixture(autouse=True)
+def no_shared_memory_left_behind():
+    """DeepSpeed's CPU all-reduce keeps buffers in /dev/shm; remove any a run of these tests leaves there."""
+    shm = Path("/dev/shm")
+    before = set(shm.glob("deepspeed_*")) if shm.is_dir() else set()
+    yield
+    for leftover in set(shm.glob("deepspeed_*")) - before if shm.is_dir() else ():
+        leftover.unlink(missing_ok=True)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
