@@ -135,7 +135,6 @@ class DeepSpeedEngine(SingleEngine):
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.is_main = self.rank == 0
         self.dp_group = dist.group.WORLD
-        self.grad_clip = grad_clip
         self.ds_config = build_ds_config(
             cfg,
             micro_batch_size=micro_batch_size,
@@ -182,7 +181,8 @@ class DeepSpeedEngine(SingleEngine):
             # single-process step follows (DeepSpeed's own stage-0 step neither reports the norm nor skips a
             # non-finite step).
             return super().optimizer_step(max_norm, loss)
-        # ZeRO: the gradients sit in each rank's partition; DeepSpeed computes the global norm, clips, and skips
+        # ZeRO: the gradients sit in each rank's partition; DeepSpeed computes the global norm, clips (to
+        # gradient_clipping in the ds_config, which is optim.grad_clip, the max_norm given here), and skips
         # the update (clearing the partitions) when that norm is not finite. That covers a non-finite loss too:
         # the loss is computed in fp32 from the logits, so it can only be inf/NaN if the logits are, and then
         # their gradients are NaN.
