@@ -153,17 +153,9 @@ class HpuBackend(Backend):
         return TeLinear(linear, self._transformer_engine())
 
     def fp8_autocast(self, cfg, group) -> contextlib.AbstractContextManager:
-        from fp8train.backends import hpu_te
+        from fp8train.backends.hpu_te import fp8_autocast
 
-        te = self._transformer_engine()
-        recipe = hpu_te.delayed_scaling(
-            te,
-            amax_history_len=cfg.amax_history_len,
-            amax_compute_algo=cfg.amax_compute_algo.value,
-            margin=cfg.margin,
-            reduce_amax=group is not None,
-        )
-        return hpu_te.fp8_autocast(te, recipe, group)
+        return fp8_autocast(self._transformer_engine(), cfg, group)
 
     def fused_fp8_adamw(
         self, param_groups: list[dict], lr: float, betas: tuple[float, float], eps: float, m_format: str, v_format: str

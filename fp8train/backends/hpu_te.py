@@ -89,17 +89,15 @@ class TeLinear(nn.Module):
         return f"{self.in_features}, {self.out_features}, bias={self.bias is not None}, Habana TE"
 
 
-def delayed_scaling(te, *, amax_history_len: int, amax_compute_algo: str, margin: int, reduce_amax: bool):
-    """The recipe: HYBRID (E4M3 forward, E5M2 backward, Gaudi2's only FP8 pairing besides all-E5M2)."""
-    return te.recipe.DelayedScaling(
-        margin=margin,
+def fp8_autocast(te, cfg, group) -> contextlib.AbstractContextManager:
+    """TE's FP8 region for one optimizer step: DelayedScaling in the HYBRID format (E4M3 forward, E5M2 backward,
+    Gaudi2's only FP8 pairing besides all-E5M2) from the precision config, amaxes max-reduced over ``group``."""
+    recipe = te.recipe.DelayedScaling(
+        margin=cfg.margin,
         interval=1,
         fp8_format=te.recipe.Format.HYBRID,
-        amax_history_len=amax_history_len,
-        amax_compute_algo=amax_compute_algo,
-        reduce_amax=reduce_amax,
+        amax_history_len=cfg.amax_history_len,
+        amax_compute_algo=cfg.amax_compute_algo.value,
+        reduce_amax=group is not None,
     )
-
-
-def fp8_autocast(te, recipe, group) -> contextlib.AbstractContextManager:
     return te.fp8_autocast(enabled=True, fp8_recipe=recipe, fp8_group=group)

@@ -22,7 +22,7 @@ from torch import nn
 
 from fp8train import precision
 from fp8train.backends.base import Backend
-from fp8train.backends.hpu_te import TeLinear, delayed_scaling
+from fp8train.backends.hpu_te import TeLinear, fp8_autocast
 from fp8train.config import AmaxAlgo, Fp8Engine, ModelConfig, PrecisionConfig, Recipe, SmoothSwiGLU
 from fp8train.model import build_model
 from fp8train.precision.smooth_swiglu import SmoothSwiGLUToken
@@ -84,14 +84,7 @@ class StandInGaudi(Backend):
         return TeLinear(linear, self.te)
 
     def fp8_autocast(self, cfg, group):
-        recipe = delayed_scaling(
-            self.te,
-            amax_history_len=cfg.amax_history_len,
-            amax_compute_algo=cfg.amax_compute_algo.value,
-            margin=cfg.margin,
-            reduce_amax=group is not None,
-        )
-        return self.te.fp8_autocast(enabled=True, fp8_recipe=recipe, fp8_group=group)
+        return fp8_autocast(self.te, cfg, group)
 
 
 def te_precision(**kw) -> PrecisionConfig:
