@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import statistics
+import time
+
 import pytest
 import torch
 
 from fp8train.config import compose
+from fp8train.loggers import read_jsonl
 from fp8train.parallel import clip_grad_norm
 from fp8train.trainer import Trainer
 from tests.helpers import SMALL
@@ -62,3 +66,23 @@ def test_too_small_vocab_size_is_a_config_error(tmp_path):
 
     with pytest.raises(ConfigError, match="model.vocab_size=512: smaller than the tokenizer's 2048 tokens"):
         make_trainer(tmp_path, "model.vocab_size=512")
+
+
+def test_tokens_per_s_leaves_out_validation_and_checkpoints(tmp_path, monkeypatch):
+    t = make_trainer(
+        tmp_path,
+        "trainer.max_steps=6",
+        "trainer.eval_every=2",
+        "trainer.checkpoint_every=3",
+        "logger.log_every=1",
+        "logger.wandb.mode=disabled",
+        "monitor=disabled",
+    )
+    for name in ("evaluate", "save_checkpoint"):  # each takes far longer than a training step of this model
+        slow = getattr(t, name)
+        monkeypatch.setattr(t, name, lambda slow=slow: (time.sleep(0.5), slow())[1])
+    t.fit()
+    rates = [m["tokens_per_s"] for m in read_jsonl(t.run_dir / "metrics.jsonl") if "tokens_per_s" in m]
+    assert len(rates) == 6
+    # Steps 3, 4 and 5 each follow a pause of 0.5 s or more, ~10x a step here: counted, they would drop ~10x.
+    assert min(rates[2:]) > 0.25 * statistics.median(rates[1:])
