@@ -1,4 +1,4 @@
-"""Helpers shared by the integration tests."""
+"""Helpers shared by the tests."""
 
 from __future__ import annotations
 
@@ -6,6 +6,9 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+import torch
+from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,3 +32,38 @@ def run_train(run_dir: Path, *overrides: str, timeout: int = 300) -> subprocess.
     """python train.py in a subprocess, as a user would run it, with its run dir at run_dir."""
     cmd = [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={run_dir}", *overrides]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
+
+
+# AdamWFp8 on every kind of tensor it meets: FP8 blocks, a padded last block, a second shape, a 1-D tensor and a
+# small one (fp32 moments), and a bf16 parameter (fp32 master weights).
+ADAM_SHAPES = [(1024, 512), (96, 130), (512, 256), (100,)]
+
+
+def adam_params(device: str | torch.device, seed: int = 0) -> list[nn.Parameter]:
+    gen = torch.Generator(device=device).manual_seed(seed)
+    params = [nn.Parameter(torch.randn(s, device=device, generator=gen)) for s in ADAM_SHAPES]
+    params.append(nn.Parameter(torch.randn(256, 128, device=device, generator=gen).bfloat16()))
+    return params
+
+
+def adam_grads(params: list[nn.Parameter], steps: int, seed: int = 1) -> list[list[torch.Tensor]]:
+    """Gradients spanning two decades, with 1e4x outliers, drawn once so that every optimizer sees the same."""
+    device = params[0].device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    out = []
+    for _ in range(steps):
+        step = []
+        for p in params:
+            g = torch.randn(p.shape, device=device, generator=gen)
+            g = g * 10 ** (-2 * torch.rand(p.shape, device=device, generator=gen))
+            g = torch.where(torch.rand(p.shape, device=device, generator=gen) < 0.01, 1e4 * g.sign(), g)
+            step.append(g.to(p.dtype))
+        out.append(step)
+    return out
+
+
+def apply_grads(opt: torch.optim.Optimizer, params: list[nn.Parameter], grads: list[list[torch.Tensor]]) -> None:
+    for step in grads:
+        for p, g in zip(params, step):
+            p.grad = g.clone()
+        opt.step()
