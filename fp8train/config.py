@@ -289,7 +289,7 @@ class BackendConfig:
     """The device a run uses."""
 
     name: BackendName = BackendName.auto
-    compile: bool = False  # torch.compile the model (cuda: inductor; hpu: hpu_backend)
+    compile: bool = False  # torch.compile the model (cuda, cpu: inductor; hpu: hpu_backend) and AdamWFp8's update
     threads: int | None = None  # cpu: torch intra-op threads; null = torch's default (all cores)
 
     def check(self, at: str) -> list[str]:

@@ -75,7 +75,7 @@ class Trainer:
         model = model.to(self.backend.device)
         self.model = self.backend.fuse(precision.convert(model, cfg.precision, self.backend))
         self.autocast_dtype = precision.autocast_dtype(cfg.precision)
-        self.optimizer = optim.build(cfg.optim, self.model, self.backend)
+        self.optimizer = optim.build(cfg.optim, self.model, self.backend, cfg.backend.compile)
         self.scheduler = optim.build_schedule(cfg.optim, self.optimizer, cfg.trainer.max_steps)
         self.engine = parallel.wrap(
             self.model,

@@ -41,6 +41,10 @@ class Backend:
     def compile(self, model: torch.nn.Module) -> torch.nn.Module:
         return torch.compile(model)
 
+    def inductor(self) -> bool:
+        """Whether torch.compile's default compiler (inductor) generates code for this device."""
+        return True
+
     def rng_state(self) -> dict:
         """Device RNG state for checkpoints (the CPU generator is saved by the trainer)."""
         return {}

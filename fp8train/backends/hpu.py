@@ -111,6 +111,9 @@ class HpuBackend(Backend):
             )
         return torch.compile(model, backend="hpu_backend")
 
+    def inductor(self) -> bool:
+        return False  # Gaudi compiles through hpu_backend only
+
     def fuse(self, model: torch.nn.Module) -> torch.nn.Module:
         """Habana's fused RMSNorm and FusedSDPA in place of the model's plain ones (same weights, same math)."""
         from habana_frameworks.torch.hpex.kernels import FusedSDPA

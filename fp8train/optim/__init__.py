@@ -35,8 +35,13 @@ def fp8_param_groups(model: nn.Module, weight_decay: float, min_numel: int) -> l
     return [g for g in groups if g["params"]]
 
 
-def build(cfg: OptimConfig, model: nn.Module, backend: Backend) -> torch.optim.Optimizer:
-    """AdamW with decoupled weight decay: torch's (fused where the device has it) or with FP8 moments."""
+def build(cfg: OptimConfig, model: nn.Module, backend: Backend, compile: bool = False) -> torch.optim.Optimizer:
+    """AdamW with decoupled weight decay: torch's (fused where the device has it) or with FP8 moments.
+
+    ``compile`` (backend.compile): AdamWFp8's update is compiled on CUDA in any case; this compiles it wherever
+    inductor generates code (on the CPU too: benchmarks/RESULTS.md). On hpu it stays eager;
+    optim.habana_fused=true is the fast path there.
+    """
     if cfg.name == OptimName.adamw_fp8 and cfg.habana_fused:
         if backend.name != "hpu":
             raise BackendError(
@@ -58,6 +63,7 @@ def build(cfg: OptimConfig, model: nn.Module, backend: Backend) -> torch.optim.O
             v_format=cfg.v_format,
             block_size=cfg.block_size,
             min_numel=cfg.fp8_min_numel,
+            compile=True if compile and backend.inductor() else None,  # None: compiled on CUDA only
         )
     fused = backend.has_fused_adamw() if cfg.fused is None else cfg.fused
     return torch.optim.AdamW(

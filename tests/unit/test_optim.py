@@ -91,6 +91,17 @@ def test_adamw_fp8_is_built_from_the_config():
     opt = optim.build(cfg, model, select(BackendConfig(name="cpu")))
     assert isinstance(opt, AdamWFp8)
     assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+    assert opt.compile is None  # compiled on CUDA only, unless backend.compile=true asks for it everywhere
+
+
+def test_backend_compile_compiles_adamw_fp8_where_inductor_runs(monkeypatch):
+    from fp8train.backends.base import Backend
+
+    model = build_model(ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=4, ffn_dim=64))
+    cfg = OptimConfig(name="adamw_fp8")
+    assert optim.build(cfg, model, select(BackendConfig(name="cpu")), compile=True).compile is True
+    monkeypatch.setattr(Backend, "inductor", lambda self: False)  # as on hpu: hpu_backend compiles, not inductor
+    assert optim.build(cfg, model, select(BackendConfig(name="cpu")), compile=True).compile is None
 
 
 def test_habana_fused_adam_outside_gaudi_names_the_fix():
