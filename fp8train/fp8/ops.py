@@ -34,6 +34,8 @@ class Fp8Ops:
     """
 
     name = "emulated"
+    # False where the device's FP8 GEMMs lack E5M2 x E5M2 (precision.profile=gaudi2's backward) and fall back here.
+    e5m2_pairs = True
 
     def quantize(
         self,

@@ -50,6 +50,13 @@ def convert(model: nn.Module, cfg: PrecisionConfig, backend: Backend) -> nn.Modu
         return model
     check_hardware(cfg, backend)
     ops = backend.fp8_ops() if cfg.engine == Fp8Engine.native else None
+    if ops is not None and cfg.profile == Fp8Profile.gaudi2 and not ops.e5m2_pairs:
+        log.warning(
+            "precision.profile=gaudi2 on backend.name=%s: Gaudi2's E5M2 x E5M2 backward GEMMs have no form on this "
+            "device's FP8 units, so they run emulated (the same numbers, slower). For speed here use "
+            "precision.profile=ocp (e.g. precision=fp8_smooth).",
+            backend.name,
+        )
     wanted = set(cfg.linears)
     if cfg.smooth_swiglu == SmoothSwiGLU.bf16_down:
         wanted.discard("down_proj")  # the paper's other fix: the quadratic tensor never meets FP8

@@ -117,3 +117,26 @@ def test_gaudi2_profile_makes_linears_hybrid():
     assert all(mod.hybrid for mod in m.modules() if isinstance(mod, Fp8Linear))
     m = precision.convert(model(), fp8(), CPU)
     assert not any(mod.hybrid for mod in m.modules() if isinstance(mod, Fp8Linear))
+
+
+def test_gaudi2_profile_on_tensor_cores_warns_and_emulates_its_e5m2_x_e5m2_gemms(caplog):
+    # A backend whose FP8 GEMMs are torch._scaled_mm (as on CUDA sm_89+; its CPU kernel runs here).
+    from fp8train.backends.cuda import ScaledMmOps
+
+    class ScaledMmBackend(Backend):
+        def fp8_ops(self):
+            return ScaledMmOps()
+
+    m = model()
+    with caplog.at_level(logging.WARNING):
+        precision.convert(m, fp8(profile=Fp8Profile.gaudi2), ScaledMmBackend(name="cuda"))
+    assert "precision.profile=gaudi2 on backend.name=cuda" in caplog.text and "precision.profile=ocp" in caplog.text
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = m(torch.randint(0, 256, (2, 32)))
+    logits.float().square().mean().backward()  # the E5M2 x E5M2 backward GEMMs take the emulation
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        precision.convert(model(), fp8(), ScaledMmBackend(name="cuda"))
+        precision.convert(model(), fp8(profile=Fp8Profile.gaudi2), CPU)
+    assert "profile=gaudi2" not in caplog.text  # the OCP profile, or a device that emulates everything: no warning
