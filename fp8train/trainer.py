@@ -134,14 +134,16 @@ class Trainer:
                         elapsed = time.perf_counter() - window_t0
                         last = self.log_train(loss, grad_norm, window_tokens / elapsed, bar)
                         window_t0, window_tokens = time.perf_counter(), 0
+                    # tokens/s is training throughput: validation passes and checkpoints stay out of the window.
                     paused_at = time.perf_counter()
                     if (t.eval_every and self.step % t.eval_every == 0) or finished:
                         last.update(self.evaluate())
+                    window_t0 += time.perf_counter() - paused_at
                     stop = None if finished else self.stop_reason(signals.received)
                     periodic = t.checkpoint_every and self.step % t.checkpoint_every == 0
+                    paused_at = time.perf_counter()
                     if periodic or finished or stop or self.monitor.checkpoint_requested:
                         self.save_checkpoint()
-                    # tokens/s is training throughput: validation passes and checkpoints stay out of the window.
                     window_t0 += time.perf_counter() - paused_at
                     if self.bad_in_a_row >= t.max_bad_steps:
                         raise self.divergence_error()
