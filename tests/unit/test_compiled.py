@@ -51,6 +51,7 @@ def scaled_mm_ops():
 @pytest.fixture(autouse=True)
 def fresh_dynamo():
     torch._dynamo.reset()  # recompile limits and cached graphs are per process; each test starts clean
+    torch._dynamo.utils.counters.clear()  # graph counts too (reset() keeps them)
     yield
     torch._dynamo.reset()
 
