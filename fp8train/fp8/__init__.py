@@ -7,6 +7,7 @@ from fp8train.fp8.formats import (
     fp8_dtype,
     fp8_max,
     fp8_min_subnormal,
+    fp8_overflow_threshold,
     quantize,
     scale_from_amax,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "fp8_dtype",
     "fp8_max",
     "fp8_min_subnormal",
+    "fp8_overflow_threshold",
     "fp8_scalers",
     "quantize",
     "scale_from_amax",

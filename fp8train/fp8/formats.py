@@ -17,6 +17,8 @@ Scaling convention (as in Transformer Engine): ``q = saturate(x * scale)``, ``x 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 E4M3 = "e4m3"
@@ -39,6 +41,17 @@ def fp8_max(fmt: str, profile: str = "ocp") -> float:
     if profile not in PROFILES:
         raise ValueError(f"unknown FP8 profile {profile!r}; one of {PROFILES}")
     return _MAX[(_check_fmt(fmt), profile)]
+
+
+def fp8_overflow_threshold(fmt: str, profile: str = "ocp") -> float:
+    """Where saturation starts to lose information: ``max + ulp(max) / 2``.
+
+    A value between max and this threshold would round to max even in a format without a limit, so clamping it
+    changes nothing; beyond it, the clamp replaces what rounding would have given (or inf) by max. E4M3 448 -> 464,
+    Gaudi2's 240 -> 248, E5M2 57344 -> 61440 (where torch's own cast starts giving inf)."""
+    top = fp8_max(fmt, profile)
+    ulp = 2.0 ** (math.floor(math.log2(top)) - _MANTISSA_BITS[fmt])
+    return top + ulp / 2
 
 
 def fp8_min_subnormal(fmt: str) -> float:

@@ -72,6 +72,7 @@ class TensorScaler(nn.Module):
         self.fmt = fmt
         self.cfg = cfg
         self.fp8_max = formats.fp8_max(fmt, cfg.profile)
+        self.overflow_threshold = formats.fp8_overflow_threshold(fmt, cfg.profile)
         self.track_stats = False  # counting saturated / flushed elements costs two extra passes over each tensor
         f32 = {"dtype": torch.float32, "device": device}
         i64 = {"dtype": torch.int64, "device": device}
@@ -127,10 +128,12 @@ class TensorScaler(nn.Module):
 
     @torch.no_grad()
     def count(self, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> None:
-        """Add to the counters: elements beyond the format's max (saturated) and nonzeros quantized to 0."""
-        # With scale = fp8_max / amax rounded to fp32, the largest element can land an ulp or two above fp8_max;
-        # clamping that loses nothing, so only what exceeds fp8_max by more than fp32 rounding counts.
-        self.n_saturated.add_(((x.float() * scale).abs() > self.fp8_max * (1 + 2**-20)).sum())
+        """Add to the counters: elements the clamp to the format's max changed (saturated) and nonzeros quantized
+        to 0 (flushed)."""
+        # Saturated = beyond max + half an ulp: below that, rounding alone gives max, so the clamp loses nothing.
+        # (This also keeps rounding noise out of the count: with scale = fp8_max / amax the largest element can land
+        # a few fp32 ulps above max, and a compiled graph may take the amax before a bf16 rounding the cast sees.)
+        self.n_saturated.add_(((x.float() * scale).abs() > self.overflow_threshold).sum())
         self.n_underflow.add_(((x != 0) & (q.float() == 0)).sum())
         self.n_elements.add_(x.numel())
 
@@ -161,9 +164,9 @@ class TensorScaler(nn.Module):
         """Statistics since the last call (one step when called every step), then reset them.
 
         amax: largest amax seen; scale: the last scale used; saturated_frac / underflow_frac: fraction of elements
-        beyond the format's max / nonzero but flushed to zero; amax_ratio: the largest amax_now / amax_assumed,
-        where amax_assumed = fp8_max / scale (> 1 means that tensor overflowed its scale). All zero unless
-        ``track_stats`` was on. One device sync per call.
+        clamped beyond what rounding would do (above max + half an ulp) / nonzero but flushed to zero; amax_ratio:
+        the largest amax_now / amax_assumed, where amax_assumed = fp8_max / scale (> 1 means that tensor overflowed
+        its scale). All zero unless ``track_stats`` was on. One device sync per call.
         """
         return dict(zip(STAT_NAMES, self.pop_stats_tensor().tolist()))
 

@@ -6,8 +6,8 @@ Two rules, both evaluated on the values of one monitored step:
   ``min_history`` of them exist. A median, not a mean or max, so one earlier spike does not raise the bar for the
   next one, and a slow steady drift (which delayed scaling follows) never fires: only sudden jumps do. A value that
   is not finite always fires.
-- ``overflow``: an FP8 tensor had elements beyond its format's max at the scale actually used (they were clamped),
-  by more than ``min_ratio`` x the amax that scale assumed.
+- ``overflow``: an FP8 tensor had elements beyond its format's max (by more than the half ulp that rounding would
+  absorb) at the scale actually used, and its amax was more than ``min_ratio`` x the amax that scale assumed.
 """
 
 from __future__ import annotations

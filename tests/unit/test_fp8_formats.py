@@ -15,6 +15,7 @@ from fp8train.fp8.formats import (
     fp8_dtype,
     fp8_max,
     fp8_min_subnormal,
+    fp8_overflow_threshold,
     quantize,
     scale_from_amax,
 )
@@ -204,3 +205,12 @@ def test_scale_from_amax_keeps_previous_scale_when_amax_says_nothing():
         assert scale_from_amax(torch.tensor(bad), E4M3, prev_scale=prev).item() == 16.0
         assert scale_from_amax(torch.tensor(bad), E4M3, pow2=True, prev_scale=prev).item() == 16.0
     assert scale_from_amax(torch.tensor(0.0), E4M3).item() == 1.0  # no previous scale: 1
+
+
+def test_overflow_threshold_is_max_plus_half_an_ulp():
+    assert fp8_overflow_threshold(E4M3) == 448 + 16 and fp8_overflow_threshold(E4M3, "gaudi2") == 240 + 8
+    assert fp8_overflow_threshold(E5M2) == 57344 + 4096
+    # E5M2 has an inf, so torch's plain cast shows where rounding stops giving max: exactly at the threshold.
+    below = torch.tensor([61440.0]).nextafter(torch.tensor([0.0]))
+    assert below.to(torch.float8_e5m2).float().item() == 57344
+    assert torch.tensor([61440.0]).to(torch.float8_e5m2).float().isinf().all()

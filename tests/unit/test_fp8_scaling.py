@@ -172,13 +172,16 @@ def test_pop_stats_counts_planted_saturated_and_flushed_elements():
     s.track_stats = True
     flush = fp8_min_subnormal(E4M3) / 2 / 448
     x = torch.rand(1000) * 0.9 + 0.05  # ordinary values in [0.05, 0.95]
-    x[:7] = torch.tensor([1.5, -2.0, 3.0, -40.0, 1.01, 8.0, -1.2])  # 7 above the overflow threshold
+    # 7 above the overflow threshold (464 / 448 = 1.0357: where rounding alone no longer gives 448), 2 just below it
+    x[:7] = torch.tensor([1.5, -2.0, 3.0, -40.0, 1.04, 8.0, -1.2])
+    x[25:27] = torch.tensor([1.01, -1.035])  # clamped to 448, as rounding without a limit would round them
     x[7:20] = torch.linspace(0.1, 0.9, 13) * flush * torch.tensor([1.0, -1.0]).repeat(7)[:13]  # 13 flushed
     x[20:25] = 0.0  # zeros are not underflow
     x = x[torch.randperm(1000)]
     q, scale = s.quantize(x, Fp8Ops())
     assert scale.item() == 448.0
     assert (q.float()[x.abs() > 1].abs() == 448).all()
+    assert torch.equal(q[x.abs() == 1.01].float(), (x[x.abs() == 1.01] * 448).to(torch.float8_e4m3fn).float())
     stats = s.pop_stats()
     assert stats["saturated_frac"] == pytest.approx(7 / 1000)
     assert stats["underflow_frac"] == pytest.approx(13 / 1000)
