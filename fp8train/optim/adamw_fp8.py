@@ -119,8 +119,10 @@ class AdamWFp8(torch.optim.Optimizer):
                 if key not in hyper_cache:
                     hyper_cache[key] = _hyperparams(group, key[1], p.device)
                 hyper = hyper_cache[key]
-                weight = state.get("master", p)
-                out = p if "master" in state else None
+                # Plain tensors (detach() shares the storage): torch.compile keeps an nn.Parameter's shape static, so
+                # passing the Parameter itself would compile the update once per parameter shape.
+                weight = state["master"] if "master" in state else p.detach()
+                out = p.detach() if "master" in state else None
                 if "exp_avg_fp8" in state:
                     self._update_fn(_adamw_fp8_update, p)(
                         weight,
