@@ -271,10 +271,10 @@ class Trainer:
         return found[0] if found else None
 
     def loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        # The micro-batch the monitor watches runs eagerly: a compiled graph never sees its hooks (no recompiles).
-        forward = self.model if self.monitor.capturing else self.forward
+        # With backend.compile=true the monitored micro-batch runs compiled too: its hooks and FP8 counters make a
+        # second graph, compiled at the first monitored step and reused by every later one.
         with self.backend.autocast(self.autocast_dtype):
-            logits = forward(inputs)
+            logits = self.forward(inputs)
         # Cross-entropy in fp32: log-softmax over a large vocabulary loses too much in bf16.
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 

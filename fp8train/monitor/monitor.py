@@ -112,7 +112,8 @@ class OutlierMonitor:
     @contextlib.contextmanager
     def capture(self, step: int, first_micro_batch: bool = True) -> Iterator[bool]:
         """Around the forward and backward of a micro-batch: hooks and FP8 statistics on, if this is the first
-        micro-batch of a monitored step. Yields whether it captures (then run the forward on the eager model)."""
+        micro-batch of a monitored step. Yields whether it captures. Under torch.compile the hooks and counters are
+        traced into a graph of their own (compiled once, at the first monitored step)."""
         if not (first_micro_batch and self.is_monitored(step)):
             yield False
             return

@@ -189,24 +189,39 @@ def test_every_fp8_model_compiles_to_one_graph(name):
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
 
 
-def test_trainer_with_backend_compile_trains_like_eager(tmp_path):
-    # backend.compile=true: the compiled model and AdamWFp8 update train, the monitor's micro-batches run eagerly
-    # in between (step 1 and every 2nd step here), and the losses follow the eager run's. Exact equality is not
-    # expected: inductor's fused reductions (RMSNorm, softmax) round differently, and FP8 rounding magnifies that
-    # (module docstring).
-    def losses(name: str, *overrides: str) -> list[float]:
+def test_trainer_with_backend_compile_trains_and_monitors_like_eager(tmp_path):
+    # backend.compile=true: the compiled model and AdamWFp8 update train, the monitored micro-batches (step 1 and
+    # every 2nd step here) run compiled too, with the monitor's hooks and FP8 counters in a graph of their own, and
+    # losses and outlier statistics follow the eager run's. Exact equality is not expected: inductor's fused
+    # reductions (RMSNorm, softmax) round differently, and FP8 rounding magnifies that (module docstring).
+    def run_trainer(name: str, *overrides: str) -> tuple[list[float], list[dict]]:
         run_dir = tmp_path / name
         cfg = compose([*SMALL, "trainer.max_steps=5", "monitor.interval=2", "optim=adamw_fp8", *overrides])
         Trainer(cfg, run_dir).fit()
-        return [m["loss"] for m in read_jsonl(run_dir / "metrics.jsonl") if "loss" in m]
+        losses = [m["loss"] for m in read_jsonl(run_dir / "metrics.jsonl") if "loss" in m]
+        return losses, read_jsonl(run_dir / "outliers.jsonl")
 
-    want = losses("eager")
-    with inductor_config.patch(emulate_precision_casts=True):
-        got = losses("compiled", "backend.compile=true")
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 3  # model (train, eval) and optimizer
+    want, want_outliers = run_trainer("eager")
+    # Three graphs of the model (training, training with the monitor, validation) and no more: a monitored step
+    # that recompiled would fail here instead of costing a compilation every monitor.interval steps.
+    with (
+        inductor_config.patch(emulate_precision_casts=True),
+        torch._dynamo.config.patch(recompile_limit=3, fail_on_recompile_limit_hit=True),
+    ):
+        got, got_outliers = run_trainer("compiled", "backend.compile=true")
     assert len(got) == len(want) == 5
     assert got == pytest.approx(want, rel=2e-3)
     assert want[-1] < want[0]
+
+    assert [r["step"] for r in got_outliers] == [r["step"] for r in want_outliers] == [1, 2, 4]
+    for a, b in zip(got_outliers, want_outliers):
+        for la, lb in zip(a["layers"], b["layers"]):
+            for key in ("h_amax", "h_rms", "h_kurtosis", "u_amax", "g_amax", "down_in_amax", "cos_max_abs"):
+                assert la[key] == pytest.approx(lb[key], rel=2e-2), key
+            assert la["fp8"].keys() == lb["fp8"].keys()
+            for tensor, stats in la["fp8"].items():
+                assert stats["amax"] == pytest.approx(lb["fp8"][tensor]["amax"], rel=5e-2), tensor
+                assert (stats["saturated_frac"] > 0) == (lb["fp8"][tensor]["saturated_frac"] > 0), tensor
 
 
 # ------------------------------------------------------------------------------------------------------------------
