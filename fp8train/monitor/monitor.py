@@ -3,19 +3,25 @@
 Monitored steps are step 1 and every ``monitor.interval``-th step. On one of them, and only on its first
 micro-batch, the monitor
 
-1. hooks every SwiGLU MLP (whatever Smooth-SwiGLU variant replaced it: they all keep gate_proj, up_proj,
-   down_proj): the outputs of gate_proj and up_proj give g and u, from which it computes the plain SwiGLU
-   ``h = silu(g) * u`` (the tensor that grows quadratically under alignment), and the input of down_proj gives
-   what the down projection actually receives (= h for plain SwiGLU, ``silu(g) * u / s_t`` for Smooth-SwiGLU
-   ``token``, ``h / s`` for ``channel``). The statistics are reduced to a few numbers inside the hook, so no
-   activation is kept alive;
+1. listens to every SwiGLU MLP (whatever Smooth-SwiGLU variant replaced it: they all keep gate_proj, up_proj,
+   down_proj) through forward hooks: the outputs of gate_proj and up_proj give g and u, from which it computes the
+   plain SwiGLU ``h = silu(g) * u`` (the tensor that grows quadratically under alignment), and the input of
+   down_proj gives what the down projection actually receives (= h for plain SwiGLU, ``silu(g) * u / s_t`` for
+   Smooth-SwiGLU ``token``, ``h / s`` for ``channel``). The statistics are reduced to a few numbers inside the
+   hook, so no activation is kept alive;
 2. turns on ``track_stats`` of every FP8 tensor scaler, through the forward and the backward of that micro-batch
    (input, weight and output-gradient of each Fp8Linear: amax, scale used, % saturated, % flushed to zero,
    amax_now / amax_assumed).
 
 After the optimizer step it adds the W_up / W_gate alignment of every neuron, reads everything with one device
-sync, applies the alert rules and writes one line to outliers.jsonl. Other steps run exactly as without a
-monitor: no hooks, no extra work, no sync.
+sync, applies the alert rules and writes one line to outliers.jsonl. Other steps run as without a monitor: no
+statistics, no sync; the hooks stay registered but return at once.
+
+Why registered once and switched by ``capturing``, rather than added and removed per monitored step: under
+``torch.compile`` the first monitored step traces the hooks into a graph of their own, which later monitored steps
+reuse. That graph calls the hook functions and fills the dicts it saw when traced; with hooks made anew each time,
+a reused graph could write statistics nobody reads (seen with plain SwiGLU). A flag keeps the objects fixed, and
+dynamo guards on its value: one graph with statistics, one without.
 
 Under data parallelism the amaxes and FP8 figures are max-reduced over ranks before the alert rules run, so every
 rank takes the same decision (an ``on_alert=stop`` stops them all); the distribution statistics (RMS, kurtosis,
@@ -95,8 +101,9 @@ class OutlierMonitor:
         self.spikes = SpikeRule(cfg.alert_factor, cfg.median_window, cfg.min_history)
         self.capturing = False
         self.alerts: list[Alert] = []  # the alerts of the last monitored step
-        self._captured: dict[int, dict[str, torch.Tensor]] = {}
+        self._captured: dict[int, dict[str, torch.Tensor]] = {}  # cleared in place, never replaced (see above)
         self._gate: dict[int, torch.Tensor] = {}  # layer -> g, until up_proj's output arrives
+        self._handles = self._hooks()
         path = Path(run_dir) / OUTLIERS_FILE
         if resume_step:
             self._replay(path, resume_step)
@@ -113,12 +120,12 @@ class OutlierMonitor:
     def capture(self, step: int, first_micro_batch: bool = True) -> Iterator[bool]:
         """Around the forward and backward of a micro-batch: hooks and FP8 statistics on, if this is the first
         micro-batch of a monitored step. Yields whether it captures. Under torch.compile the hooks and counters are
-        traced into a graph of their own (compiled once, at the first monitored step)."""
+        traced into a graph of their own (compiled once, at the first monitored step: see the module docstring)."""
         if not (first_micro_batch and self.is_monitored(step)):
             yield False
             return
-        self._captured, self._gate = {}, {}
-        handles = self._hooks()
+        self._captured.clear()
+        self._gate.clear()
         scalers = self._scalers()
         for s in scalers:
             s.pop_stats_tensor()  # start from zero (a capture interrupted by an exception may have left counts)
@@ -130,9 +137,7 @@ class OutlierMonitor:
             self.capturing = False
             for s in scalers:
                 s.track_stats = False
-            for h in handles:
-                h.remove()
-            self._gate = {}
+            self._gate.clear()
 
     def _scalers(self) -> list[TensorScaler]:
         return [s for layer in self.layers for s in layer.fp8.values()]
@@ -148,7 +153,8 @@ class OutlierMonitor:
 
     def _keep_g(self, index: int):
         def hook(module, args, g):
-            self._gate.setdefault(index, g.detach())
+            if self.capturing:
+                self._gate.setdefault(index, g.detach())
 
         return hook
 
@@ -156,6 +162,8 @@ class OutlierMonitor:
         """Every variant computes g before u: at up_proj's output both are known, and h can be measured."""
 
         def hook(module, args, u):
+            if not self.capturing:
+                return
             g = self._gate.pop(index, None)
             if index in self._captured or g is None:  # a recomputed forward: keep the first
                 return
@@ -171,6 +179,8 @@ class OutlierMonitor:
 
     def _measure_down_input(self, index: int):
         def hook(module, args):
+            if not self.capturing:
+                return
             entry = self._captured.get(index)
             if entry is not None and "down_in_amax" not in entry:
                 entry["down_in_amax"] = args[0].detach().abs().amax().float()
@@ -197,7 +207,7 @@ class OutlierMonitor:
         if logger is not None:
             logger.log_wandb(wandb_metrics(records, len(self.alerts)), step)
         log.info("step %d: outliers: %s", step, one_line(records))
-        self._captured = {}
+        self._captured.clear()
         return self.alerts
 
     def _records(self) -> list[dict]:
@@ -287,6 +297,9 @@ class OutlierMonitor:
         return None
 
     def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
         if self.file is not None:
             self.file.close()
             self.file = None

@@ -189,14 +189,19 @@ def test_every_fp8_model_compiles_to_one_graph(name):
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
 
 
-def test_trainer_with_backend_compile_trains_and_monitors_like_eager(tmp_path):
+@pytest.mark.parametrize("precision_name", ["fp8_smooth", "bf16"])
+def test_trainer_with_backend_compile_trains_and_monitors_like_eager(tmp_path, precision_name):
     # backend.compile=true: the compiled model and AdamWFp8 update train, the monitored micro-batches (step 1 and
     # every 2nd step here) run compiled too, with the monitor's hooks and FP8 counters in a graph of their own, and
     # losses and outlier statistics follow the eager run's. Exact equality is not expected: inductor's fused
-    # reductions (RMSNorm, softmax) round differently, and FP8 rounding magnifies that (module docstring).
+    # reductions (RMSNorm, softmax) round differently, and FP8 rounding magnifies that (module docstring). bf16 too:
+    # with plain nn.Linear layers, hooks added anew for each monitored step left later steps without statistics.
     def run_trainer(name: str, *overrides: str) -> tuple[list[float], list[dict]]:
         run_dir = tmp_path / name
-        cfg = compose([*SMALL, "trainer.max_steps=5", "monitor.interval=2", "optim=adamw_fp8", *overrides])
+        cfg = compose(
+            [*SMALL, f"precision={precision_name}", "trainer.max_steps=5", "monitor.interval=2", "optim=adamw_fp8"]
+            + list(overrides)
+        )
         Trainer(cfg, run_dir).fit()
         losses = [m["loss"] for m in read_jsonl(run_dir / "metrics.jsonl") if "loss" in m]
         return losses, read_jsonl(run_dir / "outliers.jsonl")

@@ -168,21 +168,30 @@ def test_layers_and_fp8_tensors_are_found_by_name(tmp_path):
     assert isinstance(build_monitor(MonitorConfig(enabled=False), model, tmp_path), DisabledMonitor)
 
 
-def test_only_monitored_steps_hook_and_count(tmp_path):
+def test_only_monitored_steps_measure_and_count(tmp_path):
     mlp = planted_mlp()
     model = TwoLayers([mlp])
     mon = monitor_for(model, tmp_path)
     assert [s for s in range(1, 31) if mon.is_monitored(s)] == [1, 10, 20, 30]
+    # One hook per tapped module, registered once (a compiled model keeps calling the same ones), idle when not
+    # capturing: a forward outside a capture measures nothing and counts nothing.
+    assert len(mlp.down_proj._forward_pre_hooks) == len(mlp.up_proj._forward_hooks) == 1
     with mon.capture(7, first_micro_batch=True) as on:
-        assert not on and not mon.capturing
-        assert not mlp.down_proj._forward_pre_hooks and not mlp.down_proj.input_scaler.track_stats
+        assert not on and not mon.capturing and not mlp.down_proj.input_scaler.track_stats
+        model(torch.randn(8, 32))
     with mon.capture(10, first_micro_batch=False) as on:  # later micro-batches of a monitored step
         assert not on
+        model(torch.randn(8, 32))
+    assert not mon._captured and mlp.down_proj.input_scaler.n_elements.item() == 0
     with mon.capture(10) as on:
         assert on and mon.capturing and mlp.down_proj.input_scaler.track_stats
-        assert len(mlp.down_proj._forward_pre_hooks) == 1
-    assert not mlp.down_proj._forward_pre_hooks and not mlp.up_proj._forward_hooks
+        model(torch.randn(8, 32))
+    assert sorted(mon._captured) == [0] and "down_in_amax" in mon._captured[0]
     assert not any(s.track_stats for s in fp8_scalers(model))
+    assert len(mlp.down_proj._forward_pre_hooks) == 1  # the same hooks, for the next monitored step
+    mon.close()
+    assert not mlp.down_proj._forward_pre_hooks and not mlp.up_proj._forward_hooks
+    mon = monitor_for(model, tmp_path)
     assert mon.collect(7) == [] and not (tmp_path / OUTLIERS_FILE).read_text()  # nothing on other steps
 
 
