@@ -88,25 +88,27 @@ def test_scaled_mm_matches_emulation_for_every_gemm_of_a_linear(device):
 
 def two_linears(cfg: ScalingConfig, device: str, ops=None) -> nn.Module:
     torch.manual_seed(0)
-    model = nn.Sequential(
-        Fp8Linear(256, 512, bias=True, scaling=cfg, device=device),
+    return nn.Sequential(
+        Fp8Linear(256, 512, bias=True, scaling=cfg, ops=ops, device=device),
         nn.GELU(),
-        Fp8Linear(512, 256, scaling=cfg, device=device),
+        Fp8Linear(512, 256, scaling=cfg, ops=ops, device=device),
     )
-    for m in model.modules():
-        if isinstance(m, Fp8Linear) and ops is not None:
-            m.ops = ops
-    return model
+
+
+def inputs(device: str, steps: int = 3) -> list[torch.Tensor]:
+    """The inputs of run()'s steps, drawn the same way on every call."""
+    g = torch.Generator(device=device).manual_seed(1)
+    xs = [torch.randn(8, 64, 256, device=device, generator=g) for _ in range(steps)]
+    for x in xs:
+        x[0, 5, 17] = 40.0  # an input outlier, so the scales are set by one element as in a real activation
+    return xs
 
 
 def run(model: nn.Module, device: str, steps: int = 3) -> list[torch.Tensor]:
     """A few steps of forward/backward under bf16 autocast; output and gradients of the last step."""
-    g = torch.Generator(device=device).manual_seed(1)
-    for _ in range(steps):
+    for x in inputs(device, steps):
         for p in model.parameters():
             p.grad = None
-        x = torch.randn(8, 64, 256, device=device, generator=g)
-        x[0, 5, 17] = 40.0  # an input outlier, so the scales are set by one element as in a real activation
         x.requires_grad_(True)
         with torch.autocast(device, dtype=torch.bfloat16):
             y = model(x)
@@ -145,11 +147,7 @@ def float64_twin(model: nn.Module) -> nn.Module:
 
 def run_float64(model: nn.Module) -> list[torch.Tensor]:
     """The last step of run() in float64, on the CPU, with the same inputs."""
-    g = torch.Generator().manual_seed(1)
-    for _ in range(3):
-        x = torch.randn(8, 64, 256, generator=g)
-        x[0, 5, 17] = 40.0
-    x = x.double().requires_grad_(True)
+    x = inputs("cpu")[-1].double().requires_grad_(True)
     model.zero_grad()
     y = model(x)
     y.square().mean().backward()
