@@ -67,3 +67,30 @@ def apply_grads(opt: torch.optim.Optimizer, params: list[nn.Parameter], grads: l
         for p, g in zip(params, step):
             p.grad = g.clone()
         opt.step()
+
+
+def counter_inputs(fmt: str, scale: float, device: str | torch.device = "cpu", seed: int = 0) -> torch.Tensor:
+    """bf16 values for the saturated / flushed counters at a given power-of-two scale: ordinary values, some beyond
+    the format's range, some far below its smallest subnormal, exact ties at half of it (round to even: 0), values
+    just above the tie (round up to the subnormal), and zeros (never counted)."""
+    from fp8train.fp8.formats import fp8_max, fp8_min_subnormal
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(4096, generator=g) * (fp8_max(fmt) / scale / 8)
+    half = fp8_min_subnormal(fmt) / 2 / scale
+    x[:32] = fp8_max(fmt) / scale * (1.5 + 10 * torch.rand(32, generator=g))  # beyond max: saturated
+    x[32:96] = half * torch.rand(64, generator=g)  # flushed
+    x[96:128] = half  # ties: flushed
+    x[128:160] = half * 1.5  # rounded up to the smallest subnormal: not flushed
+    x[160:176] = 0.0
+    sign = torch.where(torch.rand(4096, generator=g) < 0.5, -1.0, 1.0)
+    return (x * sign)[torch.randperm(4096, generator=g)].to(torch.bfloat16).to(device)
+
+
+def direct_counts(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, fmt: str) -> tuple[int, int]:
+    """(saturated, flushed) counted from the FP8 result itself, as the reference for the scaler's counters."""
+    from fp8train.fp8.formats import fp8_overflow_threshold
+
+    saturated = ((x.double() * scale.double()).abs() > fp8_overflow_threshold(fmt)).sum().item()
+    flushed = ((x != 0) & (q.float() == 0)).sum().item()
+    return saturated, flushed

@@ -73,6 +73,7 @@ class TensorScaler(nn.Module):
         self.cfg = cfg
         self.fp8_max = formats.fp8_max(fmt, cfg.profile)
         self.overflow_threshold = formats.fp8_overflow_threshold(fmt, cfg.profile)
+        self.flush_threshold = formats.fp8_min_subnormal(fmt) / 2  # |x * scale| <= this rounds (to even) to 0
         self.track_stats = False  # counting saturated / flushed elements costs two extra passes over each tensor
         f32 = {"dtype": torch.float32, "device": device}
         i64 = {"dtype": torch.int64, "device": device}
@@ -123,18 +124,26 @@ class TensorScaler(nn.Module):
         scale = self.scale_for(amax_of(x), force_current)
         q, _ = ops.quantize(x, self.fmt, scale, self.cfg.profile, stochastic)
         if self.track_stats:
-            self.count(x, q, scale)
+            self.count(x, q, scale, stochastic)
         return q, scale
 
     @torch.no_grad()
-    def count(self, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> None:
+    def count(self, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, stochastic: bool = False) -> None:
         """Add to the counters: elements the clamp to the format's max changed (saturated) and nonzeros quantized
         to 0 (flushed)."""
         # Saturated = beyond max + half an ulp: below that, rounding alone gives max, so the clamp loses nothing.
         # (This also keeps rounding noise out of the count: with scale = fp8_max / amax the largest element can land
         # a few fp32 ulps above max, and a compiled graph may take the amax before a bf16 rounding the cast sees.)
-        self.n_saturated.add_(((x.float() * scale).abs() > self.overflow_threshold).sum())
-        self.n_underflow.add_(((x != 0) & (q.float() == 0)).sum())
+        scaled = (x.float() * scale).abs()  # the same fp32 product quantize rounds
+        self.n_saturated.add_((scaled > self.overflow_threshold).sum())
+        # Flushed: round-to-nearest-even sends |x * scale| <= half the smallest subnormal to 0 (the tie too: 0 is
+        # even), so the product formed above tells, with no pass over q. Stochastic rounding decides per element:
+        # read q, as bytes (the sign bit aside, all-zero bits are +-0).
+        if stochastic:
+            flushed = (q.view(torch.uint8) & 0x7F) == 0
+        else:
+            flushed = scaled <= self.flush_threshold
+        self.n_underflow.add_(((x != 0) & flushed).sum())
         self.n_elements.add_(x.numel())
 
     @torch.no_grad()

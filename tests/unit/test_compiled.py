@@ -28,12 +28,12 @@ from fp8train.config import BackendConfig, ModelConfig, PrecisionConfig, Recipe,
 from fp8train.fp8.formats import E4M3, E5M2
 from fp8train.fp8.linear import Fp8Linear
 from fp8train.fp8.ops import Fp8Ops
-from fp8train.fp8.scaling import ScalingConfig, fp8_scalers, step_scalers
+from fp8train.fp8.scaling import ScalingConfig, TensorScaler, fp8_scalers, step_scalers
 from fp8train.loggers import read_jsonl
 from fp8train.model import build_model
 from fp8train.optim.adamw_fp8 import AdamWFp8
 from fp8train.trainer import Trainer
-from tests.helpers import SMALL, adam_grads, adam_params, apply_grads
+from tests.helpers import SMALL, adam_grads, adam_params, apply_grads, counter_inputs, direct_counts
 
 HAS_FP8_CUDA = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_FP8_CUDA, reason="needs CUDA sm_89+"))]
@@ -79,11 +79,31 @@ def test_scaled_mm_matches_emulation_for_every_gemm_of_a_linear(device):
             assert got.dtype == out_dtype and got.shape == want.shape
             assert rel(got, want) < 1e-2
             if out_dtype == torch.float32:
-                assert rel(got, exact) < 1e-5  # products of FP8 values are exact; only the fp32 sums round
+                # Products of FP8 values are exact; on the CPU only the fp32 sums round. Hopper's FP8 tensor cores
+                # accumulate with fewer bits than fp32 between promotions: 1.3e-4 measured on an H100.
+                assert rel(got, exact) < (1e-5 if device == "cpu" else 5e-4)
     # E5M2 x E5M2 (precision.profile=gaudi2's backward) has no _scaled_mm form: the emulation computes it.
     assert torch.equal(
         hw.scaled_mm(qg.t(), qg.t(), sg, sg, torch.float32), emulated.scaled_mm(qg.t(), qg.t(), sg, sg, torch.float32)
     )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fmt,stochastic", [(E4M3, False), (E5M2, False), (E5M2, True)])
+def test_compiled_counters_agree_with_a_count_of_the_fp8_result(device, fmt, stochastic):
+    # The monitor's saturated / flushed counters, fused by the compiler with the amax and the cast (Triton kernels
+    # on CUDA), count what the FP8 result shows.
+    s = TensorScaler(fmt, ScalingConfig(recipe="delayed"), device=device)
+    s.scale.fill_(64.0)
+    s.scale_ready.fill_(True)
+    s.track_stats = True
+    x = counter_inputs(fmt, 64.0, device)
+    q, scale = torch.compile(lambda x: s.quantize(x, Fp8Ops(), stochastic=stochastic), fullgraph=True)(x)
+    saturated, flushed = direct_counts(x, q, scale, fmt)
+    stats = s.pop_stats()
+    assert stats["saturated_frac"] * x.numel() == pytest.approx(saturated)
+    assert stats["underflow_frac"] * x.numel() == pytest.approx(flushed)
+    assert flushed >= 32  # stochastic rounding flushes about 72 of the 128 values below the subnormal
 
 
 def two_linears(cfg: ScalingConfig, device: str, ops=None) -> nn.Module:
@@ -241,11 +261,12 @@ def test_compiled_adamw_fp8_update_matches_eager(device):
 
     # Fusion (FMA contraction, reordered products) moves fp32 results by an ulp or two. Where that straddles an FP8
     # rounding boundary (~2^-20 of elements per moment and step) a stored code differs by one, and the following
-    # updates of that element differ by a fraction of one update (~lr): rare, and bounded.
+    # updates of that element differ by a fraction of one update (~lr): rare, and bounded. Triton's fp32 kernels
+    # differ from eager CUDA more often than inductor's C++ from eager CPU: 0.24% of elements measured on an H100.
     for a, b in zip(eager_p, compiled_p):
         err = (a.float() - b.float()).abs()
         ulp = torch.finfo(a.dtype).eps * a.detach().float().abs().clamp(min=1e-6)
-        assert (err > 8 * ulp).float().mean() < 1e-3 and err.max() < lr
+        assert (err > 8 * ulp).float().mean() < (1e-3 if device == "cpu" else 5e-3) and err.max() < lr
         for k, u in eager.state[a].items():
             v = compiled.state[b][k]
             if u.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
