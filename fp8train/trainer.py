@@ -28,7 +28,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from fp8train import backends, checkpoint, optim, parallel, precision
 from fp8train.config import Config
 from fp8train.data import build_data
-from fp8train.errors import CheckpointError, Fp8trainError
+from fp8train.errors import BackendError, CheckpointError, Fp8trainError
 from fp8train.fp8.scaling import discard_scalers, step_scalers
 from fp8train.loggers import RunLogger, use_progress_bar
 from fp8train.model import build_model
@@ -156,6 +156,8 @@ class Trainer:
                             self.run_dir,
                         )
                         break
+            except torch._dynamo.exc.BackendCompilerFailed as e:  # inductor's InductorError included
+                raise self.compile_error(e) from None
             finally:
                 bar.close()
                 self.logger.summary({k: v for k, v in last.items() if isinstance(v, (int, float))})
@@ -240,6 +242,33 @@ class Trainer:
             f"{where}. The weights were left at the last good step and saved in {self.saved_path}. Lower optim.lr, "
             f"set optim.grad_clip or try precision=bf16, then continue with hydra.run.dir={self.run_dir} "
             f"resume=auto (trainer.max_bad_steps=N tolerates more bad steps)."
+        )
+
+    def compile_error(self, e: Exception) -> BackendError:
+        """torch.compile failed inside the compiler (a Triton kernel that does not build, say): name the cause
+        briefly and the override that avoids the compiler."""
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        kernel = next((ln for ln in lines if ln.startswith("Name=")), None)
+        cause = next((ln for ln in reversed(lines) if ln.split(":")[0].endswith(("Error", "Exception"))), lines[0])
+        versions = f"torch {torch.__version__}"
+        try:
+            import triton
+
+            versions += f", triton {triton.__version__}"
+        except ImportError:
+            pass
+        return BackendError(
+            f"torch.compile could not compile this run's model or optimizer for {self.backend.describe()} "
+            f"({versions}) with {self.step} step(s) done: {cause}"
+            + (f" (kernel {kernel.removeprefix('Name=')})" if kernel else "")
+            + ". Run without the compiler with backend.compile=false (slower; the same FP8 recipe), or with another "
+            "torch/Triton version. "
+            + (
+                f"The last checkpoint, {self.saved_path}, is intact: continue from it with "
+                f"hydra.run.dir={self.run_dir} resume=auto backend.compile=false."
+                if self.saved_path
+                else "No checkpoint had been written yet."
+            )
         )
 
     @torch.no_grad()

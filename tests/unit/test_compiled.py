@@ -24,7 +24,9 @@ from torch import nn
 
 from fp8train import precision
 from fp8train.backends import select
+from fp8train.backends.cpu import CpuBackend
 from fp8train.config import BackendConfig, ModelConfig, PrecisionConfig, Recipe, SmoothSwiGLU, compose
+from fp8train.errors import BackendError
 from fp8train.fp8.formats import E4M3, E5M2
 from fp8train.fp8.linear import Fp8Linear
 from fp8train.fp8.ops import Fp8Ops
@@ -245,6 +247,31 @@ def test_trainer_with_backend_compile_trains_and_monitors_like_eager(tmp_path, p
             for tensor, stats in la["fp8"].items():
                 assert stats["amax"] == pytest.approx(lb["fp8"][tensor]["amax"], rel=5e-2), tensor
                 assert (stats["saturated_frac"] > 0) == (lb["fp8"][tensor]["saturated_frac"] > 0), tensor
+
+
+def test_a_compiler_failure_ends_the_run_with_the_override_that_avoids_it(tmp_path, monkeypatch):
+    # Seen on an H100 (torch 2.11, Triton 3.6): a fused FP8 kernel that Triton fails to build. The run must stop
+    # with a one-paragraph BackendError naming backend.compile=false, the last checkpoint intact, no traceback.
+    compiles = []
+
+    def third_graph_fails(gm, example_inputs):
+        compiles.append(len(gm.graph.nodes))
+        if len(compiles) == 3:
+            raise RuntimeError("PassManager::run failed")
+        return gm.forward
+
+    monkeypatch.setattr(CpuBackend, "compile", lambda self, model: torch.compile(model, backend=third_graph_fails))
+    cfg = compose(
+        [*SMALL, "precision=fp8_smooth", "backend.compile=true", "trainer.max_steps=6", "trainer.eval_every=3"]
+        + ["trainer.checkpoint_every=2", "monitor.interval=100"]
+    )  # graphs: step 1 (monitored), step 2, then validation at step 3, which fails
+    trainer = Trainer(cfg, tmp_path / "run")
+    with pytest.raises(BackendError) as e:
+        trainer.fit()
+    msg = str(e.value)
+    assert len(compiles) == 3 and "\n" not in msg
+    assert "PassManager::run failed" in msg and "with 3 step(s) done" in msg and "backend.compile=false" in msg
+    assert "step_0000002" in msg and (tmp_path / "run" / "checkpoints" / "step_0000002").is_dir()
 
 
 # ------------------------------------------------------------------------------------------------------------------
