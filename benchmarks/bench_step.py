@@ -70,17 +70,17 @@ def build(variant: str, model_cfg: ModelConfig, backend, compile_model: bool):
     return model, forward, opt
 
 
-def median_seconds(fn, backend, args) -> float:
-    """Median wall time of fn() over args.steps calls after args.warmup, synchronised on both sides."""
+def timed(fn, backend, args) -> tuple[float, float]:
+    """(first call, median over args.steps calls after args.warmup) of fn()'s wall time, synchronised on both
+    sides; the first call includes torch.compile's compilation."""
     times = []
-    for i in range(args.warmup + args.steps):
+    for _ in range(args.warmup + args.steps):
         backend.synchronize()
         t0 = time.perf_counter()
         fn()
         backend.synchronize()
-        if i >= args.warmup:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        times.append(time.perf_counter() - t0)
+    return times[0], statistics.median(times[args.warmup :])
 
 
 def time_steps(variant, model_cfg, batch, seq_len, backend, args) -> dict:
@@ -102,9 +102,10 @@ def time_steps(variant, model_cfg, batch, seq_len, backend, args) -> dict:
         losses.append(loss.detach())
 
     backend.reset_peak_memory()
-    step_s = median_seconds(step, backend, args)
+    first_s, step_s = timed(step, backend, args)
     return {
         "step_ms": step_s * 1e3,
+        "first_step_s": first_s,
         "tokens_per_s": batch * seq_len / step_s,
         "loss": losses[-1].item(),
         "peak_mem_gb": backend.peak_memory_bytes() / 2**30,
@@ -132,8 +133,14 @@ def time_linears(model_cfg, tokens, backend, args) -> list[dict]:
                     y = fn(x)
                 y.float().sum().backward()
 
-            result[f"{label}_ms"] = median_seconds(fwd_bwd, backend, args) * 1e3
-        result["fp8_speedup"] = result["bf16_ms"] / result["fp8_ms"]
+            try:
+                result[f"{label}_ms"] = timed(fwd_bwd, backend, args)[1] * 1e3
+            except Exception as e:  # one linear that does not compile must not cost the whole-step results
+                first_line = (str(e).strip().splitlines() or [""])[0]
+                result["error"] = f"{label}: {type(e).__name__}: {first_line}"
+                break
+        if "error" not in result:
+            result["fp8_speedup"] = result["bf16_ms"] / result["fp8_ms"]
         rows.append(result)
     return rows
 
@@ -169,6 +176,12 @@ def main() -> None:
         f"{args.shape}: {model_cfg.n_layers} layers, d {model_cfg.d_model}, batch {batch} x {seq_len} on "
         f"{backend.describe()}, compile={args.compile}"
     )
+
+    def save() -> None:  # after every variant, so a run cut short keeps what it measured
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(results, indent=2))
+
     for variant in args.variants.split(","):
         try:
             r = time_steps(variant, model_cfg, batch, seq_len, backend, args)
@@ -178,8 +191,10 @@ def main() -> None:
         results["variants"][variant] = r
         print(
             f"  {variant:20s} {r['tokens_per_s']:>12,.0f} tok/s  {r['step_ms']:8.1f} ms/step  "
-            f"{r['peak_mem_gb']:6.2f} GB  loss {r['loss']:.3f}"
+            f"{r['peak_mem_gb']:6.2f} GB  loss {r['loss']:.3f}  (first step {r['first_step_s']:.1f} s)",
+            flush=True,
         )
+        save()
     base = results["variants"].get("bf16")
     if base:
         print(
@@ -192,13 +207,15 @@ def main() -> None:
     if args.per_linear:
         results["linears"] = time_linears(model_cfg, batch * seq_len, backend, args)
         for r in results["linears"]:
+            if "error" in r:
+                print(f"  {r['linear']:13s} {r['shape']:24s} failed: {r['error']}")
+                continue
             print(
                 f"  {r['linear']:13s} {r['shape']:24s} bf16 {r['bf16_ms']:7.3f} ms  fp8 {r['fp8_ms']:7.3f} ms  "
                 f"{r['fp8_speedup']:.2f}x"
             )
+    save()
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2))
         print(f"wrote {args.out}")
 
 

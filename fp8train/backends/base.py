@@ -39,7 +39,11 @@ class Backend:
         pass
 
     def compile(self, model: torch.nn.Module) -> torch.nn.Module:
-        return torch.compile(model)
+        # Static shapes: a training run's shapes do not change, and where one does (the same module class called
+        # with other dims) the graph is recompiled for it instead of retraced with dynamic dims. torch 2.11 fails
+        # that retrace for the FP8 linears' autograd.Function (an AssertionError in dynamo, seen when compiling
+        # Fp8Linears of four shapes in one process); torch 2.13 does not.
+        return torch.compile(model, dynamic=False)
 
     def inductor(self) -> bool:
         """Whether torch.compile's default compiler (inductor) generates code for this device."""
