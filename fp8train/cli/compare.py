@@ -8,6 +8,7 @@ plotted, but the table says they are not comparable and why.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,6 +66,10 @@ def relative_gap(ref: dict[int, float], other: dict[int, float]) -> dict[int, fl
 def compare(run_dirs: list[Path], out: Path) -> str:
     """Draw out/compare.png and return the table (also written to out/compare.md)."""
     runs = [Run.load(Path(p)) for p in run_dirs]
+    repeated = Counter(r.label for r in runs)
+    for r in runs:  # two bf16 runs (seeds, say) must not share a legend entry: add the run directory's name
+        if repeated[r.label] > 1:
+            r.label = f"{r.label} ({r.path.name})"
     ref = next((r for r in runs if r.config.precision.name == "bf16"), runs[0])
     lines = [
         f"reference: {ref.label} ({ref.path})",

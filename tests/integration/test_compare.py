@@ -62,7 +62,8 @@ def test_multirun_trains_four_arms_and_compare_plots_and_tabulates_them(tmp_path
     result = subprocess.run(cmp, cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     rows = [ln for ln in result.stdout.splitlines() if ln.startswith("| ") and not ln.startswith("| run")]
-    assert [r.split("|")[1].strip() for r in rows] == ["bf16", "fp8", "fp8_smooth", "fp8_smooth+adamw_fp8", "bf16"]
+    labels = [r.split("|")[1].strip() for r in rows]  # the two bf16 runs are told apart by their directories
+    assert labels == [f"bf16 ({runs[0].name})", "fp8", "fp8_smooth", "fp8_smooth+adamw_fp8", "bf16 (other_seed)"]
     assert rows[0].split("|")[4].strip() == "+0.00%"  # the reference against itself
     assert all(r.rstrip("| ").endswith("yes") for r in rows[:4])
     assert rows[4].rstrip("| ").endswith("no: different seed")
