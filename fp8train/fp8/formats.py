@@ -101,7 +101,9 @@ def scale_from_amax(
     scale = torch.exp2(torch.floor(torch.log2(ratio))) if pow2 else ratio
     scale = scale * 2.0 ** (-margin)
     fallback = torch.ones_like(scale) if prev_scale is None else prev_scale.float().expand_as(scale)
-    ok = (amax > 0) & torch.isfinite(amax) & torch.isfinite(scale)
+    # One comparison covers every bad case (amax >= 0): amax 0 -> inf * 0, amax inf -> 0 * inf, NaN -> NaN,
+    # an amax so small that the scale overflows -> inf * amax; a usable pair gives about fp8_max / 2^margin.
+    ok = scale * amax < math.inf
     return torch.where(ok, scale, fallback)
 
 
