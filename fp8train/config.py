@@ -290,12 +290,49 @@ class BackendConfig:
 
     name: BackendName = BackendName.auto
     compile: bool = False  # torch.compile the model (cuda, cpu: inductor; hpu: hpu_backend) and AdamWFp8's update
+    # torch.compile(options=...) for the model: inductor settings by their torch._inductor.config names, set as
+    # +backend.compile_options.max_autotune=true or, around a compiler bug, +backend.compile_options.triton.X=false
+    compile_options: dict[str, Any] = field(default_factory=dict)
     threads: int | None = None  # cpu: torch intra-op threads; null = torch's default (all cores)
 
     def check(self, at: str) -> list[str]:
         p = _Problems(at, self)
         p.positive("threads", optional=True)
+        if self.compile_options and not self.compile:
+            p.add("compile_options", "only applies with backend.compile=true")
+        if self.compile_options and not self._habana():  # hpu_backend has options of its own
+            import torch
+            import torch._inductor.config as inductor_config
+
+            known = inductor_config.get_config_copy()
+            unknown = sorted(k for k in self.inductor_options() if k not in known)
+            if unknown:
+                p.add(
+                    "compile_options",
+                    f"not an inductor setting: {', '.join(unknown)} (the names are those of torch._inductor.config, "
+                    f"torch {torch.__version__}, e.g. max_autotune or triton.cudagraphs)",
+                )
         return p.found
+
+    def inductor_options(self) -> dict[str, Any]:
+        """compile_options with nested groups joined into dotted names: {triton: {cudagraphs: x}} ->
+        {"triton.cudagraphs": x}, the form torch.compile(options=...) takes."""
+
+        def flat(d: dict, prefix: str = "") -> dict[str, Any]:
+            out: dict[str, Any] = {}
+            for k, v in d.items():
+                name = f"{prefix}{k}"
+                out.update(flat(v, f"{name}.") if isinstance(v, dict) else {name: v})
+            return out
+
+        return flat(dict(self.compile_options))
+
+    def _habana(self) -> bool:
+        """Whether this run compiles with Habana's hpu_backend (hpu, or auto on a machine with Habana's bridge)."""
+        import importlib.util
+
+        auto_hpu = self.name == BackendName.auto and importlib.util.find_spec("habana_frameworks") is not None
+        return self.name == BackendName.hpu or auto_hpu
 
 
 @dataclass
@@ -503,7 +540,7 @@ def to_typed(raw: DictConfig | dict) -> Config:
         raise ConfigError([f"cannot resolve an interpolation: {_first_line(e)}"]) from None
     schema = OmegaConf.structured(Config)
     problems: list[str] = []
-    for path, value in _leaves(plain):
+    for path, value in _leaves(plain, whole=lambda path: typing.get_origin(_hint_at(Config, path)) is dict):
         hint = _hint_at(Config, path)
         if hint is _UNKNOWN:
             problems.append(_unknown_key(path))
@@ -621,11 +658,12 @@ class _Problems:
 _UNKNOWN = object()
 
 
-def _leaves(node: Any, prefix: str = ""):
-    """(dotted path, value) for every scalar or list in a nested dict; lists are set as a whole."""
-    if isinstance(node, dict):
+def _leaves(node: Any, prefix: str = "", whole=lambda path: False):
+    """(dotted path, value) for every scalar or list in a nested dict; lists, and dicts at the paths ``whole``
+    accepts (free-form settings such as backend.compile_options), are set as a whole."""
+    if isinstance(node, dict) and not (prefix and whole(prefix)):
         for k, v in node.items():
-            yield from _leaves(v, f"{prefix}.{k}" if prefix else str(k))
+            yield from _leaves(v, f"{prefix}.{k}" if prefix else str(k), whole)
     else:
         yield prefix, node
 

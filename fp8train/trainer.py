@@ -261,8 +261,9 @@ class Trainer:
             f"torch.compile could not compile this run's model or optimizer for {self.backend.describe()} "
             f"({versions}) with {self.step} step(s) done: {cause}"
             + (f" (kernel {kernel.removeprefix('Name=')})" if kernel else "")
-            + ". Run without the compiler with backend.compile=false (slower; the same FP8 recipe), or with another "
-            "torch/Triton version. "
+            + ". Run without the compiler with backend.compile=false (slower; the same FP8 recipe), steer inductor "
+            "around the failing kernel with +backend.compile_options.NAME=VALUE (torch._inductor.config names), "
+            "or use another torch/Triton version. "
             + (
                 f"The last checkpoint, {self.saved_path}, is intact: continue from it with "
                 f"hydra.run.dir={self.run_dir} resume=auto backend.compile=false."

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -18,6 +18,7 @@ class Backend:
     name: str = "cpu"
     device: torch.device = torch.device("cpu")
     dist_backend: str = "gloo"  # torch.distributed backend for data parallelism on this device
+    compile_options: dict = field(default_factory=dict)  # backend.compile_options: torch.compile(options=...)
 
     def autocast(self, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
         """Mixed precision for the forward pass; ``None`` runs in the parameters' dtype."""
@@ -43,7 +44,7 @@ class Backend:
         # with other dims) the graph is recompiled for it instead of retraced with dynamic dims. torch 2.11 fails
         # that retrace for the FP8 linears' autograd.Function (an AssertionError in dynamo, seen when compiling
         # Fp8Linears of four shapes in one process); torch 2.13 does not.
-        return torch.compile(model, dynamic=False)
+        return torch.compile(model, dynamic=False, options=self.compile_options or None)
 
     def inductor(self) -> bool:
         """Whether torch.compile's default compiler (inductor) generates code for this device."""

@@ -109,7 +109,7 @@ class HpuBackend(Backend):
                 "backend.compile=true on hpu needs eager mode, but PT_HPU_LAZY_MODE=1 is set in the environment: "
                 "unset it (fp8train then picks eager mode for compiled runs) or set PT_HPU_LAZY_MODE=0."
             )
-        return torch.compile(model, backend="hpu_backend")
+        return torch.compile(model, backend="hpu_backend", options=self.compile_options or None)
 
     def inductor(self) -> bool:
         return False  # Gaudi compiles through hpu_backend only

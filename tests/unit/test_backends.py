@@ -42,3 +42,25 @@ def test_cuda_without_gpu_names_the_fix():
 def test_hpu_without_habana_names_the_docker_image():
     with pytest.raises(BackendError, match="habana_frameworks.*docker/Dockerfile.gaudi.*vault.habana.ai"):
         select(BackendConfig(name=BackendName.hpu))
+
+
+def test_compile_options_reach_torch_compile_as_dotted_inductor_names(monkeypatch):
+    from fp8train.config import compose
+    from fp8train.errors import ConfigError
+
+    cfg = compose(
+        ["backend=cpu", "backend.compile=true"]
+        + ["+backend.compile_options.triton.mix_order_reduction=false", "+backend.compile_options.max_autotune=true"]
+    )
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: calls.append(kw) or model)
+    select(cfg.backend).compile(torch.nn.Linear(2, 2))
+    assert calls == [{"dynamic": False, "options": {"triton.mix_order_reduction": False, "max_autotune": True}}]
+
+    select(compose(["backend=cpu", "backend.compile=true"]).backend).compile(torch.nn.Linear(2, 2))
+    assert calls[-1] == {"dynamic": False, "options": None}  # none given: torch's defaults
+
+    with pytest.raises(ConfigError, match=r"not an inductor setting: max_autotun \(the names are those of"):
+        compose(["backend=cpu", "backend.compile=true", "+backend.compile_options.max_autotun=true"])
+    with pytest.raises(ConfigError, match=r"compile_options.*only applies with backend.compile=true"):
+        compose(["backend=cpu", "+backend.compile_options.max_autotune=true"])
