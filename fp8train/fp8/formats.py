@@ -90,11 +90,13 @@ def scale_from_amax(
     margin: int = 0,
     pow2: bool = False,
     prev_scale: torch.Tensor | None = None,
+    keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``fp8_max / amax / 2^margin``, optionally rounded down to a power of two (Habana TE's rule).
 
     amax == 0 (an all-zero tensor) or a non-finite amax keeps ``prev_scale`` (1.0 if none): there is nothing to
-    learn about the range from it, and an infinite scale would turn the next quantize into NaN.
+    learn about the range from it, and an infinite scale would turn the next quantize into NaN. ``keep`` (bool)
+    keeps ``prev_scale`` wherever it is true, whatever the amax (delayed scaling once its history is ready).
     """
     amax = amax.float()
     ratio = fp8_max(fmt, profile) / amax
@@ -104,6 +106,10 @@ def scale_from_amax(
     # One comparison covers every bad case (amax >= 0): amax 0 -> inf * 0, amax inf -> 0 * inf, NaN -> NaN,
     # an amax so small that the scale overflows -> inf * amax; a usable pair gives about fp8_max / 2^margin.
     ok = scale * amax < math.inf
+    if keep is not None:
+        # One select rather than where(keep, prev, where(ok, scale, prev)): a simpler kernel after the amax
+        # reduction (the nested form was part of one Triton 3.6 failed to build for an H100; TensorScaler.count).
+        ok = ok & ~keep
     return torch.where(ok, scale, fallback)
 
 

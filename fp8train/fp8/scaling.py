@@ -89,9 +89,9 @@ class TensorScaler(nn.Module):
         c = self.cfg
         return f"{self.fmt}, {c.recipe}, history={c.amax_history_len}, {c.amax_compute_algo}, profile={c.profile}"
 
-    def _scale_from(self, amax: torch.Tensor) -> torch.Tensor:
+    def _scale_from(self, amax: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         c = self.cfg
-        return formats.scale_from_amax(amax, self.fmt, c.profile, c.margin, c.pow2, prev_scale=self.scale)
+        return formats.scale_from_amax(amax, self.fmt, c.profile, c.margin, c.pow2, prev_scale=self.scale, keep=keep)
 
     def scale_for(self, amax_now: torch.Tensor, force_current: bool = False) -> torch.Tensor:
         """The scale to quantize a tensor whose amax is ``amax_now`` with, recording the amax for this step.
@@ -101,11 +101,10 @@ class TensorScaler(nn.Module):
         Returns a new tensor (never the buffer itself), so later in-place updates cannot corrupt saved copies.
         """
         amax_now = amax_now.detach().float()
-        just_in_time = self._scale_from(amax_now)
         if force_current or self.cfg.recipe == "current":
-            scale = just_in_time
-        else:
-            scale = torch.where(self.scale_ready, self.scale, just_in_time)
+            scale = self._scale_from(amax_now)
+        else:  # the scale from the history once there is one, current scaling before
+            scale = self._scale_from(amax_now, keep=self.scale_ready)
         if self.training:
             self.amax_history[:1].copy_(torch.maximum(self.amax_history[:1], amax_now.reshape(1)))
             if self.cfg.recipe == "current":
@@ -113,7 +112,6 @@ class TensorScaler(nn.Module):
         if self.track_stats:
             self.stat_amax.copy_(torch.maximum(self.stat_amax, amax_now))
             self.stat_scale.copy_(scale)
-            self.stat_ratio.copy_(torch.maximum(self.stat_ratio, amax_now * scale / self.fp8_max))
         return scale
 
     def quantize(
@@ -129,13 +127,19 @@ class TensorScaler(nn.Module):
 
     @torch.no_grad()
     def count(self, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, stochastic: bool = False) -> None:
-        """Add to the counters: elements the clamp to the format's max changed (saturated) and nonzeros quantized
-        to 0 (flushed)."""
+        """Add to the counters: elements the clamp to the format's max changed (saturated), nonzeros quantized to
+        0 (flushed), and the largest |x * scale| / fp8_max (the amax ratio)."""
+        if x.numel() == 0:
+            return
         # Saturated = beyond max + half an ulp: below that, rounding alone gives max, so the clamp loses nothing.
         # (This also keeps rounding noise out of the count: with scale = fp8_max / amax the largest element can land
         # a few fp32 ulps above max, and a compiled graph may take the amax before a bf16 rounding the cast sees.)
         scaled = (x.float() * scale).abs()  # the same fp32 product quantize rounds
         self.n_saturated.add_((scaled > self.overflow_threshold).sum())
+        # max |x * scale| = amax * scale exactly (rounding is monotonic), taken here rather than from the amax in
+        # scale_for: there, products of one amax with the scales of several scalers (q, k and v share their input)
+        # fused after the amax reduction made Triton 3.6 fail to build the kernel for an H100.
+        self.stat_ratio.copy_(torch.maximum(self.stat_ratio, scaled.amax() / self.fp8_max))
         # Flushed: round-to-nearest-even sends |x * scale| <= half the smallest subnormal to 0 (the tie too: 0 is
         # even), so the product formed above tells, with no pass over q. Stochastic rounding decides per element:
         # read q, as bytes (the sign bit aside, all-zero bits are +-0).

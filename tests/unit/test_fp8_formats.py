@@ -205,6 +205,9 @@ def test_scale_from_amax_keeps_previous_scale_when_amax_says_nothing():
         assert scale_from_amax(torch.tensor(bad), E4M3, prev_scale=prev).item() == 16.0
         assert scale_from_amax(torch.tensor(bad), E4M3, pow2=True, prev_scale=prev).item() == 16.0
     assert scale_from_amax(torch.tensor(0.0), E4M3).item() == 1.0  # no previous scale: 1
+    # keep: the previous scale wherever it is set, whatever the amax (delayed scaling with a ready history)
+    amax, keep = torch.tensor([2.0, 2.0, 0.0]), torch.tensor([True, False, False])
+    assert scale_from_amax(amax, E4M3, prev_scale=prev, keep=keep).tolist() == [16.0, 224.0, 16.0]
 
 
 def test_overflow_threshold_is_max_plus_half_an_ulp():

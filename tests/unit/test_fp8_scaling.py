@@ -209,6 +209,18 @@ def test_counters_agree_with_a_count_of_the_fp8_result(fmt, stochastic):
     assert stats["underflow_frac"] * x.numel() == pytest.approx(flushed)
 
 
+def test_delayed_scale_is_one_select_between_the_history_scale_and_the_current_one():
+    # Not where(ready, scale, where(ok, fp8_max / amax, scale)): one select, a simpler kernel after the amax
+    # reduction (the nested form was part of a fused kernel Triton 3.6 failed to build for an H100).
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    s = delayed()
+    graph = make_fx(lambda amax: s.scale_for(amax))(torch.tensor(3.0)).graph
+    selects = [n for n in graph.nodes if n.target == torch.ops.aten.where.self]
+    assert len(selects) == 1
+    assert run_steps(delayed(), [2.0, 4.0]) == [224.0, 224.0]  # current scaling first, then the history's
+
+
 def test_no_counting_unless_tracked():
     s = delayed()
     s.quantize(torch.randn(100) * 1000, Fp8Ops())
