@@ -221,6 +221,35 @@ def test_delayed_scale_is_one_select_between_the_history_scale_and_the_current_o
     assert run_steps(delayed(), [2.0, 4.0]) == [224.0, 224.0]  # current scaling first, then the history's
 
 
+def test_step_scalers_steps_every_format_and_config_as_each_scaler_alone_would():
+    # step_scalers steps scalers of one format and config together, as (N, L) tensors; mixed ones must come out
+    # exactly as one step() each. Amaxes include 0 (keeps the scale) and values far apart.
+    configs = [
+        ScalingConfig(recipe="delayed"),
+        ScalingConfig(recipe="delayed", amax_compute_algo="most_recent", amax_history_len=4),
+        ScalingConfig(recipe="delayed", margin=1, pow2=True, profile="gaudi2"),
+        ScalingConfig(recipe="current"),
+    ]
+
+    def scalers():
+        return nn.ModuleList(TensorScaler(fmt, cfg) for cfg in configs for fmt in (E4M3, E5M2, E4M3))
+
+    together, alone = scalers(), scalers()
+    g = torch.Generator().manual_seed(0)
+    for step in range(6):
+        amaxes = torch.rand(len(together), generator=g) * 10 ** torch.randint(-3, 4, (len(together),), generator=g)
+        amaxes[step] = 0.0
+        for a, b, amax in zip(together, alone, amaxes):
+            a.scale_for(amax)
+            b.scale_for(amax)
+        step_scalers(together)
+        for b in alone:
+            b.step()
+        for a, b in zip(together, alone):
+            assert torch.equal(a.scale, b.scale) and torch.equal(a.amax_history, b.amax_history)
+            assert torch.equal(a.scale_ready, b.scale_ready)
+
+
 def test_no_counting_unless_tracked():
     s = delayed()
     s.quantize(torch.randn(100) * 1000, Fp8Ops())
