@@ -28,7 +28,7 @@ STAT_NAMES = ("amax", "scale", "saturated_frac", "underflow_frac", "amax_ratio")
 AMAX_ALGOS = ("max", "most_recent")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ScalingConfig:
     """How the scales of FP8 tensors are chosen (the same for every tensor of a model)."""
 
@@ -216,7 +216,7 @@ def step_scalers(model: nn.Module, reduce_amax: Callable[[torch.Tensor], None] |
         torch._foreach_copy_([s.amax_history[0] for s in scalers], list(amax.unbind()))
     groups: dict[tuple, list[TensorScaler]] = {}
     for s in scalers:
-        groups.setdefault((s.fmt, id(s.cfg), s.amax_history.device), []).append(s)  # one cfg object: one group
+        groups.setdefault((s.fmt, s.cfg, s.amax_history.device), []).append(s)
     for group in groups.values():
         _step_together(group)
 
