@@ -247,7 +247,7 @@ class Trainer:
     def compile_error(self, e: Exception) -> BackendError:
         """torch.compile failed inside the compiler (a Triton kernel that does not build, say): name the cause
         briefly and the override that avoids the compiler."""
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
         kernel = next((ln for ln in lines if ln.startswith("Name=")), None)
         cause = next((ln for ln in reversed(lines) if ln.split(":")[0].endswith(("Error", "Exception"))), lines[0])
         versions = f"torch {torch.__version__}"
