@@ -87,10 +87,27 @@ def counter_inputs(fmt: str, scale: float, device: str | torch.device = "cpu", s
     return (x * sign)[torch.randperm(4096, generator=g)].to(torch.bfloat16).to(device)
 
 
-def direct_counts(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, fmt: str) -> tuple[int, int]:
-    """(saturated, flushed) counted from the FP8 result itself, as the reference for the scaler's counters."""
+def counting_scaler(fmt: str, scale: float, device: str | torch.device = "cpu"):
+    """A delayed-scaling TensorScaler whose scale is fixed at ``scale``, with its counters on."""
+    from fp8train.fp8.scaling import ScalingConfig, TensorScaler
+
+    s = TensorScaler(fmt, ScalingConfig(recipe="delayed"), device=device)
+    s.scale.fill_(scale)
+    s.scale_ready.fill_(True)
+    s.track_stats = True
+    return s
+
+
+def check_counts(s, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> tuple[int, int]:
+    """Assert the scaler's saturated / flushed counters equal a count of the FP8 result itself; returns
+    (saturated, flushed)."""
+    import pytest
+
     from fp8train.fp8.formats import fp8_overflow_threshold
 
-    saturated = ((x.double() * scale.double()).abs() > fp8_overflow_threshold(fmt)).sum().item()
+    saturated = ((x.double() * scale.double()).abs() > fp8_overflow_threshold(s.fmt)).sum().item()
     flushed = ((x != 0) & (q.float() == 0)).sum().item()
+    stats = s.pop_stats()
+    assert stats["saturated_frac"] * x.numel() == pytest.approx(saturated)
+    assert stats["underflow_frac"] * x.numel() == pytest.approx(flushed)
     return saturated, flushed
