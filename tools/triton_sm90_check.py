@@ -4,8 +4,15 @@ A Triton compiler failure ("PassManager::run failed" while building a kernel) ha
 kernels, before anything runs on the device, so it can be found without one. This script trains a few steps on
 the CPU (or runs one step of bench_step.py's model) under a torch.compile backend that keeps the forward and
 backward graphs AOT autograd makes, with inductor's decompositions and partitioner, as a CUDA run would get
-them. Each graph is then moved to a stand-in CUDA device with an H100's properties and handed to inductor, which
-generates its Triton kernels and compiles them for sm_90 down to machine code. Nothing is launched.
+them: the FP8 linears use the cuda backend's ops (``torch._scaled_mm``, which also runs on the CPU), not the
+emulation, so the graphs hold the same casts, transposes and GEMM calls. Each graph is then moved to a stand-in
+CUDA device with an H100's properties and handed to inductor, which generates its Triton kernels and compiles
+them for sm_90 down to machine code. Nothing is launched.
+
+``--stats`` also prints, per graph, how many Triton kernels inductor generated and the bytes they read and write
+by inductor's own count (its scheduler's buffer sizes; the GEMMs and attention are external calls, counted
+apart): the memory traffic FP8's casts and amaxes add around the GEMMs, comparable between variants and commits
+on a machine with no GPU. It is a count, not a timing.
 
 Needs a CUDA build of torch with Triton, such as the GPU image's torch 2.11 with Triton 3.6, installed on a CPU
 machine (``pip install torch==2.11.0`` from PyPI brings both). The stand-ins replace parts of torch.cuda,
@@ -14,6 +21,7 @@ other versions.
 
     python tools/triton_sm90_check.py precision=fp8 model=llama_125m data=wikitext2 trainer.max_steps=2
     python tools/triton_sm90_check.py --bench 1b fp8_smooth       # bench_step.py's model, 2 of its layers
+    python tools/triton_sm90_check.py --stats --bench 1b bf16     # and the kernels' count and bytes per graph
 
 Prints one line per graph; exit status 1 if any fails to compile.
 """
@@ -156,7 +164,38 @@ def on_cuda(graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return graph
 
 
-def compile_for_h100(capture: GraphCapture) -> list[tuple[str, str]]:
+class KernelStats:
+    """Inductor's count of what each compiled graph's Triton kernels move (read + write bytes) and of its external
+    calls (GEMMs, attention), recorded as each graph is generated."""
+
+    def __init__(self) -> None:
+        self.graphs: list[dict] = []
+
+    @contextlib.contextmanager
+    def recording(self):
+        from torch._inductor.graph import GraphLowering
+
+        original = GraphLowering.compile_to_module
+        stats = self
+
+        def compile_to_module(graph):
+            module = original(graph)
+            row = {"triton_kernels": 0, "triton_bytes": 0, "extern_calls": 0, "extern_bytes": 0}
+            for node in graph.scheduler.nodes:
+                kind = "extern" if type(node).__name__ == "ExternKernelSchedulerNode" else "triton"
+                row[f"{kind}_kernels" if kind == "triton" else "extern_calls"] += 1
+                row[f"{kind}_bytes"] += node.get_read_write_buffers_sizes()
+            stats.graphs.append(row)
+            return module
+
+        GraphLowering.compile_to_module = compile_to_module
+        try:
+            yield
+        finally:
+            GraphLowering.compile_to_module = original
+
+
+def compile_for_h100(capture: GraphCapture, stats: KernelStats | None = None) -> list[tuple[str, str]]:
     """(kind, "ok" or the failure's lines) for every captured graph, compiled by inductor for sm_90."""
     from torch._inductor.compile_fx import compile_fx_inner
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -171,13 +210,21 @@ def compile_for_h100(capture: GraphCapture) -> list[tuple[str, str]]:
                 for t in inputs
             ]
         try:
-            with mode:
+            with mode, stats.recording() if stats else contextlib.nullcontext():
                 compile_fx_inner(on_cuda(graph), fake, is_backward=kind == "backward")
             results.append((kind, "ok"))
         except Exception as e:  # the compiler's own error, reported per graph
             lines = [ln.strip() for ln in str(e).splitlines() if ln.startswith("Name=") or "Error" in ln]
             results.append((kind, "FAILED: " + " | ".join(lines[:3])))
     return results
+
+
+def use_cuda_ops() -> None:
+    """FP8 linears built for the CPU get the cuda backend's ops: torch._scaled_mm, as on an H100."""
+    from fp8train.backends.cpu import CpuBackend
+    from fp8train.backends.cuda import ScaledMmOps
+
+    CpuBackend.fp8_ops = lambda self: ScaledMmOps()
 
 
 def capture_training(overrides: list[str], capture: GraphCapture) -> None:
@@ -215,14 +262,24 @@ def main() -> int:
     if not torch.backends.cuda.is_built():
         print("triton_sm90_check: needs a CUDA build of torch (with Triton); this one is", torch.__version__)
         return 2
+    stats = KernelStats() if "--stats" in args else None
+    args = [a for a in args if a != "--stats"]
+    use_cuda_ops()
     capture = GraphCapture()
     if args[:1] == ["--bench"]:
         capture_bench_step(args[1], args[2], capture)
     else:
         capture_training(args, capture)
-    results = compile_for_h100(capture)
+    results = compile_for_h100(capture, stats)
     for i, (kind, outcome) in enumerate(results):
         print(f"graph {i} ({kind}): {outcome}")
+    if stats:
+        total = {key: sum(g[key] for g in stats.graphs) for key in stats.graphs[0]} if stats.graphs else {}
+        for name, row in [*((f"graph {i}", g) for i, g in enumerate(stats.graphs)), ("all graphs", total)]:
+            print(
+                f"{name}: {row['triton_kernels']} Triton kernels moving {row['triton_bytes'] / 2**20:,.0f} MiB; "
+                f"{row['extern_calls']} external calls (GEMMs, attention) moving {row['extern_bytes'] / 2**20:,.0f} MiB"
+            )
     return int(any(outcome != "ok" for _, outcome in results))
 
 
