@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -111,3 +112,14 @@ def check_counts(s, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> tu
     assert stats["saturated_frac"] * x.numel() == pytest.approx(saturated)
     assert stats["underflow_frac"] * x.numel() == pytest.approx(flushed)
     return saturated, flushed
+
+
+def unshared(m: nn.Module) -> nn.Module:
+    """A copy of a converted model in which every linear has an input scaler of its own (as before sharing)."""
+    from fp8train.fp8.linear import Fp8Linear
+
+    twin = copy.deepcopy(m)
+    for linear in twin.modules():
+        if isinstance(linear, Fp8Linear):
+            linear.input_scaler = copy.deepcopy(linear.input_scaler)
+    return twin

@@ -81,6 +81,8 @@ def apply_rope(x_BHTE: torch.Tensor, cos_TE: torch.Tensor, sin_TE: torch.Tensor)
 class Attention(nn.Module):
     """Causal grouped-query self-attention with RoPE; H query heads share K key/value heads."""
 
+    same_input = ("q_proj", "k_proj", "v_proj")  # linears applied to one tensor (a converter may share its cast)
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim

@@ -21,6 +21,8 @@ from torch import nn
 class SwiGLU(nn.Module):
     """y = down_proj(silu(gate_proj(x)) * up_proj(x)), bias-free, named as in Hugging Face's LlamaMLP."""
 
+    same_input = ("gate_proj", "up_proj")  # linears applied to one tensor (a converter may share its cast)
+
     def __init__(self, d_model: int, ffn_dim: int):
         super().__init__()
         self.gate_proj = nn.Linear(d_model, ffn_dim, bias=False)

@@ -66,8 +66,9 @@ class LayerTaps:
 
 def find_layers(model: nn.Module) -> list[LayerTaps]:
     """Every SwiGLU MLP (a module with gate_proj, up_proj and down_proj), in order, with the FP8 scalers of its
-    layer (the MLP's parent: attention and MLP linears)."""
-    modules = dict(model.named_modules())
+    layer (the MLP's parent: attention and MLP linears). A scaler shared by linears of one input (q/k/v, gate/up:
+    fp8train/precision) is listed under each of their names."""
+    modules = dict(model.named_modules(remove_duplicate=False))
     layers = []
     for name, m in modules.items():
         if not all(hasattr(m, a) for a in ("gate_proj", "up_proj", "down_proj")):
@@ -140,7 +141,7 @@ class OutlierMonitor:
             self._gate.clear()
 
     def _scalers(self) -> list[TensorScaler]:
-        return [s for layer in self.layers for s in layer.fp8.values()]
+        return list(dict.fromkeys(s for layer in self.layers for s in layer.fp8.values()))
 
     def _hooks(self) -> list[torch.utils.hooks.RemovableHandle]:
         handles = []
@@ -218,7 +219,8 @@ class OutlierMonitor:
             w_up, w_gate = layer.mlp.up_proj.weight, layer.mlp.gate_proj.weight
             if w_up.shape == w_gate.shape and w_up.dim() == 2 and w_up.numel():  # ZeRO-3 shards: no alignment
                 entry.update(stats.alignment(w_up, w_gate, self.cfg.top_k))
-            entry["fp8"] = {name: s.pop_stats_tensor() for name, s in layer.fp8.items()}
+            popped = {s: s.pop_stats_tensor() for s in dict.fromkeys(layer.fp8.values())}  # shared: popped once
+            entry["fp8"] = {name: popped[s] for name, s in layer.fp8.items()}
             tree.append(entry)
         self._reduce(tree)
         host = stats.to_host(tree)

@@ -70,6 +70,7 @@ def convert(model: nn.Module, cfg: PrecisionConfig, backend: Backend) -> nn.Modu
                 continue
             setattr(parent, name, fp8_linear(child, cfg, backend, ops))
             swapped[name] += 1
+    shared = share_input_scalers(model)
     variant = VARIANTS.get(cfg.smooth_swiglu.value)
     n_mlps = 0
     if variant is not None:
@@ -79,19 +80,40 @@ def convert(model: nn.Module, cfg: PrecisionConfig, backend: Backend) -> nn.Modu
                     setattr(parent, name, variant(child))
                     n_mlps += 1
     log.info(
-        "precision fp8 (%s, %s scaling, %s profile): %d linears to FP8 (%s); Smooth-SwiGLU %s%s; kept in bf16: "
+        "precision fp8 (%s, %s scaling, %s profile): %d linears to FP8 (%s)%s; Smooth-SwiGLU %s%s; kept in bf16: "
         "embeddings, lm_head, norms%s%s",
         f"{ops.name} ops" if ops else "Habana TE",
         cfg.scaling.value,
         cfg.profile.value,
         sum(swapped.values()),
         ", ".join(f"{k} x{v}" for k, v in swapped.items()) or "none",
+        f", one input cast each for {' + '.join('/'.join(g) for g in sorted(shared))}" if shared else "",
         cfg.smooth_swiglu.value,
         f" on {n_mlps} MLPs" if n_mlps else "",
         ", down_proj" if cfg.smooth_swiglu == SmoothSwiGLU.bf16_down else "",
         f"; not multiples of 16: {', '.join(skipped)}" if skipped else "",
     )
     return model
+
+
+def share_input_scalers(model: nn.Module) -> set[tuple[str, ...]]:
+    """Give the FP8 linears a module applies to one tensor (its ``same_input``: q/k/v, gate/up) one input scaler.
+
+    Their input scalers would see the same amax every step, so they hold the same history and scale: one shared
+    scaler changes no number, and lets torch.compile cast that input to FP8 once and save one FP8 copy of it for
+    backward instead of three (q/k/v) or two (gate/up). The shared scaler is one module under each linear's name:
+    state dicts keep every key, and model.modules() (step_scalers, the monitor) visits it once.
+    Returns the groups that now share, by linear names."""
+    shared = set()
+    for module in model.modules():
+        linears = [getattr(module, n) for n in getattr(module, "same_input", ())]
+        group = [m for m in linears if isinstance(m, Fp8Linear)]
+        if len(group) < 2:
+            continue
+        for linear in group[1:]:
+            linear.input_scaler = group[0].input_scaler
+        shared.add(tuple(n for n, m in zip(module.same_input, linears) if isinstance(m, Fp8Linear)))
+    return shared
 
 
 def fp8_linear(linear: nn.Linear, cfg: PrecisionConfig, backend: Backend, ops) -> nn.Module:

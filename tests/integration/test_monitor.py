@@ -42,6 +42,9 @@ def test_monitored_run_resumes_its_outliers_and_the_report_draws_them(tmp_path):
             assert layer["h_kurtosis"] > 1 and 0 < layer["cos_mean_abs"] <= layer["cos_max_abs"] <= 1
             assert layer["down_in_amax"] == pytest.approx(layer["h_amax"], rel=0.02)  # plain SwiGLU: h, in bf16
             assert len(layer["fp8"]) == 21  # 7 linears x (input, weight, grad)
+            fp8 = layer["fp8"]  # q/k/v and gate/up read one tensor through one scaler: listed under each name
+            assert fp8["self_attn.q_proj.input"] == fp8["self_attn.k_proj.input"] == fp8["self_attn.v_proj.input"]
+            assert fp8["mlp.gate_proj.input"] == fp8["mlp.up_proj.input"] != fp8["mlp.down_proj.input"]
             for s in layer["fp8"].values():
                 assert s["amax"] > 0 and s["scale"] > 0 and 0 <= s["saturated_frac"] < 0.01
     assert not any(k.startswith("outliers/") for r in read_metrics(resumed) for k in r)  # kept out of metrics

@@ -35,7 +35,16 @@ from fp8train.loggers import read_jsonl
 from fp8train.model import build_model
 from fp8train.optim.adamw_fp8 import AdamWFp8
 from fp8train.trainer import Trainer
-from tests.helpers import SMALL, adam_grads, adam_params, apply_grads, check_counts, counter_inputs, counting_scaler
+from tests.helpers import (
+    SMALL,
+    adam_grads,
+    adam_params,
+    apply_grads,
+    check_counts,
+    counter_inputs,
+    counting_scaler,
+    unshared,
+)
 
 HAS_FP8_CUDA = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_FP8_CUDA, reason="needs CUDA sm_89+"))]
@@ -295,3 +304,38 @@ def test_compiled_adamw_fp8_update_matches_eager(device):
             elif k != "step":
                 rel_err = (u - v).abs() / u.abs().clamp(min=1e-30)
                 assert (rel_err > 1e-5).float().mean() < 1e-2, k
+
+
+def saved_fp8_activations(model: nn.Module, tokens: torch.Tensor) -> int:
+    """How many FP8 tensors with a dimension of the token count the compiled forward saves for backward."""
+    from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._inductor.decomposition import select_decomp_table
+
+    saved = []
+
+    def forward_compiler(graph, example_inputs):
+        (outputs,) = [n.args[0] for n in graph.graph.nodes if n.op == "output"]
+        saved.extend(o.meta["val"] for o in outputs if isinstance(o, torch.fx.Node) and "val" in o.meta)
+        return make_boxed_func(graph.forward)
+
+    backend = aot_autograd(
+        fw_compiler=forward_compiler,
+        bw_compiler=make_boxed_func,
+        partition_fn=min_cut_rematerialization_partition,  # inductor's
+        decompositions=select_decomp_table(),
+    )
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.compile(model, backend=backend, dynamic=False)(tokens)
+    n_tokens = tokens.numel()
+    return sum(1 for t in saved if t.dtype == torch.float8_e4m3fn and n_tokens in t.shape)
+
+
+def test_compiled_model_saves_one_fp8_copy_of_each_shared_input():
+    cfg = ModelConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=192)
+    model = precision.convert(build_model(cfg), PRECISIONS["fp8_smooth"], select(BackendConfig(name="cpu")))
+    tokens = torch.randint(0, 256, (4, 25))  # 100 tokens: no weight has a dimension of 100
+    # Per layer: one copy of the attention input (q, k, v), o_proj's input, the MLP input (gate, up), h.
+    assert saved_fp8_activations(model, tokens) == 2 * 4
+    torch._dynamo.reset()
+    assert saved_fp8_activations(unshared(model), tokens) == 2 * 7

@@ -14,9 +14,11 @@ from fp8train.backends.base import Backend
 from fp8train.config import BackendConfig, Fp8Engine, Fp8Profile, ModelConfig, PrecisionConfig, Recipe, SmoothSwiGLU
 from fp8train.errors import BackendError
 from fp8train.fp8.linear import Fp8Linear
+from fp8train.fp8.scaling import fp8_scalers, step_scalers
 from fp8train.model import build_model
 from fp8train.model.mlp import SwiGLU
 from fp8train.precision.smooth_swiglu import SmoothSwiGLUChannel, SmoothSwiGLUToken
+from tests.helpers import unshared
 
 CPU = select(BackendConfig(name="cpu"))
 
@@ -140,3 +142,62 @@ def test_gaudi2_profile_on_tensor_cores_warns_and_emulates_its_e5m2_x_e5m2_gemms
         precision.convert(model(), fp8(), ScaledMmBackend(name="cuda"))
         precision.convert(model(), fp8(profile=Fp8Profile.gaudi2), CPU)
     assert "profile=gaudi2" not in caplog.text  # the OCP profile, or a device that emulates everything: no warning
+
+
+def train_steps(m: nn.Module, steps: int = 4) -> list[float]:
+    gen = torch.Generator().manual_seed(3)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(steps):
+        tokens = torch.randint(0, 256, (2, 33), generator=gen)
+        tokens[0, 5] = 7  # the same token repeated: a larger activation somewhere, the amax moves between steps
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = m(tokens[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        step_scalers(m)
+        losses.append(loss.item())
+    return losses
+
+
+def test_linears_of_one_input_share_its_scaler_and_train_exactly_as_with_their_own(caplog):
+    with caplog.at_level(logging.INFO):
+        m = precision.convert(model(), fp8(smooth_swiglu=SmoothSwiGLU.token), CPU)
+    assert "one input cast each for gate_proj/up_proj + q_proj/k_proj/v_proj" in caplog.text
+    attn, mlp = m.layers[0].self_attn, m.layers[0].mlp
+    assert attn.q_proj.input_scaler is attn.k_proj.input_scaler is attn.v_proj.input_scaler
+    assert mlp.gate_proj.input_scaler is mlp.up_proj.input_scaler
+    others = [attn.q_proj.input_scaler, attn.o_proj.input_scaler, mlp.up_proj.input_scaler, mlp.down_proj.input_scaler]
+    assert len(set(others)) == 4  # o and down have inputs of their own; layers do not share
+    assert m.layers[1].self_attn.q_proj.input_scaler is not attn.q_proj.input_scaler
+    assert len({attn.q_proj.weight_scaler, attn.k_proj.weight_scaler, attn.q_proj.grad_scaler}) == 3
+    # 7 weights, 7 output gradients and 4 distinct inputs per layer; every linear still names its input scaler.
+    assert len(fp8_scalers(m)) == 2 * (7 + 7 + 4)
+    assert "layers.0.self_attn.v_proj.input_scaler.amax_history" in m.state_dict()
+
+    twin = unshared(m)
+    assert train_steps(m) == train_steps(twin)  # the same amaxes, so the same scales: to the bit
+    for name, value in twin.state_dict().items():
+        assert torch.equal(m.state_dict()[name], value), name
+
+
+def test_a_checkpoint_stored_before_scalers_were_shared_loads_into_the_shared_model(tmp_path):
+    from safetensors.torch import save_file, save_model
+
+    from fp8train.parallel import load_weights
+
+    m = precision.convert(model(), fp8(), CPU)
+    old = unshared(m)
+    train_steps(old, steps=2)
+    save_file({k: v.contiguous() for k, v in old.state_dict().items()}, tmp_path / "old.safetensors")  # every name
+    load_weights(m, tmp_path / "old.safetensors", torch.device("cpu"))
+    for name, value in old.state_dict().items():
+        assert torch.equal(m.state_dict()[name], value), name
+    save_model(m, str(tmp_path / "new.safetensors"))  # the shared scalers stored once, loaded back exactly
+    fresh = precision.convert(model(), fp8(), CPU)
+    load_weights(fresh, tmp_path / "new.safetensors", torch.device("cpu"))
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in m.state_dict().items())
+    with pytest.raises(RuntimeError, match="missing keys"):  # a file of another model is still refused
+        load_weights(precision.convert(model(n_layers=3), fp8(), CPU), tmp_path / "new.safetensors", "cpu")
