@@ -245,6 +245,7 @@ def capture_bench_step(shape: str, variant: str, capture: GraphCapture) -> None:
 
     from fp8train import precision
     from fp8train.backends.cpu import CpuBackend
+    from fp8train.fp8.scaling import step_scalers
     from fp8train.model import build_model
 
     cfg = dataclasses.replace(bench_step.model_config(shape), n_layers=2)  # the kernels of every layer are alike
@@ -252,9 +253,15 @@ def capture_bench_step(shape: str, variant: str, capture: GraphCapture) -> None:
     backend = CpuBackend(name="cpu", device=torch.device("cpu"))
     model = precision.convert(build_model(cfg), bench_step.VARIANTS[variant], backend)
     tokens = torch.randint(0, cfg.vocab_size, (batch, seq_len + 1))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        logits = torch.compile(model, backend=capture, dynamic=False)(tokens[:, :-1])
-    F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten()).backward()
+
+    def step(forward) -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = forward(tokens[:, :-1])
+        F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten()).backward()
+        step_scalers(model)
+
+    step(model)  # eagerly, as the benchmark's warm-up: the graphs timed are those of scales with a history
+    step(torch.compile(model, backend=capture, dynamic=False))
 
 
 def main() -> int:

@@ -21,7 +21,10 @@ def amax_of(x: torch.Tensor) -> torch.Tensor:
     """max |x| as a float32 0-dim tensor (0 for an empty tensor); NaN if x holds a NaN."""
     if x.numel() == 0:
         return torch.zeros((), dtype=torch.float32, device=x.device)
-    return x.detach().abs().amax().float()
+    x = x.detach().abs()
+    if x.dim() >= 2:  # per row first: a kernel that produces x row by row (a norm, say) can reduce it as it goes
+        x = x.amax(dim=-1)
+    return x.amax().float()
 
 
 class Fp8Ops:

@@ -65,6 +65,12 @@ class TensorScaler(nn.Module):
       n_saturated, n_underflow, n_elements () int64, stat_amax, stat_scale, stat_ratio () fp32
                                statistics since the last ``pop_stats()``, gathered only while ``track_stats``
     State (history, scale) changes only in training mode: evaluation reuses the scales without moving them.
+
+    ``history_ready`` (a Python bool, not state) mirrors ``scale_ready`` once it is True, set where the buffer is
+    read anyway (``step()``, loading a state dict). Only then does the quantization stop depending on this tensor's
+    own amax, so that torch.compile can cast it in the kernel that produces it instead of a second pass after the
+    amax; before, ``where(scale_ready, scale, scale from amax now)`` gives the same scale once ready, with that
+    dependency. Flipping it recompiles a compiled model once.
     """
 
     def __init__(self, fmt: str, cfg: ScalingConfig, device: torch.device | str | None = None):
@@ -75,6 +81,7 @@ class TensorScaler(nn.Module):
         self.overflow_threshold = formats.fp8_overflow_threshold(fmt, cfg.profile)
         self.flush_threshold = formats.fp8_min_subnormal(fmt) / 2  # |x * scale| <= this rounds (to even) to 0
         self.track_stats = False  # counting saturated / flushed elements costs two extra passes over each tensor
+        self.history_ready = False  # scale_ready, known on the host (see the class docstring)
         f32 = {"dtype": torch.float32, "device": device}
         i64 = {"dtype": torch.int64, "device": device}
         self.register_buffer("amax_history", torch.zeros(cfg.amax_history_len, **f32))
@@ -103,6 +110,8 @@ class TensorScaler(nn.Module):
         amax_now = amax_now.detach().float()
         if force_current or self.cfg.recipe == "current":
             scale = self._scale_from(amax_now)
+        elif self.history_ready:  # the scale from the history: independent of this tensor's amax
+            scale = self.scale.clone()
         else:  # the scale from the history once there is one, current scaling before
             scale = self._scale_from(amax_now, keep=self.scale_ready)
         if self.training:
@@ -149,6 +158,10 @@ class TensorScaler(nn.Module):
             flushed = scaled <= self.flush_threshold
         self.n_underflow.add_(((x != 0) & flushed).sum())
         self.n_elements.add_(x.numel())
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.history_ready = self.cfg.recipe == "delayed" and bool(self.scale_ready)  # one sync, when loading
 
     @torch.no_grad()
     def step(self) -> None:
@@ -235,6 +248,9 @@ def _step_together(scalers: list[TensorScaler]) -> None:
         ready = torch.stack([s.scale_ready for s in scalers]) | ((amax > 0) & torch.isfinite(first.fp8_max / amax))
         torch._foreach_copy_([s.scale for s in scalers], list(scale.unbind()))
         torch._foreach_copy_([s.scale_ready for s in scalers], list(ready.unbind()))
+        if not all(s.history_ready for s in scalers):  # one sync per step until every scaler has a history
+            for s, r in zip(scalers, ready.tolist()):
+                s.history_ready = r
     rolled = hist.roll(1, dims=1)
     rolled[:, 0] = 0.0
     torch._foreach_copy_([s.amax_history for s in scalers], list(rolled.unbind()))

@@ -48,6 +48,22 @@ def test_delayed_first_step_without_history_scales_just_in_time():
     assert s.scale_ready and s.scale_for(t(50.0)).item() == 224.0  # from now on: delayed
 
 
+def test_the_host_learns_that_a_history_exists_from_step_and_from_a_loaded_state():
+    s = delayed()
+    s.scale_for(t(0.0))
+    s.step()  # an all-zero tensor: still no history
+    assert not s.scale_ready and not s.history_ready
+    s.scale_for(t(2.0))
+    s.step()
+    assert s.scale_ready and s.history_ready
+    resumed = delayed()
+    resumed.load_state_dict(s.state_dict())
+    assert resumed.history_ready and resumed.scale_for(t(50.0)).item() == 224.0
+    fresh = delayed()
+    fresh.load_state_dict(delayed().state_dict())
+    assert not fresh.history_ready and fresh.scale_for(t(50.0)).item() == pytest.approx(8.96)  # just in time
+
+
 def test_max_and_most_recent_over_the_window():
     amaxes = [1.0, 8.0, 2.0]
     s_max, s_recent = delayed(amax_history_len=4), delayed(amax_history_len=4, amax_compute_algo="most_recent")
