@@ -70,9 +70,10 @@ def build(variant: str, model_cfg: ModelConfig, backend, compile_model: bool):
     return model, forward, opt
 
 
-def timed(fn, backend, args) -> tuple[float, float]:
-    """(first call, median over args.steps calls after args.warmup) of fn()'s wall time, synchronised on both
-    sides; the first call includes torch.compile's compilation."""
+def timed(fn, backend, args) -> tuple[float, float, float]:
+    """(first call, all args.warmup calls, median over args.steps calls after them) of fn()'s wall time, synchronised
+    on both sides. The first call includes torch.compile's compilation; the warm-up also the second one, when the
+    FP8 scales got their amax history (TensorScaler.history_ready)."""
     times = []
     for _ in range(args.warmup + args.steps):
         backend.synchronize()
@@ -80,7 +81,7 @@ def timed(fn, backend, args) -> tuple[float, float]:
         fn()
         backend.synchronize()
         times.append(time.perf_counter() - t0)
-    return times[0], statistics.median(times[args.warmup :])
+    return times[0], sum(times[: args.warmup]), statistics.median(times[args.warmup :])
 
 
 def time_steps(variant, model_cfg, batch, seq_len, backend, args) -> dict:
@@ -102,10 +103,11 @@ def time_steps(variant, model_cfg, batch, seq_len, backend, args) -> dict:
         losses.append(loss.detach())
 
     backend.reset_peak_memory()
-    first_s, step_s = timed(step, backend, args)
+    first_s, warmup_s, step_s = timed(step, backend, args)
     return {
         "step_ms": step_s * 1e3,
         "first_step_s": first_s,
+        "warmup_s": warmup_s,
         "tokens_per_s": batch * seq_len / step_s,
         "loss": losses[-1].item(),
         "peak_mem_gb": backend.peak_memory_bytes() / 2**30,
@@ -115,7 +117,7 @@ def time_steps(variant, model_cfg, batch, seq_len, backend, args) -> dict:
 def time_linears(model_cfg, tokens, backend, args) -> list[dict]:
     """Forward+backward of each distinct linear shape alone: bf16 nn.Linear vs fp8train's Fp8Linear."""
     from fp8train.fp8.linear import Fp8Linear
-    from fp8train.fp8.scaling import ScalingConfig
+    from fp8train.fp8.scaling import ScalingConfig, step_scalers
 
     d, f, kv = model_cfg.d_model, model_cfg.ffn_dim, model_cfg.kv_heads * model_cfg.head_dim
     rows = []
@@ -128,13 +130,14 @@ def time_linears(model_cfg, tokens, backend, args) -> list[dict]:
                 lin = Fp8Linear.from_linear(lin, scaling=ScalingConfig(recipe="delayed"), ops=backend.fp8_ops())
             fn = backend.compile(lin) if args.compile else lin
 
-            def fwd_bwd(fn=fn, x=x):
+            def fwd_bwd(fn=fn, x=x, lin=lin):
                 with backend.autocast(torch.bfloat16):
                     y = fn(x)
                 y.float().sum().backward()
+                step_scalers(lin)  # as a training step ends: from the second call on, the scales have a history
 
             try:
-                result[f"{label}_ms"] = timed(fwd_bwd, backend, args)[1] * 1e3
+                result[f"{label}_ms"] = timed(fwd_bwd, backend, args)[2] * 1e3
             except Exception as e:  # one linear that does not compile must not cost the whole-step results
                 first_line = (str(e).strip().splitlines() or [""])[0]
                 result["error"] = f"{label}: {type(e).__name__}: {first_line}"
@@ -191,7 +194,8 @@ def main() -> None:
         results["variants"][variant] = r
         print(
             f"  {variant:20s} {r['tokens_per_s']:>12,.0f} tok/s  {r['step_ms']:8.1f} ms/step  "
-            f"{r['peak_mem_gb']:6.2f} GB  loss {r['loss']:.3f}  (first step {r['first_step_s']:.1f} s)",
+            f"{r['peak_mem_gb']:6.2f} GB  loss {r['loss']:.3f}  "
+            f"(first step {r['first_step_s']:.1f} s, warm-up {r['warmup_s']:.1f} s)",
             flush=True,
         )
         save()
