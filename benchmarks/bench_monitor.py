@@ -51,8 +51,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         off = Trainer(compose([*base, "monitor=disabled"]), Path(tmp) / "off")
         on = Trainer(compose([*base, "monitor=default", "monitor.interval=3"]), Path(tmp) / "on")
+        # The warm-up holds the compilations (backend.compile=true): each trainer's graphs at the first steps, the
+        # monitored graph at its first monitored step. Minutes on a GPU, so say how long it took.
+        t0 = time.perf_counter()
         for _ in range(args.warmup):
             timed_step(off), timed_step(on)
+        warmup_s = time.perf_counter() - t0
+        print(f"warm-up: {args.warmup} steps per trainer in {warmup_s:.1f} s; timing {args.steps} more", flush=True)
         t_off, t_plain, t_monitored = [], [], []
         for i in range(args.steps):
             first_off = i % 2 == 0  # alternate who goes first, so that neither always runs on a warmer cache
@@ -73,6 +78,8 @@ def main() -> None:
         "step_s_unmonitored": statistics.median(t_plain),
         "step_s_monitored": statistics.median(t_monitored),
         "samples": [len(t_off), len(t_plain), len(t_monitored)],
+        "warmup_s": warmup_s,
+        "slowest_step_s": max(t_off + t_plain + t_monitored),
         "ordinary_step_overhead": ordinary,
         "monitored_step_extra": monitored,
         "interval": interval,
@@ -86,6 +93,12 @@ def main() -> None:
         f"overhead at monitor.interval={interval}: {100 * result['overhead_at_interval']:+.2f}% of step time "
         f"({len(t_plain)} unmonitored and {len(t_monitored)} monitored steps timed)"
     )
+    slowest, typical = result["slowest_step_s"], statistics.median(t_off + t_plain + t_monitored)
+    if slowest > 5 * typical:  # medians survive one such step, but the user should know it happened
+        print(
+            f"note: one timed step took {slowest:.2f} s, {slowest / typical:.0f}x the median: a compilation after "
+            f"the warm-up? --warmup {args.warmup + 3} would move it out of the timed steps"
+        )
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
 
