@@ -52,19 +52,22 @@ VARIANTS = {
 }
 
 
+def convert(variant: str, model: torch.nn.Module, backend) -> torch.nn.Module:
+    """The plain model in the variant's precision: fp8train's converter, or torchao's for torchao_tensorwise."""
+    if variant != "torchao_tensorwise":
+        return precision.convert(model, VARIANTS[variant], backend)
+    from torchao.float8 import convert_to_float8_training
+
+    # Same filter as fp8train's converter: lm_head stays in bf16, dims must be multiples of 16.
+    return convert_to_float8_training(
+        model,
+        module_filter_fn=lambda m, fqn: fqn != "lm_head" and m.in_features % 16 == 0 and m.out_features % 16 == 0,
+    )
+
+
 def build(variant: str, model_cfg: ModelConfig, backend, compile_model: bool):
     torch.manual_seed(0)
-    model = build_model(model_cfg).to(backend.device)
-    if variant == "torchao_tensorwise":
-        from torchao.float8 import convert_to_float8_training
-
-        # Same filter as fp8train's converter: lm_head stays in bf16, dims must be multiples of 16.
-        convert_to_float8_training(
-            model,
-            module_filter_fn=lambda m, fqn: fqn != "lm_head" and m.in_features % 16 == 0 and m.out_features % 16 == 0,
-        )
-    else:
-        model = precision.convert(model, VARIANTS[variant], backend)
+    model = convert(variant, build_model(model_cfg).to(backend.device), backend)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=backend.has_fused_adamw())
     forward = backend.compile(model) if compile_model else model
     return model, forward, opt

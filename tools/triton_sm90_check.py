@@ -243,7 +243,6 @@ def capture_bench_step(shape: str, variant: str, capture: GraphCapture) -> None:
     import bench_step
     import torch.nn.functional as F
 
-    from fp8train import precision
     from fp8train.backends.cpu import CpuBackend
     from fp8train.fp8.scaling import step_scalers
     from fp8train.model import build_model
@@ -251,7 +250,18 @@ def capture_bench_step(shape: str, variant: str, capture: GraphCapture) -> None:
     cfg = dataclasses.replace(bench_step.model_config(shape), n_layers=2)  # the kernels of every layer are alike
     _, batch, seq_len = bench_step.SHAPES[shape]
     backend = CpuBackend(name="cpu", device=torch.device("cpu"))
-    model = precision.convert(build_model(cfg), bench_step.VARIANTS[variant], backend)
+    model = bench_step.convert(variant, build_model(cfg), backend)
+    if variant == "torchao_tensorwise":
+        # torchao's Float8Linear casts its input to the *GPU* autocast dtype when GPU autocast is on, and ignores
+        # the CPU's: do on the CPU what it does on the H100, or its casts would read fp32 activations.
+        from torchao.float8.float8_linear import Float8Linear
+
+        def to_autocast_dtype(module, args):
+            return (args[0].to(torch.bfloat16),) + args[1:]
+
+        for module in model.modules():
+            if isinstance(module, Float8Linear):
+                module.register_forward_pre_hook(to_autocast_dtype)
     tokens = torch.randint(0, cfg.vocab_size, (batch, seq_len + 1))
 
     def step(forward) -> None:
