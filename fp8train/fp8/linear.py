@@ -9,6 +9,10 @@ Gaudi2's GEMMs cannot mix E4M3 and E5M2 operands, so with ``hybrid=True`` (Haban
 ``precision.profile=gaudi2``) the forward also keeps E5M2 copies of x and W and both backward GEMMs run E5M2 x
 E5M2. Their scales follow from the E4M3 ones (the same assumed amax), so no extra scaling state is needed.
 
+Output dtypes: y and dX in the compute dtype (bf16 under autocast, else x's), as autocast's own linear gives them;
+dX is then cast to x's dtype (compiled, the cast fuses into dX's consumer); dW comes out of the GEMM in W's dtype
+(fp32 for fp32 master weights).
+
 Shapes: x (..., K) is flattened to (M, K) tokens; W (N, K); y (..., N). Only the FP8 copies of x and W are saved
 for backward (1 byte per element instead of 2 or 4): that is where FP8 saves activation memory. The scales come
 from three ``TensorScaler`` submodules (input, weight, grad_output); the matmuls from an ``Fp8Ops`` (emulated
@@ -43,7 +47,7 @@ class _Fp8LinearFn(torch.autograd.Function):
                 qw, sw = _as_e5m2(weight, sw, layer.weight_scaler, ops)
         ctx.save_for_backward(qx, qw, sx, sw)
         ctx.layer = layer
-        ctx.x_shape, ctx.x_dtype, ctx.w_dtype = x.shape, x.dtype, weight.dtype
+        ctx.x_shape, ctx.x_dtype, ctx.w_dtype, ctx.out_dtype = x.shape, x.dtype, weight.dtype, out_dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
@@ -58,8 +62,9 @@ class _Fp8LinearFn(torch.autograd.Function):
             qg, sg = layer.grad_scaler.quantize(g_MN, ops, stochastic=layer.stochastic_grad)
             if ctx.needs_input_grad[0]:
                 # E5M2 x E4M3: H100 has no E5M2 x E5M2 GEMM, and the weight needs no more than E4M3 (hybrid: the
-                # saved copies are E5M2, as Gaudi2 requires).
-                dx = ops.scaled_mm(qg, qw.t(), sg, sw, ctx.x_dtype).reshape(ctx.x_shape)
+                # saved copies are E5M2, as Gaudi2 requires). Out in the compute dtype, not an fp32 x's (RMSNorm's
+                # output): that would double the GEMM's output bytes and its consumer's reads.
+                dx = ops.scaled_mm(qg, qw.t(), sg, sw, ctx.out_dtype).to(ctx.x_dtype).reshape(ctx.x_shape)
             if ctx.needs_input_grad[1]:
                 dw = ops.scaled_mm(qg.t(), qx.t(), sg, sx, ctx.w_dtype)  # (N, M) . (K, M)^T -> (N, K)
             if ctx.needs_input_grad[2]:

@@ -138,14 +138,29 @@ def test_weight_override_gets_current_scaling_and_gradients_reach_its_producer(r
     assert rel(y, x64 @ (w64 * s64).T) < 0.1
 
 
+class RecordingOps(Fp8Ops):
+    """The emulated ops, noting the output dtype of every GEMM."""
+
+    def __init__(self):
+        self.out_dtypes = []
+
+    def scaled_mm(self, a_q, b_q, scale_a, scale_b, out_dtype):
+        self.out_dtypes.append(out_dtype)
+        return super().scaled_mm(a_q, b_q, scale_a, scale_b, out_dtype)
+
+
 def test_bf16_autocast_gives_bf16_output_and_fp32_parameter_grads():
     lin = layer()
+    lin.ops = RecordingOps()
     x = inputs(4).requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = lin(x)
     assert y.dtype == torch.bfloat16
     y.float().square().sum().backward()
-    assert x.grad.dtype == torch.float32
+    # y and dX come out of their GEMMs in bf16, as autocast's linear gives them (an fp32 dX would double the
+    # GEMM's output bytes); dW in the fp32 of the master weight. x's gradient is dX cast to x's fp32.
+    assert lin.ops.out_dtypes == [torch.bfloat16, torch.bfloat16, torch.float32]
+    assert x.grad.dtype == torch.float32 and torch.equal(x.grad, x.grad.bfloat16().float())
     assert lin.weight.grad.dtype == torch.float32 and lin.bias.grad.dtype == torch.float32
     assert rel(y, x.detach().double() @ lin.weight.detach().double().T + lin.bias.detach().double()) < 0.1
     x_bf16 = inputs(5).bfloat16().requires_grad_()  # a bf16 activation gets a bf16 gradient
