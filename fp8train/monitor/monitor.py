@@ -248,8 +248,10 @@ class OutlierMonitor:
 
     def _check(self, step: int, records: list[dict]) -> list[Alert]:
         alerts = []
+        taps = {layer.index: layer.fp8 for layer in self.layers}
         for r in records:
             i = r["layer"]
+            alerted = set()  # a scaler shared by linears of one input (q/k/v, gate/up) overflows once, not per name
             if "h_amax" in r:
                 amax = r["h_amax"]
                 fires, median = self.spikes.check(f"layer_{i}/h_amax", amax)
@@ -261,19 +263,24 @@ class OutlierMonitor:
                         Alert(step, i, "h", kind, amax, median or math.nan, f"layer {i} h amax {amax:.4g}{times}")
                     )
             for name, s in r["fp8"].items():
-                if overflowed(s, self.cfg.overflow_ratio):
-                    alerts.append(
-                        Alert(
-                            step,
-                            i,
-                            name,
-                            "fp8_overflow",
-                            s["amax_ratio"],
-                            s["saturated_frac"],
-                            f"layer {i} {name}: FP8 overflow, amax {s['amax_ratio']:.3g}x what its scale assumed, "
-                            f"{100 * s['saturated_frac']:.3g}% of elements saturated",
-                        )
+                scaler = taps[i].get(name)
+                if scaler in alerted or not overflowed(s, self.cfg.overflow_ratio):
+                    continue
+                alerted.add(scaler)
+                same = [n for n, other in taps[i].items() if other is scaler and n != name]
+                tensor = f"{name} (= {', '.join(same)})" if same else name
+                alerts.append(
+                    Alert(
+                        step,
+                        i,
+                        name,
+                        "fp8_overflow",
+                        s["amax_ratio"],
+                        s["saturated_frac"],
+                        f"layer {i} {tensor}: FP8 overflow, amax {s['amax_ratio']:.3g}x what its scale assumed, "
+                        f"{100 * s['saturated_frac']:.3g}% of elements saturated",
                     )
+                )
         # Early training grows every amax many-fold; its values still enter the running medians above.
         return alerts if step > self.cfg.alerts_after else []
 

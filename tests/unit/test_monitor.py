@@ -19,6 +19,7 @@ from fp8train.fp8.scaling import ScalingConfig, fp8_scalers, step_scalers
 from fp8train.model.mlp import SwiGLU
 from fp8train.monitor import OUTLIERS_FILE, Alert, DisabledMonitor, OutlierMonitor, build_monitor, stats
 from fp8train.monitor.alerts import SpikeRule, overflowed
+from fp8train.precision import share_input_scalers
 from fp8train.precision.smooth_swiglu import SmoothSwiGLUToken
 from tests.helpers import SMALL
 
@@ -232,6 +233,34 @@ def test_records_match_direct_computation_and_a_saturating_spike_alerts(tmp_path
     assert [(a.layer, a.tensor) for a in overflow] == [(0, "mlp.down_proj.input")]
     assert row["alerts"] == [a.to_json() for a in alerts]
     assert "layer 0 mlp.down_proj.input: FP8 overflow" in overflow[0].message
+
+
+def test_a_shared_input_scaler_that_overflows_alerts_once(tmp_path):
+    # gate_proj and up_proj read one tensor and share its scaler (fp8train/precision): the records list it under
+    # both names, but one overflow of that tensor is one alert, naming both.
+    mlp = planted_mlp()
+    scaling = ScalingConfig(recipe="delayed", amax_history_len=4, amax_compute_algo="max")
+    mlp.gate_proj = Fp8Linear.from_linear(mlp.gate_proj, scaling=scaling)
+    mlp.up_proj = Fp8Linear.from_linear(mlp.up_proj, scaling=scaling)
+    assert share_input_scalers(mlp) == {("gate_proj", "up_proj")}
+    model = TwoLayers([mlp])
+    mon = monitor_for(model, tmp_path, overflow_ratio=2.0)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for _ in range(4):  # the delayed scales settle on ordinary inputs
+            model(torch.randn(64, 32))
+            step_scalers(model)
+    x = torch.randn(64, 32)
+    x[7] *= 10.0  # one token 10x larger: the MLP's input overflows its scale
+    with mon.capture(10):
+        model(x).square().sum().backward()
+    alerts = mon.collect(10)
+    (r,) = json.loads((tmp_path / OUTLIERS_FILE).read_text())["layers"]
+    assert r["fp8"]["mlp.gate_proj.input"] == r["fp8"]["mlp.up_proj.input"]
+    assert r["fp8"]["mlp.gate_proj.input"]["amax_ratio"] > 2
+    inputs = [a for a in alerts if a.kind == "fp8_overflow" and a.tensor.endswith("_proj.input")]
+    assert [a.tensor for a in inputs if "gate" in a.tensor or "up" in a.tensor] == ["mlp.gate_proj.input"]
+    assert "layer 0 mlp.gate_proj.input (= mlp.up_proj.input): FP8 overflow" in inputs[0].message
 
 
 def test_smooth_swiglu_down_projection_input_is_the_rescaled_h(tmp_path):
