@@ -106,13 +106,14 @@ def share_input_scalers(model: nn.Module) -> set[tuple[str, ...]]:
     Returns the groups that now share, by linear names."""
     shared = set()
     for module in model.modules():
-        linears = [getattr(module, n) for n in getattr(module, "same_input", ())]
-        group = [m for m in linears if isinstance(m, Fp8Linear)]
+        group = {n: getattr(module, n) for n in getattr(module, "same_input", ())}
+        group = {n: m for n, m in group.items() if isinstance(m, Fp8Linear)}
         if len(group) < 2:
             continue
-        for linear in group[1:]:
-            linear.input_scaler = group[0].input_scaler
-        shared.add(tuple(n for n, m in zip(module.same_input, linears) if isinstance(m, Fp8Linear)))
+        first, *rest = group.values()
+        for linear in rest:
+            linear.input_scaler = first.input_scaler
+        shared.add(tuple(group))
     return shared
 
 
