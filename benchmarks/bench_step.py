@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import statistics
 import sys
@@ -151,6 +152,14 @@ def time_linears(model_cfg, tokens, backend, args) -> list[dict]:
     return rows
 
 
+def release_memory() -> None:
+    """Free what the variant just timed held (its model, optimizer state and compiled graphs) before the next."""
+    torch._dynamo.reset()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=sorted(SHAPES), default="1b")
@@ -163,6 +172,9 @@ def main() -> None:
     p.add_argument("--per-linear", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--out", type=Path)
     args = p.parse_args()
+    unknown = [v for v in args.variants.split(",") if v and v not in {*VARIANTS, "torchao_tensorwise"}]
+    if unknown:
+        p.error(f"--variants {','.join(unknown)}: choose from {', '.join([*VARIANTS, 'torchao_tensorwise'])}")
 
     backend = backends.select(BackendConfig(name=args.device))
     _, batch, seq_len = SHAPES[args.shape]
@@ -188,12 +200,21 @@ def main() -> None:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(results, indent=2))
 
-    for variant in args.variants.split(","):
+    for variant in [v for v in args.variants.split(",") if v]:  # --variants '' times the linears only
+        print(f"  {variant:20s} building and compiling ...", flush=True)
         try:
             r = time_steps(variant, model_cfg, batch, seq_len, backend, args)
         except ImportError as e:
             print(f"  {variant:20s} skipped ({e})")
             continue
+        except Exception as e:  # one variant that fails (a compiler error, out of memory) must not cost the others
+            first_line = (str(e).strip().splitlines() or [""])[0]
+            results["variants"][variant] = {"error": f"{type(e).__name__}: {first_line}"}
+            print(f"  {variant:20s} failed: {type(e).__name__}: {first_line}", flush=True)
+            save()
+            continue
+        finally:
+            release_memory()
         results["variants"][variant] = r
         print(
             f"  {variant:20s} {r['tokens_per_s']:>12,.0f} tok/s  {r['step_ms']:8.1f} ms/step  "
@@ -202,14 +223,15 @@ def main() -> None:
             flush=True,
         )
         save()
-    base = results["variants"].get("bf16")
+    timed_ok = {k: v for k, v in results["variants"].items() if "tokens_per_s" in v}
+    base = timed_ok.get("bf16")
     if base:
         print(
             "ratios to bf16:",
-            ", ".join(f"{k} {v['tokens_per_s'] / base['tokens_per_s']:.3f}x" for k, v in results["variants"].items()),
+            ", ".join(f"{k} {v['tokens_per_s'] / base['tokens_per_s']:.3f}x" for k, v in timed_ok.items()),
         )
-    if "fp8" in results["variants"] and "fp8_smooth" in results["variants"]:
-        overhead = results["variants"]["fp8"]["tokens_per_s"] / results["variants"]["fp8_smooth"]["tokens_per_s"] - 1
+    if "fp8" in timed_ok and "fp8_smooth" in timed_ok:
+        overhead = timed_ok["fp8"]["tokens_per_s"] / timed_ok["fp8_smooth"]["tokens_per_s"] - 1
         print(f"Smooth-SwiGLU (token) overhead over plain FP8: {overhead * 100:+.1f}%")
     if args.per_linear:
         results["linears"] = time_linears(model_cfg, batch * seq_len, backend, args)
