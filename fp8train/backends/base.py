@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from fp8train.errors import BackendError
 from fp8train.fp8.ops import Fp8Ops
+from fp8train.fp8.scaling import EagerUntilScalesReady
 
 
 @dataclass
@@ -39,12 +41,13 @@ class Backend:
     def reset_peak_memory(self) -> None:
         pass
 
-    def compile(self, model: torch.nn.Module) -> torch.nn.Module:
+    def compile(self, model: torch.nn.Module) -> Callable:
         # Static shapes: a training run's shapes do not change, and where one does (the same module class called
         # with other dims) the graph is recompiled for it instead of retraced with dynamic dims. torch 2.11 fails
         # that retrace for the FP8 linears' autograd.Function (an AssertionError in dynamo, seen when compiling
         # Fp8Linears of four shapes in one process); torch 2.13 does not.
-        return torch.compile(model, dynamic=False, options=self.compile_options or None)
+        # Eager until the delayed FP8 scales have a history: the graph is compiled once, for the steps after it.
+        return EagerUntilScalesReady(model, torch.compile(model, dynamic=False, options=self.compile_options or None))
 
     def inductor(self) -> bool:
         """Whether torch.compile's default compiler (inductor) generates code for this device."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,7 @@ from fp8train.backends.base import Backend
 from fp8train.errors import BackendError
 from fp8train.fp8 import formats
 from fp8train.fp8.ops import Fp8Ops, amax_of
+from fp8train.fp8.scaling import EagerUntilScalesReady
 
 GAUDI_IMAGE = "vault.habana.ai/gaudi-docker/1.23.0/ubuntu22.04/habanalabs/pytorch-installer-2.9.0:latest"
 
@@ -103,13 +105,14 @@ class HpuBackend(Backend):
     def reset_peak_memory(self) -> None:
         torch.hpu.reset_peak_memory_stats()
 
-    def compile(self, model: torch.nn.Module) -> torch.nn.Module:
+    def compile(self, model: torch.nn.Module) -> Callable:
         if lazy_mode():
             raise BackendError(
                 "backend.compile=true on hpu needs eager mode, but PT_HPU_LAZY_MODE=1 is set in the environment: "
                 "unset it (fp8train then picks eager mode for compiled runs) or set PT_HPU_LAZY_MODE=0."
             )
-        return torch.compile(model, backend="hpu_backend", options=self.compile_options or None)
+        compiled = torch.compile(model, backend="hpu_backend", options=self.compile_options or None)
+        return EagerUntilScalesReady(model, compiled)  # compiled once, after the first scaler step (base.py)
 
     def inductor(self) -> bool:
         return False  # Gaudi compiles through hpu_backend only

@@ -12,7 +12,7 @@ from torch import nn
 from fp8train.fp8.formats import E4M3, E5M2, fp8_min_subnormal
 from fp8train.fp8.linear import Fp8Linear
 from fp8train.fp8.ops import Fp8Ops
-from fp8train.fp8.scaling import ScalingConfig, TensorScaler, fp8_scalers, step_scalers
+from fp8train.fp8.scaling import EagerUntilScalesReady, ScalingConfig, TensorScaler, fp8_scalers, step_scalers
 from tests.helpers import check_counts, counter_inputs, counting_scaler
 
 
@@ -62,6 +62,36 @@ def test_the_host_learns_that_a_history_exists_from_step_and_from_a_loaded_state
     fresh = delayed()
     fresh.load_state_dict(delayed().state_dict())
     assert not fresh.history_ready and fresh.scale_for(t(50.0)).item() == pytest.approx(8.96)  # just in time
+
+
+def test_a_compiled_fp8_model_is_called_eagerly_until_its_delayed_scales_have_a_history():
+    # backend.compile wraps the compiled model so that it is compiled once, for scales from the history, and not a
+    # second time at step 2. Which callable each step reaches:
+    def routed(recipe: str, state: dict | None = None) -> list[str]:
+        torch.manual_seed(0)
+        model = Fp8Linear(32, 32, scaling=ScalingConfig(recipe=recipe), ops=Fp8Ops())
+        if state is not None:
+            model.load_state_dict(state)
+        calls = []
+
+        def compiled(x):
+            calls.append("compiled")
+            return model(x)
+
+        forward = EagerUntilScalesReady(model, compiled)
+        for _ in range(3):
+            n = len(calls)
+            forward(torch.randn(4, 32)).sum().backward()
+            calls += ["eager"] * (len(calls) == n)
+            step_scalers(model)
+        return calls, model.state_dict()
+
+    calls, trained = routed("delayed")
+    assert calls == ["eager", "compiled", "compiled"]
+    assert routed("delayed", state=trained)[0] == ["compiled"] * 3  # resumed: the history came with the checkpoint
+    assert routed("current")[0] == ["compiled"] * 3  # nothing to wait for
+    no_fp8 = EagerUntilScalesReady(nn.Linear(4, 4), lambda x: "compiled")
+    assert no_fp8(torch.randn(1, 4)) == "compiled"
 
 
 def test_max_and_most_recent_over_the_window():
