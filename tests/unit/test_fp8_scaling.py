@@ -66,32 +66,38 @@ def test_the_host_learns_that_a_history_exists_from_step_and_from_a_loaded_state
 
 def test_a_compiled_fp8_model_is_called_eagerly_until_its_delayed_scales_have_a_history():
     # backend.compile wraps the compiled model so that it is compiled once, for scales from the history, and not a
-    # second time at step 2. Which callable each step reaches:
-    def routed(recipe: str, state: dict | None = None) -> list[str]:
+    # second time at step 2. Which steps run a compiled graph, and how many graphs get built:
+    def routed(recipe: str, state: dict | None = None) -> tuple[list[str], int, dict]:
+        torch._dynamo.reset()
         torch.manual_seed(0)
         model = Fp8Linear(32, 32, scaling=ScalingConfig(recipe=recipe), ops=Fp8Ops())
         if state is not None:
             model.load_state_dict(state)
-        calls = []
+        built, ran = [], []
 
-        def compiled(x):
-            calls.append("compiled")
-            return model(x)
+        def counting_backend(gm, example_inputs):
+            built.append(gm)
 
-        forward = EagerUntilScalesReady(model, compiled)
+            def run(*args):
+                ran.append(1)
+                return gm(*args)
+
+            return run
+
+        forward = EagerUntilScalesReady(model, torch.compile(model, backend=counting_backend))
+        steps = []
         for _ in range(3):
-            n = len(calls)
+            n = len(ran)
             forward(torch.randn(4, 32)).sum().backward()
-            calls += ["eager"] * (len(calls) == n)
+            steps.append("compiled" if len(ran) > n else "eager")
             step_scalers(model)
-        return calls, model.state_dict()
+        return steps, len(built), model.state_dict()
 
-    calls, trained = routed("delayed")
-    assert calls == ["eager", "compiled", "compiled"]
-    assert routed("delayed", state=trained)[0] == ["compiled"] * 3  # resumed: the history came with the checkpoint
-    assert routed("current")[0] == ["compiled"] * 3  # nothing to wait for
-    no_fp8 = EagerUntilScalesReady(nn.Linear(4, 4), lambda x: "compiled")
-    assert no_fp8(torch.randn(1, 4)) == "compiled"
+    steps, graphs, trained = routed("delayed")
+    assert (steps, graphs) == (["eager", "compiled", "compiled"], 1)
+    assert routed("delayed", state=trained)[:2] == (["compiled"] * 3, 1)  # resumed: the history came with it
+    assert routed("current")[:2] == (["compiled"] * 3, 1)  # nothing to wait for
+    torch._dynamo.reset()
 
 
 def test_max_and_most_recent_over_the_window():
