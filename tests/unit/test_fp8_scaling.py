@@ -64,7 +64,7 @@ def test_the_host_learns_that_a_history_exists_from_step_and_from_a_loaded_state
     assert not fresh.history_ready and fresh.scale_for(t(50.0)).item() == pytest.approx(8.96)  # just in time
 
 
-def test_a_compiled_fp8_model_is_called_eagerly_until_its_delayed_scales_have_a_history():
+def test_a_compiled_fp8_model_is_called_eagerly_until_its_delayed_scales_have_a_history(caplog):
     # backend.compile wraps the compiled model so that it is compiled once, for scales from the history, and not a
     # second time at step 2. Which steps run a compiled graph, and how many graphs get built:
     def routed(recipe: str, state: dict | None = None) -> tuple[list[str], int, dict]:
@@ -93,8 +93,11 @@ def test_a_compiled_fp8_model_is_called_eagerly_until_its_delayed_scales_have_a_
             step_scalers(model)
         return steps, len(built), model.state_dict()
 
-    steps, graphs, trained = routed("delayed")
+    with caplog.at_level("INFO", logger="fp8train"):
+        steps, graphs, trained = routed("delayed")
     assert (steps, graphs) == (["eager", "compiled", "compiled"], 1)
+    said = [r.getMessage() for r in caplog.records if "torch.compile" in r.getMessage()]
+    assert len(said) == 1 and "compiling the model now that the delayed FP8 scales have a history" in said[0]
     assert routed("delayed", state=trained)[:2] == (["compiled"] * 3, 1)  # resumed: the history came with it
     assert routed("current")[:2] == (["compiled"] * 3, 1)  # nothing to wait for
     torch._dynamo.reset()
