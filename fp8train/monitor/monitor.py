@@ -21,7 +21,9 @@ Why registered once and switched by ``capturing``, rather than added and removed
 ``torch.compile`` the first monitored step traces the hooks into a graph of their own, which later monitored steps
 reuse. That graph calls the hook functions and fills the dicts it saw when traced; with hooks made anew each time,
 a reused graph could write statistics nobody reads (seen with plain SwiGLU). A flag keeps the objects fixed, and
-dynamo guards on its value: one graph with statistics, one without.
+dynamo guards on its value: one graph with statistics, one without. The hooks are the same bound methods on every
+layer and find the layer's slot (a dict, cleared in place) on the module they are called for, so a graph compiled
+for one transformer block serves all of them (``backend.compile_scope=block``).
 
 Under data parallelism the amaxes and FP8 figures are max-reduced over ranks before the alert rules run, so every
 rank takes the same decision (an ``on_alert=stop`` stops them all); the distribution statistics (RMS, kurtosis,
@@ -102,8 +104,9 @@ class OutlierMonitor:
         self.spikes = SpikeRule(cfg.alert_factor, cfg.median_window, cfg.min_history)
         self.capturing = False
         self.alerts: list[Alert] = []  # the alerts of the last monitored step
-        self._captured: dict[int, dict[str, torch.Tensor]] = {}  # cleared in place, never replaced (see above)
-        self._gate: dict[int, torch.Tensor] = {}  # layer -> g, until up_proj's output arrives
+        # Per layer: "g" until up_proj's output arrives, then "stats"; cleared in place, never replaced (see above)
+        self._slots: list[dict] = [{} for _ in self.layers]
+        self.slot_key = f"_fp8train_monitor_slot_{id(self)}"  # the attribute holding it: one per monitor
         self._handles = self._hooks()
         path = Path(run_dir) / OUTLIERS_FILE
         if resume_step:
@@ -125,8 +128,7 @@ class OutlierMonitor:
         if not (first_micro_batch and self.is_monitored(step)):
             yield False
             return
-        self._captured.clear()
-        self._gate.clear()
+        self._clear_slots()
         scalers = self._scalers()
         for s in scalers:
             s.pop_stats_tensor()  # start from zero (a capture interrupted by an exception may have left counts)
@@ -138,55 +140,53 @@ class OutlierMonitor:
             self.capturing = False
             for s in scalers:
                 s.track_stats = False
-            self._gate.clear()
+            for slot in self._slots:
+                slot.pop("g", None)
 
     def _scalers(self) -> list[TensorScaler]:
         return list(dict.fromkeys(s for layer in self.layers for s in layer.fp8.values()))
 
+    def _clear_slots(self) -> None:
+        for slot in self._slots:
+            slot.clear()
+
     def _hooks(self) -> list[torch.utils.hooks.RemovableHandle]:
         handles = []
-        for layer in self.layers:
+        for layer, slot in zip(self.layers, self._slots):
             mlp = layer.mlp
-            handles.append(mlp.gate_proj.register_forward_hook(self._keep_g(layer.index)))
-            handles.append(mlp.up_proj.register_forward_hook(self._measure_h(layer.index)))
-            handles.append(mlp.down_proj.register_forward_pre_hook(self._measure_down_input(layer.index)))
+            for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+                m.__dict__[self.slot_key] = slot  # a plain attribute: not a buffer, not in the state dict
+            handles.append(mlp.gate_proj.register_forward_hook(self._keep_g))
+            handles.append(mlp.up_proj.register_forward_hook(self._measure_h))
+            handles.append(mlp.down_proj.register_forward_pre_hook(self._measure_down_input))
         return handles
 
-    def _keep_g(self, index: int):
-        def hook(module, args, g):
-            if self.capturing:
-                self._gate.setdefault(index, g.detach())
+    def _keep_g(self, module, args, g):
+        if self.capturing:
+            module.__dict__[self.slot_key].setdefault("g", g.detach())
 
-        return hook
-
-    def _measure_h(self, index: int):
+    def _measure_h(self, module, args, u):
         """Every variant computes g before u: at up_proj's output both are known, and h can be measured."""
+        if not self.capturing:
+            return
+        slot = module.__dict__[self.slot_key]
+        g = slot.pop("g", None)
+        if "stats" in slot or g is None:  # a recomputed forward: keep the first
+            return
+        with torch.no_grad(), torch.autocast(u.device.type, enabled=False):
+            h = stats.h_from(g, u)  # (M, F) fp32, freed when the hook returns
+            slot["stats"] = {
+                **stats.h_stats(h, self.cfg.top_k),
+                "u_amax": u.detach().abs().amax().float(),
+                "g_amax": g.abs().amax().float(),
+            }
 
-        def hook(module, args, u):
-            if not self.capturing:
-                return
-            g = self._gate.pop(index, None)
-            if index in self._captured or g is None:  # a recomputed forward: keep the first
-                return
-            with torch.no_grad(), torch.autocast(u.device.type, enabled=False):
-                h = stats.h_from(g, u)  # (M, F) fp32, freed when the hook returns
-                self._captured[index] = {
-                    **stats.h_stats(h, self.cfg.top_k),
-                    "u_amax": u.detach().abs().amax().float(),
-                    "g_amax": g.abs().amax().float(),
-                }
-
-        return hook
-
-    def _measure_down_input(self, index: int):
-        def hook(module, args):
-            if not self.capturing:
-                return
-            entry = self._captured.get(index)
-            if entry is not None and "down_in_amax" not in entry:
-                entry["down_in_amax"] = args[0].detach().abs().amax().float()
-
-        return hook
+    def _measure_down_input(self, module, args):
+        if not self.capturing:
+            return
+        entry = module.__dict__[self.slot_key].get("stats")
+        if entry is not None and "down_in_amax" not in entry:
+            entry["down_in_amax"] = args[0].detach().abs().amax().float()
 
     # ------------------------------------------------------------------------------------------------------------
     def collect(self, step: int, logger: RunLogger | None = None) -> list[Alert]:
@@ -208,14 +208,14 @@ class OutlierMonitor:
         if logger is not None:
             logger.log_wandb(wandb_metrics(records, len(self.alerts)), step)
         log.info("step %d: outliers: %s", step, one_line(records))
-        self._captured.clear()
+        self._clear_slots()
         return self.alerts
 
     def _records(self) -> list[dict]:
         """Per layer, the statistics as Python numbers (one device sync for the whole model)."""
         tree = []
-        for layer in self.layers:
-            entry = dict(self._captured.get(layer.index, {}))
+        for layer, slot in zip(self.layers, self._slots):
+            entry = dict(slot.get("stats", {}))
             w_up, w_gate = layer.mlp.up_proj.weight, layer.mlp.gate_proj.weight
             if w_up.shape == w_gate.shape and w_up.dim() == 2 and w_up.numel():  # ZeRO-3 shards: no alignment
                 entry.update(stats.alignment(w_up, w_gate, self.cfg.top_k))
@@ -309,6 +309,9 @@ class OutlierMonitor:
         for h in self._handles:
             h.remove()
         self._handles = []
+        for layer in self.layers:
+            for m in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+                m.__dict__.pop(self.slot_key, None)
         if self.file is not None:
             self.file.close()
             self.file = None

@@ -183,11 +183,11 @@ def test_only_monitored_steps_measure_and_count(tmp_path):
     with mon.capture(10, first_micro_batch=False) as on:  # later micro-batches of a monitored step
         assert not on
         model(torch.randn(8, 32))
-    assert not mon._captured and mlp.down_proj.input_scaler.n_elements.item() == 0
+    assert mon._slots == [{}] and mlp.down_proj.input_scaler.n_elements.item() == 0
     with mon.capture(10) as on:
         assert on and mon.capturing and mlp.down_proj.input_scaler.track_stats
         model(torch.randn(8, 32))
-    assert sorted(mon._captured) == [0] and "down_in_amax" in mon._captured[0]
+    assert list(mon._slots[0]) == ["stats"] and "down_in_amax" in mon._slots[0]["stats"]
     assert not any(s.track_stats for s in fp8_scalers(model))
     assert len(mlp.down_proj._forward_pre_hooks) == 1  # the same hooks, for the next monitored step
     mon.close()
