@@ -3,6 +3,7 @@
     python benchmarks/bench_step.py --shape 1b --out benchmarks/results/step_1b.json        # H100: Llama-1B class
     python benchmarks/bench_step.py --shape 7b_layers --out benchmarks/results/step_7b.json # 7B layer shape, 4 layers
     python benchmarks/bench_step.py --shape cpu_tiny --device cpu --no-compile              # proves the script runs
+    python benchmarks/bench_step.py --shape 1b --compile-scope block   # each block compiled, once for all of them
 
 Variants: bf16, fp8 (plain SwiGLU), fp8_smooth (token), fp8_smooth_channel, and torchao's float8 training
 (tensorwise) when torchao is importable. Every variant runs the same model shape, data and optimizer; results
@@ -26,7 +27,15 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fp8train import backends, precision  # noqa: E402
-from fp8train.config import BackendConfig, ModelConfig, PrecisionConfig, Recipe, SmoothSwiGLU, compose  # noqa: E402
+from fp8train.config import (  # noqa: E402
+    BackendConfig,
+    CompileScope,
+    ModelConfig,
+    PrecisionConfig,
+    Recipe,
+    SmoothSwiGLU,
+    compose,
+)
 from fp8train.model import build_model  # noqa: E402
 
 # name: (overrides of conf/model, micro batch, seq_len); the model shapes come from the config files themselves.
@@ -169,6 +178,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--batch", type=int, help="micro batch (default: the shape's)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--compile-scope", choices=["model", "block"], default="model", help="backend.compile_scope")
     p.add_argument("--per-linear", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--out", type=Path)
     args = p.parse_args()
@@ -176,7 +186,7 @@ def main() -> None:
     if unknown:
         p.error(f"--variants {','.join(unknown)}: choose from {', '.join([*VARIANTS, 'torchao_tensorwise'])}")
 
-    backend = backends.select(BackendConfig(name=args.device))
+    backend = backends.select(BackendConfig(name=args.device, compile_scope=CompileScope(args.compile_scope)))
     _, batch, seq_len = SHAPES[args.shape]
     model_cfg = model_config(args.shape)
     batch = args.batch or batch
@@ -188,11 +198,12 @@ def main() -> None:
         "device": backend.describe(),
         "torch": torch.__version__,
         "compile": args.compile,
+        "compile_scope": args.compile_scope,
         "variants": {},
     }
     print(
         f"{args.shape}: {model_cfg.n_layers} layers, d {model_cfg.d_model}, batch {batch} x {seq_len} on "
-        f"{backend.describe()}, compile={args.compile}"
+        f"{backend.describe()}, compile={args.compile} ({args.compile_scope})"
     )
 
     def save() -> None:  # after every variant, so a run cut short keeps what it measured

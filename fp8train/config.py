@@ -47,6 +47,11 @@ class BackendName(str, enum.Enum):
     hpu = "hpu"
 
 
+class CompileScope(str, enum.Enum):
+    model = "model"  # one torch.compile of the whole model: fusions across blocks; compile time grows with depth
+    block = "block"  # each transformer block compiled in place: one compilation serves every block alike
+
+
 class Recipe(str, enum.Enum):
     bf16 = "bf16"  # fp32 master weights, matmuls under bf16 autocast
     fp32 = "fp32"  # everything in fp32: a numerical reference, slow on accelerators
@@ -293,6 +298,8 @@ class BackendConfig:
     # torch.compile(options=...) for the model: inductor settings by their torch._inductor.config names, set as
     # +backend.compile_options.max_autotune=true or, around a compiler bug, +backend.compile_options.triton.X=false
     compile_options: dict[str, Any] = field(default_factory=dict)
+    # What one torch.compile covers: the whole model, or each transformer block (one compilation for all of them)
+    compile_scope: CompileScope = CompileScope.model
     threads: int | None = None  # cpu: torch intra-op threads; null = torch's default (all cores)
 
     def check(self, at: str) -> list[str]:
@@ -300,6 +307,8 @@ class BackendConfig:
         p.positive("threads", optional=True)
         if self.compile_options and not self.compile:
             p.add("compile_options", "only applies with backend.compile=true")
+        if self.compile_scope != CompileScope.model and not self.compile:
+            p.add("compile_scope", "only applies with backend.compile=true")
         if self.compile_options and not self._habana():  # hpu_backend has options of its own
             import torch
             import torch._inductor.config as inductor_config

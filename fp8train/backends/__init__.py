@@ -30,7 +30,12 @@ def select(cfg: BackendConfig, local_rank: int = 0) -> Backend:
         from fp8train.backends.cpu import CpuBackend
 
         return CpuBackend(
-            name="cpu", device=torch.device("cpu"), dist_backend="gloo", compile_options=options, threads=cfg.threads
+            name="cpu",
+            device=torch.device("cpu"),
+            dist_backend="gloo",
+            compile_options=options,
+            compile_scope=cfg.compile_scope.value,
+            threads=cfg.threads,
         )
     if name == BackendName.cuda:
         if not torch.cuda.is_available():
@@ -41,10 +46,19 @@ def select(cfg: BackendConfig, local_rank: int = 0) -> Backend:
         from fp8train.backends.cuda import CudaBackend
 
         return CudaBackend(
-            name="cuda", device=torch.device("cuda", local_rank), dist_backend="nccl", compile_options=options
+            name="cuda",
+            device=torch.device("cuda", local_rank),
+            dist_backend="nccl",
+            compile_options=options,
+            compile_scope=cfg.compile_scope.value,
         )
     from fp8train.backends.hpu import HpuBackend
 
     return HpuBackend(
-        name="hpu", device=torch.device("hpu"), dist_backend="hccl", compile_options=options, eager=cfg.compile
+        name="hpu",
+        device=torch.device("hpu"),
+        dist_backend="hccl",
+        compile_options=options,
+        compile_scope=cfg.compile_scope.value,
+        eager=cfg.compile,
     )

@@ -21,6 +21,7 @@ class Backend:
     device: torch.device = torch.device("cpu")
     dist_backend: str = "gloo"  # torch.distributed backend for data parallelism on this device
     compile_options: dict = field(default_factory=dict)  # backend.compile_options: torch.compile(options=...)
+    compile_scope: str = "model"  # backend.compile_scope: the whole model, or each transformer block
 
     def autocast(self, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
         """Mixed precision for the forward pass; ``None`` runs in the parameters' dtype."""
@@ -42,12 +43,25 @@ class Backend:
         pass
 
     def compile(self, model: torch.nn.Module) -> Callable:
+        """The model's forward under torch.compile, over the whole model or each of its blocks (compile_scope).
+
+        ``block`` compiles every block of ``model.layers`` in place (``nn.Module.compile``: the state dict keys do not
+        change). The blocks are alike, so dynamo builds one graph for all of them; embeddings, final norm, lm_head
+        and the loss run eagerly. Either way, the steps before the delayed FP8 scales have a history run eagerly, so
+        the graphs are built once (EagerUntilScalesReady).
+        """
+        if self.compile_scope == "block":
+            for block in model.layers:
+                block.compile(**self.compile_kwargs())
+            return EagerUntilScalesReady(model, model)
+        return EagerUntilScalesReady(model, torch.compile(model, **self.compile_kwargs()))
+
+    def compile_kwargs(self) -> dict:
         # Static shapes: a training run's shapes do not change, and where one does (the same module class called
         # with other dims) the graph is recompiled for it instead of retraced with dynamic dims. torch 2.11 fails
         # that retrace for the FP8 linears' autograd.Function (an AssertionError in dynamo, seen when compiling
         # Fp8Linears of four shapes in one process); torch 2.13 does not.
-        # Eager until the delayed FP8 scales have a history: the graph is compiled once, for the steps after it.
-        return EagerUntilScalesReady(model, torch.compile(model, dynamic=False, options=self.compile_options or None))
+        return {"dynamic": False, "options": self.compile_options or None}
 
     def inductor(self) -> bool:
         """Whether torch.compile's default compiler (inductor) generates code for this device."""

@@ -28,7 +28,6 @@ from fp8train.backends.base import Backend
 from fp8train.errors import BackendError
 from fp8train.fp8 import formats
 from fp8train.fp8.ops import Fp8Ops, amax_of
-from fp8train.fp8.scaling import EagerUntilScalesReady
 
 GAUDI_IMAGE = "vault.habana.ai/gaudi-docker/1.23.0/ubuntu22.04/habanalabs/pytorch-installer-2.9.0:latest"
 
@@ -111,8 +110,10 @@ class HpuBackend(Backend):
                 "backend.compile=true on hpu needs eager mode, but PT_HPU_LAZY_MODE=1 is set in the environment: "
                 "unset it (fp8train then picks eager mode for compiled runs) or set PT_HPU_LAZY_MODE=0."
             )
-        compiled = torch.compile(model, backend="hpu_backend", options=self.compile_options or None)
-        return EagerUntilScalesReady(model, compiled)  # compiled once, after the first scaler step (base.py)
+        return super().compile(model)
+
+    def compile_kwargs(self) -> dict:
+        return {"backend": "hpu_backend", "options": self.compile_options or None}
 
     def inductor(self) -> bool:
         return False  # Gaudi compiles through hpu_backend only

@@ -217,7 +217,8 @@ def fp8_scalers(model: nn.Module) -> list[TensorScaler]:
 
 
 class EagerUntilScalesReady:
-    """Call ``model`` eagerly until its delayed scalers have a history, ``compiled`` from then on.
+    """Run ``compiled`` (``model``, or its blocks, under torch.compile) eagerly until the delayed scalers of ``model``
+    have a history, compiled from then on.
 
     Before its first ``step()`` a delayed scaler scales from its tensor's own amax, after it from the stored scale
     (``history_ready``), and a compiled graph is built for one or the other: compiled from the first call, an FP8
@@ -237,7 +238,8 @@ class EagerUntilScalesReady:
 
     def __call__(self, *args, **kwargs):
         if not self.ready():
-            return self.model(*args, **kwargs)
+            with torch.compiler.set_stance("force_eager"):  # the compiled code run as plain Python: nothing compiles
+                return self.compiled(*args, **kwargs)
         if not self.announced:  # the silence that follows is the compiler, not a hang
             self.announced = True
             log.info(

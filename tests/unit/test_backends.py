@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from fp8train.backends import detect, select
-from fp8train.config import BackendConfig, BackendName
-from fp8train.errors import BackendError
+from fp8train.config import BackendConfig, BackendName, compose
+from fp8train.errors import BackendError, ConfigError
+from fp8train.model import build_model
+from tests.helpers import SMALL
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 no_habana = pytest.mark.skipif(importlib.util.find_spec("habana_frameworks") is not None, reason="Gaudi present")
@@ -46,7 +48,6 @@ def test_hpu_without_habana_names_the_docker_image():
 
 def test_compile_options_reach_torch_compile_as_dotted_inductor_names(monkeypatch):
     from fp8train.config import compose
-    from fp8train.errors import ConfigError
 
     cfg = compose(
         ["backend=cpu", "backend.compile=true"]
@@ -64,3 +65,20 @@ def test_compile_options_reach_torch_compile_as_dotted_inductor_names(monkeypatc
         compose(["backend=cpu", "backend.compile=true", "+backend.compile_options.max_autotun=true"])
     with pytest.raises(ConfigError, match=r"compile_options.*only applies with backend.compile=true"):
         compose(["backend=cpu", "+backend.compile_options.max_autotune=true"])
+
+
+def test_compile_scope_block_compiles_each_block_in_place():
+    # backend.compile_scope=block: every block of model.layers compiled in place, so state dict keys (checkpoints,
+    # exports) are those of the plain model; the whole model is not wrapped. Without compile it is a config error.
+    def model():
+        return build_model(compose([*SMALL, "model.vocab_size=256"]).model)
+
+    blocks = model()
+    keys = list(blocks.state_dict())
+    forward = select(compose([*SMALL, "backend.compile=true", "backend.compile_scope=block"]).backend).compile(blocks)
+    assert forward.compiled is blocks and list(blocks.state_dict()) == keys
+    assert all(b._compiled_call_impl is not None for b in blocks.layers) and blocks._compiled_call_impl is None
+    whole = select(compose([*SMALL, "backend.compile=true"]).backend).compile(model())
+    assert isinstance(whole.compiled, torch._dynamo.eval_frame.OptimizedModule)
+    with pytest.raises(ConfigError, match=r"backend.compile_scope.*only applies with backend.compile=true"):
+        compose([*SMALL, "backend.compile_scope=block"])

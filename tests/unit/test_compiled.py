@@ -221,8 +221,8 @@ def test_every_fp8_model_compiles_to_one_graph(name):
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
 
 
-@pytest.mark.parametrize("precision_name", ["fp8_smooth", "bf16"])
-def test_trainer_with_backend_compile_trains_and_monitors_like_eager(tmp_path, precision_name):
+@pytest.mark.parametrize("precision_name,scope", [("fp8_smooth", "model"), ("bf16", "model"), ("fp8_smooth", "block")])
+def test_trainer_with_backend_compile_trains_and_monitors_like_eager(tmp_path, precision_name, scope):
     # backend.compile=true: the compiled model and AdamWFp8 update train, the monitored micro-batches (step 1 and
     # every 2nd step here) run compiled too, with the monitor's hooks and FP8 counters in a graph of their own, and
     # losses and outlier statistics follow the eager run's. Exact equality is not expected: inductor's fused
@@ -242,12 +242,13 @@ def test_trainer_with_backend_compile_trains_and_monitors_like_eager(tmp_path, p
     # Three graphs of the model and no more: training with the monitor, training, validation. FP8 included: its
     # first step, before the delayed scales have a history, runs eagerly (EagerUntilScalesReady), so the graphs are
     # built once, for scales from the history. A monitored step that recompiled would fail here instead of costing a
-    # compilation every monitor.interval steps.
+    # compilation every monitor.interval steps. With compile_scope=block the three are the block's, built once for
+    # both blocks, the monitor's hooks included (a graph per block would pass the limit).
     with (
         inductor_config.patch(emulate_precision_casts=True),
         torch._dynamo.config.patch(recompile_limit=3, fail_on_recompile_limit_hit=True),
     ):
-        got, got_outliers = run_trainer("compiled", "backend.compile=true")
+        got, got_outliers = run_trainer("compiled", "backend.compile=true", f"backend.compile_scope={scope}")
     assert len(got) == len(want) == 5
     assert got == pytest.approx(want, rel=2e-3)
     assert want[-1] < want[0]
