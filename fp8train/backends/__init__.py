@@ -25,18 +25,11 @@ def detect() -> BackendName:
 def select(cfg: BackendConfig, local_rank: int = 0) -> Backend:
     """Build the backend a run asked for, or fail with a message naming the override that fixes it."""
     name = detect() if cfg.name == BackendName.auto else cfg.name
-    options = cfg.inductor_options()
+    compiling = {"compile_options": cfg.inductor_options(), "compile_scope": cfg.compile_scope.value}
     if name == BackendName.cpu:
         from fp8train.backends.cpu import CpuBackend
 
-        return CpuBackend(
-            name="cpu",
-            device=torch.device("cpu"),
-            dist_backend="gloo",
-            compile_options=options,
-            compile_scope=cfg.compile_scope.value,
-            threads=cfg.threads,
-        )
+        return CpuBackend(name="cpu", device=torch.device("cpu"), dist_backend="gloo", threads=cfg.threads, **compiling)
     if name == BackendName.cuda:
         if not torch.cuda.is_available():
             raise BackendError(
@@ -45,20 +38,7 @@ def select(cfg: BackendConfig, local_rank: int = 0) -> Backend:
             )
         from fp8train.backends.cuda import CudaBackend
 
-        return CudaBackend(
-            name="cuda",
-            device=torch.device("cuda", local_rank),
-            dist_backend="nccl",
-            compile_options=options,
-            compile_scope=cfg.compile_scope.value,
-        )
+        return CudaBackend(name="cuda", device=torch.device("cuda", local_rank), dist_backend="nccl", **compiling)
     from fp8train.backends.hpu import HpuBackend
 
-    return HpuBackend(
-        name="hpu",
-        device=torch.device("hpu"),
-        dist_backend="hccl",
-        compile_options=options,
-        compile_scope=cfg.compile_scope.value,
-        eager=cfg.compile,
-    )
+    return HpuBackend(name="hpu", device=torch.device("hpu"), dist_backend="hccl", eager=cfg.compile, **compiling)

@@ -229,7 +229,7 @@ class EagerUntilScalesReady:
     """
 
     def __init__(self, model: nn.Module, compiled: Callable):
-        self.model, self.compiled = model, compiled
+        self.compiled = compiled
         self.delayed = [s for s in fp8_scalers(model) if s.cfg.recipe == "delayed"]
         self.announced = False
 

@@ -66,6 +66,10 @@ class LayerTaps:
     fp8: dict[str, TensorScaler] = field(default_factory=dict)  # "mlp.down_proj.input" -> its scaler
 
 
+def _mlp_linears(layer: LayerTaps) -> tuple[nn.Module, nn.Module, nn.Module]:
+    return layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj
+
+
 def find_layers(model: nn.Module) -> list[LayerTaps]:
     """Every SwiGLU MLP (a module with gate_proj, up_proj and down_proj), in order, with the FP8 scalers of its
     layer (the MLP's parent: attention and MLP linears). A scaler shared by linears of one input (q/k/v, gate/up:
@@ -153,12 +157,12 @@ class OutlierMonitor:
     def _hooks(self) -> list[torch.utils.hooks.RemovableHandle]:
         handles = []
         for layer, slot in zip(self.layers, self._slots):
-            mlp = layer.mlp
-            for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+            gate, up, down = _mlp_linears(layer)
+            for m in (gate, up, down):
                 m.__dict__[self.slot_key] = slot  # a plain attribute: not a buffer, not in the state dict
-            handles.append(mlp.gate_proj.register_forward_hook(self._keep_g))
-            handles.append(mlp.up_proj.register_forward_hook(self._measure_h))
-            handles.append(mlp.down_proj.register_forward_pre_hook(self._measure_down_input))
+            handles.append(gate.register_forward_hook(self._keep_g))
+            handles.append(up.register_forward_hook(self._measure_h))
+            handles.append(down.register_forward_pre_hook(self._measure_down_input))
         return handles
 
     def _keep_g(self, module, args, g):
@@ -310,7 +314,7 @@ class OutlierMonitor:
             h.remove()
         self._handles = []
         for layer in self.layers:
-            for m in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+            for m in _mlp_linears(layer):
                 m.__dict__.pop(self.slot_key, None)
         if self.file is not None:
             self.file.close()
