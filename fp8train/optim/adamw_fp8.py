@@ -18,8 +18,10 @@ to FP8's relative precision (2^-4 for E4M3, 2^-3 for E5M2).
 Why E5M2 for v: v ~ grad^2 squares the gradient's dynamic range. Within one block E4M3 keeps values down to
 amax * 2^-10 / 448 ~ 2e-6 * amax (half its smallest subnormal, 2^-9, rounds to zero), E5M2 down to
 amax * 2^-17 / 57344 ~ 1.3e-10 * amax. A gradient entry 1000x below its block's outlier has v 1e-6 below:
-E4M3 flushes it to zero (and a later zero gradient with m != 0 would then divide by eps), E5M2 keeps it.
-m is linear in the gradient and signed, so E4M3's extra mantissa bit is worth more there than range.
+E4M3 would flush it to zero, E5M2 keeps it. m is linear in the gradient and signed, so E4M3's extra mantissa
+bit is worth more there than range. Even E5M2 flushes v of entries more than ~1e5x below their block's largest
+gradient, where E4M3 still keeps m: such an m is dropped with its v (``_adamw_fp8_update``), or a later zero
+gradient would divide it by eps alone.
 
 Tensors under ``min_numel`` elements and 1-D tensors (norms, biases) keep fp32 m and v: they are a negligible
 share of the memory and the most sensitive to noise. A param group may decide for all its tensors with
@@ -240,10 +242,20 @@ def _adamw_fp8_update(
     if out is not None:
         out.copy_(weight)  # bf16 parameter = master rounded to nearest
 
-    for moment_NB, codes, scale, fmt in ((m_NB, m_codes, m_scale, m_format), (v_NB, v_codes, v_scale, v_format)):
-        new_scale = scale_from_amax(moment_NB.abs().amax(dim=1, keepdim=True), fmt)  # amax 0 -> scale 1
-        codes.copy_(quantize(moment_NB, fmt, new_scale))
-        scale.copy_(new_scale)
+    v_flushed = _requantize(v_NB, v_codes, v_scale, v_format).float() == 0
+    # Where v flushed to zero m must go too: E4M3 keeps m down to ~2e-6 of its block's largest, E5M2 keeps v only
+    # down to ~1.3e-10 of its block's, 1.2e-5 in gradient units. An m kept over a zero v would, at a step whose
+    # gradient is zero (a rare token's embedding row), be divided by eps alone: an update of ~m/eps, hundreds of
+    # times lr. Dropped together, the element's moments restart from zero, as at its first step.
+    _requantize(m_NB.masked_fill(v_flushed, 0.0), m_codes, m_scale, m_format)
+
+
+def _requantize(moment_NB: Tensor, codes: Tensor, scale: Tensor, fmt: str) -> Tensor:
+    """Store an fp32 moment in FP8 with a fresh scale per block (its amax: nothing saturates); returns the codes."""
+    new_scale = scale_from_amax(moment_NB.abs().amax(dim=1, keepdim=True), fmt)  # amax 0 -> scale 1
+    codes.copy_(quantize(moment_NB, fmt, new_scale))
+    scale.copy_(new_scale)
+    return codes
 
 
 def _adamw_fp32_update(weight: Tensor, grad: Tensor, out: Tensor | None, m: Tensor, v: Tensor, hyper: Tensor) -> None:

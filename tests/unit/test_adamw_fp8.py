@@ -76,6 +76,7 @@ def test_one_step_matches_float64_and_stored_bytes_match_independent_quantizatio
     v32 = (vc.float() / vs).lerp(g64.float() ** 2, 1 - BETAS[1])
     torch.testing.assert_close(m32.double(), m64, rtol=1e-6, atol=1e-6 * m64.abs().max().item())
     torch.testing.assert_close(v32.double(), v64, rtol=1e-6, atol=1e-6 * v64.abs().max().item())
+    m32 = m32.masked_fill(st["exp_avg_sq_fp8"].float() == 0, 0.0)  # m is dropped where v flushed to zero
     for name, moment, fmt, dtype in (
         ("exp_avg", m32, "e4m3", torch.float8_e4m3fn),
         ("exp_avg_sq", v32, "e5m2", torch.float8_e5m2),
@@ -285,6 +286,30 @@ def test_outlier_and_zero_gradients_stay_finite():
     opt.step()
     assert torch.equal(fresh, before)  # m = 0: no move, no 0/0
     assert (opt.state[fresh]["exp_avg_scale"] == 1).all() and (opt.state[fresh]["exp_avg_sq_scale"] == 1).all()
+
+
+@pytest.mark.parametrize("block_size", [128, None])
+def test_sparse_rows_never_move_much_more_than_fp32_adamw(block_size):
+    """Embedding-like gradients: rows of Zipf-like frequency, most rows zero at most steps. A row whose gradient is
+    1e5x below its block's largest keeps m in E4M3 while its v flushes in E5M2; at its next zero-gradient step the
+    update would be m/eps, hundreds to thousands of times lr, unless m is dropped with v."""
+    gen = torch.Generator().manual_seed(0)
+    rows, cols, lr = 512, 64, 1e-3
+    p8, p32 = nn.Parameter(torch.zeros(rows, cols)), nn.Parameter(torch.zeros(rows, cols))
+    opt8 = AdamWFp8([p8], lr=lr, betas=BETAS, block_size=block_size)
+    opt32 = torch.optim.AdamW([p32], lr=lr, betas=BETAS, weight_decay=0.0)
+    freq = torch.exp2(-torch.arange(rows).float() / 40)  # the gradient's scale per row: 1 down to 2^-12.8
+    largest = {"fp8": 0.0, "fp32": 0.0}
+    for _ in range(60):
+        hit = torch.rand(rows, generator=gen) < freq * 0.5 + 0.02
+        g = torch.randn(rows, cols, generator=gen) * freq[:, None] * hit[:, None]
+        for name, p, opt in (("fp8", p8, opt8), ("fp32", p32, opt32)):
+            before = p.detach().clone()
+            p.grad = g.clone()
+            opt.step()
+            largest[name] = max(largest[name], (p.detach() - before).abs().max().item() / lr)
+    assert largest["fp32"] <= 1.01
+    assert largest["fp8"] <= 1.05 * largest["fp32"], largest
 
 
 def test_bf16_params_keep_fp32_master_and_equal_it_rounded():
