@@ -277,7 +277,9 @@ def _step_together(scalers: list[TensorScaler]) -> None:
     rather than a dozen tiny ones each (a Llama-1B's 336 FP8 tensors: 2.3 ms of CPU time per optimizer step
     against 14 ms one by one, benchmarks/bench_scalers.py), with the same values, element for element."""
     first, c = scalers[0], scalers[0].cfg
-    hist = torch.stack([s.amax_history for s in scalers])
+    # A non-finite amax says nothing about the range (its step is normally skipped and discarded); kept in a
+    # `max` history it would pin every later scale to the previous one for amax_history_len steps.
+    hist = torch.stack([s.amax_history for s in scalers]).nan_to_num(nan=0.0, posinf=0.0)
     if c.recipe == "delayed":
         amax = hist.amax(dim=1) if c.amax_compute_algo == "max" else hist[:, 0]
         prev = torch.stack([s.scale for s in scalers])

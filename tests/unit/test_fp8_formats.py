@@ -116,6 +116,16 @@ def test_saturates_and_never_makes_nan_or_inf_from_finite_inputs(fmt, profile, d
 
 
 @pytest.mark.parametrize("fmt,profile", CASES)
+def test_an_inf_input_stays_non_finite_rather_than_saturating(fmt, profile):
+    """In bf16 an inf reaches the loss and the step is skipped; saturated to max it would pass unnoticed."""
+    x = torch.tensor([math.inf, -math.inf, 3e38, -3e38, 1.0])  # 3e38 * scale overflows fp32: still saturates
+    for stochastic in (False, True):
+        q = quantize(x, fmt, torch.tensor(100.0), profile, stochastic=stochastic).double()
+        assert q[:2].isnan().all() and torch.isfinite(q[2:]).all()
+        assert q[2:4].tolist() == [fp8_max(fmt, profile), -fp8_max(fmt, profile)]
+
+
+@pytest.mark.parametrize("fmt,profile", CASES)
 def test_nan_stays_nan(fmt, profile):
     x = torch.tensor([float("nan"), 1.0, float("nan")])
     for stochastic in (False, True):

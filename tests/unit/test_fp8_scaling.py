@@ -122,6 +122,16 @@ def test_history_of_length_l_forgets_a_spike_after_l_steps(length):
     assert used[length + 1] == 448.0  # step t+L+1 no longer does
 
 
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_a_non_finite_amax_does_not_pin_the_scale_for_the_length_of_the_history(bad):
+    """A step with an inf/NaN amax (normally skipped and discarded) must not freeze the scale: kept in a `max`
+    history, an inf amax would keep the previous scale for amax_history_len steps while the range grows."""
+    s = delayed(amax_history_len=4)
+    run_steps(s, [1.0, bad])
+    used = run_steps(s, [100.0, 100.0])
+    assert used == [448.0, pytest.approx(4.48)]
+
+
 def test_micro_batches_of_one_step_take_the_max():
     s = delayed()
     run_steps(s, [1.0])
