@@ -47,17 +47,31 @@ def hf_config(cfg: ModelConfig, eos_id: int | None = None, dtype: torch.dtype = 
 
     fields = {hf: getattr(cfg, ours) for ours, hf in HF_FIELDS.items()}
     fields["num_key_value_heads"] = cfg.kv_heads  # n_kv_heads=null means one kv head per query head
+    # rope_theta and torch_dtype as transformers 4.x names them; 5.x moves them into rope_parameters and dtype.
     return LlamaConfig(
         **fields,
-        # transformers >= 5 keeps theta inside rope_parameters (a top-level rope_theta is moved there).
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        rope_theta=cfg.rope_theta,
         attention_bias=False,
         mlp_bias=False,
         bos_token_id=eos_id,
         eos_token_id=eos_id,
-        dtype=dtype,
+        torch_dtype=dtype,
         **extra,
     )
+
+
+def write_portable_files(out: Path, cfg: ModelConfig) -> None:
+    """Make ``out``'s config and tokenizer files readable by transformers 4.x as well as 5.x (the Gaudi image
+    pins a 4.x for optimum-habana): 5.x writes rope_theta only inside rope_parameters, which 4.x ignores (it
+    would silently fall back to 10000), and names its tokenizer class TokenizersBackend, unknown to 4.x."""
+    config_file = out / "config.json"
+    config = json.loads(config_file.read_text())
+    config["rope_theta"] = cfg.rope_theta
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    tok_file = out / "tokenizer_config.json"
+    tok_config = json.loads(tok_file.read_text())
+    tok_config.update(tokenizer_class="PreTrainedTokenizerFast", model_max_length=cfg.max_seq_len)
+    tok_file.write_text(json.dumps(tok_config, indent=2, sort_keys=True) + "\n")
 
 
 def hf_state_dict(model: Llama) -> dict[str, torch.Tensor]:
@@ -78,7 +92,12 @@ def saved_model_config(folder: Path) -> ModelConfig:
 def load_weights(model: Llama, folder: Path) -> None:
     """Load a folder's model.safetensors into ``model`` (FP8 scaling state in it is skipped)."""
     cfg = model.cfg
-    saved = {k: v for k, v in load_file(str(folder / "model.safetensors")).items() if "_scaler." not in k}
+    # FP8 scaling state is training state, not weights: our scalers' buffers and Transformer Engine's extra state.
+    saved = {
+        k: v
+        for k, v in load_file(str(folder / "model.safetensors")).items()
+        if "_scaler." not in k and not k.endswith("._extra_state")
+    }
     with torch.no_grad():
         missing, unexpected = model.load_state_dict(saved, strict=False)
     # safetensors stores a tied weight once, under one of its two names.
@@ -87,6 +106,12 @@ def load_weights(model: Llama, folder: Path) -> None:
         raise CheckpointError(f"{folder}: weights do not match the model (missing {missing}, unexpected {unexpected}).")
     if cfg.tie_embeddings:  # load_state_dict may have filled one side of the tie only; re-tie to be sure
         model.lm_head.weight = model.embed_tokens.weight
+
+
+def check_output_folder(out: Path) -> None:
+    """Refuse an output path that is a file or a folder with something in it (never overwrite)."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CheckpointError(f"{out} exists and is not an empty folder; choose a new output folder.")
 
 
 def load_checkpoint_model(ckpt: Path) -> Llama:
@@ -109,8 +134,7 @@ def export_hf(ckpt: Path, out: Path, dtype: str = "bf16") -> Path:
     tokenizer_file = ckpt.parent.parent / "tokenizer.json"  # the run dir's copy: RUN_DIR/checkpoints/step_N
     if not tokenizer_file.is_file():
         raise CheckpointError(f"{ckpt}: no tokenizer.json in its run directory ({tokenizer_file.parent}).")
-    if out.exists() and any(out.iterdir()):
-        raise CheckpointError(f"{out} exists and is not empty; choose a new output folder.")
+    check_output_folder(out)
     model = load_checkpoint_model(ckpt)
 
     eos_id = find_eos_id(Tokenizer.from_file(str(tokenizer_file)), None, f"{tokenizer_file}")
@@ -121,8 +145,27 @@ def export_hf(ckpt: Path, out: Path, dtype: str = "bf16") -> Path:
     eos = tok.convert_ids_to_tokens(eos_id)
     tok.eos_token = tok.bos_token = tok.pad_token = eos
     tok.save_pretrained(out)
+    write_portable_files(out, model.cfg)
     log.info("exported %s -> %s (%s, %d parameters)", ckpt, out, dtype, model.num_params())
     return out
+
+
+def unsupported_features(config: dict) -> list[str]:
+    """What in a Hugging Face Llama config.json fp8train's Llama cannot compute (empty: importable exactly)."""
+    problems = []
+    for key in ("rope_scaling", "rope_parameters"):  # transformers 4.x and 5.x names
+        rope_type = (config.get(key) or {}).get("rope_type") or (config.get(key) or {}).get("type")
+        if rope_type not in (None, "default"):
+            problems.append(f"{key} has rope_type {rope_type!r} (only the default RoPE is supported)")
+    if config.get("hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act is {config['hidden_act']!r} (SwiGLU needs 'silu')")
+    for key in ("attention_bias", "mlp_bias"):
+        if config.get(key):
+            problems.append(f"{key} is true (fp8train's linears have no bias)")
+    heads, hidden = config.get("num_attention_heads"), config.get("hidden_size")
+    if config.get("head_dim") is not None and heads and config["head_dim"] != hidden // heads:
+        problems.append(f"head_dim is {config['head_dim']}, not hidden_size / num_attention_heads = {hidden // heads}")
+    return problems
 
 
 def import_hf(hf_dir: Path, out: Path) -> Path:
@@ -138,9 +181,14 @@ def import_hf(hf_dir: Path, out: Path) -> Path:
             f"{hf_dir}: not a Hugging Face Llama folder (config.json model_type is "
             f"{config.get('model_type')!r}, expected 'llama')."
         )
-    if out.exists() and any(out.iterdir()):
-        raise CheckpointError(f"{out} exists and is not empty; choose a new output folder.")
-    hf = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, local_files_only=True)
+    if problems := unsupported_features(config):
+        raise CheckpointError(
+            f"{hf_dir}: this Llama computes something fp8train's Llama does not, so its logits would change: "
+            + "; ".join(problems)
+            + ". fp8train imports plain Llama models (SwiGLU, no biases, default RoPE)."
+        )
+    check_output_folder(out)
+    hf = LlamaForCausalLM.from_pretrained(hf_dir, local_files_only=True).float()  # no dtype=: 4.x lacks it
     c = hf.config
     rope = (getattr(c, "rope_parameters", None) or {}).get("rope_theta") or getattr(c, "rope_theta", 10000.0)
     cfg = ModelConfig(

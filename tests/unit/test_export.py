@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from fp8train.config import compose
+from fp8train.errors import CheckpointError
 from fp8train.export.hf import export_hf, load_checkpoint_model
 from fp8train.trainer import Trainer
 from tests.helpers import ROOT, SMALL
@@ -16,9 +20,12 @@ from tests.helpers import ROOT, SMALL
 
 @pytest.fixture(scope="module")
 def fp8_checkpoint(tmp_path_factory):
-    """A checkpoint of a few steps of fp8_smooth training (GQA, tied embeddings): FP8 buffers and all."""
+    """A checkpoint of a few steps of fp8_smooth training (GQA, tied embeddings, RoPE theta 5e5): FP8 buffers
+    and all."""
     run_dir = tmp_path_factory.mktemp("run")
-    cfg = compose([*SMALL, "precision=fp8_smooth", "trainer.max_steps=3", "trainer.eval_every=0"])
+    cfg = compose(
+        [*SMALL, "precision=fp8_smooth", "model.rope_theta=500000.0", "trainer.max_steps=3", "trainer.eval_every=0"]
+    )
     assert cfg.model.tie_embeddings and cfg.model.kv_heads < cfg.model.n_heads
     Trainer(cfg, run_dir).fit()
     return run_dir
@@ -73,4 +80,43 @@ def test_cli_exports_a_run_dir_and_refuses_a_non_empty_output(fp8_checkpoint, tm
     assert ok.returncode == 0, ok.stderr
     assert (tmp_path / "hf" / "model.safetensors").is_file() and (tmp_path / "hf" / "config.json").is_file()
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    assert again.returncode == 2 and "exists and is not empty" in again.stderr and "Traceback" not in again.stderr
+    assert (
+        again.returncode == 2
+        and "exists and is not an empty folder" in again.stderr
+        and "Traceback" not in again.stderr
+    )
+
+
+def test_exported_files_carry_rope_theta_and_tokenizer_class_for_transformers_4(fp8_checkpoint, tmp_path):
+    """transformers 4.x (the Gaudi image's) reads a top-level rope_theta and knows PreTrainedTokenizerFast; 5.x
+    writes theta only inside rope_parameters and names its own tokenizer class, which 4.x would not load."""
+    out = export_hf(fp8_checkpoint / "checkpoints" / "step_0000003", tmp_path / "hf")
+    config = json.loads((out / "config.json").read_text())
+    assert config["rope_theta"] == 500000.0
+    assert config.get("rope_parameters", {}).get("rope_theta", 500000.0) == 500000.0
+    tok_config = json.loads((out / "tokenizer_config.json").read_text())
+    assert tok_config["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert (
+        tok_config["model_max_length"]
+        == load_checkpoint_model(fp8_checkpoint / "checkpoints" / "step_0000003").cfg.max_seq_len
+    )
+
+
+def test_transformer_engine_extra_state_is_left_out(fp8_checkpoint, tmp_path):
+    """A precision.engine=te checkpoint holds `<linear>._extra_state` (TE's scaling state): not a weight."""
+    ckpt = tmp_path / "run" / "checkpoints" / "step_0000003"
+    shutil.copytree(fp8_checkpoint / "checkpoints" / "step_0000003", ckpt)
+    shutil.copy(fp8_checkpoint / "tokenizer.json", tmp_path / "run" / "tokenizer.json")
+    weights = load_file(str(ckpt / "model.safetensors"))
+    save_file(
+        {**weights, "layers.0.mlp.down_proj._extra_state": torch.zeros(8, dtype=torch.uint8)},
+        str(ckpt / "model.safetensors"),
+    )
+    out = export_hf(ckpt, tmp_path / "hf", dtype="fp32")
+    assert not any("_extra_state" in k for k in load_file(str(out / "model.safetensors")))
+
+
+def test_an_output_path_that_is_a_file_is_refused(fp8_checkpoint, tmp_path):
+    (tmp_path / "hf").write_text("not a folder")
+    with pytest.raises(CheckpointError, match="exists and is not an empty folder"):
+        export_hf(fp8_checkpoint / "checkpoints" / "step_0000003", tmp_path / "hf")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
 import torch
 
@@ -90,3 +93,25 @@ def test_a_folder_that_is_not_a_llama_is_refused(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
     with pytest.raises(CheckpointError, match="not a Hugging Face Llama folder"):
         import_hf(tmp_path, tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}}, "rope_parameters"),
+        ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling"),
+        ({"hidden_act": "gelu"}, "hidden_act"),
+        ({"attention_bias": True}, "attention_bias"),
+        ({"mlp_bias": True}, "mlp_bias"),
+        ({"head_dim": 32}, "head_dim"),
+    ],
+)
+def test_a_llama_fp8train_cannot_compute_is_refused_by_name(hf_folder, tmp_path, change, field):
+    """Imported silently, these would give other logits (RoPE scaling, another activation) or fail deep in torch."""
+    folder = tmp_path / "hf"
+    shutil.copytree(hf_folder, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(CheckpointError, match=field):
+        import_hf(folder, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
