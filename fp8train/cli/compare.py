@@ -1,8 +1,10 @@
 """``fp8train compare RUN_DIR...``: loss curves of several runs on one PNG, and a table of the gaps to bf16.
 
-Reads each run's metrics.jsonl and config.yaml (no wandb account needed). The reference is the run whose
-precision is bf16 (else the first run given). Runs that differ in model, data, batch or seed are still
-plotted, but the table says they are not comparable and why.
+Reads each run's metrics.jsonl and config.yaml (no wandb account needed); a Hydra sweep folder stands for the
+runs in it. The reference is the run whose precision is bf16 (else the first run given). Gaps are taken at the
+steps both runs logged, so runs of different lengths compare over what they share. Runs that differ in model,
+data, batch, validation set or seed are still plotted, but the table says they are not comparable and why; runs
+that stopped early, skipped steps or have no validation points say so in the notes.
 """
 
 from __future__ import annotations
@@ -19,15 +21,22 @@ from fp8train.loggers import read_metrics
 
 # What must be equal for two loss curves to be compared step by step.
 COMPARABLE = {
-    "model": lambda c: OmegaConf.to_container(c.model),
-    "data": lambda c: [
-        c.data.name,
-        OmegaConf.to_container(c.data.sources),
-        c.data.seq_len,
-        OmegaConf.to_container(c.data.tokenizer),
+    "model": lambda run: OmegaConf.to_container(run.config.model),
+    "data": lambda run: [
+        run.config.data.name,
+        OmegaConf.to_container(run.config.data.sources),
+        run.config.data.seq_len,
+        OmegaConf.to_container(run.config.data.tokenizer),
+        run.config.data.get("val_fraction"),  # moves the split between training and validation text
     ],
-    "batch": lambda c: [c.trainer.micro_batch_size, c.trainer.grad_accum_steps],
-    "seed": lambda c: c.trainer.seed,
+    # tokens per step holds the data-parallel world size, which config.yaml does not
+    "batch": lambda run: [
+        run.config.trainer.micro_batch_size,
+        run.config.trainer.grad_accum_steps,
+        run.tokens_per_step,
+    ],
+    "validation set": lambda run: run.config.trainer.get("eval_batches"),
+    "seed": lambda run: run.config.trainer.seed,
 }
 
 
@@ -38,24 +47,75 @@ class Run:
     train: dict[int, float]  # step -> loss
     val: dict[int, float]  # step -> val_loss
     tokens_per_s: float
+    tokens_per_step: float
+    last_step: int
+    skipped_steps: int  # optimizer steps skipped for a non-finite loss or gradient
     config: object
 
     @classmethod
     def load(cls, path: Path) -> Run:
-        if not (path / "metrics.jsonl").is_file() or not (path / "config.yaml").is_file():
+        if not is_run_dir(path):
             raise Fp8trainError(f"{path}: not an fp8train run directory (needs metrics.jsonl and config.yaml).")
         cfg = OmegaConf.load(path / "config.yaml")
         rows = read_metrics(path)
         train = {r["step"]: r["loss"] for r in rows if isinstance(r.get("loss"), (int, float))}
         val = {r["step"]: r["val_loss"] for r in rows if isinstance(r.get("val_loss"), (int, float))}
         speeds = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r][1:]  # the first window holds warm-up
+        first = next((r for r in rows if isinstance(r.get("tokens"), (int, float)) and r.get("step")), None)
         label = cfg.precision.name + ("+adamw_fp8" if cfg.optim.name == "adamw_fp8" else "")
-        return cls(path, label, train, val, sum(speeds) / len(speeds) if speeds else math.nan, cfg)
+        return cls(
+            path,
+            label,
+            train,
+            val,
+            sum(speeds) / len(speeds) if speeds else math.nan,
+            first["tokens"] / first["step"] if first else math.nan,
+            max((r["step"] for r in rows if "step" in r), default=0),
+            max((r["bad_steps"] for r in rows if isinstance(r.get("bad_steps"), int)), default=0),
+            cfg,
+        )
+
+    def notes(self) -> list[str]:
+        """What a reader of the table must know before trusting this run's numbers."""
+        notes = []
+        max_steps = self.config.trainer.max_steps
+        if self.last_step < max_steps:
+            notes.append(f"stopped at step {self.last_step} of {max_steps}")
+        if self.skipped_steps:
+            notes.append(f"{self.skipped_steps} steps skipped (non-finite loss or gradients)")
+        if not all(map(math.isfinite, self.train.values())):
+            notes.append("non-finite training loss")
+        if not self.val:
+            notes.append("no validation points")
+        return notes
+
+
+def is_run_dir(path: Path) -> bool:
+    return (path / "metrics.jsonl").is_file() and (path / "config.yaml").is_file()
+
+
+def find_runs(paths: list[Path]) -> tuple[list[Path], list[Path]]:
+    """(run directories, paths skipped) from what the user named: run directories, or folders holding runs (a
+    Hydra multirun's sweep folder); its multirun.yaml or an earlier compare/ output are skipped, not errors."""
+    runs, skipped = [], []
+    for path in paths:
+        if is_run_dir(path):
+            runs.append(path)
+        elif path.is_dir() and (inner := sorted(p for p in path.iterdir() if p.is_dir() and is_run_dir(p))):
+            runs.extend(inner)
+        else:
+            skipped.append(path)
+    if not runs:
+        names = ", ".join(map(str, skipped))
+        raise Fp8trainError(
+            f"{names}: not an fp8train run directory (needs metrics.jsonl and config.yaml), nor a folder of them."
+        )
+    return runs, skipped
 
 
 def incomparable(ref: Run, run: Run) -> list[str]:
-    """What differs between two runs' model, data, batch or seed."""
-    return [name for name, key in COMPARABLE.items() if key(ref.config) != key(run.config)]
+    """What differs between two runs' model, data, batch, validation set or seed."""
+    return [name for name, key in COMPARABLE.items() if key(ref) != key(run)]
 
 
 def relative_gap(ref: dict[int, float], other: dict[int, float]) -> dict[int, float]:
@@ -63,30 +123,46 @@ def relative_gap(ref: dict[int, float], other: dict[int, float]) -> dict[int, fl
     return {s: (other[s] - ref[s]) / ref[s] for s in sorted(ref.keys() & other.keys())}
 
 
+def _gap_cells(ref: dict[int, float], other: dict[int, float], last_step: int) -> tuple[str, str]:
+    """(final gap, largest gap) as table cells; a final gap taken before the run's own last step says where."""
+    gaps = relative_gap(ref, other)
+    if not gaps:
+        return "n/a", "n/a"
+    final_step = max(gaps)
+    worst_step = max(gaps, key=lambda s: abs(gaps[s]))
+    final = f"{gaps[final_step]:+.2%}" + (f" (step {final_step})" if final_step != last_step else "")
+    return final, f"{gaps[worst_step]:+.2%} (step {worst_step})"
+
+
+def _last(values: dict[int, float]) -> str:
+    return f"{values[max(values)]:.4f}" if values else "n/a"
+
+
 def compare(run_dirs: list[Path], out: Path) -> str:
     """Draw out/compare.png and return the table (also written to out/compare.md)."""
-    runs = [Run.load(Path(p)) for p in run_dirs]
+    paths, skipped = find_runs([Path(p) for p in run_dirs])
+    runs = [Run.load(p) for p in paths]
     repeated = Counter(r.label for r in runs)
     for r in runs:  # two bf16 runs (seeds, say) must not share a legend entry: add the run directory's name
         if repeated[r.label] > 1:
             r.label = f"{r.label} ({r.path.name})"
     ref = next((r for r in runs if r.config.precision.name == "bf16"), runs[0])
-    lines = [
-        f"reference: {ref.label} ({ref.path})",
+    lines = [f"reference: {ref.label} ({ref.path})"]
+    lines += [f"skipped {p}: not a run directory" for p in skipped]
+    lines += [
         "",
-        "| run | final loss | final val_loss | val gap to ref | largest val gap | tokens/s | comparable |",
-        "|---|---|---|---|---|---|---|",
+        "| run | steps | final loss | final val_loss | val gap to ref | largest val gap | train gap to ref "
+        "| tokens/s | comparable | notes |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in runs:
-        gaps = relative_gap(ref.val, run.val)
-        last_val = run.val[max(run.val)] if run.val else math.nan
-        final_gap = gaps[max(gaps)] if gaps else math.nan
-        worst = max(gaps.values(), key=abs) if gaps else math.nan
+        val_gap, worst_val_gap = _gap_cells(ref.val, run.val, run.last_step)
+        train_gap, _ = _gap_cells(ref.train, run.train, run.last_step)
         diff = incomparable(ref, run)
         lines.append(
-            f"| {run.label} | {run.train[max(run.train)] if run.train else math.nan:.4f} | {last_val:.4f} | "
-            f"{final_gap:+.2%} | {worst:+.2%} | {run.tokens_per_s:,.0f} | "
-            f"{'yes' if not diff else 'no: different ' + ', '.join(diff)} |"
+            f"| {run.label} | {run.last_step} | {_last(run.train)} | {_last(run.val)} | {val_gap} | {worst_val_gap} "
+            f"| {train_gap} | {run.tokens_per_s:,.0f} | {'yes' if not diff else 'no: different ' + ', '.join(diff)} "
+            f"| {'; '.join(run.notes())} |"
         )
     table = "\n".join(lines)
     out.mkdir(parents=True, exist_ok=True)

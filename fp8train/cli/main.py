@@ -101,7 +101,9 @@ def main(argv: list[str] | None = None) -> None:
     imp.add_argument("out", help="output folder (new or empty)")
     imp.set_defaults(func=cmd_import_hf)
     cmp = sub.add_parser("compare", help="plot and tabulate loss curves of runs (BF16 vs FP8 variants)")
-    cmp.add_argument("runs", nargs="+", help="run directories (each with metrics.jsonl and config.yaml)")
+    cmp.add_argument(
+        "runs", nargs="+", help="run directories (metrics.jsonl + config.yaml each), or folders of them (a sweep)"
+    )
     cmp.add_argument("--out", help="output folder (default: RUNS' common parent/compare)")
     cmp.set_defaults(func=cmd_compare)
     rep = sub.add_parser("report", help="heatmaps and a summary of a run's outliers.jsonl (monitor=default)")

@@ -10,6 +10,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from tests.helpers import ROOT, SMALL
+from tests.unit.test_compare import rows_of
 
 pytestmark = pytest.mark.slow
 
@@ -61,13 +62,13 @@ def test_multirun_trains_four_arms_and_compare_plots_and_tabulates_them(tmp_path
     ]
     result = subprocess.run(cmp, cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    rows = [ln for ln in result.stdout.splitlines() if ln.startswith("| ") and not ln.startswith("| run")]
-    labels = [r.split("|")[1].strip() for r in rows]  # the two bf16 runs are told apart by their directories
-    assert labels == [f"bf16 ({runs[0].name})", "fp8", "fp8_smooth", "fp8_smooth+adamw_fp8", "bf16 (other_seed)"]
-    assert rows[0].split("|")[4].strip() == "+0.00%"  # the reference against itself
-    assert all(r.rstrip("| ").endswith("yes") for r in rows[:4])
-    assert rows[4].rstrip("| ").endswith("no: different seed")
-    gaps = [float(r.split("|")[4].strip().rstrip("%")) for r in rows[1:4]]
+    rows = rows_of(result.stdout)  # the two bf16 runs are told apart by their directories
+    assert list(rows) == [f"bf16 ({runs[0].name})", "fp8", "fp8_smooth", "fp8_smooth+adamw_fp8", "bf16 (other_seed)"]
+    assert rows[f"bf16 ({runs[0].name})"]["val gap to ref"] == "+0.00%"  # the reference against itself
+    arms = list(rows.values())
+    assert all(r["comparable"] == "yes" and r["notes"] == "" for r in arms[:4])
+    assert arms[4]["comparable"] == "no: different seed"
+    gaps = [float(r["val gap to ref"].rstrip("%")) for r in arms[1:4]]
     assert all(abs(g) < 3.0 for g in gaps), rows  # 20 steps of FP8 stay within a few % of bf16
     png = tmp_path / "cmp" / "compare.png"
     assert png.stat().st_size > 10_000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

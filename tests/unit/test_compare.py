@@ -1,0 +1,130 @@
+"""fp8train compare on hand-written run directories: sweep folders, unequal lengths, diverged and
+incomparable runs. (tests/integration/test_compare.py trains the real four arms.)"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fp8train.cli.compare import compare
+from fp8train.config import compose
+from fp8train.errors import Fp8trainError
+from fp8train.trainer import config_yaml
+from tests.helpers import ROOT, SMALL
+
+TOKENS_PER_STEP = 8 * 64
+
+
+def make_run(
+    path: Path,
+    losses: dict[int, float | str],
+    val: dict[int, float],
+    overrides: tuple[str, ...] = (),
+    max_steps: int = 10,
+    world: int = 1,
+    bad_steps: int = 0,
+) -> Path:
+    """A run directory as the trainer leaves it: config.yaml and metrics.jsonl (non-finite values as strings)."""
+    path.mkdir(parents=True)
+    cfg = compose([*SMALL, f"trainer.max_steps={max_steps}", *overrides])
+    (path / "config.yaml").write_text(config_yaml(cfg))
+    rows = [
+        {"step": s, "loss": loss, "tokens": s * TOKENS_PER_STEP * world, "tokens_per_s": 1000.0, "bad_steps": bad_steps}
+        for s, loss in losses.items()
+    ]
+    rows += [{"step": s, "val_loss": v} for s, v in val.items()]
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sorted(rows, key=lambda r: r["step"])))
+    return path
+
+
+def rows_of(table: str) -> dict[str, dict[str, str]]:
+    lines = [ln for ln in table.splitlines() if ln.startswith("| ")]
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    return {
+        cells[0]: dict(zip(head, cells, strict=True))
+        for cells in ([c.strip() for c in ln.strip("|").split("|")] for ln in lines[1:])
+    }
+
+
+def curve(start: float, steps: range, factor: float = 1.0) -> dict[int, float]:
+    return {s: factor * start / math.sqrt(s) for s in steps}
+
+
+def test_a_sweep_folder_stands_for_its_runs_and_its_other_files_are_skipped(tmp_path):
+    sweep = tmp_path / "multirun"
+    make_run(sweep / "0_bf16", curve(8, range(1, 11)), curve(9, (5, 10)), ["precision=bf16"])
+    val = {5: 9 / math.sqrt(5) * 1.03, 10: 9 / math.sqrt(10) * 1.02}
+    make_run(sweep / "1_fp8", curve(8, range(1, 11), 1.01), val, ["precision=fp8"])
+    (sweep / "multirun.yaml").write_text("hydra: {}\n")
+    table = compare([sweep], sweep / "compare")
+    rows = rows_of(table)
+    assert list(rows) == ["bf16", "fp8"]
+    assert rows["fp8"]["val gap to ref"] == "+2.00%" and rows["fp8"]["train gap to ref"] == "+1.00%"
+    assert rows["fp8"]["largest val gap"] == "+3.00% (step 5)"
+    # A shell glob over the sweep brings its multirun.yaml and the compare/ output of the last call: skipped, said.
+    again = compare(sorted(sweep.iterdir()), tmp_path / "again")
+    assert list(rows_of(again)) == ["bf16", "fp8"]
+    assert f"skipped {sweep / 'multirun.yaml'}: not a run directory" in again
+    assert f"skipped {sweep / 'compare'}: not a run directory" in again
+
+
+def test_runs_of_different_lengths_compare_at_their_common_steps_and_say_where(tmp_path):
+    ref = make_run(tmp_path / "bf16", curve(8, range(1, 21)), curve(9, (10, 20)), ["precision=bf16"], max_steps=20)
+    short_val = {10: 9 / math.sqrt(10) * 1.03}
+    short = make_run(tmp_path / "fp8", curve(8, range(1, 13), 0.99), short_val, ["precision=fp8"], max_steps=20)
+    rows = rows_of(compare([ref, short], tmp_path / "out"))
+    fp8 = rows["fp8"]
+    assert fp8["steps"] == "12" and fp8["val gap to ref"] == "+3.00% (step 10)"
+    assert fp8["train gap to ref"] == "-1.00%"  # at step 12, its last: no step named
+    assert fp8["notes"] == "stopped at step 12 of 20"
+    assert rows["bf16"]["notes"] == ""
+
+
+def test_a_diverged_run_is_marked_not_passed_off_as_finished(tmp_path):
+    ref = make_run(tmp_path / "bf16", curve(8, range(1, 11)), curve(9, (5, 10)), ["precision=bf16"])
+    losses: dict[int, float | str] = {**curve(8, range(1, 4)), 4: "nan", 5: "inf", 6: 7.62}
+    diverged = make_run(tmp_path / "fp8", losses, {}, ["precision=fp8"], bad_steps=2)
+    fp8 = rows_of(compare([ref, diverged], tmp_path / "out"))["fp8"]
+    assert fp8["final val_loss"] == "n/a" and fp8["val gap to ref"] == "n/a" and fp8["largest val gap"] == "n/a"
+    assert (
+        fp8["notes"] == "stopped at step 6 of 10; 2 steps skipped (non-finite loss or gradients); no validation points"
+    )
+
+
+@pytest.mark.parametrize(
+    "overrides, world, reason",
+    [
+        (["data.val_fraction=0.2"], 1, "data"),
+        ([], 2, "batch"),  # two data-parallel ranks: twice the tokens per step, same config.yaml
+        (["trainer.eval_batches=2"], 1, "validation set"),
+        (["trainer.seed=7"], 1, "seed"),
+        (["model.n_layers=3"], 1, "model"),
+    ],
+)
+def test_runs_that_differ_in_what_the_curves_depend_on_are_not_comparable(tmp_path, overrides, world, reason):
+    ref = make_run(tmp_path / "bf16", curve(8, range(1, 11)), curve(9, (5, 10)), ["precision=bf16"])
+    other = make_run(
+        tmp_path / "fp8", curve(8, range(1, 11)), curve(9, (5, 10)), ["precision=fp8", *overrides], world=world
+    )
+    rows = rows_of(compare([ref, other], tmp_path / "out"))
+    assert rows["fp8"]["comparable"] == f"no: different {reason}"
+    assert rows["bf16"]["comparable"] == "yes"
+
+
+def test_nothing_to_compare_is_one_clear_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(Fp8trainError, match="not an fp8train run directory"):
+        compare([tmp_path / "empty"], tmp_path / "out")
+    result = subprocess.run(
+        [sys.executable, "-m", "fp8train.cli.main", "compare", str(tmp_path / "empty")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2 and "not an fp8train run directory" in result.stderr
+    assert "Traceback" not in result.stderr
