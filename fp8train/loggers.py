@@ -19,6 +19,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from fp8train.config import Config, WandbMode
+from fp8train.errors import Fp8trainError
 
 log = logging.getLogger("fp8train")
 
@@ -127,18 +128,24 @@ def _init_wandb(cfg: Config, run_dir: Path):
     id_file.write_text(run_id)
     os.environ.setdefault("WANDB_SILENT", "true")
     w = cfg.logger.wandb
-    return wandb.init(
-        project=w.project,
-        entity=w.entity,
-        group=cfg.run_group,
-        name=cfg.run_name,
-        tags=list(w.tags) or None,
-        mode=w.mode.value,
-        dir=str(run_dir),
-        id=run_id,
-        resume="allow",
-        config=OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True),
-    )
+    try:
+        return wandb.init(
+            project=w.project,
+            entity=w.entity,
+            group=cfg.run_group,
+            name=cfg.run_name,
+            tags=list(w.tags) or None,
+            mode=w.mode.value,
+            dir=str(run_dir),
+            id=run_id,
+            resume="allow",
+            config=OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True),
+        )
+    except wandb.errors.UsageError as e:  # online without a login, mostly: a message, not a traceback
+        raise Fp8trainError(
+            f"logger.wandb.mode={w.mode.value}: wandb could not start ({e}). Log in with `wandb login` or set "
+            f"WANDB_API_KEY, or run with logger.wandb.mode=offline and upload later with `wandb sync`."
+        ) from None
 
 
 def _truncate_after(path: Path, step: int) -> None:

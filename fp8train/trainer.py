@@ -28,7 +28,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from fp8train import backends, checkpoint, optim, parallel, precision
 from fp8train.config import Config
 from fp8train.data import build_data
-from fp8train.errors import BackendError, CheckpointError, Fp8trainError
+from fp8train.errors import BackendError, CheckpointError, ConfigError, Fp8trainError
 from fp8train.fp8.scaling import discard_scalers, step_scalers
 from fp8train.loggers import RunLogger, use_progress_bar
 from fp8train.model import build_model
@@ -68,10 +68,12 @@ class Trainer:
             world_size=self.launch.world_size,
         )
         self.cfg = cfg = with_vocab_size(cfg, self.data.vocab_size)
-        check_run_dir(self.run_dir, cfg)
+        check_run_dir(self.run_dir, cfg, resuming=self.resume_from is not None)
+        if self.resume_from:
+            check_resume_settings(self.resume_from, cfg)
         model = build_model(cfg.model)
         if cfg.model.init_from and not self.resume_from:  # a resumed run takes its weights from the checkpoint
-            init_from_weights(model, Path(cfg.model.init_from))
+            init_from_weights(model, Path(cfg.model.init_from), self.data.tokenizer_file)
         model = model.to(self.backend.device)
         self.model = self.backend.fuse(precision.convert(model, cfg.precision, self.backend))
         self.autocast_dtype = precision.autocast_dtype(cfg.precision)
@@ -237,11 +239,12 @@ class Trainer:
             if layer
             else "the forward pass is finite, so the gradients overflowed in the backward pass"
         )
+        bf16_hint = "" if self.cfg.precision.name in ("bf16", "fp32") else " or try precision=bf16"
         return DivergenceError(
             f"{self.bad_in_a_row} steps in a row (up to step {self.step}) had a non-finite loss or gradient norm; "
             f"{where}. The weights were left at the last good step and saved in {self.saved_path}. Lower optim.lr, "
-            f"set optim.grad_clip or try precision=bf16, then continue with hydra.run.dir={self.run_dir} "
-            f"resume=auto (trainer.max_bad_steps=N tolerates more bad steps)."
+            f"set optim.grad_clip{bf16_hint}, then continue with hydra.run.dir={self.run_dir} resume=auto "
+            f"(trainer.max_bad_steps=N tolerates more bad steps)."
         )
 
     def compile_error(self, e: Exception) -> BackendError:
@@ -421,6 +424,7 @@ class Trainer:
 
     def load_checkpoint(self, path: Path) -> int:
         verified = self.cfg.resume == "auto"  # find_resume_checkpoint has just checked it
+        fresh_groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         state = checkpoint.load(path, self.engine, self.backend.device, verified)
         if state["data_fingerprint"] != self.data.fingerprint:
             raise CheckpointError(
@@ -428,7 +432,9 @@ class Trainer:
                 f"(data.* settings changed). Resume with the data settings in {path / 'config.yaml'}, or start a "
                 f"new run directory."
             )
+        self.check_resume_step(path, state["step"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self.apply_optim_settings(fresh_groups, state["step"])
         rng = state.get("rank_state", state)["rng"]  # each rank continues its own random stream
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])
@@ -436,6 +442,39 @@ class Trainer:
         self.bad_steps, self.bad_in_a_row = state.get("bad_steps", (0, 0))
         log.info("resumed from %s (step %d)", path, state["step"])
         return state["step"]
+
+    def check_resume_step(self, path: Path, step: int) -> None:
+        """A checkpoint at or past where this invocation should stop would train nothing, or one step too many."""
+        t = self.cfg.trainer
+        problems = []
+        if step > t.max_steps:
+            problems.append(f"trainer.max_steps={t.max_steps}: raise it above {step} to train further")
+        if t.stop_at is not None and step >= t.stop_at:
+            problems.append(f"trainer.stop_at={t.stop_at}: raise it above {step}, or drop it to train to max_steps")
+        if problems:
+            raise ConfigError([f"resume: {path} is at step {step}; {p}" for p in problems])
+
+    def apply_optim_settings(self, fresh_groups: list[dict], step: int) -> None:
+        """Loading a checkpoint restores the optimizer's lr, weight decay, betas and eps as they were saved; the
+        values of this run's config are the ones asked for (after a divergence: a lower optim.lr), so they win. The
+        schedule's shape (warmup, min_lr, max_steps) already comes from this run's config."""
+        keys = ("initial_lr", "weight_decay", "betas", "eps")
+        changed = set()
+        for group, fresh in zip(self.optimizer.param_groups, fresh_groups, strict=True):
+            for key in keys:
+                if key in fresh and group.get(key) != fresh[key]:
+                    changed.add(key)
+                    group[key] = fresh[key]
+        if not changed:
+            return
+        self.scheduler.base_lrs = [g["initial_lr"] for g in self.optimizer.param_groups]
+        for group, base_lr, factor in zip(
+            self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas
+        ):
+            group["lr"] = base_lr * factor(self.scheduler.last_epoch)
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+        names = sorted(f"optim.{'lr' if k == 'initial_lr' else k}" for k in changed)
+        log.info("resume: %s as set for this run, not as saved, from step %d on", ", ".join(names), step + 1)
 
 
 def agree_on_run_dir(run_dir: Path) -> Path:
@@ -488,31 +527,64 @@ def find_resume_checkpoint(resume: str, ckpt_root: Path) -> Path | None:
     return Path(resume).expanduser().resolve()
 
 
-def check_run_dir(run_dir: Path, cfg: Config) -> None:
-    """resume=none into a directory holding a run with other model/data/optim/precision settings would mix two
-    runs' metrics and overwrite the old ones: refuse, naming what differs. The same settings may start over (a run
-    that died before its first checkpoint)."""
+def check_run_dir(run_dir: Path, cfg: Config, resuming: bool) -> None:
+    """Starting at step 0 in a directory that holds a run with other model/data/optim/precision settings would mix
+    two runs' metrics and overwrite the old ones: refuse, naming what differs. The same settings may start over (a
+    run that died before its first checkpoint)."""
     old_file = run_dir / "config.yaml"
-    if cfg.resume != "none" or not old_file.is_file():
+    if resuming or not old_file.is_file():
         return
     try:
-        old = OmegaConf.to_container(OmegaConf.load(old_file), resolve=True)
+        diffs = settings_differences(old_file, cfg, ("model", "data", "optim", "precision"))
     except Exception as e:  # not a config fp8train wrote: still someone's file, so leave it alone
         raise RunDirError(
             f"The run directory {run_dir} holds a config.yaml that cannot be read ({e}). Choose a new directory "
             f"with hydra.run.dir=PATH."
         ) from None
-    new = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
-    diffs = [
-        f"{key}: {a} -> {b}"
-        for section in ("model", "data", "optim", "precision")
-        for key, a, b in _differences(old.get(section), new[section], section)
-    ]
     if diffs:
         raise RunDirError(
-            f"The run directory {run_dir} holds a run with other settings ({'; '.join(diffs)}). Choose a new "
-            f"directory with hydra.run.dir=PATH, or pass resume=auto to continue that run."
+            f"The run directory {run_dir} holds a run with other settings ({'; '.join(diffs)}) and no checkpoint to "
+            f"continue it from. Choose a new directory with hydra.run.dir=PATH, or remove that run's files."
         )
+
+
+# Settings a checkpoint's weights, optimizer state and FP8 scaling state only make sense with (data changes are
+# caught by the data fingerprint), less those that may change between two steps of one run: how scales are
+# derived from the amax history and how gradients round, as well as lr, weight decay, schedule, clipping,
+# max_steps and logging, which are not listed.
+FIXED_ON_RESUME = ("model.", "precision.", "optim.name:", "optim.m_format:", "optim.v_format:", "optim.block_size:",
+                   "optim.fp8_min_numel:")  # fmt: skip
+CHANGEABLE_ON_RESUME = ("model.name:", "model.init_from:", "precision.name:", "precision.margin:",
+                        "precision.amax_compute_algo:", "precision.stochastic_grad_rounding:")  # fmt: skip
+
+
+def check_resume_settings(path: Path, cfg: Config) -> None:
+    """Refuse to continue a checkpoint with settings that change what its state means, naming them."""
+    if not (path / "config.yaml").is_file():
+        return
+    diffs = [
+        d
+        for d in settings_differences(path / "config.yaml", cfg, ("model", "optim", "precision"))
+        if d.startswith(FIXED_ON_RESUME) and not d.startswith(CHANGEABLE_ON_RESUME)
+    ]
+    if diffs:
+        raise CheckpointError(
+            f"resume: {path} was written with other settings ({'; '.join(diffs)}), and its weights, optimizer "
+            f"state and FP8 scaling state only continue with its own (in {path / 'config.yaml'}). Drop or change "
+            f"those overrides, or start a new run from its weights with model.init_from={path} and a new "
+            f"hydra.run.dir."
+        )
+
+
+def settings_differences(old_file: Path, cfg: Config, sections: tuple[str, ...]) -> list[str]:
+    """``key: old -> new`` for each setting of ``sections`` that differs between a saved config.yaml and ``cfg``."""
+    old = OmegaConf.to_container(OmegaConf.load(old_file), resolve=True)
+    new = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True)
+    return [
+        f"{key}: {a} -> {b}"
+        for section in sections
+        for key, a, b in _differences(old.get(section), new[section], section)
+    ]
 
 
 def _differences(a, b, prefix: str) -> list[tuple[str, object, object]]:
@@ -544,9 +616,9 @@ class StopSignals:
         self.restore()
 
 
-def init_from_weights(model: torch.nn.Module, folder: Path) -> None:
-    """Start from saved weights; the model settings must be those the weights were saved with."""
-    from fp8train.errors import ConfigError
+def init_from_weights(model: torch.nn.Module, folder: Path, tokenizer_file: Path) -> None:
+    """Start from saved weights; the model settings and the tokenizer must be those the weights were trained with
+    (with another tokenizer the embeddings mean other tokens: the run would start from chance, weights wasted)."""
     from fp8train.export.hf import load_weights, saved_model_config
 
     saved = dataclasses.asdict(saved_model_config(folder))
@@ -554,8 +626,31 @@ def init_from_weights(model: torch.nn.Module, folder: Path) -> None:
     diffs = [f"model.{k}={ours[k]} (the weights have {saved[k]})" for k in ours if k != "name" and ours[k] != saved[k]]
     if diffs:
         raise ConfigError([f"model.init_from={folder}: the model differs from the saved one: {'; '.join(diffs)}"])
+    saved_tokenizer = tokenizer_beside(folder)
+    if saved_tokenizer and vocabulary(saved_tokenizer) != vocabulary(tokenizer_file):
+        raise ConfigError(
+            [
+                f"model.init_from={folder}: the weights were trained with the tokenizer {saved_tokenizer}, and this "
+                f"run's data.tokenizer ({tokenizer_file}) has another vocabulary; set "
+                f"data.tokenizer.path={saved_tokenizer}"
+            ]
+        )
     load_weights(model, folder)
     log.info("model weights from %s", folder)
+
+
+def tokenizer_beside(folder: Path) -> Path | None:
+    """The tokenizer saved with weights: in an import-hf folder, or a checkpoint's run dir (RUN/checkpoints/step_N)."""
+    beside = [folder / "tokenizer.json"]
+    if folder.parent.name == "checkpoints":
+        beside.append(folder.parent.parent / "tokenizer.json")
+    return next((f for f in beside if f.is_file()), None)
+
+
+def vocabulary(tokenizer_file: Path) -> dict[str, int]:
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(tokenizer_file)).get_vocab()
 
 
 def with_vocab_size(cfg: Config, tokenizer_vocab: int) -> Config:
@@ -563,8 +658,6 @@ def with_vocab_size(cfg: Config, tokenizer_vocab: int) -> Config:
     if cfg.model.vocab_size is None:
         vocab = -(-tokenizer_vocab // 64) * 64
     elif cfg.model.vocab_size < tokenizer_vocab:
-        from fp8train.errors import ConfigError
-
         raise ConfigError(
             [
                 f"model.vocab_size={cfg.model.vocab_size}: smaller than the tokenizer's "

@@ -98,7 +98,9 @@ def test_run_dir_of_another_run_is_refused_and_left_alone(tmp_path):
     with pytest.raises(RunDirError) as err:
         Trainer(compose([*SMALL, "precision=fp32", "optim.lr=0.5", "model.n_layers=3"]), tmp_path)
     assert "optim.lr: 0.001 -> 0.5" in str(err.value) and "model.n_layers: 2 -> 3" in str(err.value)
-    assert "resume=auto" in str(err.value)
+    # It has no checkpoint, so resume=auto would start at step 0 too: only a new directory is advice.
+    assert "no checkpoint" in str(err.value) and "hydra.run.dir=PATH" in str(err.value)
+    assert "resume=auto" not in str(err.value)
     assert (tmp_path / "config.yaml").read_text() == config_before
     assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1, "loss": 7.0}\n'
     # The same settings again (a run that died before its first checkpoint) may start over.

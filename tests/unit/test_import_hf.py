@@ -115,3 +115,14 @@ def test_a_llama_fp8train_cannot_compute_is_refused_by_name(hf_folder, tmp_path,
     with pytest.raises(CheckpointError, match=field):
         import_hf(folder, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_starting_from_weights_with_another_tokenizer_is_refused(hf_folder, tmp_path):
+    """A BPE trained anew on this run's data numbers its tokens differently: the imported embeddings would mean
+    other tokens and training would start from chance, so the run names the tokenizer to use instead."""
+    out = import_hf(hf_folder, tmp_path / "imported")
+    shape = ["model.vocab_size=320", "model.max_seq_len=256", "model.rope_theta=500000.0"]
+    cfg = compose([*SMALL, *shape, f"model.init_from={out}", "data.tokenizer.vocab_size=300"])
+    with pytest.raises(ConfigError, match=rf"set data.tokenizer.path={out / 'tokenizer.json'}"):
+        Trainer(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "config.yaml").exists()

@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
+
 from fp8train.config import compose
+from fp8train.errors import Fp8trainError
 from fp8train.loggers import RunLogger, read_metrics
 
 
@@ -53,3 +56,14 @@ def test_non_main_ranks_write_nothing(tmp_path):
     logger.log({"loss": 1.0}, step=1)
     logger.finish()
     assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "wandb").exists()
+
+
+def test_wandb_online_without_a_login_is_a_message_naming_offline(tmp_path, monkeypatch):
+    """No API key and no stdin to ask for one: wandb raises; the user gets the fix, not a traceback."""
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc holding a key
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_config"))
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    cfg = compose(["logger.wandb.mode=online"])
+    with pytest.raises(Fp8trainError, match=r"logger.wandb.mode=online: .*logger.wandb.mode=offline"):
+        RunLogger(cfg, tmp_path)

@@ -94,3 +94,66 @@ def test_tokens_per_s_leaves_out_validation_and_checkpoints(tmp_path, monkeypatc
     t.fit()
     rates = [m["tokens_per_s"] for m in read_jsonl(t.run_dir / "metrics.jsonl") if "tokens_per_s" in m]
     assert rates == [t.cfg.tokens_per_step] * 6  # steps 3, 4 and 5 follow a pause, and show none of it
+
+
+RESUMABLE = ("trainer.max_steps=6", "trainer.checkpoint_every=2", "trainer.eval_every=0", "optim.warmup_steps=0")
+
+
+@pytest.fixture
+def stopped_run(tmp_path):
+    """A run stopped after step 2 with a checkpoint, lr 1e-2, weight decay 0.1."""
+    make_trainer(tmp_path / "run", *RESUMABLE, "trainer.stop_at=2", "optim.lr=1e-2").fit()
+    return tmp_path / "run"
+
+
+def test_resuming_with_another_lr_and_weight_decay_uses_them(stopped_run):
+    """After a divergence the advice is a lower optim.lr and resume=auto: the saved optimizer state must not put
+    the old lr and weight decay back."""
+    new = ("optim.lr=1e-3", "optim.min_lr=1e-5", "optim.weight_decay=0.01")
+    t = make_trainer(stopped_run, *RESUMABLE, *new, "resume=auto")
+    assert t.step == 2
+    factor = trainer_module.optim.lr_factor(2, t.cfg.optim, 6)
+    for group in t.optimizer.param_groups:
+        assert group["lr"] == pytest.approx(1e-3 * factor)
+        assert group["weight_decay"] in (0.0, 0.01)  # norms never decay
+    assert {g["weight_decay"] for g in t.optimizer.param_groups} == {0.0, 0.01}
+    t.train_step()  # steps the schedule too
+    assert t.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * trainer_module.optim.lr_factor(3, t.cfg.optim, 6))
+    same = make_trainer(stopped_run, *RESUMABLE, "optim.lr=1e-2", "resume=auto")  # nothing changed: as saved
+    assert same.optimizer.param_groups[0]["lr"] == pytest.approx(
+        1e-2 * trainer_module.optim.lr_factor(2, same.cfg.optim, 6)
+    )
+
+
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ("optim=adamw_fp8", "optim.name: adamw -> adamw_fp8"),
+        ("model.n_layers=3", "model.n_layers: 2 -> 3"),
+        ("precision=fp8_smooth", "precision.recipe: fp32 -> fp8"),
+    ],
+)
+def test_resuming_with_settings_that_change_the_state_is_refused_by_name(stopped_run, override, named):
+    before = (stopped_run / "config.yaml").read_text(), (stopped_run / "metrics.jsonl").read_text()
+    with pytest.raises(trainer_module.CheckpointError, match="was written with other settings") as err:
+        make_trainer(stopped_run, *RESUMABLE, "optim.lr=1e-2", override, "resume=auto")
+    assert named in str(err.value) and "model.init_from=" in str(err.value)
+    assert ((stopped_run / "config.yaml").read_text(), (stopped_run / "metrics.jsonl").read_text()) == before
+
+
+def test_resuming_past_max_steps_or_stop_at_is_refused(stopped_run):
+    with pytest.raises(trainer_module.ConfigError, match=r"trainer.max_steps=1: raise it above 2"):
+        make_trainer(stopped_run, *RESUMABLE, "optim.lr=1e-2", "trainer.max_steps=1", "resume=auto")
+    with pytest.raises(trainer_module.ConfigError, match=r"trainer.stop_at=2: raise it above 2, or drop it"):
+        make_trainer(stopped_run, *RESUMABLE, "optim.lr=1e-2", "trainer.stop_at=2", "resume=auto")
+
+
+def test_a_run_without_checkpoints_is_not_overwritten_by_another_with_resume_auto(tmp_path):
+    """resume=auto finds no checkpoint and starts at step 0: it must not write over another run's files."""
+    make_trainer(tmp_path, "trainer.max_steps=2", "trainer.checkpoint_every=0", "trainer.eval_every=0").fit()
+    for ckpt in (tmp_path / "checkpoints").iterdir():  # a run that died before its first checkpoint
+        trainer_module.shutil.rmtree(ckpt)
+    before = (tmp_path / "metrics.jsonl").read_text()
+    with pytest.raises(trainer_module.RunDirError, match=r"model.n_layers: 2 -> 3\) and no checkpoint"):
+        make_trainer(tmp_path, "trainer.max_steps=2", "model.n_layers=3", "resume=auto")
+    assert (tmp_path / "metrics.jsonl").read_text() == before
