@@ -546,7 +546,7 @@ def to_typed(raw: DictConfig | dict) -> Config:
     try:
         plain = OmegaConf.to_container(raw, resolve=True)
     except OmegaConfBaseException as e:
-        raise ConfigError([f"cannot resolve an interpolation: {_first_line(e)}"]) from None
+        raise ConfigError([f"cannot resolve an interpolation: {first_line(e)}"]) from None
     schema = OmegaConf.structured(Config)
     problems: list[str] = []
     for path, value in _leaves(plain, whole=lambda path: typing.get_origin(_hint_at(Config, path)) is dict):
@@ -557,7 +557,7 @@ def to_typed(raw: DictConfig | dict) -> Config:
             try:
                 OmegaConf.update(schema, path, value, merge=True, force_add=False)
             except OmegaConfBaseException as e:
-                detail = f" ({_first_line(e)})" if isinstance(value, list) else ""
+                detail = f" ({first_line(e)})" if isinstance(value, list) else ""
                 problems.append(f"{path}={format_value(value)}: {_expected(hint)}{detail}")
     # Values of the wrong type kept their defaults above, so the value checks below still run on the rest.
     try:
@@ -581,7 +581,7 @@ def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "con
         try:
             raw = hydra_compose(config_name=config_name, overrides=usable)
         except HydraException as e:
-            raise ConfigError([*problems, _first_line(e)]) from None
+            raise ConfigError([*problems, first_line(e)]) from None
     try:
         cfg = to_typed(raw)
     except ConfigError as e:
@@ -731,5 +731,6 @@ def _expected(hint: Any) -> str:
     return text + (" (or null)" if optional else "")
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type name if it has none): enough for a one-paragraph error."""
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -28,20 +28,14 @@ def cmd_check(args: argparse.Namespace) -> None:
 
 
 def cmd_export_hf(args: argparse.Namespace) -> None:
-    """Write a Hugging Face LlamaForCausalLM folder from a checkpoint (or a run dir's newest checkpoint)."""
+    """Write a Hugging Face LlamaForCausalLM folder from a checkpoint (or a run dir's newest intact checkpoint)."""
     from pathlib import Path
 
-    from fp8train import checkpoint
-    from fp8train.errors import CheckpointError
-    from fp8train.export.hf import export_hf
+    from fp8train.export.hf import checkpoint_to_export, export_hf
     from fp8train.loggers import setup_console
 
     setup_console()
-    ckpt = Path(args.checkpoint)
-    if (ckpt / "checkpoints").is_dir():  # a run directory: take its newest complete checkpoint
-        ckpt = checkpoint.latest(ckpt / "checkpoints") or ckpt
-    if not ckpt.is_dir():
-        raise CheckpointError(f"{ckpt}: no such checkpoint folder.")
+    ckpt = checkpoint_to_export(Path(args.checkpoint))
     print(f"wrote {export_hf(ckpt, Path(args.out), args.dtype)}")
 
 
@@ -92,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     check.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=llama_1b optim.lr=3e-4")
     check.set_defaults(func=cmd_check)
     export = sub.add_parser("export-hf", help="write a Hugging Face LlamaForCausalLM folder from a checkpoint")
-    export.add_argument("checkpoint", help="RUN_DIR/checkpoints/step_N, or a run dir (its newest checkpoint)")
+    export.add_argument("checkpoint", help="RUN_DIR/checkpoints/step_N, or a run dir (its newest intact checkpoint)")
     export.add_argument("out", help="output folder (new or empty)")
     export.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="weight dtype (default bf16)")
     export.set_defaults(func=cmd_export_hf)
