@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from fp8train.cli import writing_into
 from fp8train.errors import Fp8trainError
 from fp8train.loggers import read_jsonl
 from fp8train.monitor.monitor import OUTLIERS_FILE
@@ -83,10 +84,11 @@ def fp8_worst(stat: str, group: str):
 def report(run_dir: Path, out: Path) -> str:
     """Write the PNGs and summary.txt into ``out``; return the summary."""
     data = Outliers.load(run_dir)
-    out.mkdir(parents=True, exist_ok=True)
     text = summary(data, run_dir)
-    (out / "summary.txt").write_text(text + "\n")
-    draw(data, out)
+    with writing_into(out, "report"):
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "summary.txt").write_text(text + "\n")
+        draw(data, out)
     return text
 
 

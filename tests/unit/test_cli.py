@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
+from fp8train.cli.main import main
 from fp8train.cli.train import run_dir_problems
+
+
+def run_cli(*args) -> int:
+    """`fp8train ARGS` in this process; its exit status (0 if it returned)."""
+    try:
+        main([str(a) for a in args])
+    except SystemExit as e:
+        return e.code
+    return 0
 
 
 @pytest.fixture
@@ -34,3 +45,28 @@ def test_a_run_dir_that_can_be_created_passes_and_nothing_is_made(tmp_path, monk
     monkeypatch.chdir(tmp_path)
     assert run_dir_problems([f"hydra.run.dir={value}"]) == []
     assert list(tmp_path.iterdir()) == []
+
+
+def outliers_run(path: Path) -> Path:
+    path.mkdir()
+    (path / "outliers.jsonl").write_text(json.dumps({"step": 1, "layers": [{"layer": 0, "h_amax": 2.0}]}) + "\n")
+    return path
+
+
+def test_report_into_an_output_that_cannot_be_created_names_out(tmp_path, a_file, capsys):
+    run = outliers_run(tmp_path / "run")
+    assert run_cli("report", run, "--out", a_file / "report") == 2
+    err = capsys.readouterr().err
+    assert f"cannot write the report into {a_file / 'report'}" in err and "pass --out" in err
+    assert sorted(p.name for p in run.iterdir()) == ["outliers.jsonl"]
+
+
+def test_compare_into_an_output_that_cannot_be_created_names_out(tmp_path, a_file, capsys):
+    from tests.unit.test_compare import curve, make_run
+
+    runs = [
+        make_run(tmp_path / p, curve(8, range(1, 11)), curve(9, (5, 10)), [f"precision={p}"]) for p in ("bf16", "fp8")
+    ]
+    assert run_cli("compare", *runs, "--out", a_file) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write the comparison into {a_file}" in err and "pass --out" in err
