@@ -9,13 +9,18 @@ from fp8train.errors import Fp8trainError
 
 
 def cmd_check(args: argparse.Namespace) -> None:
-    """Compose and validate a config without doing any work; print it and what it implies."""
+    """Compose and validate a config, and check this machine has the device it asks for, without doing any work;
+    print it and what it implies."""
     from omegaconf import OmegaConf
 
-    from fp8train import backends
-    from fp8train.config import compose
+    from fp8train import backends, precision
+    from fp8train.config import Recipe, compose
 
     cfg = compose(args.overrides)
+    # The device checks a run makes before any work, so that a config check passes only where training could start.
+    backend = backends.select(cfg.backend)
+    if cfg.precision.recipe == Recipe.fp8:
+        precision.check_hardware(cfg.precision, backend)
     print(OmegaConf.to_yaml(OmegaConf.structured(cfg)), end="")
     m = cfg.model
     # Parameters without embeddings: attention (q, o: d*d; k, v: d*kv_dim) and SwiGLU (3*d*ffn), norms.
@@ -23,7 +28,8 @@ def cmd_check(args: argparse.Namespace) -> None:
     per_layer = 2 * m.d_model * m.d_model + 2 * m.d_model * kv_dim + 3 * m.d_model * m.ffn_dim + 2 * m.d_model
     print(
         f"# {m.n_layers * per_layer / 1e6:.1f}M parameters without embeddings; "
-        f"{cfg.tokens_per_step} tokens per step; backend auto -> {backends.detect().value}; config is valid"
+        f"{cfg.tokens_per_step} tokens per step; backend {cfg.backend.name.value} -> {backend.describe()}; "
+        "config is valid"
     )
 
 

@@ -70,3 +70,21 @@ def test_compare_into_an_output_that_cannot_be_created_names_out(tmp_path, a_fil
     assert run_cli("compare", *runs, "--out", a_file) == 2
     err = capsys.readouterr().err
     assert f"cannot write the comparison into {a_file}" in err and "pass --out" in err
+
+
+def test_check_refuses_a_backend_this_machine_lacks_as_training_would(monkeypatch, capsys):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert run_cli("check", "backend=cuda") == 2
+    out, err = capsys.readouterr()
+    assert "backend.name=cuda: no CUDA device is visible" in err and "Use backend.name=cpu" in err
+    assert "config is valid" not in out
+
+
+def test_check_names_the_backend_asked_for_and_the_device_it_gets(monkeypatch, capsys):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert run_cli("check", "backend=cpu") == 0
+    assert "; backend cpu -> cpu (" in capsys.readouterr().out
