@@ -36,9 +36,14 @@ class Outliers:
     @classmethod
     def load(cls, run_dir: Path) -> Outliers:
         path = Path(run_dir) / OUTLIERS_FILE
-        rows = [r for r in read_jsonl(path) if isinstance(r.get("layers"), list)]
+        rows = [r for r in read_jsonl(path) if is_record(r)]
         if not rows:
-            what = "is empty" if path.exists() else "does not exist"
+            if not path.exists():
+                what = "does not exist"
+            elif not path.read_text().strip():
+                what = "is empty"
+            else:
+                what = 'has no per-layer statistics records (lines with a "step" and a list of "layers")'
             raise Fp8trainError(
                 f"{path} {what}: no outlier statistics to report. The monitor writes it during training with "
                 f"monitor=default (or monitor.enabled=true); check that RUN_DIR is a run directory of such a run."
@@ -65,6 +70,17 @@ class Outliers:
     @property
     def alerts(self) -> list[dict]:
         return [a for r in self.rows for a in r.get("alerts", [])]
+
+
+def is_record(row) -> bool:
+    """Whether a line of outliers.jsonl is one monitored step's statistics; other lines (hand edits, another
+    tool's output in the file) are skipped rather than read as one."""
+    return (
+        isinstance(row, dict)
+        and isinstance(row.get("step"), int)
+        and isinstance(row.get("layers"), list)
+        and all(isinstance(entry, dict) and isinstance(entry.get("layer"), int) for entry in row["layers"])
+    )
 
 
 def fp8_worst(stat: str, group: str):

@@ -88,3 +88,23 @@ def test_check_names_the_backend_asked_for_and_the_device_it_gets(monkeypatch, c
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert run_cli("check", "backend=cpu") == 0
     assert "; backend cpu -> cpu (" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "lines",
+    ['garbage\n{"step": 1, "layers": [\n', '{"step": 1}\n', '123\n"text"\n[1, 2]\n{"step": 1, "layers": [3]}\n'],
+)
+def test_report_on_lines_without_statistics_says_so_rather_than_empty(tmp_path, capsys, lines):
+    (tmp_path / "outliers.jsonl").write_text(lines)
+    assert run_cli("report", tmp_path) == 2
+    err = capsys.readouterr().err
+    assert "outliers.jsonl has no per-layer statistics records" in err and "is empty" not in err
+    assert not (tmp_path / "report").exists()
+
+
+def test_report_skips_lines_that_are_not_records(tmp_path, capsys):
+    run = outliers_run(tmp_path / "run")
+    with open(run / "outliers.jsonl", "a") as f:
+        f.write('7\n{"step": 2}\n')
+    assert run_cli("report", run, "--out", tmp_path / "report") == 0
+    assert "1 monitored steps (1..1), 1 layers" in capsys.readouterr().out
