@@ -546,7 +546,7 @@ def to_typed(raw: DictConfig | dict) -> Config:
     try:
         plain = OmegaConf.to_container(raw, resolve=True)
     except OmegaConfBaseException as e:
-        raise ConfigError([f"cannot resolve an interpolation: {_first_line(e)}"]) from None
+        raise ConfigError([f"cannot resolve an interpolation: {first_line(e)}"]) from None
     schema = OmegaConf.structured(Config)
     problems: list[str] = []
     for path, value in _leaves(plain, whole=lambda path: typing.get_origin(_hint_at(Config, path)) is dict):
@@ -557,7 +557,7 @@ def to_typed(raw: DictConfig | dict) -> Config:
             try:
                 OmegaConf.update(schema, path, value, merge=True, force_add=False)
             except OmegaConfBaseException as e:
-                detail = f" ({_first_line(e)})" if isinstance(value, list) else ""
+                detail = f" ({first_line(e)})" if isinstance(value, list) else ""
                 problems.append(f"{path}={format_value(value)}: {_expected(hint)}{detail}")
     # Values of the wrong type kept their defaults above, so the value checks below still run on the rest.
     try:
@@ -581,7 +581,7 @@ def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "con
         try:
             raw = hydra_compose(config_name=config_name, overrides=usable)
         except HydraException as e:
-            raise ConfigError([*problems, _first_line(e)]) from None
+            raise ConfigError([*problems, first_line(e)]) from None
     try:
         cfg = to_typed(raw)
     except ConfigError as e:
@@ -606,8 +606,8 @@ def override_problems(overrides: list[str] | tuple[str, ...]) -> tuple[list[str]
         if key in GROUPS and not o.package:
             options = sorted(p.stem for p in (CONF_DIR / key).glob("*.yaml"))
             choices = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
-            bad = [c for c in choices if c != "null" and c not in options] if not o.is_delete() else []
-            problems += [f"{key}={c}: unknown option; choose one of {', '.join(options)}" for c in bad]
+            bad = [c for c in choices if c not in options] if not o.is_delete() else []
+            problems += [_group_choice_problem(key, c, options) for c in bad]
         elif not key.startswith("hydra") and not o.is_add() and _hint_at(Config, key) is _UNKNOWN:
             problems.append(_unknown_key(key))
             bad = [key]
@@ -616,6 +616,20 @@ def override_problems(overrides: list[str] | tuple[str, ...]) -> tuple[list[str]
         if not bad:
             usable.append(arg)
     return problems, usable
+
+
+def _group_choice_problem(group: str, choice: str, options: list[str]) -> str:
+    choose = f"choose one of {', '.join(options)}"
+    if choice != "null":
+        return f"{group}={choice}: unknown option; {choose}"
+    # Hydra rejects null for a group on the command line (a ValueError deep in its defaults list), even for a
+    # group conf/config.yaml leaves unset, where leaving the override out is what null would mean.
+    unset = any(
+        isinstance(entry, DictConfig) and group in entry and entry[group] is None
+        for entry in OmegaConf.load(CONF_DIR / "config.yaml").defaults
+    )
+    leave_out = f", or leave {group}= out ({group} is unset unless chosen)" if unset else ""
+    return f"{group}=null: a config group takes one of its options, not null; {choose}{leave_out}"
 
 
 def _unknown_key(path: str) -> str:
@@ -731,5 +745,6 @@ def _expected(hint: Any) -> str:
     return text + (" (or null)" if optional else "")
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type name if it has none): enough for a one-paragraph error."""
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from fp8train.cli import writing_into
 from fp8train.errors import Fp8trainError
 from fp8train.loggers import read_metrics
 
@@ -165,9 +166,10 @@ def compare(run_dirs: list[Path], out: Path) -> str:
             f"| {'; '.join(run.notes())} |"
         )
     table = "\n".join(lines)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "compare.md").write_text(table + "\n")
-    plot(runs, ref, out / "compare.png")
+    with writing_into(out, "comparison"):
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "compare.md").write_text(table + "\n")
+        plot(runs, ref, out / "compare.png")
     return table
 
 

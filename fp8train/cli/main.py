@@ -9,13 +9,18 @@ from fp8train.errors import Fp8trainError
 
 
 def cmd_check(args: argparse.Namespace) -> None:
-    """Compose and validate a config without doing any work; print it and what it implies."""
+    """Compose and validate a config, and check this machine has the device it asks for, without doing any work;
+    print it and what it implies."""
     from omegaconf import OmegaConf
 
-    from fp8train import backends
-    from fp8train.config import compose
+    from fp8train import backends, precision
+    from fp8train.config import Recipe, compose
 
     cfg = compose(args.overrides)
+    # The device checks a run makes before any work, so that a config check passes only where training could start.
+    backend = backends.select(cfg.backend)
+    if cfg.precision.recipe == Recipe.fp8:
+        precision.check_hardware(cfg.precision, backend)
     print(OmegaConf.to_yaml(OmegaConf.structured(cfg)), end="")
     m = cfg.model
     # Parameters without embeddings: attention (q, o: d*d; k, v: d*kv_dim) and SwiGLU (3*d*ffn), norms.
@@ -23,25 +28,20 @@ def cmd_check(args: argparse.Namespace) -> None:
     per_layer = 2 * m.d_model * m.d_model + 2 * m.d_model * kv_dim + 3 * m.d_model * m.ffn_dim + 2 * m.d_model
     print(
         f"# {m.n_layers * per_layer / 1e6:.1f}M parameters without embeddings; "
-        f"{cfg.tokens_per_step} tokens per step; backend auto -> {backends.detect().value}; config is valid"
+        f"{cfg.tokens_per_step} tokens per step; backend {cfg.backend.name.value} -> {backend.describe()}; "
+        "config is valid"
     )
 
 
 def cmd_export_hf(args: argparse.Namespace) -> None:
-    """Write a Hugging Face LlamaForCausalLM folder from a checkpoint (or a run dir's newest checkpoint)."""
+    """Write a Hugging Face LlamaForCausalLM folder from a checkpoint (or a run dir's newest intact checkpoint)."""
     from pathlib import Path
 
-    from fp8train import checkpoint
-    from fp8train.errors import CheckpointError
-    from fp8train.export.hf import export_hf
+    from fp8train.export.hf import checkpoint_to_export, export_hf
     from fp8train.loggers import setup_console
 
     setup_console()
-    ckpt = Path(args.checkpoint)
-    if (ckpt / "checkpoints").is_dir():  # a run directory: take its newest complete checkpoint
-        ckpt = checkpoint.latest(ckpt / "checkpoints") or ckpt
-    if not ckpt.is_dir():
-        raise CheckpointError(f"{ckpt}: no such checkpoint folder.")
+    ckpt = checkpoint_to_export(Path(args.checkpoint))
     print(f"wrote {export_hf(ckpt, Path(args.out), args.dtype)}")
 
 
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     check.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=llama_1b optim.lr=3e-4")
     check.set_defaults(func=cmd_check)
     export = sub.add_parser("export-hf", help="write a Hugging Face LlamaForCausalLM folder from a checkpoint")
-    export.add_argument("checkpoint", help="RUN_DIR/checkpoints/step_N, or a run dir (its newest checkpoint)")
+    export.add_argument("checkpoint", help="RUN_DIR/checkpoints/step_N, or a run dir (its newest intact checkpoint)")
     export.add_argument("out", help="output folder (new or empty)")
     export.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="weight dtype (default bf16)")
     export.set_defaults(func=cmd_export_hf)

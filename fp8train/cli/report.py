@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from fp8train.cli import writing_into
 from fp8train.errors import Fp8trainError
 from fp8train.loggers import read_jsonl
 from fp8train.monitor.monitor import OUTLIERS_FILE
@@ -35,9 +36,14 @@ class Outliers:
     @classmethod
     def load(cls, run_dir: Path) -> Outliers:
         path = Path(run_dir) / OUTLIERS_FILE
-        rows = [r for r in read_jsonl(path) if isinstance(r.get("layers"), list)]
+        rows = [r for r in read_jsonl(path) if is_record(r)]
         if not rows:
-            what = "is empty" if path.exists() else "does not exist"
+            if not path.exists():
+                what = "does not exist"
+            elif not path.read_text().strip():
+                what = "is empty"
+            else:
+                what = 'has no per-layer statistics records (lines with a "step" and a list of "layers")'
             raise Fp8trainError(
                 f"{path} {what}: no outlier statistics to report. The monitor writes it during training with "
                 f"monitor=default (or monitor.enabled=true); check that RUN_DIR is a run directory of such a run."
@@ -66,6 +72,17 @@ class Outliers:
         return [a for r in self.rows for a in r.get("alerts", [])]
 
 
+def is_record(row) -> bool:
+    """Whether a line of outliers.jsonl is one monitored step's statistics; other lines (hand edits, another
+    tool's output in the file) are skipped rather than read as one."""
+    return (
+        isinstance(row, dict)
+        and isinstance(row.get("step"), int)
+        and isinstance(row.get("layers"), list)
+        and all(isinstance(entry, dict) and isinstance(entry.get("layer"), int) for entry in row["layers"])
+    )
+
+
 def fp8_worst(stat: str, group: str):
     """The largest ``stat`` over one layer entry's FP8 tensors of ``group`` (None if it has none)."""
 
@@ -83,10 +100,11 @@ def fp8_worst(stat: str, group: str):
 def report(run_dir: Path, out: Path) -> str:
     """Write the PNGs and summary.txt into ``out``; return the summary."""
     data = Outliers.load(run_dir)
-    out.mkdir(parents=True, exist_ok=True)
     text = summary(data, run_dir)
-    (out / "summary.txt").write_text(text + "\n")
-    draw(data, out)
+    with writing_into(out, "report"):
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "summary.txt").write_text(text + "\n")
+        draw(data, out)
     return text
 
 

@@ -15,10 +15,12 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
-from fp8train.config import ModelConfig
+from fp8train import checkpoint
+from fp8train.config import ModelConfig, first_line
 from fp8train.errors import CheckpointError
 from fp8train.model import Llama, build_model
 
@@ -92,12 +94,14 @@ def saved_model_config(folder: Path) -> ModelConfig:
 def load_weights(model: Llama, folder: Path) -> None:
     """Load a folder's model.safetensors into ``model`` (FP8 scaling state in it is skipped)."""
     cfg = model.cfg
+    try:
+        weights = load_file(str(folder / "model.safetensors"))
+    except SafetensorError as e:  # truncated or overwritten: safetensors' own words name no file
+        raise CheckpointError(
+            f"{folder}/model.safetensors cannot be read ({e}); the file is damaged. Use another checkpoint."
+        ) from None
     # FP8 scaling state is training state, not weights: our scalers' buffers and Transformer Engine's extra state.
-    saved = {
-        k: v
-        for k, v in load_file(str(folder / "model.safetensors")).items()
-        if "_scaler." not in k and not k.endswith("._extra_state")
-    }
+    saved = {k: v for k, v in weights.items() if "_scaler." not in k and not k.endswith("._extra_state")}
     with torch.no_grad():
         missing, unexpected = model.load_state_dict(saved, strict=False)
     # safetensors stores a tied weight once, under one of its two names.
@@ -112,6 +116,50 @@ def check_output_folder(out: Path) -> None:
     """Refuse an output path that is a file or a folder with something in it (never overwrite)."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CheckpointError(f"{out} exists and is not an empty folder; choose a new output folder.")
+
+
+def make_output_folder(out: Path) -> None:
+    """Create the (checked) output folder, or say why it cannot be created."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(
+            f"{out}: cannot create the output folder ({e.strerror or e}); choose a folder in a writable location."
+        ) from None
+
+
+def checkpoint_to_export(path: Path) -> Path:
+    """The checkpoint export-hf reads for ``path``: a run directory's newest intact checkpoint, or ``path``
+    itself, a checkpoint folder checked against its manifest."""
+    path = Path(path)
+    root = path / "checkpoints"
+    if root.is_dir():
+        try:
+            newest = checkpoint.latest_intact(root)
+        except CheckpointError:  # its message is about resuming; this is about exporting
+            raise CheckpointError(
+                f"{path}: every checkpoint in {root} is damaged (see the warnings above), so there is nothing to "
+                f"export; export a checkpoint restored from a backup."
+            ) from None
+        if newest is None:
+            raise CheckpointError(
+                f"{path}: a run directory without a complete checkpoint in {root}; export it once training has "
+                f"written one (trainer.checkpoint_every, or the checkpoint at the end of a run)."
+            )
+        return newest
+    if (path / "model.safetensors").is_file() or (path / checkpoint.MANIFEST).is_file():
+        if problem := checkpoint.damage(path):
+            raise CheckpointError(
+                f"{path}: {problem}; the checkpoint is damaged. Export an older one (RUN_DIR/checkpoints/step_N), or "
+                f"pass the run directory to take its newest intact checkpoint."
+            )
+        return path
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint folder or run directory.")
+    raise CheckpointError(
+        f"{path} is neither a checkpoint folder (RUN_DIR/checkpoints/step_N, with model.safetensors) nor a run "
+        f"directory with checkpoints (RUN_DIR, with a checkpoints/ folder)."
+    )
 
 
 def load_checkpoint_model(ckpt: Path) -> Llama:
@@ -140,6 +188,7 @@ def export_hf(ckpt: Path, out: Path, dtype: str = "bf16") -> Path:
     eos_id = find_eos_id(Tokenizer.from_file(str(tokenizer_file)), None, f"{tokenizer_file}")
     hf = LlamaForCausalLM(hf_config(model.cfg, eos_id, DTYPES[dtype]))
     hf.load_state_dict(hf_state_dict(model), strict=True)
+    make_output_folder(out)
     hf.to(DTYPES[dtype]).save_pretrained(out, safe_serialization=True)
     tok = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file))
     eos = tok.convert_ids_to_tokens(eos_id)
@@ -168,6 +217,25 @@ def unsupported_features(config: dict) -> list[str]:
     return problems
 
 
+def read_hf_config(hf_dir: Path) -> dict:
+    """A Hugging Face folder's config.json, or a CheckpointError saying why there is none to read."""
+    if not hf_dir.is_dir():
+        raise CheckpointError(f"{hf_dir}: no such folder; import-hf reads a local Hugging Face Llama folder.")
+    file = hf_dir / "config.json"
+    if not file.is_file():
+        raise CheckpointError(
+            f"{hf_dir}: no config.json, so not a Hugging Face model folder; import-hf reads a folder as "
+            f"save_pretrained writes it (config.json, model.safetensors, tokenizer files)."
+        )
+    try:
+        config = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file} is not valid JSON ({e}); restore it from the model's source.") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{file} holds a JSON {type(config).__name__}, not a Hugging Face config (an object).")
+    return config
+
+
 def import_hf(hf_dir: Path, out: Path) -> Path:
     """Write ``out/`` (model.safetensors under fp8train's names, model.yaml, tokenizer.json if the folder has a
     tokenizer) from a local Hugging Face Llama folder; train from it with ``model.init_from=OUT``."""
@@ -175,7 +243,7 @@ def import_hf(hf_dir: Path, out: Path) -> Path:
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     hf_dir, out = Path(hf_dir), Path(out)
-    config = json.loads((hf_dir / "config.json").read_text()) if (hf_dir / "config.json").is_file() else {}
+    config = read_hf_config(hf_dir)
     if config.get("model_type") != "llama":
         raise CheckpointError(
             f"{hf_dir}: not a Hugging Face Llama folder (config.json model_type is "
@@ -188,7 +256,14 @@ def import_hf(hf_dir: Path, out: Path) -> Path:
             + ". fp8train imports plain Llama models (SwiGLU, no biases, default RoPE)."
         )
     check_output_folder(out)
-    hf = LlamaForCausalLM.from_pretrained(hf_dir, local_files_only=True).float()  # no dtype=: 4.x lacks it
+    try:
+        hf = LlamaForCausalLM.from_pretrained(hf_dir, local_files_only=True).float()  # no dtype=: 4.x lacks it
+    except (OSError, SafetensorError) as e:  # no weights file, or one that is damaged
+        raise CheckpointError(
+            f"{hf_dir}: transformers cannot load its weights ({first_line(e).rstrip('.')}). import-hf reads a "
+            f"folder as save_pretrained writes it: config.json and model.safetensors (or its sharded index, or "
+            f"pytorch_model.bin)."
+        ) from None
     c = hf.config
     rope = (getattr(c, "rope_parameters", None) or {}).get("rope_theta") or getattr(c, "rope_theta", 10000.0)
     cfg = ModelConfig(
@@ -197,7 +272,7 @@ def import_hf(hf_dir: Path, out: Path) -> Path:
     model = build_model(cfg)
     renamed = {k.removeprefix("model."): v for k, v in hf.state_dict().items()}
     model.load_state_dict(renamed, strict=True)
-    out.mkdir(parents=True, exist_ok=True)
+    make_output_folder(out)
     save_model(model, str(out / "model.safetensors"))
     (out / "model.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     try:

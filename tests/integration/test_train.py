@@ -122,6 +122,22 @@ def test_bad_config_lists_every_problem_without_traceback_or_run_dir(tmp_path):
     assert not run_dir.exists()
 
 
+def test_a_null_group_is_refused_without_traceback_or_run_dir(tmp_path):
+    out = run_train(tmp_path / "never", "model=null")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "model=null: a config group takes one of its options, not null" in out.stderr
+    assert not (tmp_path / "never").exists()
+
+
+def test_a_run_dir_that_is_a_file_is_refused_before_hydra_touches_it(tmp_path):
+    taken = tmp_path / "taken"
+    taken.write_text("not a run directory")
+    out = run_train(taken, *BF16)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert f"hydra.run.dir={taken}: {taken} is a file, not a folder" in out.stderr
+    assert taken.read_text() == "not a run directory"
+
+
 def test_unreadable_data_is_a_clear_error(tmp_path):
     bad = tmp_path / "latin1.txt"
     bad.write_bytes("caf\xe9 au lait\n".encode("latin-1") * 100)

@@ -73,12 +73,21 @@ def problems(overrides: list[str]) -> list[str]:
         ("optim.min_lr=1", "optim.min_lr=1.0: must be <= optim.lr=0.001"),
         ("resume=no/such/dir", "resume=no/such/dir: no such checkpoint"),
         ("backend=tpu", "backend=tpu: unknown option; choose one of auto, cpu, cuda, hpu"),
+        ("model=null", "model=null: a config group takes one of its options, not null; choose one of llama2_7b,"),
+        ("variant=null", "variant=null: a config group takes one of its options, not null; choose one of bf16,"),
     ],
 )
 def test_each_bad_value_is_named_in_override_syntax(override, expected):
     found = problems([override])
     assert len(found) == 1, found
     assert found[0].startswith(expected), found
+
+
+def test_null_for_an_unset_group_says_to_leave_it_out():
+    (found,) = problems(["experiment=null"])
+    assert found.endswith("or leave experiment= out (experiment is unset unless chosen)")
+    (found,) = problems(["model=null"])
+    assert "leave" not in found
 
 
 def test_every_problem_is_listed_at_once():

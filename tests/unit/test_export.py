@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -120,3 +121,62 @@ def test_an_output_path_that_is_a_file_is_refused(fp8_checkpoint, tmp_path):
     (tmp_path / "hf").write_text("not a folder")
     with pytest.raises(CheckpointError, match="exists and is not an empty folder"):
         export_hf(fp8_checkpoint / "checkpoints" / "step_0000003", tmp_path / "hf")
+
+
+def run_cli(*args: str) -> int:
+    """`fp8train ARGS` in this process; its exit status (0 if it returned)."""
+    from fp8train.cli.main import main
+
+    try:
+        main([str(a) for a in args])
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
+def damaged_run(fp8_checkpoint, tmp_path):
+    """A copy of the run whose newest checkpoint (step 3) has a truncated model.safetensors, and an intact older
+    one (step 2)."""
+    run = tmp_path / "run"
+    shutil.copytree(fp8_checkpoint, run)
+    shutil.copytree(run / "checkpoints" / "step_0000003", run / "checkpoints" / "step_0000002")
+    weights = run / "checkpoints" / "step_0000003" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5])
+    return run
+
+
+def test_a_run_dir_exports_its_newest_intact_checkpoint(fp8_checkpoint, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="fp8train")
+    run = damaged_run(fp8_checkpoint, tmp_path)
+    assert run_cli("export-hf", run, tmp_path / "hf") == 0
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
+    assert "step_0000003 is damaged" in caplog.text and "step_0000002 ->" in caplog.text
+
+
+def test_a_damaged_checkpoint_named_explicitly_is_refused(fp8_checkpoint, tmp_path, capsys):
+    run = damaged_run(fp8_checkpoint, tmp_path)
+    assert run_cli("export-hf", run / "checkpoints" / "step_0000003", tmp_path / "hf") == 2
+    err = capsys.readouterr().err
+    assert "step_0000003: model.safetensors has 5 bytes" in err and "the checkpoint is damaged" in err
+    assert not (tmp_path / "hf").exists()
+
+
+def test_unreadable_weights_are_a_checkpoint_error(fp8_checkpoint, tmp_path):
+    run = damaged_run(fp8_checkpoint, tmp_path)
+    with pytest.raises(CheckpointError, match="model.safetensors cannot be read"):
+        load_checkpoint_model(run / "checkpoints" / "step_0000003")
+
+
+def test_a_folder_without_checkpoints_is_named_for_what_it_lacks(tmp_path, capsys):
+    (tmp_path / "notes").mkdir()
+    assert run_cli("export-hf", tmp_path / "notes", tmp_path / "hf") == 2
+    err = capsys.readouterr().err
+    assert "is neither a checkpoint folder" in err and "nor a run directory with checkpoints" in err
+    assert run_cli("export-hf", tmp_path / "missing", tmp_path / "hf") == 2
+    assert "no such checkpoint folder or run directory" in capsys.readouterr().err
+
+
+def test_an_output_folder_that_cannot_be_created_is_refused(fp8_checkpoint, tmp_path):
+    (tmp_path / "file").write_text("a file, not a folder")
+    with pytest.raises(CheckpointError, match="file/hf: cannot create the output folder"):
+        export_hf(fp8_checkpoint / "checkpoints" / "step_0000003", tmp_path / "file" / "hf")

@@ -126,3 +126,33 @@ def test_starting_from_weights_with_another_tokenizer_is_refused(hf_folder, tmp_
     with pytest.raises(ConfigError, match=rf"set data.tokenizer.path={out / 'tokenizer.json'}"):
         Trainer(cfg, tmp_path / "run")
     assert not (tmp_path / "run" / "config.yaml").exists()
+
+
+@pytest.mark.parametrize(
+    "config_json, expected",
+    [(None, "no config.json"), ('{"model_type": "llama",', "config.json is not valid JSON"), ("[1]", "a JSON list")],
+)
+def test_a_folder_without_a_readable_config_is_named(tmp_path, config_json, expected):
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    if config_json is not None:
+        (folder / "config.json").write_text(config_json)
+    with pytest.raises(CheckpointError, match=expected):
+        import_hf(folder, tmp_path / "out")
+    with pytest.raises(CheckpointError, match="no such folder"):
+        import_hf(tmp_path / "missing", tmp_path / "out")
+
+
+def test_a_config_without_weights_is_refused_and_writes_nothing(hf_folder, tmp_path):
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    shutil.copy(hf_folder / "config.json", folder / "config.json")
+    with pytest.raises(CheckpointError, match="transformers cannot load its weights"):
+        import_hf(folder, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_output_folder_that_cannot_be_created_is_refused(hf_folder, tmp_path):
+    (tmp_path / "file").write_text("a file, not a folder")
+    with pytest.raises(CheckpointError, match="file/out: cannot create the output folder"):
+        import_hf(hf_folder, tmp_path / "file" / "out")

@@ -1,0 +1,110 @@
+"""The fp8train command and train.py's checks on their arguments: bad input is a message and exit status 2."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fp8train.cli.main import main
+from fp8train.cli.train import run_dir_problems
+
+
+def run_cli(*args) -> int:
+    """`fp8train ARGS` in this process; its exit status (0 if it returned)."""
+    try:
+        main([str(a) for a in args])
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
+@pytest.fixture
+def a_file(tmp_path) -> Path:
+    path = tmp_path / "notes.txt"
+    path.write_text("a file, not a folder")
+    return path
+
+
+@pytest.mark.parametrize("suffix", ["", "/run", "/run_${model.name}", "/${now:%Y-%m-%d}/run"])
+def test_a_run_dir_in_or_at_a_file_is_named(a_file, suffix):
+    (problem,) = run_dir_problems([f"hydra.run.dir={a_file}{suffix}", "optim.lr=1e-3"])
+    assert problem.startswith(f"hydra.run.dir={a_file}{suffix}: {a_file} is a file, not a folder")
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, where no folder can be made")
+@pytest.mark.parametrize("value", ["/proc/fp8train_run", "/proc/${now:%H-%M}"])
+def test_a_run_dir_that_cannot_be_created_is_named(value):
+    (problem,) = run_dir_problems([f"hydra.run.dir={value}"])
+    assert "cannot create folders in /proc" in problem
+
+
+@pytest.mark.parametrize("value", ["new/run", "new/run_${model.name}", "${now:%Y}", "."])
+def test_a_run_dir_that_can_be_created_passes_and_nothing_is_made(tmp_path, monkeypatch, value):
+    monkeypatch.chdir(tmp_path)
+    assert run_dir_problems([f"hydra.run.dir={value}"]) == []
+    assert list(tmp_path.iterdir()) == []
+
+
+def outliers_run(path: Path) -> Path:
+    path.mkdir()
+    (path / "outliers.jsonl").write_text(json.dumps({"step": 1, "layers": [{"layer": 0, "h_amax": 2.0}]}) + "\n")
+    return path
+
+
+def test_report_into_an_output_that_cannot_be_created_names_out(tmp_path, a_file, capsys):
+    run = outliers_run(tmp_path / "run")
+    assert run_cli("report", run, "--out", a_file / "report") == 2
+    err = capsys.readouterr().err
+    assert f"cannot write the report into {a_file / 'report'}" in err and "pass --out" in err
+    assert sorted(p.name for p in run.iterdir()) == ["outliers.jsonl"]
+
+
+def test_compare_into_an_output_that_cannot_be_created_names_out(tmp_path, a_file, capsys):
+    from tests.unit.test_compare import curve, make_run
+
+    runs = [
+        make_run(tmp_path / p, curve(8, range(1, 11)), curve(9, (5, 10)), [f"precision={p}"]) for p in ("bf16", "fp8")
+    ]
+    assert run_cli("compare", *runs, "--out", a_file) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write the comparison into {a_file}" in err and "pass --out" in err
+
+
+def test_check_refuses_a_backend_this_machine_lacks_as_training_would(monkeypatch, capsys):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert run_cli("check", "backend=cuda") == 2
+    out, err = capsys.readouterr()
+    assert "backend.name=cuda: no CUDA device is visible" in err and "Use backend.name=cpu" in err
+    assert "config is valid" not in out
+
+
+def test_check_names_the_backend_asked_for_and_the_device_it_gets(monkeypatch, capsys):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert run_cli("check", "backend=cpu") == 0
+    assert "; backend cpu -> cpu (" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "lines",
+    ['garbage\n{"step": 1, "layers": [\n', '{"step": 1}\n', '123\n"text"\n[1, 2]\n{"step": 1, "layers": [3]}\n'],
+)
+def test_report_on_lines_without_statistics_says_so_rather_than_empty(tmp_path, capsys, lines):
+    (tmp_path / "outliers.jsonl").write_text(lines)
+    assert run_cli("report", tmp_path) == 2
+    err = capsys.readouterr().err
+    assert "outliers.jsonl has no per-layer statistics records" in err and "is empty" not in err
+    assert not (tmp_path / "report").exists()
+
+
+def test_report_skips_lines_that_are_not_records(tmp_path, capsys):
+    run = outliers_run(tmp_path / "run")
+    with open(run / "outliers.jsonl", "a") as f:
+        f.write('7\n{"step": 2}\n')
+    assert run_cli("report", run, "--out", tmp_path / "report") == 0
+    assert "1 monitored steps (1..1), 1 layers" in capsys.readouterr().out
