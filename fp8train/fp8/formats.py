@@ -75,7 +75,8 @@ def quantize(
     """
     limit = fp8_max(fmt, profile)
     v = (x.float() * scale).clamp(-limit, limit)
-    v = torch.where(x.isinf(), math.nan, v)
+    # inf * 0 is the NaN: a NaN constant would keep the compiler from merging two casts of one input (nan != nan)
+    v = torch.where(x.isinf(), x.float() * 0.0, v)
     if stochastic:
         v = _round_stochastic(v, fmt, generator)
     return v.to(fp8_dtype(fmt))
