@@ -388,13 +388,35 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------------------------
     def write_run_files(self) -> None:
-        """The resolved config and the tokenizer, beside the metrics, so a run dir explains itself."""
+        """The resolved config and the tokenizer, beside the metrics, so a run dir explains itself; and checkpoints/
+        without the temp folders of dead writers and, on resume, without the checkpoints of steps after this run's
+        start (a timeline this run replaces; they are moved to checkpoints/superseded/)."""
         if not self.engine.is_main:
             return
-        tmp = self.run_dir / f".config.yaml.{os.getpid()}"  # renamed into place: a kill never leaves half a file
-        tmp.write_text(config_yaml(self.cfg))
-        os.replace(tmp, self.run_dir / "config.yaml")
-        shutil.copyfile(self.data.tokenizer_file, self.run_dir / "tokenizer.json")
+        files = {
+            "config.yaml": config_yaml(self.cfg).encode(),
+            "tokenizer.json": Path(self.data.tokenizer_file).read_bytes(),
+        }
+        writing = "checkpoints/"
+        try:
+            if self.ckpt_root.is_dir():  # first: a disk-full stop may have left a temp folder taking the space
+                checkpoint.remove_stale_tmp(self.ckpt_root)
+                if self.resume_from:
+                    checkpoint.set_aside_after(self.ckpt_root, self.step)
+            for writing, content in files.items():
+                tmp = self.run_dir / f".{writing}.{os.getpid()}"  # renamed into place: a kill never leaves half a file
+                try:
+                    tmp.write_bytes(content)
+                    os.replace(tmp, self.run_dir / writing)
+                finally:
+                    tmp.unlink(missing_ok=True)
+        except OSError as e:
+            free = shutil.disk_usage(self.run_dir).free / 2**20
+            raise Fp8trainError(
+                f"Cannot write {writing} in the run directory {self.run_dir}: {e.strerror or e} ({free:.0f} MiB free "
+                f"there). Free space or fix the directory's permissions, then run the same command again "
+                f"(resume=auto continues from the newest checkpoint)."
+            ) from None
 
     def save_checkpoint(self) -> None:
         """Every rank takes part (each writes its own shards); rank 0 writes the shared files."""

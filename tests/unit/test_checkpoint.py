@@ -1,4 +1,4 @@
-"""Checkpoints: exact round trip, atomic completion, retention and damage detection."""
+"""Checkpoints: exact round trip, atomic completion, retention, timelines, damage detection and resume mistakes."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+from safetensors import SafetensorError
 
 from fp8train import checkpoint, parallel
 from fp8train.config import ModelConfig
@@ -146,3 +147,66 @@ def test_latest_intact_skips_damaged_checkpoints_with_a_warning(tmp_path, caplog
     with pytest.raises(CheckpointError, match="no intact checkpoint .*all 3 are damaged"):
         checkpoint.latest_intact(tmp_path)
     assert checkpoint.latest_intact(tmp_path / "none") is None
+
+
+@pytest.mark.parametrize(
+    "writer, error",
+    [
+        ("torch.save", RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 662")),
+        ("save_model", SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")),
+    ],
+)
+def test_full_disk_errors_of_torch_and_safetensors_stop_with_a_message(tmp_path, monkeypatch, writer, error):
+    model, opt = trained(0)
+    save(tmp_path, 3, model, opt)
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(*((checkpoint.torch, "save") if writer == "torch.save" else (parallel, "save_model")), fail)
+    with pytest.raises(CheckpointError, match=r"step 4 .*failed: .*MiB free there; the previous checkpoint step 3"):
+        save(tmp_path, 4, model, opt)
+    assert [p.name for p in tmp_path.iterdir()] == ["step_0000003"]
+
+
+def test_other_errors_while_writing_are_not_taken_for_a_full_disk(tmp_path, monkeypatch):
+    model, opt = trained(0)
+
+    def bug(*args, **kwargs):
+        raise RuntimeError("expected a tensor")
+
+    monkeypatch.setattr(checkpoint.torch, "save", bug)
+    with pytest.raises(RuntimeError, match="expected a tensor"):
+        save(tmp_path, 4, model, opt)
+    assert list(tmp_path.iterdir()) == []  # the temporary folder is gone all the same
+
+
+def test_a_checkpoint_just_written_is_kept_whatever_newer_steps_lie_beside_it(tmp_path):
+    model, opt = trained(0)
+    for step in (2, 4, 6):
+        save(tmp_path, step, model, opt, keep_last=5)
+    save(tmp_path, 3, model, opt, keep_last=2)
+    assert [p.name for p in checkpoint.complete_checkpoints(tmp_path)] == [
+        "step_0000002",
+        "step_0000003",
+        "step_0000004",
+        "step_0000006",
+    ]
+
+
+def test_checkpoints_after_the_resumed_step_are_moved_aside_not_deleted(tmp_path, caplog):
+    model, opt = trained(0)
+    for step in (2, 4, 6):
+        save(tmp_path, step, model, opt, keep_last=5)
+    (tmp_path / "step_0000006" / "optimizer.pt").write_bytes(b"damaged")  # set aside as it is
+    with caplog.at_level(logging.INFO):
+        aside = checkpoint.set_aside_after(tmp_path, 2)
+    assert [p.name for p in checkpoint.complete_checkpoints(tmp_path)] == ["step_0000002"]
+    assert aside.parent == tmp_path / "superseded"
+    assert sorted(p.name for p in aside.iterdir()) == ["step_0000004", "step_0000006"]
+    assert checkpoint.damage(aside / "step_0000004") is None
+    assert "later steps (4, 6)" in caplog.text and str(aside) in caplog.text
+    assert checkpoint.set_aside_after(tmp_path, 2) is None  # nothing later: nothing moves
+    save(tmp_path, 3, model, opt, keep_last=1)
+    assert [p.name for p in checkpoint.complete_checkpoints(tmp_path)] == ["step_0000003"]
+    assert (aside / "step_0000004").is_dir()  # keep_last never reaches into superseded/
