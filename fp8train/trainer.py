@@ -507,7 +507,28 @@ def find_resume_checkpoint(resume: str, ckpt_root: Path) -> Path | None:
                 f"that run, or choose a new directory with hydra.run.dir=PATH."
             )
         return None
-    return Path(resume).expanduser().resolve()
+    path = Path(resume).expanduser().resolve()
+    wanted = "resume= takes a checkpoint folder (RUN_DIR/checkpoints/step_NNNNNNN), auto or none"
+    if not path.exists():
+        raise CheckpointError(f"resume={path}: no such file or folder; {wanted}.")
+    if path.is_file():
+        holder = path.parent if (path.parent / checkpoint.MANIFEST).is_file() else None
+        raise CheckpointError(
+            f"resume={path} is a file, not a checkpoint folder: "
+            + (f"pass the checkpoint that holds it, resume={holder}." if holder else f"{wanted}.")
+        )
+    if (path / checkpoint.MANIFEST).exists():
+        return path  # checked in full, checksums included, when it is loaded
+    # A run directory or its checkpoints/ folder where one of its checkpoints was meant.
+    run_dir = path if (path / "checkpoints").is_dir() else path.parent if checkpoint.latest(path) else None
+    if run_dir is not None:
+        newest = checkpoint.latest(run_dir / "checkpoints")
+        raise CheckpointError(
+            f"resume={path} is {'a run directory' if run_dir == path else 'the checkpoints folder of a run'}, not a "
+            f"checkpoint. To continue that run pass hydra.run.dir={run_dir} resume=auto"
+            + (f", or its newest checkpoint, resume={newest}." if newest else " (it has no complete checkpoint yet).")
+        )
+    return path
 
 
 def check_run_dir(run_dir: Path, cfg: Config) -> None:

@@ -209,11 +209,14 @@ def _unused(path: Path) -> Path:
 
 
 def complete_checkpoints(ckpt_root: Path) -> list[Path]:
-    """Complete checkpoints, oldest first. Temporary folders and folders without a manifest are ignored."""
+    """Complete checkpoints, oldest first. Temporary folders, folders without a manifest and folders named other
+    than ``step_<digits>`` (a ``step_0000003.bak`` copy) are ignored."""
     if not ckpt_root.is_dir():
         return []
-    found = [p for p in ckpt_root.glob(f"{PREFIX}*") if p.is_dir() and (p / MANIFEST).is_file()]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
+    found = [
+        p for p in ckpt_root.glob(f"{PREFIX}*") if step_of(p) is not None and p.is_dir() and (p / MANIFEST).is_file()
+    ]
+    return sorted(found, key=step_of)
 
 
 def latest(ckpt_root: Path) -> Path | None:
@@ -229,6 +232,11 @@ def damage(path: Path) -> str | None:
         return f"no {MANIFEST} (not a complete fp8train checkpoint)"
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         return f"{MANIFEST} is unreadable ({e})"
+    except OSError as e:
+        return f"{MANIFEST} cannot be read ({e.strerror or e})"
+    problem = _manifest_problem(manifest)
+    if problem:
+        return f"{MANIFEST} {problem}"
     for name, meta in manifest["files"].items():
         f = path / name
         if not f.is_file():
@@ -237,6 +245,20 @@ def damage(path: Path) -> str | None:
             return f"{name} has {f.stat().st_size} bytes, its manifest says {meta['bytes']} (truncated?)"
         if _sha256(f) != meta["sha256"]:
             return f"{name} does not match its checksum in {MANIFEST}"
+    return None
+
+
+def _manifest_problem(manifest) -> str | None:
+    """What keeps ``manifest`` from being one that save wrote ({"step": N, "files": {name: {bytes, sha256}}})."""
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        return 'is not an fp8train manifest (no "files" table)'
+    for name, meta in manifest["files"].items():
+        if (
+            not isinstance(meta, dict)
+            or not isinstance(meta.get("bytes"), int)
+            or not isinstance(meta.get("sha256"), str)
+        ):
+            return f'is not an fp8train manifest ("{name}" lacks its bytes and sha256)'
     return None
 
 

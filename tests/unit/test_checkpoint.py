@@ -6,6 +6,7 @@ import errno
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 
@@ -18,6 +19,7 @@ from fp8train.config import ModelConfig
 from fp8train.errors import CheckpointError
 from fp8train.model import build_model
 from fp8train.parallel import SingleEngine
+from fp8train.trainer import find_resume_checkpoint
 
 CFG = ModelConfig(vocab_size=96, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, tie_embeddings=True)
 
@@ -210,3 +212,43 @@ def test_checkpoints_after_the_resumed_step_are_moved_aside_not_deleted(tmp_path
     save(tmp_path, 3, model, opt, keep_last=1)
     assert [p.name for p in checkpoint.complete_checkpoints(tmp_path)] == ["step_0000003"]
     assert (aside / "step_0000004").is_dir()  # keep_last never reaches into superseded/
+
+
+def test_folders_named_other_than_step_digits_are_ignored(tmp_path):
+    model, opt = trained(0)
+    path = save(tmp_path, 3, model, opt)
+    shutil.copytree(path, tmp_path / "step_0000003.bak")
+    shutil.copytree(path, tmp_path / "step_old")
+    assert [p.name for p in checkpoint.complete_checkpoints(tmp_path)] == ["step_0000003"]
+    assert checkpoint.latest_intact(tmp_path) == path
+    save(tmp_path, 4, model, opt, keep_last=1)
+    assert (tmp_path / "step_0000003.bak").is_dir() and (tmp_path / "step_old").is_dir()
+
+
+@pytest.mark.parametrize("manifest", ["{}", "[1]", '{"files": {"trainer.pt": 12}}', '{"files": []}'])
+def test_a_manifest_of_another_shape_is_reported_as_damage(tmp_path, manifest):
+    model, opt = trained(0)
+    path = save(tmp_path, 3, model, opt)
+    (path / "manifest.json").write_text(manifest)
+    assert "manifest.json is not an fp8train manifest" in checkpoint.damage(path)
+    with pytest.raises(CheckpointError, match="not an fp8train manifest.*damaged"):
+        load(path, model, opt)
+
+
+def test_resume_paths_other_than_a_checkpoint_folder_say_what_to_pass(tmp_path):
+    model, opt = trained(0)
+    run_dir = tmp_path / "run"
+    ckpt_root = run_dir / "checkpoints"
+    path = save(ckpt_root, 3, model, opt)
+    here = ckpt_root  # this run's checkpoints, as the trainer passes them
+    assert find_resume_checkpoint(str(path), here) == path
+    cases = {
+        path / "model.safetensors": f"is a file, not a checkpoint folder: pass the checkpoint that holds it, "
+        f"resume={path}\\.",
+        run_dir: f"is a run directory.*hydra.run.dir={run_dir} resume=auto.*resume={path}\\.",
+        ckpt_root: f"checkpoints folder of a run.*hydra.run.dir={run_dir} resume=auto.*resume={path}\\.",
+        tmp_path / "nowhere": "no such file or folder",
+    }
+    for given, message in cases.items():
+        with pytest.raises(CheckpointError, match=message):
+            find_resume_checkpoint(str(given), here)
