@@ -18,6 +18,7 @@ from fp8train import checkpoint, parallel
 from fp8train.config import ModelConfig
 from fp8train.errors import CheckpointError
 from fp8train.model import build_model
+from fp8train.optim.adamw_fp8 import AdamWFp8
 from fp8train.parallel import SingleEngine
 from fp8train.trainer import find_resume_checkpoint
 
@@ -252,3 +253,26 @@ def test_resume_paths_other_than_a_checkpoint_folder_say_what_to_pass(tmp_path):
     for given, message in cases.items():
         with pytest.raises(CheckpointError, match=message):
             find_resume_checkpoint(str(given), here)
+
+
+def test_a_deepspeed_checkpoint_resumed_by_a_single_process_names_parallel_deepspeed(tmp_path):
+    model, opt = trained(0)
+    path = save(tmp_path, 3, model, opt)
+    # parallel=deepspeed's layout: model.safetensors for export, the optimizer state in DeepSpeed's own files.
+    (path / "deepspeed").mkdir()
+    os.replace(path / "optimizer.pt", path / "deepspeed" / "mp_rank_00_model_states.pt")
+    with pytest.raises(CheckpointError, match="written by parallel=deepspeed.*resume it with parallel=deepspeed"):
+        load(path, model, opt, verified=True)
+
+
+def test_optimizer_state_of_the_other_adamw_is_refused_naming_optim(tmp_path):
+    model, adamw = trained(0)
+    fp8 = AdamWFp8(model.parameters(), lr=1e-2, min_numel=0)
+    model(torch.randint(0, 96, (2, 8))).logsumexp(-1).mean().backward()
+    fp8.step()
+    adamw_ckpt = save(tmp_path / "a", 3, model, adamw)
+    fp8_ckpt = save(tmp_path / "b", 3, model, fp8)
+    with pytest.raises(CheckpointError, match="optim=adamw\\b.*Resume with optim=adamw,"):
+        load(adamw_ckpt, model, AdamWFp8(model.parameters(), min_numel=0))
+    with pytest.raises(CheckpointError, match="optim=adamw_fp8.*this run has optim=adamw: resume with optim=adamw_fp8"):
+        load(fp8_ckpt, model, torch.optim.AdamW(model.parameters()))
