@@ -391,13 +391,35 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------------------------
     def write_run_files(self) -> None:
-        """The resolved config and the tokenizer, beside the metrics, so a run dir explains itself."""
+        """The resolved config and the tokenizer, beside the metrics, so a run dir explains itself; and checkpoints/
+        without the temp folders of dead writers and, on resume, without the checkpoints of steps after this run's
+        start (a timeline this run replaces; they are moved to checkpoints/superseded/)."""
         if not self.engine.is_main:
             return
-        tmp = self.run_dir / f".config.yaml.{os.getpid()}"  # renamed into place: a kill never leaves half a file
-        tmp.write_text(config_yaml(self.cfg))
-        os.replace(tmp, self.run_dir / "config.yaml")
-        shutil.copyfile(self.data.tokenizer_file, self.run_dir / "tokenizer.json")
+        files = {
+            "config.yaml": config_yaml(self.cfg).encode(),
+            "tokenizer.json": Path(self.data.tokenizer_file).read_bytes(),
+        }
+        writing = "checkpoints/"
+        try:
+            if self.ckpt_root.is_dir():  # first: a disk-full stop may have left a temp folder taking the space
+                checkpoint.remove_stale_tmp(self.ckpt_root)
+                if self.resume_from:
+                    checkpoint.set_aside_after(self.ckpt_root, self.step)
+            for writing, content in files.items():
+                tmp = self.run_dir / f".{writing}.{os.getpid()}"  # renamed into place: a kill never leaves half a file
+                try:
+                    tmp.write_bytes(content)
+                    os.replace(tmp, self.run_dir / writing)
+                finally:
+                    tmp.unlink(missing_ok=True)
+        except OSError as e:
+            free = shutil.disk_usage(self.run_dir).free / 2**20
+            raise Fp8trainError(
+                f"Cannot write {writing} in the run directory {self.run_dir}: {e.strerror or e} ({free:.0f} MiB free "
+                f"there). Free space or fix the directory's permissions, then run the same command again "
+                f"(resume=auto continues from the newest checkpoint)."
+            ) from None
 
     def save_checkpoint(self) -> None:
         """Every rank takes part (each writes its own shards); rank 0 writes the shared files."""
@@ -524,7 +546,28 @@ def find_resume_checkpoint(resume: str, ckpt_root: Path) -> Path | None:
                 f"that run, or choose a new directory with hydra.run.dir=PATH."
             )
         return None
-    return Path(resume).expanduser().resolve()
+    path = Path(resume).expanduser().resolve()
+    wanted = "resume= takes a checkpoint folder (RUN_DIR/checkpoints/step_NNNNNNN), auto or none"
+    if not path.exists():
+        raise CheckpointError(f"resume={path}: no such file or folder; {wanted}.")
+    if path.is_file():
+        holder = path.parent if (path.parent / checkpoint.MANIFEST).is_file() else None
+        raise CheckpointError(
+            f"resume={path} is a file, not a checkpoint folder: "
+            + (f"pass the checkpoint that holds it, resume={holder}." if holder else f"{wanted}.")
+        )
+    if (path / checkpoint.MANIFEST).exists():
+        return path  # checked in full, checksums included, when it is loaded
+    # A run directory or its checkpoints/ folder where one of its checkpoints was meant.
+    run_dir = path if (path / "checkpoints").is_dir() else path.parent if checkpoint.latest(path) else None
+    if run_dir is not None:
+        newest = checkpoint.latest(run_dir / "checkpoints")
+        raise CheckpointError(
+            f"resume={path} is {'a run directory' if run_dir == path else 'the checkpoints folder of a run'}, not a "
+            f"checkpoint. To continue that run pass hydra.run.dir={run_dir} resume=auto"
+            + (f", or its newest checkpoint, resume={newest}." if newest else " (it has no complete checkpoint yet).")
+        )
+    return path
 
 
 def check_run_dir(run_dir: Path, cfg: Config, resuming: bool) -> None:

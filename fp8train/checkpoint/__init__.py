@@ -9,6 +9,9 @@ Layout of ``RUN_DIR/checkpoints/step_0000030/``:
     trainer.pt          step, schedule, data position, RNG states, data fingerprint
     config.yaml         the resolved config of the run that wrote it
     manifest.json       written last: step, size and sha256 of every file above
+
+A run resumed from an older checkpoint starts a new timeline: the checkpoints after it are moved into
+``checkpoints/superseded/`` (``set_aside_after``), where nothing takes them by accident.
 """
 
 from __future__ import annotations
@@ -17,11 +20,13 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from fp8train.errors import CheckpointError
 
@@ -29,10 +34,18 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 PREFIX = "step_"
+STEP_DIR = re.compile(rf"{PREFIX}(\d+)")
+SUPERSEDED = "superseded"
 
 
 def step_dir_name(step: int) -> str:
     return f"{PREFIX}{step:07d}"
+
+
+def step_of(path: Path) -> int | None:
+    """The step of a ``step_NNNNNNN`` folder; None for any other name (``step_0000003.bak``, a user's copy)."""
+    match = STEP_DIR.fullmatch(path.name)
+    return int(match[1]) if match else None
 
 
 def save(
@@ -44,7 +57,7 @@ def save(
     keep_last: int,
     rank_state: dict | None = None,
 ) -> Path:
-    """Write a checkpoint of ``step`` and delete all but the newest ``keep_last`` complete ones.
+    """Write a checkpoint of ``step`` and delete the older ones but the newest ``keep_last - 1``.
 
     ``engine`` (fp8train.parallel) writes the model and optimizer files; every rank of a multi-process run calls
     this, rank 0 writes the rest and renames the folder into place once all ranks are done. ``rank_state`` (e.g.
@@ -56,11 +69,14 @@ def save(
     main = engine.is_main
     tmp = None
     if main:
-        ckpt_root.mkdir(parents=True, exist_ok=True)
-        remove_stale_tmp(ckpt_root)
-        tmp = ckpt_root / f".tmp-{step_dir_name(step)}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+        try:
+            ckpt_root.mkdir(parents=True, exist_ok=True)
+            remove_stale_tmp(ckpt_root)
+            tmp = ckpt_root / f".tmp-{step_dir_name(step)}-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        except OSError as e:
+            raise _write_error(ckpt_root, step, e) from None
     tmp = Path(parallel.broadcast_object(str(tmp)))
     final = ckpt_root / step_dir_name(step)
     t0 = time.perf_counter()
@@ -71,28 +87,52 @@ def save(
         parallel.barrier()
         if main:
             _finish(tmp, step, trainer_state, config_yaml)
-    except OSError as e:
+    except Exception as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        prev = latest(ckpt_root)
-        kept = (
-            f"the previous checkpoint step {int(prev.name[len(PREFIX) :])} is intact"
-            if prev
-            else "no earlier checkpoint"
-        )
-        raise CheckpointError(
-            f"writing checkpoint step {step} to {ckpt_root} failed: {e.strerror or e} ({kept}). "
-            f"Free space or fix the directory, then continue with resume=auto."
-        ) from None
+        if _is_write_failure(e):
+            raise _write_error(ckpt_root, step, e) from None
+        raise
     if main:
         if final.exists():  # a checkpoint of the same step from an earlier attempt: replace it
             _remove(final)
         os.replace(tmp, final)
         _fsync(ckpt_root)
         log.info("checkpoint step %d -> %s (%.1f s)", step, final, time.perf_counter() - t0)
-        for old in complete_checkpoints(ckpt_root)[:-keep_last]:
+        # Only steps before this one: the checkpoint just written is the run's state, whatever else lies beside it.
+        older = [p for p in complete_checkpoints(ckpt_root) if step_of(p) < step]
+        for old in older[: max(0, len(older) - (keep_last - 1))]:
             _remove(old)
     parallel.barrier()
     return final
+
+
+def _is_write_failure(e: Exception) -> bool:
+    """An exception of a file write (disk full, quota, I/O error) rather than a bug.
+
+    torch.save reports a failed write as a RuntimeError from its archive writer (``[enforce fail at
+    inline_container.cc] unexpected pos``, ``PytorchStreamWriter failed writing file``), safetensors as a
+    SafetensorError ("I/O error: No space left on device").
+    """
+    if isinstance(e, RuntimeError):
+        return "inline_container" in str(e) or "PytorchStreamWriter" in str(e)
+    return isinstance(e, (OSError, SafetensorError))
+
+
+def _write_error(ckpt_root: Path, step: int, e: Exception) -> CheckpointError:
+    if isinstance(e, OSError):
+        cause = e.strerror or str(e)
+    else:  # torch's "unexpected pos 704 vs 662" does not say "disk full": the free space next to it does
+        cause = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    try:
+        free = f"{shutil.disk_usage(ckpt_root).free / 2**20:.0f} MiB free there"
+    except OSError:
+        free = "free space unknown"
+    prev = latest(ckpt_root)
+    kept = f"the previous checkpoint step {step_of(prev)} is intact" if prev else "no earlier checkpoint"
+    return CheckpointError(
+        f"writing checkpoint step {step} to {ckpt_root} failed: {cause} ({free}; {kept}). Free space or fix "
+        f"the directory, then continue with resume=auto."
+    )
 
 
 def _finish(tmp: Path, step: int, trainer_state: dict, config_yaml: str) -> None:
@@ -135,12 +175,48 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def set_aside_after(ckpt_root: Path, step: int) -> Path | None:
+    """Move the checkpoints of steps after ``step`` into ``superseded/``; return where they went, if anywhere.
+
+    A run resumed from step N retrains steps N+1.. on a new timeline: the old checkpoints of those steps would be
+    taken by resume=auto (newer numbers) and would make keep_last delete the new ones. They are kept, not deleted:
+    the resume may have been a mistake.
+    """
+    later = sorted((p for p in ckpt_root.glob(f"{PREFIX}*") if p.is_dir() and (step_of(p) or 0) > step), key=step_of)
+    if not later:
+        return None
+    dest = ckpt_root / SUPERSEDED / f"after_{step_dir_name(step)}_{time.strftime('%Y%m%d-%H%M%S')}"
+    dest = _unused(dest)
+    dest.mkdir(parents=True)
+    for p in later:
+        os.replace(p, dest / p.name)
+    _fsync(ckpt_root)
+    log.info(
+        "resumed at step %d: the checkpoints of later steps (%s), of the timeline this run replaces, moved to %s",
+        step,
+        ", ".join(str(step_of(p)) for p in later),
+        dest,
+    )
+    return dest
+
+
+def _unused(path: Path) -> Path:
+    candidate, n = path, 1
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}_{n}")
+    return candidate
+
+
 def complete_checkpoints(ckpt_root: Path) -> list[Path]:
-    """Complete checkpoints, oldest first. Temporary folders and folders without a manifest are ignored."""
+    """Complete checkpoints, oldest first. Temporary folders, folders without a manifest and folders named other
+    than ``step_<digits>`` (a ``step_0000003.bak`` copy) are ignored."""
     if not ckpt_root.is_dir():
         return []
-    found = [p for p in ckpt_root.glob(f"{PREFIX}*") if p.is_dir() and (p / MANIFEST).is_file()]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
+    found = [
+        p for p in ckpt_root.glob(f"{PREFIX}*") if step_of(p) is not None and p.is_dir() and (p / MANIFEST).is_file()
+    ]
+    return sorted(found, key=step_of)
 
 
 def latest(ckpt_root: Path) -> Path | None:
@@ -156,6 +232,11 @@ def damage(path: Path) -> str | None:
         return f"no {MANIFEST} (not a complete fp8train checkpoint)"
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         return f"{MANIFEST} is unreadable ({e})"
+    except OSError as e:
+        return f"{MANIFEST} cannot be read ({e.strerror or e})"
+    problem = _manifest_problem(manifest)
+    if problem:
+        return f"{MANIFEST} {problem}"
     for name, meta in manifest["files"].items():
         f = path / name
         if not f.is_file():
@@ -164,6 +245,20 @@ def damage(path: Path) -> str | None:
             return f"{name} has {f.stat().st_size} bytes, its manifest says {meta['bytes']} (truncated?)"
         if _sha256(f) != meta["sha256"]:
             return f"{name} does not match its checksum in {MANIFEST}"
+    return None
+
+
+def _manifest_problem(manifest) -> str | None:
+    """What keeps ``manifest`` from being one that save wrote ({"step": N, "files": {name: {bytes, sha256}}})."""
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        return 'is not an fp8train manifest (no "files" table)'
+    for name, meta in manifest["files"].items():
+        if (
+            not isinstance(meta, dict)
+            or not isinstance(meta.get("bytes"), int)
+            or not isinstance(meta.get("sha256"), str)
+        ):
+            return f'is not an fp8train manifest ("{name}" lacks its bytes and sha256)'
     return None
 
 

@@ -42,9 +42,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fp8train.errors import CheckpointError
 from fp8train.fp8.formats import dequantize, fp8_dtype, quantize, scale_from_amax
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
+FP8_MOMENTS = ("exp_avg_fp8", "exp_avg_scale", "exp_avg_sq_fp8", "exp_avg_sq_scale")
 
 
 class AdamWFp8(torch.optim.Optimizer):
@@ -151,7 +153,22 @@ class AdamWFp8(torch.optim.Optimizer):
         would turn FP8 codes into fp32 (or bf16) values and round a bf16 parameter's fp32 master. The cast is in
         ``Optimizer._process_value_according_to_param_policy``, which torch 2.13 calls through the base class, so a
         subclass cannot override it: the saved tensors are re-copied here instead, only moved to the param's device.
+
+        State of another optimizer is refused: torch would load torch.optim.AdamW's fp32 moments (and its groups,
+        without the FP8 formats) and the run would go on as a plain AdamW one.
         """
+        if any("m_format" not in g for g in state_dict["param_groups"]):
+            raise CheckpointError(
+                "AdamWFp8 cannot load this optimizer state: it is torch.optim.AdamW's (fp32 moments, a checkpoint "
+                "written with optim=adamw). Resume with optim=adamw, as it was written, or start a new run directory "
+                "from its weights alone (fresh FP8 optimizer state) with model.init_from=CHECKPOINT."
+            )
+        for pid, saved in state_dict["state"].items():
+            if not (set(FP8_MOMENTS) <= saved.keys() or {"exp_avg", "exp_avg_sq"} <= saved.keys()):
+                raise CheckpointError(
+                    f"AdamWFp8 cannot load this optimizer state: parameter {pid} has neither FP8 nor fp32 moments "
+                    f"(it holds {sorted(saved)}). Resume with the optim= setting the checkpoint was written with."
+                )
         super().load_state_dict(state_dict)
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = chain.from_iterable(g["params"] for g in self.param_groups)

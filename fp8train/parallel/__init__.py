@@ -23,6 +23,7 @@ from fp8train.config import ParallelConfig, ParallelName
 from fp8train.errors import CheckpointError
 
 MODEL_FILE, OPTIMIZER_FILE = "model.safetensors", "optimizer.pt"
+DEEPSPEED_DIR = "deepspeed"  # parallel=deepspeed: DeepSpeed's files of a checkpoint, CHECKPOINT/deepspeed/
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,14 @@ class SingleEngine:
         torch.save(self.optimizer.state_dict(), folder / OPTIMIZER_FILE)
 
     def load_state(self, folder: Path, device: torch.device) -> None:
+        # DeepSpeed checkpoints carry a model.safetensors too (for export), but their optimizer state is DeepSpeed's.
+        if (folder / DEEPSPEED_DIR).is_dir():
+            raise CheckpointError(
+                f"resume={folder}: written by parallel=deepspeed (its optimizer state is in {DEEPSPEED_DIR}/, there "
+                f"is no {OPTIMIZER_FILE}): resume it with parallel=deepspeed (any number of ranks for ZeRO stage 0), "
+                f"start a new run directory from its weights alone with model.init_from={folder}, or export it with "
+                f"fp8train export-hf."
+            )
         try:
             load_weights(self.model, folder / MODEL_FILE, device)
         except RuntimeError as e:
@@ -105,12 +114,15 @@ class SingleEngine:
                 f"resume={folder}: its weights do not fit this model ({str(e).splitlines()[0]}); resume with the "
                 f"model settings the run was started with (see {folder / 'config.yaml'})."
             ) from None
-        except FileNotFoundError:
+        state = torch.load(folder / OPTIMIZER_FILE, map_location=device, weights_only=True)
+        # torch's AdamW would take AdamWFp8's groups and fail at its first step (KeyError 'exp_avg').
+        if isinstance(self.optimizer, torch.optim.AdamW) and any("m_format" in g for g in state["param_groups"]):
             raise CheckpointError(
-                f"resume={folder}: no {MODEL_FILE}; it was written by parallel=deepspeed: resume it with "
-                f"parallel=deepspeed (any number of ranks for ZeRO stage 0), or export it with fp8train export-hf."
-            ) from None
-        self.optimizer.load_state_dict(torch.load(folder / OPTIMIZER_FILE, map_location=device, weights_only=True))
+                f"resume={folder}: its optimizer state is AdamWFp8's (FP8 moments, written with optim=adamw_fp8) and "
+                f"this run has optim=adamw: resume with optim=adamw_fp8, or start a new run directory from its weights "
+                f"alone (fresh optimizer state) with model.init_from={folder}."
+            )
+        self.optimizer.load_state_dict(state)
 
     def close(self) -> None:
         pass

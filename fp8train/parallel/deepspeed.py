@@ -30,11 +30,10 @@ from torch import nn
 from fp8train.backends import Backend
 from fp8train.config import ParallelConfig, resolve_path
 from fp8train.errors import CheckpointError, ConfigError
-from fp8train.parallel import MODEL_FILE, LaunchEnv, SingleEngine, barrier
+from fp8train.parallel import DEEPSPEED_DIR, MODEL_FILE, LaunchEnv, SingleEngine, barrier
 
 log = logging.getLogger(__name__)
 
-TAG = "deepspeed"  # DeepSpeed's files of a checkpoint live in CHECKPOINT/deepspeed/
 # ds_config keys that follow from the trainer's settings: a user ds_config may not contradict them.
 OWNED = (
     "train_micro_batch_size_per_gpu",
@@ -194,21 +193,21 @@ class DeepSpeedEngine(SingleEngine):
     def save_state(self, folder: Path) -> None:
         """DeepSpeed's files (module, this rank's optimizer partition) in folder/deepspeed/, plus the full weights
         as model.safetensors from rank 0, so export-hf and model.init_from read DeepSpeed checkpoints too."""
-        self.ds.save_checkpoint(str(folder), tag=TAG, save_latest=False)
+        self.ds.save_checkpoint(str(folder), tag=DEEPSPEED_DIR, save_latest=False)
         with self.gathered():
             if self.is_main:
                 save_file(whole_state_dict(self.model), str(folder / MODEL_FILE))
         barrier()
 
     def load_state(self, folder: Path, device: torch.device) -> None:
-        if not (folder / TAG).is_dir():
+        if not (folder / DEEPSPEED_DIR).is_dir():
             raise CheckpointError(
-                f"resume={folder}: written by parallel=single (no {TAG}/ folder); resume it with parallel=single, "
-                f"or start this run from its weights with model.init_from={folder}."
+                f"resume={folder}: written by parallel=single (no {DEEPSPEED_DIR}/ folder); resume it with "
+                f"parallel=single, or start this run from its weights with model.init_from={folder}."
             )
         try:
             path, _ = self.ds.load_checkpoint(
-                str(folder), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=False
+                str(folder), tag=DEEPSPEED_DIR, load_optimizer_states=True, load_lr_scheduler_states=False
             )
         except (RuntimeError, ValueError, AssertionError) as e:
             raise CheckpointError(
@@ -217,7 +216,7 @@ class DeepSpeedEngine(SingleEngine):
                 f"(see {folder / 'config.yaml'})."
             ) from None
         if path is None:
-            raise CheckpointError(f"resume={folder}: DeepSpeed found no checkpoint in {folder / TAG}.")
+            raise CheckpointError(f"resume={folder}: DeepSpeed found no checkpoint in {folder / DEEPSPEED_DIR}.")
 
     def gathered(self):
         """ZeRO-3 keeps a shard of each weight per rank: gather them whole for the duration of the block."""

@@ -152,3 +152,23 @@ def test_damaged_newest_checkpoint_falls_back_and_resume_path_to_it_fails_cleanl
     assert "step_0000006 is damaged: optimizer.pt has 100 bytes" in log
     assert "resumed from" in log and "step_0000005 (step 5)" in log
     assert train_losses(run_dir) == straight("bf16")
+
+
+def test_resume_from_an_older_checkpoint_replaces_the_later_timeline(tmp_path, straight):
+    run_dir = tmp_path / "run"
+    args = [*COMMON, "precision=bf16"]
+    assert run_train(run_dir, *args, "trainer.keep_last=5", "trainer.stop_at=6").returncode == 0
+    ckpt_root = run_dir / "checkpoints"
+    older = ckpt_root / "step_0000002"
+    out = run_train(run_dir, *args, f"resume={older}", "trainer.stop_at=3")
+    assert out.returncode == 0, out.stderr
+    # Steps 3-6 are trained again: their old checkpoints are kept aside, never taken or counted by keep_last.
+    assert [p.name for p in checkpoint.complete_checkpoints(ckpt_root)] == ["step_0000002", "step_0000003"]
+    (aside,) = (ckpt_root / "superseded").iterdir()
+    assert sorted(p.name for p in aside.iterdir()) == [checkpoint.step_dir_name(s) for s in (3, 4, 5, 6)]
+    assert f"later steps (3, 4, 5, 6), of the timeline this run replaces, moved to {aside}" in out.stdout + out.stderr
+    assert max(train_losses(run_dir)) == 3
+    out = run_train(run_dir, *args, "resume=auto")
+    assert out.returncode == 0, out.stderr
+    assert "step_0000003 (step 3)" in out.stdout + out.stderr
+    assert train_losses(run_dir) == straight("bf16")

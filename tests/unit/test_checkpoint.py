@@ -1,4 +1,4 @@
-"""Checkpoints: exact round trip, atomic completion, retention and damage detection."""
+"""Checkpoints: exact round trip, atomic completion, retention, timelines, damage detection and resume mistakes."""
 
 from __future__ import annotations
 
@@ -6,17 +6,21 @@ import errno
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
+from safetensors import SafetensorError
 
 from fp8train import checkpoint, parallel
 from fp8train.config import ModelConfig
 from fp8train.errors import CheckpointError
 from fp8train.model import build_model
+from fp8train.optim.adamw_fp8 import AdamWFp8
 from fp8train.parallel import SingleEngine
+from fp8train.trainer import find_resume_checkpoint
 
 CFG = ModelConfig(vocab_size=96, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, tie_embeddings=True)
 
@@ -146,3 +150,129 @@ def test_latest_intact_skips_damaged_checkpoints_with_a_warning(tmp_path, caplog
     with pytest.raises(CheckpointError, match="no intact checkpoint .*all 3 are damaged"):
         checkpoint.latest_intact(tmp_path)
     assert checkpoint.latest_intact(tmp_path / "none") is None
+
+
+@pytest.mark.parametrize(
+    "writer, error",
+    [
+        ("torch.save", RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 662")),
+        ("save_model", SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")),
+    ],
+)
+def test_full_disk_errors_of_torch_and_safetensors_stop_with_a_message(tmp_path, monkeypatch, writer, error):
+    model, opt = trained(0)
+    save(tmp_path, 3, model, opt)
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(*((checkpoint.torch, "save") if writer == "torch.save" else (parallel, "save_model")), fail)
+    with pytest.raises(CheckpointError, match=r"step 4 .*failed: .*MiB free there; the previous checkpoint step 3"):
+        save(tmp_path, 4, model, opt)
+    assert [p.name for p in tmp_path.iterdir()] == ["step_0000003"]
+
+
+def test_other_errors_while_writing_are_not_taken_for_a_full_disk(tmp_path, monkeypatch):
+    model, opt = trained(0)
+
+    def bug(*args, **kwargs):
+        raise RuntimeError("expected a tensor")
+
+    monkeypatch.setattr(checkpoint.torch, "save", bug)
+    with pytest.raises(RuntimeError, match="expected a tensor"):
+        save(tmp_path, 4, model, opt)
+    assert list(tmp_path.iterdir()) == []  # the temporary folder is gone all the same
+
+
+def test_a_checkpoint_just_written_is_kept_whatever_newer_steps_lie_beside_it(tmp_path):
+    model, opt = trained(0)
+    for step in (2, 4, 6):
+        save(tmp_path, step, model, opt, keep_last=5)
+    save(tmp_path, 3, model, opt, keep_last=2)
+    assert [p.name for p in checkpoint.complete_checkpoints(tmp_path)] == [
+        "step_0000002",
+        "step_0000003",
+        "step_0000004",
+        "step_0000006",
+    ]
+
+
+def test_checkpoints_after_the_resumed_step_are_moved_aside_not_deleted(tmp_path, caplog):
+    model, opt = trained(0)
+    for step in (2, 4, 6):
+        save(tmp_path, step, model, opt, keep_last=5)
+    (tmp_path / "step_0000006" / "optimizer.pt").write_bytes(b"damaged")  # set aside as it is
+    with caplog.at_level(logging.INFO):
+        aside = checkpoint.set_aside_after(tmp_path, 2)
+    assert [p.name for p in checkpoint.complete_checkpoints(tmp_path)] == ["step_0000002"]
+    assert aside.parent == tmp_path / "superseded"
+    assert sorted(p.name for p in aside.iterdir()) == ["step_0000004", "step_0000006"]
+    assert checkpoint.damage(aside / "step_0000004") is None
+    assert "later steps (4, 6)" in caplog.text and str(aside) in caplog.text
+    assert checkpoint.set_aside_after(tmp_path, 2) is None  # nothing later: nothing moves
+    save(tmp_path, 3, model, opt, keep_last=1)
+    assert [p.name for p in checkpoint.complete_checkpoints(tmp_path)] == ["step_0000003"]
+    assert (aside / "step_0000004").is_dir()  # keep_last never reaches into superseded/
+
+
+def test_folders_named_other_than_step_digits_are_ignored(tmp_path):
+    model, opt = trained(0)
+    path = save(tmp_path, 3, model, opt)
+    shutil.copytree(path, tmp_path / "step_0000003.bak")
+    shutil.copytree(path, tmp_path / "step_old")
+    assert [p.name for p in checkpoint.complete_checkpoints(tmp_path)] == ["step_0000003"]
+    assert checkpoint.latest_intact(tmp_path) == path
+    save(tmp_path, 4, model, opt, keep_last=1)
+    assert (tmp_path / "step_0000003.bak").is_dir() and (tmp_path / "step_old").is_dir()
+
+
+@pytest.mark.parametrize("manifest", ["{}", "[1]", '{"files": {"trainer.pt": 12}}', '{"files": []}'])
+def test_a_manifest_of_another_shape_is_reported_as_damage(tmp_path, manifest):
+    model, opt = trained(0)
+    path = save(tmp_path, 3, model, opt)
+    (path / "manifest.json").write_text(manifest)
+    assert "manifest.json is not an fp8train manifest" in checkpoint.damage(path)
+    with pytest.raises(CheckpointError, match="not an fp8train manifest.*damaged"):
+        load(path, model, opt)
+
+
+def test_resume_paths_other_than_a_checkpoint_folder_say_what_to_pass(tmp_path):
+    model, opt = trained(0)
+    run_dir = tmp_path / "run"
+    ckpt_root = run_dir / "checkpoints"
+    path = save(ckpt_root, 3, model, opt)
+    here = ckpt_root  # this run's checkpoints, as the trainer passes them
+    assert find_resume_checkpoint(str(path), here) == path
+    cases = {
+        path / "model.safetensors": f"is a file, not a checkpoint folder: pass the checkpoint that holds it, "
+        f"resume={path}\\.",
+        run_dir: f"is a run directory.*hydra.run.dir={run_dir} resume=auto.*resume={path}\\.",
+        ckpt_root: f"checkpoints folder of a run.*hydra.run.dir={run_dir} resume=auto.*resume={path}\\.",
+        tmp_path / "nowhere": "no such file or folder",
+    }
+    for given, message in cases.items():
+        with pytest.raises(CheckpointError, match=message):
+            find_resume_checkpoint(str(given), here)
+
+
+def test_a_deepspeed_checkpoint_resumed_by_a_single_process_names_parallel_deepspeed(tmp_path):
+    model, opt = trained(0)
+    path = save(tmp_path, 3, model, opt)
+    # parallel=deepspeed's layout: model.safetensors for export, the optimizer state in DeepSpeed's own files.
+    (path / "deepspeed").mkdir()
+    os.replace(path / "optimizer.pt", path / "deepspeed" / "mp_rank_00_model_states.pt")
+    with pytest.raises(CheckpointError, match="written by parallel=deepspeed.*resume it with parallel=deepspeed"):
+        load(path, model, opt, verified=True)
+
+
+def test_optimizer_state_of_the_other_adamw_is_refused_naming_optim(tmp_path):
+    model, adamw = trained(0)
+    fp8 = AdamWFp8(model.parameters(), lr=1e-2, min_numel=0)
+    model(torch.randint(0, 96, (2, 8))).logsumexp(-1).mean().backward()
+    fp8.step()
+    adamw_ckpt = save(tmp_path / "a", 3, model, adamw)
+    fp8_ckpt = save(tmp_path / "b", 3, model, fp8)
+    with pytest.raises(CheckpointError, match="optim=adamw\\b.*Resume with optim=adamw,"):
+        load(adamw_ckpt, model, AdamWFp8(model.parameters(), min_numel=0))
+    with pytest.raises(CheckpointError, match="optim=adamw_fp8.*this run has optim=adamw: resume with optim=adamw_fp8"):
+        load(fp8_ckpt, model, torch.optim.AdamW(model.parameters()))

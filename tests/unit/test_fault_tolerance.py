@@ -4,9 +4,11 @@ directory of another run is never overwritten."""
 from __future__ import annotations
 
 import copy
+import errno
 import logging
 import math
 import os
+import pathlib
 import signal
 import time
 
@@ -14,7 +16,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from fp8train import checkpoint
 from fp8train.config import compose
+from fp8train.errors import Fp8trainError
 from fp8train.fp8.scaling import ScalingConfig, TensorScaler, discard_scalers
 from fp8train.loggers import read_metrics
 from fp8train.trainer import DivergenceError, RunDirError, StopSignals, Trainer
@@ -116,3 +120,58 @@ def test_first_signal_asks_to_stop_and_a_second_one_acts_at_once():
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.01)
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+# A checkpoint every two steps, nothing else that takes time.
+SHORT = [
+    *SMALL,
+    "precision=bf16",
+    "trainer.micro_batch_size=2",
+    "trainer.max_steps=6",
+    "trainer.eval_every=0",
+    "trainer.eval_batches=1",
+    "trainer.checkpoint_every=2",
+]
+
+
+def test_resume_past_a_damaged_checkpoint_sets_it_aside_and_keeps_the_new_timeline(tmp_path, caplog):
+    Trainer(compose([*SHORT, "trainer.keep_last=5"]), tmp_path).fit()
+    ckpt_root = tmp_path / "checkpoints"
+    with open(ckpt_root / "step_0000006" / "optimizer.pt", "r+b") as f:
+        f.truncate(100)
+    # Falls back to step 4, writes step 5 and keeps only it: the damaged step 6 is not taken for a newer state.
+    with caplog.at_level(logging.INFO):
+        Trainer(compose([*SHORT, "resume=auto", "trainer.keep_last=1", "trainer.stop_at=5"]), tmp_path).fit()
+    assert [p.name for p in checkpoint.complete_checkpoints(ckpt_root)] == ["step_0000005"]
+    (aside,) = (ckpt_root / "superseded").iterdir()
+    assert [p.name for p in aside.iterdir()] == ["step_0000006"]
+    assert f"later steps (6), of the timeline this run replaces, moved to {aside}" in caplog.text
+    assert Trainer(compose([*SHORT, "resume=auto"]), tmp_path).step == 5
+
+
+def test_startup_removes_the_temp_folders_of_dead_writers(tmp_path):
+    dead_pid = 2**22 + 1  # above Linux's pid_max: never a live process
+    stale = tmp_path / "checkpoints" / f".tmp-step_0000004-{dead_pid}"
+    stale.mkdir(parents=True)
+    (stale / "optimizer.pt").write_bytes(b"half")
+    Trainer(compose(SHORT), tmp_path)
+    assert not stale.exists()
+
+
+def test_a_full_disk_at_startup_stops_with_a_message_and_leaves_no_temp_file(tmp_path, monkeypatch):
+    Trainer(compose(SHORT), tmp_path)
+    real_open = pathlib.Path.open
+
+    def full_disk(self, mode="r", *args, **kwargs):
+        f = real_open(self, mode, *args, **kwargs)
+        if "w" in mode and self.name.startswith(".config.yaml."):
+            f.close()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return f
+
+    monkeypatch.setattr(pathlib.Path, "open", full_disk)
+    before = (tmp_path / "config.yaml").read_text()
+    with pytest.raises(Fp8trainError, match=r"Cannot write config.yaml .*No space left on device \(\d+ MiB free"):
+        Trainer(compose(SHORT), tmp_path)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no half-written temp file
+    assert (tmp_path / "config.yaml").read_text() == before
