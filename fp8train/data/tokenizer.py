@@ -22,7 +22,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from fp8train.config import TokenizerConfig, resolve_path
+from fp8train.config import TokenizerConfig, first_line, resolve_path
 from fp8train.data.tokens import publishing, text_pieces
 from fp8train.errors import DataError
 
@@ -137,7 +137,7 @@ def _read_tokenizer_file(file: Path, key: str) -> Tokenizer:
         return Tokenizer.from_file(str(file))
     except Exception as e:  # tokenizers raises a bare Exception for malformed JSON or unknown components
         raise DataError(
-            f"{key}: {file} is not a tokenizer.json that Hugging Face tokenizers can read ({_first_line(e)}). "
+            f"{key}: {file} is not a tokenizer.json that Hugging Face tokenizers can read ({first_line(e)}). "
             "Point data.tokenizer.path at a tokenizer.json or a tokenizer folder, or set it to null to train one."
         ) from None
 
@@ -151,7 +151,7 @@ def _load_hf_folder(folder: Path, key: str) -> tuple[Tokenizer, str | None]:
     except Exception as e:  # transformers raises OSError, ValueError, ImportError, ... with a readable message
         raise DataError(
             f"{key}: {folder} has no tokenizer.json and transformers cannot load it as a tokenizer folder "
-            f"({_first_line(e)}). Point data.tokenizer.path at a tokenizer.json or a complete Hugging Face "
+            f"({first_line(e)}). Point data.tokenizer.path at a tokenizer.json or a complete Hugging Face "
             "tokenizer folder (save_pretrained writes one), or set it to null to train one."
         ) from None
     backend = getattr(hf, "backend_tokenizer", None)
@@ -173,8 +173,3 @@ def _declared_eos(folder: Path) -> str | None:
     if isinstance(eos, dict):  # older files store an AddedToken as {"content": ..., ...}
         eos = eos.get("content")
     return eos if isinstance(eos, str) else None
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
