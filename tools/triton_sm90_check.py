@@ -20,6 +20,7 @@ inductor's device interface and Triton's driver; they follow torch 2.11's intern
 other versions.
 
     python tools/triton_sm90_check.py precision=fp8 model=llama_125m data=wikitext2 trainer.max_steps=2
+    python tools/triton_sm90_check.py precision=fp8 model=llama_125m data=wikitext2 backend.compile_scope=block
     python tools/triton_sm90_check.py --bench 1b fp8_smooth       # bench_step.py's model, 2 of its layers
     python tools/triton_sm90_check.py --stats --bench 1b bf16     # and the kernels' count and bytes per graph
 
@@ -232,7 +233,9 @@ def capture_training(overrides: list[str], capture: GraphCapture) -> None:
     from fp8train.config import compose
     from fp8train.trainer import Trainer
 
-    CpuBackend.compile = lambda self, model: torch.compile(model, backend=capture, dynamic=False)
+    # The backend's own compile (model or block scope, eager until the delayed scales have a history), with the
+    # capturing compiler in place of inductor: the graphs are those a CUDA run compiles.
+    CpuBackend.compile_kwargs = lambda self: {"backend": capture, "dynamic": False}
     defaults = ["backend=cpu", "backend.compile=true", "trainer.max_steps=2", "trainer.eval_every=0"]
     defaults += ["trainer.checkpoint_every=0", "logger.wandb.mode=disabled", "logger.progress=false"]
     with tempfile.TemporaryDirectory() as run_dir:
