@@ -84,8 +84,6 @@ class Run:
             notes.append(f"stopped at step {self.last_step} of {max_steps}")
         if self.skipped_steps:
             notes.append(f"{self.skipped_steps} steps skipped (non-finite loss or gradients)")
-        if not all(map(math.isfinite, self.train.values())):
-            notes.append("non-finite training loss")
         if not self.val:
             notes.append("no validation points")
         return notes

@@ -203,7 +203,8 @@ def unsupported_features(config: dict) -> list[str]:
     """What in a Hugging Face Llama config.json fp8train's Llama cannot compute (empty: importable exactly)."""
     problems = []
     for key in ("rope_scaling", "rope_parameters"):  # transformers 4.x and 5.x names
-        rope_type = (config.get(key) or {}).get("rope_type") or (config.get(key) or {}).get("type")
+        rope = config.get(key) or {}
+        rope_type = rope.get("rope_type") or rope.get("type")
         if rope_type not in (None, "default"):
             problems.append(f"{key} has rope_type {rope_type!r} (only the default RoPE is supported)")
     if config.get("hidden_act", "silu") != "silu":

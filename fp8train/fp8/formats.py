@@ -70,8 +70,8 @@ def quantize(
     """Saturating cast of ``x * scale`` to FP8: clamp to +-max, then round to nearest even (or stochastically).
 
     Computed in float32 whatever the input dtype. Finite inputs never give NaN or inf (one whose product with the
-    scale overflows float32 saturates too); NaN stays NaN, and so does +-inf becomes NaN: saturating an inf to max
-    would hide it, where in bf16 it reaches the loss and the step is skipped (its amaxes discarded with it).
+    scale overflows float32 saturates too). NaN stays NaN and +-inf becomes NaN: saturating an inf to max would
+    hide it, where in bf16 it reaches the loss and the step is skipped (its amaxes discarded with it).
     """
     limit = fp8_max(fmt, profile)
     v = (x.float() * scale).clamp(-limit, limit)
