@@ -216,6 +216,9 @@ class PrecisionConfig:
     pow2_scales: bool = False  # round scales down to powers of two (exact rescaling, as Habana TE does)
     profile: Fp8Profile = Fp8Profile.ocp  # gaudi2: emulate Gaudi2's E4M3 range (max 240) on any device
     stochastic_grad_rounding: bool = False  # E5M2 gradients rounded stochastically (Gaudi's default)
+    # Forward GEMM only, cuda: Hopper's fast FP8 accumulation (no periodic promotion to fp32), as torchao's and
+    # NVIDIA TE's forward GEMMs use; the gradient GEMMs always accumulate in fp32. No effect on cpu and hpu.
+    fast_accum: bool = True
     engine: Fp8Engine = Fp8Engine.native  # fp8 only: who runs the FP8 linears
     linears: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -593,12 +593,13 @@ def check_run_dir(run_dir: Path, cfg: Config, resuming: bool) -> None:
 
 # Settings a checkpoint's weights, optimizer state and FP8 scaling state only make sense with (data changes are
 # caught by the data fingerprint), less those that may change between two steps of one run: how scales are
-# derived from the amax history and how gradients round, as well as lr, weight decay, schedule, clipping,
-# max_steps and logging, which are not listed.
+# derived from the amax history, how gradients round and how the forward GEMM accumulates, as well as lr, weight
+# decay, schedule, clipping, max_steps and logging, which are not listed.
 FIXED_ON_RESUME = ("model.", "precision.", "optim.name:", "optim.m_format:", "optim.v_format:", "optim.block_size:",
                    "optim.fp8_min_numel:")  # fmt: skip
 CHANGEABLE_ON_RESUME = ("model.name:", "model.init_from:", "precision.name:", "precision.margin:",
-                        "precision.amax_compute_algo:", "precision.stochastic_grad_rounding:")  # fmt: skip
+                        "precision.amax_compute_algo:", "precision.stochastic_grad_rounding:",
+                        "precision.fast_accum:")  # fmt: skip
 
 
 def check_resume_settings(path: Path, cfg: Config) -> None:

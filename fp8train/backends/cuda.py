@@ -34,6 +34,7 @@ class ScaledMmOps(Fp8Ops):
         scale_a: torch.Tensor,
         scale_b: torch.Tensor,
         out_dtype: torch.dtype,
+        fast_accum: bool = False,
     ) -> torch.Tensor:
         (m, k), n = a_q.shape, b_q.shape[0]
         both_e5m2 = a_q.dtype == torch.float8_e5m2 and b_q.dtype == torch.float8_e5m2
@@ -46,6 +47,7 @@ class ScaledMmOps(Fp8Ops):
             scale_a=scale_a.float().reciprocal(),
             scale_b=scale_b.float().reciprocal(),
             out_dtype=out_dtype,
+            use_fast_accum=fast_accum,
         )
 
 

@@ -63,7 +63,7 @@ class HpuFp8Ops(Fp8Ops):
         )  # scale multiplies, as in fp8train
         return q, amax_of(x)
 
-    def scaled_mm(self, a_q, b_q, scale_a, scale_b, out_dtype):
+    def scaled_mm(self, a_q, b_q, scale_a, scale_b, out_dtype, fast_accum=False):  # fp8_gemm_v2 has no such switch
         if a_q.dtype != b_q.dtype:
             raise ValueError("Gaudi2 FP8 GEMMs need both operands in one format (precision.profile=gaudi2)")
         # (M, K) x (N, K)^T -> (M, N); the *_scale_inv arguments multiply the product back to real units.

@@ -39,7 +39,7 @@ class _Fp8LinearFn(torch.autograd.Function):
             qx, sx = layer.input_scaler.quantize(x_MK, ops)
             # A weight passed in (e.g. W_down * s) changes every step: its delayed history would always lag.
             qw, sw = layer.weight_scaler.quantize(weight, ops, force_current=weight_override)
-            y = ops.scaled_mm(qx, qw, sx, sw, out_dtype)  # (M, N)
+            y = ops.scaled_mm(qx, qw, sx, sw, out_dtype, fast_accum=layer.fast_accum)  # (M, N)
             if bias is not None:
                 y = y + bias.to(out_dtype)
             if layer.hybrid:  # the backward GEMMs get E5M2 copies (one byte each, as the E4M3 ones would be)
@@ -60,6 +60,8 @@ class _Fp8LinearFn(torch.autograd.Function):
         with torch.autocast(grad_y.device.type, enabled=False):
             g_MN = grad_y.reshape(-1, grad_y.shape[-1])
             qg, sg = layer.grad_scaler.quantize(g_MN, ops, stochastic=layer.stochastic_grad)
+            # The gradient GEMMs always accumulate in full fp32: their sums are long (dW sums over every token)
+            # and their errors reach the weights directly.
             if ctx.needs_input_grad[0]:
                 # E5M2 x E4M3: H100 has no E5M2 x E5M2 GEMM, and the weight needs no more than E4M3 (hybrid: the
                 # saved copies are E5M2, as Gaudi2 requires). Out in the compute dtype, not an fp32 x's (RMSNorm's
@@ -97,6 +99,7 @@ class Fp8Linear(nn.Linear):
         ops: Fp8Ops | None = None,
         stochastic_grad: bool = False,
         hybrid: bool = False,
+        fast_accum: bool = False,
         device=None,
         dtype=None,
     ):
@@ -105,6 +108,7 @@ class Fp8Linear(nn.Linear):
         self.ops = ops if ops is not None else Fp8Ops()
         self.stochastic_grad = stochastic_grad  # E5M2 gradients rounded stochastically (unbiased; Gaudi's default)
         self.hybrid = hybrid  # backward GEMMs E5M2 x E5M2 (Gaudi2) instead of E5M2 x E4M3
+        self.fast_accum = fast_accum  # forward GEMM only: the device's faster, shorter accumulation where it has one
         self._make_scalers(self.weight.device)
 
     def _make_scalers(self, device: torch.device) -> None:
@@ -121,6 +125,7 @@ class Fp8Linear(nn.Linear):
         ops: Fp8Ops | None = None,
         stochastic_grad: bool = False,
         hybrid: bool = False,
+        fast_accum: bool = False,
     ) -> Fp8Linear:
         """An Fp8Linear holding the very Parameter objects of ``linear``, so optimizers and ties stay valid."""
         new = cls(
@@ -131,6 +136,7 @@ class Fp8Linear(nn.Linear):
             ops=ops,
             stochastic_grad=stochastic_grad,
             hybrid=hybrid,
+            fast_accum=fast_accum,
             device="meta",  # no second copy of the weights, not even for a moment
         )
         new.weight = linear.weight
@@ -152,5 +158,6 @@ class Fp8Linear(nn.Linear):
 
     def extra_repr(self) -> str:
         return (
-            f"{super().extra_repr()}, ops={self.ops.name}, stochastic_grad={self.stochastic_grad}, hybrid={self.hybrid}"
+            f"{super().extra_repr()}, ops={self.ops.name}, stochastic_grad={self.stochastic_grad}, "
+            f"hybrid={self.hybrid}, fast_accum={self.fast_accum}"
         )

@@ -58,8 +58,12 @@ class Fp8Ops:
         scale_a: torch.Tensor,
         scale_b: torch.Tensor,
         out_dtype: torch.dtype,
+        fast_accum: bool = False,
     ) -> torch.Tensor:
-        """``(a_q / scale_a) @ (b_q / scale_b).T`` in ``out_dtype``; a_q (M, K), b_q (N, K), both FP8."""
+        """``(a_q / scale_a) @ (b_q / scale_b).T`` in ``out_dtype``; a_q (M, K), b_q (N, K), both FP8.
+
+        ``fast_accum`` lets a device accumulate with fewer bits than fp32 where that is faster (Hopper's FP8
+        tensor cores without the periodic promotion to fp32); the emulation always sums in fp32."""
         acc = a_q.float() @ b_q.float().t()  # (M, N), exact products, fp32 sums
         # The product of the inverse scales in fp32, as torch._scaled_mm / cuBLASLt form their alpha.
         return (acc * (scale_a.float().reciprocal() * scale_b.float().reciprocal())).to(out_dtype)

@@ -127,6 +127,7 @@ def fp8_linear(linear: nn.Linear, cfg: PrecisionConfig, backend: Backend, ops) -
         ops=ops,
         stochastic_grad=cfg.stochastic_grad_rounding,
         hybrid=cfg.profile == Fp8Profile.gaudi2,  # Gaudi2 GEMMs take one format: E5M2 x E5M2 backward
+        fast_accum=cfg.fast_accum,
     )
 
 

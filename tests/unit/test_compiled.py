@@ -94,6 +94,10 @@ def test_scaled_mm_matches_emulation_for_every_gemm_of_a_linear(device):
                 # Products of FP8 values are exact; on the CPU only the fp32 sums round. Hopper's FP8 tensor cores
                 # accumulate with fewer bits than fp32 between promotions: 1.3e-4 measured on an H100.
                 assert rel(got, exact) < (1e-5 if device == "cpu" else 5e-4)
+                # The forward GEMM's fast accumulation (precision.fast_accum): fewer bits still, far below FP8's own
+                # rounding of the operands (0.05, test_fp8_linear). Only a GPU can tell; the CPU ignores it.
+                fast = hw.scaled_mm(a, b, sa, sb, out_dtype, fast_accum=True)
+                assert rel(fast, exact) < (1e-5 if device == "cpu" else 1e-2)
     # E5M2 x E5M2 (precision.profile=gaudi2's backward) has no _scaled_mm form: the emulation computes it.
     assert torch.equal(
         hw.scaled_mm(qg.t(), qg.t(), sg, sg, torch.float32), emulated.scaled_mm(qg.t(), qg.t(), sg, sg, torch.float32)

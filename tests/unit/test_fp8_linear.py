@@ -144,9 +144,9 @@ class RecordingOps(Fp8Ops):
     def __init__(self):
         self.out_dtypes = []
 
-    def scaled_mm(self, a_q, b_q, scale_a, scale_b, out_dtype):
+    def scaled_mm(self, a_q, b_q, scale_a, scale_b, out_dtype, fast_accum=False):
         self.out_dtypes.append(out_dtype)
-        return super().scaled_mm(a_q, b_q, scale_a, scale_b, out_dtype)
+        return super().scaled_mm(a_q, b_q, scale_a, scale_b, out_dtype, fast_accum)
 
 
 def test_bf16_autocast_gives_bf16_output_and_fp32_parameter_grads():
@@ -305,3 +305,38 @@ def test_backend_fp8_ops_default_to_emulation(monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="fp8train"):
         ops = backend.fp8_ops()
     assert ops.name == "emulated" and "emulated below sm_89" in caplog.text
+
+
+@pytest.mark.parametrize("fast_accum", [True, False])
+def test_only_the_forward_gemm_asks_for_fast_accumulation(monkeypatch, fast_accum):
+    # Hopper's fast FP8 accumulation sums with fewer bits than fp32: acceptable for the forward GEMM (as torchao and
+    # NVIDIA TE use it), never for dX and dW, whose long sums go straight into the weights' update.
+    from fp8train.backends.cuda import ScaledMmOps
+
+    calls, real = [], torch._scaled_mm
+
+    def recording(a, b, **kw):
+        calls.append((tuple(a.shape), tuple(b.shape), kw["use_fast_accum"]))
+        return real(a, b, **kw)
+
+    monkeypatch.setattr(torch, "_scaled_mm", recording)
+    torch.manual_seed(0)
+    lin = Fp8Linear(64, 48, scaling=CURRENT, ops=ScaledMmOps(), fast_accum=fast_accum)
+    x = torch.randn(32, 64, requires_grad=True)
+    lin(x).square().sum().backward()
+    # forward (32, 64) x (64, 48); dX (32, 48) x (48, 64); dW (48, 32) x (32, 64): _scaled_mm's second operand is
+    # (K, N), the transpose of scaled_mm's (N, K).
+    assert calls == [((32, 64), (64, 48), fast_accum), ((32, 48), (48, 64), False), ((48, 32), (32, 64), False)]
+
+
+@pytest.mark.parametrize("fast_accum", [True, False])
+def test_the_converter_passes_precision_fast_accum_to_every_fp8_linear(fast_accum):
+    from fp8train.config import ModelConfig, PrecisionConfig, Recipe
+    from fp8train.model import build_model
+    from fp8train.precision import convert
+
+    cfg = PrecisionConfig(name="fp8", recipe=Recipe.fp8, fast_accum=fast_accum)
+    sizes = ModelConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=192)
+    model = convert(build_model(sizes), cfg, Backend())
+    linears = [m for m in model.modules() if isinstance(m, Fp8Linear)]
+    assert linears and all(m.fast_accum is fast_accum for m in linears)
