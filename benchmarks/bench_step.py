@@ -4,10 +4,14 @@
     python benchmarks/bench_step.py --shape 7b_layers --out benchmarks/results/step_7b.json # 7B layer shape, 4 layers
     python benchmarks/bench_step.py --shape cpu_tiny --device cpu --no-compile              # proves the script runs
     python benchmarks/bench_step.py --shape 1b --compile-scope block   # each block compiled, once for all of them
+    python benchmarks/bench_step.py --shape 1b --profile 3 --no-per-linear  # + where each step's time goes
 
 Variants: bf16, fp8 (plain SwiGLU), fp8_smooth (token), fp8_smooth_channel, and torchao's float8 training
 (tensorwise) when torchao is importable. Every variant runs the same model shape, data and optimizer; results
 are reported as ratios to bf16 measured in the same run. ``--per-linear`` also times each linear shape alone.
+``--profile N`` then runs N more steps of each variant under torch.profiler and splits their time by kernel kind:
+the GEMMs FP8 speeds up, attention, the compiler's fused kernels (casts, amaxes, norms, SwiGLU, loss), the
+optimizer and the rest; on a GPU also the time it sat idle (launch and host overhead).
 """
 
 from __future__ import annotations
@@ -16,9 +20,11 @@ import argparse
 import dataclasses
 import gc
 import json
+import re
 import statistics
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -97,6 +103,56 @@ def timed(fn, backend, args) -> tuple[float, float, float]:
     return times[0], sum(times[: args.warmup]), statistics.median(times[args.warmup :])
 
 
+# Kernel kinds by name: CUDA kernels on a GPU (Triton, cuBLAS / CUTLASS GEMMs, flash or cuDNN attention, the fused
+# AdamW's multi-tensor kernels), torch ops on the CPU. First match wins: Triton kernels are named after the ops they
+# fuse, which may include attention's.
+KINDS = {
+    "fused": re.compile(r"^triton_|cpp_fused|Torch-Compiled Region", re.I),
+    "gemm": re.compile(r"gemm|nvjet|cutlass|xmma|cublas|aten::(mm|addmm|bmm|_scaled_mm)$", re.I),
+    "attention": re.compile(r"flash|fmha|sdpa|attention", re.I),
+    "optimizer": re.compile(r"adam|multi_tensor_apply|foreach", re.I),
+}
+
+
+def kind_of(name: str) -> str:
+    return next((kind for kind, pattern in KINDS.items() if pattern.search(name)), "other")
+
+
+def profile_steps(step, backend, n: int, step_ms: float) -> dict:
+    """Busy time per step by kernel kind over ``n`` profiled steps, in ms, and the 12 costliest kernels. On a GPU
+    the kernels' own durations (``idle``: the median step's wall time they leave uncovered); on the CPU the torch
+    ops' self times."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    on_gpu = backend.device.type == "cuda"
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if on_gpu else [ProfilerActivity.CPU]
+    backend.synchronize()
+    with profile(activities=activities) as prof:
+        for _ in range(n):
+            step()
+        backend.synchronize()
+    us_by_name = Counter()
+    if on_gpu:  # kernel events only: a CPU op's device time is its kernels' again
+        for e in prof.events():
+            if e.device_type == DeviceType.CUDA:
+                us_by_name[e.name] += e.device_time_total
+    else:
+        for e in prof.key_averages():
+            us_by_name[e.key] += e.self_cpu_time_total
+    ms_by_kind = Counter()
+    for name, us in us_by_name.items():
+        ms_by_kind[kind_of(name)] += us / 1e3 / n
+    result = {"steps": n, "ms_per_step": {k: ms_by_kind[k] for k in [*KINDS, "other"]}}
+    if on_gpu:
+        result["ms_per_step"]["idle"] = max(step_ms - sum(ms_by_kind.values()), 0.0)
+    result["top"] = [
+        {"name": name[:160], "kind": kind_of(name), "ms_per_step": us / 1e3 / n}
+        for name, us in us_by_name.most_common(12)
+    ]
+    return result
+
+
 def time_steps(variant, model_cfg, batch, seq_len, backend, args) -> dict:
     from fp8train.fp8.scaling import step_scalers
 
@@ -117,7 +173,7 @@ def time_steps(variant, model_cfg, batch, seq_len, backend, args) -> dict:
 
     backend.reset_peak_memory()
     first_s, warmup_s, step_s = timed(step, backend, args)
-    return {
+    result = {
         "step_ms": step_s * 1e3,
         "first_step_s": first_s,
         "warmup_s": warmup_s,
@@ -125,6 +181,9 @@ def time_steps(variant, model_cfg, batch, seq_len, backend, args) -> dict:
         "loss": losses[-1].item(),
         "peak_mem_gb": backend.peak_memory_bytes() / 2**30,
     }
+    if args.profile:
+        result["profile"] = profile_steps(step, backend, args.profile, step_s * 1e3)
+    return result
 
 
 def time_linears(model_cfg, tokens, backend, args) -> list[dict]:
@@ -180,6 +239,7 @@ def main() -> None:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--compile-scope", choices=["model", "block"], default="model", help="backend.compile_scope")
     p.add_argument("--per-linear", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--profile", type=int, default=0, metavar="N", help="profile N more steps of each variant")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     unknown = [v for v in args.variants.split(",") if v and v not in {*VARIANTS, "torchao_tensorwise"}]
@@ -233,6 +293,9 @@ def main() -> None:
             f"(first step {r['first_step_s']:.1f} s, warm-up {r['warmup_s']:.1f} s)",
             flush=True,
         )
+        if "profile" in r:
+            parts = ", ".join(f"{k} {ms:.1f}" for k, ms in r["profile"]["ms_per_step"].items())
+            print(f"  {'':20s} ms per step: {parts}", flush=True)
         save()
     timed_ok = {k: v for k, v in results["variants"].items() if "tokens_per_s" in v}
     base = timed_ok.get("bf16")

@@ -35,7 +35,7 @@ def test_bench_step_times_every_variant_and_linear(tmp_path):
     variants = ["bf16", "fp8", "fp8_smooth", "fp8_smooth_channel"]
     run_bench(
         "bench_step.py", "--shape", "cpu_tiny", "--device", "cpu", "--no-compile", "--steps", "2", "--warmup", "1",
-        "--variants", ",".join(variants), "--out", str(out_file),
+        "--variants", ",".join(variants), "--profile", "1", "--out", str(out_file),
     )  # fmt: skip
     result = json.loads(out_file.read_text())
     assert list(result["variants"]) == variants
@@ -43,9 +43,40 @@ def test_bench_step_times_every_variant_and_linear(tmp_path):
         assert positive(r["tokens_per_s"]) and positive(r["step_ms"]) and positive(r["warmup_s"]), name
         # Same initial weights and batch in every variant: after 3 steps FP8's loss is bf16's to FP8 rounding.
         assert abs(r["loss"] - result["variants"]["bf16"]["loss"]) < 0.01 * r["loss"], name
+        # The profiled step's time by kind: the CPU's matmuls and attention are torch ops of their own.
+        kinds = r["profile"]["ms_per_step"]
+        assert list(kinds) == ["fused", "gemm", "attention", "optimizer", "other"], name
+        assert positive(kinds["gemm"]) and positive(kinds["attention"]) and positive(kinds["optimizer"]), name
+        assert {"name": "aten::mm", "kind": "gemm"}.items() <= next(
+            t for t in r["profile"]["top"] if t["name"] == "aten::mm"
+        ).items()
     shapes = {lin["linear"] for lin in result["linears"]}
     assert shapes == {"q/o_proj", "k/v_proj", "gate/up_proj", "down_proj"}
     assert all(positive(lin["bf16_ms"]) and positive(lin["fp8_ms"]) for lin in result["linears"])
+
+
+@pytest.mark.parametrize(
+    "name,kind",
+    [  # kernel names in the forms of cuBLAS (two generations), flash and cuDNN attention, Triton and fused AdamW
+        ("sm90_xmma_gemm_e4m3e4m3_e4m3f32_f32_tn_n_tilesize128x128x128_warpgroupsize1x1x1_kernel__5x_cublas", "gemm"),
+        ("nvjet_qqtst_128x256_128x6_2x1_v_bz_coopA_NNT", "gemm"),
+        ("void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd_kernel_traits>", "attention"),
+        ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x128_4x1x1_kernel0_0", "attention"),
+        ("triton_poi_fused__scaled_dot_product_flash_attention_transpose_3", "fused"),
+        ("triton_red_fused__to_copy_abs_amax_clamp_mul_0", "fused"),
+        ("void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor<float, 4>>", "optimizer"),
+        ("Memcpy DtoD (Device -> Device)", "other"),
+        ("aten::_scaled_mm", "gemm"),
+        ("aten::mul", "other"),
+    ],
+)  # fmt: skip
+def test_bench_step_sorts_kernels_by_kind(name, kind):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_step
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    assert bench_step.kind_of(name) == kind
 
 
 def test_bench_adam_reports_state_bytes_per_param(tmp_path):
