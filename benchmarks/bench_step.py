@@ -68,10 +68,10 @@ VARIANTS = {
 }
 
 
-def convert(variant: str, model: torch.nn.Module, backend) -> torch.nn.Module:
+def convert(variant: str, model: torch.nn.Module, backend, fast_accum: bool = True) -> torch.nn.Module:
     """The plain model in the variant's precision: fp8train's converter, or torchao's for torchao_tensorwise."""
     if variant != "torchao_tensorwise":
-        return precision.convert(model, VARIANTS[variant], backend)
+        return precision.convert(model, dataclasses.replace(VARIANTS[variant], fast_accum=fast_accum), backend)
     from torchao.float8 import convert_to_float8_training
 
     # Same filter as fp8train's converter: lm_head stays in bf16, dims must be multiples of 16.
@@ -81,9 +81,9 @@ def convert(variant: str, model: torch.nn.Module, backend) -> torch.nn.Module:
     )
 
 
-def build(variant: str, model_cfg: ModelConfig, backend, compile_model: bool):
+def build(variant: str, model_cfg: ModelConfig, backend, compile_model: bool, fast_accum: bool = True):
     torch.manual_seed(0)
-    model = convert(variant, build_model(model_cfg).to(backend.device), backend)
+    model = convert(variant, build_model(model_cfg).to(backend.device), backend, fast_accum)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=backend.has_fused_adamw())
     forward = backend.compile(model) if compile_model else model
     return model, forward, opt
@@ -156,7 +156,7 @@ def profile_steps(step, backend, n: int, step_ms: float) -> dict:
 def time_steps(variant, model_cfg, batch, seq_len, backend, args) -> dict:
     from fp8train.fp8.scaling import step_scalers
 
-    model, forward, opt = build(variant, model_cfg, backend, args.compile)
+    model, forward, opt = build(variant, model_cfg, backend, args.compile, args.fast_accum)
     tokens = torch.randint(0, model_cfg.vocab_size, (batch, seq_len + 1), device=backend.device)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     losses = []
@@ -199,7 +199,9 @@ def time_linears(model_cfg, tokens, backend, args) -> list[dict]:
         for label in ("bf16", "fp8"):
             lin = torch.nn.Linear(k, n, bias=False, device=backend.device)
             if label == "fp8":
-                lin = Fp8Linear.from_linear(lin, scaling=ScalingConfig(recipe="delayed"), ops=backend.fp8_ops())
+                lin = Fp8Linear.from_linear(
+                    lin, scaling=ScalingConfig(recipe="delayed"), ops=backend.fp8_ops(), fast_accum=args.fast_accum
+                )
             fn = backend.compile(lin) if args.compile else lin
 
             def fwd_bwd(fn=fn, x=x, lin=lin):
@@ -239,6 +241,12 @@ def main() -> None:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--compile-scope", choices=["model", "block"], default="model", help="backend.compile_scope")
     p.add_argument("--per-linear", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument(
+        "--fast-accum",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="precision.fast_accum of fp8train's variants (torchao's forward GEMM always uses it)",
+    )
     p.add_argument("--profile", type=int, default=0, metavar="N", help="profile N more steps of each variant")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
@@ -259,6 +267,7 @@ def main() -> None:
         "torch": torch.__version__,
         "compile": args.compile,
         "compile_scope": args.compile_scope,
+        "fast_accum": args.fast_accum,
         "variants": {},
     }
     print(
