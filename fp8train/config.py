@@ -250,6 +250,13 @@ class PrecisionConfig:
                 "precision.recipe=fp8 needs at least one linear in FP8 (with smooth_swiglu=bf16_down, one besides "
                 "down_proj); list some of q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, or use precision=bf16",
             )
+        smoothing = self.smooth_swiglu in (SmoothSwiGLU.token, SmoothSwiGLU.channel)
+        if self.recipe == Recipe.fp8 and in_fp8 and smoothing and "down_proj" not in self.linears:
+            p.add(
+                "smooth_swiglu",
+                "rescales the input of the FP8 down projection, but precision.linears leaves down_proj in bf16, so "
+                "it would only cost time; add down_proj to precision.linears or set precision.smooth_swiglu=none",
+            )
         if self.recipe != Recipe.fp8 and self.smooth_swiglu != SmoothSwiGLU.none:
             p.add("smooth_swiglu", f"only applies to precision.recipe=fp8 (recipe is {self.recipe.value})")
         if self.engine == Fp8Engine.te:

@@ -97,6 +97,10 @@ def test_each_bad_value_is_named_in_override_syntax(override, expected):
             "precision.linears=[down_proj]: precision.recipe=fp8 needs at least one linear in FP8",
         ),
         (
+            ["precision=fp8_smooth_channel", "precision.linears=[q_proj,up_proj]"],
+            "precision.smooth_swiglu=channel: rescales the input of the FP8 down projection, but precision.linears",
+        ),
+        (
             ["optim.warmup_steps=10", "optim.decay_steps=5"],
             "optim.decay_steps=5: must be > optim.warmup_steps=10",
         ),
