@@ -80,6 +80,13 @@ class Fp8Profile(str, enum.Enum):
     gaudi2 = "gaudi2"  # Gaudi2 hardware: E4M3 saturates at 240
 
 
+# The largest precision.margin per profile: 2^-margin must leave a tensor's amax a normal E4M3 number
+# (fp8_max * 2^-margin >= 2^-6), or most of the tensor flushes to zero, and far beyond, the scale underflows to 0
+# and every loss is NaN. floor(log2(fp8_max)) + 6 with fp8_max of fp8train/fp8/formats.py (448, 240), kept here
+# without torch so that a bad value is reported before torch loads.
+MAX_MARGIN = {Fp8Profile.ocp: 14, Fp8Profile.gaudi2: 13}
+
+
 class OptimName(str, enum.Enum):
     adamw = "adamw"
     adamw_fp8 = "adamw_fp8"  # AdamW with moments stored in FP8 (m in E4M3, v in E5M2), block-scaled
@@ -228,10 +235,31 @@ class PrecisionConfig:
         p = _Problems(at, self)
         p.positive("amax_history_len")
         p.non_negative("margin")
+        if self.margin > MAX_MARGIN[self.profile]:
+            p.add(
+                "margin",
+                f"must be <= {MAX_MARGIN[self.profile]} for precision.profile={self.profile.value}: scales are divided "
+                f"by 2^margin, and beyond that even a tensor's largest element lands below E4M3's smallest normal "
+                f"number, so most of it flushes to zero (Transformer Engine's default is 0)",
+            )
         known = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
         unknown = [n for n in self.linears if n not in known]
         if unknown:
             p.add("linears", f"unknown linear(s) {', '.join(unknown)}; choose from {', '.join(known)}")
+        in_fp8 = set(self.linears) - ({"down_proj"} if self.smooth_swiglu == SmoothSwiGLU.bf16_down else set())
+        if self.recipe == Recipe.fp8 and not in_fp8:
+            p.add(
+                "linears",
+                "precision.recipe=fp8 needs at least one linear in FP8 (with smooth_swiglu=bf16_down, one besides "
+                "down_proj); list some of q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, or use precision=bf16",
+            )
+        smoothing = self.smooth_swiglu in (SmoothSwiGLU.token, SmoothSwiGLU.channel)
+        if self.recipe == Recipe.fp8 and in_fp8 and smoothing and "down_proj" not in self.linears:
+            p.add(
+                "smooth_swiglu",
+                "rescales the input of the FP8 down projection, but precision.linears leaves down_proj in bf16, so "
+                "it would only cost time; add down_proj to precision.linears or set precision.smooth_swiglu=none",
+            )
         if self.recipe != Recipe.fp8 and self.smooth_swiglu != SmoothSwiGLU.none:
             p.add("smooth_swiglu", f"only applies to precision.recipe=fp8 (recipe is {self.recipe.value})")
         if self.engine == Fp8Engine.te:
@@ -278,6 +306,16 @@ class OptimConfig:
         p.non_negative("weight_decay")
         p.non_negative("warmup_steps")
         p.non_negative("grad_clip")
+        if (
+            self.schedule == ScheduleName.cosine
+            and self.decay_steps is not None
+            and self.decay_steps <= self.warmup_steps
+        ):
+            p.add(
+                "decay_steps",
+                f"must be > optim.warmup_steps={self.warmup_steps}: the cosine runs from the end of warmup to "
+                f"step decay_steps (as given, lr would drop from optim.lr to optim.min_lr in one step)",
+            )
         if self.min_lr > self.lr > 0:
             p.add("min_lr", f"must be <= optim.lr={self.lr}")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
@@ -485,10 +523,15 @@ class Config:
                 "precision.smooth_swiglu=channel: reads W_down outside its module, where ZeRO-3 holds only a shard "
                 "of it; use parallel.zero_stage=2 or lower, or precision.smooth_swiglu=token"
             )
-        if self.precision.engine == Fp8Engine.te and self.backend.name in (BackendName.cpu, BackendName.cuda):
+        if self.precision.engine == Fp8Engine.te and not self.backend._habana():
+            auto = (
+                ", which picks cpu or cuda on a machine without habana_frameworks"
+                if self.backend.name == "auto"
+                else ""
+            )
             problems.append(
                 f"precision.engine=te: Habana's Transformer Engine needs backend.name=hpu (this run: "
-                f"{self.backend.name.value}); use precision.engine=native on this device"
+                f"{self.backend.name.value}{auto}); use precision.engine=native on this device"
             )
         if self.resume not in ("none", "auto") and not resolve_path(self.resume).exists():
             problems.append(f"resume={self.resume}: no such checkpoint; use resume=auto, resume=none or a path")

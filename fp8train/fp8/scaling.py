@@ -15,6 +15,7 @@ uninterrupted one. Nothing here calls ``.item()`` on the training path or branch
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -52,6 +53,12 @@ class ScalingConfig:
             problems.append(f"amax_compute_algo={self.amax_compute_algo!r} is not one of {AMAX_ALGOS}")
         if self.profile not in formats.PROFILES:
             problems.append(f"profile={self.profile!r} is not one of {formats.PROFILES}")
+        else:
+            # 2^-margin must leave an amax a normal E4M3 number (>= 2^-6): beyond, most of every tensor flushes to
+            # zero, and far beyond, the scale underflows to 0 and the outputs are NaN.
+            top = math.floor(math.log2(formats.fp8_max(formats.E4M3, self.profile))) + 6
+            if not 0 <= self.margin <= top:
+                problems.append(f"margin={self.margin} must be in [0, {top}] for profile {self.profile!r}")
         if problems:
             raise ValueError("ScalingConfig: " + "; ".join(problems))
 

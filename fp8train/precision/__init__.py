@@ -70,6 +70,13 @@ def convert(model: nn.Module, cfg: PrecisionConfig, backend: Backend) -> nn.Modu
                 continue
             setattr(parent, name, fp8_linear(child, cfg, backend, ops))
             swapped[name] += 1
+    if skipped and not swapped:  # asked for FP8 and got a bf16 model: the info line below is easy to miss
+        log.warning(
+            "precision.recipe=fp8: no linear runs in FP8, since every selected one has a dimension that is not a "
+            "multiple of 16 (%s); this run computes in bf16. Choose model.d_model, model.ffn_dim and the head "
+            "sizes as multiples of 16, or use precision=bf16.",
+            ", ".join(skipped[:3]) + (", ..." if len(skipped) > 3 else ""),
+        )
     shared = share_input_scalers(model)
     variant = VARIANTS.get(cfg.smooth_swiglu.value)
     n_mlps = 0

@@ -83,6 +83,62 @@ def test_each_bad_value_is_named_in_override_syntax(override, expected):
     assert found[0].startswith(expected), found
 
 
+@pytest.mark.parametrize(
+    "overrides,expected",
+    [
+        # 2^-15 puts 448 below E4M3's smallest normal (2^-6): most of every tensor flushes to zero, and a margin
+        # past fp32's range gives scale 0 and NaN losses.
+        (["precision.margin=15"], "precision.margin=15: must be <= 14 for precision.profile=ocp"),
+        (["precision=fp8_smooth_gaudi2", "precision.margin=14"], "precision.margin=14: must be <= 13"),
+        (["precision.margin=200"], "precision.margin=200: must be <= 14"),
+        (["precision.linears=[]"], "precision.linears=[]: precision.recipe=fp8 needs at least one linear in FP8"),
+        (
+            ["precision=fp8_bf16_down", "precision.linears=[down_proj]"],
+            "precision.linears=[down_proj]: precision.recipe=fp8 needs at least one linear in FP8",
+        ),
+        (
+            ["precision=fp8_smooth_channel", "precision.linears=[q_proj,up_proj]"],
+            "precision.smooth_swiglu=channel: rescales the input of the FP8 down projection, but precision.linears",
+        ),
+        (
+            ["optim.warmup_steps=10", "optim.decay_steps=5"],
+            "optim.decay_steps=5: must be > optim.warmup_steps=10",
+        ),
+    ],
+)
+def test_settings_that_contradict_each_other_or_break_the_numbers_are_refused(overrides, expected):
+    found = problems(overrides)
+    assert len(found) == 1, found
+    assert found[0].startswith(expected), found
+
+
+def test_the_largest_margins_accepted_keep_a_tensor_amax_a_normal_e4m3_number():
+    from fp8train.config import MAX_MARGIN
+    from fp8train.fp8 import formats
+
+    for profile, limit in MAX_MARGIN.items():
+        top = formats.fp8_max("e4m3", profile.value)
+        smallest_normal = formats.fp8_min_subnormal("e4m3") * 2**3
+        assert top * 2.0**-limit >= smallest_normal > top * 2.0 ** -(limit + 1)
+        compose([f"precision.profile={profile.value}", f"precision.margin={limit}"])
+
+
+def test_a_schedule_without_decay_or_warmup_past_the_decay_is_accepted():
+    compose(["optim.schedule=constant", "optim.warmup_steps=10", "optim.decay_steps=5"])
+    compose(["optim.warmup_steps=500", "trainer.max_steps=5"])  # a smoke run shorter than warmup
+    compose(["precision=bf16", "precision.linears=[]"])
+
+
+def test_engine_te_on_a_machine_without_habana_is_refused_before_the_run_starts(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "habana_frameworks" else real(n, *a))
+    (found,) = problems(["precision.engine=te", "backend=auto"])
+    assert found.startswith("precision.engine=te: Habana's Transformer Engine needs backend.name=hpu"), found
+    assert "auto" in found
+
+
 def test_null_for_an_unset_group_says_to_leave_it_out():
     (found,) = problems(["experiment=null"])
     assert found.endswith("or leave experiment= out (experiment is unset unless chosen)")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from fp8train.fp8.formats import E4M3, E5M2, fp8_min_subnormal
+from fp8train.fp8.formats import E4M3, E5M2, fp8_max, fp8_min_subnormal
 from fp8train.fp8.linear import Fp8Linear
 from fp8train.fp8.ops import Fp8Ops
 from fp8train.fp8.scaling import EagerUntilScalesReady, ScalingConfig, TensorScaler, fp8_scalers, step_scalers
@@ -320,3 +320,13 @@ def test_config_validation_names_every_problem():
         ScalingConfig(recipe="lazy", amax_history_len=0, amax_compute_algo="mean", profile="h100")
     for word in ("recipe", "amax_history_len", "amax_compute_algo", "profile"):
         assert word in str(e.value)
+
+
+@pytest.mark.parametrize("profile,limit", [("ocp", 14), ("gaudi2", 13)])
+def test_a_margin_that_would_flush_every_tensor_or_zero_the_scale_is_refused(profile, limit):
+    # The largest margin leaves an amax at or above E4M3's smallest normal; 200 would give scale 0 (NaN outputs).
+    top = ScalingConfig(profile=profile, margin=limit)
+    assert fp8_max(E4M3, profile) * 2.0**-top.margin >= 2.0**-6
+    for margin in (-1, limit + 1, 200):
+        with pytest.raises(ValueError, match="margin"):
+            ScalingConfig(profile=profile, margin=margin)

@@ -71,6 +71,16 @@ def test_linears_filter_and_dims_not_multiple_of_16_stay_high_precision(caplog):
     assert "not multiples of 16: layers.0.mlp.gate_proj, layers.0.mlp.down_proj" in caplog.text
 
 
+def test_a_model_with_no_linear_fit_for_fp8_says_so_loudly(caplog):
+    m = model(d_model=72, n_heads=4, n_kv_heads=4, ffn_dim=200)  # no dim of any block linear is a multiple of 16
+    with caplog.at_level(logging.INFO):
+        precision.convert(m, fp8(), CPU)
+    assert set(linears_by_type(m).values()) == {"Linear"}
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "no linear runs in FP8" in warnings[0].getMessage()
+    assert "model.d_model" in warnings[0].getMessage() and "precision=bf16" in warnings[0].getMessage()
+
+
 @pytest.mark.parametrize(
     "variant,mlp_type,down_type",
     [
