@@ -64,6 +64,7 @@ def build(cfg: OptimConfig, model: nn.Module, backend: Backend, compile: bool = 
             block_size=cfg.block_size,
             min_numel=cfg.fp8_min_numel,
             compile=True if compile and backend.inductor() else None,  # None: compiled on CUDA only
+            profile="gaudi2" if backend.name == "hpu" else "ocp",  # Gaudi2 saturates E4M3 at 240
         )
     fused = backend.has_fused_adamw() if cfg.fused is None else cfg.fused
     return torch.optim.AdamW(

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fp8train.errors import CheckpointError
-from fp8train.fp8.formats import dequantize, fp8_dtype, quantize, scale_from_amax
+from fp8train.fp8.formats import PROFILES, dequantize, fp8_dtype, quantize, scale_from_amax
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 FP8_MOMENTS = ("exp_avg_fp8", "exp_avg_scale", "exp_avg_sq_fp8", "exp_avg_sq_scale")
@@ -64,6 +64,7 @@ class AdamWFp8(torch.optim.Optimizer):
         block_size: int | None = 128,
         min_numel: int = 4096,
         compile: bool | None = None,
+        profile: str = "ocp",
     ):
         problems = []
         if not lr >= 0.0:
@@ -81,6 +82,8 @@ class AdamWFp8(torch.optim.Optimizer):
                 fp8_dtype(fmt)
             except ValueError as e:
                 problems.append(f"{name}: {e}")
+        if profile not in PROFILES:
+            problems.append(f"profile={profile!r} is not one of {PROFILES}")
         if problems:
             raise ValueError("AdamWFp8: " + "; ".join(problems))
         defaults = dict(
@@ -96,10 +99,15 @@ class AdamWFp8(torch.optim.Optimizer):
         )
         super().__init__(params, defaults)
         self.compile = compile  # None: compile the per-tensor update on CUDA only
+        # The device's FP8 range the moments are scaled into: Gaudi2's casts saturate E4M3 at 240, so a block scaled
+        # to OCP's 448 would lose its largest values there. Not in the param groups: a checkpoint resumes on any
+        # device (codes / scale is the moment whatever the range was).
+        self.profile = profile
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("compile", None)  # Optimizer.__getstate__ keeps only defaults, state and groups
+        self.__dict__.setdefault("profile", "ocp")
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
@@ -139,6 +147,7 @@ class AdamWFp8(torch.optim.Optimizer):
                         hyper,
                         group["m_format"],
                         group["v_format"],
+                        self.profile,
                     )
                 else:
                     self._update_fn(_adamw_fp32_update, p)(
@@ -239,6 +248,7 @@ def _adamw_fp8_update(
     hyper: Tensor,
     m_format: str,
     v_format: str,
+    profile: str = "ocp",
 ) -> None:
     """One AdamW step of one tensor whose moments are block-scaled FP8; writes weight, out, codes and scales."""
     decay, one_minus_beta1, one_minus_beta2, step_size, bias_correction2_sqrt, eps = hyper.unbind()
@@ -259,18 +269,18 @@ def _adamw_fp8_update(
     if out is not None:
         out.copy_(weight)  # bf16 parameter = master rounded to nearest
 
-    v_flushed = _requantize(v_NB, v_codes, v_scale, v_format).float() == 0
+    v_flushed = _requantize(v_NB, v_codes, v_scale, v_format, profile).float() == 0
     # Where v flushed to zero m must go too: E4M3 keeps m down to ~2e-6 of its block's largest, E5M2 keeps v only
     # down to ~1.3e-10 of its block's, 1.2e-5 in gradient units. An m kept over a zero v would, at a step whose
     # gradient is zero (a rare token's embedding row), be divided by eps alone: an update of ~m/eps, hundreds of
     # times lr. Dropped together, the element's moments restart from zero, as at its first step.
-    _requantize(m_NB.masked_fill(v_flushed, 0.0), m_codes, m_scale, m_format)
+    _requantize(m_NB.masked_fill(v_flushed, 0.0), m_codes, m_scale, m_format, profile)
 
 
-def _requantize(moment_NB: Tensor, codes: Tensor, scale: Tensor, fmt: str) -> Tensor:
+def _requantize(moment_NB: Tensor, codes: Tensor, scale: Tensor, fmt: str, profile: str) -> Tensor:
     """Store an fp32 moment in FP8 with a fresh scale per block (its amax: nothing saturates); returns the codes."""
-    new_scale = scale_from_amax(moment_NB.abs().amax(dim=1, keepdim=True), fmt)  # amax 0 -> scale 1
-    codes.copy_(quantize(moment_NB, fmt, new_scale))
+    new_scale = scale_from_amax(moment_NB.abs().amax(dim=1, keepdim=True), fmt, profile)  # amax 0 -> scale 1
+    codes.copy_(quantize(moment_NB, fmt, new_scale, profile))
     scale.copy_(new_scale)
     return codes
 

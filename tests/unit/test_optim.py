@@ -94,6 +94,15 @@ def test_adamw_fp8_is_built_from_the_config():
     assert opt.compile is None  # compiled on CUDA only, unless backend.compile=true asks for it everywhere
 
 
+def test_adamw_fp8_scales_moments_into_gaudi2s_range_on_hpu():
+    from fp8train.backends.base import Backend
+
+    model = build_model(ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=4, ffn_dim=64))
+    cfg = OptimConfig(name="adamw_fp8")
+    assert optim.build(cfg, model, select(BackendConfig(name="cpu"))).profile == "ocp"
+    assert optim.build(cfg, model, Backend(name="hpu")).profile == "gaudi2"  # E4M3 saturates at 240 there
+
+
 def test_backend_compile_compiles_adamw_fp8_where_inductor_runs(monkeypatch):
     from fp8train.backends.base import Backend
 
