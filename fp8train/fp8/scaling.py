@@ -201,16 +201,17 @@ class TensorScaler(nn.Module):
 
     @torch.no_grad()
     def pop_stats_tensor(self) -> torch.Tensor:
-        """``pop_stats()`` as a (5,) float64 tensor in ``STAT_NAMES`` order, left on the device (no sync): many
-        scalers' statistics can then be stacked and read in one transfer."""
-        n = self.n_elements.clamp(min=1).double()
+        """``pop_stats()`` as a (5,) float32 tensor in ``STAT_NAMES`` order, left on the device (no sync): many
+        scalers' statistics can then be stacked and read in one transfer. float32, not float64: Gaudi has no float64,
+        and a fraction of counts needs no more than float32's 2^-24 relative rounding."""
+        n = self.n_elements.clamp(min=1).float()
         values = torch.stack(
             [
-                self.stat_amax.double(),
-                self.stat_scale.double(),
-                self.n_saturated.double() / n,
-                self.n_underflow.double() / n,
-                self.stat_ratio.double(),
+                self.stat_amax.float(),
+                self.stat_scale.float(),
+                self.n_saturated.float() / n,
+                self.n_underflow.float() / n,
+                self.stat_ratio.float(),
             ]
         )
         for buf in (self.n_saturated, self.n_underflow, self.n_elements, self.stat_amax, self.stat_ratio):
