@@ -60,6 +60,25 @@ def test_h_stats_match_a_float64_computation_and_find_the_planted_channel():
     assert s["top_channels"][1][1] == pytest.approx(25.0)
 
 
+@pytest.mark.parametrize("magnitude", [1e-12, 1e12, 1e30])
+def test_h_stats_stay_exact_for_huge_and_tiny_h(magnitude):
+    # A diverging run is when the statistics matter most: h of 1e12 has a 4th power beyond fp32's range (and of
+    # 1e30 a square), h of 1e-12 a 4th power below it. RMS, amax / RMS and kurtosis must still be h's own.
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(256, 64, generator=g)
+    h[17, 5] = 30.0
+    h = h * magnitude
+    s = stats.to_host(stats.h_stats(h, top_k=1))
+    ref = h.double()
+    rms = ref.square().mean().sqrt().item()
+    centred = ref - ref.mean()
+    kurt = ((centred**4).mean() / (centred**2).mean() ** 2).item()
+    assert s["h_amax"] == pytest.approx(ref.abs().max().item(), rel=1e-6)
+    assert s["h_rms"] == pytest.approx(rms, rel=1e-5)
+    assert s["h_amax_over_rms"] == pytest.approx(ref.abs().max().item() / rms, rel=1e-5)
+    assert s["h_kurtosis"] == pytest.approx(kurt, rel=1e-4)
+
+
 def test_h_is_silu_of_g_times_u_flattened_over_tokens():
     g, u = torch.randn(2, 5, 8, dtype=torch.bfloat16), torch.randn(2, 5, 8, dtype=torch.bfloat16)
     h = stats.h_from(g, u)
