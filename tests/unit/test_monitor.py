@@ -369,3 +369,70 @@ def test_wandb_alerts_and_outlier_keys_never_fail_an_offline_run(tmp_path):
     finally:
         logger.finish()
     assert read_metrics(tmp_path) == [{"step": 1, "loss": 1.0}]  # outlier keys go to wandb only
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fp8train report
+
+
+def write_outliers(run_dir, rows: list[dict]) -> None:
+    """outliers.jsonl as the monitor writes it (non-finite numbers become the strings "nan", "inf")."""
+    from fp8train.loggers import JsonLines
+
+    out = JsonLines(run_dir / OUTLIERS_FILE)
+    for row in rows:
+        out.write(row)
+    out.close()
+
+
+def layer_record(layer: int, h_amax: float, ratio: float = 0.9, saturated: float = 0.0, **extra) -> dict:
+    fp8 = {"amax": h_amax, "scale": 100.0, "saturated_frac": saturated, "underflow_frac": 0.0, "amax_ratio": ratio}
+    return {
+        "layer": layer,
+        "h_amax": h_amax,
+        "h_rms": h_amax / 10,
+        "h_amax_over_rms": 10.0,
+        "h_kurtosis": 5.0,
+        "top_channels": [[3, h_amax]],
+        "cos_max_abs": 0.5,
+        "cos_frac_above_half": 0.1,
+        "fp8": {"mlp.down_proj.input": fp8},
+        **extra,
+    }
+
+
+def test_report_of_a_run_that_went_non_finite(tmp_path):
+    # The steps of a diverging run are when the report is read: NaN / inf statistics (stored as strings) must not
+    # stop it, and an overflow by an infinite factor is the worst one.
+    from fp8train.cli.report import report
+
+    nan, inf = math.nan, math.inf
+    alert = Alert(3, 1, "h", "non_finite", nan, 2.0, "layer 1 h amax nan").to_json()
+    write_outliers(
+        tmp_path,
+        [
+            {"step": 1, "layers": [layer_record(0, 1.0), layer_record(1, 2.0)], "alerts": []},
+            {
+                "step": 2,
+                "layers": [layer_record(0, 7.0, h_kurtosis=nan), layer_record(1, 2.0, ratio=3.0, saturated=0.01)],
+                "alerts": [],
+            },
+            {
+                "step": 3,
+                "layers": [
+                    layer_record(0, 1.0, cos_max_abs=nan),
+                    layer_record(1, nan, ratio=inf, saturated=0.5, h_rms=inf, h_kurtosis=nan),
+                ],
+                "alerts": [alert],
+            },
+        ],
+    )
+    assert '"nan"' in (tmp_path / OUTLIERS_FILE).read_text()
+    text = report(tmp_path, tmp_path / "report")
+    assert "largest h amax: 7 in layer 0 at step 2 (amax/RMS 10, kurtosis nan, top channel 3)" in text
+    assert "FP8 down_proj input: saturated at 2 of 6 (layer, step) pairs; worst infx" in text
+    assert "(layer 1, step 3, 50%)" in text
+    assert "alerts: 1: 1 non_finite; first at step 3: layer 1 h amax nan" in text
+    assert sorted(p.name for p in (tmp_path / "report").iterdir()) == sorted(
+        ["h_amax.png", "alignment.png", "fp8_overflow.png", "worst_layers.png", "summary.txt"]
+    )
