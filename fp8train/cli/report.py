@@ -147,9 +147,11 @@ def summary(data: Outliers, run_dir: Path) -> str:
         )
         growth = []
         for i, layer in enumerate(data.layers):
-            vals = _finite(h[i])
-            if vals and vals[0] > 0:
-                growth.append(f"layer {layer} x{vals[-1] / vals[0]:.3g}")
+            known = [j for j, v in enumerate(h[i]) if math.isfinite(v)]  # a layer may lack values at some steps
+            if known and h[i][known[0]] > 0:
+                a, b = known[0], known[-1]
+                span = "" if (a, b) == (0, len(steps) - 1) else f" (step {steps[a]} -> {steps[b]})"
+                growth.append(f"layer {layer} x{h[i][b] / h[i][a]:.3g}{span}")
         lines.append(f"h amax growth, step {steps[0]} -> {steps[-1]}: " + ", ".join(growth))
     cos_last = [(e.get("cos_max_abs"), e["layer"], e) for e in last["layers"] if "cos_max_abs" in e]
     if cos_last:

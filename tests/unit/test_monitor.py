@@ -436,3 +436,26 @@ def test_report_of_a_run_that_went_non_finite(tmp_path):
     assert sorted(p.name for p in (tmp_path / "report").iterdir()) == sorted(
         ["h_amax.png", "alignment.png", "fp8_overflow.png", "worst_layers.png", "summary.txt"]
     )
+
+
+def test_report_names_the_steps_a_layers_growth_is_taken_over(tmp_path):
+    # A layer recorded from step 2 on only, a layer whose last value is NaN, and step 3 written twice (the later
+    # line counts): each layer's growth names the steps it compares when they are not the run's first and last.
+    from fp8train.cli.report import report
+
+    write_outliers(
+        tmp_path,
+        [
+            {"step": 1, "layers": [layer_record(0, 1.0), layer_record(2, 1.0)], "alerts": []},
+            {"step": 2, "layers": [layer_record(0, 2.0), layer_record(1, 4.0), layer_record(2, 5.0)], "alerts": []},
+            {"step": 3, "layers": [layer_record(0, 99.0), layer_record(1, 99.0)], "alerts": []},
+            {
+                "step": 3,
+                "layers": [layer_record(0, 3.0), layer_record(1, 6.0), layer_record(2, math.nan)],
+                "alerts": [],
+            },
+        ],
+    )
+    text = report(tmp_path, tmp_path / "report")
+    assert "3 monitored steps (1..3), 3 layers" in text
+    assert "h amax growth, step 1 -> 3: layer 0 x3, layer 1 x1.5 (step 2 -> 3), layer 2 x5 (step 1 -> 2)" in text
