@@ -36,7 +36,7 @@ class Outliers:
     @classmethod
     def load(cls, run_dir: Path) -> Outliers:
         path = Path(run_dir) / OUTLIERS_FILE
-        rows = [r for r in read_jsonl(path) if is_record(r)]
+        rows = [_numbers(r) for r in read_jsonl(path) if is_record(r)]
         if not rows:
             if not path.exists():
                 what = "does not exist"
@@ -70,6 +70,21 @@ class Outliers:
     @property
     def alerts(self) -> list[dict]:
         return [a for r in self.rows for a in r.get("alerts", [])]
+
+
+def _numbers(node):
+    """A line as the monitor meant it: the strings "nan", "inf" and "-inf" it writes for non-finite values (JSON has
+    none) back to floats, so that every statistic is a number."""
+    if isinstance(node, dict):
+        return {k: _numbers(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_numbers(v) for v in node]
+    return float(node) if node in ("nan", "inf", "-inf") else node
+
+
+def _nan_last(v) -> float:
+    """A key for max(): NaN (and anything not a number) below every number, rather than wherever it happens to be."""
+    return v if isinstance(v, (int, float)) and not math.isnan(v) else -math.inf
 
 
 def is_record(row) -> bool:
@@ -132,13 +147,15 @@ def summary(data: Outliers, run_dir: Path) -> str:
         )
         growth = []
         for i, layer in enumerate(data.layers):
-            vals = _finite(h[i])
-            if vals and vals[0] > 0:
-                growth.append(f"layer {layer} x{vals[-1] / vals[0]:.3g}")
+            known = [j for j, v in enumerate(h[i]) if math.isfinite(v)]  # a layer may lack values at some steps
+            if known and h[i][known[0]] > 0:
+                a, b = known[0], known[-1]
+                span = "" if (a, b) == (0, len(steps) - 1) else f" (step {steps[a]} -> {steps[b]})"
+                growth.append(f"layer {layer} x{h[i][b] / h[i][a]:.3g}{span}")
         lines.append(f"h amax growth, step {steps[0]} -> {steps[-1]}: " + ", ".join(growth))
     cos_last = [(e.get("cos_max_abs"), e["layer"], e) for e in last["layers"] if "cos_max_abs" in e]
     if cos_last:
-        cos, layer, e = max(cos_last, key=lambda t: t[0])
+        cos, layer, e = max(cos_last, key=lambda t: _nan_last(t[0]))
         first_cos = max(_finite(e0.get("cos_max_abs") for e0 in first["layers"]), default=math.nan)
         neuron = (e.get("aligned_neurons") or [[None]])[0][0]
         frac = max(_finite(x.get("cos_frac_above_half") for x in last["layers"]), default=math.nan)
@@ -178,8 +195,9 @@ def _overflow_lines(data: Outliers) -> list[str]:
     for r in data.rows:
         for e in r["layers"]:
             for name, s in e.get("fp8", {}).items():
+                saturated = s["saturated_frac"] > 0
                 groups.setdefault(tensor_group(name), []).append(
-                    (s["amax_ratio"] if s["saturated_frac"] > 0 else 0.0, s["saturated_frac"], r["step"], e["layer"])
+                    (s["amax_ratio"] if saturated else 0.0, s["saturated_frac"], r["step"], e["layer"], saturated)
                 )
     if not any(groups.values()):
         return ["FP8: no FP8 tensors in this run"]
@@ -187,11 +205,11 @@ def _overflow_lines(data: Outliers) -> list[str]:
     for group, found in groups.items():
         if not found:
             continue
-        n_pairs = len({(step, layer) for _, _, step, layer in found})
-        hit = {(step, layer) for ratio, _, step, layer in found if ratio > 0}
+        n_pairs = len({(step, layer) for _, _, step, layer, _ in found})
+        hit = {(step, layer) for _, _, step, layer, saturated in found if saturated}
         line = f"FP8 {GROUP_NAMES.get(group, group)}: saturated at {len(hit)} of {n_pairs} (layer, step) pairs"
         if hit:
-            ratio, sat, step, layer = max(found)
+            ratio, sat, step, layer, _ = max(found, key=lambda f: (_nan_last(f[0]), _nan_last(f[1])))
             line += f"; worst {ratio:.3g}x the amax its scale assumed (layer {layer}, step {step}, {100 * sat:.3g}%)"
         lines.append(line)
     return lines

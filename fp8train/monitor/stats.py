@@ -4,8 +4,9 @@ Notation (fp8train/model/mlp.py): ``g = x @ W_gate.T``, ``u = x @ W_up.T``, ``h 
 tokens are flattened, so h is (M, F): M tokens, F = ffn_dim channels (neurons).
 
 Every function returns 0-d or small tensors on the input's device; the monitor reads all of a step's results with
-one transfer (:func:`to_host`). Reductions run in fp32: h reaches ~1e4 in the runs that matter, its 4th power
-~1e16, far inside fp32's range, and a relative error of ~1e-6 per element is immaterial for a statistic.
+one transfer (:func:`to_host`). Reductions run in fp32 on h divided by its amax: RMS / amax and kurtosis do not
+depend on h's units, and in units of its amax no square or 4th power can leave fp32's range, however large h
+grows in a diverging run (h of 1e10 has a 4th power of 1e40, beyond fp32's 3.4e38) or however small it is.
 """
 
 from __future__ import annotations
@@ -30,10 +31,20 @@ def kurtosis(x: torch.Tensor) -> torch.Tensor:
     among many ordinary ones push it far above 3. A constant tensor has 0 variance: its kurtosis is reported as 0.
     """
     x = x.detach().float().flatten()
+    return _kurtosis_of_unit(_in_units_of_amax(x, x.abs().amax()))
+
+
+def _kurtosis_of_unit(x: torch.Tensor) -> torch.Tensor:
+    """kurtosis of a tensor already divided by its amax."""
     centred = x - x.mean()
     var = centred.square().mean()
     fourth = centred.square().square().mean()
     return torch.where(var > 0, fourth / var.square().clamp(min=torch.finfo(torch.float32).tiny), 0.0)
+
+
+def _in_units_of_amax(x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
+    """x / amax (all zeros stay zeros): values in [-1, 1], whose powers fp32 holds. A non-finite amax gives NaN."""
+    return x / torch.where(amax > 0, amax, 1.0)
 
 
 def top_channels(h_MF: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,13 +57,14 @@ def h_stats(h_MF: torch.Tensor, top_k: int) -> dict[str, torch.Tensor]:
     """amax, RMS, amax / RMS (how far the largest value stands above the typical one), kurtosis, top channels."""
     h = h_MF.detach().float()
     amax = h.abs().amax()
-    rms = h.square().mean().sqrt()
+    unit = _in_units_of_amax(h, amax)
+    rms_over_amax = unit.square().mean().sqrt()  # in (0, 1]: no overflow, no underflow
     top_amax, top_index = top_channels(h, top_k)
     return {
         "h_amax": amax,
-        "h_rms": rms,
-        "h_amax_over_rms": torch.where(rms > 0, amax / rms.clamp(min=torch.finfo(torch.float32).tiny), 0.0),
-        "h_kurtosis": kurtosis(h),
+        "h_rms": amax * rms_over_amax,
+        "h_amax_over_rms": torch.where(rms_over_amax > 0, 1 / rms_over_amax, 0.0),
+        "h_kurtosis": _kurtosis_of_unit(unit),
         "top_channels": torch.stack([top_index.float(), top_amax], dim=1),  # (k, 2): channel, its amax
     }
 

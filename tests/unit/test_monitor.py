@@ -60,6 +60,25 @@ def test_h_stats_match_a_float64_computation_and_find_the_planted_channel():
     assert s["top_channels"][1][1] == pytest.approx(25.0)
 
 
+@pytest.mark.parametrize("magnitude", [1e-12, 1e12, 1e30])
+def test_h_stats_stay_exact_for_huge_and_tiny_h(magnitude):
+    # A diverging run is when the statistics matter most: h of 1e12 has a 4th power beyond fp32's range (and of
+    # 1e30 a square), h of 1e-12 a 4th power below it. RMS, amax / RMS and kurtosis must still be h's own.
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(256, 64, generator=g)
+    h[17, 5] = 30.0
+    h = h * magnitude
+    s = stats.to_host(stats.h_stats(h, top_k=1))
+    ref = h.double()
+    rms = ref.square().mean().sqrt().item()
+    centred = ref - ref.mean()
+    kurt = ((centred**4).mean() / (centred**2).mean() ** 2).item()
+    assert s["h_amax"] == pytest.approx(ref.abs().max().item(), rel=1e-6)
+    assert s["h_rms"] == pytest.approx(rms, rel=1e-5)
+    assert s["h_amax_over_rms"] == pytest.approx(ref.abs().max().item() / rms, rel=1e-5)
+    assert s["h_kurtosis"] == pytest.approx(kurt, rel=1e-4)
+
+
 def test_h_is_silu_of_g_times_u_flattened_over_tokens():
     g, u = torch.randn(2, 5, 8, dtype=torch.bfloat16), torch.randn(2, 5, 8, dtype=torch.bfloat16)
     h = stats.h_from(g, u)
@@ -350,3 +369,93 @@ def test_wandb_alerts_and_outlier_keys_never_fail_an_offline_run(tmp_path):
     finally:
         logger.finish()
     assert read_metrics(tmp_path) == [{"step": 1, "loss": 1.0}]  # outlier keys go to wandb only
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fp8train report
+
+
+def write_outliers(run_dir, rows: list[dict]) -> None:
+    """outliers.jsonl as the monitor writes it (non-finite numbers become the strings "nan", "inf")."""
+    from fp8train.loggers import JsonLines
+
+    out = JsonLines(run_dir / OUTLIERS_FILE)
+    for row in rows:
+        out.write(row)
+    out.close()
+
+
+def layer_record(layer: int, h_amax: float, ratio: float = 0.9, saturated: float = 0.0, **extra) -> dict:
+    fp8 = {"amax": h_amax, "scale": 100.0, "saturated_frac": saturated, "underflow_frac": 0.0, "amax_ratio": ratio}
+    return {
+        "layer": layer,
+        "h_amax": h_amax,
+        "h_rms": h_amax / 10,
+        "h_amax_over_rms": 10.0,
+        "h_kurtosis": 5.0,
+        "top_channels": [[3, h_amax]],
+        "cos_max_abs": 0.5,
+        "cos_frac_above_half": 0.1,
+        "fp8": {"mlp.down_proj.input": fp8},
+        **extra,
+    }
+
+
+def test_report_of_a_run_that_went_non_finite(tmp_path):
+    # The steps of a diverging run are when the report is read: NaN / inf statistics (stored as strings) must not
+    # stop it, and an overflow by an infinite factor is the worst one.
+    from fp8train.cli.report import report
+
+    nan, inf = math.nan, math.inf
+    alert = Alert(3, 1, "h", "non_finite", nan, 2.0, "layer 1 h amax nan").to_json()
+    write_outliers(
+        tmp_path,
+        [
+            {"step": 1, "layers": [layer_record(0, 1.0), layer_record(1, 2.0)], "alerts": []},
+            {
+                "step": 2,
+                "layers": [layer_record(0, 7.0, h_kurtosis=nan), layer_record(1, 2.0, ratio=3.0, saturated=0.01)],
+                "alerts": [],
+            },
+            {
+                "step": 3,
+                "layers": [
+                    layer_record(0, 1.0, cos_max_abs=nan),
+                    layer_record(1, nan, ratio=inf, saturated=0.5, h_rms=inf, h_kurtosis=nan),
+                ],
+                "alerts": [alert],
+            },
+        ],
+    )
+    assert '"nan"' in (tmp_path / OUTLIERS_FILE).read_text()
+    text = report(tmp_path, tmp_path / "report")
+    assert "largest h amax: 7 in layer 0 at step 2 (amax/RMS 10, kurtosis nan, top channel 3)" in text
+    assert "FP8 down_proj input: saturated at 2 of 6 (layer, step) pairs; worst infx" in text
+    assert "(layer 1, step 3, 50%)" in text
+    assert "alerts: 1: 1 non_finite; first at step 3: layer 1 h amax nan" in text
+    assert sorted(p.name for p in (tmp_path / "report").iterdir()) == sorted(
+        ["h_amax.png", "alignment.png", "fp8_overflow.png", "worst_layers.png", "summary.txt"]
+    )
+
+
+def test_report_names_the_steps_a_layers_growth_is_taken_over(tmp_path):
+    # A layer recorded from step 2 on only, a layer whose last value is NaN, and step 3 written twice (the later
+    # line counts): each layer's growth names the steps it compares when they are not the run's first and last.
+    from fp8train.cli.report import report
+
+    write_outliers(
+        tmp_path,
+        [
+            {"step": 1, "layers": [layer_record(0, 1.0), layer_record(2, 1.0)], "alerts": []},
+            {"step": 2, "layers": [layer_record(0, 2.0), layer_record(1, 4.0), layer_record(2, 5.0)], "alerts": []},
+            {"step": 3, "layers": [layer_record(0, 99.0), layer_record(1, 99.0)], "alerts": []},
+            {
+                "step": 3,
+                "layers": [layer_record(0, 3.0), layer_record(1, 6.0), layer_record(2, math.nan)],
+                "alerts": [],
+            },
+        ],
+    )
+    text = report(tmp_path, tmp_path / "report")
+    assert "3 monitored steps (1..3), 3 layers" in text
+    assert "h amax growth, step 1 -> 3: layer 0 x3, layer 1 x1.5 (step 2 -> 3), layer 2 x5 (step 1 -> 2)" in text
