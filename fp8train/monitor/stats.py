@@ -98,7 +98,7 @@ def to_host(tree):
 
     def collect(node):
         if torch.is_tensor(node):
-            leaves.append(node.detach().double().flatten())
+            leaves.append(node.detach().float().flatten())  # float32: every statistic is one; Gaudi has no float64
         elif isinstance(node, dict):
             for v in node.values():
                 collect(v)

@@ -254,6 +254,32 @@ def test_records_match_direct_computation_and_a_saturating_spike_alerts(tmp_path
     assert "layer 0 mlp.down_proj.input: FP8 overflow" in overflow[0].message
 
 
+def test_statistics_never_make_a_float64_tensor(tmp_path):
+    # Gaudi has no float64: a monitored step there must not create one on the device, from the statistics taken
+    # during the step to the one transfer that reads them.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Dtypes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.seen |= {t.dtype for t in torch.utils._pytree.tree_leaves(out) if torch.is_tensor(t)}
+            return out
+
+    model = TwoLayers([planted_mlp(seed=0), SmoothSwiGLUToken(planted_mlp(seed=1))])
+    mon = monitor_for(model, tmp_path)
+    with Dtypes() as mode:
+        with mon.capture(10):
+            model(torch.randn(16, 32)).square().sum().backward()
+        step_scalers(model)
+        (r0, r1) = mon._records()
+    assert torch.float32 in mode.seen and torch.float64 not in mode.seen, mode.seen
+    assert r0["h_amax"] > 0 and r1["fp8"]["mlp.down_proj.input"]["scale"] > 0
+
+
 def test_a_shared_input_scaler_that_overflows_alerts_once(tmp_path):
     # gate_proj and up_proj read one tensor and share its scaler (fp8train/precision): the records list it under
     # both names, but one overflow of that tensor is one alert, naming both.
