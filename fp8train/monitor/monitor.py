@@ -420,5 +420,6 @@ def one_line(records: list[dict]) -> str:
     n_fp8 = sum(len(r.get("fp8", {})) for r in records)
     if n_fp8:
         saturated = sum(1 for r in records for s in r["fp8"].values() if s["saturated_frac"] > 0)
-        parts.append(f"{saturated} of {n_fp8} FP8 tensors saturated")
+        # Per operand of each linear: q/k/v (and gate/up) read one input through one shared scaler, counted per linear.
+        parts.append(f"{saturated} of {n_fp8} FP8 linear operands saturated")
     return "; ".join(parts) or "no statistics"
