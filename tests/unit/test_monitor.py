@@ -384,6 +384,17 @@ def test_on_alert_checkpoint_and_stop(tmp_path, action, caplog):
     assert "outlier alert: planted" in caplog.text
 
 
+@pytest.mark.parametrize("enabled", [True, False])
+def test_a_resume_drops_the_records_after_its_checkpoint_with_or_without_the_monitor(tmp_path, enabled):
+    path = tmp_path / OUTLIERS_FILE
+    path.write_text("".join(json.dumps({"step": s, "layers": [], "alerts": []}) + "\n" for s in (1, 10, 20, 30)))
+    model = TwoLayers([planted_mlp()])
+    build_monitor(MonitorConfig(enabled=enabled), model, tmp_path, resume_step=20, write=False).close()
+    assert path.read_text().count("\n") == 4  # other ranks never touch the file
+    build_monitor(MonitorConfig(enabled=enabled), model, tmp_path, resume_step=20).close()
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 10, 20]
+
+
 def test_wandb_alerts_and_outlier_keys_never_fail_an_offline_run(tmp_path):
     from fp8train.loggers import RunLogger, read_metrics
 
