@@ -454,6 +454,7 @@ class Trainer:
                 f"(data.* settings changed). Resume with the data settings in {path / 'config.yaml'}, or start a "
                 f"new run directory."
             )
+        self.data.check_resume(state["data_position"], path)
         self.check_resume_step(path, state["step"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.apply_optim_settings(fresh_groups, state["step"])

@@ -181,7 +181,12 @@ def test_one_epoch_over_ranks_and_micro_steps_covers_every_window_once(tmp_path)
     assert sorted(order[:n]) == list(range(n))
     assert sorted(order[n : 2 * n]) == list(range(n))
     assert order[:n] != order[n : 2 * n]  # each epoch has its own order
-    assert ranks[0].position(step) == {"step": step, "epoch": step * B * G * W // n, "samples_seen": step * B * G * W}
+    position = ranks[0].position(step)
+    assert (position["step"], position["epoch"], position["samples_seen"]) == (
+        step,
+        step * B * G * W // n,
+        step * B * G * W,
+    )
 
 
 def test_val_batches_are_fixed_consecutive_windows(tmp_path):
@@ -318,3 +323,55 @@ def test_a_late_publisher_discards_its_copy_and_a_failed_one_leaves_nothing(tmp_
         with publishing(tmp_path / "tokens-y"):
             raise RuntimeError("tokenization failed")
     assert [p.name for p in tmp_path.iterdir()] == ["tokens-x"]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Resuming with another batch layout
+
+
+def step_windows(layout, step):
+    """The rows of every (micro_step, rank) of ``step``, as a sorted list: the data one optimizer step trains on."""
+    rows = []
+    for data in layout:
+        for micro_step in range(data.grad_accum_steps):
+            rows += [tuple(r) for r in data.train_batch(step, micro_step)[0].tolist()]
+    return sorted(rows)
+
+
+def test_a_layout_with_the_same_global_batch_trains_each_step_on_the_same_sequences(tmp_path):
+    """micro_batch_size x grad_accum_steps x ranks = 8 in every layout: step k takes sequences [8k, 8k + 8)."""
+    cfg = data_cfg(tmp_path, [TEXT])
+    layouts = [
+        [build(cfg, seed=2, micro_batch_size=8, grad_accum_steps=1)],
+        [build(cfg, seed=2, micro_batch_size=4, grad_accum_steps=2)],
+        [build(cfg, seed=2, micro_batch_size=2, grad_accum_steps=2, rank=r, world_size=2) for r in range(2)],
+    ]
+    saved = layouts[0][0].position(5)
+    for layout in layouts:
+        assert [step_windows(layout, s) for s in (5, 6, 40)] == [step_windows(layouts[0], s) for s in (5, 6, 40)]
+        for data in layout:
+            data.check_resume(saved, "ckpt")  # the same data: accepted
+
+
+def test_resuming_with_another_global_batch_or_seed_is_refused_by_name(tmp_path):
+    """Step k of a run with another global batch starts at another sequence: it would repeat or skip data."""
+    from fp8train.config import compose
+    from fp8train.trainer import Trainer
+    from tests.helpers import SMALL
+
+    run_dir = tmp_path / "run"
+    base = [*SMALL, "precision=fp32", "trainer.max_steps=4", "trainer.checkpoint_every=2", "trainer.eval_every=0"]
+    Trainer(compose([*base, "trainer.stop_at=2"]), run_dir).fit()  # micro_batch_size=8, grad_accum_steps=1
+    saved_config = (run_dir / "config.yaml").read_text()
+    for override, named in [
+        ("trainer.micro_batch_size=4", "trainer.micro_batch_size=4 x trainer.grad_accum_steps=1"),
+        ("trainer.grad_accum_steps=2", "trainer.micro_batch_size=8 x trainer.grad_accum_steps=2"),
+        ("trainer.seed=1", "trainer.seed=1"),
+    ]:
+        with pytest.raises(DataError) as err:
+            Trainer(compose([*base, override, "resume=auto"]), run_dir)
+        message = str(err.value)
+        assert named in message and "model.init_from=" in message and "\n" not in message
+        assert (run_dir / "config.yaml").read_text() == saved_config
+    same = ("trainer.micro_batch_size=4", "trainer.grad_accum_steps=2", "resume=auto")
+    assert Trainer(compose([*base, *same]), run_dir).step == 2  # 8 sequences per step, as saved: accepted
