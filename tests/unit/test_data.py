@@ -249,6 +249,21 @@ def test_tokenizer_json_and_folders_load_offline(tmp_path, trained, monkeypatch)
         assert torch.equal(data.train_batch(2, 1)[0], reference)  # same ids, same windows
 
 
+def test_a_tokenizer_saved_with_truncation_or_padding_still_encodes_every_token(tmp_path, trained):
+    """A tokenizer.json may carry the truncation/padding of its last use; encoding the corpus in 64k-character
+    pieces must not cut each piece to max_length tokens nor pad it."""
+    reference = train_tokens(trained)
+    tok = Tokenizer.from_str(trained.tokenizer.to_str())
+    tok.enable_truncation(max_length=16)
+    tok.enable_padding(length=4096, pad_id=trained.eos_id)
+    file = tmp_path / "truncating" / "tokenizer.json"
+    file.parent.mkdir()
+    tok.save(str(file))
+    data = build(data_cfg(tmp_path / "run", [TEXT], tokenizer_path=str(file)))
+    assert np.array_equal(train_tokens(data), reference)
+    assert torch.equal(data.train_batch(2, 1)[0], trained.train_batch(2, 1)[0])
+
+
 def test_tokenizer_without_eos_is_refused(tmp_path):
     file = tmp_path / "tokenizer.json"
     Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]")).save(str(file))
