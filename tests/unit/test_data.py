@@ -299,6 +299,18 @@ def test_unusable_source_names_key_and_file(tmp_path, content, expected):
     assert "\n" not in str(e.value)
 
 
+def test_a_folder_as_source_is_named_a_folder_with_the_way_to_list_its_files(tmp_path):
+    from fp8train.config import compose
+    from fp8train.errors import ConfigError
+
+    (tmp_path / "corpus").mkdir()
+    with pytest.raises(ConfigError) as err:
+        compose(["data=text", f"data.sources=[{{path: {tmp_path / 'corpus'}}}]"])
+    message = str(err.value)
+    assert f"data.sources.0.path={tmp_path / 'corpus'}: is a folder" in message and "no such file" not in message
+    assert f"data.sources=[{{path: {tmp_path / 'corpus'}/a.txt}}, " in message
+
+
 def test_corpus_too_short_for_seq_len(tmp_path):
     with pytest.raises(DataError, match=r"^data\.seq_len=4096: the training split holds only \d+ tokens"):
         build(data_cfg(tmp_path, [TEXT[:3000]], seq_len=4096))
