@@ -3,6 +3,7 @@
 import json
 import logging
 import multiprocessing
+import time
 
 import numpy as np
 import pytest
@@ -402,3 +403,24 @@ def test_resuming_with_another_global_batch_or_seed_is_refused_by_name(tmp_path)
         assert (run_dir / "config.yaml").read_text() == saved_config
     same = ("trainer.micro_batch_size=4", "trainer.grad_accum_steps=2", "resume=auto")
     assert Trainer(compose([*base, *same]), run_dir).step == 2  # 8 sequences per step, as saved: accepted
+
+
+def test_the_temp_folder_of_a_killed_build_is_removed_by_a_later_one(tmp_path):
+    """A build killed by SIGKILL or SIGTERM leaves its temp folder (possibly gigabytes of partial ids); one that has
+    not been written to for STALE_TMP_S is abandoned and goes, while a live builder's recent one stays."""
+    import os
+
+    from fp8train.data import tokens
+
+    abandoned, live = tmp_path / ".tmp-tokens-a-x1", tmp_path / ".tmp-tokens-b-x2"
+    for folder in (abandoned, live):
+        folder.mkdir()
+        (folder / "train.bin").write_bytes(b"\0" * 64)
+    old = time.time() - tokens.STALE_TMP_S - 60
+    for path in (abandoned / "train.bin", abandoned):
+        os.utime(path, (old, old))
+    os.utime(live, (old, old))  # a folder's mtime stays put while its file grows
+    (tmp_path / "unrelated").mkdir()
+    with publishing(tmp_path / "tokens-c") as tmp:
+        (tmp / "meta.json").write_text("{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp-tokens-b-x2", "tokens-c", "unrelated"]
