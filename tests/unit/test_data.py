@@ -424,3 +424,26 @@ def test_the_temp_folder_of_a_killed_build_is_removed_by_a_later_one(tmp_path):
     with publishing(tmp_path / "tokens-c") as tmp:
         (tmp / "meta.json").write_text("{}")
     assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp-tokens-b-x2", "tokens-c", "unrelated"]
+
+
+def test_resuming_a_zero_checkpoint_on_another_number_of_ranks_is_a_clear_error(tmp_path):
+    """DeepSpeed raises its own ZeRORuntimeException for a changed data-parallel world size; it must reach the
+    user as the one-paragraph CheckpointError that names the fix, not as a traceback."""
+    from types import SimpleNamespace
+
+    from deepspeed.runtime.zero.utils import ZeRORuntimeException
+
+    from fp8train.errors import CheckpointError
+    from fp8train.parallel import DEEPSPEED_DIR
+    from fp8train.parallel.deepspeed import DeepSpeedEngine
+
+    def load_checkpoint(*args, **kwargs):
+        raise ZeRORuntimeException(
+            "The checkpoint being loaded used a DP world size of 2 but the current world size is 1."
+        )
+
+    (tmp_path / DEEPSPEED_DIR).mkdir()
+    engine = object.__new__(DeepSpeedEngine)
+    engine.ds = SimpleNamespace(load_checkpoint=load_checkpoint)
+    with pytest.raises(CheckpointError, match=r"DP world size of 2 but the current world size is 1.*number of ranks"):
+        engine.load_state(tmp_path, torch.device("cpu"))
