@@ -447,3 +447,26 @@ def test_resuming_a_zero_checkpoint_on_another_number_of_ranks_is_a_clear_error(
     engine.ds = SimpleNamespace(load_checkpoint=load_checkpoint)
     with pytest.raises(CheckpointError, match=r"DP world size of 2 but the current world size is 1.*number of ranks"):
         engine.load_state(tmp_path, torch.device("cpu"))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Validation
+
+
+def test_val_loss_weights_every_sequence_equally_when_the_last_batch_is_short(tmp_path):
+    """The val split of tinyshakespeare at seq_len 64 is 333 windows: 41 batches of 8 and one of 5. val_loss is
+    the mean over its tokens, so the short batch counts 5/333, not 1/42. A loss that is the mean input id makes
+    the weighting visible; the reference is the float64 mean over every row."""
+    from fp8train.config import compose
+    from fp8train.trainer import Trainer
+    from tests.helpers import SMALL
+
+    t = Trainer(compose([*SMALL, "precision=fp32", "trainer.eval_batches=50"]), tmp_path / "run")
+    t.loss = lambda inputs, targets: inputs.float().mean()
+    source = t.data.val_sources[0]
+    rows = torch.cat([x for x, _ in t.data.val_batches(source, 50)])
+    assert [len(x) for x, _ in t.data.val_batches(source, 50)][-2:] == [8, 5]
+    reference = rows.double().mean().item()
+    metrics = t.evaluate()
+    assert metrics["val_loss"] == pytest.approx(reference, rel=1e-6)
+    assert metrics[f"val_loss/{source}"] == pytest.approx(reference, rel=1e-6)
