@@ -381,28 +381,43 @@ def test_a_layout_with_the_same_global_batch_trains_each_step_on_the_same_sequen
             data.check_resume(saved, "ckpt")  # the same data: accepted
 
 
-def test_resuming_with_another_global_batch_or_seed_is_refused_by_name(tmp_path):
+def test_another_global_batch_or_seed_is_refused_by_name(tmp_path):
     """Step k of a run with another global batch starts at another sequence: it would repeat or skip data."""
+    cfg = data_cfg(tmp_path, [TEXT])
+    saved = build(cfg, seed=2, micro_batch_size=8, grad_accum_steps=1).position(5)
+    for kwargs, named in [
+        (
+            dict(seed=2, micro_batch_size=4, grad_accum_steps=1),
+            "trainer.micro_batch_size=4 x trainer.grad_accum_steps=1",
+        ),
+        (
+            dict(seed=2, micro_batch_size=8, grad_accum_steps=2),
+            "trainer.micro_batch_size=8 x trainer.grad_accum_steps=2",
+        ),
+        (
+            dict(seed=2, micro_batch_size=4, grad_accum_steps=1, rank=1, world_size=4),
+            "x 4 data-parallel rank(s) step 5",
+        ),
+        (dict(seed=3, micro_batch_size=8, grad_accum_steps=1), "trainer.seed=3"),
+    ]:
+        with pytest.raises(DataError) as err:
+            build(cfg, **kwargs).check_resume(saved, "ckpt")
+        message = str(err.value)
+        assert named in message and "model.init_from=ckpt" in message and "\n" not in message
+
+
+def test_the_trainer_checks_the_data_position_on_resume(tmp_path):
     from fp8train.config import compose
     from fp8train.trainer import Trainer
     from tests.helpers import SMALL
 
     run_dir = tmp_path / "run"
-    base = [*SMALL, "precision=fp32", "trainer.max_steps=4", "trainer.checkpoint_every=2", "trainer.eval_every=0"]
-    Trainer(compose([*base, "trainer.stop_at=2"]), run_dir).fit()  # micro_batch_size=8, grad_accum_steps=1
+    base = [*SMALL, "precision=fp32", "trainer.max_steps=2", "trainer.checkpoint_every=1", "trainer.eval_every=0"]
+    Trainer(compose([*base, "trainer.micro_batch_size=2", "trainer.stop_at=1"]), run_dir).fit()
     saved_config = (run_dir / "config.yaml").read_text()
-    for override, named in [
-        ("trainer.micro_batch_size=4", "trainer.micro_batch_size=4 x trainer.grad_accum_steps=1"),
-        ("trainer.grad_accum_steps=2", "trainer.micro_batch_size=8 x trainer.grad_accum_steps=2"),
-        ("trainer.seed=1", "trainer.seed=1"),
-    ]:
-        with pytest.raises(DataError) as err:
-            Trainer(compose([*base, override, "resume=auto"]), run_dir)
-        message = str(err.value)
-        assert named in message and "model.init_from=" in message and "\n" not in message
-        assert (run_dir / "config.yaml").read_text() == saved_config
-    same = ("trainer.micro_batch_size=4", "trainer.grad_accum_steps=2", "resume=auto")
-    assert Trainer(compose([*base, *same]), run_dir).step == 2  # 8 sequences per step, as saved: accepted
+    with pytest.raises(DataError, match=r"after 2 training sequences .* would start at sequence 1"):
+        Trainer(compose([*base, "trainer.micro_batch_size=1", "resume=auto"]), run_dir)
+    assert (run_dir / "config.yaml").read_text() == saved_config
 
 
 def test_the_temp_folder_of_a_killed_build_is_removed_by_a_later_one(tmp_path):
