@@ -200,6 +200,13 @@ class DataConfig:
         for i, s in enumerate(self.sources):
             if not s.path:
                 p.add(f"sources.{i}.path", "a text file is required: data.sources=[{path: FILE}]")
+            elif resolve_path(s.path).is_dir():
+                folder = s.path.rstrip("/")
+                p.add(
+                    f"sources.{i}.path",
+                    f"is a folder; sources are text files, one entry each: "
+                    f"data.sources=[{{path: {folder}/a.txt}}, {{path: {folder}/b.txt}}]",
+                )
             elif not resolve_path(s.path).is_file():
                 p.add(f"sources.{i}.path", f"no such file ({resolve_path(s.path)})")
             if names.count(names[i]) > 1:

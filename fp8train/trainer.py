@@ -317,11 +317,14 @@ class Trainer:
         self.model.eval()
         metrics, total, count = {}, 0.0, 0
         for source in self.data.val_sources:
-            losses = [
-                self.loss(*self.batch(b)).item() for b in self.data.val_batches(source, self.cfg.trainer.eval_batches)
-            ]
-            metrics[f"val_loss/{source}"] = sum(losses) / len(losses)
-            total, count = total + sum(losses), count + len(losses)
+            # Each batch's loss is a mean over its rows (seq_len tokens each); the last batch may be short, so
+            # weight by rows to get the mean over tokens.
+            source_total, rows = 0.0, 0
+            for b in self.data.val_batches(source, self.cfg.trainer.eval_batches):
+                source_total += self.loss(*self.batch(b)).item() * len(b[0])
+                rows += len(b[0])
+            metrics[f"val_loss/{source}"] = source_total / rows
+            total, count = total + source_total, count + rows
         metrics["val_loss"] = total / count
         metrics["val_ppl"] = math.exp(min(metrics["val_loss"], 50.0))
         self.logger.log(metrics, self.step)
@@ -454,6 +457,7 @@ class Trainer:
                 f"(data.* settings changed). Resume with the data settings in {path / 'config.yaml'}, or start a "
                 f"new run directory."
             )
+        self.data.check_resume(state["data_position"], path)
         self.check_resume_step(path, state["step"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.apply_optim_settings(fresh_groups, state["step"])

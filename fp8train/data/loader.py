@@ -7,7 +7,9 @@ targets the last seq_len). Every sample of a run has a global index
 
 and takes window ``perm_epoch[g % n_windows]`` of epoch ``g // n_windows``, where ``perm_epoch`` is
 ``numpy.random.default_rng([seed, epoch]).permutation(n_windows)``. So a resumed run needs only the step to get
-the same data, and within an epoch no window repeats across steps, micro steps or ranks.
+the same data, and within an epoch no window repeats across steps, micro steps or ranks. Step k takes samples
+[k * G, (k + 1) * G), G = micro_batch_size * grad_accum_steps * world_size: a run may resume with another split of
+the same G over micro batches, accumulation steps and ranks, but not with another G or seed (``check_resume``).
 """
 
 from __future__ import annotations
@@ -134,9 +136,53 @@ class TokenData:
             yield self._gather(tokens, np.arange(start, min(start + self.micro_batch_size, n_windows)))
 
     def position(self, step: int) -> dict:
-        """Where the data stream stands before ``step``: global samples consumed and the epoch they reach."""
+        """Where the data stream stands before ``step``: global samples consumed, the epoch they reach, and the
+        seed and batch layout that put it there."""
         samples_seen = step * self.grad_accum_steps * self.world_size * self.micro_batch_size
-        return {"step": step, "epoch": samples_seen // self.n_train_windows, "samples_seen": samples_seen}
+        return {
+            "step": step,
+            "epoch": samples_seen // self.n_train_windows,
+            "samples_seen": samples_seen,
+            "seed": self.seed,
+            "micro_batch_size": self.micro_batch_size,
+            "grad_accum_steps": self.grad_accum_steps,
+            "world_size": self.world_size,
+        }
+
+    def check_resume(self, saved: dict, where: str | Path) -> None:
+        """Refuse to continue a saved ``position`` on other data than the unbroken run's.
+
+        Step k trains on global samples [k * G, (k + 1) * G) with G = micro_batch_size * grad_accum_steps *
+        world_size, so another layout with the same G continues exactly (each step sees the same sequences, split
+        otherwise over micro steps and ranks), while another G or another seed would repeat or skip sequences.
+        """
+        step, samples_seen = saved["step"], saved["samples_seen"]
+        problems = []
+        if self.position(step)["samples_seen"] != samples_seen:
+            was = (
+                f" (trainer.micro_batch_size={saved['micro_batch_size']} x trainer.grad_accum_steps="
+                f"{saved['grad_accum_steps']} x {saved['world_size']} data-parallel rank(s))"
+                if "micro_batch_size" in saved
+                else ""
+            )
+            problems.append(
+                f"it stopped at step {step} after {samples_seen} training sequences{was}, and with this run's "
+                f"trainer.micro_batch_size={self.micro_batch_size} x trainer.grad_accum_steps={self.grad_accum_steps}"
+                f" x {self.world_size} data-parallel rank(s) step {step} would start at sequence "
+                f"{self.position(step)['samples_seen']}, repeating or skipping data. Keep the global batch at "
+                f"{samples_seen // step if step else samples_seen} sequences per step (micro_batch_size x "
+                f"grad_accum_steps x ranks)"
+            )
+        if saved.get("seed", self.seed) != self.seed:
+            problems.append(
+                f"it was trained with trainer.seed={saved['seed']}, which orders its batches; trainer.seed="
+                f"{self.seed} would shuffle the rest of the epoch otherwise. Resume with trainer.seed={saved['seed']}"
+            )
+        if problems:
+            raise DataError(
+                f"resume: {where} cannot continue on the data of an unbroken run: {'; '.join(problems)}. Or start a "
+                f"new run directory from its weights with model.init_from={where}."
+            )
 
     def _window(self, g: int) -> int:
         """Index of the training window of global sample ``g``."""

@@ -132,9 +132,17 @@ def find_eos_id(tokenizer: Tokenizer, declared: str | None, key: str) -> int:
     )
 
 
+def _untruncated(tokenizer: Tokenizer) -> Tokenizer:
+    """The tokenizer with the truncation and padding a tokenizer.json may carry switched off: the corpus is encoded
+    in pieces of PIECE_CHARS characters, and each must give all its ids, not max_length of them or pad ids."""
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+    return tokenizer
+
+
 def _read_tokenizer_file(file: Path, key: str) -> Tokenizer:
     try:
-        return Tokenizer.from_file(str(file))
+        return _untruncated(Tokenizer.from_file(str(file)))
     except Exception as e:  # tokenizers raises a bare Exception for malformed JSON or unknown components
         raise DataError(
             f"{key}: {file} is not a tokenizer.json that Hugging Face tokenizers can read ({first_line(e)}). "
@@ -161,7 +169,7 @@ def _load_hf_folder(folder: Path, key: str) -> tuple[Tokenizer, str | None]:
             "Convert it once with transformers (AutoTokenizer.from_pretrained(folder).save_pretrained(folder) "
             "writes a tokenizer.json) and point data.tokenizer.path at the result."
         )
-    return backend, getattr(hf, "eos_token", None)
+    return _untruncated(backend), getattr(hf, "eos_token", None)
 
 
 def _declared_eos(folder: Path) -> str | None:

@@ -10,7 +10,8 @@ directory ``cache_dir/tokens-<key>/`` holding flat arrays of ids (uint16 for voc
 
 The key hashes the exact train and val bytes of every source and the tokenizer, so a changed file, split or
 tokenizer gets a new directory and an unchanged one is reused. The directory is written under a temporary name
-and renamed into place, so readers never see a half-written cache and concurrent builders do not collide.
+and renamed into place, so readers never see a half-written cache and concurrent builders do not collide; the
+temporary folder of a killed build is removed by a later build once it is STALE_TMP_S old.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ TOKENS_FORMAT = 1  # bump when the layout or the encoding procedure changes: old
 PIECE_CHARS = 1 << 16  # characters per encode call; bounds the memory of tokenizers' Encoding objects
 BATCH_PIECES = 16  # pieces per encode_batch call (tokenizers spreads a batch over its thread pool)
 PROGRESS_CHARS = 16 << 20  # log progress every this many characters, on inputs larger than this
+STALE_TMP_S = 3600  # a temp folder not written to for this long belongs to a killed build (a live one writes often)
 
 
 @dataclass
@@ -263,6 +265,7 @@ def publishing(final: Path) -> Iterator[Path]:
     """
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
+        _remove_abandoned(final.parent)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
     except OSError as e:
         raise DataError(
@@ -280,6 +283,23 @@ def publishing(final: Path) -> Iterator[Path]:
             log.info("%s was written meanwhile by another process; using that one", final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove_abandoned(cache_dir: Path) -> None:
+    """Delete the temp folders of builds killed before their ``finally`` ran (SIGKILL, SIGTERM, a lost node).
+
+    A live build writes into its folder every few seconds, so one whose newest file is older than STALE_TMP_S is
+    abandoned, whatever host or process made it.
+    """
+    now = time.time()
+    for folder in cache_dir.glob(".tmp-*"):
+        try:
+            newest = max([folder.stat().st_mtime, *(f.stat().st_mtime for f in folder.iterdir())])
+        except OSError:  # removed meanwhile by its builder or another cleaner
+            continue
+        if folder.is_dir() and now - newest > STALE_TMP_S:
+            log.info("removing %s, left by a build that was killed", folder)
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _write_tokens(out: Path, sources: list[SourceText], tokenizer: Tokenizer, eos_id: int) -> dict:

@@ -3,6 +3,7 @@
 import json
 import logging
 import multiprocessing
+import time
 
 import numpy as np
 import pytest
@@ -181,7 +182,12 @@ def test_one_epoch_over_ranks_and_micro_steps_covers_every_window_once(tmp_path)
     assert sorted(order[:n]) == list(range(n))
     assert sorted(order[n : 2 * n]) == list(range(n))
     assert order[:n] != order[n : 2 * n]  # each epoch has its own order
-    assert ranks[0].position(step) == {"step": step, "epoch": step * B * G * W // n, "samples_seen": step * B * G * W}
+    position = ranks[0].position(step)
+    assert (position["step"], position["epoch"], position["samples_seen"]) == (
+        step,
+        step * B * G * W // n,
+        step * B * G * W,
+    )
 
 
 def test_val_batches_are_fixed_consecutive_windows(tmp_path):
@@ -244,6 +250,21 @@ def test_tokenizer_json_and_folders_load_offline(tmp_path, trained, monkeypatch)
         assert torch.equal(data.train_batch(2, 1)[0], reference)  # same ids, same windows
 
 
+def test_a_tokenizer_saved_with_truncation_or_padding_still_encodes_every_token(tmp_path, trained):
+    """A tokenizer.json may carry the truncation/padding of its last use; encoding the corpus in 64k-character
+    pieces must not cut each piece to max_length tokens nor pad it."""
+    reference = train_tokens(trained)
+    tok = Tokenizer.from_str(trained.tokenizer.to_str())
+    tok.enable_truncation(max_length=16)
+    tok.enable_padding(length=4096, pad_id=trained.eos_id)
+    file = tmp_path / "truncating" / "tokenizer.json"
+    file.parent.mkdir()
+    tok.save(str(file))
+    data = build(data_cfg(tmp_path / "run", [TEXT], tokenizer_path=str(file)))
+    assert np.array_equal(train_tokens(data), reference)
+    assert torch.equal(data.train_batch(2, 1)[0], trained.train_batch(2, 1)[0])
+
+
 def test_tokenizer_without_eos_is_refused(tmp_path):
     file = tmp_path / "tokenizer.json"
     Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]")).save(str(file))
@@ -277,6 +298,18 @@ def test_unusable_source_names_key_and_file(tmp_path, content, expected):
         build(cfg)
     assert f"data.sources.1.path={path}" in str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_a_folder_as_source_is_named_a_folder_with_the_way_to_list_its_files(tmp_path):
+    from fp8train.config import compose
+    from fp8train.errors import ConfigError
+
+    (tmp_path / "corpus").mkdir()
+    with pytest.raises(ConfigError) as err:
+        compose(["data=text", f"data.sources=[{{path: {tmp_path / 'corpus'}}}]"])
+    message = str(err.value)
+    assert f"data.sources.0.path={tmp_path / 'corpus'}: is a folder" in message and "no such file" not in message
+    assert f"data.sources=[{{path: {tmp_path / 'corpus'}/a.txt}}, " in message
 
 
 def test_corpus_too_short_for_seq_len(tmp_path):
@@ -318,3 +351,137 @@ def test_a_late_publisher_discards_its_copy_and_a_failed_one_leaves_nothing(tmp_
         with publishing(tmp_path / "tokens-y"):
             raise RuntimeError("tokenization failed")
     assert [p.name for p in tmp_path.iterdir()] == ["tokens-x"]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Resuming with another batch layout
+
+
+def step_windows(layout, step):
+    """The rows of every (micro_step, rank) of ``step``, as a sorted list: the data one optimizer step trains on."""
+    rows = []
+    for data in layout:
+        for micro_step in range(data.grad_accum_steps):
+            rows += [tuple(r) for r in data.train_batch(step, micro_step)[0].tolist()]
+    return sorted(rows)
+
+
+def test_a_layout_with_the_same_global_batch_trains_each_step_on_the_same_sequences(tmp_path):
+    """micro_batch_size x grad_accum_steps x ranks = 8 in every layout: step k takes sequences [8k, 8k + 8)."""
+    cfg = data_cfg(tmp_path, [TEXT])
+    layouts = [
+        [build(cfg, seed=2, micro_batch_size=8, grad_accum_steps=1)],
+        [build(cfg, seed=2, micro_batch_size=4, grad_accum_steps=2)],
+        [build(cfg, seed=2, micro_batch_size=2, grad_accum_steps=2, rank=r, world_size=2) for r in range(2)],
+    ]
+    saved = layouts[0][0].position(5)
+    for layout in layouts:
+        assert [step_windows(layout, s) for s in (5, 6, 40)] == [step_windows(layouts[0], s) for s in (5, 6, 40)]
+        for data in layout:
+            data.check_resume(saved, "ckpt")  # the same data: accepted
+
+
+def test_another_global_batch_or_seed_is_refused_by_name(tmp_path):
+    """Step k of a run with another global batch starts at another sequence: it would repeat or skip data."""
+    cfg = data_cfg(tmp_path, [TEXT])
+    saved = build(cfg, seed=2, micro_batch_size=8, grad_accum_steps=1).position(5)
+    for kwargs, named in [
+        (
+            dict(seed=2, micro_batch_size=4, grad_accum_steps=1),
+            "trainer.micro_batch_size=4 x trainer.grad_accum_steps=1",
+        ),
+        (
+            dict(seed=2, micro_batch_size=8, grad_accum_steps=2),
+            "trainer.micro_batch_size=8 x trainer.grad_accum_steps=2",
+        ),
+        (
+            dict(seed=2, micro_batch_size=4, grad_accum_steps=1, rank=1, world_size=4),
+            "x 4 data-parallel rank(s) step 5",
+        ),
+        (dict(seed=3, micro_batch_size=8, grad_accum_steps=1), "trainer.seed=3"),
+    ]:
+        with pytest.raises(DataError) as err:
+            build(cfg, **kwargs).check_resume(saved, "ckpt")
+        message = str(err.value)
+        assert named in message and "model.init_from=ckpt" in message and "\n" not in message
+
+
+def test_the_trainer_checks_the_data_position_on_resume(tmp_path):
+    from fp8train.config import compose
+    from fp8train.trainer import Trainer
+    from tests.helpers import SMALL
+
+    run_dir = tmp_path / "run"
+    base = [*SMALL, "precision=fp32", "trainer.max_steps=2", "trainer.checkpoint_every=1", "trainer.eval_every=0"]
+    Trainer(compose([*base, "trainer.micro_batch_size=2", "trainer.stop_at=1"]), run_dir).fit()
+    saved_config = (run_dir / "config.yaml").read_text()
+    with pytest.raises(DataError, match=r"after 2 training sequences .* would start at sequence 1"):
+        Trainer(compose([*base, "trainer.micro_batch_size=1", "resume=auto"]), run_dir)
+    assert (run_dir / "config.yaml").read_text() == saved_config
+
+
+def test_the_temp_folder_of_a_killed_build_is_removed_by_a_later_one(tmp_path):
+    """A build killed by SIGKILL or SIGTERM leaves its temp folder (possibly gigabytes of partial ids); one that has
+    not been written to for STALE_TMP_S is abandoned and goes, while a live builder's recent one stays."""
+    import os
+
+    from fp8train.data import tokens
+
+    abandoned, live = tmp_path / ".tmp-tokens-a-x1", tmp_path / ".tmp-tokens-b-x2"
+    for folder in (abandoned, live):
+        folder.mkdir()
+        (folder / "train.bin").write_bytes(b"\0" * 64)
+    old = time.time() - tokens.STALE_TMP_S - 60
+    for path in (abandoned / "train.bin", abandoned):
+        os.utime(path, (old, old))
+    os.utime(live, (old, old))  # a folder's mtime stays put while its file grows
+    (tmp_path / "unrelated").mkdir()
+    with publishing(tmp_path / "tokens-c") as tmp:
+        (tmp / "meta.json").write_text("{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp-tokens-b-x2", "tokens-c", "unrelated"]
+
+
+def test_resuming_a_zero_checkpoint_on_another_number_of_ranks_is_a_clear_error(tmp_path):
+    """DeepSpeed raises its own ZeRORuntimeException for a changed data-parallel world size; it must reach the
+    user as the one-paragraph CheckpointError that names the fix, not as a traceback."""
+    from types import SimpleNamespace
+
+    from deepspeed.runtime.zero.utils import ZeRORuntimeException
+
+    from fp8train.errors import CheckpointError
+    from fp8train.parallel import DEEPSPEED_DIR
+    from fp8train.parallel.deepspeed import DeepSpeedEngine
+
+    def load_checkpoint(*args, **kwargs):
+        raise ZeRORuntimeException(
+            "The checkpoint being loaded used a DP world size of 2 but the current world size is 1."
+        )
+
+    (tmp_path / DEEPSPEED_DIR).mkdir()
+    engine = object.__new__(DeepSpeedEngine)
+    engine.ds = SimpleNamespace(load_checkpoint=load_checkpoint)
+    with pytest.raises(CheckpointError, match=r"DP world size of 2 but the current world size is 1.*number of ranks"):
+        engine.load_state(tmp_path, torch.device("cpu"))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Validation
+
+
+def test_val_loss_weights_every_sequence_equally_when_the_last_batch_is_short(tmp_path):
+    """The val split of tinyshakespeare at seq_len 64 is 333 windows: 41 batches of 8 and one of 5. val_loss is
+    the mean over its tokens, so the short batch counts 5/333, not 1/42. A loss that is the mean input id makes
+    the weighting visible; the reference is the float64 mean over every row."""
+    from fp8train.config import compose
+    from fp8train.trainer import Trainer
+    from tests.helpers import SMALL
+
+    t = Trainer(compose([*SMALL, "precision=fp32", "trainer.eval_batches=50"]), tmp_path / "run")
+    t.loss = lambda inputs, targets: inputs.float().mean()
+    source = t.data.val_sources[0]
+    rows = torch.cat([x for x, _ in t.data.val_batches(source, 50)])
+    assert [len(x) for x, _ in t.data.val_batches(source, 50)][-2:] == [8, 5]
+    reference = rows.double().mean().item()
+    metrics = t.evaluate()
+    assert metrics["val_loss"] == pytest.approx(reference, rel=1e-6)
+    assert metrics[f"val_loss/{source}"] == pytest.approx(reference, rel=1e-6)
