@@ -115,6 +115,7 @@ class Trainer:
             disable=not (use_progress_bar(cfg) and self.engine.is_main),
         )
         window_t0, window_tokens = time.perf_counter(), 0
+        finished_cleanly = False  # an exception on this rank alone must not wait for the others at shutdown
         with logging_redirect_tqdm(loggers=[logging.getLogger()]), StopSignals() as signals:
             try:
                 first_step = self.step
@@ -158,6 +159,7 @@ class Trainer:
                             self.run_dir,
                         )
                         break
+                finished_cleanly = True
             except torch._dynamo.exc.BackendCompilerFailed as e:  # inductor's InductorError included
                 raise self.compile_error(e) from None
             finally:
@@ -165,7 +167,7 @@ class Trainer:
                 self.logger.summary({k: v for k, v in last.items() if isinstance(v, (int, float))})
                 self.logger.finish()
                 self.monitor.close()
-                self.engine.close()
+                self.engine.close(clean=finished_cleanly)
         self.log_end(last)
         return last
 

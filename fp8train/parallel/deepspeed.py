@@ -226,9 +226,17 @@ class DeepSpeedEngine(SingleEngine):
 
         return deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None)
 
-    def close(self) -> None:
-        """A barrier, then leave the group: without it a rank can exit while another still talks to it."""
-        if dist.is_initialized():
+    def close(self, clean: bool = True) -> None:
+        """A barrier, then leave the group: without it a rank can exit while another still talks to it.
+
+        Not after an error (``clean=False``): it may have hit this rank alone (rank 0 failing to write a
+        checkpoint's shared files, say) while the others wait in another collective, so a barrier here would hang
+        until parallel.timeout_min and end in a timeout traceback instead of the error's message. The process exits
+        instead, and the launcher (torchrun, deepspeed, mpirun, srun) stops the other ranks when it sees that.
+        """
+        if not dist.is_initialized():
+            return
+        if clean:
             dist.barrier()
             dist.destroy_process_group()
 

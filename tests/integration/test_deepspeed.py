@@ -187,3 +187,21 @@ def test_sigterm_to_one_rank_stops_all_with_a_checkpoint_and_resume_is_exact(tmp
     assert [p.name for p in (broken / "checkpoints").iterdir()] == [f"step_{stopped:07d}"]
     run_ranks(broken, *common, "resume=auto")
     assert losses(broken) == losses(unbroken)
+
+
+def test_an_error_on_rank_0_ends_the_run_at_once_with_its_message(tmp_path):
+    """A checkpoint rank 0 alone cannot write (here: checkpoints/ is a file) fails rank 0 while rank 1 waits in the
+    checkpoint's first collective. Rank 0 must not then wait in a barrier of its own at shutdown (until
+    parallel.timeout_min): it exits with its message and status 2, and the launcher stops the other rank."""
+    run_dir = tmp_path / "ds"
+    run_dir.mkdir()
+    (run_dir / "checkpoints").write_text("not a folder")
+    cmd = torchrun_cmd(run_dir, "trainer.micro_batch_size=4", "parallel.timeout_min=1", "trainer.checkpoint_every=2")
+    t0 = time.monotonic()
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
+    elapsed = time.monotonic() - t0
+    out = done.stdout + done.stderr
+    assert done.returncode != 0
+    assert "fp8train: writing checkpoint step 2 to" in out, out[-3000:]
+    assert "exitcode  : 2" in out, out[-3000:]  # rank 0's own status: a message, not a traceback
+    assert elapsed < 50, f"took {elapsed:.0f} s: a rank waited for parallel.timeout_min=1"
