@@ -87,3 +87,29 @@ def test_bad_parallel_settings_name_the_fix(tmp_path):
     assert "parallel.timeout_min=0: must be > 0" in text
     with pytest.raises(ConfigError, match="ZeRO-3 holds only a shard"):
         compose(["parallel=deepspeed", "parallel.zero_stage=3", "precision=fp8_smooth_channel"])
+
+
+def test_a_rank_whose_clock_named_another_run_dir_logs_into_rank_0s(tmp_path, monkeypatch):
+    """Hydra names the run dir after each rank's start time and opens RUN_DIR/train.log there at once; a rank that
+    started a second later than rank 0 must move its log into rank 0's run dir and leave no directory behind."""
+    import logging
+
+    from fp8train import parallel
+    from fp8train.trainer import agree_on_run_dir
+
+    mine, rank0 = tmp_path / "run_14-00-01", tmp_path / "run_14-00-00"
+    mine.mkdir()
+    handler = logging.FileHandler(mine / "train.log")  # as Hydra's job logging sets it up
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        logging.getLogger("deepspeed").warning("before the run dir was agreed")
+        monkeypatch.setattr(parallel, "broadcast_object", lambda obj: str(rank0))
+        assert agree_on_run_dir(mine) == rank0
+        logging.getLogger("fp8train").warning("a warning of this rank")
+        handler.flush()
+        assert not mine.exists()
+        assert "a warning of this rank" in (rank0 / "train.log").read_text()
+    finally:
+        root.removeHandler(handler)
+        handler.close()
