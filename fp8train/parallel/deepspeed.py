@@ -167,8 +167,18 @@ class DeepSpeedEngine(SingleEngine):
         return t / self.world_size
 
     def no_sync(self, sync: bool) -> contextlib.AbstractContextManager:
-        """Only the last micro-batch's backward reduces gradients over ranks (DeepSpeed does it there)."""
+        """Only the last micro-batch's backward reduces gradients over ranks (DeepSpeed does it there).
+
+        Called before each micro-batch's forward. The trainer runs the plain module, not DeepSpeed's engine forward,
+        so what that forward does first is done here: ``clear_backward_seen_flag`` on the ZeRO optimizer, where
+        DeepSpeed >= 0.18 counts the micro-batches. Without it ZeRO-3 stays at micro-batch 0, and each backward
+        overwrites the accumulated gradient partitions instead of adding to them: with trainer.grad_accum_steps > 1
+        every micro-batch but the last was lost. (DeepSpeed releases that count in the backward have no such method.)
+        """
         self.ds.set_gradient_accumulation_boundary(sync)
+        clear = getattr(self.ds.optimizer, "clear_backward_seen_flag", None)
+        if self.stage > 0 and clear is not None:
+            clear()
         return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:

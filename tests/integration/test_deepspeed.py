@@ -91,8 +91,8 @@ def single(tmp_path_factory):
 
 @pytest.mark.parametrize(
     "zero_stage, micro_batch, accum",
-    [(0, GLOBAL_BATCH // 2, 1), (1, GLOBAL_BATCH // 2, 1), (2, GLOBAL_BATCH // 4, 2), (3, GLOBAL_BATCH // 2, 1)],
-    ids=["zero0", "zero1", "zero2-accum2", "zero3"],
+    [(0, GLOBAL_BATCH // 2, 1), (1, GLOBAL_BATCH // 2, 1), (2, GLOBAL_BATCH // 4, 2), (3, GLOBAL_BATCH // 4, 2)],
+    ids=["zero0", "zero1", "zero2-accum2", "zero3-accum2"],
 )
 def test_two_ranks_match_one_process_with_the_same_global_batch(tmp_path, single, zero_stage, micro_batch, accum):
     run_dir = tmp_path / "ds"
