@@ -34,12 +34,19 @@ from fp8train.parallel import DEEPSPEED_DIR, MODEL_FILE, LaunchEnv, SingleEngine
 
 log = logging.getLogger(__name__)
 
-# ds_config keys that follow from the trainer's settings: a user ds_config may not contradict them.
-OWNED = (
-    "train_micro_batch_size_per_gpu",
-    "gradient_accumulation_steps",
-    "train_batch_size",
-)
+# ds_config keys that follow from the trainer's settings: a user ds_config may not contradict them (key: what
+# sets it instead). ZeRO 1-3 clip in DeepSpeed's step, ZeRO 0 in fp8train's: both must clip to optim.grad_clip.
+OWNED = {
+    "train_micro_batch_size_per_gpu": "trainer.micro_batch_size",
+    "gradient_accumulation_steps": "trainer.grad_accum_steps",
+    "train_batch_size": "trainer.micro_batch_size / trainer.grad_accum_steps",
+    "gradient_clipping": "optim.grad_clip",
+}
+# Parts of a run fp8train provides itself (the client optimizer, its lr schedule): a ds_config's would replace them.
+NOT_FROM_DS_CONFIG = {
+    "optimizer": "the optimizer is fp8train's: choose it with optim=adamw or optim=adamw_fp8",
+    "scheduler": "the learning-rate schedule is fp8train's: set optim.lr, optim.warmup_steps, optim.min_lr",
+}
 
 
 def init_distributed(cfg: ParallelConfig, backend: Backend, env: LaunchEnv) -> None:
@@ -88,9 +95,14 @@ def build_ds_config(
         raise ConfigError([f"parallel.ds_config={cfg.ds_config}: not a readable JSON file ({e})"]) from None
     problems = [
         f"parallel.ds_config={cfg.ds_config}: sets {key}={user[key]}, but this run needs {generated[key]}; remove "
-        f"it from the file and set trainer.micro_batch_size / trainer.grad_accum_steps instead"
-        for key in OWNED
+        f"it from the file and set {override} instead"
+        for key, override in OWNED.items()
         if key in user and user[key] != generated[key]
+    ]
+    problems += [
+        f"parallel.ds_config={cfg.ds_config}: sets {key}, but {why}; remove it from the file"
+        for key, why in NOT_FROM_DS_CONFIG.items()
+        if key in user
     ]
     if user.get("bf16", {}).get("enabled") or user.get("fp16", {}).get("enabled"):
         problems.append(

@@ -53,6 +53,21 @@ def test_user_ds_config_may_not_contradict_the_run(tmp_path):
     assert "parallel.zero_stage=2" in text
 
 
+def test_user_ds_config_may_not_set_clipping_or_an_optimizer_of_its_own(tmp_path):
+    # ZeRO 1-3 would clip to the file's value, ZeRO 0 (fp8train's own step) to optim.grad_clip; an "optimizer" or
+    # "scheduler" would replace fp8train's AdamW / AdamWFp8 and lr schedule. Each is refused, naming the override.
+    same = ds_config(tmp_path, {"gradient_clipping": 1.0})
+    assert same["gradient_clipping"] == 1.0
+    with pytest.raises(ConfigError) as e:
+        ds_config(
+            tmp_path, {"gradient_clipping": 0.5, "optimizer": {"type": "Adam"}, "scheduler": {"type": "WarmupLR"}}
+        )
+    text = str(e.value)
+    assert "sets gradient_clipping=0.5, but this run needs 1.0" in text and "optim.grad_clip" in text
+    assert "sets optimizer" in text and "optim=adamw" in text
+    assert "sets scheduler" in text and "optim.lr" in text
+
+
 def test_launch_env_reads_torchrun_and_mpirun_variables(monkeypatch):
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "OMPI_COMM_WORLD_RANK"):
         monkeypatch.delenv(name, raising=False)
