@@ -174,3 +174,122 @@ def test_te_engine_off_gaudi_is_a_config_error():
 
     with pytest.raises(ConfigError, match="precision.engine=te: Habana's Transformer Engine needs backend.name=hpu"):
         compose(["backend=cpu", "precision.engine=te"])
+
+
+# The signatures of Habana's low-level FP8 ops (torch.ops.hpu) exactly as Habana's bridge documents them (1.17-1.19),
+# with the documented meaning of each argument: the cast multiplies by ``scale`` and saturates (E4M3 at
+# Gaudi2's 240), the GEMM computes op(A) @ op(B), op transposing when trans_* is set, times A_scale_inv * B_scale_inv.
+CAST_TO_FP8_V2 = "input, scale=None, stochastic_rounding=False, is_amax=False, dtype=None, scale_shape=None"
+FP8_GEMM_V2 = (
+    "A, trans_A, B, trans_B, D, out_dtype, A_scale_inv=None, B_scale_inv=None, bias=None, accumulate=False, "
+    "B_scale_shape=None"
+)
+GAUDI2_MAX = {torch.float8_e4m3fn: 240.0, torch.float8_e5m2: 57344.0}
+
+
+def documented_op(params: str, semantics, calls: list):
+    """A callable with exactly the documented parameters (order, names, defaults); records its bound arguments."""
+    import inspect
+
+    fields = []
+    for p in params.split(", "):
+        name, _, default = p.partition("=")
+        fields.append(
+            inspect.Parameter(
+                name,
+                inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                default={"": inspect.Parameter.empty, "None": None, "False": False}[default],
+            )
+        )
+    signature = inspect.Signature(fields)
+
+    def op(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        calls.append(dict(bound.arguments))
+        return semantics(**bound.arguments)
+
+    return op
+
+
+def fake_hpu_ops(calls: list) -> types.SimpleNamespace:
+    def cast(input, scale, stochastic_rounding, is_amax, dtype, scale_shape):
+        limit = GAUDI2_MAX[dtype]
+        q = (input.double() * scale.double()).clamp(-limit, limit).to(dtype)  # scale multiplies; saturating
+        return q, input.abs().amax().float() if is_amax else None
+
+    def gemm(A, trans_A, B, trans_B, D, out_dtype, A_scale_inv, B_scale_inv, bias, accumulate, B_scale_shape):
+        a = A.double().t() if trans_A else A.double()
+        b = B.double().t() if trans_B else B.double()
+        out = (a @ b) * A_scale_inv.double() * B_scale_inv.double()
+        return (out if bias is None else out + bias.double()).to(out_dtype)
+
+    return types.SimpleNamespace(
+        cast_to_fp8_v2=documented_op(CAST_TO_FP8_V2, cast, calls),
+        fp8_gemm_v2=documented_op(FP8_GEMM_V2, gemm, calls),
+    )
+
+
+@pytest.fixture
+def hpu_ops(monkeypatch):
+    from fp8train.backends.hpu import HpuFp8Ops
+
+    calls: list = []
+    monkeypatch.setattr(torch.ops, "hpu", fake_hpu_ops(calls), raising=False)
+    return HpuFp8Ops(), calls
+
+
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+def test_hpu_cast_passes_scale_dtype_and_rounding_where_habana_documents_them(hpu_ops, fmt):
+    from fp8train.fp8 import formats
+
+    ops, calls = hpu_ops
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(64, 96, generator=g) * torch.rand(64, 1, generator=g) * 30
+    scale = formats.scale_from_amax(x.abs().amax() / 3, fmt, "gaudi2", pow2=True)  # saturates the largest third
+    q, amax = ops.quantize(x, fmt, scale, "gaudi2")
+    assert q.dtype == formats.fp8_dtype(fmt) and calls[-1]["stochastic_rounding"] is False
+    # Gaudi2's saturating cast of x * scale is the CPU emulation of precision.profile=gaudi2, element for element.
+    assert torch.equal(q.float(), formats.quantize(x, fmt, scale, "gaudi2").float())
+    assert q.float().abs().max() == formats.fp8_max(fmt, "gaudi2")
+    assert amax == x.abs().amax()
+    ops.quantize(x, fmt, scale, "gaudi2", stochastic=True)
+    assert calls[-1]["stochastic_rounding"] is True
+
+
+def test_hpu_gemm_arguments_give_a_times_b_transposed_in_real_units(hpu_ops):
+    from fp8train.fp8 import formats
+
+    ops, _ = hpu_ops
+    g = torch.Generator().manual_seed(12)
+    a, b = torch.randn(48, 64, generator=g), torch.randn(80, 64, generator=g) * 1e-3
+    sa, sb = (formats.scale_from_amax(t.abs().amax(), "e4m3", "gaudi2", pow2=True) for t in (a, b))
+    qa, qb = formats.quantize(a, "e4m3", sa, "gaudi2"), formats.quantize(b, "e4m3", sb, "gaudi2")
+    want = (qa.double() / sa.double()) @ (qb.double() / sb.double()).t()  # (M, N): the FP8 operands in real units
+    got = ops.scaled_mm(qa, qb, sa, sb, torch.float32)
+    assert got.shape == (48, 80) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-9)
+
+
+def test_hybrid_fp8_linear_on_habanas_documented_ops_matches_the_cpu_emulation(hpu_ops):
+    # Forward, dX and dW through the documented cast/GEMM calls (operands transposed by the layer as it runs them)
+    # equal the emulated Gaudi2 recipe: a wrong argument order or transpose would change the numbers.
+    from fp8train.fp8.linear import Fp8Linear
+    from fp8train.fp8.scaling import ScalingConfig
+
+    ops, calls = hpu_ops
+    gaudi2 = ScalingConfig(recipe="current", profile="gaudi2", pow2=True)
+    torch.manual_seed(13)
+    cpu = Fp8Linear(64, 32, scaling=gaudi2, hybrid=True)
+    hpu = Fp8Linear(64, 32, scaling=gaudi2, hybrid=True, ops=ops)
+    hpu.load_state_dict(cpu.state_dict())
+    x = torch.randn(40, 64) * 4
+    xc, xh = x.clone().requires_grad_(), x.clone().requires_grad_()
+    gy = torch.randn(40, 32)
+    yc, yh = cpu(xc), hpu(xh)
+    yc.backward(gy)
+    yh.backward(gy)
+    assert sum("A" in c for c in calls) == 3  # forward, dX and dW each one fp8_gemm_v2
+    torch.testing.assert_close(yh, yc, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(xh.grad, xc.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(hpu.weight.grad, cpu.weight.grad, rtol=1e-5, atol=1e-6)
