@@ -227,11 +227,15 @@ class DeepSpeedEngine(SingleEngine):
                 f"resume={folder}: written by parallel=single (no {DEEPSPEED_DIR}/ folder); resume it with "
                 f"parallel=single, or start this run from its weights with model.init_from={folder}."
             )
+        try:  # ZeRO stages 1-3 refuse another number of ranks with their own exception class
+            from deepspeed.runtime.zero.utils import ZeRORuntimeException
+        except ImportError:
+            ZeRORuntimeException = RuntimeError  # noqa: N806
         try:
             path, _ = self.ds.load_checkpoint(
                 str(folder), tag=DEEPSPEED_DIR, load_optimizer_states=True, load_lr_scheduler_states=False
             )
-        except (RuntimeError, ValueError, AssertionError) as e:
+        except (RuntimeError, ValueError, AssertionError, ZeRORuntimeException) as e:
             raise CheckpointError(
                 f"resume={folder}: DeepSpeed cannot load it into this run ({str(e).splitlines()[0][:200]}). ZeRO "
                 f"stages 1-3 must resume with the number of ranks and the zero stage they were saved with "

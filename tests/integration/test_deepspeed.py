@@ -135,6 +135,13 @@ def test_zero2_with_fp8_adam_resumes_exactly(tmp_path):
     for name, tensor in plain.items():
         assert torch.equal(tensor, module[name].float()), name
     assert max(losses(broken)) == 3
+    # ZeRO-2 shards the optimizer state over 2 ranks: one rank cannot take it up, and says so without a traceback.
+    one = subprocess.run(
+        torchrun_cmd(broken, *common, "resume=auto", ranks=1), cwd=ROOT, capture_output=True, text=True, env=ENV
+    )
+    assert one.returncode != 0
+    assert "fp8train: resume=" in one.stderr and "DP world size of 2" in one.stderr, one.stderr[-3000:]
+    assert "Error executing job" not in one.stderr, one.stderr[-3000:]  # Hydra's header of a traceback
     done = run_ranks(broken, *common, "resume=auto")
     assert "resumed from" in done
     assert losses(broken) == losses(unbroken)
