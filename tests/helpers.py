@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import os
 import subprocess
 import sys
@@ -123,3 +124,26 @@ def unshared(m: nn.Module) -> nn.Module:
         if isinstance(linear, Fp8Linear):
             linear.input_scaler = copy.deepcopy(linear.input_scaler)
     return twin
+
+
+def documented_op(params: str, semantics, calls: list):
+    """A callable with exactly the documented parameters (order, names, defaults); records its bound arguments."""
+    fields = []
+    for p in params.split(", "):
+        name, _, default = p.partition("=")
+        fields.append(
+            inspect.Parameter(
+                name,
+                inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                default={"": inspect.Parameter.empty, "None": None, "False": False, "True": True}[default],
+            )
+        )
+    signature = inspect.Signature(fields)
+
+    def op(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        calls.append(dict(bound.arguments))
+        return semantics(**bound.arguments)
+
+    return op

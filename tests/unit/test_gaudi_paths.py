@@ -26,6 +26,7 @@ from fp8train.backends.hpu_te import TeLinear, fp8_autocast
 from fp8train.config import AmaxAlgo, Fp8Engine, ModelConfig, PrecisionConfig, Recipe, SmoothSwiGLU
 from fp8train.model import build_model
 from fp8train.precision.smooth_swiglu import SmoothSwiGLUToken
+from tests.helpers import documented_op
 
 
 def stand_in_te() -> types.SimpleNamespace:
@@ -185,31 +186,6 @@ FP8_GEMM_V2 = (
     "B_scale_shape=None"
 )
 GAUDI2_MAX = {torch.float8_e4m3fn: 240.0, torch.float8_e5m2: 57344.0}
-
-
-def documented_op(params: str, semantics, calls: list):
-    """A callable with exactly the documented parameters (order, names, defaults); records its bound arguments."""
-    import inspect
-
-    fields = []
-    for p in params.split(", "):
-        name, _, default = p.partition("=")
-        fields.append(
-            inspect.Parameter(
-                name,
-                inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                default={"": inspect.Parameter.empty, "None": None, "False": False}[default],
-            )
-        )
-    signature = inspect.Signature(fields)
-
-    def op(*args, **kwargs):
-        bound = signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        calls.append(dict(bound.arguments))
-        return semantics(**bound.arguments)
-
-    return op
 
 
 def fake_hpu_ops(calls: list) -> types.SimpleNamespace:
