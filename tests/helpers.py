@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import copy
 import inspect
 import os
@@ -127,18 +128,17 @@ def unshared(m: nn.Module) -> nn.Module:
 
 
 def documented_op(params: str, semantics, calls: list):
-    """A callable with exactly the documented parameters (order, names, defaults); records its bound arguments."""
-    fields = []
-    for p in params.split(", "):
-        name, _, default = p.partition("=")
-        fields.append(
-            inspect.Parameter(
-                name,
-                inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                default={"": inspect.Parameter.empty, "None": None, "False": False, "True": True}[default],
-            )
-        )
-    signature = inspect.Signature(fields)
+    """A callable with exactly the documented parameters (order, names, defaults: ``params`` is the text between a
+    documented signature's parentheses); records its bound arguments and returns ``semantics(**arguments)``."""
+    args = ast.parse(f"def f({params}): pass").body[0].args
+    defaults = [inspect.Parameter.empty] * (len(args.args) - len(args.defaults))
+    defaults += [ast.literal_eval(d) for d in args.defaults]
+    signature = inspect.Signature(
+        [
+            inspect.Parameter(a.arg, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=d)
+            for a, d in zip(args.args, defaults)
+        ]
+    )
 
     def op(*args, **kwargs):
         bound = signature.bind(*args, **kwargs)

@@ -28,15 +28,29 @@ from fp8train.model import build_model
 from fp8train.precision.smooth_swiglu import SmoothSwiGLUToken
 from tests.helpers import documented_op
 
+# Habana TE's documented signatures (software 1.19-1.24); the stand-in accepts nothing else.
+TE_LINEAR = (
+    "in_features, out_features, sequence_parallel=False, tp_group=None, tp_size=1, get_rng_state_tracker=None, "
+    "init_method=None, bias=True, return_bias=False, params_dtype=None, parallel_mode=None, "
+    "skip_weight_param_allocation=False, device='hpu', minimize_memory=False"
+)
+DELAYED_SCALING = (
+    "margin=0, interval=1, fp8_format=None, amax_history_len=1, amax_compute_algo='most_recent', "
+    "scaling_factor_compute_algo=None, override_linear_precision=(False, False, False), reduce_amax=True"
+)
+
 
 def stand_in_te() -> types.SimpleNamespace:
     """A module with the shape of Habana TE: Linear, fp8_autocast, recipe.DelayedScaling, recipe.Format."""
     te = types.SimpleNamespace(entered=[], calls_inside=0, active=False)
 
+    linear_args = documented_op(TE_LINEAR, lambda **kw: kw, [])
+
     class Linear(nn.Module):
-        def __init__(self, in_features, out_features, bias=True, skip_weight_param_allocation=False, **kw):
+        def __init__(self, *args, **kwargs):
             super().__init__()
-            assert skip_weight_param_allocation, "fp8train passes its own weights"
+            kw = linear_args(*args, **kwargs)  # only Habana TE's documented arguments
+            assert kw["skip_weight_param_allocation"], "fp8train passes its own weights"
             self.kw = kw
             self.register_buffer("scale_fwd", torch.ones(3))  # stands for TE's FP8 meta (scales, histories)
 
@@ -64,9 +78,12 @@ def stand_in_te() -> types.SimpleNamespace:
         finally:
             te.active = False
 
+    recipe_args = documented_op(DELAYED_SCALING, lambda **kw: kw, [])
+
     class DelayedScaling:
-        def __init__(self, **kw):
-            self.kw = kw
+        def __init__(self, *args, **kwargs):
+            recipe_args(*args, **kwargs)  # only Habana TE's documented arguments
+            self.kw = kwargs
 
     te.Linear = Linear
     te.fp8_autocast = fp8_autocast
@@ -106,6 +123,9 @@ def test_te_linears_share_the_model_parameters_and_smooth_swiglu_wraps_them():
     reference = plain(tokens).detach()
     m = precision.convert(plain, te_precision(), StandInGaudi(te))
     assert {id(p) for p in m.parameters()} == params_before  # optimizer, ties and export see the same weights
+    q_te = m.layers[0].self_attn.q_proj.te
+    assert (q_te.kw["in_features"], q_te.kw["out_features"], q_te.kw["bias"]) == (64, 64, False)
+    assert q_te.kw["params_dtype"] == torch.float32 and q_te.kw["device"] == torch.device("cpu")
     assert isinstance(m.layers[0].mlp, SmoothSwiGLUToken)
     assert isinstance(m.layers[0].mlp.down_proj, TeLinear) and isinstance(m.layers[0].self_attn.q_proj, TeLinear)
     assert not isinstance(m.lm_head, TeLinear)
