@@ -20,6 +20,7 @@ import datetime
 import json
 import logging
 import os
+import socket
 from pathlib import Path
 
 import torch
@@ -55,7 +56,9 @@ def init_distributed(cfg: ParallelConfig, backend: Backend, env: LaunchEnv) -> N
 
     if env.world_size == 1:  # started without a launcher: a one-rank group on this machine
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
+        # A free port rather than a fixed one: two such runs on one machine would otherwise both take 29500 and
+        # the second would fail with EADDRINUSE.
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     for name, value in (("RANK", env.rank), ("LOCAL_RANK", env.local_rank), ("WORLD_SIZE", env.world_size)):
         os.environ.setdefault(name, str(value))  # mpirun sets only OMPI_COMM_WORLD_*; DeepSpeed reads these
     deepspeed.init_distributed(
@@ -63,6 +66,13 @@ def init_distributed(cfg: ParallelConfig, backend: Backend, env: LaunchEnv) -> N
         timeout=datetime.timedelta(minutes=cfg.timeout_min),
         verbose=False,
     )
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def build_ds_config(

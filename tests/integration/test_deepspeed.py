@@ -212,3 +212,25 @@ def test_an_error_on_rank_0_ends_the_run_at_once_with_its_message(tmp_path):
     assert "fp8train: writing checkpoint step 2 to" in out, out[-3000:]
     assert "exitcode  : 2" in out, out[-3000:]  # rank 0's own status: a message, not a traceback
     assert elapsed < 50, f"took {elapsed:.0f} s: a rank waited for parallel.timeout_min=1"
+
+
+def test_one_process_without_a_launcher_finds_a_free_port(tmp_path):
+    """parallel=deepspeed started as plain `python train.py` forms a one-rank group on this machine; a second such
+    run (or anything else on port 29500) must not make it fail with EADDRINUSE."""
+    try:  # the rendezvous store of another one-rank run, on torch.distributed's default port
+        busy = torch.distributed.TCPStore("127.0.0.1", 29500, 1, True)
+    except RuntimeError:
+        busy = None  # already taken by something else: the same situation
+    env = {k: v for k, v in ENV.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
+    cmd = [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={tmp_path / 'one'}", *COMMON]
+    done = subprocess.run(
+        [*cmd, "parallel=deepspeed", "trainer.max_steps=1", "trainer.checkpoint_every=0"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    del busy
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "1 ranks (gloo)" in done.stderr + done.stdout
