@@ -210,3 +210,13 @@ def test_habana_fused_adamw_gets_fp8_moment_dtypes(habana):
     opt = backend.fused_fp8_adamw(groups, 3e-4, (0.9, 0.95), 1e-8, "e4m3", "e5m2")
     assert opt.moments_dtype == (torch.float8_e4m3fn, torch.float8_e5m2)  # (m, v), as documented
     assert (opt.lr, opt.betas, opt.eps) == (3e-4, (0.9, 0.95), 1e-8) and opt.param_groups is groups
+
+
+def test_compile_in_lazy_mode_is_refused_when_the_backend_starts(habana, monkeypatch):
+    # Before the model, DeepSpeed and the data are built (minutes for a large model on many cards), not after.
+    from fp8train.backends.hpu import HpuBackend
+    from fp8train.errors import BackendError
+
+    monkeypatch.setenv("PT_HPU_LAZY_MODE", "1")
+    with pytest.raises(BackendError, match="backend.compile=true on hpu needs eager mode.*PT_HPU_LAZY_MODE=0"):
+        HpuBackend(name="hpu", device=torch.device("cpu"), dist_backend="hccl", eager=True)
