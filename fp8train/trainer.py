@@ -115,6 +115,7 @@ class Trainer:
             disable=not (use_progress_bar(cfg) and self.engine.is_main),
         )
         window_t0, window_tokens = time.perf_counter(), 0
+        finished_cleanly = False  # an exception on this rank alone must not wait for the others at shutdown
         with logging_redirect_tqdm(loggers=[logging.getLogger()]), StopSignals() as signals:
             try:
                 first_step = self.step
@@ -158,6 +159,7 @@ class Trainer:
                             self.run_dir,
                         )
                         break
+                finished_cleanly = True
             except torch._dynamo.exc.BackendCompilerFailed as e:  # inductor's InductorError included
                 raise self.compile_error(e) from None
             finally:
@@ -165,7 +167,7 @@ class Trainer:
                 self.logger.summary({k: v for k, v in last.items() if isinstance(v, (int, float))})
                 self.logger.finish()
                 self.monitor.close()
-                self.engine.close()
+                self.engine.close(clean=finished_cleanly)
         self.log_end(last)
         return last
 
@@ -505,12 +507,36 @@ class Trainer:
 
 def agree_on_run_dir(run_dir: Path) -> Path:
     """Rank 0's run directory for every rank. Hydra names it after the start time on each rank, and ranks started a
-    second apart would otherwise write two directories; the one this rank created in vain is removed if empty."""
+    second apart would otherwise write two directories. Hydra has already opened train.log in this rank's: that log
+    moves into rank 0's directory (as when both name the same one), and the directory created in vain is removed."""
     chosen = Path(parallel.broadcast_object(str(run_dir)))
-    if chosen != run_dir and run_dir.is_dir() and not any(run_dir.iterdir()):
-        run_dir.rmdir()
     chosen.mkdir(parents=True, exist_ok=True)
+    if chosen.resolve() != run_dir.resolve():
+        move_log_files(run_dir, chosen)
+        if run_dir.is_dir() and not any(run_dir.iterdir()):
+            run_dir.rmdir()
     return chosen
+
+
+def move_log_files(old_dir: Path, new_dir: Path) -> None:
+    """Point every logging file handler writing into ``old_dir`` at the file of the same name in ``new_dir``
+    (appended to, with the lines already written), and remove the old file."""
+    old_dir = old_dir.resolve()
+    loggers = [logging.getLogger(), *logging.root.manager.loggerDict.values()]
+    handlers = {h for lg in loggers for h in getattr(lg, "handlers", ())}
+    for h in handlers:
+        if not isinstance(h, logging.FileHandler) or Path(h.baseFilename).parent != old_dir:
+            continue
+        old_file, new_file = Path(h.baseFilename), new_dir.resolve() / Path(h.baseFilename).name
+        h.flush()
+        written = old_file.read_bytes() if old_file.is_file() else b""
+        with open(new_file, "ab") as f:
+            f.write(written)
+        old_stream = h.setStream(open(new_file, "a", encoding=h.encoding, errors=h.errors))
+        h.baseFilename = str(new_file)
+        if old_stream is not None:
+            old_stream.close()
+        old_file.unlink(missing_ok=True)
 
 
 def quiet_logging() -> None:

@@ -131,13 +131,30 @@ default_env() {
     RANK_ENV=("$1=$2" "${RANK_ENV[@]}")
 }
 
+compiling() {
+    # Does OVERRIDES ask for backend.compile=true (a value Hydra/OmegaConf reads as true)?
+    local o
+    for o in "${OVERRIDES[@]}"; do
+        o=${o#+}
+        o=${o#+}
+        [[ ${o,,} =~ ^backend\.compile=(true|yes|on|y|1)$ ]] && return 0
+    done
+    return 1
+}
+
 gaudi_env() {
     # gaudi_env ENV_FILE -> RANK_ENV for the Gaudi launchers: PT_HPU_LAZY_MODE=1 unless set, the shell's PT_HPU_*,
     # PT_TE_*, HCCL_*, FI_* variables, ENV_FILE's lines; and with HCCL_OVER_OFI, the shell's LD_LIBRARY_PATH, as
-    # Habana's own launchers pass it (libfabric must load on every node).
+    # Habana's own launchers pass it (libfabric must load on every node). With backend.compile=true in OVERRIDES
+    # (read them first), PT_HPU_LAZY_MODE=0 whatever the shell says (docker/Dockerfile.gaudi sets 1): fp8train
+    # refuses torch.compile in lazy mode.
     local kv
     collect_env "$1" PT_HPU_ PT_TE_ HCCL_ FI_
-    default_env PT_HPU_LAZY_MODE 1
+    if compiling; then
+        for kv in "${!RANK_ENV[@]}"; do [[ ${RANK_ENV[$kv]%%=*} == PT_HPU_LAZY_MODE ]] && unset "RANK_ENV[$kv]"; done
+        RANK_ENV=("${RANK_ENV[@]}")
+    fi
+    default_env PT_HPU_LAZY_MODE "$(compiling && echo 0 || echo 1)"
     for kv in "${RANK_ENV[@]}"; do
         if [[ ${kv%%=*} == HCCL_OVER_OFI && -n ${LD_LIBRARY_PATH:-} ]]; then
             default_env LD_LIBRARY_PATH "$LD_LIBRARY_PATH"

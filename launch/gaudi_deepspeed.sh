@@ -28,6 +28,7 @@ usage: launch/gaudi_deepspeed.sh -H HOSTFILE [-p PORT] [-n NAME] [-e ENV_FILE] [
   -n, --name NAME       run directory runs/<time>_NAME (default gaudi); an override hydra.run.dir=... wins
   -e, --env-file FILE   KEY=value lines for every rank (launch/gaudi_env.example), over the shell's
                         PT_HPU_*, PT_TE_*, HCCL_*, FI_* variables; PT_HPU_LAZY_MODE defaults to 1
+                        (0, over any value, with backend.compile=true)
       --dry-run         print .deepspeed_env and the command, start nothing (also DRY_RUN=1)
   -h, --help            this text
   OVERRIDE...           Hydra overrides for train.py (after '--'); backend=hpu parallel=deepspeed are added

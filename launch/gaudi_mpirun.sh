@@ -29,6 +29,7 @@ usage: launch/gaudi_mpirun.sh -H HOSTFILE [-p PORT] [-n NAME] [-e ENV_FILE] [-c 
   -n, --name NAME           run directory runs/<time>_NAME (default gaudi); an override hydra.run.dir=... wins
   -e, --env-file FILE       KEY=value lines for every rank (launch/gaudi_env.example), over the shell's
                             PT_HPU_*, PT_TE_*, HCCL_*, FI_* variables; PT_HPU_LAZY_MODE defaults to 1
+                            (0, over any value, with backend.compile=true)
   -c, --cores-per-rank K    CPU cores bound to each rank (--map-by socket:PE=K); default: this node's physical
                             cores divided by the first host's slots
       --dry-run             print the command, start nothing (also DRY_RUN=1)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import copy
+import inspect
 import os
 import subprocess
 import sys
@@ -123,3 +125,25 @@ def unshared(m: nn.Module) -> nn.Module:
         if isinstance(linear, Fp8Linear):
             linear.input_scaler = copy.deepcopy(linear.input_scaler)
     return twin
+
+
+def documented_op(params: str, semantics, calls: list):
+    """A callable with exactly the documented parameters (order, names, defaults: ``params`` is the text between a
+    documented signature's parentheses); records its bound arguments and returns ``semantics(**arguments)``."""
+    args = ast.parse(f"def f({params}): pass").body[0].args
+    defaults = [inspect.Parameter.empty] * (len(args.args) - len(args.defaults))
+    defaults += [ast.literal_eval(d) for d in args.defaults]
+    signature = inspect.Signature(
+        [
+            inspect.Parameter(a.arg, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=d)
+            for a, d in zip(args.args, defaults)
+        ]
+    )
+
+    def op(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        calls.append(dict(bound.arguments))
+        return semantics(**bound.arguments)
+
+    return op

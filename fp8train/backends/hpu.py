@@ -32,6 +32,12 @@ from fp8train.fp8.ops import Fp8Ops, amax_of
 GAUDI_IMAGE = "vault.habana.ai/gaudi-docker/1.23.0/ubuntu22.04/habanalabs/pytorch-installer-2.9.0:latest"
 
 
+COMPILE_NEEDS_EAGER = (
+    "backend.compile=true on hpu needs eager mode, but PT_HPU_LAZY_MODE=1 is set in the environment: unset it "
+    "(fp8train then picks eager mode for compiled runs) or set PT_HPU_LAZY_MODE=0."
+)
+
+
 def import_habana(eager: bool = False):
     """Import Habana's bridge; lazy or eager mode must be chosen before the first import, so it is set here."""
     os.environ.setdefault("PT_HPU_LAZY_MODE", "0" if eager else "1")
@@ -87,6 +93,8 @@ class HpuBackend(Backend):
 
     def __post_init__(self) -> None:
         self._htcore = import_habana(self.eager)
+        if self.eager and lazy_mode():  # refused now, before the model and the process group are built
+            raise BackendError(COMPILE_NEEDS_EAGER)
         if not torch.hpu.is_available():
             raise BackendError("backend.name=hpu: habana_frameworks imports but sees no Gaudi device (hl-smi).")
         self._te = None
@@ -106,10 +114,7 @@ class HpuBackend(Backend):
 
     def compile(self, model: torch.nn.Module) -> Callable:
         if lazy_mode():
-            raise BackendError(
-                "backend.compile=true on hpu needs eager mode, but PT_HPU_LAZY_MODE=1 is set in the environment: "
-                "unset it (fp8train then picks eager mode for compiled runs) or set PT_HPU_LAZY_MODE=0."
-            )
+            raise BackendError(COMPILE_NEEDS_EAGER)
         return super().compile(model)
 
     def compile_kwargs(self) -> dict:

@@ -124,8 +124,8 @@ class SingleEngine:
             )
         self.optimizer.load_state_dict(state)
 
-    def close(self) -> None:
-        pass
+    def close(self, clean: bool = True) -> None:
+        """Leave the process group; ``clean=False`` after an error on this rank (see DeepSpeedEngine.close)."""
 
 
 def barrier() -> None:

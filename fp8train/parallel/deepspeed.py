@@ -20,6 +20,7 @@ import datetime
 import json
 import logging
 import os
+import socket
 from pathlib import Path
 
 import torch
@@ -34,12 +35,19 @@ from fp8train.parallel import DEEPSPEED_DIR, MODEL_FILE, LaunchEnv, SingleEngine
 
 log = logging.getLogger(__name__)
 
-# ds_config keys that follow from the trainer's settings: a user ds_config may not contradict them.
-OWNED = (
-    "train_micro_batch_size_per_gpu",
-    "gradient_accumulation_steps",
-    "train_batch_size",
-)
+# ds_config keys that follow from the trainer's settings: a user ds_config may not contradict them (key: what
+# sets it instead). ZeRO 1-3 clip in DeepSpeed's step, ZeRO 0 in fp8train's: both must clip to optim.grad_clip.
+OWNED = {
+    "train_micro_batch_size_per_gpu": "trainer.micro_batch_size",
+    "gradient_accumulation_steps": "trainer.grad_accum_steps",
+    "train_batch_size": "trainer.micro_batch_size / trainer.grad_accum_steps",
+    "gradient_clipping": "optim.grad_clip",
+}
+# Parts of a run fp8train provides itself (the client optimizer, its lr schedule): a ds_config's would replace them.
+NOT_FROM_DS_CONFIG = {
+    "optimizer": "the optimizer is fp8train's: choose it with optim=adamw or optim=adamw_fp8",
+    "scheduler": "the learning-rate schedule is fp8train's: set optim.lr, optim.warmup_steps, optim.min_lr",
+}
 
 
 def init_distributed(cfg: ParallelConfig, backend: Backend, env: LaunchEnv) -> None:
@@ -48,7 +56,9 @@ def init_distributed(cfg: ParallelConfig, backend: Backend, env: LaunchEnv) -> N
 
     if env.world_size == 1:  # started without a launcher: a one-rank group on this machine
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
+        # A free port rather than a fixed one: two such runs on one machine would otherwise both take 29500 and
+        # the second would fail with EADDRINUSE.
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     for name, value in (("RANK", env.rank), ("LOCAL_RANK", env.local_rank), ("WORLD_SIZE", env.world_size)):
         os.environ.setdefault(name, str(value))  # mpirun sets only OMPI_COMM_WORLD_*; DeepSpeed reads these
     deepspeed.init_distributed(
@@ -56,6 +66,13 @@ def init_distributed(cfg: ParallelConfig, backend: Backend, env: LaunchEnv) -> N
         timeout=datetime.timedelta(minutes=cfg.timeout_min),
         verbose=False,
     )
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def build_ds_config(
@@ -88,9 +105,14 @@ def build_ds_config(
         raise ConfigError([f"parallel.ds_config={cfg.ds_config}: not a readable JSON file ({e})"]) from None
     problems = [
         f"parallel.ds_config={cfg.ds_config}: sets {key}={user[key]}, but this run needs {generated[key]}; remove "
-        f"it from the file and set trainer.micro_batch_size / trainer.grad_accum_steps instead"
-        for key in OWNED
+        f"it from the file and set {override} instead"
+        for key, override in OWNED.items()
         if key in user and user[key] != generated[key]
+    ]
+    problems += [
+        f"parallel.ds_config={cfg.ds_config}: sets {key}, but {why}; remove it from the file"
+        for key, why in NOT_FROM_DS_CONFIG.items()
+        if key in user
     ]
     if user.get("bf16", {}).get("enabled") or user.get("fp16", {}).get("enabled"):
         problems.append(
@@ -167,8 +189,18 @@ class DeepSpeedEngine(SingleEngine):
         return t / self.world_size
 
     def no_sync(self, sync: bool) -> contextlib.AbstractContextManager:
-        """Only the last micro-batch's backward reduces gradients over ranks (DeepSpeed does it there)."""
+        """Only the last micro-batch's backward reduces gradients over ranks (DeepSpeed does it there).
+
+        Called before each micro-batch's forward. The trainer runs the plain module, not DeepSpeed's engine forward,
+        so what that forward does first is done here: ``clear_backward_seen_flag`` on the ZeRO optimizer, where
+        DeepSpeed >= 0.18 counts the micro-batches. Without it ZeRO-3 stays at micro-batch 0, and each backward
+        overwrites the accumulated gradient partitions instead of adding to them: with trainer.grad_accum_steps > 1
+        every micro-batch but the last was lost. (DeepSpeed releases that count in the backward have no such method.)
+        """
         self.ds.set_gradient_accumulation_boundary(sync)
+        clear = getattr(self.ds.optimizer, "clear_backward_seen_flag", None)
+        if self.stage > 0 and clear is not None:
+            clear()
         return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -205,8 +237,10 @@ class DeepSpeedEngine(SingleEngine):
                 f"resume={folder}: written by parallel=single (no {DEEPSPEED_DIR}/ folder); resume it with "
                 f"parallel=single, or start this run from its weights with model.init_from={folder}."
             )
-        from deepspeed.runtime.zero.utils import ZeRORuntimeException  # a changed world size raises this
-
+        try:  # ZeRO stages 1-3 refuse another number of ranks with their own exception class
+            from deepspeed.runtime.zero.utils import ZeRORuntimeException
+        except ImportError:
+            ZeRORuntimeException = RuntimeError  # noqa: N806
         try:
             path, _ = self.ds.load_checkpoint(
                 str(folder), tag=DEEPSPEED_DIR, load_optimizer_states=True, load_lr_scheduler_states=False
@@ -228,9 +262,17 @@ class DeepSpeedEngine(SingleEngine):
 
         return deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None)
 
-    def close(self) -> None:
-        """A barrier, then leave the group: without it a rank can exit while another still talks to it."""
-        if dist.is_initialized():
+    def close(self, clean: bool = True) -> None:
+        """A barrier, then leave the group: without it a rank can exit while another still talks to it.
+
+        Not after an error (``clean=False``): it may have hit this rank alone (rank 0 failing to write a
+        checkpoint's shared files, say) while the others wait in another collective, so a barrier here would hang
+        until parallel.timeout_min and end in a timeout traceback instead of the error's message. The process exits
+        instead, and the launcher (torchrun, deepspeed, mpirun, srun) stops the other ranks when it sees that.
+        """
+        if not dist.is_initialized():
+            return
+        if clean:
             dist.barrier()
             dist.destroy_process_group()
 

@@ -91,8 +91,8 @@ def single(tmp_path_factory):
 
 @pytest.mark.parametrize(
     "zero_stage, micro_batch, accum",
-    [(0, GLOBAL_BATCH // 2, 1), (1, GLOBAL_BATCH // 2, 1), (2, GLOBAL_BATCH // 4, 2), (3, GLOBAL_BATCH // 2, 1)],
-    ids=["zero0", "zero1", "zero2-accum2", "zero3"],
+    [(0, GLOBAL_BATCH // 2, 1), (1, GLOBAL_BATCH // 2, 1), (2, GLOBAL_BATCH // 4, 2), (3, GLOBAL_BATCH // 4, 2)],
+    ids=["zero0", "zero1", "zero2-accum2", "zero3-accum2"],
 )
 def test_two_ranks_match_one_process_with_the_same_global_batch(tmp_path, single, zero_stage, micro_batch, accum):
     run_dir = tmp_path / "ds"
@@ -135,6 +135,13 @@ def test_zero2_with_fp8_adam_resumes_exactly(tmp_path):
     for name, tensor in plain.items():
         assert torch.equal(tensor, module[name].float()), name
     assert max(losses(broken)) == 3
+    # ZeRO-2 shards the optimizer state over 2 ranks: one rank cannot take it up, and says so without a traceback.
+    one = subprocess.run(
+        torchrun_cmd(broken, *common, "resume=auto", ranks=1), cwd=ROOT, capture_output=True, text=True, env=ENV
+    )
+    assert one.returncode != 0
+    assert "fp8train: resume=" in one.stderr and "DP world size of 2" in one.stderr, one.stderr[-3000:]
+    assert "Error executing job" not in one.stderr, one.stderr[-3000:]  # Hydra's header of a traceback
     done = run_ranks(broken, *common, "resume=auto")
     assert "resumed from" in done
     assert losses(broken) == losses(unbroken)
@@ -187,3 +194,43 @@ def test_sigterm_to_one_rank_stops_all_with_a_checkpoint_and_resume_is_exact(tmp
     assert [p.name for p in (broken / "checkpoints").iterdir()] == [f"step_{stopped:07d}"]
     run_ranks(broken, *common, "resume=auto")
     assert losses(broken) == losses(unbroken)
+
+
+def test_an_error_on_rank_0_ends_the_run_at_once_with_its_message(tmp_path):
+    """A checkpoint rank 0 alone cannot write (here: checkpoints/ is a file) fails rank 0 while rank 1 waits in the
+    checkpoint's first collective. Rank 0 must not then wait in a barrier of its own at shutdown (until
+    parallel.timeout_min): it exits with its message and status 2, and the launcher stops the other rank."""
+    run_dir = tmp_path / "ds"
+    run_dir.mkdir()
+    (run_dir / "checkpoints").write_text("not a folder")
+    cmd = torchrun_cmd(run_dir, "trainer.micro_batch_size=4", "parallel.timeout_min=1", "trainer.checkpoint_every=2")
+    t0 = time.monotonic()
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
+    elapsed = time.monotonic() - t0
+    out = done.stdout + done.stderr
+    assert done.returncode != 0
+    assert "fp8train: writing checkpoint step 2 to" in out, out[-3000:]
+    assert "exitcode  : 2" in out, out[-3000:]  # rank 0's own status: a message, not a traceback
+    assert elapsed < 50, f"took {elapsed:.0f} s: a rank waited for parallel.timeout_min=1"
+
+
+def test_one_process_without_a_launcher_finds_a_free_port(tmp_path):
+    """parallel=deepspeed started as plain `python train.py` forms a one-rank group on this machine; a second such
+    run (or anything else on port 29500) must not make it fail with EADDRINUSE."""
+    try:  # the rendezvous store of another one-rank run, on torch.distributed's default port
+        busy = torch.distributed.TCPStore("127.0.0.1", 29500, 1, True)
+    except RuntimeError:
+        busy = None  # already taken by something else: the same situation
+    env = {k: v for k, v in ENV.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
+    cmd = [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={tmp_path / 'one'}", *COMMON]
+    done = subprocess.run(
+        [*cmd, "parallel=deepspeed", "trainer.max_steps=1", "trainer.checkpoint_every=0"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    del busy
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "1 ranks (gloo)" in done.stderr + done.stdout

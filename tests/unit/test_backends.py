@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.abc
 import importlib.util
+import os
+import types
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fp8train.backends import detect, select
 from fp8train.config import BackendConfig, BackendName, compose
@@ -82,3 +86,137 @@ def test_compile_scope_block_compiles_each_block_in_place():
     assert isinstance(whole.compiled, torch._dynamo.eval_frame.OptimizedModule)
     with pytest.raises(ConfigError, match=r"backend.compile_scope.*only applies with backend.compile=true"):
         compose([*SMALL, "backend.compile_scope=block"])
+
+
+# Habana's bridge as its documentation describes it (Gaudi software 1.19-1.24), for the hpu backend's calls into it:
+# the documented signatures, with plain PyTorch doing what each is documented to do.
+FUSED_SDPA = "q, k, v, attn_mask, dropout_p, is_causal, scale, softmax_mode, recompute_mode"
+FUSED_RMS_NORM = "x, weight, eps"
+# FusedAdamW: the documented order; its defaults other than moments_dtype are not documented (the groups carry
+# weight_decay), so they are left open here.
+FUSED_ADAMW = "params, lr=None, betas=None, eps=None, weight_decay=None, bias_correction=True, moments_dtype=None"
+
+
+class FakeHabana(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Imports of habana_frameworks.* served from stand-ins; records PT_HPU_LAZY_MODE at each import."""
+
+    def __init__(self):
+        from tests.helpers import documented_op
+
+        self.imported, self.calls, self.mark_steps = {}, [], 0
+
+        def sdpa(q, k, v, attn_mask, dropout_p, is_causal, scale, softmax_mode, recompute_mode):
+            assert softmax_mode in ("None", "fast") and recompute_mode in (True, False)
+            return F.scaled_dot_product_attention(
+                q, k, v, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+            )
+
+        def rms_norm(x, weight, eps):
+            assert x.dtype == weight.dtype, "FusedRMSNorm takes x and weight in one dtype"
+            return weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+        def adamw(params, lr, betas, eps, weight_decay, bias_correction, moments_dtype):
+            return types.SimpleNamespace(param_groups=params, lr=lr, betas=betas, eps=eps, moments_dtype=moments_dtype)
+
+        def mark_step():
+            self.mark_steps += 1
+
+        apply = staticmethod
+        self.attrs = {
+            "habana_frameworks.torch.core": {"mark_step": mark_step},
+            "habana_frameworks.torch.hpex.kernels": {
+                "FusedSDPA": type("FusedSDPA", (), {"apply": apply(documented_op(FUSED_SDPA, sdpa, self.calls))})
+            },
+            "habana_frameworks.torch.hpex.normalization": {
+                "FusedRMSNorm": type(
+                    "FusedRMSNorm", (), {"apply": apply(documented_op(FUSED_RMS_NORM, rms_norm, self.calls))}
+                )
+            },
+            "habana_frameworks.torch.hpex.optimizers": {"FusedAdamW": documented_op(FUSED_ADAMW, adamw, self.calls)},
+        }
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "habana_frameworks" or name.startswith("habana_frameworks."):
+            return importlib.util.spec_from_loader(name, self, is_package=True)
+        return None
+
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module):
+        self.imported[module.__name__] = os.environ.get("PT_HPU_LAZY_MODE")
+        module.__path__ = []
+        for key, value in self.attrs.get(module.__name__, {}).items():
+            setattr(module, key, value)
+
+
+@pytest.fixture
+def habana(monkeypatch):
+    import sys
+
+    fake = FakeHabana()
+    for name in [m for m in sys.modules if m.startswith("habana_frameworks")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(sys, "meta_path", [fake, *sys.meta_path])
+    hpu = types.SimpleNamespace(is_available=lambda: True, get_device_name=lambda: "GAUDI2")
+    monkeypatch.setattr(torch, "hpu", hpu, raising=False)
+    monkeypatch.delenv("PT_HPU_LAZY_MODE", raising=False)
+    yield fake
+    for name in [m for m in sys.modules if m.startswith("habana_frameworks")]:
+        del sys.modules[name]
+
+
+@pytest.mark.parametrize("compile_, mode", [(False, "1"), (True, "0")])
+def test_hpu_mode_is_chosen_before_habana_is_imported_and_hccl_is_registered(habana, compile_, mode):
+    from fp8train.backends.hpu import HpuBackend
+
+    backend = HpuBackend(name="hpu", device=torch.device("cpu"), dist_backend="hccl", eager=compile_)
+    assert habana.imported["habana_frameworks.torch.core"] == mode  # PT_HPU_LAZY_MODE set before the import
+    assert "habana_frameworks.torch.distributed.hccl" in habana.imported  # registers the hccl backend
+    backend.mark_step()
+    assert habana.mark_steps == (1 if mode == "1" else 0)  # mark_step only in lazy mode
+    assert backend.describe() == f"hpu (GAUDI2, {'lazy' if mode == '1' else 'eager'} mode)"
+
+
+def test_a_mode_already_in_the_environment_wins(habana, monkeypatch):
+    from fp8train.backends.hpu import HpuBackend
+
+    monkeypatch.setenv("PT_HPU_LAZY_MODE", "0")
+    HpuBackend(name="hpu", device=torch.device("cpu"), dist_backend="hccl", eager=False)
+    assert habana.imported["habana_frameworks.torch.core"] == "0"
+
+
+def test_habana_fused_kernels_take_their_documented_arguments(habana):
+    # fuse() swaps in FusedRMSNorm and FusedSDPA with positional arguments; called with Habana's documented order
+    # and meaning, the fused model computes what the plain one does (GQA and causal masking included).
+    from fp8train.backends.hpu import HpuBackend
+
+    backend = HpuBackend(name="hpu", device=torch.device("cpu"), dist_backend="hccl")
+    torch.manual_seed(0)
+    plain = build_model(compose([*SMALL, "model.vocab_size=256"]).model)
+    fused = backend.fuse(build_model(compose([*SMALL, "model.vocab_size=256"]).model))
+    fused.load_state_dict(plain.state_dict())
+    tokens = torch.randint(0, 256, (2, 32))
+    torch.testing.assert_close(fused(tokens), plain(tokens), rtol=1e-5, atol=1e-5)
+    sdpa = next(c for c in habana.calls if "q" in c)
+    assert sdpa["is_causal"] is True and sdpa["dropout_p"] == 0.0 and sdpa["attn_mask"] is None
+
+
+def test_habana_fused_adamw_gets_fp8_moment_dtypes(habana):
+    from fp8train.backends.hpu import HpuBackend
+
+    backend = HpuBackend(name="hpu", device=torch.device("cpu"), dist_backend="hccl")
+    groups = [{"params": [torch.nn.Parameter(torch.ones(2))], "weight_decay": 0.1}]
+    opt = backend.fused_fp8_adamw(groups, 3e-4, (0.9, 0.95), 1e-8, "e4m3", "e5m2")
+    assert opt.moments_dtype == (torch.float8_e4m3fn, torch.float8_e5m2)  # (m, v), as documented
+    assert (opt.lr, opt.betas, opt.eps) == (3e-4, (0.9, 0.95), 1e-8) and opt.param_groups is groups
+
+
+def test_compile_in_lazy_mode_is_refused_when_the_backend_starts(habana, monkeypatch):
+    # Before the model, DeepSpeed and the data are built (minutes for a large model on many cards), not after.
+    from fp8train.backends.hpu import HpuBackend
+    from fp8train.errors import BackendError
+
+    monkeypatch.setenv("PT_HPU_LAZY_MODE", "1")
+    with pytest.raises(BackendError, match="backend.compile=true on hpu needs eager mode.*PT_HPU_LAZY_MODE=0"):
+        HpuBackend(name="hpu", device=torch.device("cpu"), dist_backend="hccl", eager=True)

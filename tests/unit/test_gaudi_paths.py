@@ -26,16 +26,31 @@ from fp8train.backends.hpu_te import TeLinear, fp8_autocast
 from fp8train.config import AmaxAlgo, Fp8Engine, ModelConfig, PrecisionConfig, Recipe, SmoothSwiGLU
 from fp8train.model import build_model
 from fp8train.precision.smooth_swiglu import SmoothSwiGLUToken
+from tests.helpers import documented_op
+
+# Habana TE's documented signatures (software 1.19-1.24); the stand-in accepts nothing else.
+TE_LINEAR = (
+    "in_features, out_features, sequence_parallel=False, tp_group=None, tp_size=1, get_rng_state_tracker=None, "
+    "init_method=None, bias=True, return_bias=False, params_dtype=None, parallel_mode=None, "
+    "skip_weight_param_allocation=False, device='hpu', minimize_memory=False"
+)
+DELAYED_SCALING = (
+    "margin=0, interval=1, fp8_format=None, amax_history_len=1, amax_compute_algo='most_recent', "
+    "scaling_factor_compute_algo=None, override_linear_precision=(False, False, False), reduce_amax=True"
+)
 
 
 def stand_in_te() -> types.SimpleNamespace:
     """A module with the shape of Habana TE: Linear, fp8_autocast, recipe.DelayedScaling, recipe.Format."""
     te = types.SimpleNamespace(entered=[], calls_inside=0, active=False)
 
+    linear_args = documented_op(TE_LINEAR, lambda **kw: kw, [])
+
     class Linear(nn.Module):
-        def __init__(self, in_features, out_features, bias=True, skip_weight_param_allocation=False, **kw):
+        def __init__(self, *args, **kwargs):
             super().__init__()
-            assert skip_weight_param_allocation, "fp8train passes its own weights"
+            kw = linear_args(*args, **kwargs)  # only Habana TE's documented arguments
+            assert kw["skip_weight_param_allocation"], "fp8train passes its own weights"
             self.kw = kw
             self.register_buffer("scale_fwd", torch.ones(3))  # stands for TE's FP8 meta (scales, histories)
 
@@ -63,9 +78,12 @@ def stand_in_te() -> types.SimpleNamespace:
         finally:
             te.active = False
 
+    recipe_args = documented_op(DELAYED_SCALING, lambda **kw: kw, [])
+
     class DelayedScaling:
-        def __init__(self, **kw):
-            self.kw = kw
+        def __init__(self, *args, **kwargs):
+            recipe_args(*args, **kwargs)  # only Habana TE's documented arguments
+            self.kw = kwargs
 
     te.Linear = Linear
     te.fp8_autocast = fp8_autocast
@@ -105,6 +123,9 @@ def test_te_linears_share_the_model_parameters_and_smooth_swiglu_wraps_them():
     reference = plain(tokens).detach()
     m = precision.convert(plain, te_precision(), StandInGaudi(te))
     assert {id(p) for p in m.parameters()} == params_before  # optimizer, ties and export see the same weights
+    q_te = m.layers[0].self_attn.q_proj.te
+    assert (q_te.kw["in_features"], q_te.kw["out_features"], q_te.kw["bias"]) == (64, 64, False)
+    assert q_te.kw["params_dtype"] == torch.float32 and q_te.kw["device"] == torch.device("cpu")
     assert isinstance(m.layers[0].mlp, SmoothSwiGLUToken)
     assert isinstance(m.layers[0].mlp.down_proj, TeLinear) and isinstance(m.layers[0].self_attn.q_proj, TeLinear)
     assert not isinstance(m.lm_head, TeLinear)
@@ -174,3 +195,97 @@ def test_te_engine_off_gaudi_is_a_config_error():
 
     with pytest.raises(ConfigError, match="precision.engine=te: Habana's Transformer Engine needs backend.name=hpu"):
         compose(["backend=cpu", "precision.engine=te"])
+
+
+# The signatures of Habana's low-level FP8 ops (torch.ops.hpu) exactly as Habana's bridge documents them (1.17-1.19),
+# with the documented meaning of each argument: the cast multiplies by ``scale`` and saturates (E4M3 at
+# Gaudi2's 240), the GEMM computes op(A) @ op(B), op transposing when trans_* is set, times A_scale_inv * B_scale_inv.
+CAST_TO_FP8_V2 = "input, scale=None, stochastic_rounding=False, is_amax=False, dtype=None, scale_shape=None"
+FP8_GEMM_V2 = (
+    "A, trans_A, B, trans_B, D, out_dtype, A_scale_inv=None, B_scale_inv=None, bias=None, accumulate=False, "
+    "B_scale_shape=None"
+)
+GAUDI2_MAX = {torch.float8_e4m3fn: 240.0, torch.float8_e5m2: 57344.0}
+
+
+def fake_hpu_ops(calls: list) -> types.SimpleNamespace:
+    def cast(input, scale, stochastic_rounding, is_amax, dtype, scale_shape):
+        limit = GAUDI2_MAX[dtype]
+        q = (input.double() * scale.double()).clamp(-limit, limit).to(dtype)  # scale multiplies; saturating
+        return q, input.abs().amax().float() if is_amax else None
+
+    def gemm(A, trans_A, B, trans_B, D, out_dtype, A_scale_inv, B_scale_inv, bias, accumulate, B_scale_shape):
+        a = A.double().t() if trans_A else A.double()
+        b = B.double().t() if trans_B else B.double()
+        out = (a @ b) * A_scale_inv.double() * B_scale_inv.double()
+        return (out if bias is None else out + bias.double()).to(out_dtype)
+
+    return types.SimpleNamespace(
+        cast_to_fp8_v2=documented_op(CAST_TO_FP8_V2, cast, calls),
+        fp8_gemm_v2=documented_op(FP8_GEMM_V2, gemm, calls),
+    )
+
+
+@pytest.fixture
+def hpu_ops(monkeypatch):
+    from fp8train.backends.hpu import HpuFp8Ops
+
+    calls: list = []
+    monkeypatch.setattr(torch.ops, "hpu", fake_hpu_ops(calls), raising=False)
+    return HpuFp8Ops(), calls
+
+
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+def test_hpu_cast_passes_scale_dtype_and_rounding_where_habana_documents_them(hpu_ops, fmt):
+    from fp8train.fp8 import formats
+
+    ops, calls = hpu_ops
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(64, 96, generator=g) * torch.rand(64, 1, generator=g) * 30
+    scale = formats.scale_from_amax(x.abs().amax() / 3, fmt, "gaudi2", pow2=True)  # saturates the largest third
+    q, amax = ops.quantize(x, fmt, scale, "gaudi2")
+    assert q.dtype == formats.fp8_dtype(fmt) and calls[-1]["stochastic_rounding"] is False
+    # Gaudi2's saturating cast of x * scale is the CPU emulation of precision.profile=gaudi2, element for element.
+    assert torch.equal(q.float(), formats.quantize(x, fmt, scale, "gaudi2").float())
+    assert q.float().abs().max() == formats.fp8_max(fmt, "gaudi2")
+    assert amax == x.abs().amax()
+    ops.quantize(x, fmt, scale, "gaudi2", stochastic=True)
+    assert calls[-1]["stochastic_rounding"] is True
+
+
+def test_hpu_gemm_arguments_give_a_times_b_transposed_in_real_units(hpu_ops):
+    from fp8train.fp8 import formats
+
+    ops, _ = hpu_ops
+    g = torch.Generator().manual_seed(12)
+    a, b = torch.randn(48, 64, generator=g), torch.randn(80, 64, generator=g) * 1e-3
+    sa, sb = (formats.scale_from_amax(t.abs().amax(), "e4m3", "gaudi2", pow2=True) for t in (a, b))
+    qa, qb = formats.quantize(a, "e4m3", sa, "gaudi2"), formats.quantize(b, "e4m3", sb, "gaudi2")
+    want = (qa.double() / sa.double()) @ (qb.double() / sb.double()).t()  # (M, N): the FP8 operands in real units
+    got = ops.scaled_mm(qa, qb, sa, sb, torch.float32)
+    assert got.shape == (48, 80) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-9)
+
+
+def test_hybrid_fp8_linear_on_habanas_documented_ops_matches_the_cpu_emulation(hpu_ops):
+    # Forward, dX and dW through the documented cast/GEMM calls (operands transposed by the layer as it runs them)
+    # equal the emulated Gaudi2 recipe: a wrong argument order or transpose would change the numbers.
+    from fp8train.fp8.linear import Fp8Linear
+    from fp8train.fp8.scaling import ScalingConfig
+
+    ops, calls = hpu_ops
+    gaudi2 = ScalingConfig(recipe="current", profile="gaudi2", pow2=True)
+    torch.manual_seed(13)
+    cpu = Fp8Linear(64, 32, scaling=gaudi2, hybrid=True)
+    hpu = Fp8Linear(64, 32, scaling=gaudi2, hybrid=True, ops=ops)
+    hpu.load_state_dict(cpu.state_dict())
+    x = torch.randn(40, 64) * 4
+    xc, xh = x.clone().requires_grad_(), x.clone().requires_grad_()
+    gy = torch.randn(40, 32)
+    yc, yh = cpu(xc), hpu(xh)
+    yc.backward(gy)
+    yh.backward(gy)
+    assert sum("A" in c for c in calls) == 3  # forward, dX and dW each one fp8_gemm_v2
+    torch.testing.assert_close(yh, yc, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(xh.grad, xc.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(hpu.weight.grad, cpu.weight.grad, rtol=1e-5, atol=1e-6)

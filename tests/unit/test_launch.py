@@ -219,6 +219,28 @@ def test_gaudi_slurm_dry_run(root, stubs):
     assert "job 4242: 2 node(s), 16 rank(s), master node-a:29500" in result.stdout
 
 
+@pytest.mark.parametrize("script", ["gaudi_deepspeed.sh", "gaudi_mpirun.sh", "gaudi_slurm.sbatch"])
+def test_compiled_gaudi_runs_get_eager_mode(script, hostfile, root, stubs):
+    # backend.compile=true needs PT_HPU_LAZY_MODE=0 (fp8train refuses torch.compile in lazy mode): the launchers
+    # pass 0 then, also over the 1 that docker/Dockerfile.gaudi puts in every shell.
+    env = stubs("scontrol", 'printf "node-a\\nnode-b\\n"\n')
+    env.update(SLURM, FP8TRAIN_ROOT=str(root))
+    where = [] if script.endswith(".sbatch") else ["-H", hostfile]
+
+    def lazy_mode(*overrides: str, **shell: str) -> str:
+        result = launch(script, *where, "--dry-run", "--", *overrides, env={**env, **shell})
+        assert result.returncode == 0, result.stderr
+        passed = printed_env(result.stdout) + printed_command(result.stdout)  # mpirun: as -x KEY=value arguments
+        return next(kv for kv in passed if kv.startswith("PT_HPU_LAZY_MODE="))
+
+    assert lazy_mode("model=tiny") == "PT_HPU_LAZY_MODE=1"
+    assert lazy_mode("backend.compile=true") == "PT_HPU_LAZY_MODE=0"
+    assert lazy_mode("backend.compile=True", "backend.compile_scope=block") == "PT_HPU_LAZY_MODE=0"
+    assert lazy_mode("backend.compile=false") == "PT_HPU_LAZY_MODE=1"
+    assert lazy_mode("backend.compile=true", PT_HPU_LAZY_MODE="1") == "PT_HPU_LAZY_MODE=0"
+    assert lazy_mode("model=tiny", PT_HPU_LAZY_MODE="0") == "PT_HPU_LAZY_MODE=0"
+
+
 def test_gaudi_slurm_maps_slurm_ranks_to_torch_ranks(root, stubs):
     stubs("scontrol", 'printf "node-a\\nnode-b\\n"\n')
     # srun's stand-in starts two of the job's four tasks (those on the second node), as Slurm would number them.

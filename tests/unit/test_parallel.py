@@ -53,6 +53,21 @@ def test_user_ds_config_may_not_contradict_the_run(tmp_path):
     assert "parallel.zero_stage=2" in text
 
 
+def test_user_ds_config_may_not_set_clipping_or_an_optimizer_of_its_own(tmp_path):
+    # ZeRO 1-3 would clip to the file's value, ZeRO 0 (fp8train's own step) to optim.grad_clip; an "optimizer" or
+    # "scheduler" would replace fp8train's AdamW / AdamWFp8 and lr schedule. Each is refused, naming the override.
+    same = ds_config(tmp_path, {"gradient_clipping": 1.0})
+    assert same["gradient_clipping"] == 1.0
+    with pytest.raises(ConfigError) as e:
+        ds_config(
+            tmp_path, {"gradient_clipping": 0.5, "optimizer": {"type": "Adam"}, "scheduler": {"type": "WarmupLR"}}
+        )
+    text = str(e.value)
+    assert "sets gradient_clipping=0.5, but this run needs 1.0" in text and "optim.grad_clip" in text
+    assert "sets optimizer" in text and "optim=adamw" in text
+    assert "sets scheduler" in text and "optim.lr" in text
+
+
 def test_launch_env_reads_torchrun_and_mpirun_variables(monkeypatch):
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "OMPI_COMM_WORLD_RANK"):
         monkeypatch.delenv(name, raising=False)
@@ -87,3 +102,29 @@ def test_bad_parallel_settings_name_the_fix(tmp_path):
     assert "parallel.timeout_min=0: must be > 0" in text
     with pytest.raises(ConfigError, match="ZeRO-3 holds only a shard"):
         compose(["parallel=deepspeed", "parallel.zero_stage=3", "precision=fp8_smooth_channel"])
+
+
+def test_a_rank_whose_clock_named_another_run_dir_logs_into_rank_0s(tmp_path, monkeypatch):
+    """Hydra names the run dir after each rank's start time and opens RUN_DIR/train.log there at once; a rank that
+    started a second later than rank 0 must move its log into rank 0's run dir and leave no directory behind."""
+    import logging
+
+    from fp8train import parallel
+    from fp8train.trainer import agree_on_run_dir
+
+    mine, rank0 = tmp_path / "run_14-00-01", tmp_path / "run_14-00-00"
+    mine.mkdir()
+    handler = logging.FileHandler(mine / "train.log")  # as Hydra's job logging sets it up
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        logging.getLogger("deepspeed").warning("before the run dir was agreed")
+        monkeypatch.setattr(parallel, "broadcast_object", lambda obj: str(rank0))
+        assert agree_on_run_dir(mine) == rank0
+        logging.getLogger("fp8train").warning("a warning of this rank")
+        handler.flush()
+        assert not mine.exists()
+        assert "a warning of this rank" in (rank0 / "train.log").read_text()
+    finally:
+        root.removeHandler(handler)
+        handler.close()
