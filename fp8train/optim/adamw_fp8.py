@@ -313,10 +313,11 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 
 def state_bytes_per_param(optimizer: torch.optim.Optimizer, model_or_params: nn.Module | Iterable[Tensor]) -> float:
-    """Optimizer state bytes per parameter element of ``model_or_params`` (8.0 for fp32 AdamW, ~2.06 here)."""
+    """Optimizer state bytes per parameter element of ``model_or_params`` (8.0 for fp32 AdamW, ~2.06 here). Under
+    ZeRO-3 a parameter holds only this rank's shard, and ``ds_numel`` its whole size."""
     params = model_or_params.parameters() if isinstance(model_or_params, nn.Module) else model_or_params
-    numel = sum(p.numel() for p in {id(p): p for p in params}.values())
-    return optimizer_state_bytes(optimizer) / numel
+    numel = sum(getattr(p, "ds_numel", p.numel()) for p in {id(p): p for p in params}.values())
+    return optimizer_state_bytes(optimizer) / numel if numel else math.nan
 
 
 def _tensor_bytes(t: Tensor) -> int:

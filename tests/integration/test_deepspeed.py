@@ -96,12 +96,20 @@ def single(tmp_path_factory):
 )
 def test_two_ranks_match_one_process_with_the_same_global_batch(tmp_path, single, zero_stage, micro_batch, accum):
     run_dir = tmp_path / "ds"
+    extra = []
+    if zero_stage == 3:  # partition every weight: by default ZeRO-3 keeps parameters this small whole on each rank
+        (tmp_path / "ds.json").write_text('{"zero_optimization": {"stage3_param_persistence_threshold": 0}}')
+        extra = [f"parallel.ds_config={tmp_path / 'ds.json'}"]
     done = run_ranks(
         run_dir,
         f"parallel.zero_stage={zero_stage}",
         f"trainer.micro_batch_size={micro_batch}",
         f"trainer.grad_accum_steps={accum}",
+        *extra,
     )
+    if zero_stage:  # fp32 AdamW's 8 bytes of m and v per parameter, half of them on each rank
+        line = next(ln for ln in done.splitlines() if "bytes of state per parameter on this rank" in ln)
+        assert 3.9 < float(line.split("adamw: ")[1].split()[0]) < 4.3, line
     assert f"2 ranks (gloo), ZeRO stage {zero_stage}, {GLOBAL_BATCH} sequences per step" in done
     ds = losses(run_dir)
     assert sorted(ds) == list(range(1, STEPS + 1))
