@@ -33,11 +33,16 @@ def preflight(argv: list[str]) -> None:
         return
     problems = run_dir_problems(argv)
     try:
-        compose([a for a in argv if not a.startswith(("hydra.", "hydra/"))])
+        cfg = compose([a for a in argv if not a.startswith(("hydra.", "hydra/"))])
     except ConfigError as e:
         problems = [*e.problems, *problems]
     except Fp8trainError as e:
         fail(e)
+    else:
+        from fp8train.backends import unavailable  # imports torch, which the run needs next anyway
+
+        if problem := unavailable(cfg.backend):
+            problems.append(problem)
     if problems:
         fail(ConfigError(problems))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import subprocess
@@ -126,6 +127,15 @@ def test_a_null_group_is_refused_without_traceback_or_run_dir(tmp_path):
     out = run_train(tmp_path / "never", "model=null")
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "model=null: a config group takes one of its options, not null" in out.stderr
+    assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("habana_frameworks") is not None, reason="this machine has Gaudi's bridge")
+def test_a_backend_this_machine_lacks_is_refused_before_the_run_dir_exists(tmp_path):
+    out = run_train(tmp_path / "never", *BF16, "backend=hpu")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "backend.name=hpu needs Habana's PyTorch bridge (habana_frameworks)" in out.stderr
+    assert "choose backend.name=cpu or backend.name=cuda" in out.stderr
     assert not (tmp_path / "never").exists()
 
 
