@@ -51,7 +51,8 @@ from fp8train.monitor.alerts import Alert, SpikeRule, overflowed
 log = logging.getLogger("fp8train")
 
 OUTLIERS_FILE = "outliers.jsonl"
-# amaxes and FP8 figures taken as the max over data-parallel ranks (the scale is the same on every rank)
+# amaxes and FP8 figures taken as the max over data-parallel ranks; the scale is rank 0's, the same on every rank
+# once a delayed history exists (before, at step 1, each rank scales from its own amax)
 _REDUCED = ("h_amax", "u_amax", "g_amax", "down_in_amax")
 _FP8_REDUCED = tuple(i for i, name in enumerate(STAT_NAMES) if name != "scale")
 
