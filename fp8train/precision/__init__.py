@@ -60,10 +60,13 @@ def convert(model: nn.Module, cfg: PrecisionConfig, backend: Backend) -> nn.Modu
     wanted = set(cfg.linears)
     if cfg.smooth_swiglu == SmoothSwiGLU.bf16_down:
         wanted.discard("down_proj")  # the paper's other fix: the quadratic tensor never meets FP8
-    swapped, skipped = Counter(), []
+    swapped, skipped, deselected = Counter(), [], Counter()
     for parent_name, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is not nn.Linear or name not in wanted:
+            if type(child) is not nn.Linear:
+                continue
+            if name not in wanted:
+                deselected[name] += name != "lm_head"  # lm_head is named below in any case
                 continue
             if child.in_features % 16 or child.out_features % 16:
                 skipped.append(f"{parent_name}.{name}")  # FP8 GEMMs need both dims divisible by 16
@@ -97,7 +100,7 @@ def convert(model: nn.Module, cfg: PrecisionConfig, backend: Backend) -> nn.Modu
         f", one input cast each for {' + '.join('/'.join(g) for g in sorted(shared))}" if shared else "",
         cfg.smooth_swiglu.value,
         f" on {n_mlps} MLPs" if n_mlps else "",
-        ", down_proj" if cfg.smooth_swiglu == SmoothSwiGLU.bf16_down else "",
+        "".join(f", {k} x{v}" for k, v in deselected.items() if v),
         f"; not multiples of 16: {', '.join(skipped)}" if skipped else "",
     )
     return model

@@ -69,6 +69,8 @@ def test_linears_filter_and_dims_not_multiple_of_16_stay_high_precision(caplog):
     assert kinds["layers.0.self_attn.k_proj"] == "Linear"  # not asked for
     assert kinds["layers.0.mlp.gate_proj"] == "Linear" and kinds["layers.0.mlp.down_proj"] == "Linear"
     assert "not multiples of 16: layers.0.mlp.gate_proj, layers.0.mlp.down_proj" in caplog.text
+    # What precision.linears left out is named with what stays in bf16, once per kind, counted over the layers.
+    assert "kept in bf16: embeddings, lm_head, norms, k_proj x2, v_proj x2, o_proj x2, up_proj x2;" in caplog.text
 
 
 def test_a_model_with_no_linear_fit_for_fp8_says_so_loudly(caplog):
