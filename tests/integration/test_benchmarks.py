@@ -102,7 +102,7 @@ def test_bench_monitor_samples_both_kinds_of_step(tmp_path):
         "backend=cpu", "trainer.micro_batch_size=2", "data.seq_len=64",
     )  # fmt: skip
     result = json.loads(out_file.read_text())
-    # Monitor at interval 3 from step 0: of steps 1..6 after one warm-up step, 3 and 6 are monitored.
+    # Monitor at interval 3: the warm-up is step 1; of the timed steps 2..7, 3 and 6 are monitored.
     assert result["samples"] == [6, 4, 2]
     assert result["interval"] == 25  # the default config's, which the overhead is reported at
     assert positive(result["step_s_disabled"]) and positive(result["warmup_s"])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import statistics
 
 import pytest
 import torch
@@ -117,12 +118,16 @@ def test_spike_rule_fires_on_a_planted_spike_and_not_on_noise():
     rule = SpikeRule(factor=4.0, window=20, min_history=3)
     rng = random.Random(0)
     # 500 monitored steps of a slowly growing amax with +-30% noise: delayed scaling's ordinary weather.
-    fired = [rule.check("h", (1 + step / 100) * math.exp(rng.gauss(0, 0.3)))[0] for step in range(500)]
+    values = [(1 + step / 100) * math.exp(rng.gauss(0, 0.3)) for step in range(500)]
+    fired = [rule.check("h", v)[0] for v in values]
     assert not any(fired)
     level = 6.0  # the amax at the end of that drift
     fires, median = rule.check("h", 10 * level)
-    assert fires and median == pytest.approx(level, rel=0.5)
-    assert not rule.check("h", level)[0]  # one spike does not raise the bar: the median stays put
+    # The bar is the median of the last 20 values (a mean would be pulled up by every spike it keeps).
+    assert fires and median == statistics.median(values[-20:]) and median == pytest.approx(level, rel=0.2)
+    fires, after = rule.check("h", level)
+    assert not fires and after == statistics.median(values[-19:] + [10 * level])
+    assert after == pytest.approx(median, rel=0.1)  # one spike does not raise the bar: the median stays put
     assert rule.check("h", math.inf)[0] and rule.check("h", math.nan)[0]  # non-finite always fires
 
 
