@@ -196,6 +196,7 @@ class Trainer:
         else:
             self.skip_step(loss_sum, grad_norm)
         self.monitor.collect(self.step + 1, self.logger)  # monitored steps only: statistics, alerts, outliers.jsonl
+        self.step_lr = self.scheduler.get_last_lr()[0]  # the lr this step trained with: the one logged for it
         # The schedule advances even over a skipped step: step t always trains on batch t with the lr of step t.
         self.scheduler.step()
         self.backend.mark_step()
@@ -341,7 +342,7 @@ class Trainer:
         loss = self.engine.mean(loss)  # every rank logs at the same steps, so this collective lines up
         metrics = {
             "loss": loss.item(),
-            "lr": self.scheduler.get_last_lr()[0],
+            "lr": self.step_lr,
             "grad_norm": grad_norm.item(),
             "tokens_per_s": tokens_per_s,
             "tokens": self.step * self.cfg.tokens_per_step * self.engine.world_size,

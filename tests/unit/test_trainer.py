@@ -55,6 +55,22 @@ def test_lr_in_the_loop_follows_the_schedule(tmp_path):
     assert seen[5] < seen[4] <= 1e-3
 
 
+def test_logged_lr_is_the_lr_the_step_trained_with(tmp_path):
+    # warmup 4 of 6 steps: step s trains with lr * lr_factor(s - 1); the last step's is not min_lr.
+    t = make_trainer(
+        tmp_path, "optim.warmup_steps=4", "optim.lr=1e-3", "trainer.max_steps=6", "trainer.eval_every=0",
+        "trainer.checkpoint_every=0", "monitor=disabled",
+    )  # fmt: skip
+    used = []
+    t.optimizer.register_step_pre_hook(lambda opt, args, kwargs: used.append(opt.param_groups[0]["lr"]))
+    t.fit()
+    logged = [r["lr"] for r in read_jsonl(t.run_dir / "metrics.jsonl") if "lr" in r]
+    expected = [1e-3 * trainer_module.optim.lr_factor(s, t.cfg.optim, 6) for s in range(6)]
+    assert used == pytest.approx(expected)
+    assert logged == pytest.approx(expected)
+    assert logged[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
+
+
 def test_vocab_size_comes_from_the_tokenizer_rounded_to_64(tmp_path):
     t = make_trainer(tmp_path, "data.tokenizer.vocab_size=1000")
     assert t.data.vocab_size == 1000 and t.cfg.model.vocab_size == 1024
