@@ -486,7 +486,8 @@ class Trainer:
     def apply_optim_settings(self, fresh_groups: list[dict], step: int) -> None:
         """Loading a checkpoint restores the optimizer's lr, weight decay, betas and eps as they were saved; the
         values of this run's config are the ones asked for (after a divergence: a lower optim.lr), so they win. The
-        schedule's shape (warmup, min_lr, max_steps) already comes from this run's config."""
+        schedule's shape (warmup, min_lr, decay_steps, max_steps) comes from this run's config too: the saved lr,
+        set by the saved run's schedule, is replaced by this one's even when no optim value changed."""
         keys = ("initial_lr", "weight_decay", "betas", "eps")
         changed = set()
         for group, fresh in zip(self.optimizer.param_groups, fresh_groups, strict=True):
@@ -494,14 +495,14 @@ class Trainer:
                 if key in fresh and group.get(key) != fresh[key]:
                     changed.add(key)
                     group[key] = fresh[key]
-        if not changed:
-            return
         self.scheduler.base_lrs = [g["initial_lr"] for g in self.optimizer.param_groups]
         for group, base_lr, factor in zip(
             self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas
         ):
             group["lr"] = base_lr * factor(self.scheduler.last_epoch)
         self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+        if not changed:
+            return
         names = sorted(f"optim.{'lr' if k == 'initial_lr' else k}" for k in changed)
         log.info("resume: %s as set for this run, not as saved, from step %d on", ", ".join(names), step + 1)
 

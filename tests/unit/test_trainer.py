@@ -141,6 +141,20 @@ def test_resuming_with_another_lr_and_weight_decay_uses_them(stopped_run):
     )
 
 
+@pytest.mark.parametrize("change", ["trainer.max_steps=10", "optim.warmup_steps=4", "optim.decay_steps=3"])
+def test_resuming_with_another_schedule_trains_its_first_step_on_it(stopped_run, change):
+    """Raising max_steps to train further (the README's resume command) moves the cosine; the first resumed step
+    must take its lr from the new schedule, as every later one does."""
+    t = make_trainer(stopped_run, *RESUMABLE, "optim.lr=1e-2", change, "resume=auto")
+    max_steps = t.cfg.trainer.max_steps
+    used = []
+    t.optimizer.register_step_pre_hook(lambda opt, args, kwargs: used.append([g["lr"] for g in opt.param_groups]))
+    t.train_step()
+    t.train_step()
+    for step, lrs in zip((2, 3), used):
+        assert lrs == pytest.approx([1e-2 * trainer_module.optim.lr_factor(step, t.cfg.optim, max_steps)] * len(lrs))
+
+
 @pytest.mark.parametrize(
     "override, named",
     [
