@@ -132,7 +132,9 @@ class Trainer:
                     window_tokens += cfg.tokens_per_step * self.engine.world_size
                     bar.update(1)
                     finished = self.step == t.max_steps
-                    if self.step % cfg.logger.log_every == 0 or finished:
+                    stop = None if finished else self.stop_reason(signals.received)
+                    # The last step of an invocation is always logged: a diverged run's non-finite loss and bad_steps.
+                    if self.step % cfg.logger.log_every == 0 or finished or stop:
                         self.backend.synchronize()
                         elapsed = time.perf_counter() - window_t0
                         last = self.log_train(loss, grad_norm, window_tokens / elapsed, bar)
@@ -142,7 +144,6 @@ class Trainer:
                     if (t.eval_every and self.step % t.eval_every == 0) or finished:
                         last.update(self.evaluate())
                     window_t0 += time.perf_counter() - paused_at
-                    stop = None if finished else self.stop_reason(signals.received)
                     periodic = t.checkpoint_every and self.step % t.checkpoint_every == 0
                     paused_at = time.perf_counter()
                     if periodic or finished or stop or self.monitor.checkpoint_requested:

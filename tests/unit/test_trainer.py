@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import types
 
 import pytest
@@ -69,6 +70,25 @@ def test_logged_lr_is_the_lr_the_step_trained_with(tmp_path):
     assert used == pytest.approx(expected)
     assert logged == pytest.approx(expected)
     assert logged[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
+
+
+def test_a_run_that_stops_between_log_steps_logs_its_last_step(tmp_path):
+    """With the default log_every=10, a run that diverges or stops before step 10 must still leave its last step,
+    with its non-finite loss and bad_steps, in metrics.jsonl: `fp8train compare` reads the run's fate from there."""
+    common = ("trainer.max_steps=20", "trainer.eval_every=0", "trainer.checkpoint_every=0", "logger.log_every=10")
+    t = make_trainer(tmp_path / "diverged", *common, "trainer.max_bad_steps=3", "monitor=disabled")
+    layer = t.model.get_submodule("layers.1.mlp.down_proj")
+    layer.register_forward_hook(lambda m, a, out: out * math.inf if t.step >= 2 else None)
+    with pytest.raises(trainer_module.DivergenceError):
+        t.fit()
+    rows = [r for r in read_jsonl(t.run_dir / "metrics.jsonl") if "loss" in r]
+    assert [(r["step"], r["bad_steps"]) for r in rows] == [(5, 3)]
+    assert rows[0]["loss"] == "nan" and rows[0]["grad_norm"] == "nan"
+
+    t = make_trainer(tmp_path / "stopped", *common, "trainer.stop_at=3")
+    t.fit()
+    rows = [r for r in read_jsonl(t.run_dir / "metrics.jsonl") if "loss" in r]
+    assert [(r["step"], r["tokens"]) for r in rows] == [(3, 3 * t.cfg.tokens_per_step)]
 
 
 def test_vocab_size_comes_from_the_tokenizer_rounded_to_64(tmp_path):
