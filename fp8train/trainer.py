@@ -132,7 +132,9 @@ class Trainer:
                     window_tokens += cfg.tokens_per_step * self.engine.world_size
                     bar.update(1)
                     finished = self.step == t.max_steps
-                    if self.step % cfg.logger.log_every == 0 or finished:
+                    stop = None if finished else self.stop_reason(signals.received)
+                    # The last step of an invocation is always logged: a diverged run's non-finite loss and bad_steps.
+                    if self.step % cfg.logger.log_every == 0 or finished or stop:
                         self.backend.synchronize()
                         elapsed = time.perf_counter() - window_t0
                         last = self.log_train(loss, grad_norm, window_tokens / elapsed, bar)
@@ -142,7 +144,6 @@ class Trainer:
                     if (t.eval_every and self.step % t.eval_every == 0) or finished:
                         last.update(self.evaluate())
                     window_t0 += time.perf_counter() - paused_at
-                    stop = None if finished else self.stop_reason(signals.received)
                     periodic = t.checkpoint_every and self.step % t.checkpoint_every == 0
                     paused_at = time.perf_counter()
                     if periodic or finished or stop or self.monitor.checkpoint_requested:
@@ -196,6 +197,7 @@ class Trainer:
         else:
             self.skip_step(loss_sum, grad_norm)
         self.monitor.collect(self.step + 1, self.logger)  # monitored steps only: statistics, alerts, outliers.jsonl
+        self.step_lr = self.scheduler.get_last_lr()[0]  # the lr this step trained with: the one logged for it
         # The schedule advances even over a skipped step: step t always trains on batch t with the lr of step t.
         self.scheduler.step()
         self.backend.mark_step()
@@ -341,7 +343,7 @@ class Trainer:
         loss = self.engine.mean(loss)  # every rank logs at the same steps, so this collective lines up
         metrics = {
             "loss": loss.item(),
-            "lr": self.scheduler.get_last_lr()[0],
+            "lr": self.step_lr,
             "grad_norm": grad_norm.item(),
             "tokens_per_s": tokens_per_s,
             "tokens": self.step * self.cfg.tokens_per_step * self.engine.world_size,
@@ -485,7 +487,8 @@ class Trainer:
     def apply_optim_settings(self, fresh_groups: list[dict], step: int) -> None:
         """Loading a checkpoint restores the optimizer's lr, weight decay, betas and eps as they were saved; the
         values of this run's config are the ones asked for (after a divergence: a lower optim.lr), so they win. The
-        schedule's shape (warmup, min_lr, max_steps) already comes from this run's config."""
+        schedule's shape (warmup, min_lr, decay_steps, max_steps) comes from this run's config too: the saved lr,
+        set by the saved run's schedule, is replaced by this one's even when no optim value changed."""
         keys = ("initial_lr", "weight_decay", "betas", "eps")
         changed = set()
         for group, fresh in zip(self.optimizer.param_groups, fresh_groups, strict=True):
@@ -493,14 +496,14 @@ class Trainer:
                 if key in fresh and group.get(key) != fresh[key]:
                     changed.add(key)
                     group[key] = fresh[key]
-        if not changed:
-            return
         self.scheduler.base_lrs = [g["initial_lr"] for g in self.optimizer.param_groups]
         for group, base_lr, factor in zip(
             self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas
         ):
             group["lr"] = base_lr * factor(self.scheduler.last_epoch)
         self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+        if not changed:
+            return
         names = sorted(f"optim.{'lr' if k == 'initial_lr' else k}" for k in changed)
         log.info("resume: %s as set for this run, not as saved, from step %d on", ", ".join(names), step + 1)
 

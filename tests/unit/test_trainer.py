@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import types
 
 import pytest
@@ -53,6 +54,41 @@ def test_lr_in_the_loop_follows_the_schedule(tmp_path):
         t.train_step()
     assert seen[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
     assert seen[5] < seen[4] <= 1e-3
+
+
+def test_logged_lr_is_the_lr_the_step_trained_with(tmp_path):
+    # warmup 4 of 6 steps: step s trains with lr * lr_factor(s - 1); the last step's is not min_lr.
+    t = make_trainer(
+        tmp_path, "optim.warmup_steps=4", "optim.lr=1e-3", "trainer.max_steps=6", "trainer.eval_every=0",
+        "trainer.checkpoint_every=0", "monitor=disabled",
+    )  # fmt: skip
+    used = []
+    t.optimizer.register_step_pre_hook(lambda opt, args, kwargs: used.append(opt.param_groups[0]["lr"]))
+    t.fit()
+    logged = [r["lr"] for r in read_jsonl(t.run_dir / "metrics.jsonl") if "lr" in r]
+    expected = [1e-3 * trainer_module.optim.lr_factor(s, t.cfg.optim, 6) for s in range(6)]
+    assert used == pytest.approx(expected)
+    assert logged == pytest.approx(expected)
+    assert logged[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
+
+
+def test_a_run_that_stops_between_log_steps_logs_its_last_step(tmp_path):
+    """With the default log_every=10, a run that diverges or stops before step 10 must still leave its last step,
+    with its non-finite loss and bad_steps, in metrics.jsonl: `fp8train compare` reads the run's fate from there."""
+    common = ("trainer.max_steps=20", "trainer.eval_every=0", "trainer.checkpoint_every=0", "logger.log_every=10")
+    t = make_trainer(tmp_path / "diverged", *common, "trainer.max_bad_steps=3", "monitor=disabled")
+    layer = t.model.get_submodule("layers.1.mlp.down_proj")
+    layer.register_forward_hook(lambda m, a, out: out * math.inf if t.step >= 2 else None)
+    with pytest.raises(trainer_module.DivergenceError):
+        t.fit()
+    rows = [r for r in read_jsonl(t.run_dir / "metrics.jsonl") if "loss" in r]
+    assert [(r["step"], r["bad_steps"]) for r in rows] == [(5, 3)]
+    assert rows[0]["loss"] == "nan" and rows[0]["grad_norm"] == "nan"
+
+    t = make_trainer(tmp_path / "stopped", *common, "trainer.stop_at=3")
+    t.fit()
+    rows = [r for r in read_jsonl(t.run_dir / "metrics.jsonl") if "loss" in r]
+    assert [(r["step"], r["tokens"]) for r in rows] == [(3, 3 * t.cfg.tokens_per_step)]
 
 
 def test_vocab_size_comes_from_the_tokenizer_rounded_to_64(tmp_path):
@@ -123,6 +159,20 @@ def test_resuming_with_another_lr_and_weight_decay_uses_them(stopped_run):
     assert same.optimizer.param_groups[0]["lr"] == pytest.approx(
         1e-2 * trainer_module.optim.lr_factor(2, same.cfg.optim, 6)
     )
+
+
+@pytest.mark.parametrize("change", ["trainer.max_steps=10", "optim.warmup_steps=4", "optim.decay_steps=3"])
+def test_resuming_with_another_schedule_trains_its_first_step_on_it(stopped_run, change):
+    """Raising max_steps to train further (the README's resume command) moves the cosine; the first resumed step
+    must take its lr from the new schedule, as every later one does."""
+    t = make_trainer(stopped_run, *RESUMABLE, "optim.lr=1e-2", change, "resume=auto")
+    max_steps = t.cfg.trainer.max_steps
+    used = []
+    t.optimizer.register_step_pre_hook(lambda opt, args, kwargs: used.append([g["lr"] for g in opt.param_groups]))
+    t.train_step()
+    t.train_step()
+    for step, lrs in zip((2, 3), used):
+        assert lrs == pytest.approx([1e-2 * trainer_module.optim.lr_factor(step, t.cfg.optim, max_steps)] * len(lrs))
 
 
 @pytest.mark.parametrize(
