@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
+from torch import nn
 
 from fp8train.cli.train import without_local_rank
 from fp8train.config import ParallelConfig, ParallelName, compose
@@ -128,3 +130,18 @@ def test_a_rank_whose_clock_named_another_run_dir_logs_into_rank_0s(tmp_path, mo
     finally:
         root.removeHandler(handler)
         handler.close()
+
+
+@pytest.mark.parametrize("torch_has_get_total_norm", [True, False])
+def test_unclipped_grad_norm_is_the_global_norm_on_every_supported_torch(monkeypatch, torch_has_get_total_norm):
+    from fp8train.parallel import clip_grad_norm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 4))
+    model(torch.randn(5, 8)).square().sum().backward()
+    want = torch.cat([p.grad.double().flatten() for p in model.parameters()]).norm().item()
+    if not torch_has_get_total_norm:  # torch 2.5 has no torch.nn.utils.get_total_norm
+        monkeypatch.delattr(torch.nn.utils, "get_total_norm")
+    before = [p.grad.clone() for p in model.parameters()]
+    assert clip_grad_norm(model, 0.0).item() == pytest.approx(want, rel=1e-6)
+    assert all(torch.equal(a, p.grad) for a, p in zip(before, model.parameters()))  # max_norm 0: no clipping
