@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ import torch
 
 from fp8train.export.hf import load_checkpoint_model
 from fp8train.loggers import read_metrics
+from fp8train.parallel.deepspeed import free_port
 from tests.helpers import ROOT, SMALL, run_train
 
 pytestmark = pytest.mark.slow
@@ -43,12 +43,6 @@ def no_shared_memory_left_behind():
     yield
     for leftover in set(shm.glob("deepspeed_*")) - before if shm.is_dir() else ():
         leftover.unlink(missing_ok=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun_cmd(run_dir, *overrides: str, ranks: int = 2) -> list[str]:
