@@ -86,6 +86,11 @@ class Fp8Profile(str, enum.Enum):
 # without torch so that a bad value is reported before torch loads.
 MAX_MARGIN = {Fp8Profile.ocp: 14, Fp8Profile.gaudi2: 13}
 
+# The longest precision.amax_history_len: 16x NVIDIA TE's default of 1024. Every FP8 tensor holds its whole history
+# and every optimizer step reduces and rolls all of them, so memory and step time grow with it; a mistyped length
+# (10^11) was a 400 GB allocation and a traceback.
+MAX_AMAX_HISTORY_LEN = 16384
+
 
 class OptimName(str, enum.Enum):
     adamw = "adamw"
@@ -224,7 +229,7 @@ class PrecisionConfig:
     recipe: Recipe = Recipe.bf16
     smooth_swiglu: SmoothSwiGLU = SmoothSwiGLU.none  # fp8 only
     scaling: ScalingRecipe = ScalingRecipe.delayed  # fp8 only
-    amax_history_len: int = 16  # delayed scaling: steps of amax history per tensor
+    amax_history_len: int = 16  # delayed scaling: steps of amax history per tensor (1 to MAX_AMAX_HISTORY_LEN)
     amax_compute_algo: AmaxAlgo = AmaxAlgo.max
     margin: int = 0  # scales are divided by 2^margin: headroom against growth between steps
     pow2_scales: bool = False  # round scales down to powers of two (exact rescaling, as Habana TE does)
@@ -241,6 +246,12 @@ class PrecisionConfig:
     def check(self, at: str) -> list[str]:
         p = _Problems(at, self)
         p.positive("amax_history_len")
+        if self.amax_history_len > MAX_AMAX_HISTORY_LEN:
+            p.add(
+                "amax_history_len",
+                f"must be <= {MAX_AMAX_HISTORY_LEN}: every FP8 tensor keeps its whole amax history and each optimizer "
+                f"step reduces all of them (NVIDIA TE's default is 1024, Habana TE's 1)",
+            )
         p.non_negative("margin")
         if self.margin > MAX_MARGIN[self.profile]:
             p.add(

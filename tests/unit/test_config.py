@@ -91,6 +91,8 @@ def test_each_bad_value_is_named_in_override_syntax(override, expected):
         (["precision.margin=15"], "precision.margin=15: must be <= 14 for precision.profile=ocp"),
         (["precision=fp8_smooth_gaudi2", "precision.margin=14"], "precision.margin=14: must be <= 13"),
         (["precision.margin=200"], "precision.margin=200: must be <= 14"),
+        # Every scaler allocates its whole history: 10^11 slots was a 400 GB allocation and a traceback.
+        (["precision.amax_history_len=100000000000"], "precision.amax_history_len=100000000000: must be <= 16384"),
         (["precision.linears=[]"], "precision.linears=[]: precision.recipe=fp8 needs at least one linear in FP8"),
         (
             ["precision=fp8_bf16_down", "precision.linears=[down_proj]"],
