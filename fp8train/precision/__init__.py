@@ -5,9 +5,9 @@ the configured format (``precision.recipe``) and tells the trainer which autocas
 
 - bf16 / fp32: no module is swapped; bf16 comes from autocast around the forward.
 - fp8: the chosen ``nn.Linear`` layers become ``Fp8Linear`` (E4M3 forward, E5M2 gradients, the backend's FP8
-  ops; ``precision.engine=te``: Habana TE's linear instead), the MLPs become the chosen Smooth-SwiGLU variant,
-  and everything else (embeddings, lm_head, norms, attention softmax, linears whose dims are not multiples of 16)
-  runs in bf16 under autocast.
+  ops; ``precision.engine=te``: Habana TE's linear instead), the MLPs whose down projection runs in FP8 become
+  the chosen Smooth-SwiGLU variant, and everything else (embeddings, lm_head, norms, attention softmax, linears
+  whose dims are not multiples of 16) runs in bf16 under autocast.
 """
 
 from __future__ import annotations
@@ -82,13 +82,17 @@ def convert(model: nn.Module, cfg: PrecisionConfig, backend: Backend) -> nn.Modu
         )
     shared = share_input_scalers(model)
     variant = VARIANTS.get(cfg.smooth_swiglu.value)
-    n_mlps = 0
+    n_mlps = n_bf16_down = 0
     if variant is not None:
         for parent in list(model.modules()):
             for name, child in list(parent.named_children()):
-                if isinstance(child, SwiGLU):
-                    setattr(parent, name, variant(child))
-                    n_mlps += 1
+                if not isinstance(child, SwiGLU):
+                    continue
+                if type(child.down_proj) is nn.Linear:  # kept in bf16 (dims): no FP8 input to smooth
+                    n_bf16_down += 1
+                    continue
+                setattr(parent, name, variant(child))
+                n_mlps += 1
     log.info(
         "precision fp8 (%s, %s scaling, %s profile): %d linears to FP8 (%s)%s; Smooth-SwiGLU %s%s; kept in bf16: "
         "embeddings, lm_head, norms%s%s",
@@ -99,7 +103,8 @@ def convert(model: nn.Module, cfg: PrecisionConfig, backend: Backend) -> nn.Modu
         ", ".join(f"{k} x{v}" for k, v in swapped.items()) or "none",
         f", one input cast each for {' + '.join('/'.join(g) for g in sorted(shared))}" if shared else "",
         cfg.smooth_swiglu.value,
-        f" on {n_mlps} MLPs" if n_mlps else "",
+        (f" on {n_mlps} MLPs" if n_mlps else " on no MLP" if n_bf16_down else "")
+        + (f" ({n_bf16_down} keep their down projection in bf16)" if n_bf16_down else ""),
         "".join(f", {k} x{v}" for k, v in deselected.items() if v),
         f"; not multiples of 16: {', '.join(skipped)}" if skipped else "",
     )

@@ -104,6 +104,18 @@ def test_smooth_swiglu_variant_is_installed_by_the_converter(variant, mlp_type, 
     assert all("_scaler." in k for k in keys_after - keys_before)
 
 
+@pytest.mark.parametrize("variant", [SmoothSwiGLU.token, SmoothSwiGLU.channel])
+def test_smooth_swiglu_is_not_installed_where_the_down_projection_stays_in_bf16(variant, caplog):
+    # ffn 200 is not a multiple of 16: the MLP linears stay bf16, and rescaling h would only cost time (the config
+    # refuses the same thing asked for through precision.linears).
+    m = model(ffn_dim=200)
+    with caplog.at_level(logging.INFO):
+        precision.convert(m, fp8(smooth_swiglu=variant), CPU)
+    assert all(type(layer.mlp) is SwiGLU for layer in m.layers)
+    assert type(m.layers[0].self_attn.q_proj) is Fp8Linear
+    assert f"Smooth-SwiGLU {variant.value} on no MLP (2 keep their down projection in bf16)" in caplog.text
+
+
 def test_converted_model_trains_without_non_finite_values():
     m = precision.convert(model(), fp8(smooth_swiglu=SmoothSwiGLU.token), CPU)
     opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
