@@ -634,7 +634,8 @@ def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "con
         try:
             raw = hydra_compose(config_name=config_name, overrides=usable)
         except HydraException as e:
-            raise ConfigError([*problems, first_line(e)]) from None
+            cause = f" ({first_line(e.__cause__)})" if e.__cause__ else ""  # e.g. list index out of range
+            raise ConfigError([*problems, first_line(e) + cause]) from None
     try:
         cfg = to_typed(raw)
     except ConfigError as e:
@@ -748,6 +749,9 @@ def _hint_at(cls: type, path: str) -> Any:
     hint: Any = cls
     for part in path.split("."):
         hint = _unwrap_optional(hint)
+        if typing.get_origin(hint) is list and part.isdigit():  # one entry: data.sources.0.path
+            hint = typing.get_args(hint)[0]
+            continue
         if not dataclasses.is_dataclass(hint):
             return _UNKNOWN
         hints = typing.get_type_hints(hint)

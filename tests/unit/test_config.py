@@ -184,3 +184,15 @@ def test_to_typed_accepts_plain_dicts_and_fills_defaults():
 @pytest.mark.parametrize("value,text", [(None, "null"), (True, "true"), ([1, 2], "[1,2]"), ({"a": 1}, "{a: 1}")])
 def test_format_value_writes_override_syntax(value, text):
     assert format_value(value) == text
+
+
+def test_one_entry_of_a_list_is_set_by_its_index_as_the_data_errors_say():
+    # The data errors say "point data.sources.0.path at ..."; that override must compose, and a typo in it be named.
+    text = "data/tinyshakespeare.txt"
+    cfg = compose(["data=text", f"data.sources.0.path={text}", "data.sources.0.name=mine"])
+    assert [(s.path, s.name) for s in cfg.data.sources] == [(text, "mine")]
+    assert compose([f"data.sources.0.path={text}"]).data.sources[0].path == text
+    (found,) = problems(["data.sources.0.nam=x"])
+    assert found == "data.sources.0.nam: unknown setting (known here: path, name)"
+    (found,) = problems(["data.sources.1.path=b.txt"])  # there is one source: the index is named, and why
+    assert found == "Error merging override data.sources.1.path=b.txt (list index out of range)"
