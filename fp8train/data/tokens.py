@@ -2,7 +2,7 @@
 
 Each source file is read whole, checked (exists, non-empty, not binary, strict UTF-8) and split by characters:
 its last ``val_fraction`` becomes the validation part, cut at a line start when one is near. The token cache is a
-directory ``cache_dir/tokens-<key>/`` holding flat arrays of ids (uint16 for vocabularies under 65536, else uint32):
+directory ``cache_dir/tokens-<key>/`` holding flat arrays of ids (uint16 when every id is below 65535, else uint32):
 
     train.bin    every source's train part in config order, each followed by one EOS
     val_<i>.bin  source i's val part, followed by one EOS
@@ -205,8 +205,17 @@ def encode_chunks(tokenizer: Tokenizer, text: str, piece_chars: int = PIECE_CHAR
         yield sum(map(len, batch)), [i for e in encode(batch, add_special_tokens=False) for i in e.ids]
 
 
-def token_dtype(vocab_size: int) -> np.dtype:
-    return np.dtype(np.uint16 if vocab_size < 65536 else np.uint32)
+def id_space(tokenizer: Tokenizer) -> int:
+    """One more than the largest token id: the vocabulary the model must embed, and what the ids are stored in.
+
+    It exceeds ``get_vocab_size()`` (the number of tokens) when the ids have gaps, as in a tokenizer.json that
+    places its special tokens far above the rest.
+    """
+    return max(tokenizer.get_vocab_size(), max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1) + 1)
+
+
+def token_dtype(n_ids: int) -> np.dtype:
+    return np.dtype(np.uint16 if n_ids < 65536 else np.uint32)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -304,7 +313,7 @@ def _remove_abandoned(cache_dir: Path) -> None:
 
 def _write_tokens(out: Path, sources: list[SourceText], tokenizer: Tokenizer, eos_id: int) -> dict:
     """Write train.bin and val_<i>.bin into ``out``; return the meta.json fields."""
-    dtype = token_dtype(tokenizer.get_vocab_size())
+    dtype = token_dtype(id_space(tokenizer))
     total_chars = sum(len(s.train) + len(s.val) for s in sources)
     progress = _Progress(total_chars)
     source_meta = [{"name": s.name, "path": str(s.path), "train_sha256": s.train_sha256} for s in sources]
@@ -320,7 +329,7 @@ def _write_tokens(out: Path, sources: list[SourceText], tokenizer: Tokenizer, eo
     return {
         "format": TOKENS_FORMAT,
         "dtype": dtype.name,
-        "vocab_size": tokenizer.get_vocab_size(),
+        "vocab_size": id_space(tokenizer),
         "eos_id": eos_id,
         "train_tokens": sum(m["train_tokens"] for m in source_meta),
         "sources": source_meta,

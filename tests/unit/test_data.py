@@ -10,12 +10,12 @@ import pytest
 import torch
 from tokenizers import Tokenizer, models
 
-from fp8train.config import PROJECT_ROOT, DataConfig, SourceConfig, TokenizerConfig
+from fp8train.config import PROJECT_ROOT, DataConfig, SourceConfig, TokenizerConfig, compose
 from fp8train.data import TokenData, build_data
 from fp8train.data import tokenizer as tokenizer_module
 from fp8train.data.tokenizer import train_bpe
 from fp8train.data.tokens import encode_chunks, publishing, split_point
-from fp8train.errors import DataError
+from fp8train.errors import ConfigError, DataError
 
 SHAKESPEARE = (PROJECT_ROOT / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")
 TEXT = SHAKESPEARE[:30_000]  # ~9k tokens: enough for a 512-token BPE, trained in a few ms
@@ -263,6 +263,29 @@ def test_a_tokenizer_saved_with_truncation_or_padding_still_encodes_every_token(
     data = build(data_cfg(tmp_path / "run", [TEXT], tokenizer_path=str(file)))
     assert np.array_equal(train_tokens(data), reference)
     assert torch.equal(data.train_batch(2, 1)[0], trained.train_batch(2, 1)[0])
+
+
+@pytest.mark.parametrize("eos_id", [1000, 70_000], ids=["uint16", "uint32"])
+def test_a_tokenizer_whose_ids_have_gaps_sizes_the_model_by_its_largest_id(tmp_path, trained, eos_id):
+    """ids need not be 0..n-1 (a tokenizer.json may place special tokens far above the rest): the model must
+    embed every id the corpus holds, and the cache must store ids above 65535 without wrapping."""
+    from fp8train.trainer import with_vocab_size
+
+    spec = json.loads(trained.tokenizer.to_str())
+    old_eos = trained.eos_id
+    spec["added_tokens"][0]["id"] = spec["model"]["vocab"]["<|endoftext|>"] = eos_id
+    file = tmp_path / "gaps.json"
+    file.write_text(json.dumps(spec))
+    data = build(data_cfg(tmp_path / "run", [TEXT], tokenizer_path=str(file)))
+    assert data.tokenizer.get_vocab_size() == 512 and data.eos_id == eos_id
+    assert data.vocab_size == eos_id + 1  # every id the model may see is below it
+    expected = train_tokens(trained).astype(np.int64)
+    expected[expected == old_eos] = eos_id
+    assert np.array_equal(train_tokens(data), expected)  # EOS stored as itself, not wrapped to 16 bits
+    cfg = compose(["model.vocab_size=512"])
+    with pytest.raises(ConfigError, match=rf"model\.vocab_size=512: smaller than the tokenizer's {eos_id + 1}"):
+        with_vocab_size(cfg, data.vocab_size)
+    assert with_vocab_size(compose([]), data.vocab_size).model.vocab_size >= eos_id + 1
 
 
 def test_tokenizer_without_eos_is_refused(tmp_path):
