@@ -3,6 +3,7 @@
 import json
 import logging
 import multiprocessing
+import shutil
 import time
 
 import numpy as np
@@ -286,6 +287,19 @@ def test_a_tokenizer_whose_ids_have_gaps_sizes_the_model_by_its_largest_id(tmp_p
     with pytest.raises(ConfigError, match=rf"model\.vocab_size=512: smaller than the tokenizer's {eos_id + 1}"):
         with_vocab_size(cfg, data.vocab_size)
     assert with_vocab_size(compose([]), data.vocab_size).model.vocab_size >= eos_id + 1
+
+
+def test_a_damaged_cached_tokenizer_says_to_delete_it_and_is_retrained_after(tmp_path):
+    cfg = data_cfg(tmp_path, [TEXT])
+    first = build(cfg)
+    first.tokenizer_file.write_text(first.tokenizer_file.read_text()[:1000])  # a torn write, a full disk
+    with pytest.raises(DataError) as e:
+        build(cfg)
+    message = str(e.value)
+    assert f"Delete {first.tokenizer_file.parent} (it is trained again on the next run)" in message
+    assert "data.tokenizer.path" not in message  # it is null already: nothing to point anywhere
+    shutil.rmtree(first.tokenizer_file.parent)
+    assert torch.equal(build(cfg).train_batch(3, 1)[0], first.train_batch(3, 1)[0])
 
 
 def test_tokenizer_without_eos_is_refused(tmp_path):
