@@ -646,16 +646,21 @@ def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "con
 
 
 def override_problems(overrides: list[str] | tuple[str, ...]) -> tuple[list[str], list[str]]:
-    """Problems Hydra would stop at one by one (an unknown group option or key), and the overrides without them."""
+    """Problems Hydra would stop at one by one (a malformed override, an unknown group option or key), and the
+    overrides without them."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    args = [a for a in overrides if not a.startswith("-")]
-    try:
-        parsed = OverridesParser.create().parse_overrides(args)
-    except Exception:  # malformed overrides are reported by Hydra itself, in its own words
-        return [], args
+    parser = OverridesParser.create()
     problems, usable = [], []
-    for arg, o in zip(args, parsed):
+    for arg in (a for a in overrides if not a.startswith("-")):
+        try:
+            o = parser.parse_override(arg)
+        except Exception as e:  # Hydra's parse errors say what is wrong, not in which override
+            problems.append(
+                f"{arg}: not an override Hydra can parse ({first_line(e)}); write KEY=VALUE, with lists and dicts "
+                "in quotes for the shell: 'data.sources=[{path: a.txt}]'"
+            )
+            continue
         key = o.key_or_group
         if key in GROUPS and not o.package:
             options = sorted(p.stem for p in (CONF_DIR / key).glob("*.yaml"))

@@ -196,3 +196,10 @@ def test_one_entry_of_a_list_is_set_by_its_index_as_the_data_errors_say():
     assert found == "data.sources.0.nam: unknown setting (known here: path, name)"
     (found,) = problems(["data.sources.1.path=b.txt"])  # there is one source: the index is named, and why
     assert found == "Error merging override data.sources.1.path=b.txt (list index out of range)"
+
+
+def test_an_override_hydra_cannot_parse_is_named_with_the_other_problems():
+    found = problems(["model", "data.sources=[{path: a.txt}", "optim.lr=-1"])
+    assert found[0].startswith("model: not an override Hydra can parse (missing EQUAL at '<EOF>'); write KEY=VALUE")
+    assert found[1].startswith("data.sources=[{path: a.txt}: not an override Hydra can parse (no viable alternative")
+    assert found[2:] == ["optim.lr=-1.0: must be > 0"]
