@@ -174,7 +174,7 @@ class TokenData:
             problems.append(
                 f"it stopped at step {step} after {samples_seen} training sequences{was}, and with this run's "
                 f"trainer.micro_batch_size={self.micro_batch_size} x trainer.grad_accum_steps={self.grad_accum_steps}"
-                f" x {self.world_size} data-parallel rank(s) step {step} would start at sequence "
+                f" x {self.world_size} data-parallel rank(s) its next step, step {step + 1}, would start at sequence "
                 f"{self.position(step)['samples_seen']}, repeating or skipping data. Keep the global batch at "
                 f"{samples_seen // step if step else samples_seen} sequences per step (micro_batch_size x "
                 f"grad_accum_steps x ranks)"

@@ -433,7 +433,10 @@ def test_another_global_batch_or_seed_is_refused_by_name(tmp_path):
         ),
         (
             dict(seed=2, micro_batch_size=4, grad_accum_steps=1, rank=1, world_size=4),
-            "x 4 data-parallel rank(s) step 5",
+            # It stopped after step 5 (5 x 8 = 40 sequences); its next step, step 6, would start at 5 x 16 = 80.
+            "after 40 training sequences (trainer.micro_batch_size=8 x trainer.grad_accum_steps=1 x 1 data-parallel "
+            "rank(s)), and with this run's trainer.micro_batch_size=4 x trainer.grad_accum_steps=1 x 4 data-parallel "
+            "rank(s) its next step, step 6, would start at sequence 80",
         ),
         (dict(seed=3, micro_batch_size=8, grad_accum_steps=1), "trainer.seed=3"),
     ]:
