@@ -420,7 +420,7 @@ class WandbConfig:
     project: str = "fp8train"
     entity: str | None = None
     group: str | None = None  # runs of one comparison share a group; null = "<data>-<model>"
-    name: str | None = None  # null = "<model>-<precision>-s<seed>"
+    name: str | None = None  # null = "<model>-<precision>-s<seed>" ("-adamw_fp8" after the precision with FP8 Adam)
     tags: list[str] = field(default_factory=list)
 
 
