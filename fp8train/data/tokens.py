@@ -130,12 +130,35 @@ def read_bytes(path: Path, key: str) -> bytes:
     if not raw:
         raise DataError(f"{key}: the file {path} is empty; {fix} that holds some text.")
     nul = raw.find(b"\0")
+    if nul >= 0 and (wide := wide_encoding(raw)):
+        raise DataError(
+            f"{key}: the file {path} is {wide[:6].upper()} text, not UTF-8. Convert it (for example `iconv -f {wide} "
+            f"-t utf-8 in.txt > out.txt`) and point {key.split('=')[0]} at the converted file."
+        )
     if nul >= 0:
         raise DataError(
             f"{key}: the file {path} looks binary (a NUL byte at byte offset {nul}); training needs plain text. "
             f"Extract the text first (for example to a .txt file) and {fix}."
         )
     return raw
+
+
+def wide_encoding(raw: bytes) -> str | None:
+    """The iconv name of UTF-16 or UTF-32 if ``raw`` is text in one (a byte-order mark, or the NUL bytes that every
+    ASCII character has there), else None. Windows' "Unicode" text files are UTF-16 with a byte-order mark."""
+    if raw.startswith((b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff")):
+        return "utf-32"
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return "utf-16"
+    head = raw[:4096]
+    for width in (4, 2):
+        n = len(head) // width * width
+        for order, at in (("le", 0), ("be", width - 1)):  # where the byte of an ASCII character's code sits
+            codes = head[at:n:width]
+            pads = [b for i, b in enumerate(head[:n]) if i % width != at]
+            if codes and codes.count(0) <= 0.1 * len(codes) and pads.count(0) >= 0.9 * len(pads):
+                return f"utf-{8 * width}{order}"
+    return None
 
 
 def decode_utf8(raw: bytes, path: Path, key: str) -> str:

@@ -337,6 +337,18 @@ def test_unusable_source_names_key_and_file(tmp_path, content, expected):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be", "utf-32"])
+def test_a_utf16_or_utf32_text_file_is_named_so_with_the_conversion(tmp_path, encoding):
+    """Text saved as UTF-16 (Windows' "Unicode") is full of NUL bytes, but it is text: say which encoding to convert."""
+    cfg = data_cfg(tmp_path, [TEXT[:2000].encode(encoding)])
+    with pytest.raises(DataError) as e:
+        build(cfg)
+    family = encoding[:6].upper()
+    assert f"is {family} text, not UTF-8" in str(e.value)
+    iconv_name = encoding.replace("-be", "be")  # no byte-order mark: the byte order must be named
+    assert f"iconv -f {iconv_name} -t utf-8" in str(e.value) and "binary" not in str(e.value)
+
+
 def test_a_folder_as_source_is_named_a_folder_with_the_way_to_list_its_files(tmp_path):
     from fp8train.config import compose
     from fp8train.errors import ConfigError
