@@ -16,7 +16,7 @@ from fp8train.data import TokenData, build_data
 from fp8train.data import tokenizer as tokenizer_module
 from fp8train.data.tokenizer import train_bpe
 from fp8train.data.tokens import encode_chunks, publishing, split_point
-from fp8train.errors import ConfigError, DataError
+from fp8train.errors import ConfigError, DataError, Fp8trainError
 
 SHAKESPEARE = (PROJECT_ROOT / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")
 TEXT = SHAKESPEARE[:30_000]  # ~9k tokens: enough for a 512-token BPE, trained in a few ms
@@ -387,6 +387,53 @@ def test_concurrent_builds_leave_one_complete_cache(tmp_path):
     assert sorted(p.name.split("-")[0] for p in cache.iterdir()) == ["tokenizer", "tokens"]
     assert data.cache_path.parent == cache
     assert len(train_tokens(data)) == data.n_train_tokens
+
+
+def _build_as_rank(rank: int, cfg: DataConfig, init_file: str, out: str) -> None:
+    """One of two gloo ranks: build the data as the trainer does, recording whether this rank trained a tokenizer
+    or wrote a token cache, and what it got."""
+    import torch.distributed as dist
+
+    from fp8train import trainer
+    from fp8train.data import tokenizer, tokens
+
+    record = []
+    for module, name in ((tokenizer, "train_bpe"), (tokens, "_write_tokens")):
+        original = getattr(module, name)
+        setattr(module, name, lambda *a, _f=original, _n=name: record.append(_n) or _f(*a))
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        data = trainer.build_data_rank0_first(
+            cfg, seed=0, micro_batch_size=2, grad_accum_steps=1, rank=rank, world_size=2
+        )
+        result = {"built": record, "batch": data.train_batch(3, 0)[0].tolist()}
+    except Fp8trainError as e:  # rank 0's DataError, and on rank 1 the same message
+        result = {"error": str(e)}
+    dist.destroy_process_group()
+    with open(out, "w") as f:
+        json.dump(result, f)
+
+
+def run_two_ranks(tmp_path, cfg) -> list[dict]:
+    ctx = multiprocessing.get_context("spawn")
+    outs = [str(tmp_path / f"rank{r}.json") for r in range(2)]
+    procs = [ctx.Process(target=_build_as_rank, args=(r, cfg, str(tmp_path / "init"), outs[r])) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    return [json.loads(open(o).read()) for o in outs]
+
+
+def test_data_parallel_ranks_tokenize_once_and_fail_together(tmp_path):
+    """Rank 0 trains the tokenizer and writes the token cache; the other ranks then find both, instead of every
+    rank of a node tokenizing the corpus at once. A data error reaches every rank, none waits forever."""
+    rank0, rank1 = run_two_ranks(tmp_path / "ok", data_cfg(tmp_path / "ok", [TEXT]))
+    assert rank0["built"] == ["train_bpe", "_write_tokens"] and rank1["built"] == []
+    assert rank0["batch"] != rank1["batch"]  # each rank its own rows, from the same cache
+    rank0, rank1 = run_two_ranks(tmp_path / "bad", data_cfg(tmp_path / "bad", [b""]))
+    assert rank0["error"] == rank1["error"] and "is empty" in rank0["error"]
 
 
 def test_a_late_publisher_discards_its_copy_and_a_failed_one_leaves_nothing(tmp_path):
