@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import glob
 import math
 import types
 import typing
@@ -206,6 +207,15 @@ class DataConfig:
                     f"sources.{i}.path",
                     f"is a folder; sources are text files, one entry each: "
                     f"data.sources=[{{path: {folder}/a.txt}}, {{path: {folder}/b.txt}}]",
+                )
+            elif not resolve_path(s.path).exists() and any(c in s.path for c in "*?["):
+                matches = sorted(glob.glob(str(Path(s.path).expanduser())))
+                found = f"{len(matches)} file{'s' if len(matches) != 1 else ''}" if matches else "no file"
+                listed = ", ".join(f"{{path: {m}}}" for m in (matches or ["a.txt", "b.txt"])[:2])
+                p.add(
+                    f"sources.{i}.path",
+                    f"is a pattern (it matches {found}); patterns are not expanded, each file is its own entry: "
+                    f"data.sources=[{listed}{', ...' if len(matches) > 2 else ''}]",
                 )
             elif not resolve_path(s.path).is_file():
                 p.add(f"sources.{i}.path", f"no such file ({resolve_path(s.path)})")

@@ -203,3 +203,13 @@ def test_an_override_hydra_cannot_parse_is_named_with_the_other_problems():
     assert found[0].startswith("model: not an override Hydra can parse (missing EQUAL at '<EOF>'); write KEY=VALUE")
     assert found[1].startswith("data.sources=[{path: a.txt}: not an override Hydra can parse (no viable alternative")
     assert found[2:] == ["optim.lr=-1.0: must be > 0"]
+
+
+def test_a_pattern_as_source_path_says_that_each_file_is_listed(tmp_path):
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / name).write_text("some text\n")
+    (found,) = problems(["data=text", f"data.sources=[{{path: {tmp_path}/*.txt}}]"])
+    assert found.startswith(f"data.sources.0.path={tmp_path}/*.txt: is a pattern (it matches 2 files); ")
+    assert f"data.sources=[{{path: {tmp_path}/a.txt}}, {{path: {tmp_path}/b.txt}}]" in found
+    (found,) = problems(["data=text", f"data.sources=[{{path: {tmp_path}/*.md}}]"])
+    assert found.startswith(f"data.sources.0.path={tmp_path}/*.md: is a pattern (it matches no file); ")
