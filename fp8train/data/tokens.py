@@ -75,8 +75,18 @@ class TokenCache:
 
 
 def read_sources(cfg: DataConfig) -> list[SourceText]:
-    """Read, check and split every source in config order."""
-    return [_read_source(i, source, cfg.val_fraction) for i, source in enumerate(cfg.sources)]
+    """Read, check and split every source in config order; one DataError names every unusable source."""
+    sources, problems = [], []
+    for i, source in enumerate(cfg.sources):
+        try:
+            sources.append(_read_source(i, source, cfg.val_fraction))
+        except DataError as e:
+            problems.append(str(e))
+    if len(problems) > 1:
+        raise DataError(f"{len(problems)} of the {len(cfg.sources)} data.sources cannot be used: {' '.join(problems)}")
+    if problems:
+        raise DataError(problems[0])
+    return sources
 
 
 def _read_source(i: int, source: SourceConfig, val_fraction: float) -> SourceText:

@@ -337,6 +337,18 @@ def test_unusable_source_names_key_and_file(tmp_path, content, expected):
     assert "\n" not in str(e.value)
 
 
+def test_every_unusable_source_is_named_at_once(tmp_path):
+    """Three files of a corpus, two unusable: one run says so for both, not one per attempt."""
+    cfg = data_cfg(tmp_path, [b"", TEXT, "Caf\u00e9\n".encode("latin-1")])
+    with pytest.raises(DataError) as e:
+        build(cfg)
+    message = str(e.value)
+    assert message.startswith("2 of the 3 data.sources cannot be used: ")
+    assert f"data.sources.0.path={tmp_path / 'src0.txt'}: the file" in message and "is empty" in message
+    assert f"data.sources.2.path={tmp_path / 'src2.txt'}: the file" in message and "not valid UTF-8" in message
+    assert "src1" not in message and "\n" not in message
+
+
 @pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be", "utf-32"])
 def test_a_utf16_or_utf32_text_file_is_named_so_with_the_conversion(tmp_path, encoding):
     """Text saved as UTF-16 (Windows' "Unicode") is full of NUL bytes, but it is text: say which encoding to convert."""
