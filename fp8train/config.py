@@ -174,7 +174,7 @@ class TokenizerConfig:
     """Where the tokenizer comes from."""
 
     path: str | None = None  # a tokenizer.json or a Hugging Face tokenizer folder; null = train one locally
-    vocab_size: int = 4096  # size of the byte-level BPE trained when path is null
+    vocab_size: int = 2048  # size of the byte-level BPE trained when path is null
 
 
 @dataclass
@@ -182,9 +182,11 @@ class DataConfig:
     """Local text -> tokenizer -> token cache on disk -> batches deterministic in (seed, step, rank)."""
 
     name: str = "tinyshakespeare"
-    sources: list[SourceConfig] = field(default_factory=lambda: [SourceConfig(path="data/tinyshakespeare.txt")])
+    sources: list[SourceConfig] = field(
+        default_factory=lambda: [SourceConfig(path="data/tinyshakespeare.txt", name="shakespeare")]
+    )
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    seq_len: int = 256  # tokens per training sequence
+    seq_len: int = 128  # tokens per training sequence
     val_fraction: float = 0.05  # the last fraction of every source is held out for validation
     cache_dir: str = "${oc.env:FP8TRAIN_CACHE_DIR,.cache/fp8train}"  # tokenizer and token caches
 
@@ -458,7 +460,7 @@ class OnAlert(str, enum.Enum):
 class MonitorConfig:
     """Per-layer outlier statistics (fp8train/monitor): RUN_DIR/outliers.jsonl, wandb outliers/..., alerts."""
 
-    enabled: bool = False
+    enabled: bool = True  # monitor=disabled turns it off
     interval: int = 25  # steps between monitored steps (step 1 is always one); other steps cost nothing
     top_k: int = 4  # channels of h and aligned neurons listed per layer
     alert_factor: float = 4.0  # alert when a layer's h amax exceeds this times its running median
@@ -486,10 +488,10 @@ class MonitorConfig:
 class TrainerConfig:
     """Length, batch, evaluation and checkpoint cadence of a run."""
 
-    max_steps: int = 200  # optimizer steps
-    micro_batch_size: int = 8  # sequences per forward pass
+    max_steps: int = 300  # optimizer steps
+    micro_batch_size: int = 16  # sequences per forward pass
     grad_accum_steps: int = 1  # micro-batches per optimizer step
-    eval_every: int = 50  # steps between validation passes (and one at the end); 0 = only at the end
+    eval_every: int = 100  # steps between validation passes (and one at the end); 0 = only at the end
     eval_batches: int = 8  # micro-batches per validation source and pass
     checkpoint_every: int = 100  # steps between checkpoints (and one at the end); 0 = only at the end
     keep_last: int = 2  # complete checkpoints kept; older ones are deleted

@@ -178,7 +178,14 @@ def test_duplicate_source_names_are_refused():
 
 def test_to_typed_accepts_plain_dicts_and_fills_defaults():
     cfg = to_typed({"optim": {"lr": 3e-4}, "model": {"name": "x"}})
-    assert cfg.optim.lr == 3e-4 and cfg.model.name == "x" and cfg.trainer.max_steps == 200
+    assert cfg.optim.lr == 3e-4 and cfg.model.name == "x" and cfg.trainer.max_steps == 300
+
+
+@pytest.mark.parametrize("section", ["data", "trainer", "logger", "monitor"])
+def test_the_schema_defaults_are_those_of_the_default_run(section):
+    """The defaults written in fp8train/config.py are the values `python train.py` runs with, where conf/ has one
+    default (model, precision and optim files extend the schema's plain base values instead)."""
+    assert getattr(to_typed({}), section) == getattr(compose([]), section)
 
 
 @pytest.mark.parametrize("value,text", [(None, "null"), (True, "true"), ([1, 2], "[1,2]"), ({"a": 1}, "{a: 1}")])
