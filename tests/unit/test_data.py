@@ -401,9 +401,9 @@ def test_concurrent_builds_leave_one_complete_cache(tmp_path):
     assert len(train_tokens(data)) == data.n_train_tokens
 
 
-def _build_as_rank(rank: int, cfg: DataConfig, init_file: str, out: str) -> None:
-    """One of two gloo ranks: build the data as the trainer does, recording whether this rank trained a tokenizer
-    or wrote a token cache, and what it got."""
+def _build_as_rank(rank: int, cfgs: list[DataConfig], init_file: str, out: str) -> None:
+    """One of two gloo ranks: build each config's data as the trainer does, recording whether this rank trained a
+    tokenizer or wrote a token cache, and what it got."""
     import torch.distributed as dist
 
     from fp8train import trainer
@@ -414,38 +414,36 @@ def _build_as_rank(rank: int, cfg: DataConfig, init_file: str, out: str) -> None
         original = getattr(module, name)
         setattr(module, name, lambda *a, _f=original, _n=name: record.append(_n) or _f(*a))
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    try:
-        data = trainer.build_data_rank0_first(
-            cfg, seed=0, micro_batch_size=2, grad_accum_steps=1, rank=rank, world_size=2
-        )
-        result = {"built": record, "batch": data.train_batch(3, 0)[0].tolist()}
-    except Fp8trainError as e:  # rank 0's DataError, and on rank 1 the same message
-        result = {"error": str(e)}
+    results = []
+    for cfg in cfgs:
+        record.clear()
+        layout = dict(seed=0, micro_batch_size=2, grad_accum_steps=1, rank=rank, world_size=2)
+        try:
+            data = trainer.build_data_rank0_first(cfg, **layout)
+            results.append({"built": list(record), "batch": data.train_batch(3, 0)[0].tolist()})
+        except Fp8trainError as e:  # rank 0's DataError, and on rank 1 the same message
+            results.append({"error": str(e)})
     dist.destroy_process_group()
     with open(out, "w") as f:
-        json.dump(result, f)
-
-
-def run_two_ranks(tmp_path, cfg) -> list[dict]:
-    ctx = multiprocessing.get_context("spawn")
-    outs = [str(tmp_path / f"rank{r}.json") for r in range(2)]
-    procs = [ctx.Process(target=_build_as_rank, args=(r, cfg, str(tmp_path / "init"), outs[r])) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    assert [p.exitcode for p in procs] == [0, 0]
-    return [json.loads(open(o).read()) for o in outs]
+        json.dump(results, f)
 
 
 def test_data_parallel_ranks_tokenize_once_and_fail_together(tmp_path):
     """Rank 0 trains the tokenizer and writes the token cache; the other ranks then find both, instead of every
     rank of a node tokenizing the corpus at once. A data error reaches every rank, none waits forever."""
-    rank0, rank1 = run_two_ranks(tmp_path / "ok", data_cfg(tmp_path / "ok", [TEXT]))
-    assert rank0["built"] == ["train_bpe", "_write_tokens"] and rank1["built"] == []
-    assert rank0["batch"] != rank1["batch"]  # each rank its own rows, from the same cache
-    rank0, rank1 = run_two_ranks(tmp_path / "bad", data_cfg(tmp_path / "bad", [b""]))
-    assert rank0["error"] == rank1["error"] and "is empty" in rank0["error"]
+    cfgs = [data_cfg(tmp_path / "ok", [TEXT]), data_cfg(tmp_path / "bad", [b""])]
+    ctx = multiprocessing.get_context("spawn")
+    outs = [tmp_path / f"rank{r}.json" for r in range(2)]
+    procs = [ctx.Process(target=_build_as_rank, args=(r, cfgs, str(tmp_path / "init"), str(outs[r]))) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    (ok0, bad0), (ok1, bad1) = (json.loads(o.read_text()) for o in outs)
+    assert ok0["built"] == ["train_bpe", "_write_tokens"] and ok1["built"] == []
+    assert ok0["batch"] != ok1["batch"]  # each rank its own rows, from the same cache
+    assert bad0["error"] == bad1["error"] and "is empty" in bad0["error"]
 
 
 def test_a_late_publisher_discards_its_copy_and_a_failed_one_leaves_nothing(tmp_path):
