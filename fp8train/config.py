@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import glob
 import math
 import types
 import typing
@@ -178,7 +179,7 @@ class TokenizerConfig:
     """Where the tokenizer comes from."""
 
     path: str | None = None  # a tokenizer.json or a Hugging Face tokenizer folder; null = train one locally
-    vocab_size: int = 4096  # size of the byte-level BPE trained when path is null
+    vocab_size: int = 2048  # size of the byte-level BPE trained when path is null
 
 
 @dataclass
@@ -186,9 +187,11 @@ class DataConfig:
     """Local text -> tokenizer -> token cache on disk -> batches deterministic in (seed, step, rank)."""
 
     name: str = "tinyshakespeare"
-    sources: list[SourceConfig] = field(default_factory=lambda: [SourceConfig(path="data/tinyshakespeare.txt")])
+    sources: list[SourceConfig] = field(
+        default_factory=lambda: [SourceConfig(path="data/tinyshakespeare.txt", name="shakespeare")]
+    )
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    seq_len: int = 256  # tokens per training sequence
+    seq_len: int = 128  # tokens per training sequence
     val_fraction: float = 0.05  # the last fraction of every source is held out for validation
     cache_dir: str = "${oc.env:FP8TRAIN_CACHE_DIR,.cache/fp8train}"  # tokenizer and token caches
 
@@ -211,6 +214,15 @@ class DataConfig:
                     f"sources.{i}.path",
                     f"is a folder; sources are text files, one entry each: "
                     f"data.sources=[{{path: {folder}/a.txt}}, {{path: {folder}/b.txt}}]",
+                )
+            elif not resolve_path(s.path).exists() and any(c in s.path for c in "*?["):
+                matches = sorted(glob.glob(str(Path(s.path).expanduser())))
+                found = f"{len(matches)} file{'s' if len(matches) != 1 else ''}" if matches else "no file"
+                listed = ", ".join(f"{{path: {m}}}" for m in (matches or ["a.txt", "b.txt"])[:2])
+                p.add(
+                    f"sources.{i}.path",
+                    f"is a pattern (it matches {found}); patterns are not expanded, each file is its own entry: "
+                    f"data.sources=[{listed}{', ...' if len(matches) > 2 else ''}]",
                 )
             elif not resolve_path(s.path).is_file():
                 p.add(f"sources.{i}.path", f"no such file ({resolve_path(s.path)})")
@@ -431,7 +443,7 @@ class WandbConfig:
     project: str = "fp8train"
     entity: str | None = None
     group: str | None = None  # runs of one comparison share a group; null = "<data>-<model>"
-    name: str | None = None  # null = "<model>-<precision>-s<seed>"
+    name: str | None = None  # null = "<model>-<precision>-s<seed>" ("-adamw_fp8" after the precision with FP8 Adam)
     tags: list[str] = field(default_factory=list)
 
 
@@ -459,7 +471,7 @@ class OnAlert(str, enum.Enum):
 class MonitorConfig:
     """Per-layer outlier statistics (fp8train/monitor): RUN_DIR/outliers.jsonl, wandb outliers/..., alerts."""
 
-    enabled: bool = False
+    enabled: bool = True  # monitor=disabled turns it off
     interval: int = 25  # steps between monitored steps (step 1 is always one); other steps cost nothing
     top_k: int = 4  # channels of h and aligned neurons listed per layer
     alert_factor: float = 4.0  # alert when a layer's h amax exceeds this times its running median
@@ -487,10 +499,10 @@ class MonitorConfig:
 class TrainerConfig:
     """Length, batch, evaluation and checkpoint cadence of a run."""
 
-    max_steps: int = 200  # optimizer steps
-    micro_batch_size: int = 8  # sequences per forward pass
+    max_steps: int = 300  # optimizer steps
+    micro_batch_size: int = 16  # sequences per forward pass
     grad_accum_steps: int = 1  # micro-batches per optimizer step
-    eval_every: int = 50  # steps between validation passes (and one at the end); 0 = only at the end
+    eval_every: int = 100  # steps between validation passes (and one at the end); 0 = only at the end
     eval_batches: int = 8  # micro-batches per validation source and pass
     checkpoint_every: int = 100  # steps between checkpoints (and one at the end); 0 = only at the end
     keep_last: int = 2  # complete checkpoints kept; older ones are deleted
@@ -645,7 +657,8 @@ def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "con
         try:
             raw = hydra_compose(config_name=config_name, overrides=usable)
         except HydraException as e:
-            raise ConfigError([*problems, first_line(e)]) from None
+            cause = f" ({first_line(e.__cause__)})" if e.__cause__ else ""  # e.g. list index out of range
+            raise ConfigError([*problems, first_line(e) + cause]) from None
     try:
         cfg = to_typed(raw)
     except ConfigError as e:
@@ -656,16 +669,21 @@ def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "con
 
 
 def override_problems(overrides: list[str] | tuple[str, ...]) -> tuple[list[str], list[str]]:
-    """Problems Hydra would stop at one by one (an unknown group option or key), and the overrides without them."""
+    """Problems Hydra would stop at one by one (a malformed override, an unknown group option or key), and the
+    overrides without them."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    args = [a for a in overrides if not a.startswith("-")]
-    try:
-        parsed = OverridesParser.create().parse_overrides(args)
-    except Exception:  # malformed overrides are reported by Hydra itself, in its own words
-        return [], args
+    parser = OverridesParser.create()
     problems, usable = [], []
-    for arg, o in zip(args, parsed):
+    for arg in (a for a in overrides if not a.startswith("-")):
+        try:
+            o = parser.parse_override(arg)
+        except Exception as e:  # Hydra's parse errors say what is wrong, not in which override
+            problems.append(
+                f"{arg}: not an override Hydra can parse ({first_line(e)}); write KEY=VALUE, with lists and dicts "
+                "in quotes for the shell: 'data.sources=[{path: a.txt}]'"
+            )
+            continue
         key = o.key_or_group
         if key in GROUPS and not o.package:
             options = sorted(p.stem for p in (CONF_DIR / key).glob("*.yaml"))
@@ -759,6 +777,9 @@ def _hint_at(cls: type, path: str) -> Any:
     hint: Any = cls
     for part in path.split("."):
         hint = _unwrap_optional(hint)
+        if typing.get_origin(hint) is list and part.isdigit():  # one entry: data.sources.0.path
+            hint = typing.get_args(hint)[0]
+            continue
         if not dataclasses.is_dataclass(hint):
             return _UNKNOWN
         hints = typing.get_type_hints(hint)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from fp8train.config import Config, WandbMode
+from fp8train.config import Config, WandbMode, first_line
 from fp8train.errors import Fp8trainError
 
 log = logging.getLogger("fp8train")
@@ -141,10 +141,11 @@ def _init_wandb(cfg: Config, run_dir: Path):
             resume="allow",
             config=OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True),
         )
-    except wandb.errors.UsageError as e:  # online without a login, mostly: a message, not a traceback
+    except wandb.errors.Error as e:  # online without a login (UsageError) or a network (CommError): a message
         raise Fp8trainError(
-            f"logger.wandb.mode={w.mode.value}: wandb could not start ({e}). Log in with `wandb login` or set "
-            f"WANDB_API_KEY, or run with logger.wandb.mode=offline and upload later with `wandb sync`."
+            f"logger.wandb.mode={w.mode.value}: wandb could not start ({first_line(e)}). Log in with `wandb login` "
+            f"or set WANDB_API_KEY and check that this machine reaches the wandb server, or run with "
+            f"logger.wandb.mode=offline and upload later with `wandb sync`."
         ) from None
 
 

@@ -26,8 +26,8 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from fp8train import backends, checkpoint, optim, parallel, precision
-from fp8train.config import Config
-from fp8train.data import build_data
+from fp8train.config import Config, DataConfig
+from fp8train.data import TokenData, build_data
 from fp8train.errors import BackendError, CheckpointError, ConfigError, Fp8trainError
 from fp8train.fp8.scaling import discard_scalers, step_scalers
 from fp8train.loggers import RunLogger, use_progress_bar
@@ -59,7 +59,7 @@ class Trainer:
         self.resume_from = on_rank0(find_resume_checkpoint, cfg.resume, self.ckpt_root)  # checksums read once
         torch.manual_seed(cfg.trainer.seed)  # the same initial weights on every rank
         random.seed(cfg.trainer.seed)
-        self.data = build_data(
+        self.data = build_data_rank0_first(
             cfg.data,
             seed=cfg.trainer.seed,
             micro_batch_size=cfg.trainer.micro_batch_size,
@@ -546,6 +546,15 @@ def quiet_logging() -> None:
     """Ranks other than 0 report only warnings and errors: one rank's progress lines are the run's."""
     logging.getLogger().setLevel(logging.WARNING)
     logging.getLogger("fp8train").setLevel(logging.WARNING)
+
+
+def build_data_rank0_first(data_cfg: DataConfig, **layout) -> TokenData:
+    """build_data on rank 0, then on the other ranks, which find its tokenizer and token cache (on a shared cache
+    dir): one process trains the tokenizer and tokenizes the corpus, not every rank of a node at once, each with
+    all its cores. A data error on rank 0 stops every rank with its message."""
+    built: list[TokenData] = []
+    on_rank0(lambda: built.append(build_data(data_cfg, **layout)))  # returns None: nothing big is broadcast
+    return built[0] if built else build_data(data_cfg, **layout)
 
 
 def on_rank0(fn, *args):

@@ -26,7 +26,7 @@ from tokenizers import Tokenizer
 
 from fp8train.config import DataConfig, resolve_path
 from fp8train.data.tokenizer import build_tokenizer
-from fp8train.data.tokens import SourceText, TokenCache, build_token_cache, read_sources
+from fp8train.data.tokens import SourceText, TokenCache, build_token_cache, id_space, read_sources
 from fp8train.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,12 @@ def build_data(
         rank=rank,
         world_size=world_size,
     )
+    if data.vocab_size > tok.tokenizer.get_vocab_size():
+        log.info(
+            "the tokenizer's %d tokens have ids up to %d: the model's vocabulary covers them all",
+            tok.tokenizer.get_vocab_size(),
+            data.vocab_size - 1,
+        )
     log.info(
         "data ready in %.1f s: %s train tokens (%s windows of %d), val %s, vocab %d, fingerprint %s",
         time.perf_counter() - t0,
@@ -94,7 +100,7 @@ class TokenData:
     ):
         self.tokenizer = tokenizer
         self.tokenizer_file = tokenizer_file
-        self.vocab_size = tokenizer.get_vocab_size()
+        self.vocab_size = id_space(tokenizer)  # largest id + 1: more than the token count if the ids have gaps
         self.eos_id = eos_id
         self.fingerprint = fingerprint  # identifies source bytes, split, tokenizer and seq_len
         self.val_sources = list(val_sources)
@@ -168,7 +174,7 @@ class TokenData:
             problems.append(
                 f"it stopped at step {step} after {samples_seen} training sequences{was}, and with this run's "
                 f"trainer.micro_batch_size={self.micro_batch_size} x trainer.grad_accum_steps={self.grad_accum_steps}"
-                f" x {self.world_size} data-parallel rank(s) step {step} would start at sequence "
+                f" x {self.world_size} data-parallel rank(s) its next step, step {step + 1}, would start at sequence "
                 f"{self.position(step)['samples_seen']}, repeating or skipping data. Keep the global batch at "
                 f"{samples_seen // step if step else samples_seen} sequences per step (micro_batch_size x "
                 f"grad_accum_steps x ranks)"

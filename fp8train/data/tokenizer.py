@@ -53,7 +53,8 @@ def build_tokenizer(
     file = final / "tokenizer.json"
     if file.is_file():
         log.info("tokenizer cache hit: %s", file)
-        tokenizer = _read_tokenizer_file(file, f"data.cache_dir={cache_dir}")
+        fix = f"Delete {final} (it is trained again on the next run), or set data.cache_dir to another folder."
+        tokenizer = _read_tokenizer_file(file, f"data.cache_dir={cache_dir}", fix)
     else:
         n_chars = sum(map(len, train_texts))
         log.info("training a byte-level BPE tokenizer (vocab %d) on %s characters", cfg.vocab_size, f"{n_chars:,}")
@@ -140,13 +141,13 @@ def _untruncated(tokenizer: Tokenizer) -> Tokenizer:
     return tokenizer
 
 
-def _read_tokenizer_file(file: Path, key: str) -> Tokenizer:
+def _read_tokenizer_file(file: Path, key: str, fix: str | None = None) -> Tokenizer:
+    fix = fix or "Point data.tokenizer.path at a tokenizer.json or a tokenizer folder, or set it to null to train one."
     try:
         return _untruncated(Tokenizer.from_file(str(file)))
     except Exception as e:  # tokenizers raises a bare Exception for malformed JSON or unknown components
         raise DataError(
-            f"{key}: {file} is not a tokenizer.json that Hugging Face tokenizers can read ({first_line(e)}). "
-            "Point data.tokenizer.path at a tokenizer.json or a tokenizer folder, or set it to null to train one."
+            f"{key}: {file} is not a tokenizer.json that Hugging Face tokenizers can read ({first_line(e)}). {fix}"
         ) from None
 
 

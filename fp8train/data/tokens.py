@@ -2,7 +2,7 @@
 
 Each source file is read whole, checked (exists, non-empty, not binary, strict UTF-8) and split by characters:
 its last ``val_fraction`` becomes the validation part, cut at a line start when one is near. The token cache is a
-directory ``cache_dir/tokens-<key>/`` holding flat arrays of ids (uint16 for vocabularies under 65536, else uint32):
+directory ``cache_dir/tokens-<key>/`` holding flat arrays of ids (uint16 when every id is below 65535, else uint32):
 
     train.bin    every source's train part in config order, each followed by one EOS
     val_<i>.bin  source i's val part, followed by one EOS
@@ -75,8 +75,18 @@ class TokenCache:
 
 
 def read_sources(cfg: DataConfig) -> list[SourceText]:
-    """Read, check and split every source in config order."""
-    return [_read_source(i, source, cfg.val_fraction) for i, source in enumerate(cfg.sources)]
+    """Read, check and split every source in config order; one DataError names every unusable source."""
+    sources, problems = [], []
+    for i, source in enumerate(cfg.sources):
+        try:
+            sources.append(_read_source(i, source, cfg.val_fraction))
+        except DataError as e:
+            problems.append(str(e))
+    if len(problems) > 1:
+        raise DataError(f"{len(problems)} of the {len(cfg.sources)} data.sources cannot be used: {' '.join(problems)}")
+    if problems:
+        raise DataError(problems[0])
+    return sources
 
 
 def _read_source(i: int, source: SourceConfig, val_fraction: float) -> SourceText:
@@ -130,12 +140,35 @@ def read_bytes(path: Path, key: str) -> bytes:
     if not raw:
         raise DataError(f"{key}: the file {path} is empty; {fix} that holds some text.")
     nul = raw.find(b"\0")
+    if nul >= 0 and (wide := wide_encoding(raw)):
+        raise DataError(
+            f"{key}: the file {path} is {wide[:6].upper()} text, not UTF-8. Convert it (for example `iconv -f {wide} "
+            f"-t utf-8 in.txt > out.txt`) and point {key.split('=')[0]} at the converted file."
+        )
     if nul >= 0:
         raise DataError(
             f"{key}: the file {path} looks binary (a NUL byte at byte offset {nul}); training needs plain text. "
             f"Extract the text first (for example to a .txt file) and {fix}."
         )
     return raw
+
+
+def wide_encoding(raw: bytes) -> str | None:
+    """The iconv name of UTF-16 or UTF-32 if ``raw`` is text in one (a byte-order mark, or the NUL bytes that every
+    ASCII character has there), else None. Windows' "Unicode" text files are UTF-16 with a byte-order mark."""
+    if raw.startswith((b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff")):
+        return "utf-32"
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return "utf-16"
+    head = raw[:4096]
+    for width in (4, 2):
+        n = len(head) // width * width
+        for order, at in (("le", 0), ("be", width - 1)):  # where the byte of an ASCII character's code sits
+            codes = head[at:n:width]
+            pads = [b for i, b in enumerate(head[:n]) if i % width != at]
+            if codes and codes.count(0) <= 0.1 * len(codes) and pads.count(0) >= 0.9 * len(pads):
+                return f"utf-{8 * width}{order}"
+    return None
 
 
 def decode_utf8(raw: bytes, path: Path, key: str) -> str:
@@ -205,8 +238,17 @@ def encode_chunks(tokenizer: Tokenizer, text: str, piece_chars: int = PIECE_CHAR
         yield sum(map(len, batch)), [i for e in encode(batch, add_special_tokens=False) for i in e.ids]
 
 
-def token_dtype(vocab_size: int) -> np.dtype:
-    return np.dtype(np.uint16 if vocab_size < 65536 else np.uint32)
+def id_space(tokenizer: Tokenizer) -> int:
+    """One more than the largest token id: the vocabulary the model must embed, and what the ids are stored in.
+
+    It exceeds ``get_vocab_size()`` (the number of tokens) when the ids have gaps, as in a tokenizer.json that
+    places its special tokens far above the rest.
+    """
+    return max(tokenizer.get_vocab_size(), max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1) + 1)
+
+
+def token_dtype(n_ids: int) -> np.dtype:
+    return np.dtype(np.uint16 if n_ids < 65536 else np.uint32)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -304,7 +346,7 @@ def _remove_abandoned(cache_dir: Path) -> None:
 
 def _write_tokens(out: Path, sources: list[SourceText], tokenizer: Tokenizer, eos_id: int) -> dict:
     """Write train.bin and val_<i>.bin into ``out``; return the meta.json fields."""
-    dtype = token_dtype(tokenizer.get_vocab_size())
+    dtype = token_dtype(id_space(tokenizer))
     total_chars = sum(len(s.train) + len(s.val) for s in sources)
     progress = _Progress(total_chars)
     source_meta = [{"name": s.name, "path": str(s.path), "train_sha256": s.train_sha256} for s in sources]
@@ -320,7 +362,7 @@ def _write_tokens(out: Path, sources: list[SourceText], tokenizer: Tokenizer, eo
     return {
         "format": TOKENS_FORMAT,
         "dtype": dtype.name,
-        "vocab_size": tokenizer.get_vocab_size(),
+        "vocab_size": id_space(tokenizer),
         "eos_id": eos_id,
         "train_tokens": sum(m["train_tokens"] for m in source_meta),
         "sources": source_meta,

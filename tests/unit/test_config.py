@@ -180,9 +180,45 @@ def test_duplicate_source_names_are_refused():
 
 def test_to_typed_accepts_plain_dicts_and_fills_defaults():
     cfg = to_typed({"optim": {"lr": 3e-4}, "model": {"name": "x"}})
-    assert cfg.optim.lr == 3e-4 and cfg.model.name == "x" and cfg.trainer.max_steps == 200
+    assert cfg.optim.lr == 3e-4 and cfg.model.name == "x" and cfg.trainer.max_steps == 300
+
+
+@pytest.mark.parametrize("section", ["data", "trainer", "logger", "monitor"])
+def test_the_schema_defaults_are_those_of_the_default_run(section):
+    """The defaults written in fp8train/config.py are the values `python train.py` runs with, where conf/ has one
+    default (model, precision and optim files extend the schema's plain base values instead)."""
+    assert getattr(to_typed({}), section) == getattr(compose([]), section)
 
 
 @pytest.mark.parametrize("value,text", [(None, "null"), (True, "true"), ([1, 2], "[1,2]"), ({"a": 1}, "{a: 1}")])
 def test_format_value_writes_override_syntax(value, text):
     assert format_value(value) == text
+
+
+def test_one_entry_of_a_list_is_set_by_its_index_as_the_data_errors_say():
+    # The data errors say "point data.sources.0.path at ..."; that override must compose, and a typo in it be named.
+    text = "data/tinyshakespeare.txt"
+    cfg = compose(["data=text", f"data.sources.0.path={text}", "data.sources.0.name=mine"])
+    assert [(s.path, s.name) for s in cfg.data.sources] == [(text, "mine")]
+    assert compose([f"data.sources.0.path={text}"]).data.sources[0].path == text
+    (found,) = problems(["data.sources.0.nam=x"])
+    assert found == "data.sources.0.nam: unknown setting (known here: path, name)"
+    (found,) = problems(["data.sources.1.path=b.txt"])  # there is one source: the index is named, and why
+    assert found == "Error merging override data.sources.1.path=b.txt (list index out of range)"
+
+
+def test_an_override_hydra_cannot_parse_is_named_with_the_other_problems():
+    found = problems(["model", "data.sources=[{path: a.txt}", "optim.lr=-1"])
+    assert found[0].startswith("model: not an override Hydra can parse (missing EQUAL at '<EOF>'); write KEY=VALUE")
+    assert found[1].startswith("data.sources=[{path: a.txt}: not an override Hydra can parse (no viable alternative")
+    assert found[2:] == ["optim.lr=-1.0: must be > 0"]
+
+
+def test_a_pattern_as_source_path_says_that_each_file_is_listed(tmp_path):
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / name).write_text("some text\n")
+    (found,) = problems(["data=text", f"data.sources=[{{path: {tmp_path}/*.txt}}]"])
+    assert found.startswith(f"data.sources.0.path={tmp_path}/*.txt: is a pattern (it matches 2 files); ")
+    assert f"data.sources=[{{path: {tmp_path}/a.txt}}, {{path: {tmp_path}/b.txt}}]" in found
+    (found,) = problems(["data=text", f"data.sources=[{{path: {tmp_path}/*.md}}]"])
+    assert found.startswith(f"data.sources.0.path={tmp_path}/*.md: is a pattern (it matches no file); ")

@@ -3,6 +3,7 @@
 import json
 import logging
 import multiprocessing
+import shutil
 import time
 
 import numpy as np
@@ -10,12 +11,12 @@ import pytest
 import torch
 from tokenizers import Tokenizer, models
 
-from fp8train.config import PROJECT_ROOT, DataConfig, SourceConfig, TokenizerConfig
+from fp8train.config import PROJECT_ROOT, DataConfig, SourceConfig, TokenizerConfig, compose
 from fp8train.data import TokenData, build_data
 from fp8train.data import tokenizer as tokenizer_module
 from fp8train.data.tokenizer import train_bpe
 from fp8train.data.tokens import encode_chunks, publishing, split_point
-from fp8train.errors import DataError
+from fp8train.errors import ConfigError, DataError, Fp8trainError
 
 SHAKESPEARE = (PROJECT_ROOT / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")
 TEXT = SHAKESPEARE[:30_000]  # ~9k tokens: enough for a 512-token BPE, trained in a few ms
@@ -265,6 +266,42 @@ def test_a_tokenizer_saved_with_truncation_or_padding_still_encodes_every_token(
     assert torch.equal(data.train_batch(2, 1)[0], trained.train_batch(2, 1)[0])
 
 
+@pytest.mark.parametrize("eos_id", [1000, 70_000], ids=["uint16", "uint32"])
+def test_a_tokenizer_whose_ids_have_gaps_sizes_the_model_by_its_largest_id(tmp_path, trained, eos_id):
+    """ids need not be 0..n-1 (a tokenizer.json may place special tokens far above the rest): the model must
+    embed every id the corpus holds, and the cache must store ids above 65535 without wrapping."""
+    from fp8train.trainer import with_vocab_size
+
+    spec = json.loads(trained.tokenizer.to_str())
+    old_eos = trained.eos_id
+    spec["added_tokens"][0]["id"] = spec["model"]["vocab"]["<|endoftext|>"] = eos_id
+    file = tmp_path / "gaps.json"
+    file.write_text(json.dumps(spec))
+    data = build(data_cfg(tmp_path / "run", [TEXT], tokenizer_path=str(file)))
+    assert data.tokenizer.get_vocab_size() == 512 and data.eos_id == eos_id
+    assert data.vocab_size == eos_id + 1  # every id the model may see is below it
+    expected = train_tokens(trained).astype(np.int64)
+    expected[expected == old_eos] = eos_id
+    assert np.array_equal(train_tokens(data), expected)  # EOS stored as itself, not wrapped to 16 bits
+    cfg = compose(["model.vocab_size=512"])
+    with pytest.raises(ConfigError, match=rf"model\.vocab_size=512: smaller than the tokenizer's {eos_id + 1}"):
+        with_vocab_size(cfg, data.vocab_size)
+    assert with_vocab_size(compose([]), data.vocab_size).model.vocab_size >= eos_id + 1
+
+
+def test_a_damaged_cached_tokenizer_says_to_delete_it_and_is_retrained_after(tmp_path):
+    cfg = data_cfg(tmp_path, [TEXT])
+    first = build(cfg)
+    first.tokenizer_file.write_text(first.tokenizer_file.read_text()[:1000])  # a torn write, a full disk
+    with pytest.raises(DataError) as e:
+        build(cfg)
+    message = str(e.value)
+    assert f"Delete {first.tokenizer_file.parent} (it is trained again on the next run)" in message
+    assert "data.tokenizer.path" not in message  # it is null already: nothing to point anywhere
+    shutil.rmtree(first.tokenizer_file.parent)
+    assert torch.equal(build(cfg).train_batch(3, 1)[0], first.train_batch(3, 1)[0])
+
+
 def test_tokenizer_without_eos_is_refused(tmp_path):
     file = tmp_path / "tokenizer.json"
     Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]")).save(str(file))
@@ -298,6 +335,30 @@ def test_unusable_source_names_key_and_file(tmp_path, content, expected):
         build(cfg)
     assert f"data.sources.1.path={path}" in str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_every_unusable_source_is_named_at_once(tmp_path):
+    """Three files of a corpus, two unusable: one run says so for both, not one per attempt."""
+    cfg = data_cfg(tmp_path, [b"", TEXT, "Caf\u00e9\n".encode("latin-1")])
+    with pytest.raises(DataError) as e:
+        build(cfg)
+    message = str(e.value)
+    assert message.startswith("2 of the 3 data.sources cannot be used: ")
+    assert f"data.sources.0.path={tmp_path / 'src0.txt'}: the file" in message and "is empty" in message
+    assert f"data.sources.2.path={tmp_path / 'src2.txt'}: the file" in message and "not valid UTF-8" in message
+    assert "src1" not in message and "\n" not in message
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be", "utf-32"])
+def test_a_utf16_or_utf32_text_file_is_named_so_with_the_conversion(tmp_path, encoding):
+    """Text saved as UTF-16 (Windows' "Unicode") is full of NUL bytes, but it is text: say which encoding to convert."""
+    cfg = data_cfg(tmp_path, [TEXT[:2000].encode(encoding)])
+    with pytest.raises(DataError) as e:
+        build(cfg)
+    family = encoding[:6].upper()
+    assert f"is {family} text, not UTF-8" in str(e.value)
+    iconv_name = encoding.replace("-be", "be")  # no byte-order mark: the byte order must be named
+    assert f"iconv -f {iconv_name} -t utf-8" in str(e.value) and "binary" not in str(e.value)
 
 
 def test_a_folder_as_source_is_named_a_folder_with_the_way_to_list_its_files(tmp_path):
@@ -338,6 +399,51 @@ def test_concurrent_builds_leave_one_complete_cache(tmp_path):
     assert sorted(p.name.split("-")[0] for p in cache.iterdir()) == ["tokenizer", "tokens"]
     assert data.cache_path.parent == cache
     assert len(train_tokens(data)) == data.n_train_tokens
+
+
+def _build_as_rank(rank: int, cfgs: list[DataConfig], init_file: str, out: str) -> None:
+    """One of two gloo ranks: build each config's data as the trainer does, recording whether this rank trained a
+    tokenizer or wrote a token cache, and what it got."""
+    import torch.distributed as dist
+
+    from fp8train import trainer
+    from fp8train.data import tokenizer, tokens
+
+    record = []
+    for module, name in ((tokenizer, "train_bpe"), (tokens, "_write_tokens")):
+        original = getattr(module, name)
+        setattr(module, name, lambda *a, _f=original, _n=name: record.append(_n) or _f(*a))
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    results = []
+    for cfg in cfgs:
+        record.clear()
+        layout = dict(seed=0, micro_batch_size=2, grad_accum_steps=1, rank=rank, world_size=2)
+        try:
+            data = trainer.build_data_rank0_first(cfg, **layout)
+            results.append({"built": list(record), "batch": data.train_batch(3, 0)[0].tolist()})
+        except Fp8trainError as e:  # rank 0's DataError, and on rank 1 the same message
+            results.append({"error": str(e)})
+    dist.destroy_process_group()
+    with open(out, "w") as f:
+        json.dump(results, f)
+
+
+def test_data_parallel_ranks_tokenize_once_and_fail_together(tmp_path):
+    """Rank 0 trains the tokenizer and writes the token cache; the other ranks then find both, instead of every
+    rank of a node tokenizing the corpus at once. A data error reaches every rank, none waits forever."""
+    cfgs = [data_cfg(tmp_path / "ok", [TEXT]), data_cfg(tmp_path / "bad", [b""])]
+    ctx = multiprocessing.get_context("spawn")
+    outs = [tmp_path / f"rank{r}.json" for r in range(2)]
+    procs = [ctx.Process(target=_build_as_rank, args=(r, cfgs, str(tmp_path / "init"), str(outs[r]))) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    (ok0, bad0), (ok1, bad1) = (json.loads(o.read_text()) for o in outs)
+    assert ok0["built"] == ["train_bpe", "_write_tokens"] and ok1["built"] == []
+    assert ok0["batch"] != ok1["batch"]  # each rank its own rows, from the same cache
+    assert bad0["error"] == bad1["error"] and "is empty" in bad0["error"]
 
 
 def test_a_late_publisher_discards_its_copy_and_a_failed_one_leaves_nothing(tmp_path):
@@ -396,7 +502,10 @@ def test_another_global_batch_or_seed_is_refused_by_name(tmp_path):
         ),
         (
             dict(seed=2, micro_batch_size=4, grad_accum_steps=1, rank=1, world_size=4),
-            "x 4 data-parallel rank(s) step 5",
+            # It stopped after step 5 (5 x 8 = 40 sequences); its next step, step 6, would start at 5 x 16 = 80.
+            "after 40 training sequences (trainer.micro_batch_size=8 x trainer.grad_accum_steps=1 x 1 data-parallel "
+            "rank(s)), and with this run's trainer.micro_batch_size=4 x trainer.grad_accum_steps=1 x 4 data-parallel "
+            "rank(s) its next step, step 6, would start at sequence 80",
         ),
         (dict(seed=3, micro_batch_size=8, grad_accum_steps=1), "trainer.seed=3"),
     ]:

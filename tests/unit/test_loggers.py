@@ -67,3 +67,19 @@ def test_wandb_online_without_a_login_is_a_message_naming_offline(tmp_path, monk
     cfg = compose(["logger.wandb.mode=online"])
     with pytest.raises(Fp8trainError, match=r"logger.wandb.mode=online: .*logger.wandb.mode=offline"):
         RunLogger(cfg, tmp_path)
+
+
+def test_wandb_online_without_a_network_is_a_message_naming_offline(tmp_path, monkeypatch):
+    """No route to the wandb server: wandb.init gives up with a CommError; the user gets the fix, not a traceback."""
+    import wandb
+
+    def unreachable(**kwargs):
+        raise wandb.errors.CommError("Failed to get resume status for run x: context deadline exceeded\nwhile ...")
+
+    monkeypatch.setattr(wandb, "init", unreachable)
+    cfg = compose(["logger.wandb.mode=online"])
+    with pytest.raises(Fp8trainError) as e:
+        RunLogger(cfg, tmp_path)
+    message = str(e.value)
+    assert message.startswith("logger.wandb.mode=online: wandb could not start (Failed to get resume status")
+    assert "logger.wandb.mode=offline" in message and "\n" not in message
