@@ -3,8 +3,9 @@
 Reads each run's metrics.jsonl and config.yaml (no wandb account needed); a Hydra sweep folder stands for the
 runs in it. The reference is the run whose precision is bf16 (else the first run given). Gaps are taken at the
 steps both runs logged, so runs of different lengths compare over what they share. Runs that differ in model,
-data, batch, validation set or seed are still plotted, but the table says they are not comparable and why; runs
-that stopped early, skipped steps or have no validation points say so in the notes.
+data, batch, validation set, seed, lr schedule or optimizer settings are still plotted, but the table says they
+are not comparable and names the settings that differ; runs that stopped early, skipped steps or have no
+validation points say so in the notes.
 """
 
 from __future__ import annotations
@@ -20,25 +21,44 @@ from fp8train.cli import writing_into
 from fp8train.errors import Fp8trainError
 from fp8train.loggers import read_metrics
 
-# What must be equal for two loss curves to be compared step by step.
+# What must be equal for two loss curves to be compared step by step: per reason, the settings it covers, each
+# under the name a user types (or, for what config.yaml does not hold, a description).
 COMPARABLE = {
-    "model": lambda run: OmegaConf.to_container(run.config.model),
-    "data": lambda run: [
-        run.config.data.name,
-        OmegaConf.to_container(run.config.data.sources),
-        run.config.data.seq_len,
-        OmegaConf.to_container(run.config.data.tokenizer),
-        run.config.data.get("val_fraction"),  # moves the split between training and validation text
-    ],
+    "model": lambda run: {f"model.{k}": v for k, v in OmegaConf.to_container(run.config.model).items()},
+    "data": lambda run: {
+        "data.name": run.config.data.name,
+        "data.sources": OmegaConf.to_container(run.config.data.sources),
+        "data.seq_len": run.config.data.seq_len,
+        **{f"data.tokenizer.{k}": v for k, v in OmegaConf.to_container(run.config.data.tokenizer).items()},
+        "data.val_fraction": run.config.data.get("val_fraction"),  # moves the split between training and validation
+    },
     # tokens per step holds the data-parallel world size, which config.yaml does not
-    "batch": lambda run: [
-        run.config.trainer.micro_batch_size,
-        run.config.trainer.grad_accum_steps,
-        run.tokens_per_step,
-    ],
-    "validation set": lambda run: run.config.trainer.get("eval_batches"),
-    "seed": lambda run: run.config.trainer.seed,
+    "batch": lambda run: {
+        "trainer.micro_batch_size": run.config.trainer.micro_batch_size,
+        "trainer.grad_accum_steps": run.config.trainer.grad_accum_steps,
+        "tokens per step": int(run.tokens_per_step) if math.isfinite(run.tokens_per_step) else "unknown",
+    },
+    "validation set": lambda run: {"trainer.eval_batches": run.config.trainer.get("eval_batches")},
+    "seed": lambda run: {"trainer.seed": run.config.trainer.seed},
+    # the loss at a step depends on the learning rate that step had
+    "lr schedule": lambda run: lr_schedule(run.config),
+    "optimizer": lambda run: {f"optim.{k}": run.config.optim.get(k) for k in OPTIMIZER_SETTINGS},
 }
+# AdamW settings every optimizer kind shares (the FP8 moments' layout is what adamw_fp8 arms compare)
+OPTIMIZER_SETTINGS = ("betas", "eps", "weight_decay", "grad_clip")
+
+
+def lr_schedule(cfg) -> dict:
+    """The settings that fix a run's lr at every step; a cosine decays over optim.decay_steps, or, when that is
+    null, over trainer.max_steps."""
+    optim = cfg.optim
+    settings = {f"optim.{k}": optim.get(k) for k in ("lr", "min_lr", "warmup_steps", "schedule")}
+    if optim.get("schedule", "cosine") == "cosine":
+        decay = optim.get("decay_steps")
+        settings.update(
+            {"optim.decay_steps": decay} if decay is not None else {"trainer.max_steps": cfg.trainer.max_steps}
+        )
+    return settings
 
 
 @dataclass
@@ -112,9 +132,23 @@ def find_runs(paths: list[Path]) -> tuple[list[Path], list[Path]]:
     return runs, skipped
 
 
-def incomparable(ref: Run, run: Run) -> list[str]:
-    """What differs between two runs' model, data, batch, validation set or seed."""
-    return [name for name, key in COMPARABLE.items() if key(ref) != key(run)]
+def incomparable(ref: Run, run: Run) -> str:
+    """Why ``run``'s curves cannot be compared with ``ref``'s ("" if they can): the reasons, then each differing
+    setting with the run's value and the reference's, e.g. "seed (trainer.seed 7 vs 1234)"."""
+    reasons, settings = [], []
+    for name, key in COMPARABLE.items():
+        ours, theirs = key(run), key(ref)
+        differ = [k for k in {**theirs, **ours} if ours.get(k) != theirs.get(k)]
+        if differ:
+            reasons.append(name)
+            settings += [f"{k} {_shown(ours.get(k))} vs {_shown(theirs.get(k))}" for k in differ]
+    return f"{', '.join(reasons)} ({', '.join(settings)})" if reasons else ""
+
+
+def _shown(value) -> str:
+    """A setting's value in a table cell: numbers as typed, long lists (data.sources) cut short."""
+    text = str(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def relative_gap(ref: dict[int, float], other: dict[int, float]) -> dict[int, float]:
@@ -160,7 +194,7 @@ def compare(run_dirs: list[Path], out: Path) -> str:
         diff = incomparable(ref, run)
         lines.append(
             f"| {run.label} | {run.last_step} | {_last(run.train)} | {_last(run.val)} | {val_gap} | {worst_val_gap} "
-            f"| {train_gap} | {run.tokens_per_s:,.0f} | {'yes' if not diff else 'no: different ' + ', '.join(diff)} "
+            f"| {train_gap} | {run.tokens_per_s:,.0f} | {'yes' if not diff else 'no: different ' + diff} "
             f"| {'; '.join(run.notes())} |"
         )
     table = "\n".join(lines)

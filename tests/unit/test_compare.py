@@ -112,7 +112,41 @@ def test_runs_that_differ_in_what_the_curves_depend_on_are_not_comparable(tmp_pa
         tmp_path / "fp8", curve(8, range(1, 11)), curve(9, (5, 10)), ["precision=fp8", *overrides], world=world
     )
     rows = rows_of(compare([ref, other], tmp_path / "out"))
-    assert rows["fp8"]["comparable"] == f"no: different {reason}"
+    assert rows["fp8"]["comparable"].startswith(f"no: different {reason} (")
+    assert rows["bf16"]["comparable"] == "yes"
+
+
+@pytest.mark.parametrize(
+    "overrides, max_steps, cell",
+    [
+        (["optim.lr=0.002"], 10, "no: different lr schedule (optim.lr 0.002 vs 0.001)"),
+        (["optim.warmup_steps=2"], 10, "no: different lr schedule (optim.warmup_steps 2 vs 30)"),
+        # the cosine decays over trainer.max_steps: another length is another lr at every step after warmup
+        ([], 20, "no: different lr schedule (trainer.max_steps 20 vs 10)"),
+        (
+            ["optim.weight_decay=0.0", "optim.grad_clip=0.5"],
+            10,
+            "no: different optimizer (optim.weight_decay 0.0 vs 0.1, optim.grad_clip 0.5 vs 1.0)",
+        ),
+        (["trainer.seed=7"], 10, "no: different seed (trainer.seed 7 vs 1234)"),
+        (["data.seq_len=32"], 10, "no: different data, batch (data.seq_len 32 vs 64, tokens per step 256 vs 512)"),
+    ],
+)
+def test_a_run_not_comparable_says_which_settings_differ(tmp_path, overrides, max_steps, cell):
+    """The loss at a step depends on the learning rate that step had: runs trained with other lr, schedule or
+    optimizer settings are not comparable either; and the cell names the settings, so nobody diffs configs."""
+    ref = make_run(tmp_path / "bf16", curve(8, range(1, 11)), curve(9, (5, 10)), ["precision=bf16"])
+    tokens = 8 * int(next((o.split("=")[1] for o in overrides if o.startswith("data.seq_len")), 64))
+    other = make_run(
+        tmp_path / "fp8",
+        curve(8, range(1, 11)),
+        curve(9, (5, 10)),
+        ["precision=fp8", *overrides],
+        max_steps=max_steps,
+        world=tokens / TOKENS_PER_STEP,
+    )
+    rows = rows_of(compare([ref, other], tmp_path / "out"))
+    assert rows["fp8"]["comparable"] == cell
     assert rows["bf16"]["comparable"] == "yes"
 
 
