@@ -15,9 +15,10 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from fp8train.cli import writing_into
+from fp8train.config import first_line
 from fp8train.errors import Fp8trainError
 from fp8train.loggers import read_metrics
 
@@ -77,7 +78,7 @@ class Run:
     def load(cls, path: Path) -> Run:
         if not is_run_dir(path):
             raise Fp8trainError(f"{path}: not an fp8train run directory (needs metrics.jsonl and config.yaml).")
-        cfg = OmegaConf.load(path / "config.yaml")
+        cfg = read_config(path / "config.yaml")
         rows = read_metrics(path)
         train = {r["step"]: r["loss"] for r in rows if isinstance(r.get("loss"), (int, float))}
         val = {r["step"]: r["val_loss"] for r in rows if isinstance(r.get("val_loss"), (int, float))}
@@ -109,6 +110,40 @@ class Run:
         return notes
 
 
+# The settings compare reads from a run's config.yaml.
+REQUIRED = (
+    "model",
+    "data.name",
+    "data.sources",
+    "data.seq_len",
+    "data.tokenizer",
+    "trainer.max_steps",
+    "trainer.micro_batch_size",
+    "trainer.grad_accum_steps",
+    "trainer.seed",
+    "optim.name",
+    "precision.name",
+)
+
+
+def read_config(file: Path) -> DictConfig:
+    """A run's config.yaml; an Fp8trainError naming the file if it is not an fp8train run's (another tool's run
+    directory can hold a config.yaml and a metrics.jsonl too)."""
+    try:
+        cfg = OmegaConf.load(file)
+    except Exception as e:  # not YAML, or not text
+        problem = f"it cannot be read as YAML ({first_line(e).rstrip('.')})"
+    else:
+        missing = [k for k in REQUIRED if not isinstance(cfg, DictConfig) or OmegaConf.select(cfg, k) is None]
+        if not missing:
+            return cfg
+        problem = f"it has no {', '.join(missing)}"
+    raise Fp8trainError(
+        f"{file}: not the config.yaml of an fp8train run: {problem}. Compare run directories that train.py wrote, "
+        f"or leave this one out."
+    )
+
+
 def is_run_dir(path: Path) -> bool:
     return (path / "metrics.jsonl").is_file() and (path / "config.yaml").is_file()
 
@@ -138,7 +173,12 @@ def incomparable(ref: Run, run: Run) -> str:
     reasons, settings = [], []
     for name, key in COMPARABLE.items():
         ours, theirs = key(run), key(ref)
-        differ = [k for k in {**theirs, **ours} if ours.get(k) != theirs.get(k)]
+        # "unknown" (a run with no logged step yet has no tokens per step) is no difference
+        differ = [
+            k
+            for k in {**theirs, **ours}
+            if ours.get(k) != theirs.get(k) and "unknown" not in (ours.get(k), theirs.get(k))
+        ]
         if differ:
             reasons.append(name)
             settings += [f"{k} {_shown(ours.get(k))} vs {_shown(theirs.get(k))}" for k in differ]

@@ -162,3 +162,25 @@ def test_nothing_to_compare_is_one_clear_error(tmp_path):
     )
     assert result.returncode == 2 and "not an fp8train run directory" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_run_with_no_logged_step_yet_is_not_called_a_different_batch(tmp_path):
+    """Killed before its first logged step, a run's tokens per step is unknown, not different."""
+    ref = make_run(tmp_path / "bf16", curve(8, range(1, 11)), curve(9, (5, 10)), ["precision=bf16"])
+    empty = make_run(tmp_path / "fp8", {}, {}, ["precision=fp8"])
+    fp8 = rows_of(compare([ref, empty], tmp_path / "out"))["fp8"]
+    assert fp8["comparable"] == "yes" and fp8["final loss"] == "n/a"
+    assert fp8["notes"] == "stopped at step 0 of 10; no validation points"
+
+
+def test_a_folder_whose_config_is_not_fp8trains_is_one_clear_error(tmp_path, capsys):
+    from fp8train.cli.main import main
+
+    ref = make_run(tmp_path / "bf16", curve(8, range(1, 11)), curve(9, (5, 10)), ["precision=bf16"])
+    other = make_run(tmp_path / "other", curve(8, range(1, 11)), {}, ["precision=fp8"])
+    (other / "config.yaml").write_text("lr: 0.1\nmodel: resnet\n")  # another tool's run: same file names
+    with pytest.raises(SystemExit) as exit_:
+        main(["compare", str(ref), str(other), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert f"{other / 'config.yaml'}: not the config.yaml of an fp8train run" in err and "precision" in err
