@@ -211,14 +211,25 @@ def _last(values: dict[int, float]) -> str:
     return f"{values[max(values)]:.4f}" if values else "n/a"
 
 
+def disambiguate(runs: list[Run]) -> None:
+    """Two bf16 runs (seeds, say) must not share a legend entry or a table row: add the run directory's name, and
+    as many of its parent folders as it takes (two sweeps name their arms' folders alike)."""
+    repeated = Counter(r.label for r in runs)
+    for label in [label for label, n in repeated.items() if n > 1]:
+        same = [r for r in runs if r.label == label]
+        resolved = [r.path.resolve() for r in same]
+        depth = 1
+        while depth < max(len(p.parts) for p in resolved) and len({p.parts[-depth:] for p in resolved}) < len(same):
+            depth += 1
+        for r, p in zip(same, resolved, strict=True):
+            r.label = f"{label} ({'/'.join(p.parts[-depth:])})"
+
+
 def compare(run_dirs: list[Path], out: Path) -> str:
     """Draw out/compare.png and return the table (also written to out/compare.md)."""
     paths, skipped = find_runs([Path(p) for p in run_dirs])
     runs = [Run.load(p) for p in paths]
-    repeated = Counter(r.label for r in runs)
-    for r in runs:  # two bf16 runs (seeds, say) must not share a legend entry: add the run directory's name
-        if repeated[r.label] > 1:
-            r.label = f"{r.label} ({r.path.name})"
+    disambiguate(runs)
     ref = next((r for r in runs if r.config.precision.name == "bf16"), runs[0])
     lines = [f"reference: {ref.label} ({ref.path})"]
     lines += [f"skipped {p}: not a run directory" for p in skipped]

@@ -184,3 +184,13 @@ def test_a_folder_whose_config_is_not_fp8trains_is_one_clear_error(tmp_path, cap
     err = capsys.readouterr().err
     assert exit_.value.code == 2
     assert f"{other / 'config.yaml'}: not the config.yaml of an fp8train run" in err and "precision" in err
+
+
+def test_two_sweeps_with_the_same_arm_folders_are_told_apart(tmp_path):
+    """Two multiruns of compare_bf16_fp8 (two seeds, say) name their arms' folders alike: the labels then carry the
+    sweep's folder as well, or the table would hold two rows of the same name."""
+    for sweep in ("seed1", "seed2"):
+        make_run(tmp_path / sweep / "0_bf16", curve(8, range(1, 11)), curve(9, (5, 10)), ["precision=bf16"])
+        make_run(tmp_path / sweep / "1_fp8", curve(8, range(1, 11)), curve(9, (5, 10)), ["precision=fp8"])
+    rows = rows_of(compare([tmp_path / "seed1", tmp_path / "seed2"], tmp_path / "out"))
+    assert list(rows) == ["bf16 (seed1/0_bf16)", "fp8 (seed1/1_fp8)", "bf16 (seed2/0_bf16)", "fp8 (seed2/1_fp8)"]
