@@ -207,8 +207,12 @@ def _gap_cells(ref: dict[int, float], other: dict[int, float], last_step: int) -
     return final, f"{gaps[worst_step]:+.2%} (step {worst_step})"
 
 
-def _last(values: dict[int, float]) -> str:
-    return f"{values[max(values)]:.4f}" if values else "n/a"
+def _last(values: dict[int, float], last_step: int) -> str:
+    """The last value, with its step when that is not the run's last (the steps after it logged NaN, say)."""
+    if not values:
+        return "n/a"
+    step = max(values)
+    return f"{values[step]:.4f}" + (f" (step {step})" if step != last_step else "")
 
 
 def disambiguate(runs: list[Run]) -> None:
@@ -243,8 +247,9 @@ def compare(run_dirs: list[Path], out: Path) -> str:
         val_gap, worst_val_gap = _gap_cells(ref.val, run.val, run.last_step)
         train_gap, _ = _gap_cells(ref.train, run.train, run.last_step)
         diff = incomparable(ref, run)
+        final_loss, final_val = _last(run.train, run.last_step), _last(run.val, run.last_step)
         lines.append(
-            f"| {run.label} | {run.last_step} | {_last(run.train)} | {_last(run.val)} | {val_gap} | {worst_val_gap} "
+            f"| {run.label} | {run.last_step} | {final_loss} | {final_val} | {val_gap} | {worst_val_gap} "
             f"| {train_gap} | {run.tokens_per_s:,.0f} | {'yes' if not diff else 'no: different ' + diff} "
             f"| {'; '.join(run.notes())} |"
         )

@@ -194,3 +194,15 @@ def test_two_sweeps_with_the_same_arm_folders_are_told_apart(tmp_path):
         make_run(tmp_path / sweep / "1_fp8", curve(8, range(1, 11)), curve(9, (5, 10)), ["precision=fp8"])
     rows = rows_of(compare([tmp_path / "seed1", tmp_path / "seed2"], tmp_path / "out"))
     assert list(rows) == ["bf16 (seed1/0_bf16)", "fp8 (seed1/1_fp8)", "bf16 (seed2/0_bf16)", "fp8 (seed2/1_fp8)"]
+
+
+def test_a_final_loss_from_before_the_runs_last_step_names_its_step(tmp_path):
+    """A run whose last logged losses are NaN shows its last finite loss: the cell says which step that was, as the
+    gap cells do, so a diverged arm's 'final loss' is not read as where it ended."""
+    ref = make_run(tmp_path / "bf16", curve(8, range(1, 11)), curve(9, (5, 10)), ["precision=bf16"])
+    losses: dict[int, float | str] = {**curve(8, range(1, 9)), 9: "nan", 10: "nan"}
+    diverged = make_run(tmp_path / "fp8", losses, {5: 4.2}, ["precision=fp8"], bad_steps=2)
+    fp8 = rows_of(compare([ref, diverged], tmp_path / "out"))["fp8"]
+    assert fp8["steps"] == "10"
+    assert fp8["final loss"] == f"{8 / math.sqrt(8):.4f} (step 8)" and fp8["final val_loss"] == "4.2000 (step 5)"
+    assert rows_of(compare([ref, diverged], tmp_path / "out"))["bf16"]["final loss"] == f"{8 / math.sqrt(10):.4f}"
