@@ -289,7 +289,7 @@ def import_hf(hf_dir: Path, out: Path) -> Path:
         ) from None
     if problems := weight_problems(loading_info):
         raise CheckpointError(
-            f"{hf_dir}: its weights do not match its config.json: {'; '.join(problems)}. imported anyway, the "
+            f"{hf_dir}: its weights do not match its config.json: {'; '.join(problems)}. Imported anyway, the "
             f"model would hold random values in their place or lose them, so nothing is written; check that "
             f"config.json belongs to these weights."
         )
@@ -302,12 +302,21 @@ def import_hf(hf_dir: Path, out: Path) -> Path:
     model = build_model(cfg)
     renamed = {k.removeprefix("model."): v for k, v in hf.state_dict().items()}
     model.load_state_dict(renamed, strict=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(hf_dir, local_files_only=True).backend_tokenizer
+    except (OSError, ValueError, AttributeError):
+        tokenizer = None
+        log.warning("%s has no fast tokenizer; pass data.tokenizer.path=... yourself", hf_dir)
+    if tokenizer is not None and tokenizer.get_vocab_size(with_added_tokens=True) > cfg.vocab_size:
+        raise CheckpointError(
+            f"{hf_dir}: its tokenizer has {tokenizer.get_vocab_size(with_added_tokens=True)} tokens, but the "
+            f"model's vocab_size is {cfg.vocab_size}: the ids past it have no embedding. Import a folder whose "
+            f"tokenizer belongs to these weights."
+        )
     make_output_folder(out)
     save_model(model, str(out / "model.safetensors"))
     (out / "model.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-    try:
-        AutoTokenizer.from_pretrained(hf_dir, local_files_only=True).backend_tokenizer.save(str(out / "tokenizer.json"))
-    except (OSError, ValueError, AttributeError):
-        log.warning("%s has no fast tokenizer; pass data.tokenizer.path=... yourself", hf_dir)
+    if tokenizer is not None:
+        tokenizer.save(str(out / "tokenizer.json"))
     log.info("imported %s -> %s (%d parameters)", hf_dir, out, model.num_params())
     return out

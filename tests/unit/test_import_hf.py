@@ -196,3 +196,18 @@ def test_weights_of_another_shape_than_the_config_says_are_refused(hf_folder, tm
     with pytest.raises(CheckpointError, match=r"embed_tokens.weight"):
         import_hf(folder, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_tokenizer_with_more_tokens_than_the_model_has_embeddings_is_refused(hf_folder, tmp_path):
+    """Token ids past vocab_size have no embedding: training could only refuse later, with advice (raise
+    model.vocab_size) that the imported weights then refuse in turn."""
+    from transformers import PreTrainedTokenizerFast
+
+    folder = tmp_path / "hf"
+    shutil.copytree(hf_folder, folder)
+    text = (ROOT / "data" / "tinyshakespeare.txt").read_text()[:200_000]
+    tok = PreTrainedTokenizerFast(tokenizer_object=train_bpe([text], vocab_size=400), eos_token="<|endoftext|>")
+    tok.save_pretrained(folder)
+    with pytest.raises(CheckpointError, match=r"tokenizer has 400 tokens.*vocab_size is 320"):
+        import_hf(folder, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
