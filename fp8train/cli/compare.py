@@ -33,10 +33,9 @@ COMPARABLE = {
         **{f"data.tokenizer.{k}": v for k, v in OmegaConf.to_container(run.config.data.tokenizer).items()},
         "data.val_fraction": run.config.data.get("val_fraction"),  # moves the split between training and validation
     },
-    # tokens per step holds the data-parallel world size, which config.yaml does not
+    # Tokens per step, from metrics.jsonl: it holds the data-parallel world size, which config.yaml does not. Step k
+    # trains on the same sequences however they are split into micro batches, accumulation steps and ranks.
     "batch": lambda run: {
-        "trainer.micro_batch_size": run.config.trainer.micro_batch_size,
-        "trainer.grad_accum_steps": run.config.trainer.grad_accum_steps,
         "tokens per step": int(run.tokens_per_step) if math.isfinite(run.tokens_per_step) else "unknown",
     },
     "validation set": lambda run: {"trainer.eval_batches": run.config.trainer.get("eval_batches")},
@@ -118,8 +117,6 @@ REQUIRED = (
     "data.seq_len",
     "data.tokenizer",
     "trainer.max_steps",
-    "trainer.micro_batch_size",
-    "trainer.grad_accum_steps",
     "trainer.seed",
     "optim.name",
     "precision.name",

@@ -206,3 +206,22 @@ def test_a_final_loss_from_before_the_runs_last_step_names_its_step(tmp_path):
     assert fp8["steps"] == "10"
     assert fp8["final loss"] == f"{8 / math.sqrt(8):.4f} (step 8)" and fp8["final val_loss"] == "4.2000 (step 5)"
     assert rows_of(compare([ref, diverged], tmp_path / "out"))["bf16"]["final loss"] == f"{8 / math.sqrt(10):.4f}"
+
+
+def test_the_same_global_batch_split_otherwise_is_comparable(tmp_path):
+    """Step k trains on the same sequences however its global batch is split (micro batch x accumulation x
+    ranks): a 2-rank run of micro batch 4 compares with one process of micro batch 8, or of 4 x 2 accumulated."""
+    ref = make_run(tmp_path / "bf16", curve(8, range(1, 11)), curve(9, (5, 10)), ["precision=bf16"])
+    ranks = make_run(
+        tmp_path / "fp8", curve(8, range(1, 11)), curve(9, (5, 10)), ["precision=fp8", "trainer.micro_batch_size=4"]
+    )
+    ranks_tokens = json.loads((ranks / "metrics.jsonl").read_text().splitlines()[0])["tokens"]
+    assert ranks_tokens == TOKENS_PER_STEP  # make_run's world=1 default: as two ranks of 4 would log
+    accum = make_run(
+        tmp_path / "fp8_smooth",
+        curve(8, range(1, 11)),
+        curve(9, (5, 10)),
+        ["precision=fp8_smooth", "trainer.micro_batch_size=4", "trainer.grad_accum_steps=2"],
+    )
+    rows = rows_of(compare([ref, ranks, accum], tmp_path / "out"))
+    assert rows["fp8"]["comparable"] == "yes" and rows["fp8_smooth"]["comparable"] == "yes"
