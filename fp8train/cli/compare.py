@@ -3,8 +3,9 @@
 Reads each run's metrics.jsonl and config.yaml (no wandb account needed); a Hydra sweep folder stands for the
 runs in it. The reference is the run whose precision is bf16 (else the first run given). Gaps are taken at the
 steps both runs logged, so runs of different lengths compare over what they share. Runs that differ in model,
-data, batch, validation set or seed are still plotted, but the table says they are not comparable and why; runs
-that stopped early, skipped steps or have no validation points say so in the notes.
+data, batch, validation set, seed, lr schedule or optimizer settings are still plotted, but the table says they
+are not comparable and names the settings that differ; runs that stopped early, skipped steps or have no
+validation points say so in the notes.
 """
 
 from __future__ import annotations
@@ -14,31 +15,50 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from fp8train.cli import writing_into
+from fp8train.config import first_line
 from fp8train.errors import Fp8trainError
 from fp8train.loggers import read_metrics
 
-# What must be equal for two loss curves to be compared step by step.
+# What must be equal for two loss curves to be compared step by step: per reason, the settings it covers, each
+# under the name a user types (or, for what config.yaml does not hold, a description).
 COMPARABLE = {
-    "model": lambda run: OmegaConf.to_container(run.config.model),
-    "data": lambda run: [
-        run.config.data.name,
-        OmegaConf.to_container(run.config.data.sources),
-        run.config.data.seq_len,
-        OmegaConf.to_container(run.config.data.tokenizer),
-        run.config.data.get("val_fraction"),  # moves the split between training and validation text
-    ],
-    # tokens per step holds the data-parallel world size, which config.yaml does not
-    "batch": lambda run: [
-        run.config.trainer.micro_batch_size,
-        run.config.trainer.grad_accum_steps,
-        run.tokens_per_step,
-    ],
-    "validation set": lambda run: run.config.trainer.get("eval_batches"),
-    "seed": lambda run: run.config.trainer.seed,
+    "model": lambda run: {f"model.{k}": v for k, v in OmegaConf.to_container(run.config.model).items()},
+    "data": lambda run: {
+        "data.name": run.config.data.name,
+        "data.sources": OmegaConf.to_container(run.config.data.sources),
+        "data.seq_len": run.config.data.seq_len,
+        **{f"data.tokenizer.{k}": v for k, v in OmegaConf.to_container(run.config.data.tokenizer).items()},
+        "data.val_fraction": run.config.data.get("val_fraction"),  # moves the split between training and validation
+    },
+    # Tokens per step, from metrics.jsonl: it holds the data-parallel world size, which config.yaml does not. Step k
+    # trains on the same sequences however they are split into micro batches, accumulation steps and ranks.
+    "batch": lambda run: {
+        "tokens per step": int(run.tokens_per_step) if math.isfinite(run.tokens_per_step) else "unknown",
+    },
+    "validation set": lambda run: {"trainer.eval_batches": run.config.trainer.get("eval_batches")},
+    "seed": lambda run: {"trainer.seed": run.config.trainer.seed},
+    # the loss at a step depends on the learning rate that step had
+    "lr schedule": lambda run: lr_schedule(run.config),
+    "optimizer": lambda run: {f"optim.{k}": run.config.optim.get(k) for k in OPTIMIZER_SETTINGS},
 }
+# AdamW settings every optimizer kind shares (the FP8 moments' layout is what adamw_fp8 arms compare)
+OPTIMIZER_SETTINGS = ("betas", "eps", "weight_decay", "grad_clip")
+
+
+def lr_schedule(cfg) -> dict:
+    """The settings that fix a run's lr at every step; a cosine decays over optim.decay_steps, or, when that is
+    null, over trainer.max_steps."""
+    optim = cfg.optim
+    settings = {f"optim.{k}": optim.get(k) for k in ("lr", "min_lr", "warmup_steps", "schedule")}
+    if optim.get("schedule", "cosine") == "cosine":
+        decay = optim.get("decay_steps")
+        settings.update(
+            {"optim.decay_steps": decay} if decay is not None else {"trainer.max_steps": cfg.trainer.max_steps}
+        )
+    return settings
 
 
 @dataclass
@@ -57,7 +77,7 @@ class Run:
     def load(cls, path: Path) -> Run:
         if not is_run_dir(path):
             raise Fp8trainError(f"{path}: not an fp8train run directory (needs metrics.jsonl and config.yaml).")
-        cfg = OmegaConf.load(path / "config.yaml")
+        cfg = read_config(path / "config.yaml")
         rows = read_metrics(path)
         train = {r["step"]: r["loss"] for r in rows if isinstance(r.get("loss"), (int, float))}
         val = {r["step"]: r["val_loss"] for r in rows if isinstance(r.get("val_loss"), (int, float))}
@@ -89,6 +109,38 @@ class Run:
         return notes
 
 
+# The settings compare reads from a run's config.yaml.
+REQUIRED = (
+    "model",
+    "data.name",
+    "data.sources",
+    "data.seq_len",
+    "data.tokenizer",
+    "trainer.max_steps",
+    "trainer.seed",
+    "optim.name",
+    "precision.name",
+)
+
+
+def read_config(file: Path) -> DictConfig:
+    """A run's config.yaml; an Fp8trainError naming the file if it is not an fp8train run's (another tool's run
+    directory can hold a config.yaml and a metrics.jsonl too)."""
+    try:
+        cfg = OmegaConf.load(file)
+    except Exception as e:  # not YAML, or not text
+        problem = f"it cannot be read as YAML ({first_line(e).rstrip('.')})"
+    else:
+        missing = [k for k in REQUIRED if not isinstance(cfg, DictConfig) or OmegaConf.select(cfg, k) is None]
+        if not missing:
+            return cfg
+        problem = f"it has no {', '.join(missing)}"
+    raise Fp8trainError(
+        f"{file}: not the config.yaml of an fp8train run: {problem}. Compare run directories that train.py wrote, "
+        f"or leave this one out."
+    )
+
+
 def is_run_dir(path: Path) -> bool:
     return (path / "metrics.jsonl").is_file() and (path / "config.yaml").is_file()
 
@@ -112,9 +164,28 @@ def find_runs(paths: list[Path]) -> tuple[list[Path], list[Path]]:
     return runs, skipped
 
 
-def incomparable(ref: Run, run: Run) -> list[str]:
-    """What differs between two runs' model, data, batch, validation set or seed."""
-    return [name for name, key in COMPARABLE.items() if key(ref) != key(run)]
+def incomparable(ref: Run, run: Run) -> str:
+    """Why ``run``'s curves cannot be compared with ``ref``'s ("" if they can): the reasons, then each differing
+    setting with the run's value and the reference's, e.g. "seed (trainer.seed 7 vs 1234)"."""
+    reasons, settings = [], []
+    for name, key in COMPARABLE.items():
+        ours, theirs = key(run), key(ref)
+        # "unknown" (a run with no logged step yet has no tokens per step) is no difference
+        differ = [
+            k
+            for k in {**theirs, **ours}
+            if ours.get(k) != theirs.get(k) and "unknown" not in (ours.get(k), theirs.get(k))
+        ]
+        if differ:
+            reasons.append(name)
+            settings += [f"{k} {_shown(ours.get(k))} vs {_shown(theirs.get(k))}" for k in differ]
+    return f"{', '.join(reasons)} ({', '.join(settings)})" if reasons else ""
+
+
+def _shown(value) -> str:
+    """A setting's value in a table cell: numbers as typed, long lists (data.sources) cut short."""
+    text = str(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def relative_gap(ref: dict[int, float], other: dict[int, float]) -> dict[int, float]:
@@ -133,18 +204,33 @@ def _gap_cells(ref: dict[int, float], other: dict[int, float], last_step: int) -
     return final, f"{gaps[worst_step]:+.2%} (step {worst_step})"
 
 
-def _last(values: dict[int, float]) -> str:
-    return f"{values[max(values)]:.4f}" if values else "n/a"
+def _last(values: dict[int, float], last_step: int) -> str:
+    """The last value, with its step when that is not the run's last (the steps after it logged NaN, say)."""
+    if not values:
+        return "n/a"
+    step = max(values)
+    return f"{values[step]:.4f}" + (f" (step {step})" if step != last_step else "")
+
+
+def disambiguate(runs: list[Run]) -> None:
+    """Two bf16 runs (seeds, say) must not share a legend entry or a table row: add the run directory's name, and
+    as many of its parent folders as it takes (two sweeps name their arms' folders alike)."""
+    repeated = Counter(r.label for r in runs)
+    for label in [label for label, n in repeated.items() if n > 1]:
+        same = [r for r in runs if r.label == label]
+        resolved = [r.path.resolve() for r in same]
+        depth = 1
+        while depth < max(len(p.parts) for p in resolved) and len({p.parts[-depth:] for p in resolved}) < len(same):
+            depth += 1
+        for r, p in zip(same, resolved, strict=True):
+            r.label = f"{label} ({'/'.join(p.parts[-depth:])})"
 
 
 def compare(run_dirs: list[Path], out: Path) -> str:
     """Draw out/compare.png and return the table (also written to out/compare.md)."""
     paths, skipped = find_runs([Path(p) for p in run_dirs])
     runs = [Run.load(p) for p in paths]
-    repeated = Counter(r.label for r in runs)
-    for r in runs:  # two bf16 runs (seeds, say) must not share a legend entry: add the run directory's name
-        if repeated[r.label] > 1:
-            r.label = f"{r.label} ({r.path.name})"
+    disambiguate(runs)
     ref = next((r for r in runs if r.config.precision.name == "bf16"), runs[0])
     lines = [f"reference: {ref.label} ({ref.path})"]
     lines += [f"skipped {p}: not a run directory" for p in skipped]
@@ -158,9 +244,10 @@ def compare(run_dirs: list[Path], out: Path) -> str:
         val_gap, worst_val_gap = _gap_cells(ref.val, run.val, run.last_step)
         train_gap, _ = _gap_cells(ref.train, run.train, run.last_step)
         diff = incomparable(ref, run)
+        final_loss, final_val = _last(run.train, run.last_step), _last(run.val, run.last_step)
         lines.append(
-            f"| {run.label} | {run.last_step} | {_last(run.train)} | {_last(run.val)} | {val_gap} | {worst_val_gap} "
-            f"| {train_gap} | {run.tokens_per_s:,.0f} | {'yes' if not diff else 'no: different ' + ', '.join(diff)} "
+            f"| {run.label} | {run.last_step} | {final_loss} | {final_val} | {val_gap} | {worst_val_gap} "
+            f"| {train_gap} | {run.tokens_per_s:,.0f} | {'yes' if not diff else 'no: different ' + diff} "
             f"| {'; '.join(run.notes())} |"
         )
     table = "\n".join(lines)

@@ -136,7 +136,8 @@ def summary(data: Outliers, run_dir: Path) -> str:
         + _precision(run_dir)
     ]
     h = data.field("h_amax")
-    peaks = [(v, data.layers[i], steps[j]) for i, row in enumerate(h) for j, v in enumerate(row) if math.isfinite(v)]
+    # an h amax that overflowed to inf is the largest of all; only NaN (nothing measured) is left out
+    peaks = [(v, data.layers[i], steps[j]) for i, row in enumerate(h) for j, v in enumerate(row) if not math.isnan(v)]
     if peaks:
         v, layer, step = max(peaks)
         entry = _entry(data.rows[steps.index(step)], layer)
@@ -148,8 +149,9 @@ def summary(data: Outliers, run_dir: Path) -> str:
         growth = []
         for i, layer in enumerate(data.layers):
             known = [j for j, v in enumerate(h[i]) if math.isfinite(v)]  # a layer may lack values at some steps
-            if known and h[i][known[0]] > 0:
-                a, b = known[0], known[-1]
+            nonzero = [j for j in known if h[i][j] > 0]  # growth from an all-zero h has no ratio: start after it
+            if nonzero:
+                a, b = nonzero[0], known[-1]
                 span = "" if (a, b) == (0, len(steps) - 1) else f" (step {steps[a]} -> {steps[b]})"
                 growth.append(f"layer {layer} x{h[i][b] / h[i][a]:.3g}{span}")
         lines.append(f"h amax growth, step {steps[0]} -> {steps[-1]}: " + ", ".join(growth))

@@ -218,6 +218,25 @@ def unsupported_features(config: dict) -> list[str]:
     return problems
 
 
+def weight_problems(loading_info: dict) -> list[str]:
+    """What from_pretrained's loading report says is wrong with a folder's weights: weights the file lacks (left at
+    their random init), weights of another shape (likewise), weights the model has no place for (dropped)."""
+    # Older checkpoints store RoPE's inv_freq, a table transformers recomputes: not a weight.
+    unexpected = [k for k in loading_info.get("unexpected_keys", []) if not k.endswith("rotary_emb.inv_freq")]
+    mismatched = sorted(
+        f"{key} {tuple(saved)} (the config gives {tuple(wanted)})"
+        for key, saved, wanted in loading_info.get("mismatched_keys", [])
+    )
+    problems = []
+    if missing := sorted(loading_info.get("missing_keys", [])):
+        problems.append(f"{', '.join(missing)} missing")
+    if mismatched:
+        problems.append(f"of another shape: {', '.join(mismatched)}")
+    if unexpected:
+        problems.append(f"{', '.join(sorted(unexpected))} not part of the model the config describes")
+    return problems
+
+
 def read_hf_config(hf_dir: Path) -> dict:
     """A Hugging Face folder's config.json, or a CheckpointError saying why there is none to read."""
     if not hf_dir.is_dir():
@@ -258,13 +277,23 @@ def import_hf(hf_dir: Path, out: Path) -> Path:
         )
     check_output_folder(out)
     try:
-        hf = LlamaForCausalLM.from_pretrained(hf_dir, local_files_only=True).float()  # no dtype=: 4.x lacks it
+        # Mismatched shapes are reported in loading_info below rather than raised (5.x's error names no weight).
+        hf, loading_info = LlamaForCausalLM.from_pretrained(
+            hf_dir, local_files_only=True, output_loading_info=True, ignore_mismatched_sizes=True
+        )  # no dtype=: 4.x lacks it
     except (OSError, SafetensorError) as e:  # no weights file, or one that is damaged
         raise CheckpointError(
             f"{hf_dir}: transformers cannot load its weights ({first_line(e).rstrip('.')}). import-hf reads a "
             f"folder as save_pretrained writes it: config.json and model.safetensors (or its sharded index, or "
             f"pytorch_model.bin)."
         ) from None
+    if problems := weight_problems(loading_info):
+        raise CheckpointError(
+            f"{hf_dir}: its weights do not match its config.json: {'; '.join(problems)}. Imported anyway, the "
+            f"model would hold random values in their place or lose them, so nothing is written; check that "
+            f"config.json belongs to these weights."
+        )
+    hf = hf.float()
     c = hf.config
     rope = (getattr(c, "rope_parameters", None) or {}).get("rope_theta") or getattr(c, "rope_theta", 10000.0)
     cfg = ModelConfig(
@@ -273,12 +302,21 @@ def import_hf(hf_dir: Path, out: Path) -> Path:
     model = build_model(cfg)
     renamed = {k.removeprefix("model."): v for k, v in hf.state_dict().items()}
     model.load_state_dict(renamed, strict=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(hf_dir, local_files_only=True).backend_tokenizer
+    except (OSError, ValueError, AttributeError):
+        tokenizer = None
+        log.warning("%s has no fast tokenizer; pass data.tokenizer.path=... yourself", hf_dir)
+    if tokenizer is not None and tokenizer.get_vocab_size(with_added_tokens=True) > cfg.vocab_size:
+        raise CheckpointError(
+            f"{hf_dir}: its tokenizer has {tokenizer.get_vocab_size(with_added_tokens=True)} tokens, but the "
+            f"model's vocab_size is {cfg.vocab_size}: the ids past it have no embedding. Import a folder whose "
+            f"tokenizer belongs to these weights."
+        )
     make_output_folder(out)
     save_model(model, str(out / "model.safetensors"))
     (out / "model.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-    try:
-        AutoTokenizer.from_pretrained(hf_dir, local_files_only=True).backend_tokenizer.save(str(out / "tokenizer.json"))
-    except (OSError, ValueError, AttributeError):
-        log.warning("%s has no fast tokenizer; pass data.tokenizer.path=... yourself", hf_dir)
+    if tokenizer is not None:
+        tokenizer.save(str(out / "tokenizer.json"))
     log.info("imported %s -> %s (%d parameters)", hf_dir, out, model.num_params())
     return out

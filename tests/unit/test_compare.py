@@ -112,7 +112,41 @@ def test_runs_that_differ_in_what_the_curves_depend_on_are_not_comparable(tmp_pa
         tmp_path / "fp8", curve(8, range(1, 11)), curve(9, (5, 10)), ["precision=fp8", *overrides], world=world
     )
     rows = rows_of(compare([ref, other], tmp_path / "out"))
-    assert rows["fp8"]["comparable"] == f"no: different {reason}"
+    assert rows["fp8"]["comparable"].startswith(f"no: different {reason} (")
+    assert rows["bf16"]["comparable"] == "yes"
+
+
+@pytest.mark.parametrize(
+    "overrides, max_steps, cell",
+    [
+        (["optim.lr=0.002"], 10, "no: different lr schedule (optim.lr 0.002 vs 0.001)"),
+        (["optim.warmup_steps=2"], 10, "no: different lr schedule (optim.warmup_steps 2 vs 30)"),
+        # the cosine decays over trainer.max_steps: another length is another lr at every step after warmup
+        ([], 20, "no: different lr schedule (trainer.max_steps 20 vs 10)"),
+        (
+            ["optim.weight_decay=0.0", "optim.grad_clip=0.5"],
+            10,
+            "no: different optimizer (optim.weight_decay 0.0 vs 0.1, optim.grad_clip 0.5 vs 1.0)",
+        ),
+        (["trainer.seed=7"], 10, "no: different seed (trainer.seed 7 vs 1234)"),
+        (["data.seq_len=32"], 10, "no: different data, batch (data.seq_len 32 vs 64, tokens per step 256 vs 512)"),
+    ],
+)
+def test_a_run_not_comparable_says_which_settings_differ(tmp_path, overrides, max_steps, cell):
+    """The loss at a step depends on the learning rate that step had: runs trained with other lr, schedule or
+    optimizer settings are not comparable either; and the cell names the settings, so nobody diffs configs."""
+    ref = make_run(tmp_path / "bf16", curve(8, range(1, 11)), curve(9, (5, 10)), ["precision=bf16"])
+    tokens = 8 * int(next((o.split("=")[1] for o in overrides if o.startswith("data.seq_len")), 64))
+    other = make_run(
+        tmp_path / "fp8",
+        curve(8, range(1, 11)),
+        curve(9, (5, 10)),
+        ["precision=fp8", *overrides],
+        max_steps=max_steps,
+        world=tokens / TOKENS_PER_STEP,
+    )
+    rows = rows_of(compare([ref, other], tmp_path / "out"))
+    assert rows["fp8"]["comparable"] == cell
     assert rows["bf16"]["comparable"] == "yes"
 
 
@@ -128,3 +162,66 @@ def test_nothing_to_compare_is_one_clear_error(tmp_path):
     )
     assert result.returncode == 2 and "not an fp8train run directory" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_run_with_no_logged_step_yet_is_not_called_a_different_batch(tmp_path):
+    """Killed before its first logged step, a run's tokens per step is unknown, not different."""
+    ref = make_run(tmp_path / "bf16", curve(8, range(1, 11)), curve(9, (5, 10)), ["precision=bf16"])
+    empty = make_run(tmp_path / "fp8", {}, {}, ["precision=fp8"])
+    fp8 = rows_of(compare([ref, empty], tmp_path / "out"))["fp8"]
+    assert fp8["comparable"] == "yes" and fp8["final loss"] == "n/a"
+    assert fp8["notes"] == "stopped at step 0 of 10; no validation points"
+
+
+def test_a_folder_whose_config_is_not_fp8trains_is_one_clear_error(tmp_path, capsys):
+    from fp8train.cli.main import main
+
+    ref = make_run(tmp_path / "bf16", curve(8, range(1, 11)), curve(9, (5, 10)), ["precision=bf16"])
+    other = make_run(tmp_path / "other", curve(8, range(1, 11)), {}, ["precision=fp8"])
+    (other / "config.yaml").write_text("lr: 0.1\nmodel: resnet\n")  # another tool's run: same file names
+    with pytest.raises(SystemExit) as exit_:
+        main(["compare", str(ref), str(other), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert f"{other / 'config.yaml'}: not the config.yaml of an fp8train run" in err and "precision" in err
+
+
+def test_two_sweeps_with_the_same_arm_folders_are_told_apart(tmp_path):
+    """Two multiruns of compare_bf16_fp8 (two seeds, say) name their arms' folders alike: the labels then carry the
+    sweep's folder as well, or the table would hold two rows of the same name."""
+    for sweep in ("seed1", "seed2"):
+        make_run(tmp_path / sweep / "0_bf16", curve(8, range(1, 11)), curve(9, (5, 10)), ["precision=bf16"])
+        make_run(tmp_path / sweep / "1_fp8", curve(8, range(1, 11)), curve(9, (5, 10)), ["precision=fp8"])
+    rows = rows_of(compare([tmp_path / "seed1", tmp_path / "seed2"], tmp_path / "out"))
+    assert list(rows) == ["bf16 (seed1/0_bf16)", "fp8 (seed1/1_fp8)", "bf16 (seed2/0_bf16)", "fp8 (seed2/1_fp8)"]
+
+
+def test_a_final_loss_from_before_the_runs_last_step_names_its_step(tmp_path):
+    """A run whose last logged losses are NaN shows its last finite loss: the cell says which step that was, as the
+    gap cells do, so a diverged arm's 'final loss' is not read as where it ended."""
+    ref = make_run(tmp_path / "bf16", curve(8, range(1, 11)), curve(9, (5, 10)), ["precision=bf16"])
+    losses: dict[int, float | str] = {**curve(8, range(1, 9)), 9: "nan", 10: "nan"}
+    diverged = make_run(tmp_path / "fp8", losses, {5: 4.2}, ["precision=fp8"], bad_steps=2)
+    fp8 = rows_of(compare([ref, diverged], tmp_path / "out"))["fp8"]
+    assert fp8["steps"] == "10"
+    assert fp8["final loss"] == f"{8 / math.sqrt(8):.4f} (step 8)" and fp8["final val_loss"] == "4.2000 (step 5)"
+    assert rows_of(compare([ref, diverged], tmp_path / "out"))["bf16"]["final loss"] == f"{8 / math.sqrt(10):.4f}"
+
+
+def test_the_same_global_batch_split_otherwise_is_comparable(tmp_path):
+    """Step k trains on the same sequences however its global batch is split (micro batch x accumulation x
+    ranks): a 2-rank run of micro batch 4 compares with one process of micro batch 8, or of 4 x 2 accumulated."""
+    ref = make_run(tmp_path / "bf16", curve(8, range(1, 11)), curve(9, (5, 10)), ["precision=bf16"])
+    ranks = make_run(
+        tmp_path / "fp8", curve(8, range(1, 11)), curve(9, (5, 10)), ["precision=fp8", "trainer.micro_batch_size=4"]
+    )
+    ranks_tokens = json.loads((ranks / "metrics.jsonl").read_text().splitlines()[0])["tokens"]
+    assert ranks_tokens == TOKENS_PER_STEP  # make_run's world=1 default: as two ranks of 4 would log
+    accum = make_run(
+        tmp_path / "fp8_smooth",
+        curve(8, range(1, 11)),
+        curve(9, (5, 10)),
+        ["precision=fp8_smooth", "trainer.micro_batch_size=4", "trainer.grad_accum_steps=2"],
+    )
+    rows = rows_of(compare([ref, ranks, accum], tmp_path / "out"))
+    assert rows["fp8"]["comparable"] == "yes" and rows["fp8_smooth"]["comparable"] == "yes"

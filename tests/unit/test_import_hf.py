@@ -156,3 +156,58 @@ def test_an_output_folder_that_cannot_be_created_is_refused(hf_folder, tmp_path)
     (tmp_path / "file").write_text("a file, not a folder")
     with pytest.raises(CheckpointError, match="file/out: cannot create the output folder"):
         import_hf(hf_folder, tmp_path / "file" / "out")
+
+
+def _with_weights(hf_folder, folder, change):
+    """A copy of hf_folder whose model.safetensors ``change`` edits (a dict of tensors, edited in place)."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(hf_folder, folder)
+    weights = load_file(str(folder / "model.safetensors"))
+    change(weights)
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
+def test_weights_missing_from_the_folder_are_refused_not_initialised_at_random(hf_folder, tmp_path):
+    """transformers fills a weight the file lacks with a fresh random init and only logs it: imported so, a layer
+    of the model would be noise and training would start from a broken network."""
+    folder = _with_weights(hf_folder, tmp_path / "hf", lambda w: w.pop("model.layers.1.mlp.down_proj.weight"))
+    with pytest.raises(CheckpointError, match=r"model.layers.1.mlp.down_proj.weight.*missing"):
+        import_hf(folder, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_weights_the_config_does_not_describe_are_refused(hf_folder, tmp_path):
+    """A bias the config says is absent would be dropped: the logits would change."""
+    folder = _with_weights(
+        hf_folder, tmp_path / "hf", lambda w: w.update({"model.layers.0.self_attn.q_proj.bias": torch.ones(64)})
+    )
+    with pytest.raises(CheckpointError, match=r"model.layers.0.self_attn.q_proj.bias"):
+        import_hf(folder, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_weights_of_another_shape_than_the_config_says_are_refused(hf_folder, tmp_path):
+    folder = tmp_path / "hf"
+    shutil.copytree(hf_folder, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "vocab_size": 384}))
+    with pytest.raises(CheckpointError, match=r"embed_tokens.weight"):
+        import_hf(folder, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_tokenizer_with_more_tokens_than_the_model_has_embeddings_is_refused(hf_folder, tmp_path):
+    """Token ids past vocab_size have no embedding: training could only refuse later, with advice (raise
+    model.vocab_size) that the imported weights then refuse in turn."""
+    from transformers import PreTrainedTokenizerFast
+
+    folder = tmp_path / "hf"
+    shutil.copytree(hf_folder, folder)
+    text = (ROOT / "data" / "tinyshakespeare.txt").read_text()[:200_000]
+    tok = PreTrainedTokenizerFast(tokenizer_object=train_bpe([text], vocab_size=400), eos_token="<|endoftext|>")
+    tok.save_pretrained(folder)
+    with pytest.raises(CheckpointError, match=r"tokenizer has 400 tokens.*vocab_size is 320"):
+        import_hf(folder, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -501,3 +501,21 @@ def test_report_names_the_steps_a_layers_growth_is_taken_over(tmp_path):
     text = report(tmp_path, tmp_path / "report")
     assert "3 monitored steps (1..3), 3 layers" in text
     assert "h amax growth, step 1 -> 3: layer 0 x3, layer 1 x1.5 (step 2 -> 3), layer 2 x5 (step 1 -> 2)" in text
+
+
+def test_report_names_an_infinite_h_amax_as_the_largest_and_grows_from_the_first_nonzero(tmp_path):
+    # An h amax that overflowed to inf is the worst outlier of the run, not one to skip in favour of a finite one;
+    # a layer whose h was all zero at first (a zero-initialised projection) grows from its first non-zero amax.
+    from fp8train.cli.report import report
+
+    write_outliers(
+        tmp_path,
+        [
+            {"step": 1, "layers": [layer_record(0, 1.0), layer_record(1, 0.0, h_rms=0.0)], "alerts": []},
+            {"step": 2, "layers": [layer_record(0, 2.0), layer_record(1, 0.5)], "alerts": []},
+            {"step": 3, "layers": [layer_record(0, math.inf), layer_record(1, 2.0)], "alerts": []},
+        ],
+    )
+    text = report(tmp_path, tmp_path / "report")
+    assert "largest h amax: inf in layer 0 at step 3" in text
+    assert "h amax growth, step 1 -> 3: layer 0 x2 (step 1 -> 2), layer 1 x4 (step 2 -> 3)" in text
