@@ -207,7 +207,7 @@ def unsupported_features(config: dict) -> list[str]:
         rope_type = rope.get("rope_type") or rope.get("type")
         if rope_type not in (None, "default"):
             problems.append(f"{key} has rope_type {rope_type!r} (only the default RoPE is supported)")
-    if config.get("hidden_act", "silu") != "silu":
+    if config.get("hidden_act", "silu") not in ("silu", "swish"):  # transformers: "swish" is the same SiLU
         problems.append(f"hidden_act is {config['hidden_act']!r} (SwiGLU needs 'silu')")
     for key in ("attention_bias", "mlp_bias"):
         if config.get(key):
