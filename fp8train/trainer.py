@@ -709,7 +709,11 @@ def init_from_weights(model: torch.nn.Module, folder: Path, tokenizer_file: Path
 
     saved = dataclasses.asdict(saved_model_config(folder))
     ours = dataclasses.asdict(dataclasses.replace(model.cfg, init_from=None))
-    diffs = [f"model.{k}={ours[k]} (the weights have {saved[k]})" for k in ours if k != "name" and ours[k] != saved[k]]
+    # init_std only draws initial weights, max_seq_len only sizes the RoPE tables (not saved): both are free.
+    free = ("name", "init_std", "max_seq_len")
+    diffs = [
+        f"model.{k}={ours[k]} (the weights have {saved[k]})" for k in ours if k not in free and ours[k] != saved[k]
+    ]
     if diffs:
         raise ConfigError([f"model.init_from={folder}: the model differs from the saved one: {'; '.join(diffs)}"])
     saved_tokenizer = tokenizer_beside(folder)
@@ -746,8 +750,8 @@ def with_vocab_size(cfg: Config, tokenizer_vocab: int) -> Config:
     elif cfg.model.vocab_size < tokenizer_vocab:
         raise ConfigError(
             [
-                f"model.vocab_size={cfg.model.vocab_size}: smaller than the tokenizer's "
-                f"{tokenizer_vocab} tokens; raise it or set model.vocab_size=null"
+                f"model.vocab_size={cfg.model.vocab_size}: smaller than the tokenizer's {tokenizer_vocab} token "
+                f"ids; raise it or set model.vocab_size=null"
             ]
         )
     else:

@@ -89,6 +89,33 @@ def test_training_starts_from_the_imported_weights_in_fp8(hf_folder, tmp_path):
         )
 
 
+def test_settings_that_do_not_touch_the_weights_may_differ_from_the_saved_ones(hf_folder, tmp_path):
+    """init_std only draws initial weights and max_seq_len only sizes the RoPE tables (not saved): a run that starts
+    from weights may set them as it likes, e.g. to continue pretraining at a longer context."""
+    out = import_hf(hf_folder, tmp_path / "imported")
+    shape = ["model.vocab_size=320", "model.rope_theta=500000.0", "model.max_seq_len=512", "model.init_std=0.01"]
+    cfg = compose([*SMALL, *shape, f"model.init_from={out}", f"data.tokenizer.path={out / 'tokenizer.json'}"])
+    trainer = Trainer(cfg, tmp_path / "run")
+    imported = load_checkpoint_model(out).state_dict()
+    assert trainer.model.cfg.max_seq_len == 512
+    assert all(torch.equal(v, imported[k]) for k, v in trainer.model.state_dict().items() if "_scaler." not in k)
+
+
+def test_swish_is_imported_as_the_silu_it_is(hf_folder, tmp_path):
+    """transformers maps hidden_act "swish" to the same SiLU as "silu": the logits are those of the folder."""
+    from transformers import LlamaForCausalLM
+
+    folder = tmp_path / "hf"
+    shutil.copytree(hf_folder, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "hidden_act": "swish"}))
+    ours = load_checkpoint_model(import_hf(folder, tmp_path / "imported")).eval()
+    hf = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True).eval()
+    x = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), hf(x).logits, rtol=1e-5, atol=1e-5)
+
+
 def test_a_folder_that_is_not_a_llama_is_refused(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
     with pytest.raises(CheckpointError, match="not a Hugging Face Llama folder"):

@@ -100,7 +100,7 @@ def test_vocab_size_comes_from_the_tokenizer_rounded_to_64(tmp_path):
 def test_too_small_vocab_size_is_a_config_error(tmp_path):
     from fp8train.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="model.vocab_size=512: smaller than the tokenizer's 2048 tokens"):
+    with pytest.raises(ConfigError, match="model.vocab_size=512: smaller than the tokenizer's 2048 token ids"):
         make_trainer(tmp_path, "model.vocab_size=512")
 
 
