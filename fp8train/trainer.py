@@ -28,6 +28,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from fp8train import backends, checkpoint, optim, parallel, precision
 from fp8train.config import Config, DataConfig
 from fp8train.data import TokenData, build_data
+from fp8train.data.tokenizer import eos_declaration
 from fp8train.errors import BackendError, CheckpointError, ConfigError, Fp8trainError
 from fp8train.fp8.scaling import discard_scalers, step_scalers
 from fp8train.loggers import RunLogger, use_progress_bar
@@ -406,6 +407,8 @@ class Trainer:
         files = {
             "config.yaml": config_yaml(self.cfg).encode(),
             "tokenizer.json": Path(self.data.tokenizer_file).read_bytes(),
+            # the EOS this run splits documents with, which the tokenizer.json alone may not say (export-hf reads it)
+            "tokenizer_config.json": eos_declaration(self.data.tokenizer.id_to_token(self.data.eos_id)).encode(),
         }
         writing = "checkpoints/"
         try:

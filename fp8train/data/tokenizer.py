@@ -100,11 +100,11 @@ def load_tokenizer(path: str, cache_dir: Path) -> LoadedTokenizer:
         )
     if resolved.is_file():
         tokenizer = _read_tokenizer_file(resolved, key)
-        eos_hint = _declared_eos(resolved.parent)
+        eos_hint = declared_eos(resolved.parent)
         file = resolved
     elif (resolved / "tokenizer.json").is_file():
         tokenizer = _read_tokenizer_file(resolved / "tokenizer.json", key)
-        eos_hint = _declared_eos(resolved)
+        eos_hint = declared_eos(resolved)
         file = resolved / "tokenizer.json"
     else:
         tokenizer, eos_hint = _load_hf_folder(resolved, key)
@@ -173,7 +173,13 @@ def _load_hf_folder(folder: Path, key: str) -> tuple[Tokenizer, str | None]:
     return _untruncated(backend), getattr(hf, "eos_token", None)
 
 
-def _declared_eos(folder: Path) -> str | None:
+def eos_declaration(eos_token: str) -> str:
+    """A tokenizer_config.json naming the EOS, to write beside a tokenizer.json: how Hugging Face folders declare
+    an EOS that fp8train would not guess (see find_eos_id), and what ``declared_eos`` reads back."""
+    return json.dumps({"eos_token": eos_token}) + "\n"
+
+
+def declared_eos(folder: Path) -> str | None:
     """The eos_token of a tokenizer_config.json beside a tokenizer.json, if any."""
     try:
         eos = json.loads((folder / "tokenizer_config.json").read_text()).get("eos_token")

@@ -176,7 +176,7 @@ def export_hf(ckpt: Path, out: Path, dtype: str = "bf16") -> Path:
     """Write ``out/`` (config.json, model.safetensors, tokenizer files) from checkpoint folder ``ckpt``."""
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from fp8train.data.tokenizer import find_eos_id
+    from fp8train.data.tokenizer import declared_eos, find_eos_id
 
     ckpt, out = Path(ckpt), Path(out)
     tokenizer_file = ckpt.parent.parent / "tokenizer.json"  # the run dir's copy: RUN_DIR/checkpoints/step_N
@@ -185,7 +185,9 @@ def export_hf(ckpt: Path, out: Path, dtype: str = "bf16") -> Path:
     check_output_folder(out)
     model = load_checkpoint_model(ckpt)
 
-    eos_id = find_eos_id(Tokenizer.from_file(str(tokenizer_file)), None, f"{tokenizer_file}")
+    eos_id = find_eos_id(
+        Tokenizer.from_file(str(tokenizer_file)), declared_eos(ckpt.parent.parent), f"{tokenizer_file}"
+    )
     hf = LlamaForCausalLM(hf_config(model.cfg, eos_id, DTYPES[dtype]))
     hf.load_state_dict(hf_state_dict(model), strict=True)
     make_output_folder(out)
@@ -257,10 +259,12 @@ def read_hf_config(hf_dir: Path) -> dict:
 
 
 def import_hf(hf_dir: Path, out: Path) -> Path:
-    """Write ``out/`` (model.safetensors under fp8train's names, model.yaml, tokenizer.json if the folder has a
-    tokenizer) from a local Hugging Face Llama folder; train from it with ``model.init_from=OUT``."""
+    """Write ``out/`` (model.safetensors under fp8train's names, model.yaml, tokenizer.json and a
+    tokenizer_config.json naming its EOS if the folder has a tokenizer) from a local Hugging Face Llama folder; train from it with ``model.init_from=OUT``."""
     from safetensors.torch import save_model
     from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from fp8train.data.tokenizer import eos_declaration
 
     hf_dir, out = Path(hf_dir), Path(out)
     config = read_hf_config(hf_dir)
@@ -303,9 +307,10 @@ def import_hf(hf_dir: Path, out: Path) -> Path:
     renamed = {k.removeprefix("model."): v for k, v in hf.state_dict().items()}
     model.load_state_dict(renamed, strict=True)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(hf_dir, local_files_only=True).backend_tokenizer
+        hf_tokenizer = AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)
+        tokenizer, eos_token = hf_tokenizer.backend_tokenizer, hf_tokenizer.eos_token
     except (OSError, ValueError, AttributeError):
-        tokenizer = None
+        tokenizer, eos_token = None, None
         log.warning("%s has no fast tokenizer; pass data.tokenizer.path=... yourself", hf_dir)
     if tokenizer is not None and tokenizer.get_vocab_size(with_added_tokens=True) > cfg.vocab_size:
         raise CheckpointError(
@@ -318,5 +323,7 @@ def import_hf(hf_dir: Path, out: Path) -> Path:
     (out / "model.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     if tokenizer is not None:
         tokenizer.save(str(out / "tokenizer.json"))
+        if eos_token:  # the folder's own EOS, which data.tokenizer.path=OUT/tokenizer.json then splits documents with
+            (out / "tokenizer_config.json").write_text(eos_declaration(eos_token))
     log.info("imported %s -> %s (%d parameters)", hf_dir, out, model.num_params())
     return out

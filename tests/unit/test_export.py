@@ -180,3 +180,33 @@ def test_an_output_folder_that_cannot_be_created_is_refused(fp8_checkpoint, tmp_
     (tmp_path / "file").write_text("a file, not a folder")
     with pytest.raises(CheckpointError, match="file/hf: cannot create the output folder"):
         export_hf(fp8_checkpoint / "checkpoints" / "step_0000003", tmp_path / "file" / "hf")
+
+
+def custom_eos_tokenizer(folder, eos: str = "<|doc|>"):
+    """A BPE whose end-of-text token has a name fp8train does not guess, declared in tokenizer_config.json."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<pad>", eos], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator([(ROOT / "data" / "tinyshakespeare.txt").read_text()[:100_000]], trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos).save_pretrained(folder)
+    return folder
+
+
+def test_a_run_with_a_declared_eos_of_its_own_exports_with_it(tmp_path):
+    """The run trained with the EOS its tokenizer_config.json declared; the run dir keeps that declaration, so the
+    export finds the same id rather than failing on a tokenizer.json that names no known EOS."""
+    from transformers import AutoTokenizer
+
+    folder = custom_eos_tokenizer(tmp_path / "tok")
+    cfg = compose([*SMALL, "trainer.max_steps=1", "trainer.eval_every=0", f"data.tokenizer.path={folder}"])
+    trainer = Trainer(cfg, tmp_path / "run")
+    assert trainer.data.eos_id == 1
+    trainer.fit()
+    out = export_hf(tmp_path / "run" / "checkpoints" / "step_0000001", tmp_path / "hf")
+    assert json.loads((out / "config.json").read_text())["eos_token_id"] == 1
+    assert AutoTokenizer.from_pretrained(out, local_files_only=True).eos_token == "<|doc|>"

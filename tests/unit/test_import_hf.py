@@ -238,3 +238,16 @@ def test_a_tokenizer_with_more_tokens_than_the_model_has_embeddings_is_refused(h
     with pytest.raises(CheckpointError, match=r"tokenizer has 400 tokens.*vocab_size is 320"):
         import_hf(folder, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_an_imported_tokenizer_keeps_its_declared_eos(hf_folder, tmp_path):
+    """The HF folder names its EOS in tokenizer_config.json; training from the imported tokenizer.json must split
+    documents with that token, not refuse the tokenizer for lacking one it recognises."""
+    from fp8train.data.tokenizer import load_tokenizer
+    from tests.unit.test_export import custom_eos_tokenizer
+
+    folder = tmp_path / "hf"
+    shutil.copytree(hf_folder, folder)
+    custom_eos_tokenizer(folder)
+    out = import_hf(folder, tmp_path / "imported")
+    assert load_tokenizer(str(out / "tokenizer.json"), tmp_path / "cache").eos_id == 1
