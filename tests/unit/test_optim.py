@@ -52,6 +52,28 @@ def test_dataclass_defaults_are_those_of_the_optim_files():
     assert default["warmup_steps"] == 30
 
 
+@pytest.mark.parametrize(
+    "warmup, max_steps, schedule, expected",
+    [
+        (30, 6, "cosine", "optim.warmup_steps=30 is longer than trainer.max_steps=6: the run ends in warmup"),
+        (30, 30, "cosine", "optim.warmup_steps=30 equals trainer.max_steps=30: the run ends in warmup"),
+        (10, 4, "constant", "optim.warmup_steps=10 is longer than trainer.max_steps=4: the run ends in warmup"),
+        (10, 10, "constant", None),  # the last step trains at optim.lr, and a constant schedule has nothing after
+        (30, 31, "cosine", None),
+        (0, 1, "cosine", None),
+    ],
+)
+def test_a_run_that_ends_in_warmup_is_named(warmup, max_steps, schedule, expected):
+    cfg = OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=warmup, schedule=ScheduleName(schedule))
+    found = optim.warmup_warning(cfg, max_steps)
+    if expected is None:
+        assert found is None
+        return
+    assert found.startswith(expected), found
+    last = optim.lr_factor(max_steps - 1, cfg, max_steps) * cfg.lr  # the lr of the run's last step
+    assert f"{last:.2e}" in found
+
+
 def test_scheduler_sets_the_optimizer_lr_per_step():
     p = torch.nn.Parameter(torch.zeros(2, 2))
     cfg = OptimConfig(lr=2e-3, min_lr=2e-4, warmup_steps=2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import types
 
@@ -54,6 +55,14 @@ def test_lr_in_the_loop_follows_the_schedule(tmp_path):
         t.train_step()
     assert seen[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
     assert seen[5] < seen[4] <= 1e-3
+
+
+def test_a_run_shorter_than_its_warmup_says_so_at_the_start(tmp_path, caplog):
+    t = make_trainer(tmp_path, "optim.warmup_steps=4", "trainer.max_steps=2", "trainer.eval_every=0")
+    with caplog.at_level(logging.WARNING, logger="fp8train"):
+        t.fit()
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(m.startswith("optim.warmup_steps=4 is longer than trainer.max_steps=2") for m in warned), warned
 
 
 def test_logged_lr_is_the_lr_the_step_trained_with(tmp_path):
