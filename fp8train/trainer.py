@@ -26,7 +26,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from fp8train import backends, checkpoint, optim, parallel, precision
-from fp8train.config import Config
+from fp8train.config import Config, format_value
 from fp8train.data import build_data
 from fp8train.errors import BackendError, CheckpointError, ConfigError, Fp8trainError
 from fp8train.fp8.scaling import discard_scalers, step_scalers
@@ -661,7 +661,7 @@ def settings_differences(old_file: Path, cfg: Config, sections: tuple[str, ...])
     old = OmegaConf.to_container(OmegaConf.load(old_file), resolve=True)
     new = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True)
     return [
-        f"{key}: {a} -> {b}"
+        f"{key}: {format_value(a)} -> {format_value(b)}"  # as an override writes them: null, true, [0.9,0.95]
         for section in sections
         for key, a, b in _differences(old.get(section), new[section], section)
     ]

@@ -190,12 +190,14 @@ def test_resuming_with_another_schedule_trains_its_first_step_on_it(stopped_run,
         ("optim=adamw_fp8", "optim.name: adamw -> adamw_fp8"),
         ("model.n_layers=3", "model.n_layers: 2 -> 3"),
         ("precision=fp8_smooth", "precision.recipe: fp32 -> fp8"),
+        ("model.tie_embeddings=false", "model.tie_embeddings: true -> false"),  # as the override is written
+        ("optim=adamw_fp8 optim.block_size=null", "optim.block_size: 128 -> null"),
     ],
 )
 def test_resuming_with_settings_that_change_the_state_is_refused_by_name(stopped_run, override, named):
     before = (stopped_run / "config.yaml").read_text(), (stopped_run / "metrics.jsonl").read_text()
     with pytest.raises(trainer_module.CheckpointError, match="was written with other settings") as err:
-        make_trainer(stopped_run, *RESUMABLE, "optim.lr=1e-2", override, "resume=auto")
+        make_trainer(stopped_run, *RESUMABLE, "optim.lr=1e-2", *override.split(), "resume=auto")
     assert named in str(err.value) and "model.init_from=" in str(err.value)
     assert ((stopped_run / "config.yaml").read_text(), (stopped_run / "metrics.jsonl").read_text()) == before
 
