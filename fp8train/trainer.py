@@ -632,7 +632,7 @@ def check_run_dir(run_dir: Path, cfg: Config, resuming: bool) -> None:
 # derived from the amax history, how gradients round and how the forward GEMM accumulates, as well as lr, weight
 # decay, schedule, clipping, max_steps and logging, which are not listed.
 FIXED_ON_RESUME = ("model.", "precision.", "optim.name:", "optim.m_format:", "optim.v_format:", "optim.block_size:",
-                   "optim.fp8_min_numel:")  # fmt: skip
+                   "optim.fp8_min_numel:", "optim.habana_fused:")  # fmt: skip
 CHANGEABLE_ON_RESUME = ("model.name:", "model.init_from:", "precision.name:", "precision.margin:",
                         "precision.amax_compute_algo:", "precision.stochastic_grad_rounding:",
                         "precision.fast_accum:")  # fmt: skip

@@ -218,3 +218,13 @@ def test_a_run_without_checkpoints_is_not_overwritten_by_another_with_resume_aut
     with pytest.raises(trainer_module.RunDirError, match=r"model.n_layers: 2 -> 3\) and no checkpoint"):
         make_trainer(tmp_path, "trainer.max_steps=2", "model.n_layers=3", "resume=auto")
     assert (tmp_path / "metrics.jsonl").read_text() == before
+
+
+def test_switching_to_or_from_habanas_fused_adam_on_resume_is_refused(tmp_path):
+    """optim.habana_fused=true keeps Habana FusedAdamW's state, false AdamWFp8's (block scales): neither loads the
+    other's, so the switch must be named before anything loads."""
+    written = compose([*SMALL, "optim=adamw_fp8"])
+    (tmp_path / "config.yaml").write_text(trainer_module.config_yaml(written))
+    with pytest.raises(trainer_module.CheckpointError, match=r"optim.habana_fused: false -> true"):
+        trainer_module.check_resume_settings(tmp_path, compose([*SMALL, "optim=adamw_fp8", "optim.habana_fused=true"]))
+    trainer_module.check_resume_settings(tmp_path, compose([*SMALL, "optim=adamw_fp8", "optim.lr=1e-4"]))
