@@ -316,7 +316,7 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     weight_decay: float = 0.1  # applied to matrices only, never to norms
-    warmup_steps: int = 20
+    warmup_steps: int = 30  # linear from optim.lr / warmup_steps up to optim.lr
     schedule: ScheduleName = ScheduleName.cosine
     decay_steps: int | None = None  # cosine length in steps; null = trainer.max_steps
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from fp8train import backends, checkpoint, optim, parallel, precision
-from fp8train.config import Config, DataConfig
+from fp8train.config import Config, DataConfig, format_value
 from fp8train.data import TokenData, build_data
 from fp8train.data.tokenizer import eos_declaration
 from fp8train.errors import BackendError, CheckpointError, ConfigError, Fp8trainError
@@ -387,6 +387,9 @@ class Trainer:
             cfg.trainer.max_steps,
             f", resuming after step {self.step}" if self.step else "",
         )
+        warning = optim.warmup_warning(cfg.optim, cfg.trainer.max_steps)
+        if warning and self.engine.is_main:
+            log.warning(warning)
 
     def log_end(self, last: dict) -> None:
         parts = [f"{k} {last[k]:.4f}" for k in ("loss", "val_loss") if k in last]
@@ -641,7 +644,7 @@ def check_run_dir(run_dir: Path, cfg: Config, resuming: bool) -> None:
 # derived from the amax history, how gradients round and how the forward GEMM accumulates, as well as lr, weight
 # decay, schedule, clipping, max_steps and logging, which are not listed.
 FIXED_ON_RESUME = ("model.", "precision.", "optim.name:", "optim.m_format:", "optim.v_format:", "optim.block_size:",
-                   "optim.fp8_min_numel:")  # fmt: skip
+                   "optim.fp8_min_numel:", "optim.habana_fused:")  # fmt: skip
 CHANGEABLE_ON_RESUME = ("model.name:", "model.init_from:", "precision.name:", "precision.margin:",
                         "precision.amax_compute_algo:", "precision.stochastic_grad_rounding:",
                         "precision.fast_accum:")  # fmt: skip
@@ -670,7 +673,7 @@ def settings_differences(old_file: Path, cfg: Config, sections: tuple[str, ...])
     old = OmegaConf.to_container(OmegaConf.load(old_file), resolve=True)
     new = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True)
     return [
-        f"{key}: {a} -> {b}"
+        f"{key}: {format_value(a)} -> {format_value(b)}"  # as an override writes them: null, true, [0.9,0.95]
         for section in sections
         for key, a, b in _differences(old.get(section), new[section], section)
     ]

@@ -260,7 +260,8 @@ def read_hf_config(hf_dir: Path) -> dict:
 
 def import_hf(hf_dir: Path, out: Path) -> Path:
     """Write ``out/`` (model.safetensors under fp8train's names, model.yaml, tokenizer.json and a
-    tokenizer_config.json naming its EOS if the folder has a tokenizer) from a local Hugging Face Llama folder; train from it with ``model.init_from=OUT``."""
+    tokenizer_config.json naming its EOS if the folder has a tokenizer) from a local Hugging Face Llama folder;
+    train from it with ``model.init_from=OUT``."""
     from safetensors.torch import save_model
     from transformers import AutoTokenizer, LlamaForCausalLM
 

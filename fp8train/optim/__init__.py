@@ -88,6 +88,29 @@ def lr_factor(step: int, cfg: OptimConfig, max_steps: int) -> float:
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def warmup_warning(cfg: OptimConfig, max_steps: int) -> str | None:
+    """What a run whose trainer.max_steps ends in (or with) warmup will not do, or None. Not an error: the smoke runs
+    of the README are a few steps long on a schedule meant for hundreds."""
+    cosine = cfg.schedule == ScheduleName.cosine
+    if max_steps > cfg.warmup_steps or (max_steps == cfg.warmup_steps and not cosine):
+        return None
+    last_lr = cfg.lr * lr_factor(max_steps - 1, cfg, max_steps)
+    if max_steps < cfg.warmup_steps:
+        what = (
+            f"is longer than trainer.max_steps={max_steps}: the run ends in warmup, its lr rising to {last_lr:.2e} "
+            f"at its last step, never to optim.lr={cfg.lr}" + (" nor down the cosine to optim.min_lr" if cosine else "")
+        )
+    else:
+        what = (
+            f"equals trainer.max_steps={max_steps}: the run ends in warmup, its lr rising to {last_lr:.2e} "
+            f"(optim.lr) at its last step, and the cosine decay to optim.min_lr={cfg.min_lr} never starts"
+        )
+    return (
+        f"optim.warmup_steps={cfg.warmup_steps} {what}. Fine for a smoke test; for a run to compare or keep, set "
+        f"optim.warmup_steps below trainer.max_steps."
+    )
+
+
 def build_schedule(cfg: OptimConfig, optimizer: torch.optim.Optimizer, max_steps: int):
     """Linear warmup, then cosine to min_lr (or constant); its state is the step count, saved in checkpoints."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg, max_steps))

@@ -46,6 +46,11 @@ from fp8train.errors import CheckpointError
 from fp8train.fp8.formats import PROFILES, dequantize, fp8_dtype, quantize, scale_from_amax
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
+# Largest gradient magnitude the update takes as it is: its square, 2^126, and v's lerp towards it stay finite in fp32
+# (2^128 is inf). torch's AdamW turns a larger gradient's v into inf and freezes that weight for the rest of the run;
+# here an inf v would become NaN (FP8 casts make inf NaN, and lerp from inf gives NaN) and the weight with it. Adam's
+# step hardly depends on the gradient's scale, so a finite gradient beyond 2^63 is taken as +-2^63: one step of ~lr.
+_GRAD_LIMIT = 2.0**63
 FP8_MOMENTS = ("exp_avg_fp8", "exp_avg_scale", "exp_avg_sq_fp8", "exp_avg_sq_scale")
 
 
@@ -254,7 +259,7 @@ def _adamw_fp8_update(
     decay, one_minus_beta1, one_minus_beta2, step_size, bias_correction2_sqrt, eps = hyper.unbind()
     n_blocks, block = m_codes.shape
     numel = weight.numel()
-    grad_NB = grad.float().reshape(-1)  # (n_blocks, block) once padded; N = n_blocks, B = block
+    grad_NB = _bounded(grad).reshape(-1)  # (n_blocks, block) once padded; N = n_blocks, B = block
     if n_blocks * block != numel:
         grad_NB = F.pad(grad_NB, (0, n_blocks * block - numel))  # zero padding keeps padded m, v at zero
     grad_NB = grad_NB.view(n_blocks, block)
@@ -288,13 +293,19 @@ def _requantize(moment_NB: Tensor, codes: Tensor, scale: Tensor, fmt: str, profi
 def _adamw_fp32_update(weight: Tensor, grad: Tensor, out: Tensor | None, m: Tensor, v: Tensor, hyper: Tensor) -> None:
     """Plain fp32 AdamW of one tensor (small and 1-D tensors); writes weight, out, m and v."""
     decay, one_minus_beta1, one_minus_beta2, step_size, bias_correction2_sqrt, eps = hyper.unbind()
-    grad = grad.float()
+    grad = _bounded(grad)
     m.lerp_(grad, one_minus_beta1)
     v.lerp_(grad * grad, one_minus_beta2)
     denom = v.sqrt() / bias_correction2_sqrt + eps
     weight.copy_(weight * decay - step_size * (m / denom))
     if out is not None:
         out.copy_(weight)
+
+
+def _bounded(grad: Tensor) -> Tensor:
+    """The gradient in fp32 with finite entries beyond +-_GRAD_LIMIT clamped to it; inf and NaN stay as they are."""
+    grad = grad.float()
+    return torch.where(grad.isinf(), grad, grad.clamp(-_GRAD_LIMIT, _GRAD_LIMIT))
 
 
 _COMPILED: dict[Callable, Callable] = {}

@@ -372,3 +372,26 @@ def test_lambda_lr_scheduler_drives_the_step():
 def test_bad_arguments_are_reported_together():
     with pytest.raises(ValueError, match=r"lr=-1.*block_size=0.*m_format"):
         AdamWFp8([nn.Parameter(torch.zeros(2))], lr=-1, block_size=0, m_format="e3m4")
+
+
+def test_a_gradient_whose_square_overflows_fp32_leaves_every_weight_finite():
+    """A gradient entry above ~1.8e19 (possible with optim.grad_clip=0 in a run that blows up) has a square that is
+    inf in fp32. torch's AdamW survives it (v = inf: that weight stops moving); stored as inf, v would become NaN
+    (an FP8 cast of inf, or a lerp from inf) and with it the weight, and every later loss."""
+    gen = torch.Generator().manual_seed(5)
+    big, vec = nn.Parameter(torch.randn(64, 128, generator=gen)), nn.Parameter(torch.randn(100, generator=gen))
+    ref_big, ref_vec = (nn.Parameter(p.detach().clone()) for p in (big, vec))
+    opt = AdamWFp8([big, vec], lr=LR, betas=BETAS, weight_decay=WD)
+    ref = torch.optim.AdamW([ref_big, ref_vec], lr=LR, betas=BETAS, weight_decay=WD)
+    for step in range(4):
+        grads = [torch.randn(p.shape, generator=gen) for p in (big, vec)]
+        if step == 1:
+            grads[0][3, 5], grads[1][7] = 3e19, -1e25
+        for params, o in (((big, vec), opt), ((ref_big, ref_vec), ref)):
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            o.step()
+        for p in (big, vec, ref_big, ref_vec):
+            assert torch.isfinite(p).all(), step
+    for p, r in ((big, ref_big), (vec, ref_vec)):  # no weight moves more than Adam's ~lr per step
+        assert (p.detach() - r.detach()).abs().max() <= 8 * LR

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 
 from fp8train import optim
 from fp8train.backends import select
-from fp8train.config import BackendConfig, ModelConfig, OptimConfig, ScheduleName
+from fp8train.config import BackendConfig, ModelConfig, OptimConfig, ScheduleName, compose
 from fp8train.model import build_model
 
 
@@ -38,6 +39,39 @@ def test_decay_steps_override_max_steps():
 def test_constant_schedule():
     cfg = OptimConfig(warmup_steps=4, schedule=ScheduleName.constant)
     assert [optim.lr_factor(s, cfg, 100) for s in (0, 3, 4, 99)] == pytest.approx([0.25, 1.0, 1.0, 1.0])
+
+
+def test_dataclass_defaults_are_those_of_the_optim_files():
+    """OptimConfig() is what Python users and Hydra's structured config get; conf/optim/*.yaml what train.py gets.
+    The two must be the same run (the docs state warmup 30)."""
+    default = dataclasses.asdict(OptimConfig())
+    for option in ("adamw", "adamw_fp8"):
+        composed = dataclasses.asdict(compose([f"optim={option}"]).optim)
+        diffs = {k: (default[k], composed[k]) for k in default if k != "name" and default[k] != composed[k]}
+        assert diffs == {}, option
+    assert default["warmup_steps"] == 30
+
+
+@pytest.mark.parametrize(
+    "warmup, max_steps, schedule, expected",
+    [
+        (30, 6, "cosine", "optim.warmup_steps=30 is longer than trainer.max_steps=6: the run ends in warmup"),
+        (30, 30, "cosine", "optim.warmup_steps=30 equals trainer.max_steps=30: the run ends in warmup"),
+        (10, 4, "constant", "optim.warmup_steps=10 is longer than trainer.max_steps=4: the run ends in warmup"),
+        (10, 10, "constant", None),  # the last step trains at optim.lr, and a constant schedule has nothing after
+        (30, 31, "cosine", None),
+        (0, 1, "cosine", None),
+    ],
+)
+def test_a_run_that_ends_in_warmup_is_named(warmup, max_steps, schedule, expected):
+    cfg = OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=warmup, schedule=ScheduleName(schedule))
+    found = optim.warmup_warning(cfg, max_steps)
+    if expected is None:
+        assert found is None
+        return
+    assert found.startswith(expected), found
+    last = optim.lr_factor(max_steps - 1, cfg, max_steps) * cfg.lr  # the lr of the run's last step
+    assert f"{last:.2e}" in found
 
 
 def test_scheduler_sets_the_optimizer_lr_per_step():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import types
 
@@ -54,6 +55,14 @@ def test_lr_in_the_loop_follows_the_schedule(tmp_path):
         t.train_step()
     assert seen[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
     assert seen[5] < seen[4] <= 1e-3
+
+
+def test_a_run_shorter_than_its_warmup_says_so_at_the_start(tmp_path, caplog):
+    t = make_trainer(tmp_path, "optim.warmup_steps=4", "trainer.max_steps=2", "trainer.eval_every=0")
+    with caplog.at_level(logging.WARNING, logger="fp8train"):
+        t.fit()
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(m.startswith("optim.warmup_steps=4 is longer than trainer.max_steps=2") for m in warned), warned
 
 
 def test_logged_lr_is_the_lr_the_step_trained_with(tmp_path):
@@ -181,12 +190,14 @@ def test_resuming_with_another_schedule_trains_its_first_step_on_it(stopped_run,
         ("optim=adamw_fp8", "optim.name: adamw -> adamw_fp8"),
         ("model.n_layers=3", "model.n_layers: 2 -> 3"),
         ("precision=fp8_smooth", "precision.recipe: fp32 -> fp8"),
+        ("model.tie_embeddings=false", "model.tie_embeddings: true -> false"),  # as the override is written
+        ("optim=adamw_fp8 optim.block_size=null", "optim.block_size: 128 -> null"),
     ],
 )
 def test_resuming_with_settings_that_change_the_state_is_refused_by_name(stopped_run, override, named):
     before = (stopped_run / "config.yaml").read_text(), (stopped_run / "metrics.jsonl").read_text()
     with pytest.raises(trainer_module.CheckpointError, match="was written with other settings") as err:
-        make_trainer(stopped_run, *RESUMABLE, "optim.lr=1e-2", override, "resume=auto")
+        make_trainer(stopped_run, *RESUMABLE, "optim.lr=1e-2", *override.split(), "resume=auto")
     assert named in str(err.value) and "model.init_from=" in str(err.value)
     assert ((stopped_run / "config.yaml").read_text(), (stopped_run / "metrics.jsonl").read_text()) == before
 
@@ -207,3 +218,13 @@ def test_a_run_without_checkpoints_is_not_overwritten_by_another_with_resume_aut
     with pytest.raises(trainer_module.RunDirError, match=r"model.n_layers: 2 -> 3\) and no checkpoint"):
         make_trainer(tmp_path, "trainer.max_steps=2", "model.n_layers=3", "resume=auto")
     assert (tmp_path / "metrics.jsonl").read_text() == before
+
+
+def test_switching_to_or_from_habanas_fused_adam_on_resume_is_refused(tmp_path):
+    """optim.habana_fused=true keeps Habana FusedAdamW's state, false AdamWFp8's (block scales): neither loads the
+    other's, so the switch must be named before anything loads."""
+    written = compose([*SMALL, "optim=adamw_fp8"])
+    (tmp_path / "config.yaml").write_text(trainer_module.config_yaml(written))
+    with pytest.raises(trainer_module.CheckpointError, match=r"optim.habana_fused: false -> true"):
+        trainer_module.check_resume_settings(tmp_path, compose([*SMALL, "optim=adamw_fp8", "optim.habana_fused=true"]))
+    trainer_module.check_resume_settings(tmp_path, compose([*SMALL, "optim=adamw_fp8", "optim.lr=1e-4"]))
