@@ -95,6 +95,7 @@ class Trainer:
         self.forward = self.backend.compile(self.model) if cfg.backend.compile else self.model
         self.bad_steps, self.bad_in_a_row = 0, 0  # optimizer steps skipped for non-finite loss/grads
         self.saved_path: Path | None = None
+        self.stopped_by_signal = False  # whether the last stop_reason() came from SIGTERM / SIGINT
         self.step = self.load_checkpoint(self.resume_from) if self.resume_from else 0
         self.write_run_files()
         self.logger = RunLogger(cfg, self.run_dir, enabled=self.engine.is_main, resume_step=self.step)
@@ -120,7 +121,17 @@ class Trainer:
         with logging_redirect_tqdm(loggers=[logging.getLogger()]), StopSignals() as signals:
             try:
                 first_step = self.step
-                while self.step < t.max_steps:
+                # The jobs of a Hydra multirun train one after another in this process: once a signal has stopped
+                # one (a preemption, Ctrl-C), the jobs after it return at once rather than start training.
+                earlier = StopSignals.stopped_a_run if multirun_sweep_dir() else None
+                if earlier:
+                    log.warning(
+                        "%s during an earlier job of this multirun: this job does not start; continue the sweep "
+                        "with the same command and %s",
+                        earlier,
+                        continue_overrides(self.run_dir),
+                    )
+                while self.step < t.max_steps and not earlier:
                     loss, grad_norm = self.train_step()
                     self.step += 1
                     if self.step == first_step + 1:  # optimizer state exists once the first step has run
@@ -153,12 +164,13 @@ class Trainer:
                     if self.bad_in_a_row >= t.max_bad_steps:
                         raise self.divergence_error()
                     if stop:
+                        if self.stopped_by_signal:
+                            StopSignals.stopped_a_run = stop
                         log.info(
-                            "%s: stopped after step %d with a checkpoint; continue with the same command and "
-                            "hydra.run.dir=%s resume=auto",
+                            "%s: stopped after step %d with a checkpoint; continue with the same command and %s",
                             stop,
                             self.step,
-                            self.run_dir,
+                            continue_overrides(self.run_dir),
                         )
                         break
                 finished_cleanly = True
@@ -227,6 +239,7 @@ class Trainer:
             flag = torch.tensor([1.0 if signal_name else 0.0], device=self.backend.device)
             self.engine.reduce_amax(flag)
             signal_name = signal_name or ("a signal on another rank" if flag.item() else None)
+        self.stopped_by_signal = bool(signal_name)  # the same on every rank
         if signal_name:
             return f"received {signal_name}"
         if t.stop_at is not None and self.step >= t.stop_at:
@@ -685,9 +698,28 @@ def _differences(a, b, prefix: str) -> list[tuple[str, object, object]]:
     return [] if a == b else [(prefix, a, b)]
 
 
+def multirun_sweep_dir() -> str | None:
+    """The sweep folder (hydra.sweep.dir) when this process runs the jobs of a Hydra multirun, else None."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    return str(HydraConfig.get().sweep.dir)
+
+
+def continue_overrides(run_dir: Path) -> str:
+    """What to add to the command that started a run to continue it: its run dir, or in a multirun the sweep
+    folder (each job finds its own run dir in it)."""
+    sweep_dir = multirun_sweep_dir()
+    return f"hydra.sweep.dir={sweep_dir} resume=auto" if sweep_dir else f"hydra.run.dir={run_dir} resume=auto"
+
+
 class StopSignals:
     """SIGTERM (a scheduler's preemption) and SIGINT (Ctrl-C) end the run after the current step, with a
     checkpoint, instead of mid-step; a second signal acts as usual (the handlers are restored on the first)."""
+
+    stopped_a_run: str | None = None  # why a signal stopped a run of this process (read by the next multirun job)
 
     def __enter__(self) -> StopSignals:
         self.received: str | None = None

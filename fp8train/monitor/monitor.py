@@ -263,7 +263,12 @@ class OutlierMonitor:
                 r["h_amax_vs_median"] = amax / median if median else None
                 if fires:
                     kind = "amax_spike" if math.isfinite(amax) else "non_finite"
-                    times = f" = {amax / median:.1f}x its running median {median:.4g}" if median else ""
+                    if kind == "non_finite":
+                        times = ", not finite" + (f" (running median {median:.4g})" if median is not None else "")
+                    elif median:
+                        times = f" = {amax / median:.1f}x its running median {median:.4g}"
+                    else:  # a layer whose h was all zeros until now
+                        times = f", its running median {median:.4g}"
                     alerts.append(
                         Alert(step, i, "h", kind, amax, median or math.nan, f"layer {i} h amax {amax:.4g}{times}")
                     )
@@ -274,6 +279,8 @@ class OutlierMonitor:
                 alerted.add(scaler)
                 same = [n for n, other in taps[i].items() if other is scaler and n != name]
                 tensor = f"{name} (= {', '.join(same)})" if same else name
+                ratio = s["amax_ratio"]
+                how = f"{ratio:.3g}x what its scale assumed" if math.isfinite(ratio) else "not finite"
                 alerts.append(
                     Alert(
                         step,
@@ -282,7 +289,7 @@ class OutlierMonitor:
                         "fp8_overflow",
                         s["amax_ratio"],
                         s["saturated_frac"],
-                        f"layer {i} {tensor}: FP8 overflow, amax {s['amax_ratio']:.3g}x what its scale assumed, "
+                        f"layer {i} {tensor}: FP8 overflow, amax {how}, "
                         f"{100 * s['saturated_frac']:.3g}% of elements saturated",
                     )
                 )

@@ -172,3 +172,27 @@ def test_resume_from_an_older_checkpoint_replaces_the_later_timeline(tmp_path, s
     assert out.returncode == 0, out.stderr
     assert "step_0000003 (step 3)" in out.stdout + out.stderr
     assert train_losses(run_dir) == straight("bf16")
+
+
+def test_sigterm_ends_a_multirun_sweep_and_names_how_to_continue_it(tmp_path):
+    # The jobs of a Hydra multirun train one after another in one process: a preemption stops the job it lands in
+    # with a checkpoint, and the jobs after it must not start training (the scheduler's SIGKILL follows).
+    sweep = tmp_path / "sweep"
+    args = [*COMMON, "trainer.max_steps=100000", "trainer.checkpoint_every=0", "hydra.sweep.subdir=${precision.name}"]
+    cmd = [sys.executable, str(ROOT / "train.py"), "-m", f"hydra.sweep.dir={sweep}", *args, "precision=bf16,fp32"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert wait_for(proc, lambda: len(train_losses(sweep / "bf16")) >= 2, poll=0.01)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()  # the second job training on, before the fix: never leave it running
+    assert proc.returncode == 0, stderr
+    log = stdout + stderr
+    stopped_at = max(train_losses(sweep / "bf16"))
+    assert checkpoint.latest(sweep / "bf16" / "checkpoints").name == checkpoint.step_dir_name(stopped_at)
+    assert f"received SIGTERM: stopped after step {stopped_at}" in log
+    assert f"hydra.sweep.dir={sweep} resume=auto" in log  # the multirun's own folder, not one job's run dir
+    assert train_losses(sweep / "fp32") == {}  # the second job trained nothing
+    assert checkpoint.latest(sweep / "fp32" / "checkpoints") is None
+    assert "does not start" in log

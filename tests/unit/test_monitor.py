@@ -313,6 +313,37 @@ def test_a_shared_input_scaler_that_overflows_alerts_once(tmp_path):
     assert "layer 0 mlp.gate_proj.input (= mlp.up_proj.input): FP8 overflow" in inputs[0].message
 
 
+def test_a_step_that_went_non_finite_alerts_in_words(tmp_path):
+    # A diverging step's statistics are inf/NaN: its alerts say "not finite", not "nanx its running median".
+    mlp = planted_mlp()
+    model = TwoLayers([mlp])
+    mon = monitor_for(model, tmp_path, min_history=1)
+    torch.manual_seed(5)
+    for step in (10, 20):  # a running median to compare with
+        with mon.capture(step):
+            model(torch.randn(64, 32))
+        step_scalers(model)
+        assert mon.collect(step) == []
+    x = torch.randn(64, 32)
+    x[3, 0] = math.inf
+    with mon.capture(30):
+        model(x)
+    alerts = {a.kind: a for a in mon.collect(30)}
+    assert sorted(alerts) == ["fp8_overflow", "non_finite"]
+    spike, overflow = alerts["non_finite"], alerts["fp8_overflow"]
+    assert math.isnan(spike.value) and spike.reference > 0
+    assert spike.message == f"layer 0 h amax nan, not finite (running median {spike.reference:.4g})"
+    assert overflow.tensor == "mlp.down_proj.input" and not math.isfinite(overflow.value)
+    saturated = f"{100 * overflow.reference:.3g}% of elements saturated"
+    assert overflow.message == f"layer 0 mlp.down_proj.input: FP8 overflow, amax not finite, {saturated}"
+    # A layer whose h was all zeros so far has a running median of 0: any amax is a spike, named without a ratio.
+    mon.spikes.history["layer_0/h_amax"].extend([0.0] * 3)
+    with mon.capture(40):
+        model(torch.randn(64, 32))
+    (spike,) = [a for a in mon.collect(40) if a.kind == "amax_spike"]
+    assert spike.message == f"layer 0 h amax {spike.value:.4g}, its running median 0"
+
+
 def test_smooth_swiglu_down_projection_input_is_the_rescaled_h(tmp_path):
     mlp = planted_mlp()
     model = TwoLayers([SmoothSwiGLUToken(mlp)])
