@@ -173,10 +173,10 @@ class AdamWFp8(torch.optim.Optimizer):
         """
         if any("m_format" not in g for g in state_dict["param_groups"]):
             raise CheckpointError(
-                "AdamWFp8 cannot load this optimizer state: it is another optimizer's (torch.optim.AdamW's fp32 "
-                "moments from optim=adamw, or Habana's FusedAdamW from optim.habana_fused=true). Resume with the "
-                "optimizer settings it was written with, or start a new run directory from its weights alone (fresh "
-                "FP8 optimizer state) with model.init_from=CHECKPOINT."
+                "AdamWFp8 cannot load this optimizer state: it is another optimizer's, torch.optim.AdamW's fp32 "
+                "moments (a checkpoint written with optim=adamw) or Habana's FusedAdamW's (optim.habana_fused=true). "
+                "Resume with optim=adamw, or optim.habana_fused=true, as it was written, or start a new run directory "
+                "from its weights alone (fresh FP8 optimizer state) with model.init_from=CHECKPOINT."
             )
         for pid, saved in state_dict["state"].items():
             if not (set(FP8_MOMENTS) <= saved.keys() or {"exp_avg", "exp_avg_sq"} <= saved.keys()):

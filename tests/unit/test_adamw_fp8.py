@@ -395,17 +395,3 @@ def test_a_gradient_whose_square_overflows_fp32_leaves_every_weight_finite():
             assert torch.isfinite(p).all(), step
     for p, r in ((big, ref_big), (vec, ref_vec)):  # no weight moves more than Adam's ~lr per step
         assert (p.detach() - r.detach()).abs().max() <= 8 * LR
-
-
-def test_another_optimizers_state_is_refused_not_loaded():
-    """torch would take AdamW's fp32 moments and groups (no FP8 formats) and the run would go on as plain AdamW."""
-    from fp8train.errors import CheckpointError
-
-    w = nn.Parameter(torch.randn(64, 128))
-    w.grad = torch.randn(64, 128)
-    other = torch.optim.AdamW([w], lr=LR)
-    other.step()
-    ours = AdamWFp8([w], lr=LR)
-    with pytest.raises(CheckpointError, match="another optimizer's.*model.init_from=CHECKPOINT"):
-        ours.load_state_dict(other.state_dict())
-    assert not ours.state
