@@ -423,7 +423,9 @@ class ParallelConfig:
     name: ParallelName = ParallelName.single
     zero_stage: int = 1  # deepspeed: 0 plain data parallel, 1 shards optimizer state, 2 + gradients, 3 + weights
     ds_config: str | None = None  # deepspeed: a JSON file merged over the generated ds_config (its keys win)
-    timeout_min: int = 30  # minutes a collective may wait for another rank before the run fails
+    # minutes a collective may wait for another rank before the run fails; at a first start the other ranks wait
+    # this long at most for rank 0 to tokenize the corpus
+    timeout_min: int = 30
 
     def check(self, at: str) -> list[str]:
         p = _Problems(at, self)

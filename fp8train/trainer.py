@@ -570,7 +570,8 @@ def quiet_logging() -> None:
 def build_data_rank0_first(data_cfg: DataConfig, **layout) -> TokenData:
     """build_data on rank 0, then on the other ranks, which find its tokenizer and token cache (on a shared cache
     dir): one process trains the tokenizer and tokenizes the corpus, not every rank of a node at once, each with
-    all its cores. A data error on rank 0 stops every rank with its message."""
+    all its cores. A data error on rank 0 stops every rank with its message. The others wait in a collective, so
+    at most parallel.timeout_min for a corpus that is not tokenized yet."""
     built: list[TokenData] = []
     on_rank0(lambda: built.append(build_data(data_cfg, **layout)))  # returns None: nothing big is broadcast
     return built[0] if built else build_data(data_cfg, **layout)
