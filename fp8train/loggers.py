@@ -171,3 +171,13 @@ def _jsonable(v):
     if isinstance(v, (list, tuple)):
         return [_jsonable(x) for x in v]
     return v
+
+
+def from_jsonable(node):
+    """The inverse of what JsonLines writes for non-finite values: the strings "nan", "inf" and "-inf" back to
+    floats, in a line read from metrics.jsonl or outliers.jsonl, so that every statistic is a number."""
+    if isinstance(node, dict):
+        return {k: from_jsonable(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [from_jsonable(v) for v in node]
+    return float(node) if node in ("nan", "inf", "-inf") else node

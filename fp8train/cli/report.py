@@ -18,7 +18,7 @@ from pathlib import Path
 
 from fp8train.cli import writing_into
 from fp8train.errors import Fp8trainError
-from fp8train.loggers import read_jsonl
+from fp8train.loggers import from_jsonable, read_jsonl
 from fp8train.monitor.monitor import OUTLIERS_FILE
 
 FILES = ("h_amax.png", "alignment.png", "fp8_overflow.png", "worst_layers.png", "summary.txt")
@@ -36,7 +36,7 @@ class Outliers:
     @classmethod
     def load(cls, run_dir: Path) -> Outliers:
         path = Path(run_dir) / OUTLIERS_FILE
-        rows = [_numbers(r) for r in read_jsonl(path) if is_record(r)]
+        rows = [from_jsonable(r) for r in read_jsonl(path) if is_record(r)]
         if not rows:
             if not path.exists():
                 what = "does not exist"
@@ -70,16 +70,6 @@ class Outliers:
     @property
     def alerts(self) -> list[dict]:
         return [a for r in self.rows for a in r.get("alerts", [])]
-
-
-def _numbers(node):
-    """A line as the monitor meant it: the strings "nan", "inf" and "-inf" it writes for non-finite values (JSON has
-    none) back to floats, so that every statistic is a number."""
-    if isinstance(node, dict):
-        return {k: _numbers(v) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_numbers(v) for v in node]
-    return float(node) if node in ("nan", "inf", "-inf") else node
 
 
 def _nan_last(v) -> float:
