@@ -6,10 +6,12 @@ directory ``cache_dir/tokens-<key>/`` holding flat arrays of ids (uint16 when ev
 
     train.bin    every source's train part in config order, each followed by one EOS
     val_<i>.bin  source i's val part, followed by one EOS
-    meta.json    token counts, dtype, and what the key was made of
+    meta.json    token counts, dtype, the sha256 of each .bin file, and what the key was made of
 
 The key hashes the exact train and val bytes of every source and the tokenizer, so a changed file, split or
-tokenizer gets a new directory and an unchanged one is reused. The directory is written under a temporary name
+tokenizer gets a new directory and an unchanged one is reused. A reused directory is checked against meta.json
+first (sizes and sha256, about 1 s per GB of ids), so bytes overwritten in place or a partial copy padded to the
+right size are tokenized again, with a warning, rather than trained on. The directory is written under a temporary name
 and renamed into place, so readers never see a half-written cache and concurrent builders do not collide; the
 temporary folder of a killed build is removed by a later build once it is STALE_TMP_S old.
 """
@@ -33,15 +35,19 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
-from fp8train.config import DataConfig, SourceConfig, resolve_path, source_name
+from fp8train.config import DataConfig, SourceConfig, first_line, resolve_path, source_name
 from fp8train.errors import DataError
 
 log = logging.getLogger(__name__)
 
-TOKENS_FORMAT = 1  # bump when the layout or the encoding procedure changes: old caches are then ignored
+# Bump when the layout or the encoding procedure changes: old caches are then ignored. It is part of the data
+# fingerprint that checkpoints store, so a bump also stops every saved run from resuming: changes that leave the
+# ids alone (such as the checksums in meta.json) do not bump it.
+TOKENS_FORMAT = 1
 PIECE_CHARS = 1 << 16  # characters per encode call; bounds the memory of tokenizers' Encoding objects
 BATCH_PIECES = 16  # pieces per encode_batch call (tokenizers spreads a batch over its thread pool)
 PROGRESS_CHARS = 16 << 20  # log progress every this many characters, on inputs larger than this
+HASH_CHUNK = 16 << 20  # bytes read at a time when checking a cache file's sha256
 STALE_TMP_S = 3600  # a temp folder not written to for this long belongs to a killed build (a live one writes often)
 
 
@@ -268,31 +274,82 @@ def build_token_cache(
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
     final = cache_dir / f"tokens-{key}"
     if final.is_dir():
-        log.info("token cache hit: %s", final)
-    else:
-        t0 = time.perf_counter()
-        with publishing(final) as tmp:
-            meta = _write_tokens(tmp, sources, tokenizer, eos_id)
-            (tmp / "meta.json").write_text(json.dumps({**meta, "recipe": recipe}, indent=2) + "\n")
-        log.info("token cache written in %.1f s: %s", time.perf_counter() - t0, final)
+        damage = cache_damage(final)
+        if damage is None:
+            log.info("token cache hit: %s", final)
+            return open_token_cache(final, key)
+        log.warning("the token cache %s fails its check (%s): it is tokenized again", final, damage)
+        _discard_damaged(final, damage)
+    t0 = time.perf_counter()
+    with publishing(final) as tmp:
+        meta = _write_tokens(tmp, sources, tokenizer, eos_id)
+        (tmp / "meta.json").write_text(json.dumps({**meta, "recipe": recipe}, indent=2) + "\n")
+    log.info("token cache written in %.1f s: %s", time.perf_counter() - t0, final)
     return open_token_cache(final, key)
 
 
-def open_token_cache(path: Path, key: str) -> TokenCache:
-    """Memory-map a finished cache directory, checking its files against meta.json."""
-    meta_file = path / "meta.json"
-    corrupt = f"Delete {path} (it is rebuilt on the next run), or set data.cache_dir to another folder."
+def _read_meta(path: Path) -> tuple[dict, np.dtype, dict[str, int]]:
+    """meta.json of a cache directory, its dtype, and the token count of each .bin file it lists."""
+    meta = json.loads((path / "meta.json").read_text())
+    dtype = np.dtype(meta["dtype"])
+    counts = {"train.bin": int(meta["train_tokens"])}
+    counts.update({f"val_{i}.bin": int(s["val_tokens"]) for i, s in enumerate(meta["sources"])})
+    return meta, dtype, counts
+
+
+def cache_damage(path: Path) -> str | None:
+    """Why the cache directory ``path`` cannot be trusted (its meta.json, a file's size or sha256), or None."""
     try:
-        meta = json.loads(meta_file.read_text())
-        dtype = np.dtype(meta["dtype"])
-        counts = {"train.bin": meta["train_tokens"]}
-        counts.update({f"val_{i}.bin": s["val_tokens"] for i, s in enumerate(meta["sources"])})
+        meta, dtype, counts = _read_meta(path)
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise DataError(f"data.cache_dir: the token cache {path} has no readable meta.json ({e}). {corrupt}") from None
+        return f"no readable meta.json: {first_line(e)}"
+    if not isinstance(digests := meta.get("sha256"), dict):
+        return "no checksums in meta.json: written by an older fp8train"
     for name, count in counts.items():
-        file = path / name
-        if not file.is_file() or file.stat().st_size != count * dtype.itemsize:
-            raise DataError(f"data.cache_dir: {file} is missing or does not hold {count} tokens. {corrupt}")
+        try:
+            size = (path / name).stat().st_size
+            if size != count * dtype.itemsize:
+                return f"{name} holds {size:,} bytes, not the {count:,} tokens of meta.json"
+            if file_sha256(path / name) != digests.get(name):
+                return f"{name} does not match its sha256 in meta.json"
+        except OSError as e:
+            return f"{name}: {e.strerror or e}"
+    return None
+
+
+def file_sha256(file: Path) -> str:
+    h = hashlib.sha256()
+    with open(file, "rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _discard_damaged(final: Path, damage: str) -> None:
+    """Move a damaged cache directory out of the way (atomically: no reader sees it half deleted) and delete it."""
+    doomed = final.parent / f".tmp-{final.name}-damaged-{os.getpid()}-{time.time_ns()}"
+    try:
+        os.rename(final, doomed)
+    except FileNotFoundError:  # another process moved it first
+        return
+    except OSError as e:
+        raise DataError(
+            f"data.cache_dir: the token cache {final} is damaged ({damage}) and cannot be replaced "
+            f"({e.strerror or e}). Delete it (it is rebuilt on the next run), or set data.cache_dir to a writable "
+            "folder."
+        ) from None
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def open_token_cache(path: Path, key: str) -> TokenCache:
+    """Memory-map a finished cache directory (check it first with cache_damage)."""
+    try:
+        meta, dtype, _ = _read_meta(path)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(
+            f"data.cache_dir: the token cache {path} has no readable meta.json ({first_line(e)}). Delete {path} (it "
+            "is rebuilt on the next run), or set data.cache_dir to another folder."
+        ) from None
     train = np.memmap(path / "train.bin", dtype=dtype, mode="r")
     val = [np.memmap(path / f"val_{i}.bin", dtype=dtype, mode="r") for i in range(len(meta["sources"]))]
     return TokenCache(path=path, key=key, train=train, val=val, meta=meta)
@@ -350,14 +407,17 @@ def _write_tokens(out: Path, sources: list[SourceText], tokenizer: Tokenizer, eo
     total_chars = sum(len(s.train) + len(s.val) for s in sources)
     progress = _Progress(total_chars)
     source_meta = [{"name": s.name, "path": str(s.path), "train_sha256": s.train_sha256} for s in sources]
+    digests = {"train.bin": hashlib.sha256()}
     with open(out / "train.bin", "wb") as f:
         for s, m in zip(sources, source_meta):
             m["train_chars"] = len(s.train)
-            m["train_tokens"] = _write_part(f, s.train, tokenizer, eos_id, dtype, progress)
+            m["train_tokens"] = _write_part(f, digests["train.bin"], s.train, tokenizer, eos_id, dtype, progress)
     for s, m in zip(sources, source_meta):
-        with open(out / f"val_{s.index}.bin", "wb") as f:
+        name = f"val_{s.index}.bin"
+        digests[name] = hashlib.sha256()
+        with open(out / name, "wb") as f:
             m["val_chars"] = len(s.val)
-            m["val_tokens"] = _write_part(f, s.val, tokenizer, eos_id, dtype, progress)
+            m["val_tokens"] = _write_part(f, digests[name], s.val, tokenizer, eos_id, dtype, progress)
         m["val_sha256"] = s.val_sha256
     return {
         "format": TOKENS_FORMAT,
@@ -366,17 +426,22 @@ def _write_tokens(out: Path, sources: list[SourceText], tokenizer: Tokenizer, eo
         "eos_id": eos_id,
         "train_tokens": sum(m["train_tokens"] for m in source_meta),
         "sources": source_meta,
+        "sha256": {name: h.hexdigest() for name, h in digests.items()},
     }
 
 
-def _write_part(f, text: str, tokenizer: Tokenizer, eos_id: int, dtype: np.dtype, progress: _Progress) -> int:
-    """Append the ids of ``text`` and one EOS to the open file ``f``; return how many were written."""
+def _write_part(f, digest, text: str, tokenizer: Tokenizer, eos_id: int, dtype: np.dtype, progress: _Progress) -> int:
+    """Append the ids of ``text`` and one EOS to the open file ``f`` and to ``digest``; return how many."""
     n = 0
     for n_chars, ids in encode_chunks(tokenizer, text):
-        f.write(np.asarray(ids, dtype=dtype).tobytes())
+        raw = np.asarray(ids, dtype=dtype).tobytes()
+        f.write(raw)
+        digest.update(raw)
         n += len(ids)
         progress.advance(n_chars)
-    f.write(np.asarray([eos_id], dtype=dtype).tobytes())
+    raw = np.asarray([eos_id], dtype=dtype).tobytes()
+    f.write(raw)
+    digest.update(raw)
     return n + 1
 
 

@@ -1,15 +1,19 @@
 """Data pipeline: source checks, split, tokenizer (trained, cached, loaded), token cache, deterministic batches."""
 
+import errno
+import hashlib
 import json
 import logging
 import multiprocessing
+import os
 import shutil
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from tokenizers import Tokenizer, models
+from tokenizers import Tokenizer, models, pre_tokenizers
 
 from fp8train.config import PROJECT_ROOT, DataConfig, SourceConfig, TokenizerConfig, compose
 from fp8train.data import TokenData, build_data
@@ -457,6 +461,98 @@ def test_a_late_publisher_discards_its_copy_and_a_failed_one_leaves_nothing(tmp_
         with publishing(tmp_path / "tokens-y"):
             raise RuntimeError("tokenization failed")
     assert [p.name for p in tmp_path.iterdir()] == ["tokens-x"]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Cache integrity
+
+
+@pytest.mark.parametrize("damage", ["overwritten", "padded", "truncated", "meta"])
+def test_a_damaged_token_cache_is_rebuilt_with_one_log_line(tmp_path, caplog, damage):
+    """Bytes overwritten in place, or a partial copy padded to the right size, keep every file's size: the
+    checksums in meta.json catch them, and the cache is tokenized again instead of training on garbage."""
+    cfg = data_cfg(tmp_path, [TEXT])
+    first = build(cfg)
+    good, path = train_tokens(first).copy(), first.cache_path
+    del first  # its memory maps
+    train_bin = path / "train.bin"
+    raw = bytearray(train_bin.read_bytes())
+    if damage == "overwritten":
+        raw[100:108] = bytes(8)
+    elif damage == "padded":
+        raw[len(raw) // 2 :] = bytes(len(raw) - len(raw) // 2)
+    elif damage == "truncated":
+        raw = raw[:-2]
+    if damage == "meta":
+        (path / "meta.json").write_text("{")
+    else:
+        train_bin.write_bytes(bytes(raw))
+    with caplog.at_level(logging.INFO, logger="fp8train"):
+        again = build(cfg)
+    damaged = [r for r in caplog.records if "fails its check" in r.getMessage()]
+    assert len(damaged) == 1 and damaged[0].levelno == logging.WARNING, caplog.text
+    assert str(path) in damaged[0].getMessage() and "tokenized again" in damaged[0].getMessage()
+    assert again.cache_path == path and np.array_equal(train_tokens(again), good)
+    assert sorted(p.name.split("-")[0] for p in (tmp_path / "cache").iterdir()) == ["tokenizer", "tokens"]
+
+
+def test_a_damaged_token_cache_that_cannot_be_replaced_is_refused_by_name(tmp_path, monkeypatch):
+    cfg = data_cfg(tmp_path, [TEXT])
+    path = build(cfg).cache_path
+    raw = bytearray((path / "train.bin").read_bytes())
+    raw[10:12] = bytes([raw[10] ^ 1, raw[11]])
+    (path / "train.bin").write_bytes(bytes(raw))
+    real_rename = os.rename
+
+    def read_only(src, dst):  # a cache folder on a read-only mount
+        if Path(src) == path:
+            raise OSError(errno.EROFS, "Read-only file system", str(src))
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", read_only)
+    with pytest.raises(DataError) as e:
+        build(cfg)
+    message = str(e.value)
+    assert message.startswith(f"data.cache_dir: the token cache {path} is damaged (train.bin")
+    assert "Read-only file system" in message and "set data.cache_dir" in message
+
+
+def test_the_data_fingerprint_of_a_fixed_corpus_and_tokenizer_does_not_change(tmp_path):
+    """Checkpoints store the data fingerprint and a resume on another one is refused, so a change of the cache
+    format must not change it: every saved run would stop resuming. Pinned to the value fp8train has computed
+    since the cache got its format number (a tokenizers release that serializes tokenizer.json otherwise would also
+    change it)."""
+    words = ["<|endoftext|>", "[UNK]", *sorted(set(SHAKESPEARE[:30_000].split()))[:500]]
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    cfg = DataConfig(
+        name="t",
+        sources=[SourceConfig(path=str(PROJECT_ROOT / "data" / "tinyshakespeare.txt"))],
+        tokenizer=TokenizerConfig(path=str(tmp_path / "tokenizer.json")),
+        seq_len=32,
+        val_fraction=0.1,
+        cache_dir=str(tmp_path / "cache"),
+    )
+    data = build(cfg)
+    assert data.fingerprint == "af0c79cc9b84e96e"
+    meta = json.loads((data.cache_path / "meta.json").read_text())
+    del meta["sha256"]  # a cache written before checksums were recorded
+    (data.cache_path / "meta.json").write_text(json.dumps(meta))
+    again = build(cfg)
+    assert again.fingerprint == data.fingerprint and again.cache_path == data.cache_path
+    assert "sha256" in json.loads((again.cache_path / "meta.json").read_text())
+
+
+def test_meta_json_records_the_sha256_of_every_cache_file(tmp_path):
+    from fp8train.data import tokens
+
+    path = build(data_cfg(tmp_path, [TEXT, TEXT[::-1]])).cache_path
+    digests = json.loads((path / "meta.json").read_text())["sha256"]
+    assert sorted(digests) == ["train.bin", "val_0.bin", "val_1.bin"]
+    for name, digest in digests.items():
+        assert digest == hashlib.sha256((path / name).read_bytes()).hexdigest()
+    assert tokens.cache_damage(path) is None
 
 
 # --------------------------------------------------------------------------------------------------------------
