@@ -23,6 +23,17 @@ def fail(error: Fp8trainError) -> None:
     sys.exit(2)
 
 
+def interrupted() -> None:
+    """Ctrl-C where the training loop does not catch it (it stops the loop itself, after the step, with a
+    checkpoint): setting up, tokenizing, or a second Ctrl-C. A message and status 130 (128 + SIGINT), no traceback."""
+    print(
+        "fp8train: interrupted (Ctrl-C). Token caches, tokenizers and checkpoints are only ever published whole, "
+        "so nothing half-written is left to be taken for a finished one.",
+        file=sys.stderr,
+    )
+    sys.exit(130)
+
+
 def preflight(argv: list[str]) -> None:
     """Validate the composed config and an explicit hydra.run.dir before Hydra creates the run directory, so a
     typo leaves nothing behind and a run dir Hydra cannot create is a message, not Hydra's traceback.
@@ -119,6 +130,9 @@ def without_local_rank(argv: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     argv = without_local_rank(sys.argv[1:] if argv is None else argv)
-    preflight(argv)
-    sys.argv = [sys.argv[0], *argv]
-    hydra_main()
+    try:
+        preflight(argv)
+        sys.argv = [sys.argv[0], *argv]
+        hydra_main()
+    except KeyboardInterrupt:
+        interrupted()

@@ -7,6 +7,8 @@ import logging
 import multiprocessing
 import os
 import shutil
+import signal
+import sys
 import time
 from pathlib import Path
 
@@ -553,6 +555,52 @@ def test_meta_json_records_the_sha256_of_every_cache_file(tmp_path):
     for name, digest in digests.items():
         assert digest == hashlib.sha256((path / name).read_bytes()).hexdigest()
     assert tokens.cache_damage(path) is None
+
+
+def test_ctrl_c_while_tokenizing_ends_with_a_message_and_leaves_no_cache(tmp_path, monkeypatch, capsys):
+    """Ctrl-C in the middle of tokenizing: a one-line message and exit status 130, no traceback, and nothing in the
+    cache folder that a later run would take for a finished cache; the next run tokenizes and trains."""
+    from fp8train.cli.main import main
+    from fp8train.data import tokens
+
+    real_encode = tokens.encode_chunks
+
+    def encode_then_ctrl_c(*args, **kwargs):
+        chunks = real_encode(*args, piece_chars=1000)
+        yield next(chunks)
+        os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C in the terminal sends
+        time.sleep(5)
+        yield from chunks
+
+    cfg = data_cfg(tmp_path, [TEXT])
+    run_dir, cache = tmp_path / "run", tmp_path / "cache"
+    args = [
+        "train",
+        f"hydra.run.dir={run_dir}",
+        "data=text",
+        f"data.sources=[{{path: {cfg.sources[0].path}}}]",
+        f"data.cache_dir={cache}",
+        "data.tokenizer.vocab_size=512",
+        "data.seq_len=32",
+        "backend=cpu",
+        "logger.wandb.mode=disabled",
+        "trainer.max_steps=1",
+    ]
+    monkeypatch.setattr(tokens, "encode_chunks", encode_then_ctrl_c)
+    monkeypatch.setattr(sys, "argv", sys.argv[:1])  # Hydra reads its overrides from there
+    try:
+        main(args)
+        status = 0
+    except SystemExit as e:
+        status = e.code
+    except KeyboardInterrupt:
+        status = "KeyboardInterrupt escaped: Python prints its traceback"
+    assert status == 130
+    err = capsys.readouterr().err
+    assert err.startswith("fp8train: interrupted (Ctrl-C)") and err.count("\n") == 1, err
+    assert [p.name.split("-")[0] for p in cache.iterdir()] == ["tokenizer"]  # no tokens-*, no .tmp-*
+    monkeypatch.setattr(tokens, "encode_chunks", real_encode)
+    assert np.array_equal(train_tokens(build(cfg)), train_tokens(build(data_cfg(tmp_path / "again", [TEXT]))))
 
 
 # --------------------------------------------------------------------------------------------------------------
