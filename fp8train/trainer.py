@@ -28,6 +28,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from fp8train import backends, checkpoint, optim, parallel, precision
 from fp8train.config import Config, DataConfig, format_value
 from fp8train.data import TokenData, build_data
+from fp8train.data.loader import open_shared, shareable
 from fp8train.data.tokenizer import eos_declaration
 from fp8train.errors import BackendError, CheckpointError, ConfigError, Fp8trainError
 from fp8train.fp8.scaling import discard_scalers, step_scalers
@@ -568,13 +569,13 @@ def quiet_logging() -> None:
 
 
 def build_data_rank0_first(data_cfg: DataConfig, **layout) -> TokenData:
-    """build_data on rank 0, then on the other ranks, which find its tokenizer and token cache (on a shared cache
-    dir): one process trains the tokenizer and tokenizes the corpus, not every rank of a node at once, each with
-    all its cores. A data error on rank 0 stops every rank with its message. The others wait in a collective, so
-    at most parallel.timeout_min for a corpus that is not tokenized yet."""
+    """build_data on rank 0; the other ranks then open its tokenizer and token cache (on a shared cache dir) without
+    reading the corpus again: one process reads, hashes and tokenizes it, not every rank of a node at once, each
+    with all its cores and a copy of the text in memory. A data error on rank 0 stops every rank with its message.
+    The others wait in a collective, so at most parallel.timeout_min for a corpus that is not tokenized yet."""
     built: list[TokenData] = []
-    on_rank0(lambda: built.append(build_data(data_cfg, **layout)))  # returns None: nothing big is broadcast
-    return built[0] if built else build_data(data_cfg, **layout)
+    shared = on_rank0(lambda: built.append(build_data(data_cfg, **layout)) or shareable(built[0]))  # paths, digests
+    return built[0] if built else open_shared(data_cfg, shared, **layout)
 
 
 def on_rank0(fn, *args):

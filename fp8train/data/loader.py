@@ -25,8 +25,17 @@ import torch
 from tokenizers import Tokenizer
 
 from fp8train.config import DataConfig, resolve_path
-from fp8train.data.tokenizer import build_tokenizer
-from fp8train.data.tokens import SourceText, TokenCache, build_token_cache, id_space, read_sources
+from fp8train.data.tokenizer import _read_tokenizer_file, build_tokenizer
+from fp8train.data.tokens import (
+    SourceText,
+    TokenCache,
+    build_token_cache,
+    cache_damage,
+    file_identities,
+    id_space,
+    open_token_cache,
+    read_sources,
+)
 from fp8train.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -43,20 +52,17 @@ def build_data(
     sources = read_sources(cfg)
     train_sha256 = hashlib.sha256("".join(s.train_sha256 for s in sources).encode()).hexdigest()
     tok = build_tokenizer(cfg.tokenizer, [s.train for s in sources], train_sha256, cache_dir)
-    tokenizer_sha256 = hashlib.sha256(tok.tokenizer.to_str().encode()).hexdigest()
-    cache = build_token_cache(sources, tok.tokenizer, tok.eos_id, tokenizer_sha256, cache_dir)
+    cache = build_token_cache(sources, tok.tokenizer, tok.eos_id, tokenizer_sha256(tok.tokenizer), cache_dir)
     _check_lengths(cfg, sources, cache)
-    data = TokenData(
-        tokenizer=tok.tokenizer,
-        tokenizer_file=tok.file,
-        eos_id=tok.eos_id,
-        cache=cache,
-        val_sources=[s.name for s in sources],
-        fingerprint=hashlib.sha256(f"{cache.key}|seq_len={cfg.seq_len}".encode()).hexdigest()[:16],
-        seq_len=cfg.seq_len,
-        seed=seed,
-        micro_batch_size=micro_batch_size,
-        grad_accum_steps=grad_accum_steps,
+    layout = dict(seed=seed, micro_batch_size=micro_batch_size, grad_accum_steps=grad_accum_steps)
+    data = _token_data(
+        cfg,
+        tok.tokenizer,
+        tok.file,
+        tok.eos_id,
+        cache,
+        [s.name for s in sources],
+        **layout,
         rank=rank,
         world_size=world_size,
     )
@@ -77,6 +83,98 @@ def build_data(
         data.fingerprint,
     )
     return data
+
+
+def shareable(data: TokenData) -> dict:
+    """What another rank needs to open the data ``build_data`` made here without reading the sources again (see
+    open_shared): where the tokenizer and the token cache are, and what identifies their files."""
+    return {
+        "cache_path": str(data.cache_path),
+        "cache_key": data.cache_key,
+        "cache_files": file_identities(data.cache_path),
+        "tokenizer_file": str(data.tokenizer_file),
+        "tokenizer_sha256": tokenizer_sha256(data.tokenizer),
+        "eos_id": data.eos_id,
+        "val_sources": data.val_sources,
+    }
+
+
+def open_shared(
+    cfg: DataConfig,
+    shared: dict,
+    *,
+    seed: int,
+    micro_batch_size: int,
+    grad_accum_steps: int,
+    rank: int,
+    world_size: int,
+) -> TokenData:
+    """The data rank 0 built (``shared``: its ``shareable``), opened from its files without reading the corpus.
+
+    Safe because the cache's name is a hash of the source bytes and the tokenizer: this rank takes it only when it
+    sees the same tokenizer (sha256) and the files rank 0 checked (size, mtime, inode), or else files that pass
+    the cache's sha256 check. A rank that sees neither (a cache folder local to each node) builds the data itself,
+    and refuses to train on other data than rank 0's.
+    """
+    layout = dict(seed=seed, micro_batch_size=micro_batch_size, grad_accum_steps=grad_accum_steps)
+    path, tokenizer_file = Path(shared["cache_path"]), Path(shared["tokenizer_file"])
+    if path.is_dir() and tokenizer_file.is_file():
+        try:
+            tokenizer = _read_tokenizer_file(tokenizer_file, "data.tokenizer.path")
+        except DataError:
+            tokenizer = None
+        if (
+            tokenizer is not None
+            and tokenizer_sha256(tokenizer) == shared["tokenizer_sha256"]
+            and (file_identities(path) == shared["cache_files"] or cache_damage(path) is None)
+        ):
+            cache = open_token_cache(path, shared["cache_key"])
+            val_sources = shared["val_sources"]
+            return _token_data(
+                cfg,
+                tokenizer,
+                tokenizer_file,
+                shared["eos_id"],
+                cache,
+                val_sources,
+                **layout,
+                rank=rank,
+                world_size=world_size,
+            )
+    data = build_data(cfg, **layout, rank=rank, world_size=world_size)
+    if data.cache_key != shared["cache_key"]:
+        raise DataError(
+            f"data.sources: rank {rank} sees other data than rank 0 (its token cache is {data.cache_path}, rank 0's "
+            f"{shared['cache_path']}): the source files or the tokenizer differ between machines. Make "
+            "data.sources and data.tokenizer.path name identical files on every machine, or set data.cache_dir to "
+            "a folder they all share."
+        )
+    return data
+
+
+def tokenizer_sha256(tokenizer: Tokenizer) -> str:
+    return hashlib.sha256(tokenizer.to_str().encode()).hexdigest()
+
+
+def _token_data(
+    cfg: DataConfig,
+    tokenizer: Tokenizer,
+    tokenizer_file: Path,
+    eos_id: int,
+    cache: TokenCache,
+    val_sources: list[str],
+    **layout,
+) -> TokenData:
+    return TokenData(
+        tokenizer=tokenizer,
+        tokenizer_file=tokenizer_file,
+        eos_id=eos_id,
+        cache=cache,
+        val_sources=val_sources,
+        fingerprint=hashlib.sha256(f"{cache.key}|seq_len={cfg.seq_len}".encode()).hexdigest()[:16],
+        seq_len=cfg.seq_len,
+        **layout,
+    )
 
 
 class TokenData:
@@ -111,6 +209,7 @@ class TokenData:
         self.rank = rank
         self.world_size = world_size
         self.cache_path = cache.path
+        self.cache_key = cache.key  # a hash of the source bytes, the split and the tokenizer
         self._train = cache.train
         self._val = dict(zip(self.val_sources, cache.val))
         self.n_train_tokens = len(self._train)

@@ -317,6 +317,12 @@ def cache_damage(path: Path) -> str | None:
     return None
 
 
+def file_identities(path: Path) -> dict[str, list[int]]:
+    """Size, modification time (ns) and inode of each file in a cache directory: what tells another process, on a
+    shared file system, that it sees the very files this one checked."""
+    return {f.name: [(st := f.stat()).st_size, st.st_mtime_ns, st.st_ino] for f in sorted(path.iterdir())}
+
+
 def file_sha256(file: Path) -> str:
     h = hashlib.sha256()
     with open(file, "rb") as f:

@@ -407,25 +407,39 @@ def test_concurrent_builds_leave_one_complete_cache(tmp_path):
     assert len(train_tokens(data)) == data.n_train_tokens
 
 
-def _build_as_rank(rank: int, cfgs: list[DataConfig], init_file: str, out: str) -> None:
-    """One of two gloo ranks: build each config's data as the trainer does, recording whether this rank trained a
-    tokenizer or wrote a token cache, and what it got."""
+def _build_as_rank(rank: int, cfgs: list[tuple[list[DataConfig], bool]], init_file: str, out: str) -> None:
+    """One of two gloo ranks: build each config's data (``cfgs[i][0][rank]``) as the trainer does, recording whether
+    this rank read the sources, trained a tokenizer, wrote a token cache or hashed one, and what it got. With
+    ``cfgs[i][1]``, rank 0's files are out of rank 1's sight, as on another machine's local disk."""
     import torch.distributed as dist
 
     from fp8train import trainer
-    from fp8train.data import tokenizer, tokens
+    from fp8train.data import loader, tokenizer, tokens
 
     record = []
-    for module, name in ((tokenizer, "train_bpe"), (tokens, "_write_tokens")):
+    for module, name in ((loader, "read_sources"), (tokenizer, "train_bpe"), (tokens, "_write_tokens")):
         original = getattr(module, name)
         setattr(module, name, lambda *a, _f=original, _n=name: record.append(_n) or _f(*a))
+    real_sha256 = tokens.file_sha256
+
+    def file_sha256(*a):  # recorded once per build: one call per cache file
+        if "file_sha256" not in record:
+            record.append("file_sha256")
+        return real_sha256(*a)
+
+    tokens.file_sha256 = file_sha256
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     results = []
-    for cfg in cfgs:
+    real_shareable = trainer.shareable
+    for by_rank, elsewhere in cfgs:
         record.clear()
+        trainer.shareable = lambda data, _hide=elsewhere: {
+            **real_shareable(data),
+            **({"cache_path": "/elsewhere/tokens", "tokenizer_file": "/elsewhere/tokenizer.json"} if _hide else {}),
+        }
         layout = dict(seed=0, micro_batch_size=2, grad_accum_steps=1, rank=rank, world_size=2)
         try:
-            data = trainer.build_data_rank0_first(cfg, **layout)
+            data = trainer.build_data_rank0_first(by_rank[rank], **layout)
             results.append({"built": list(record), "batch": data.train_batch(3, 0)[0].tolist()})
         except Fp8trainError as e:  # rank 0's DataError, and on rank 1 the same message
             results.append({"error": str(e)})
@@ -435,9 +449,15 @@ def _build_as_rank(rank: int, cfgs: list[DataConfig], init_file: str, out: str) 
 
 
 def test_data_parallel_ranks_tokenize_once_and_fail_together(tmp_path):
-    """Rank 0 trains the tokenizer and writes the token cache; the other ranks then find both, instead of every
-    rank of a node tokenizing the corpus at once. A data error reaches every rank, none waits forever."""
-    cfgs = [data_cfg(tmp_path / "ok", [TEXT]), data_cfg(tmp_path / "bad", [b""])]
+    """Rank 0 reads the sources, trains the tokenizer and writes the token cache; the other ranks then open what it
+    made without reading the corpus again (nor hashing a cache rank 0 has just checked), instead of every rank of a
+    node doing it all at once. A data error reaches every rank, none waits forever. A rank that cannot see rank 0's
+    cache (a cache folder local to each node) builds its own, which must hold the same tokens."""
+    shared = data_cfg(tmp_path / "ok", [TEXT])
+    bad = data_cfg(tmp_path / "bad", [b""])
+    per_node = [data_cfg(tmp_path / f"node{r}", [TEXT]) for r in (0, 1)]
+    other_text = [data_cfg(tmp_path / f"other{r}", [TEXT[: 20_000 + r]]) for r in (0, 1)]
+    cfgs = [([shared, shared], False), ([bad, bad], False), (per_node, True), (other_text, True)]
     ctx = multiprocessing.get_context("spawn")
     outs = [tmp_path / f"rank{r}.json" for r in range(2)]
     procs = [ctx.Process(target=_build_as_rank, args=(r, cfgs, str(tmp_path / "init"), str(outs[r]))) for r in (0, 1)]
@@ -446,10 +466,14 @@ def test_data_parallel_ranks_tokenize_once_and_fail_together(tmp_path):
     for p in procs:
         p.join(timeout=120)
     assert [p.exitcode for p in procs] == [0, 0]
-    (ok0, bad0), (ok1, bad1) = (json.loads(o.read_text()) for o in outs)
-    assert ok0["built"] == ["train_bpe", "_write_tokens"] and ok1["built"] == []
+    (ok0, bad0, node0, other0), (ok1, bad1, node1, other1) = (json.loads(o.read_text()) for o in outs)
+    assert ok0["built"] == ["read_sources", "train_bpe", "_write_tokens"] and ok1["built"] == []
     assert ok0["batch"] != ok1["batch"]  # each rank its own rows, from the same cache
     assert bad0["error"] == bad1["error"] and "is empty" in bad0["error"]
+    assert node1["built"] == ["read_sources", "train_bpe", "_write_tokens"]
+    assert (node0["batch"], node1["batch"]) == (ok0["batch"], ok1["batch"])
+    assert "error" not in other0
+    assert other1["error"].startswith("data.sources: rank 1 sees other data than rank 0")
 
 
 def test_a_late_publisher_discards_its_copy_and_a_failed_one_leaves_nothing(tmp_path):
