@@ -9,19 +9,30 @@ from fp8train.errors import Fp8trainError
 
 
 def cmd_check(args: argparse.Namespace) -> None:
-    """Compose and validate a config, and check this machine has the device it asks for, without doing any work;
-    print it and what it implies."""
+    """Compose and validate a config, check this machine has the device it asks for and that the data can be
+    trained on, without training; print it and what it implies."""
     from omegaconf import OmegaConf
 
     from fp8train import backends, precision
     from fp8train.config import Recipe, compose
+    from fp8train.data.loader import check_data
+    from fp8train.trainer import with_vocab_size
 
     cfg = compose(args.overrides)
     # The device checks a run makes before any work, so that a config check passes only where training could start.
     backend = backends.select(cfg.backend)
     if cfg.precision.recipe == Recipe.fp8:
         precision.check_hardware(cfg.precision, backend)
+    # The data as the run reads it: every source checked, and unless the corpus is large and not tokenized yet, the
+    # tokenizer and token cache built (the run then finds them) and the splits' lengths checked against data.seq_len.
+    t = cfg.trainer
+    data_summary, vocab = check_data(
+        cfg.data, seed=t.seed, micro_batch_size=t.micro_batch_size, grad_accum_steps=t.grad_accum_steps
+    )
+    if vocab is not None:
+        cfg = with_vocab_size(cfg, vocab)
     print(OmegaConf.to_yaml(OmegaConf.structured(cfg)), end="")
+    print(f"# {data_summary}")
     m = cfg.model
     # Parameters without embeddings: attention (q, o: d*d; k, v: d*kv_dim) and SwiGLU (3*d*ffn), norms.
     kv_dim = m.kv_heads * m.head_dim
@@ -88,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("train", help="train (same as python train.py; Hydra overrides follow)", add_help=False)
-    check = sub.add_parser("check", help="validate a config and print it, without running anything")
+    check = sub.add_parser("check", help="validate a config and its data and print it, without training")
     check.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=llama_1b optim.lr=3e-4")
     check.set_defaults(func=cmd_check)
     export = sub.add_parser("export-hf", help="write a Hugging Face LlamaForCausalLM folder from a checkpoint")
@@ -122,6 +133,9 @@ def main(argv: list[str] | None = None) -> None:
     except Fp8trainError as e:
         print(f"fp8train: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("fp8train: interrupted (Ctrl-C)", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -43,9 +43,10 @@ class LoadedTokenizer:
 
 
 def build_tokenizer(
-    cfg: TokenizerConfig, train_texts: Sequence[str], train_sha256: str, cache_dir: Path
-) -> LoadedTokenizer:
-    """Load ``cfg.path``, or train a BPE on ``train_texts`` (whose bytes hash to ``train_sha256``), cached."""
+    cfg: TokenizerConfig, train_texts: Sequence[str], train_sha256: str, cache_dir: Path, may_train: bool = True
+) -> LoadedTokenizer | None:
+    """Load ``cfg.path``, or train a BPE on ``train_texts`` (whose bytes hash to ``train_sha256``), cached; None if
+    it would have to be trained and ``may_train`` is false."""
     if cfg.path is not None:
         return load_tokenizer(cfg.path, cache_dir)
     key = hashlib.sha256(f"{BPE_FORMAT}|vocab_size={cfg.vocab_size}|{train_sha256}".encode()).hexdigest()[:16]
@@ -55,6 +56,8 @@ def build_tokenizer(
         log.info("tokenizer cache hit: %s", file)
         fix = f"Delete {final} (it is trained again on the next run), or set data.cache_dir to another folder."
         tokenizer = _read_tokenizer_file(file, f"data.cache_dir={cache_dir}", fix)
+    elif not may_train:
+        return None
     else:
         n_chars = sum(map(len, train_texts))
         log.info("training a byte-level BPE tokenizer (vocab %d) on %s characters", cfg.vocab_size, f"{n_chars:,}")

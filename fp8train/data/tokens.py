@@ -262,9 +262,15 @@ def token_dtype(n_ids: int) -> np.dtype:
 
 
 def build_token_cache(
-    sources: list[SourceText], tokenizer: Tokenizer, eos_id: int, tokenizer_sha256: str, cache_dir: Path
-) -> TokenCache:
-    """Tokenize every source into ``cache_dir/tokens-<key>/`` unless it is already there, and map it."""
+    sources: list[SourceText],
+    tokenizer: Tokenizer,
+    eos_id: int,
+    tokenizer_sha256: str,
+    cache_dir: Path,
+    may_build: bool = True,
+) -> TokenCache | None:
+    """Tokenize every source into ``cache_dir/tokens-<key>/`` unless it is already there, and map it; None if it is
+    not there (or damaged) and ``may_build`` is false."""
     recipe = {
         "format": TOKENS_FORMAT,
         "tokenizer_sha256": tokenizer_sha256,
@@ -279,7 +285,11 @@ def build_token_cache(
             log.info("token cache hit: %s", final)
             return open_token_cache(final, key)
         log.warning("the token cache %s fails its check (%s): it is tokenized again", final, damage)
+        if not may_build:
+            return None
         _discard_damaged(final, damage)
+    elif not may_build:
+        return None
     t0 = time.perf_counter()
     with publishing(final) as tmp:
         meta = _write_tokens(tmp, sources, tokenizer, eos_id)

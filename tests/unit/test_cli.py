@@ -108,3 +108,90 @@ def test_report_skips_lines_that_are_not_records(tmp_path, capsys):
         f.write('7\n{"step": 2}\n')
     assert run_cli("report", run, "--out", tmp_path / "report") == 0
     assert "1 monitored steps (1..1), 1 layers" in capsys.readouterr().out
+
+
+def check_text(tmp_path, content: bytes, *overrides) -> list:
+    """`fp8train check` on one source file holding ``content``: the arguments."""
+    tmp_path.mkdir(exist_ok=True)
+    source = tmp_path / "corpus.txt"
+    source.write_bytes(content)
+    return [
+        "check",
+        "backend=cpu",
+        "data=text",
+        f"data.sources=[{{path: {source}}}]",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "data.tokenizer.vocab_size=300",
+        "data.seq_len=64",
+        "precision=bf16",
+        *overrides,
+    ]
+
+
+TEXT = (Path(__file__).resolve().parents[2] / "data" / "tinyshakespeare.txt").read_bytes()[:20_000]
+
+
+@pytest.mark.parametrize(
+    "content, overrides, expected",
+    [
+        (b"", [], "is empty"),
+        (b"\x7fELF\x02\x01\x01\x00" + bytes(range(256)) * 4, [], "looks binary (a NUL byte at byte offset 7)"),
+        (b"caf\xe9 au lait\n" * 50, [], "is not valid UTF-8: byte 0xe9"),
+        (TEXT[:2000], [], "data.seq_len=64: the validation split of source 'corpus'"),
+        (TEXT[:600], ["data.seq_len=500"], "data.seq_len=500: the training split holds only"),
+    ],
+)
+def test_check_reads_the_data_and_reports_what_training_would(tmp_path, capsys, content, overrides, expected):
+    """An empty, binary, non-UTF-8 or too short corpus is found by `fp8train check`, not only when training starts,
+    with the message the run gives (the same code)."""
+    from fp8train.config import compose
+    from fp8train.data import build_data
+    from fp8train.errors import DataError
+
+    args = check_text(tmp_path, content, *overrides)
+    assert run_cli(*args) == 2
+    out, err = capsys.readouterr()
+    assert expected in err and "config is valid" not in out
+    with pytest.raises(DataError) as e:
+        build_data(compose(args[1:]).data, seed=0, micro_batch_size=1, grad_accum_steps=1)
+    assert err == f"fp8train: {e.value}\n"
+
+
+def test_check_tokenizes_a_small_corpus_and_a_large_one_only_when_cached(tmp_path, capsys, monkeypatch):
+    from fp8train.config import compose
+    from fp8train.data import build_data, loader
+
+    args = check_text(tmp_path, TEXT)
+    assert run_cli(*args) == 0
+    out = capsys.readouterr().out
+    data = build_data(compose(args[1:]).data, seed=0, micro_batch_size=1, grad_accum_steps=1)  # finds check's cache
+    assert f"# data: {data.n_train_tokens:,} train tokens ({data.n_train_windows:,} windows of 64)" in out
+    assert f"vocab_size: {-(-data.vocab_size // 64) * 64}" in out  # filled in from the tokenizer, as a run does
+    assert run_cli(*args, "model.vocab_size=64") == 2
+    assert "model.vocab_size=64: smaller than the tokenizer's" in capsys.readouterr().err
+
+    monkeypatch.setattr(loader, "CHECK_TOKENIZE_CHARS", len(TEXT) - 1)
+    assert run_cli(*args) == 0  # cached: counted
+    assert f"# data: {data.n_train_tokens:,} train tokens" in capsys.readouterr().out
+    big = check_text(tmp_path / "big", TEXT + b"More.\n")
+    assert run_cli(*big) == 0
+    assert (
+        f"# data: 1 source(s) read and checked, {len(TEXT) + 6:,} characters; not tokenized" in capsys.readouterr().out
+    )
+    assert not (tmp_path / "big" / "cache").exists()
+
+
+def test_ctrl_c_during_check_is_a_message_and_status_130(tmp_path, capsys, monkeypatch):
+    from fp8train.data import tokens
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tokens, "_write_tokens", ctrl_c)  # while tokenizing
+    try:
+        status = run_cli(*check_text(tmp_path, TEXT))
+    except KeyboardInterrupt:
+        status = "KeyboardInterrupt escaped: Python prints its traceback"
+    assert status == 130
+    assert capsys.readouterr().err == "fp8train: interrupted (Ctrl-C)\n"
+    assert [p.name.split("-")[0] for p in (tmp_path / "cache").iterdir()] == ["tokenizer"]
