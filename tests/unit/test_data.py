@@ -612,6 +612,8 @@ def test_ctrl_c_while_tokenizing_ends_with_a_message_and_leaves_no_cache(tmp_pat
     ]
     monkeypatch.setattr(tokens, "encode_chunks", encode_then_ctrl_c)
     monkeypatch.setattr(sys, "argv", sys.argv[:1])  # Hydra reads its overrides from there
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level  # Hydra configures logging for the run
     try:
         main(args)
         status = 0
@@ -619,6 +621,8 @@ def test_ctrl_c_while_tokenizing_ends_with_a_message_and_leaves_no_cache(tmp_pat
         status = e.code
     except KeyboardInterrupt:
         status = "KeyboardInterrupt escaped: Python prints its traceback"
+    finally:
+        root.handlers[:], root.level = handlers, level
     assert status == 130
     err = capsys.readouterr().err
     assert err.startswith("fp8train: interrupted (Ctrl-C)") and err.count("\n") == 1, err
