@@ -23,7 +23,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from fp8train.config import TokenizerConfig, first_line, resolve_path
-from fp8train.data.tokens import publishing, text_pieces
+from fp8train.data.tokens import discard_damaged, publishing, text_pieces
 from fp8train.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,9 @@ def build_tokenizer(
     elif not may_train:
         return None
     else:
+        if final.is_dir():  # a partial copy of the cache, or a clean-up that deleted files: publishing would keep it
+            log.warning("the tokenizer cache %s has no tokenizer.json: it is trained again", final)
+            discard_damaged(final, "no tokenizer.json", "tokenizer cache")
         n_chars = sum(map(len, train_texts))
         log.info("training a byte-level BPE tokenizer (vocab %d) on %s characters", cfg.vocab_size, f"{n_chars:,}")
         t0 = time.perf_counter()
@@ -116,6 +119,8 @@ def load_tokenizer(path: str, cache_dir: Path) -> LoadedTokenizer:
         final = cache_dir / f"tokenizer-{digest}"
         file = final / "tokenizer.json"
         if not file.is_file():
+            if final.is_dir():  # as in build_tokenizer
+                discard_damaged(final, "no tokenizer.json", "tokenizer cache")
             with publishing(final) as tmp:
                 tokenizer.save(str(tmp / "tokenizer.json"))
     log.info("tokenizer loaded from %s (vocab %d)", resolved, tokenizer.get_vocab_size())

@@ -287,7 +287,7 @@ def build_token_cache(
         log.warning("the token cache %s fails its check (%s): it is tokenized again", final, damage)
         if not may_build:
             return None
-        _discard_damaged(final, damage)
+        discard_damaged(final, damage)
     elif not may_build:
         return None
     t0 = time.perf_counter()
@@ -341,7 +341,7 @@ def file_sha256(file: Path) -> str:
     return h.hexdigest()
 
 
-def _discard_damaged(final: Path, damage: str) -> None:
+def discard_damaged(final: Path, damage: str, what: str = "token cache") -> None:
     """Move a damaged cache directory out of the way (atomically: no reader sees it half deleted) and delete it."""
     doomed = final.parent / f".tmp-{final.name}-damaged-{os.getpid()}-{time.time_ns()}"
     try:
@@ -350,7 +350,7 @@ def _discard_damaged(final: Path, damage: str) -> None:
         return
     except OSError as e:
         raise DataError(
-            f"data.cache_dir: the token cache {final} is damaged ({damage}) and cannot be replaced "
+            f"data.cache_dir: the {what} {final} is damaged ({damage}) and cannot be replaced "
             f"({e.strerror or e}). Delete it (it is rebuilt on the next run), or set data.cache_dir to a writable "
             "folder."
         ) from None

@@ -308,6 +308,20 @@ def test_a_damaged_cached_tokenizer_says_to_delete_it_and_is_retrained_after(tmp
     assert torch.equal(build(cfg).train_batch(3, 1)[0], first.train_batch(3, 1)[0])
 
 
+def test_a_cached_tokenizer_folder_without_its_tokenizer_json_is_trained_again(tmp_path, caplog):
+    """A partial copy of the cache folder, or a clean-up that deleted files: the folder is there, tokenizer.json is
+    not. The run went on with a tokenizer file that did not exist, and failed copying it into the run dir."""
+    cfg = data_cfg(tmp_path, [TEXT])
+    first = build(cfg)
+    (first.tokenizer_file.parent / "partial").write_text("")
+    first.tokenizer_file.unlink()
+    with caplog.at_level(logging.WARNING, logger="fp8train"):
+        again = build(cfg)
+    assert again.tokenizer_file == first.tokenizer_file and again.tokenizer_file.is_file()
+    assert again.tokenizer.to_str() == first.tokenizer.to_str()
+    assert f"the tokenizer cache {first.tokenizer_file.parent} has no tokenizer.json" in caplog.text
+
+
 def test_tokenizer_without_eos_is_refused(tmp_path):
     file = tmp_path / "tokenizer.json"
     Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]")).save(str(file))
