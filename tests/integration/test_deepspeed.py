@@ -142,11 +142,29 @@ def test_zero2_with_fp8_adam_resumes_exactly(tmp_path):
         torchrun_cmd(broken, *common, "resume=auto", ranks=1), cwd=ROOT, capture_output=True, text=True, env=ENV
     )
     assert one.returncode != 0
-    assert "fp8train: resume=" in one.stderr and "DP world size of 2" in one.stderr, one.stderr[-3000:]
+    assert "fp8train: resume=" in one.stderr and "written by 2 ranks" in one.stderr, one.stderr[-3000:]
     assert "Error executing job" not in one.stderr, one.stderr[-3000:]  # Hydra's header of a traceback
     done = run_ranks(broken, *common, "resume=auto")
     assert "resumed from" in done
     assert losses(broken) == losses(unbroken)
+
+
+def test_resume_with_another_zero_stage_is_refused_with_its_message(tmp_path):
+    """Each ZeRO stage lays out the optimizer state in its own files (1 and 2 share theirs): DeepSpeed, asked to
+    load a stage-1 checkpoint into stage 0 or 3, fails deep inside (a None, a bare assert). The refusal must name
+    the stage to resume with, without a traceback."""
+    layout = ["trainer.micro_batch_size=8", "trainer.checkpoint_every=0"]
+    run_ranks(tmp_path, *layout, "parallel.zero_stage=1", "trainer.max_steps=1", ranks=1)
+    for stage in (0, 3):
+        cmd = torchrun_cmd(
+            tmp_path, *layout, f"parallel.zero_stage={stage}", "trainer.max_steps=2", "resume=auto", ranks=1
+        )
+        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
+        assert done.returncode != 0
+        assert "fp8train: resume=" in done.stderr, done.stderr[-3000:]
+        assert "resume with parallel.zero_stage=1 (or 2)" in done.stderr, done.stderr[-3000:]
+        assert "Error executing job" not in done.stderr, done.stderr[-3000:]  # Hydra's header of a traceback
+    assert max(losses(tmp_path)) == 1  # nothing trained, nothing rewritten
 
 
 def rank_pid(launcher_pid: int, rank: int) -> int | None:
