@@ -94,6 +94,9 @@ def build_ds_config(
         "bf16": {"enabled": False},
         "fp16": {"enabled": False},
         "zero_allow_untested_optimizer": True,  # fp8train's AdamW / AdamWFp8 as the client optimizer
+        # ... also under ZeRO-Offload (offload_optimizer in parallel.ds_config), where DeepSpeed otherwise demands its
+        # own CPU Adam, which would replace fp8train's optimizer (FP8 moments, checkpoints) and cannot be chosen
+        "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 2**31 - 1,  # fp8train logs progress itself
         "wall_clock_breakdown": False,
     }

@@ -117,6 +117,22 @@ def test_two_ranks_match_one_process_with_the_same_global_batch(tmp_path, single
         assert norm == pytest.approx(single_norms[step], rel=2e-3), step
 
 
+def test_optimizer_offload_from_a_ds_config_trains_like_one_process(tmp_path, single):
+    """parallel.ds_config may add ZeRO-Offload; the optimizer stays fp8train's (a client optimizer), which DeepSpeed
+    refuses with offload unless told that this is meant (zero_force_ds_cpu_optimizer)."""
+    (tmp_path / "ds.json").write_text('{"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}')
+    run_dir = tmp_path / "ds"
+    run_ranks(
+        run_dir,
+        "parallel.zero_stage=2",
+        f"parallel.ds_config={tmp_path / 'ds.json'}",
+        f"trainer.micro_batch_size={GLOBAL_BATCH // 2}",
+        "trainer.max_steps=2",
+    )
+    single_losses, _ = single
+    assert losses(run_dir) == pytest.approx({s: single_losses[s] for s in (1, 2)}, rel=1e-4)
+
+
 def test_zero2_with_fp8_adam_resumes_exactly(tmp_path):
     common = ["parallel.zero_stage=2", "trainer.micro_batch_size=4", "optim=adamw_fp8", "optim.fp8_min_numel=0"]
     unbroken = tmp_path / "unbroken"
