@@ -50,6 +50,9 @@ NOT_FROM_DS_CONFIG = {
     "scheduler": "the learning-rate schedule is fp8train's: set optim.lr, optim.warmup_steps, optim.min_lr",
 }
 
+# Sections of a ds_config that DeepSpeed reads as objects, and fp8train's checks too.
+SECTIONS = ("zero_optimization", "bf16", "fp16")
+
 
 def init_distributed(cfg: ParallelConfig, backend: Backend, env: LaunchEnv) -> None:
     """Join the process group through DeepSpeed with the backend's communication library."""
@@ -107,6 +110,16 @@ def build_ds_config(
         user = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ConfigError([f"parallel.ds_config={cfg.ds_config}: not a readable JSON file ({e})"]) from None
+    # The checks below (and DeepSpeed) read these as JSON objects.
+    shapes = [("the file", user)] if not isinstance(user, dict) else [(k, user[k]) for k in SECTIONS if k in user]
+    if any(not isinstance(value, dict) for _, value in shapes):
+        raise ConfigError(
+            [
+                f"parallel.ds_config={cfg.ds_config}: {where} must be a JSON object ({{...}}), not {json.dumps(value)}"
+                for where, value in shapes
+                if not isinstance(value, dict)
+            ]
+        )
     problems = [
         f"parallel.ds_config={cfg.ds_config}: sets {key}={user[key]}, but this run needs {generated[key]}; remove "
         f"it from the file and set {override} instead"
