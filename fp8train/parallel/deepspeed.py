@@ -54,8 +54,21 @@ NOT_FROM_DS_CONFIG = {
 SECTIONS = ("zero_optimization", "bf16", "fp16")
 
 
+_joined_before = False  # whether this process has already run a DeepSpeed job (one run per process)
+
+
 def init_distributed(cfg: ParallelConfig, backend: Backend, env: LaunchEnv) -> None:
     """Join the process group through DeepSpeed with the backend's communication library."""
+    global _joined_before
+    if _joined_before:  # a second run in this process: Hydra's --multirun starts its jobs one after another
+        raise ConfigError(
+            [
+                "parallel=deepspeed: this process has already run a DeepSpeed job, and DeepSpeed cannot set up a "
+                "process group a second time in one process (with several ranks it hangs). A multirun (-m) runs "
+                "its jobs in the same processes: start one torchrun per job (e.g. a shell loop over the "
+                "values of the sweep), or use parallel=single for the multirun"
+            ]
+        )
     import deepspeed
 
     if env.world_size == 1:  # started without a launcher: a one-rank group on this machine
@@ -70,6 +83,7 @@ def init_distributed(cfg: ParallelConfig, backend: Backend, env: LaunchEnv) -> N
         timeout=datetime.timedelta(minutes=cfg.timeout_min),
         verbose=False,
     )
+    _joined_before = True
 
 
 def free_port() -> int:

@@ -183,6 +183,34 @@ def test_resume_with_another_zero_stage_is_refused_with_its_message(tmp_path):
     assert max(losses(tmp_path)) == 1  # nothing trained, nothing rewritten
 
 
+def test_a_multirun_stops_with_a_message_before_its_second_deepspeed_job(tmp_path):
+    """A Hydra multirun (-m) runs its jobs one after another in the same processes, and DeepSpeed cannot set up a
+    process group there a second time: with one rank the second job died in a ValueError traceback, with two
+    it hung. The first job's results stand; the second is refused with what to do instead."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=1",
+        f"--master_port={free_port()}",
+        str(ROOT / "train.py"),
+        "-m",
+        f"hydra.sweep.dir={tmp_path}",
+        *COMMON,
+        "parallel=deepspeed",
+        "trainer.micro_batch_size=8",
+        "trainer.max_steps=1",
+        "trainer.checkpoint_every=0",
+        "precision=bf16,fp32",
+    ]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
+    assert done.returncode != 0
+    assert "fp8train: " in done.stderr and "one torchrun per job" in done.stderr, done.stderr[-3000:]
+    assert "Error executing job" not in done.stderr, done.stderr[-3000:]  # Hydra's header of a traceback
+    first = next(tmp_path.glob("0_*"))
+    assert max(losses(first)) == 1
+
+
 def rank_pid(launcher_pid: int, rank: int) -> int | None:
     """The pid of the training process of ``rank`` among the launcher's children (Linux /proc)."""
     children = Path(f"/proc/{launcher_pid}/task/{launcher_pid}/children")
