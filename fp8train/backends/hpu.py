@@ -6,7 +6,8 @@ tests/hpu runs it on a Gaudi: ``python -m pytest tests/hpu``.
 
 - Mode: ``PT_HPU_LAZY_MODE`` is read once, when habana_frameworks is first imported, so it is set here before
   that import: 1 (lazy: ops gather into graphs cut by ``mark_step``) unless the run asks for
-  ``backend.compile=true`` (eager mode + ``torch.compile(backend="hpu_backend")``). A value already in the
+  ``backend.compile=true`` (eager mode + ``torch.compile(backend="hpu_backend")``, which also sets
+  ``PT_TE_CUSTOM_OP=1``: Habana TE's ops as custom ops, as torch.compile needs them). A value already in the
   environment wins.
 - Communication: importing ``habana_frameworks.torch.distributed.hccl`` registers the ``hccl`` backend.
 - Kernels: Habana's fused RMSNorm and SDPA replace the model's plain ones (``fuse``); RoPE stays in PyTorch.
@@ -41,6 +42,8 @@ COMPILE_NEEDS_EAGER = (
 def import_habana(eager: bool = False):
     """Import Habana's bridge; lazy or eager mode must be chosen before the first import, so it is set here."""
     os.environ.setdefault("PT_HPU_LAZY_MODE", "0" if eager else "1")
+    if eager:  # Habana TE's ops under torch.compile need it (precision.engine=te); set before anything Habana loads
+        os.environ.setdefault("PT_TE_CUSTOM_OP", "1")
     try:
         core = importlib.import_module("habana_frameworks.torch.core")
         importlib.import_module("habana_frameworks.torch.distributed.hccl")  # registers the "hccl" backend

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from omegaconf import OmegaConf
 from safetensors.torch import save_file
 from torch import nn
 
@@ -49,9 +50,25 @@ NOT_FROM_DS_CONFIG = {
     "scheduler": "the learning-rate schedule is fp8train's: set optim.lr, optim.warmup_steps, optim.min_lr",
 }
 
+# Sections of a ds_config that DeepSpeed reads as objects, and fp8train's checks too.
+SECTIONS = ("zero_optimization", "bf16", "fp16")
+
+
+_joined_before = False  # whether this process has already run a DeepSpeed job (one run per process)
+
 
 def init_distributed(cfg: ParallelConfig, backend: Backend, env: LaunchEnv) -> None:
     """Join the process group through DeepSpeed with the backend's communication library."""
+    global _joined_before
+    if _joined_before:  # a second run in this process: Hydra's --multirun starts its jobs one after another
+        raise ConfigError(
+            [
+                "parallel=deepspeed: this process has already run a DeepSpeed job, and DeepSpeed cannot set up a "
+                "process group a second time in one process (with several ranks it hangs). A multirun (-m) runs "
+                "its jobs in the same processes: start one torchrun per job (e.g. a shell loop over the "
+                "values of the sweep), or use parallel=single for the multirun"
+            ]
+        )
     import deepspeed
 
     if env.world_size == 1:  # started without a launcher: a one-rank group on this machine
@@ -66,6 +83,7 @@ def init_distributed(cfg: ParallelConfig, backend: Backend, env: LaunchEnv) -> N
         timeout=datetime.timedelta(minutes=cfg.timeout_min),
         verbose=False,
     )
+    _joined_before = True
 
 
 def free_port() -> int:
@@ -93,6 +111,9 @@ def build_ds_config(
         "bf16": {"enabled": False},
         "fp16": {"enabled": False},
         "zero_allow_untested_optimizer": True,  # fp8train's AdamW / AdamWFp8 as the client optimizer
+        # ... also under ZeRO-Offload (offload_optimizer in parallel.ds_config), where DeepSpeed otherwise demands its
+        # own CPU Adam, which would replace fp8train's optimizer (FP8 moments, checkpoints) and cannot be chosen
+        "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 2**31 - 1,  # fp8train logs progress itself
         "wall_clock_breakdown": False,
     }
@@ -103,6 +124,16 @@ def build_ds_config(
         user = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ConfigError([f"parallel.ds_config={cfg.ds_config}: not a readable JSON file ({e})"]) from None
+    # The checks below (and DeepSpeed) read these as JSON objects.
+    shapes = [("the file", user)] if not isinstance(user, dict) else [(k, user[k]) for k in SECTIONS if k in user]
+    if any(not isinstance(value, dict) for _, value in shapes):
+        raise ConfigError(
+            [
+                f"parallel.ds_config={cfg.ds_config}: {where} must be a JSON object ({{...}}), not {json.dumps(value)}"
+                for where, value in shapes
+                if not isinstance(value, dict)
+            ]
+        )
     problems = [
         f"parallel.ds_config={cfg.ds_config}: sets {key}={user[key]}, but this run needs {generated[key]}; remove "
         f"it from the file and set {override} instead"
@@ -237,6 +268,7 @@ class DeepSpeedEngine(SingleEngine):
                 f"resume={folder}: written by parallel=single (no {DEEPSPEED_DIR}/ folder); resume it with "
                 f"parallel=single, or start this run from its weights with model.init_from={folder}."
             )
+        self.check_layout(folder)
         try:  # ZeRO stages 1-3 refuse another number of ranks with their own exception class
             from deepspeed.runtime.zero.utils import ZeRORuntimeException
         except ImportError:
@@ -246,13 +278,44 @@ class DeepSpeedEngine(SingleEngine):
                 str(folder), tag=DEEPSPEED_DIR, load_optimizer_states=True, load_lr_scheduler_states=False
             )
         except (RuntimeError, ValueError, AssertionError, ZeRORuntimeException) as e:
+            cause = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]  # a bare assert has no message
             raise CheckpointError(
-                f"resume={folder}: DeepSpeed cannot load it into this run ({str(e).splitlines()[0][:200]}). ZeRO "
+                f"resume={folder}: DeepSpeed cannot load it into this run ({cause}). ZeRO "
                 f"stages 1-3 must resume with the number of ranks and the zero stage they were saved with "
                 f"(see {folder / 'config.yaml'})."
             ) from None
         if path is None:
             raise CheckpointError(f"resume={folder}: DeepSpeed found no checkpoint in {folder / DEEPSPEED_DIR}.")
+
+    def check_layout(self, folder: Path) -> None:
+        """Refuse a checkpoint whose optimizer state DeepSpeed would lay out otherwise in this run, before DeepSpeed
+        reads it (it fails on a missing file or a None deep inside, or asserts without a message).
+
+        Each ZeRO stage has its own files: stage 0 keeps the whole optimizer state with the module, stages 1 and 2
+        (which share one format: they resume into each other exactly) and 3 keep one partition per rank, which only
+        that many ranks can take up. Stage 0 resumes on any number of ranks.
+        """
+        try:
+            saved = OmegaConf.load(folder / "config.yaml").parallel.zero_stage
+        except Exception:  # not readable: DeepSpeed's own checks below are all there is
+            return
+        ranks = len(list((folder / DEEPSPEED_DIR).glob("zero_pp_rank_*_optim_states.pt")))
+        fresh = (
+            f"or start a new run directory from its weights alone (fresh optimizer state) with model.init_from={folder}"
+        )
+        if saved != self.stage and {saved, self.stage} != {1, 2}:
+            also = " (or 2)" if saved == 1 else " (or 1)" if saved == 2 else ""
+            raise CheckpointError(
+                f"resume={folder}: written with parallel.zero_stage={saved}, and ZeRO stage {self.stage} keeps the "
+                f"optimizer state in another layout, which cannot take it up: resume with "
+                f"parallel.zero_stage={saved}{also}, {fresh}."
+            )
+        if saved > 0 and ranks and ranks != self.world_size:
+            raise CheckpointError(
+                f"resume={folder}: written by {ranks} ranks with parallel.zero_stage={saved}, which splits the "
+                f"optimizer state into one partition per rank; this run has {self.world_size}. Resume with "
+                f"{ranks} ranks (parallel.zero_stage=0 checkpoints resume on any number), {fresh}."
+            )
 
     def gathered(self):
         """ZeRO-3 keeps a shard of each weight per rank: gather them whole for the duration of the block."""

@@ -117,6 +117,22 @@ def test_two_ranks_match_one_process_with_the_same_global_batch(tmp_path, single
         assert norm == pytest.approx(single_norms[step], rel=2e-3), step
 
 
+def test_optimizer_offload_from_a_ds_config_trains_like_one_process(tmp_path, single):
+    """parallel.ds_config may add ZeRO-Offload; the optimizer stays fp8train's (a client optimizer), which DeepSpeed
+    refuses with offload unless told that this is meant (zero_force_ds_cpu_optimizer)."""
+    (tmp_path / "ds.json").write_text('{"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}')
+    run_dir = tmp_path / "ds"
+    run_ranks(
+        run_dir,
+        "parallel.zero_stage=2",
+        f"parallel.ds_config={tmp_path / 'ds.json'}",
+        f"trainer.micro_batch_size={GLOBAL_BATCH // 2}",
+        "trainer.max_steps=2",
+    )
+    single_losses, _ = single
+    assert losses(run_dir) == pytest.approx({s: single_losses[s] for s in (1, 2)}, rel=1e-4)
+
+
 def test_zero2_with_fp8_adam_resumes_exactly(tmp_path):
     common = ["parallel.zero_stage=2", "trainer.micro_batch_size=4", "optim=adamw_fp8", "optim.fp8_min_numel=0"]
     unbroken = tmp_path / "unbroken"
@@ -142,11 +158,57 @@ def test_zero2_with_fp8_adam_resumes_exactly(tmp_path):
         torchrun_cmd(broken, *common, "resume=auto", ranks=1), cwd=ROOT, capture_output=True, text=True, env=ENV
     )
     assert one.returncode != 0
-    assert "fp8train: resume=" in one.stderr and "DP world size of 2" in one.stderr, one.stderr[-3000:]
+    assert "fp8train: resume=" in one.stderr and "written by 2 ranks" in one.stderr, one.stderr[-3000:]
     assert "Error executing job" not in one.stderr, one.stderr[-3000:]  # Hydra's header of a traceback
     done = run_ranks(broken, *common, "resume=auto")
     assert "resumed from" in done
     assert losses(broken) == losses(unbroken)
+
+
+def test_resume_with_another_zero_stage_is_refused_with_its_message(tmp_path):
+    """Each ZeRO stage lays out the optimizer state in its own files (1 and 2 share theirs): DeepSpeed, asked to
+    load a stage-1 checkpoint into stage 0 or 3, fails deep inside (a None, a bare assert). The refusal must name
+    the stage to resume with, without a traceback."""
+    layout = ["trainer.micro_batch_size=8", "trainer.checkpoint_every=0"]
+    run_ranks(tmp_path, *layout, "parallel.zero_stage=1", "trainer.max_steps=1", ranks=1)
+    for stage in (0, 3):
+        cmd = torchrun_cmd(
+            tmp_path, *layout, f"parallel.zero_stage={stage}", "trainer.max_steps=2", "resume=auto", ranks=1
+        )
+        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
+        assert done.returncode != 0
+        assert "fp8train: resume=" in done.stderr, done.stderr[-3000:]
+        assert "resume with parallel.zero_stage=1 (or 2)" in done.stderr, done.stderr[-3000:]
+        assert "Error executing job" not in done.stderr, done.stderr[-3000:]  # Hydra's header of a traceback
+    assert max(losses(tmp_path)) == 1  # nothing trained, nothing rewritten
+
+
+def test_a_multirun_stops_with_a_message_before_its_second_deepspeed_job(tmp_path):
+    """A Hydra multirun (-m) runs its jobs one after another in the same processes, and DeepSpeed cannot set up a
+    process group there a second time: with one rank the second job died in a ValueError traceback, with two
+    it hung. The first job's results stand; the second is refused with what to do instead."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=1",
+        f"--master_port={free_port()}",
+        str(ROOT / "train.py"),
+        "-m",
+        f"hydra.sweep.dir={tmp_path}",
+        *COMMON,
+        "parallel=deepspeed",
+        "trainer.micro_batch_size=8",
+        "trainer.max_steps=1",
+        "trainer.checkpoint_every=0",
+        "precision=bf16,fp32",
+    ]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
+    assert done.returncode != 0
+    assert "fp8train: " in done.stderr and "one torchrun per job" in done.stderr, done.stderr[-3000:]
+    assert "Error executing job" not in done.stderr, done.stderr[-3000:]  # Hydra's header of a traceback
+    first = next(tmp_path.glob("0_*"))
+    assert max(losses(first)) == 1
 
 
 def rank_pid(launcher_pid: int, rank: int) -> int | None:

@@ -98,12 +98,14 @@ FUSED_ADAMW = "params, lr=None, betas=None, eps=None, weight_decay=None, bias_co
 
 
 class FakeHabana(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Imports of habana_frameworks.* served from stand-ins; records PT_HPU_LAZY_MODE at each import."""
+    """Imports of habana_frameworks.* served from stand-ins; records PT_HPU_LAZY_MODE (and PT_TE_CUSTOM_OP) at each
+    import."""
 
     def __init__(self):
         from tests.helpers import documented_op
 
         self.imported, self.calls, self.mark_steps = {}, [], 0
+        self.te_custom_op = {}
 
         def sdpa(q, k, v, attn_mask, dropout_p, is_causal, scale, softmax_mode, recompute_mode):
             assert softmax_mode in ("None", "fast") and recompute_mode in (True, False)
@@ -145,6 +147,7 @@ class FakeHabana(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
     def exec_module(self, module):
         self.imported[module.__name__] = os.environ.get("PT_HPU_LAZY_MODE")
+        self.te_custom_op[module.__name__] = os.environ.get("PT_TE_CUSTOM_OP")
         module.__path__ = []
         for key, value in self.attrs.get(module.__name__, {}).items():
             setattr(module, key, value)
@@ -176,6 +179,21 @@ def test_hpu_mode_is_chosen_before_habana_is_imported_and_hccl_is_registered(hab
     backend.mark_step()
     assert habana.mark_steps == (1 if mode == "1" else 0)  # mark_step only in lazy mode
     assert backend.describe() == f"hpu (GAUDI2, {'lazy' if mode == '1' else 'eager'} mode)"
+
+
+@pytest.mark.parametrize("compile_, custom_op", [(False, None), (True, "1")])
+def test_compiled_runs_get_habana_tes_custom_ops_before_habana_is_imported(habana, monkeypatch, compile_, custom_op):
+    # Habana TE under torch.compile needs PT_TE_CUSTOM_OP=1 (docs/gaudi.md), like the mode: set with it, unless set.
+    from fp8train.backends.hpu import HpuBackend
+
+    monkeypatch.setenv("PT_TE_CUSTOM_OP", "restored at teardown")
+    monkeypatch.delenv("PT_TE_CUSTOM_OP")
+    HpuBackend(name="hpu", device=torch.device("cpu"), dist_backend="hccl", eager=compile_)
+    assert habana.te_custom_op["habana_frameworks.torch.core"] == custom_op
+    assert os.environ.get("PT_TE_CUSTOM_OP") == custom_op
+    monkeypatch.setenv("PT_TE_CUSTOM_OP", "0")
+    HpuBackend(name="hpu", device=torch.device("cpu"), dist_backend="hccl", eager=compile_)
+    assert os.environ["PT_TE_CUSTOM_OP"] == "0"  # a value already in the environment wins
 
 
 def test_a_mode_already_in_the_environment_wins(habana, monkeypatch):

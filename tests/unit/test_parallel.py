@@ -70,6 +70,21 @@ def test_user_ds_config_may_not_set_clipping_or_an_optimizer_of_its_own(tmp_path
     assert "sets scheduler" in text and "optim.lr" in text
 
 
+@pytest.mark.parametrize(
+    "user, where",
+    [
+        ([{"zero_optimization": {}}], "the file"),
+        ({"zero_optimization": 2}, "zero_optimization"),
+        ({"bf16": True}, "bf16"),
+    ],
+)
+def test_a_ds_config_of_the_wrong_shape_is_a_config_error(tmp_path, user, where):
+    # DeepSpeed's sections are JSON objects: a number or a list where one belongs is named, not an AttributeError.
+    with pytest.raises(ConfigError) as e:
+        ds_config(tmp_path, user)
+    assert f"parallel.ds_config={tmp_path / 'ds.json'}: {where} must be a JSON object" in str(e.value)
+
+
 def test_launch_env_reads_torchrun_and_mpirun_variables(monkeypatch):
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "OMPI_COMM_WORLD_RANK"):
         monkeypatch.delenv(name, raising=False)
