@@ -67,9 +67,13 @@ class HpuFp8Ops(Fp8Ops):
     name = "hpu"
 
     def quantize(self, x, fmt, scale, profile="gaudi2", stochastic=False):
+        # Clamped to +-max / scale first, as on every backend: Habana documents E4M3 saturating at 240 but not what
+        # the E5M2 cast does past 57344, and a finite input must never become inf or NaN.
+        limit = formats.fp8_max(fmt, profile) / scale.float()
+        xs = torch.clamp(x.detach(), -limit, limit)
         q, _ = torch.ops.hpu.cast_to_fp8_v2(
-            x.detach(), scale.float(), stochastic, False, formats.fp8_dtype(fmt)
-        )  # scale multiplies, as in fp8train
+            xs, scale.float(), stochastic, False, formats.fp8_dtype(fmt)
+        )  # scale multiplies
         return q, amax_of(x)
 
     def scaled_mm(self, a_q, b_q, scale_a, scale_b, out_dtype, fast_accum=False):  # fp8_gemm_v2 has no such switch

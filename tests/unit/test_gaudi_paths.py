@@ -289,3 +289,31 @@ def test_hybrid_fp8_linear_on_habanas_documented_ops_matches_the_cpu_emulation(h
     torch.testing.assert_close(yh, yc, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(xh.grad, xc.grad, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(hpu.weight.grad, cpu.weight.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+def test_hpu_cast_saturates_even_where_the_hardware_cast_would_overflow(monkeypatch, fmt):
+    # Habana documents E4M3 saturating at 240 but not what its E5M2 cast does past 57344. fp8train clamps before the
+    # cast, as on every backend, so a finite input never becomes inf or NaN whatever the hardware does.
+    from fp8train.backends.hpu import HpuFp8Ops
+    from fp8train.fp8 import formats
+
+    def overflowing_cast(input, scale, stochastic_rounding, is_amax, dtype, scale_shape):
+        return (input.float() * scale.float()).to(dtype), None  # torch's cast: inf (e5m2) or NaN (e4m3fn) past max
+
+    calls: list = []
+    monkeypatch.setattr(
+        torch.ops,
+        "hpu",
+        types.SimpleNamespace(cast_to_fp8_v2=documented_op(CAST_TO_FP8_V2, overflowing_cast, calls)),
+        raising=False,
+    )
+    g = torch.Generator().manual_seed(14)
+    x = torch.randn(32, 48, generator=g) * 10
+    x[3, 5], x[7, 1] = 1e6, -3e38  # far past the range the scale gives
+    scale = formats.scale_from_amax(torch.tensor(20.0), fmt, "gaudi2", pow2=True)
+    q, _ = HpuFp8Ops().quantize(x, fmt, scale, "gaudi2")
+    assert torch.isfinite(q.float()).all()
+    limit = formats.fp8_max(fmt, "gaudi2")
+    assert q.float()[3, 5] == limit and q.float()[7, 1] == -limit
+    assert torch.equal(q.float(), formats.quantize(x, fmt, scale, "gaudi2").float())
