@@ -6,6 +6,7 @@ time is not spent finding out that one does not.
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -13,6 +14,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from tests.helpers import ROOT
 
@@ -28,6 +30,29 @@ def run_bench(script: str, *args: str, timeout: int = 300) -> subprocess.Complet
 
 def positive(x) -> bool:
     return isinstance(x, float) and math.isfinite(x) and x > 0
+
+
+def load_bench(name: str):
+    """A benchmark script as a module, to call its functions or its main() in this process."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+
+def run_main(module, argv: list[str], monkeypatch) -> int:
+    """``module.main()`` with ``argv``; its exit status. Any exception other than SystemExit fails the test: a user
+    would have seen it as a traceback."""
+    monkeypatch.setattr(sys, "argv", [module.__file__, *argv])
+    try:
+        module.main()
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 1
+    return 0
+
+
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="asks for CUDA on a machine without it")
 
 
 def test_bench_step_times_every_variant_and_linear(tmp_path):
@@ -71,12 +96,7 @@ def test_bench_step_times_every_variant_and_linear(tmp_path):
     ],
 )  # fmt: skip
 def test_bench_step_sorts_kernels_by_kind(name, kind):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import bench_step
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    assert bench_step.kind_of(name) == kind
+    assert load_bench("bench_step").kind_of(name) == kind
 
 
 def test_bench_adam_reports_state_bytes_per_param(tmp_path):
@@ -120,3 +140,44 @@ def test_bench_scalers_compares_grouped_and_one_by_one_updates(tmp_path):
     result = json.loads(out_file.read_text())
     assert result["scalers"] == 24  # input, weight and gradient per linear
     assert positive(result["one_by_one_ms"]) and positive(result["step_scalers_ms"])
+
+
+@pytest.mark.parametrize(
+    "script,argv,named",
+    [
+        ("bench_adam", ["--variants", "adamw_fused,nope", "--device", "cpu"], "--variants nope"),
+        pytest.param("bench_adam", ["--device", "cuda", "--params", "1e4"], "--device cuda", marks=NO_CUDA),
+        ("bench_adam", ["--device", "tpu", "--params", "1e4"], "--device tpu"),
+        ("bench_adam", ["--steps", "0", "--device", "cpu", "--params", "1e4"], "--steps 0"),
+        ("bench_adam", ["--params", "1e15", "--device", "cpu"], "--params"),  # petabytes: refused before allocating
+        ("bench_monitor", ["model=huge"], "model=huge"),
+        pytest.param("bench_monitor", ["backend=cuda"], "backend.name=cuda", marks=NO_CUDA),
+        ("bench_monitor", ["--steps", "2"], "--steps 2"),
+        ("bench_monitor", ["--interval", "0"], "--interval 0"),
+        ("bench_scalers", ["--rounds", "0"], "--rounds 0"),
+    ],
+)  # fmt: skip
+def test_bench_cli_mistakes_give_one_message_and_nonzero_exit(script, argv, named, monkeypatch, capsys):
+    module = load_bench(script)
+    if script == "bench_adam":  # a check that comes too late must not allocate the petabytes
+        monkeypatch.setattr(module, "make_params", lambda *a: pytest.fail("allocated the parameters"))
+    assert run_main(module, argv, monkeypatch) != 0
+    err = capsys.readouterr().err
+    assert named in err and "Traceback" not in err
+
+
+def test_bench_adam_records_a_failed_variant_and_exits_nonzero(monkeypatch, capsys, tmp_path):
+    bench_adam = load_bench("bench_adam")
+
+    def out_of_memory(params, args):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setitem(bench_adam.VARIANTS, "torchao_fp8", out_of_memory)
+    out_file = tmp_path / "adam.json"
+    argv = ["--params", "1e4", "--rows", "64", "--cols", "64", "--steps", "1", "--warmup", "0", "--device", "cpu"]
+    code = run_main(bench_adam, [*argv, "--variants", "adamw_fused,torchao_fp8", "--out", str(out_file)], monkeypatch)
+    result = json.loads(out_file.read_text())
+    assert code == 1
+    assert result["failed"] == {"torchao_fp8": "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"}
+    assert result["variants"]["adamw_fused"]["state_bytes_per_param"] == pytest.approx(8.0, abs=0.01)  # + step counters
+    assert "torchao_fp8: failed: RuntimeError: CUDA out of memory" in capsys.readouterr().out
