@@ -12,6 +12,7 @@ import math
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -145,6 +146,9 @@ def test_bench_scalers_compares_grouped_and_one_by_one_updates(tmp_path):
 @pytest.mark.parametrize(
     "script,argv,named",
     [
+        pytest.param("bench_step", ["--device", "cuda"], "--device cuda", marks=NO_CUDA),
+        ("bench_step", ["--steps", "0", "--device", "cpu"], "--steps 0"),
+        ("bench_step", ["--warmup", "-1", "--device", "cpu"], "--warmup -1"),
         ("bench_adam", ["--variants", "adamw_fused,nope", "--device", "cpu"], "--variants nope"),
         pytest.param("bench_adam", ["--device", "cuda", "--params", "1e4"], "--device cuda", marks=NO_CUDA),
         ("bench_adam", ["--device", "tpu", "--params", "1e4"], "--device tpu"),
@@ -164,6 +168,46 @@ def test_bench_cli_mistakes_give_one_message_and_nonzero_exit(script, argv, name
     assert run_main(module, argv, monkeypatch) != 0
     err = capsys.readouterr().err
     assert named in err and "Traceback" not in err
+
+
+def test_bench_step_records_failed_and_skipped_variants_and_exits_nonzero(monkeypatch, capsys, tmp_path):
+    bench_step = load_bench("bench_step")
+
+    def fake_time_steps(variant, *args):
+        if variant == "fp8":
+            raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore detail")
+        if variant == "torchao_tensorwise":
+            raise ImportError("No module named 'torchao'")
+        return {"step_ms": 10.0, "first_step_s": 1.0, "warmup_s": 1.0, "tokens_per_s": 51200.0, "loss": 7.0,
+                "peak_mem_gb": 0.1}  # fmt: skip
+
+    monkeypatch.setattr(bench_step, "time_steps", fake_time_steps)
+    monkeypatch.setattr(bench_step, "release_memory", lambda: None)  # nothing to release; dynamo's import is slow
+    out_file = tmp_path / "step.json"
+    argv = ["--shape", "cpu_tiny", "--device", "cpu", "--no-per-linear", "--out", str(out_file)]
+    code = run_main(bench_step, [*argv, "--variants", "bf16,fp8,torchao_tensorwise"], monkeypatch)
+    out = " ".join(capsys.readouterr().out.split())
+    result = json.loads(out_file.read_text())
+    assert code == 1  # a variant that failed is not a finished benchmark
+    assert result["variants"]["bf16"]["tokens_per_s"] == 51200.0
+    assert result["variants"]["fp8"] == {"error": "RuntimeError: CUDA out of memory. Tried to allocate 20.00 GiB"}
+    assert result["skipped"] == {"torchao_tensorwise": "No module named 'torchao'"}
+    assert "fp8 failed: RuntimeError: CUDA out of memory" in out and "torchao_tensorwise skipped" in out
+    # Emulated FP8 (the CPU, or a GPU below sm_89) is named in the results, as it times no FP8 hardware.
+    assert result["fp8_matmul"] == "emulated"
+    # Only skipped: the benchmark did what it could and says what it left out.
+    assert run_main(bench_step, [*argv, "--variants", "bf16,torchao_tensorwise"], monkeypatch) == 0
+
+
+def test_bench_step_warns_when_a_gpu_emulates_fp8():
+    from fp8train.fp8.ops import Fp8Ops
+
+    bench_step = load_bench("bench_step")
+    old_gpu = SimpleNamespace(device=torch.device("cuda", 0), fp8_ops=Fp8Ops, describe=lambda: "cuda (T4, sm_75)")
+    assert "emulated" in bench_step.fp8_matmul_note(old_gpu, ["bf16", "fp8_smooth"])
+    assert bench_step.fp8_matmul_note(old_gpu, ["bf16"]) is None  # nothing FP8 timed
+    cpu = SimpleNamespace(device=torch.device("cpu"), fp8_ops=Fp8Ops, describe=lambda: "cpu")
+    assert bench_step.fp8_matmul_note(cpu, ["fp8"]) is None  # the CPU emulates by design, and says so elsewhere
 
 
 def test_bench_adam_records_a_failed_variant_and_exits_nonzero(monkeypatch, capsys, tmp_path):
