@@ -193,6 +193,7 @@ def time_linears(model_cfg, tokens, backend, args) -> list[dict]:
     from fp8train.fp8.scaling import ScalingConfig, step_scalers
 
     d, f, kv = model_cfg.d_model, model_cfg.ffn_dim, model_cfg.kv_heads * model_cfg.head_dim
+    backend = dataclasses.replace(backend, compile_scope="model")  # a linear alone has no blocks: compiled whole
     rows = []
     for name, (k, n) in {"q/o_proj": (d, d), "k/v_proj": (d, kv), "gate/up_proj": (d, f), "down_proj": (f, d)}.items():
         x = torch.randn(tokens, k, device=backend.device, requires_grad=True)

@@ -6,6 +6,7 @@ time is not spent finding out that one does not.
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import json
 import math
@@ -208,6 +209,23 @@ def test_bench_step_warns_when_a_gpu_emulates_fp8():
     assert bench_step.fp8_matmul_note(old_gpu, ["bf16"]) is None  # nothing FP8 timed
     cpu = SimpleNamespace(device=torch.device("cpu"), fp8_ops=Fp8Ops, describe=lambda: "cpu")
     assert bench_step.fp8_matmul_note(cpu, ["fp8"]) is None  # the CPU emulates by design, and says so elsewhere
+
+
+def test_bench_step_times_linears_under_block_compilation(monkeypatch):
+    """--compile-scope block compiles the model's blocks; a linear timed alone has none and is compiled whole."""
+    from fp8train import backends
+    from fp8train.config import BackendConfig, CompileScope
+
+    bench_step = load_bench("bench_step")
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compiled.append(type(model).__name__) or model)
+    backend = backends.select(BackendConfig(name="cpu", compile_scope=CompileScope.block))
+    model_cfg = SimpleNamespace(d_model=32, ffn_dim=64, kv_heads=1, head_dim=16)
+    args = argparse.Namespace(compile=True, fast_accum=True, warmup=1, steps=1)
+    rows = bench_step.time_linears(model_cfg, 16, backend, args)
+    assert [r.get("error") for r in rows] == [None] * 4
+    assert all(positive(r["bf16_ms"]) and positive(r["fp8_ms"]) for r in rows)
+    assert compiled == ["Linear", "Fp8Linear"] * 4
 
 
 def test_bench_adam_records_a_failed_variant_and_exits_nonzero(monkeypatch, capsys, tmp_path):
