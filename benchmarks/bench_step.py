@@ -12,6 +12,9 @@ are reported as ratios to bf16 measured in the same run. ``--per-linear`` also t
 ``--profile N`` then runs N more steps of each variant under torch.profiler and splits their time by kernel kind:
 the GEMMs FP8 speeds up, attention, the compiler's fused kernels (casts, amaxes, norms, SwiGLU, loss), the
 optimizer and the rest; on a GPU also the time it sat idle (launch and host overhead).
+A variant that cannot run is said and kept in the JSON: torchao not installed under "skipped", anything else
+(out of memory, a compiler error) as its "error", after which the other variants still run and the exit status is
+1. "fp8_matmul" names the FP8 GEMM fp8train's variants used: scaled_mm, or emulated (the CPU, GPUs below sm_89).
 """
 
 from __future__ import annotations
