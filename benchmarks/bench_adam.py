@@ -61,6 +61,25 @@ def make_params(total: int, rows: int, cols: int, device: torch.device) -> list[
     return params
 
 
+def bytes_needed(numel: int, variants: list[str]) -> int:
+    """Memory the run holds at its peak: the parameters and gradients (fp32), one variant's copies of both, and the
+    largest state of the variants (fp32 m and v for fused AdamW, about 2 bytes a parameter for the FP8 ones)."""
+    state = 8 if "adamw_fused" in variants else 2.1
+    return int(numel * (16 + state))
+
+
+def bytes_available(device: torch.device) -> int | None:
+    """Free memory of the device (CUDA), or the memory Linux says is available (CPU); None where unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+    return kib * 1024
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -117,8 +136,27 @@ def main() -> None:
     )
     p.add_argument("--out", type=Path)
     args = p.parse_args()
-
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or not variants:
+        p.error(f"--variants {','.join(unknown)}: choose from {', '.join(VARIANTS)}")
+    for name, least in (("params", 1), ("rows", 1), ("cols", 1), ("steps", 1), ("warmup", 0)):
+        if getattr(args, name) < least:
+            p.error(f"--{name} {getattr(args, name)}: must be >= {least}")
+    if args.device.split(":")[0] not in ("cpu", "cuda"):
+        p.error(f"--device {args.device}: choose cpu or cuda")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(
+            f"--device {args.device}: no CUDA device is visible (torch.cuda.is_available() is False, torch "
+            f"{torch.__version__}). Use --device cpu, or a CUDA build of torch."
+        )
     device = torch.device(args.device)
+    need, have = bytes_needed(int(args.params), variants), bytes_available(device)
+    if have is not None and need > have:
+        p.error(
+            f"--params {args.params:g}: the parameters, their gradients, one variant's copies of both and its state "
+            f"need about {need / 2**30:,.1f} GiB, and {device} has {have / 2**30:,.1f} GiB free. Lower --params."
+        )
     params = make_params(int(args.params), args.rows, args.cols, device)
     numel = sum(q.numel() for q in params)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
@@ -135,12 +173,21 @@ def main() -> None:
         "skipped": {},
     }
     print(f"{numel:,} fp32 params in {len(params)} tensors of up to {args.rows}x{args.cols} on {results['device']}")
-    for variant in args.variants.split(","):
+    failed = {}
+    for variant in variants:
         try:
             results["variants"][variant] = run_variant(variant, params, device, args)
         except ImportError as e:
             results["skipped"][variant] = str(e)
             print(f"  {variant}: skipped ({e})")
+        except Exception as e:  # out of memory, a compiler error: the other variants still run
+            failed[variant] = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+            print(f"  {variant}: failed: {failed[variant]}")
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    if failed:
+        results["failed"] = failed
 
     base = results["variants"].get("adamw_fused")
     extra = device.type == "cuda"
@@ -160,6 +207,9 @@ def main() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2))
         print(f"wrote {args.out}")
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fp8train.config import compose  # noqa: E402
+from fp8train.errors import Fp8trainError  # noqa: E402
 from fp8train.loggers import setup_console  # noqa: E402
 from fp8train.trainer import Trainer  # noqa: E402
 
@@ -45,8 +46,21 @@ def main() -> None:
     parser.add_argument("--out", help="write the numbers to this JSON file")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for both trainers, e.g. backend.threads=1")
     args = parser.parse_args()
+    # At interval 3, any 3 consecutive steps hold a monitored and an unmonitored one: both medians exist.
+    for name, least in (("steps", 3), ("warmup", 0), ("interval", 1)):
+        if getattr(args, name) is not None and getattr(args, name) < least:
+            parser.error(f"--{name} {getattr(args, name)}: must be >= {least}")
     setup_console()
     base = ["logger.wandb.mode=disabled", "trainer.max_steps=100000", *args.overrides]
+    try:
+        measure(args, base)
+    except Fp8trainError as e:  # a bad override, a device this machine lacks: the message, no traceback
+        print(f"bench_monitor: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def measure(args: argparse.Namespace, base: list[str]) -> None:
+    """Time the two trainers built from the overrides ``base``, print the overhead and write --out."""
     interval = args.interval or compose(["monitor=default", *base]).monitor.interval
     with tempfile.TemporaryDirectory() as tmp:
         off = Trainer(compose([*base, "monitor=disabled"]), Path(tmp) / "off")

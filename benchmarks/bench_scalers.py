@@ -31,6 +31,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=50)
     p.add_argument("--out", type=Path)
     args = p.parse_args()
+    for name in ("linears", "rounds"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} {getattr(args, name)}: must be >= 1")
     torch.set_num_threads(1)
     cfg = ScalingConfig(recipe="delayed")  # one config per linear in the converter; equal configs group together
     scalers = nn.ModuleList(

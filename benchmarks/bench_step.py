@@ -12,6 +12,9 @@ are reported as ratios to bf16 measured in the same run. ``--per-linear`` also t
 ``--profile N`` then runs N more steps of each variant under torch.profiler and splits their time by kernel kind:
 the GEMMs FP8 speeds up, attention, the compiler's fused kernels (casts, amaxes, norms, SwiGLU, loss), the
 optimizer and the rest; on a GPU also the time it sat idle (launch and host overhead).
+A variant that cannot run is said and kept in the JSON: torchao not installed under "skipped", anything else
+(out of memory, a compiler error) as its "error", after which the other variants still run and the exit status is
+1. "fp8_matmul" names the FP8 GEMM fp8train's variants used: scaled_mm, or emulated (the CPU, GPUs below sm_89).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from fp8train.config import (  # noqa: E402
     SmoothSwiGLU,
     compose,
 )
+from fp8train.errors import Fp8trainError  # noqa: E402
 from fp8train.model import build_model  # noqa: E402
 
 # name: (overrides of conf/model, micro batch, seq_len); the model shapes come from the config files themselves.
@@ -192,6 +196,7 @@ def time_linears(model_cfg, tokens, backend, args) -> list[dict]:
     from fp8train.fp8.scaling import ScalingConfig, step_scalers
 
     d, f, kv = model_cfg.d_model, model_cfg.ffn_dim, model_cfg.kv_heads * model_cfg.head_dim
+    backend = dataclasses.replace(backend, compile_scope="model")  # a linear alone has no blocks: compiled whole
     rows = []
     for name, (k, n) in {"q/o_proj": (d, d), "k/v_proj": (d, kv), "gate/up_proj": (d, f), "down_proj": (f, d)}.items():
         x = torch.randn(tokens, k, device=backend.device, requires_grad=True)
@@ -222,6 +227,19 @@ def time_linears(model_cfg, tokens, backend, args) -> list[dict]:
     return rows
 
 
+def fp8_matmul_note(backend, variants: list[str]) -> str | None:
+    """A warning when fp8train's FP8 variants would time the emulation on a GPU (below sm_89): their numbers would
+    read as FP8 speed. None on the CPU, which emulates by design, and when no such variant runs."""
+    if backend.device.type == "cpu" or not set(variants) & {*VARIANTS} - {"bf16"}:
+        return None
+    if backend.fp8_ops().name != "emulated":
+        return None
+    return (
+        f"note: {backend.describe()} has no FP8 matmuls (sm_89+), so fp8train's FP8 variants run emulated here: "
+        "their times are those of the emulation, not of FP8 hardware."
+    )
+
+
 def release_memory() -> None:
     """Free what the variant just timed held (its model, optimizer state and compiled graphs) before the next."""
     torch._dynamo.reset()
@@ -250,11 +268,23 @@ def main() -> None:
     p.add_argument("--profile", type=int, default=0, metavar="N", help="profile N more steps of each variant")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
-    unknown = [v for v in args.variants.split(",") if v and v not in {*VARIANTS, "torchao_tensorwise"}]
+    variants = [v for v in args.variants.split(",") if v]  # --variants '' times the linears only
+    unknown = [v for v in variants if v not in {*VARIANTS, "torchao_tensorwise"}]
     if unknown:
         p.error(f"--variants {','.join(unknown)}: choose from {', '.join([*VARIANTS, 'torchao_tensorwise'])}")
-
-    backend = backends.select(BackendConfig(name=args.device, compile_scope=CompileScope(args.compile_scope)))
+    if args.steps < 1:
+        p.error(f"--steps {args.steps}: at least 1 timed step is needed")
+    if args.warmup < 0:
+        p.error(f"--warmup {args.warmup}: must be >= 0")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error(
+            f"--device cuda: no CUDA device is visible (torch.cuda.is_available() is False, torch "
+            f"{torch.__version__}). Use --device cpu, or a CUDA build of torch."
+        )
+    try:
+        backend = backends.select(BackendConfig(name=args.device, compile_scope=CompileScope(args.compile_scope)))
+    except Fp8trainError as e:
+        p.error(str(e))
     _, batch, seq_len = SHAPES[args.shape]
     model_cfg = model_config(args.shape)
     batch = args.batch or batch
@@ -268,24 +298,30 @@ def main() -> None:
         "compile": args.compile,
         "compile_scope": args.compile_scope,
         "fast_accum": args.fast_accum,
+        "fp8_matmul": backend.fp8_ops().name,  # scaled_mm (FP8 hardware) or emulated
         "variants": {},
+        "skipped": {},
     }
     print(
         f"{args.shape}: {model_cfg.n_layers} layers, d {model_cfg.d_model}, batch {batch} x {seq_len} on "
         f"{backend.describe()}, compile={args.compile} ({args.compile_scope})"
     )
+    if note := fp8_matmul_note(backend, variants):
+        print(note)
 
     def save() -> None:  # after every variant, so a run cut short keeps what it measured
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(results, indent=2))
 
-    for variant in [v for v in args.variants.split(",") if v]:  # --variants '' times the linears only
-        print(f"  {variant:20s} building and compiling ...", flush=True)
+    for variant in variants:
+        print(f"  {variant:20s} building{' and compiling' if args.compile else ''} ...", flush=True)
         try:
             r = time_steps(variant, model_cfg, batch, seq_len, backend, args)
-        except ImportError as e:
+        except ImportError as e:  # torchao not installed: said, and kept in the results, but not a failure
+            results["skipped"][variant] = str(e)
             print(f"  {variant:20s} skipped ({e})")
+            save()
             continue
         except Exception as e:  # one variant that fails (a compiler error, out of memory) must not cost the others
             first_line = (str(e).strip().splitlines() or [""])[0]
@@ -329,6 +365,11 @@ def main() -> None:
     save()
     if args.out:
         print(f"wrote {args.out}")
+    failed = [k for k, v in results["variants"].items() if "error" in v]
+    failed += [f"{r['linear']} ({r['error']})" for r in results.get("linears", []) if "error" in r]
+    if failed:  # what was measured is printed and saved, but the run did not do all it was asked
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
