@@ -193,10 +193,10 @@ class Trainer:
         with self.fp8_step():  # Habana TE: one FP8 region per optimizer step; a no-op otherwise
             for micro_step in range(accum):
                 inputs, targets = self.batch(self.data.train_batch(self.step, micro_step))
-                # On monitored steps the monitor's hooks and FP8 statistics watch the first micro-batch's fwd + bwd.
+                # On monitored steps the FP8 statistics count every micro-batch's fwd + bwd, the hooks the first's.
                 with (
                     self.engine.no_sync(sync=micro_step == accum - 1),
-                    self.monitor.capture(self.step + 1, micro_step == 0),
+                    self.monitor.capture(self.step + 1, micro_step),
                 ):
                     loss = self.loss(inputs, targets) / accum
                     self.engine.backward(loss)
@@ -322,8 +322,9 @@ class Trainer:
         return found[0] if found else None
 
     def loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        # With backend.compile=true the monitored micro-batch runs compiled too: its hooks and FP8 counters make a
-        # second graph, compiled at the first monitored step and reused by every later one.
+        # With backend.compile=true monitored micro-batches run compiled too: the hooks and FP8 counters make a second
+        # graph (the counters alone a third, for later micro-batches under accumulation), compiled at the first
+        # monitored step and reused by every later one.
         with self.backend.autocast(self.autocast_dtype):
             logits = self.forward(inputs)
         # Cross-entropy in fp32: log-softmax over a large vocabulary loses too much in bf16.
