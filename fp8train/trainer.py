@@ -656,23 +656,33 @@ def check_run_dir(run_dir: Path, cfg: Config, resuming: bool) -> None:
 
 # Settings a checkpoint's weights, optimizer state and FP8 scaling state only make sense with (data changes are
 # caught by the data fingerprint), less those that may change between two steps of one run: how scales are
-# derived from the amax history, how gradients round and how the forward GEMM accumulates, as well as lr, weight
-# decay, schedule, clipping, max_steps and logging, which are not listed.
+# derived from the amax history, how gradients round and how the forward GEMM accumulates, the initial weights'
+# std (the weights are loaded), as well as lr, weight decay, schedule, clipping, max_steps and logging, which are
+# not listed.
 FIXED_ON_RESUME = ("model.", "precision.", "optim.name:", "optim.m_format:", "optim.v_format:", "optim.block_size:",
                    "optim.fp8_min_numel:", "optim.habana_fused:")  # fmt: skip
-CHANGEABLE_ON_RESUME = ("model.name:", "model.init_from:", "precision.name:", "precision.margin:",
+CHANGEABLE_ON_RESUME = ("model.name:", "model.init_from:", "model.init_std:", "precision.name:", "precision.margin:",
                         "precision.amax_compute_algo:", "precision.stochastic_grad_rounding:",
                         "precision.fast_accum:")  # fmt: skip
+# Settings only some configurations read: FP8 Adam's (AdamWFp8's blocks only without Habana's fused Adam), and
+# every precision setting but the recipe under a bf16 or fp32 recipe.
+ADAMW_FP8_ONLY = ("m_format", "v_format", "block_size", "fp8_min_numel", "habana_fused")
+ADAMW_FP8_OWN = ("block_size", "fp8_min_numel")
 
 
 def check_resume_settings(path: Path, cfg: Config) -> None:
-    """Refuse to continue a checkpoint with settings that change what its state means, naming them."""
+    """Refuse to continue a checkpoint with settings that change what its state means, naming them. A setting
+    that neither the checkpoint's run nor this one uses (optim.block_size with optim=adamw) may differ."""
     if not (path / "config.yaml").is_file():
         return
+    old, new = _configs(path / "config.yaml", cfg)
     diffs = [
-        d
-        for d in settings_differences(path / "config.yaml", cfg, ("model", "optim", "precision"))
-        if d.startswith(FIXED_ON_RESUME) and not d.startswith(CHANGEABLE_ON_RESUME)
+        f"{key}: {format_value(a)} -> {format_value(b)}"
+        for section in ("model", "optim", "precision")
+        for key, a, b in _differences(old.get(section), new[section], section)
+        if f"{key}:".startswith(FIXED_ON_RESUME)
+        and not f"{key}:".startswith(CHANGEABLE_ON_RESUME)
+        and (_in_effect(key, old) or _in_effect(key, new))
     ]
     if diffs:
         raise CheckpointError(
@@ -683,10 +693,28 @@ def check_resume_settings(path: Path, cfg: Config) -> None:
         )
 
 
-def settings_differences(old_file: Path, cfg: Config, sections: tuple[str, ...]) -> list[str]:
-    """``key: old -> new`` for each setting of ``sections`` that differs between a saved config.yaml and ``cfg``."""
+def _in_effect(key: str, config: dict) -> bool:
+    """Whether a run with ``config`` (a config.yaml's dict) reads the setting ``key``."""
+    section, _, name = key.partition(".")
+    part = config.get(section)
+    part = part if isinstance(part, dict) else {}
+    if section == "optim" and name in ADAMW_FP8_ONLY:
+        return part.get("name") == "adamw_fp8" and not (name in ADAMW_FP8_OWN and part.get("habana_fused"))
+    if section == "precision" and name not in ("name", "recipe"):
+        return part.get("recipe") == "fp8"
+    return True
+
+
+def _configs(old_file: Path, cfg: Config) -> tuple[dict, dict]:
+    """A saved config.yaml and ``cfg``, as plain dicts with enums as strings."""
     old = OmegaConf.to_container(OmegaConf.load(old_file), resolve=True)
     new = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True)
+    return old, new
+
+
+def settings_differences(old_file: Path, cfg: Config, sections: tuple[str, ...]) -> list[str]:
+    """``key: old -> new`` for each setting of ``sections`` that differs between a saved config.yaml and ``cfg``."""
+    old, new = _configs(old_file, cfg)
     return [
         f"{key}: {format_value(a)} -> {format_value(b)}"  # as an override writes them: null, true, [0.9,0.95]
         for section in sections
