@@ -23,28 +23,69 @@ def fail(error: Fp8trainError) -> None:
     sys.exit(2)
 
 
+MULTIRUN_FLAGS = ("-m", "--multirun")
+
+
 def preflight(argv: list[str]) -> None:
     """Validate the composed config and an explicit hydra.run.dir before Hydra creates the run directory, so a
     typo leaves nothing behind and a run dir Hydra cannot create is a message, not Hydra's traceback.
 
-    Skipped when Hydra flags are present (--multirun, --cfg, ...): then each job validates its own config.
+    A multirun (-m, or a config that sets hydra.mode=MULTIRUN, as experiment=compare_bf16_fp8 does) has the config
+    of every job checked, so that a bad value in one job stops the sweep before any job trains, rather than after
+    the jobs before it. Skipped when other Hydra flags are present (--cfg, --help, ...): then Hydra does the work.
     """
-    if any(a.startswith("-") for a in argv):
+    if any(a.startswith("-") and a not in MULTIRUN_FLAGS for a in argv):
         return
     problems = run_dir_problems(argv)
-    try:
-        cfg = compose([a for a in argv if not a.startswith(("hydra.", "hydra/"))])
-    except ConfigError as e:
-        problems = [*e.problems, *problems]
-    except Fp8trainError as e:
-        fail(e)
-    else:
-        from fp8train.backends import unavailable  # imports torch, which the run needs next anyway
+    overrides = [a for a in argv if not a.startswith("-")]
+    jobs = sweep_jobs(overrides, multirun=any(a in MULTIRUN_FLAGS for a in argv)) or [overrides]
+    missing_backends: list[str] = []
+    for job in jobs:
+        try:
+            cfg = compose([a for a in job if not a.startswith(("hydra.", "hydra/", "~hydra", "+hydra"))])
+        except ConfigError as e:
+            problems += [p for p in e.problems if p not in problems]
+        except Fp8trainError as e:
+            fail(e)
+        else:
+            from fp8train.backends import unavailable  # imports torch, which the run needs next anyway
 
-        if problem := unavailable(cfg.backend):
-            problems.append(problem)
+            if (problem := unavailable(cfg.backend)) and problem not in missing_backends:
+                missing_backends.append(problem)
+    problems += missing_backends
     if problems:
         fail(ConfigError(problems))
+
+
+def sweep_jobs(overrides: list[str], multirun: bool) -> list[list[str]] | None:
+    """The overrides of each job Hydra's basic sweeper would launch (the config's hydra.sweeper.params, then the
+    command line's), when ``overrides`` start a multirun; None for a single run, or when Hydra will refuse the
+    overrides itself (then composing them names the problem)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    parser = OverridesParser.create()
+    try:
+        parsed = parser.parse_overrides(overrides)
+        # The config with each swept value at its first choice: whether it is a multirun, and its sweeper's params.
+        first = [
+            f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}" if o.is_sweep_override() else o.input_line
+            for o in parsed
+        ]
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            raw = hydra_compose(config_name="config", overrides=first, return_hydra_config=True)
+        multirun = multirun or str(OmegaConf.select(raw, "hydra.mode")) == "RunMode.MULTIRUN"
+        if not multirun:
+            return None
+        params = raw.hydra.sweeper.get("params") or {}
+        swept = parser.parse_overrides([f"{k}={v}" for k, v in params.items()] + overrides)
+        (jobs,) = BasicSweeper.split_arguments(swept, max_batch_size=None)
+    except Exception:  # malformed overrides, unknown keys, sweeps the basic sweeper cannot do: composing tells
+        return None
+    return jobs
 
 
 def run_dir_problems(argv: list[str]) -> list[str]:

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from fp8train.cli.main import main
-from fp8train.cli.train import run_dir_problems
+from fp8train.cli.train import preflight, run_dir_problems
+from tests.helpers import SMALL
 
 
 def run_cli(*args) -> int:
@@ -108,3 +109,31 @@ def test_report_skips_lines_that_are_not_records(tmp_path, capsys):
         f.write('7\n{"step": 2}\n')
     assert run_cli("report", run, "--out", tmp_path / "report") == 0
     assert "1 monitored steps (1..1), 1 layers" in capsys.readouterr().out
+
+
+def preflight_status(argv: list[str]) -> int:
+    try:
+        preflight(argv)
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
+@pytest.mark.parametrize(
+    "sweep, named",
+    [
+        (["-m", "precision=bf16,fp8", "optim.lr=1e-3,-1"], "optim.lr=-1.0: must be > 0"),
+        (["--multirun", "precision=bf16,fp9"], "precision=fp9: unknown option"),
+        # a config that is a multirun by itself, its arms in hydra.sweeper.params
+        (["experiment=compare_bf16_fp8", "trainer.micro_batch_size=0"], "trainer.micro_batch_size=0: must be > 0"),
+        (["experiment=compare_bf16_fp8", "hydra.sweeper.params.variant='bf16,fp7'"], "variant=fp7: unknown option"),
+    ],
+)
+def test_a_bad_job_of_a_multirun_is_refused_before_any_job_starts(tmp_path, capsys, sweep, named):
+    # Without this check the jobs before the bad one train (hours, on a real sweep) and the sweep stops at it.
+    argv = [*SMALL, *sweep, f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    assert preflight_status(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fp8train: Invalid configuration") and named in err and "Traceback" not in err
+    assert not (tmp_path / "sweep").exists()
+    assert preflight_status([*SMALL, "-m", "precision=bf16,fp8", "optim.lr=1e-3,2e-3"]) == 0
