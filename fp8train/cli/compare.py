@@ -212,6 +212,11 @@ def _last(values: dict[int, float], last_step: int) -> str:
     return f"{values[step]:.4f}" + (f" (step {step})" if step != last_step else "")
 
 
+def _speed(tokens_per_s: float) -> str:
+    """tokens/s as a table cell; "-" for a run that logged no line after the first (which holds the warm-up)."""
+    return f"{tokens_per_s:,.0f}" if math.isfinite(tokens_per_s) else "-"
+
+
 def disambiguate(runs: list[Run]) -> None:
     """Two bf16 runs (seeds, say) must not share a legend entry or a table row: add the run directory's name, and
     as many of its parent folders as it takes (two sweeps name their arms' folders alike)."""
@@ -247,7 +252,7 @@ def compare(run_dirs: list[Path], out: Path) -> str:
         final_loss, final_val = _last(run.train, run.last_step), _last(run.val, run.last_step)
         lines.append(
             f"| {run.label} | {run.last_step} | {final_loss} | {final_val} | {val_gap} | {worst_val_gap} "
-            f"| {train_gap} | {run.tokens_per_s:,.0f} | {'yes' if not diff else 'no: different ' + diff} "
+            f"| {train_gap} | {_speed(run.tokens_per_s)} | {'yes' if not diff else 'no: different ' + diff} "
             f"| {'; '.join(run.notes())} |"
         )
     table = "\n".join(lines)

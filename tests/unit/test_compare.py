@@ -225,3 +225,12 @@ def test_the_same_global_batch_split_otherwise_is_comparable(tmp_path):
     )
     rows = rows_of(compare([ref, ranks, accum], tmp_path / "out"))
     assert rows["fp8"]["comparable"] == "yes" and rows["fp8_smooth"]["comparable"] == "yes"
+
+
+def test_tokens_per_s_of_a_run_with_one_logged_line_is_a_dash_not_nan(tmp_path):
+    # The first logged window holds the warm-up and is left out of the mean: a run that logged one line (one step, or
+    # logger.log_every as long as the run) has no speed to show.
+    ref = make_run(tmp_path / "bf16", curve(8, range(1, 4)), {}, ["precision=bf16"], max_steps=3)
+    short = make_run(tmp_path / "fp8", {1: 8.0}, {1: 9.0}, ["precision=fp8"], max_steps=1)
+    rows = rows_of(compare([ref, short], tmp_path / "out"))
+    assert rows["bf16"]["tokens/s"] == "1,000" and rows["fp8"]["tokens/s"] == "-"
