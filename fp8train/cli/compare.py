@@ -78,7 +78,13 @@ class Run:
         if not is_run_dir(path):
             raise Fp8trainError(f"{path}: not an fp8train run directory (needs metrics.jsonl and config.yaml).")
         cfg = read_config(path / "config.yaml")
-        rows = read_metrics(path)
+        try:
+            rows = [r for r in read_metrics(path) if isinstance(r, dict)]  # lines of other JSON values are no records
+        except (OSError, UnicodeDecodeError) as e:
+            raise Fp8trainError(
+                f"{path / 'metrics.jsonl'} cannot be read ({first_line(e)}); compare the runs whose metrics.jsonl "
+                f"train.py wrote, or leave this one out."
+            ) from None
         train = {r["step"]: r["loss"] for r in rows if isinstance(r.get("loss"), (int, float))}
         val = {r["step"]: r["val_loss"] for r in rows if isinstance(r.get("val_loss"), (int, float))}
         speeds = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r][1:]  # the first window holds warm-up
@@ -145,22 +151,33 @@ def is_run_dir(path: Path) -> bool:
     return (path / "metrics.jsonl").is_file() and (path / "config.yaml").is_file()
 
 
-def find_runs(paths: list[Path]) -> tuple[list[Path], list[Path]]:
-    """(run directories, paths skipped) from what the user named: run directories, or folders holding runs (a
-    Hydra multirun's sweep folder); its multirun.yaml or an earlier compare/ output are skipped, not errors."""
-    runs, skipped = [], []
+NOT_A_RUN = "not an fp8train run directory (needs metrics.jsonl and config.yaml)"
+
+
+def load_runs(paths: list[Path]) -> tuple[list[Run], list[str]]:
+    """(runs, notes on what was skipped) from what the user named: run directories, or folders holding runs (a
+    Hydra multirun's sweep folder). A named run directory that cannot be read is an error; in a folder of runs, a
+    folder that is not one (submitit's .submitit, notes, a job that died before logging, another tool's run) is
+    skipped with a note, as is a named path that is neither (a sweep's multirun.yaml or compare/ through a glob)."""
+    runs, skipped, unreadable = [], [], []
     for path in paths:
+        inner = sorted(p for p in path.iterdir() if p.is_dir()) if path.is_dir() and not is_run_dir(path) else []
         if is_run_dir(path):
-            runs.append(path)
-        elif path.is_dir() and (inner := sorted(p for p in path.iterdir() if p.is_dir() and is_run_dir(p))):
-            runs.extend(inner)
+            runs.append(Run.load(path))
+        elif any(is_run_dir(p) for p in inner):
+            for p in inner:
+                try:
+                    if not is_run_dir(p):
+                        raise Fp8trainError(NOT_A_RUN)
+                    runs.append(Run.load(p))
+                except Fp8trainError as e:
+                    skipped.append(f"skipped {p}: {e}")
+                    unreadable += [str(e)] if is_run_dir(p) else []
         else:
-            skipped.append(path)
+            skipped.append(f"skipped {path}: not a run directory")
     if not runs:
-        names = ", ".join(map(str, skipped))
-        raise Fp8trainError(
-            f"{names}: not an fp8train run directory (needs metrics.jsonl and config.yaml), nor a folder of them."
-        )
+        names = ", ".join(map(str, paths))
+        raise Fp8trainError(" ".join([f"{names}: {NOT_A_RUN}, nor a folder of them.", *unreadable]))
     return runs, skipped
 
 
@@ -233,12 +250,11 @@ def disambiguate(runs: list[Run]) -> None:
 
 def compare(run_dirs: list[Path], out: Path) -> str:
     """Draw out/compare.png and return the table (also written to out/compare.md)."""
-    paths, skipped = find_runs([Path(p) for p in run_dirs])
-    runs = [Run.load(p) for p in paths]
+    runs, skipped = load_runs([Path(p) for p in run_dirs])
     disambiguate(runs)
     ref = next((r for r in runs if r.config.precision.name == "bf16"), runs[0])
     lines = [f"reference: {ref.label} ({ref.path})"]
-    lines += [f"skipped {p}: not a run directory" for p in skipped]
+    lines += skipped
     lines += [
         "",
         "| run | steps | final loss | final val_loss | val gap to ref | largest val gap | train gap to ref "
