@@ -302,7 +302,8 @@ def plot(runs: list[Run], ref: Run, path: Path) -> None:
     ax_gap.axhline(0, color="gray", linewidth=0.8)
     for ax in (ax_train, ax_val, ax_gap):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # no curve (the gap of a single run): no legend, no warning
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

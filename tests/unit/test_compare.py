@@ -266,3 +266,11 @@ def test_folders_in_a_sweep_that_are_not_runs_are_skipped_with_a_note(tmp_path):
     shutil.move(other, tmp_path / "nothing")
     with pytest.raises(Fp8trainError, match="not the config.yaml of an fp8train run"):
         compare([tmp_path / "nothing"], tmp_path / "out2")
+
+
+def test_one_run_compares_without_a_matplotlib_warning(tmp_path, recwarn):
+    # The gap panel of a single run has no curve: a legend call there printed "No artists with labels found".
+    only = make_run(tmp_path / "bf16", curve(8, range(1, 11)), curve(9, (5, 10)), ["precision=bf16"])
+    compare([only], tmp_path / "out")
+    assert not [w for w in recwarn if "legend" in str(w.message)]
+    assert (tmp_path / "out" / "compare.png").stat().st_size > 10_000
