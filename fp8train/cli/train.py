@@ -36,11 +36,12 @@ def preflight(argv: list[str]) -> None:
     """
     if any(a.startswith("-") and a not in MULTIRUN_FLAGS for a in argv):
         return
-    problems = run_dir_problems(argv)
+    problems, missing_backends = run_dir_problems(argv), []
     overrides = [a for a in argv if not a.startswith("-")]
-    jobs = sweep_jobs(overrides, multirun=any(a in MULTIRUN_FLAGS for a in argv)) or [overrides]
-    missing_backends: list[str] = []
-    for job in jobs:
+    jobs = sweep_jobs(overrides, multirun=any(a in MULTIRUN_FLAGS for a in argv))
+    if jobs is not None:
+        problems += run_dir_problems(argv, "hydra.sweep.dir")
+    for job in jobs or [overrides]:
         try:
             cfg = compose([a for a in job if not a.startswith(("hydra.", "hydra/", "~hydra", "+hydra"))])
         except ConfigError as e:
@@ -88,15 +89,16 @@ def sweep_jobs(overrides: list[str], multirun: bool) -> list[list[str]] | None:
     return jobs
 
 
-def run_dir_problems(argv: list[str]) -> list[str]:
-    """Why an explicit hydra.run.dir cannot be a run directory: Hydra would fail creating it with a traceback.
+def run_dir_problems(argv: list[str], key: str = "hydra.run.dir") -> list[str]:
+    """Why an explicit hydra.run.dir (or a multirun's hydra.sweep.dir, with ``key``) cannot be a run directory (the
+    folder of a sweep's run directories): Hydra would fail creating it with a traceback.
 
     Only the part before the first ``${...}`` is checked (the folder it names, or the folder it ends in),
     so nothing is created and interpolations Hydra fills in at start-up (``${now:...}``) need no resolving.
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    args = [a for a in argv if "hydra.run.dir=" in a]
+    args = [a for a in argv if f"{key}=" in a]
     try:
         overrides = OverridesParser.create().parse_overrides(args)
     except Exception:  # Hydra reports malformed overrides itself
@@ -104,7 +106,7 @@ def run_dir_problems(argv: list[str]) -> list[str]:
     problems = []
     for o in overrides:
         value = o.value()
-        if o.key_or_group != "hydra.run.dir" or not isinstance(value, str) or not value:
+        if o.key_or_group != key or not isinstance(value, str) or not value:
             continue
         fixed = value.split("${", 1)[0]
         if "${" in value:  # the run dir is a folder yet to be named inside this one
@@ -112,7 +114,8 @@ def run_dir_problems(argv: list[str]) -> list[str]:
         else:
             problem = folder_problem(Path(value))
         if problem:
-            problems.append(f"hydra.run.dir={value}: {problem}; choose a run directory in a writable folder")
+            what = "a run directory" if key == "hydra.run.dir" else "a sweep folder"
+            problems.append(f"{key}={value}: {problem}; choose {what} in a writable folder")
     return problems
 
 

@@ -137,3 +137,11 @@ def test_a_bad_job_of_a_multirun_is_refused_before_any_job_starts(tmp_path, caps
     assert err.startswith("fp8train: Invalid configuration") and named in err and "Traceback" not in err
     assert not (tmp_path / "sweep").exists()
     assert preflight_status([*SMALL, "-m", "precision=bf16,fp8", "optim.lr=1e-3,2e-3"]) == 0
+
+
+def test_a_sweep_folder_in_a_file_is_named_before_hydra_fails_on_it(a_file, capsys):
+    argv = [*SMALL, "-m", "precision=bf16,fp32", f"hydra.sweep.dir={a_file}/sweep"]
+    assert preflight_status(argv) == 2
+    err = capsys.readouterr().err
+    assert f"hydra.sweep.dir={a_file}/sweep: {a_file} is a file, not a folder; choose a sweep folder" in err
+    assert preflight_status([*SMALL, f"hydra.sweep.dir={a_file}/sweep"]) == 0  # a single run does not use it
