@@ -175,6 +175,9 @@ def load_runs(paths: list[Path]) -> tuple[list[Run], list[str]]:
                     unreadable += [str(e)] if is_run_dir(p) else []
         else:
             skipped.append(f"skipped {path}: not a run directory")
+    # A run named twice (a sweep folder and one of its runs) is one run: its first mention counts.
+    seen: set[Path] = set()
+    runs = [r for r in runs if not (r.path.resolve() in seen or seen.add(r.path.resolve()))]
     if not runs:
         names = ", ".join(map(str, paths))
         raise Fp8trainError(" ".join([f"{names}: {NOT_A_RUN}, nor a folder of them.", *unreadable]))

@@ -274,3 +274,13 @@ def test_one_run_compares_without_a_matplotlib_warning(tmp_path, recwarn):
     compare([only], tmp_path / "out")
     assert not [w for w in recwarn if "legend" in str(w.message)]
     assert (tmp_path / "out" / "compare.png").stat().st_size > 10_000
+
+
+def test_a_run_named_twice_is_one_row(tmp_path):
+    # `fp8train compare SWEEP SWEEP/0_bf16` (or a glob that overlaps) named one run twice: two rows with the same
+    # numbers, labelled by their whole path.
+    sweep = tmp_path / "multirun"
+    ref = make_run(sweep / "0_bf16", curve(8, range(1, 11)), curve(9, (5, 10)), ["precision=bf16"])
+    make_run(sweep / "1_fp8", curve(8, range(1, 11), 1.01), curve(9, (5, 10)), ["precision=fp8"])
+    rows = rows_of(compare([sweep, ref, sweep / "1_fp8" / ".." / "1_fp8"], tmp_path / "out"))
+    assert list(rows) == ["bf16", "fp8"]
