@@ -261,7 +261,7 @@ class Trainer:
         return DivergenceError(
             f"{self.bad_in_a_row} steps in a row (up to step {self.step}) had a non-finite loss or gradient norm; "
             f"{where}. The weights were left at the last good step and saved in {self.saved_path}. Lower optim.lr, "
-            f"set optim.grad_clip{bf16_hint}, then continue with hydra.run.dir={self.run_dir} resume=auto "
+            f"set optim.grad_clip{bf16_hint}, then continue with {continue_overrides(self.run_dir)} "
             f"(trainer.max_bad_steps=N tolerates more bad steps)."
         )
 
@@ -287,7 +287,7 @@ class Trainer:
             "or use another torch/Triton version. "
             + (
                 f"The last checkpoint, {self.saved_path}, is intact: continue from it with "
-                f"hydra.run.dir={self.run_dir} resume=auto backend.compile=false."
+                f"{continue_overrides(self.run_dir)} backend.compile=false."
                 if self.saved_path
                 else "No checkpoint had been written yet."
             )
@@ -606,7 +606,7 @@ def find_resume_checkpoint(resume: str, ckpt_root: Path) -> Path | None:
         if checkpoint.latest(ckpt_root) is not None:
             raise CheckpointError(
                 f"The run directory {ckpt_root.parent} already holds checkpoints. Pass resume=auto to continue "
-                f"that run, or choose a new directory with hydra.run.dir=PATH."
+                f"that run, or choose a new directory with {new_dir_override()}."
             )
         return None
     path = Path(resume).expanduser().resolve()
@@ -645,12 +645,12 @@ def check_run_dir(run_dir: Path, cfg: Config, resuming: bool) -> None:
     except Exception as e:  # not a config fp8train wrote: still someone's file, so leave it alone
         raise RunDirError(
             f"The run directory {run_dir} holds a config.yaml that cannot be read ({e}). Choose a new directory "
-            f"with hydra.run.dir=PATH."
+            f"with {new_dir_override()}."
         ) from None
     if diffs:
         raise RunDirError(
             f"The run directory {run_dir} holds a run with other settings ({'; '.join(diffs)}) and no checkpoint to "
-            f"continue it from. Choose a new directory with hydra.run.dir=PATH, or remove that run's files."
+            f"continue it from. Choose a new directory with {new_dir_override()}, or remove that run's files."
         )
 
 
@@ -689,7 +689,7 @@ def check_resume_settings(path: Path, cfg: Config) -> None:
             f"resume: {path} was written with other settings ({'; '.join(diffs)}), and its weights, optimizer "
             f"state and FP8 scaling state only continue with its own (in {path / 'config.yaml'}). Drop or change "
             f"those overrides, or start a new run from its weights with model.init_from={path} and a new "
-            f"hydra.run.dir."
+            f"{new_dir_override().removesuffix('=PATH')}."
         )
 
 
@@ -736,6 +736,11 @@ def multirun_sweep_dir() -> str | None:
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return None
     return str(HydraConfig.get().sweep.dir)
+
+
+def new_dir_override() -> str:
+    """How to start in another directory: hydra.run.dir, or in a multirun (which ignores it) hydra.sweep.dir."""
+    return "hydra.sweep.dir=PATH" if multirun_sweep_dir() else "hydra.run.dir=PATH"
 
 
 def continue_overrides(run_dir: Path) -> str:

@@ -256,3 +256,18 @@ def test_resume_compares_only_the_settings_in_effect(tmp_path, written, resumed,
     with pytest.raises(trainer_module.CheckpointError) as err:
         trainer_module.check_resume_settings(tmp_path, compose([*SMALL, *resumed.split()]))
     assert all(part in str(err.value) for part in refused.split("; "))
+
+
+def test_in_a_multirun_the_advice_names_hydra_sweep_dir(stopped_run, monkeypatch):
+    # A multirun job ignores hydra.run.dir: advice to choose a new directory, or to continue, names the sweep folder.
+    monkeypatch.setattr(trainer_module, "multirun_sweep_dir", lambda: "/runs/sweep")
+    with pytest.raises(trainer_module.CheckpointError) as taken:
+        make_trainer(stopped_run, *RESUMABLE, "optim.lr=1e-2")  # resume=none in a run dir with checkpoints
+    with pytest.raises(trainer_module.CheckpointError) as changed:
+        make_trainer(stopped_run, *RESUMABLE, "optim.lr=1e-2", "model.n_layers=3", "resume=auto")
+    for err in (taken, changed):
+        assert "hydra.sweep.dir" in str(err.value) and "hydra.run.dir" not in str(err.value)
+    t = make_trainer(stopped_run, *RESUMABLE, "optim.lr=1e-2", "resume=auto")
+    t.saved_path = stopped_run / "checkpoints" / "step_0000002"
+    for err in (t.divergence_error(), t.compile_error(RuntimeError("PassManager::run failed"))):
+        assert "hydra.sweep.dir=/runs/sweep resume=auto" in str(err) and "hydra.run.dir" not in str(err)
