@@ -675,14 +675,10 @@ def check_resume_settings(path: Path, cfg: Config) -> None:
     that neither the checkpoint's run nor this one uses (optim.block_size with optim=adamw) may differ."""
     if not (path / "config.yaml").is_file():
         return
-    old, new = _configs(path / "config.yaml", cfg)
     diffs = [
-        f"{key}: {format_value(a)} -> {format_value(b)}"
-        for section in ("model", "optim", "precision")
-        for key, a, b in _differences(old.get(section), new[section], section)
-        if f"{key}:".startswith(FIXED_ON_RESUME)
-        and not f"{key}:".startswith(CHANGEABLE_ON_RESUME)
-        and (_in_effect(key, old) or _in_effect(key, new))
+        d
+        for d in settings_differences(path / "config.yaml", cfg, ("model", "optim", "precision"))
+        if d.startswith(FIXED_ON_RESUME) and not d.startswith(CHANGEABLE_ON_RESUME)
     ]
     if diffs:
         raise CheckpointError(
@@ -705,20 +701,16 @@ def _in_effect(key: str, config: dict) -> bool:
     return True
 
 
-def _configs(old_file: Path, cfg: Config) -> tuple[dict, dict]:
-    """A saved config.yaml and ``cfg``, as plain dicts with enums as strings."""
+def settings_differences(old_file: Path, cfg: Config, sections: tuple[str, ...]) -> list[str]:
+    """``key: old -> new`` for each setting of ``sections`` that differs between a saved config.yaml and ``cfg``
+    and that either run reads (optim.block_size with optim=adamw may differ)."""
     old = OmegaConf.to_container(OmegaConf.load(old_file), resolve=True)
     new = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True)
-    return old, new
-
-
-def settings_differences(old_file: Path, cfg: Config, sections: tuple[str, ...]) -> list[str]:
-    """``key: old -> new`` for each setting of ``sections`` that differs between a saved config.yaml and ``cfg``."""
-    old, new = _configs(old_file, cfg)
     return [
         f"{key}: {format_value(a)} -> {format_value(b)}"  # as an override writes them: null, true, [0.9,0.95]
         for section in sections
         for key, a, b in _differences(old.get(section), new[section], section)
+        if _in_effect(key, old) or _in_effect(key, new)
     ]
 
 

@@ -271,3 +271,12 @@ def test_in_a_multirun_the_advice_names_hydra_sweep_dir(stopped_run, monkeypatch
     t.saved_path = stopped_run / "checkpoints" / "step_0000002"
     for err in (t.divergence_error(), t.compile_error(RuntimeError("PassManager::run failed"))):
         assert "hydra.sweep.dir=/runs/sweep resume=auto" in str(err) and "hydra.run.dir" not in str(err)
+
+
+def test_starting_over_in_a_run_dir_ignores_settings_neither_run_reads(tmp_path):
+    # A run that died before its first checkpoint may start over with the same settings; one it does not read
+    # (optim.block_size with optim=adamw) is not another run.
+    (tmp_path / "config.yaml").write_text(trainer_module.config_yaml(compose([*SMALL, "optim=adamw"])))
+    trainer_module.check_run_dir(tmp_path, compose([*SMALL, "optim=adamw", "optim.block_size=64"]), resuming=False)
+    with pytest.raises(trainer_module.RunDirError, match=r"optim.lr: 0.001 -> 0.002"):
+        trainer_module.check_run_dir(tmp_path, compose([*SMALL, "optim=adamw", "optim.lr=2e-3"]), resuming=False)
