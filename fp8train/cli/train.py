@@ -11,7 +11,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from fp8train.config import CONF_DIR, compose, register_schema, to_typed
+from fp8train.config import CONF_DIR, compose, override_problems, register_schema, to_typed
 from fp8train.errors import ConfigError, Fp8trainError
 
 register_schema()
@@ -60,8 +60,8 @@ def preflight(argv: list[str]) -> None:
 
 def sweep_jobs(overrides: list[str], multirun: bool) -> list[list[str]] | None:
     """The overrides of each job Hydra's basic sweeper would launch (the config's hydra.sweeper.params, then the
-    command line's), when ``overrides`` start a multirun; None for a single run, or when Hydra will refuse the
-    overrides itself (then composing them names the problem)."""
+    command line's), when ``overrides`` start a multirun; None for a single run. An override Hydra cannot parse
+    goes to every job as it is, for composing to name it."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
@@ -69,24 +69,34 @@ def sweep_jobs(overrides: list[str], multirun: bool) -> list[list[str]] | None:
     from omegaconf import OmegaConf
 
     parser = OverridesParser.create()
+    parsed, unparsed = [], []
+    for arg in overrides:
+        try:
+            parsed.append(parser.parse_override(arg))
+        except Exception:
+            unparsed.append(arg)
+    # The config with each swept value at its first choice, less overrides composing would refuse: whether it is a
+    # multirun, and its sweeper's params.
+    first = [
+        f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}" if o.is_sweep_override() else o.input_line
+        for o in parsed
+    ]
+    params = {}
     try:
-        parsed = parser.parse_overrides(overrides)
-        # The config with each swept value at its first choice: whether it is a multirun, and its sweeper's params.
-        first = [
-            f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}" if o.is_sweep_override() else o.input_line
-            for o in parsed
-        ]
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            raw = hydra_compose(config_name="config", overrides=first, return_hydra_config=True)
+            raw = hydra_compose(config_name="config", overrides=override_problems(first)[1], return_hydra_config=True)
         multirun = multirun or str(OmegaConf.select(raw, "hydra.mode")) == "RunMode.MULTIRUN"
-        if not multirun:
-            return None
         params = raw.hydra.sweeper.get("params") or {}
-        swept = parser.parse_overrides([f"{k}={v}" for k, v in params.items()] + overrides)
-        (jobs,) = BasicSweeper.split_arguments(swept, max_batch_size=None)
-    except Exception:  # malformed overrides, unknown keys, sweeps the basic sweeper cannot do: composing tells
+    except Exception:  # the config itself does not compose: the jobs' composing names why
+        pass
+    if not multirun:
         return None
-    return jobs
+    try:
+        swept = parser.parse_overrides([f"{k}={v}" for k, v in params.items()]) + parsed
+        (jobs,) = BasicSweeper.split_arguments(swept, max_batch_size=None)
+    except Exception:  # a sweep the basic sweeper cannot do (an interval): Hydra says so itself
+        return None
+    return [[*job, *unparsed] for job in jobs]
 
 
 def run_dir_problems(argv: list[str], key: str = "hydra.run.dir") -> list[str]:

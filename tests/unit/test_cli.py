@@ -124,6 +124,9 @@ def preflight_status(argv: list[str]) -> int:
     [
         (["-m", "precision=bf16,fp8", "optim.lr=1e-3,-1"], "optim.lr=-1.0: must be > 0"),
         (["--multirun", "precision=bf16,fp9"], "precision=fp9: unknown option"),
+        # a bad override beside a sweep is named alone, not with Hydra's "Ambiguous value" for the sweep
+        (["-m", "precision=bf16,fp8", "optim.lrr=1"], "optim.lrr: unknown setting"),
+        (["-m", "precision=bf16,fp8", "optim.lr=[1"], "optim.lr=[1: not an override Hydra can parse"),
         # a config that is a multirun by itself, its arms in hydra.sweeper.params
         (["experiment=compare_bf16_fp8", "trainer.micro_batch_size=0"], "trainer.micro_batch_size=0: must be > 0"),
         (["experiment=compare_bf16_fp8", "hydra.sweeper.params.variant='bf16,fp7'"], "variant=fp7: unknown option"),
@@ -134,7 +137,7 @@ def test_a_bad_job_of_a_multirun_is_refused_before_any_job_starts(tmp_path, caps
     argv = [*SMALL, *sweep, f"hydra.sweep.dir={tmp_path / 'sweep'}"]
     assert preflight_status(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith("fp8train: Invalid configuration") and named in err and "Traceback" not in err
+    assert err.startswith("fp8train: Invalid configuration (1 problem)") and named in err and "Traceback" not in err
     assert not (tmp_path / "sweep").exists()
     assert preflight_status([*SMALL, "-m", "precision=bf16,fp8", "optim.lr=1e-3,2e-3"]) == 0
 
