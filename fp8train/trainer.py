@@ -194,10 +194,10 @@ class Trainer:
         with self.fp8_step():  # Habana TE: one FP8 region per optimizer step; a no-op otherwise
             for micro_step in range(accum):
                 inputs, targets = self.batch(self.data.train_batch(self.step, micro_step))
-                # On monitored steps the monitor's hooks and FP8 statistics watch the first micro-batch's fwd + bwd.
+                # On monitored steps the FP8 statistics count every micro-batch's fwd + bwd, the hooks the first's.
                 with (
                     self.engine.no_sync(sync=micro_step == accum - 1),
-                    self.monitor.capture(self.step + 1, micro_step == 0),
+                    self.monitor.capture(self.step + 1, micro_step),
                 ):
                     loss = self.loss(inputs, targets) / accum
                     self.engine.backward(loss)
@@ -262,7 +262,7 @@ class Trainer:
         return DivergenceError(
             f"{self.bad_in_a_row} steps in a row (up to step {self.step}) had a non-finite loss or gradient norm; "
             f"{where}. The weights were left at the last good step and saved in {self.saved_path}. Lower optim.lr, "
-            f"set optim.grad_clip{bf16_hint}, then continue with hydra.run.dir={self.run_dir} resume=auto "
+            f"set optim.grad_clip{bf16_hint}, then continue with {continue_overrides(self.run_dir)} "
             f"(trainer.max_bad_steps=N tolerates more bad steps)."
         )
 
@@ -288,7 +288,7 @@ class Trainer:
             "or use another torch/Triton version. "
             + (
                 f"The last checkpoint, {self.saved_path}, is intact: continue from it with "
-                f"hydra.run.dir={self.run_dir} resume=auto backend.compile=false."
+                f"{continue_overrides(self.run_dir)} backend.compile=false."
                 if self.saved_path
                 else "No checkpoint had been written yet."
             )
@@ -323,8 +323,9 @@ class Trainer:
         return found[0] if found else None
 
     def loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        # With backend.compile=true the monitored micro-batch runs compiled too: its hooks and FP8 counters make a
-        # second graph, compiled at the first monitored step and reused by every later one.
+        # With backend.compile=true monitored micro-batches run compiled too: the hooks and FP8 counters make a second
+        # graph (the counters alone a third, for later micro-batches under accumulation), compiled at the first
+        # monitored step and reused by every later one.
         with self.backend.autocast(self.autocast_dtype):
             logits = self.forward(inputs)
         # Cross-entropy in fp32: log-softmax over a large vocabulary loses too much in bf16.
@@ -606,7 +607,7 @@ def find_resume_checkpoint(resume: str, ckpt_root: Path) -> Path | None:
         if checkpoint.latest(ckpt_root) is not None:
             raise CheckpointError(
                 f"The run directory {ckpt_root.parent} already holds checkpoints. Pass resume=auto to continue "
-                f"that run, or choose a new directory with hydra.run.dir=PATH."
+                f"that run, or choose a new directory with {new_dir_override()}."
             )
         return None
     path = Path(resume).expanduser().resolve()
@@ -645,28 +646,34 @@ def check_run_dir(run_dir: Path, cfg: Config, resuming: bool) -> None:
     except Exception as e:  # not a config fp8train wrote: still someone's file, so leave it alone
         raise RunDirError(
             f"The run directory {run_dir} holds a config.yaml that cannot be read ({e}). Choose a new directory "
-            f"with hydra.run.dir=PATH."
+            f"with {new_dir_override()}."
         ) from None
     if diffs:
         raise RunDirError(
             f"The run directory {run_dir} holds a run with other settings ({'; '.join(diffs)}) and no checkpoint to "
-            f"continue it from. Choose a new directory with hydra.run.dir=PATH, or remove that run's files."
+            f"continue it from. Choose a new directory with {new_dir_override()}, or remove that run's files."
         )
 
 
 # Settings a checkpoint's weights, optimizer state and FP8 scaling state only make sense with (data changes are
 # caught by the data fingerprint), less those that may change between two steps of one run: how scales are
-# derived from the amax history, how gradients round and how the forward GEMM accumulates, as well as lr, weight
-# decay, schedule, clipping, max_steps and logging, which are not listed.
+# derived from the amax history, how gradients round and how the forward GEMM accumulates, the initial weights'
+# std (the weights are loaded), as well as lr, weight decay, schedule, clipping, max_steps and logging, which are
+# not listed.
 FIXED_ON_RESUME = ("model.", "precision.", "optim.name:", "optim.m_format:", "optim.v_format:", "optim.block_size:",
                    "optim.fp8_min_numel:", "optim.habana_fused:")  # fmt: skip
-CHANGEABLE_ON_RESUME = ("model.name:", "model.init_from:", "precision.name:", "precision.margin:",
+CHANGEABLE_ON_RESUME = ("model.name:", "model.init_from:", "model.init_std:", "precision.name:", "precision.margin:",
                         "precision.amax_compute_algo:", "precision.stochastic_grad_rounding:",
                         "precision.fast_accum:")  # fmt: skip
+# Settings only some configurations read: FP8 Adam's (AdamWFp8's blocks only without Habana's fused Adam), and
+# every precision setting but the recipe under a bf16 or fp32 recipe.
+ADAMW_FP8_ONLY = ("m_format", "v_format", "block_size", "fp8_min_numel", "habana_fused")
+ADAMW_FP8_OWN = ("block_size", "fp8_min_numel")
 
 
 def check_resume_settings(path: Path, cfg: Config) -> None:
-    """Refuse to continue a checkpoint with settings that change what its state means, naming them."""
+    """Refuse to continue a checkpoint with settings that change what its state means, naming them. A setting
+    that neither the checkpoint's run nor this one uses (optim.block_size with optim=adamw) may differ."""
     if not (path / "config.yaml").is_file():
         return
     diffs = [
@@ -679,18 +686,32 @@ def check_resume_settings(path: Path, cfg: Config) -> None:
             f"resume: {path} was written with other settings ({'; '.join(diffs)}), and its weights, optimizer "
             f"state and FP8 scaling state only continue with its own (in {path / 'config.yaml'}). Drop or change "
             f"those overrides, or start a new run from its weights with model.init_from={path} and a new "
-            f"hydra.run.dir."
+            f"{new_dir_override().removesuffix('=PATH')}."
         )
 
 
+def _in_effect(key: str, config: dict) -> bool:
+    """Whether a run with ``config`` (a config.yaml's dict) reads the setting ``key``."""
+    section, _, name = key.partition(".")
+    part = config.get(section)
+    part = part if isinstance(part, dict) else {}
+    if section == "optim" and name in ADAMW_FP8_ONLY:
+        return part.get("name") == "adamw_fp8" and not (name in ADAMW_FP8_OWN and part.get("habana_fused"))
+    if section == "precision" and name not in ("name", "recipe"):
+        return part.get("recipe") == "fp8"
+    return True
+
+
 def settings_differences(old_file: Path, cfg: Config, sections: tuple[str, ...]) -> list[str]:
-    """``key: old -> new`` for each setting of ``sections`` that differs between a saved config.yaml and ``cfg``."""
+    """``key: old -> new`` for each setting of ``sections`` that differs between a saved config.yaml and ``cfg``
+    and that either run reads (optim.block_size with optim=adamw may differ)."""
     old = OmegaConf.to_container(OmegaConf.load(old_file), resolve=True)
     new = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True)
     return [
         f"{key}: {format_value(a)} -> {format_value(b)}"  # as an override writes them: null, true, [0.9,0.95]
         for section in sections
         for key, a, b in _differences(old.get(section), new[section], section)
+        if _in_effect(key, old) or _in_effect(key, new)
     ]
 
 
@@ -708,6 +729,11 @@ def multirun_sweep_dir() -> str | None:
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return None
     return str(HydraConfig.get().sweep.dir)
+
+
+def new_dir_override() -> str:
+    """How to start in another directory: hydra.run.dir, or in a multirun (which ignores it) hydra.sweep.dir."""
+    return "hydra.sweep.dir=PATH" if multirun_sweep_dir() else "hydra.run.dir=PATH"
 
 
 def continue_overrides(run_dir: Path) -> str:

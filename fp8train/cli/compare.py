@@ -78,7 +78,13 @@ class Run:
         if not is_run_dir(path):
             raise Fp8trainError(f"{path}: not an fp8train run directory (needs metrics.jsonl and config.yaml).")
         cfg = read_config(path / "config.yaml")
-        rows = read_metrics(path)
+        try:
+            rows = [r for r in read_metrics(path) if isinstance(r, dict)]  # lines of other JSON values are no records
+        except (OSError, UnicodeDecodeError) as e:
+            raise Fp8trainError(
+                f"{path / 'metrics.jsonl'} cannot be read ({first_line(e)}); compare the runs whose metrics.jsonl "
+                f"train.py wrote, or leave this one out."
+            ) from None
         train = {r["step"]: r["loss"] for r in rows if isinstance(r.get("loss"), (int, float))}
         val = {r["step"]: r["val_loss"] for r in rows if isinstance(r.get("val_loss"), (int, float))}
         speeds = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r][1:]  # the first window holds warm-up
@@ -145,22 +151,36 @@ def is_run_dir(path: Path) -> bool:
     return (path / "metrics.jsonl").is_file() and (path / "config.yaml").is_file()
 
 
-def find_runs(paths: list[Path]) -> tuple[list[Path], list[Path]]:
-    """(run directories, paths skipped) from what the user named: run directories, or folders holding runs (a
-    Hydra multirun's sweep folder); its multirun.yaml or an earlier compare/ output are skipped, not errors."""
-    runs, skipped = [], []
+NOT_A_RUN = "not an fp8train run directory (needs metrics.jsonl and config.yaml)"
+
+
+def load_runs(paths: list[Path]) -> tuple[list[Run], list[str]]:
+    """(runs, notes on what was skipped) from what the user named: run directories, or folders holding runs (a
+    Hydra multirun's sweep folder). A named run directory that cannot be read is an error; in a folder of runs, a
+    folder that is not one (submitit's .submitit, notes, a job that died before logging, another tool's run) is
+    skipped with a note, as is a named path that is neither (a sweep's multirun.yaml or compare/ through a glob)."""
+    runs, skipped, unreadable = [], [], []
     for path in paths:
+        inner = sorted(p for p in path.iterdir() if p.is_dir()) if path.is_dir() and not is_run_dir(path) else []
         if is_run_dir(path):
-            runs.append(path)
-        elif path.is_dir() and (inner := sorted(p for p in path.iterdir() if p.is_dir() and is_run_dir(p))):
-            runs.extend(inner)
+            runs.append(Run.load(path))
+        elif any(is_run_dir(p) for p in inner):
+            for p in inner:
+                try:
+                    if not is_run_dir(p):
+                        raise Fp8trainError(NOT_A_RUN)
+                    runs.append(Run.load(p))
+                except Fp8trainError as e:
+                    skipped.append(f"skipped {p}: {e}")
+                    unreadable += [str(e)] if is_run_dir(p) else []
         else:
-            skipped.append(path)
+            skipped.append(f"skipped {path}: not a run directory")
+    # A run named twice (a sweep folder and one of its runs) is one run: its first mention counts.
+    seen: set[Path] = set()
+    runs = [r for r in runs if not (r.path.resolve() in seen or seen.add(r.path.resolve()))]
     if not runs:
-        names = ", ".join(map(str, skipped))
-        raise Fp8trainError(
-            f"{names}: not an fp8train run directory (needs metrics.jsonl and config.yaml), nor a folder of them."
-        )
+        names = ", ".join(map(str, paths))
+        raise Fp8trainError(" ".join([f"{names}: {NOT_A_RUN}, nor a folder of them.", *unreadable]))
     return runs, skipped
 
 
@@ -212,6 +232,11 @@ def _last(values: dict[int, float], last_step: int) -> str:
     return f"{values[step]:.4f}" + (f" (step {step})" if step != last_step else "")
 
 
+def _speed(tokens_per_s: float) -> str:
+    """tokens/s as a table cell; "-" for a run that logged no line after the first (which holds the warm-up)."""
+    return f"{tokens_per_s:,.0f}" if math.isfinite(tokens_per_s) else "-"
+
+
 def disambiguate(runs: list[Run]) -> None:
     """Two bf16 runs (seeds, say) must not share a legend entry or a table row: add the run directory's name, and
     as many of its parent folders as it takes (two sweeps name their arms' folders alike)."""
@@ -228,12 +253,11 @@ def disambiguate(runs: list[Run]) -> None:
 
 def compare(run_dirs: list[Path], out: Path) -> str:
     """Draw out/compare.png and return the table (also written to out/compare.md)."""
-    paths, skipped = find_runs([Path(p) for p in run_dirs])
-    runs = [Run.load(p) for p in paths]
+    runs, skipped = load_runs([Path(p) for p in run_dirs])
     disambiguate(runs)
     ref = next((r for r in runs if r.config.precision.name == "bf16"), runs[0])
     lines = [f"reference: {ref.label} ({ref.path})"]
-    lines += [f"skipped {p}: not a run directory" for p in skipped]
+    lines += skipped
     lines += [
         "",
         "| run | steps | final loss | final val_loss | val gap to ref | largest val gap | train gap to ref "
@@ -247,7 +271,7 @@ def compare(run_dirs: list[Path], out: Path) -> str:
         final_loss, final_val = _last(run.train, run.last_step), _last(run.val, run.last_step)
         lines.append(
             f"| {run.label} | {run.last_step} | {final_loss} | {final_val} | {val_gap} | {worst_val_gap} "
-            f"| {train_gap} | {run.tokens_per_s:,.0f} | {'yes' if not diff else 'no: different ' + diff} "
+            f"| {train_gap} | {_speed(run.tokens_per_s)} | {'yes' if not diff else 'no: different ' + diff} "
             f"| {'; '.join(run.notes())} |"
         )
     table = "\n".join(lines)
@@ -281,7 +305,8 @@ def plot(runs: list[Run], ref: Run, path: Path) -> None:
     ax_gap.axhline(0, color="gray", linewidth=0.8)
     for ax in (ax_train, ax_val, ax_gap):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # no curve (the gap of a single run): no legend, no warning
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

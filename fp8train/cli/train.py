@@ -11,7 +11,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from fp8train.config import CONF_DIR, compose, register_schema, to_typed
+from fp8train.config import CONF_DIR, compose, override_problems, register_schema, to_typed
 from fp8train.errors import ConfigError, Fp8trainError
 
 register_schema()
@@ -21,6 +21,9 @@ def fail(error: Fp8trainError) -> None:
     """Print a user-fixable problem as a message alone (no traceback) and exit with status 2."""
     print(f"fp8train: {error}", file=sys.stderr)
     sys.exit(2)
+
+
+MULTIRUN_FLAGS = ("-m", "--multirun")
 
 
 def interrupted() -> None:
@@ -38,35 +41,85 @@ def preflight(argv: list[str]) -> None:
     """Validate the composed config and an explicit hydra.run.dir before Hydra creates the run directory, so a
     typo leaves nothing behind and a run dir Hydra cannot create is a message, not Hydra's traceback.
 
-    Skipped when Hydra flags are present (--multirun, --cfg, ...): then each job validates its own config.
+    A multirun (-m, or a config that sets hydra.mode=MULTIRUN, as experiment=compare_bf16_fp8 does) has the config
+    of every job checked, so that a bad value in one job stops the sweep before any job trains, rather than after
+    the jobs before it. Skipped when other Hydra flags are present (--cfg, --help, ...): then Hydra does the work.
     """
-    if any(a.startswith("-") for a in argv):
+    if any(a.startswith("-") and a not in MULTIRUN_FLAGS for a in argv):
         return
-    problems = run_dir_problems(argv)
-    try:
-        cfg = compose([a for a in argv if not a.startswith(("hydra.", "hydra/"))])
-    except ConfigError as e:
-        problems = [*e.problems, *problems]
-    except Fp8trainError as e:
-        fail(e)
-    else:
-        from fp8train.backends import unavailable  # imports torch, which the run needs next anyway
+    problems, missing_backends = run_dir_problems(argv), []
+    overrides = [a for a in argv if not a.startswith("-")]
+    jobs = sweep_jobs(overrides, multirun=any(a in MULTIRUN_FLAGS for a in argv))
+    if jobs is not None:
+        problems += run_dir_problems(argv, "hydra.sweep.dir")
+    for job in jobs or [overrides]:
+        try:
+            cfg = compose([a for a in job if not a.startswith(("hydra.", "hydra/", "~hydra", "+hydra"))])
+        except ConfigError as e:
+            problems += [p for p in e.problems if p not in problems]
+        except Fp8trainError as e:
+            fail(e)
+        else:
+            from fp8train.backends import unavailable  # imports torch, which the run needs next anyway
 
-        if problem := unavailable(cfg.backend):
-            problems.append(problem)
+            if (problem := unavailable(cfg.backend)) and problem not in missing_backends:
+                missing_backends.append(problem)
+    problems += missing_backends
     if problems:
         fail(ConfigError(problems))
 
 
-def run_dir_problems(argv: list[str]) -> list[str]:
-    """Why an explicit hydra.run.dir cannot be a run directory: Hydra would fail creating it with a traceback.
+def sweep_jobs(overrides: list[str], multirun: bool) -> list[list[str]] | None:
+    """The overrides of each job Hydra's basic sweeper would launch (the config's hydra.sweeper.params, then the
+    command line's), when ``overrides`` start a multirun; None for a single run. An override Hydra cannot parse
+    goes to every job as it is, for composing to name it."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    parser = OverridesParser.create()
+    parsed, unparsed = [], []
+    for arg in overrides:
+        try:
+            parsed.append(parser.parse_override(arg))
+        except Exception:
+            unparsed.append(arg)
+    # The config with each swept value at its first choice, less overrides composing would refuse: whether it is a
+    # multirun, and its sweeper's params.
+    first = [
+        f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}" if o.is_sweep_override() else o.input_line
+        for o in parsed
+    ]
+    params = {}
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            raw = hydra_compose(config_name="config", overrides=override_problems(first)[1], return_hydra_config=True)
+        multirun = multirun or str(OmegaConf.select(raw, "hydra.mode")) == "RunMode.MULTIRUN"
+        params = raw.hydra.sweeper.get("params") or {}
+    except Exception:  # the config itself does not compose: the jobs' composing names why
+        pass
+    if not multirun:
+        return None
+    try:
+        swept = parser.parse_overrides([f"{k}={v}" for k, v in params.items()]) + parsed
+        (jobs,) = BasicSweeper.split_arguments(swept, max_batch_size=None)
+    except Exception:  # a sweep the basic sweeper cannot do (an interval): Hydra says so itself
+        return None
+    return [[*job, *unparsed] for job in jobs]
+
+
+def run_dir_problems(argv: list[str], key: str = "hydra.run.dir") -> list[str]:
+    """Why an explicit hydra.run.dir (or a multirun's hydra.sweep.dir, with ``key``) cannot be a run directory (the
+    folder of a sweep's run directories): Hydra would fail creating it with a traceback.
 
     Only the part before the first ``${...}`` is checked (the folder it names, or the folder it ends in),
     so nothing is created and interpolations Hydra fills in at start-up (``${now:...}``) need no resolving.
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    args = [a for a in argv if "hydra.run.dir=" in a]
+    args = [a for a in argv if f"{key}=" in a]
     try:
         overrides = OverridesParser.create().parse_overrides(args)
     except Exception:  # Hydra reports malformed overrides itself
@@ -74,7 +127,7 @@ def run_dir_problems(argv: list[str]) -> list[str]:
     problems = []
     for o in overrides:
         value = o.value()
-        if o.key_or_group != "hydra.run.dir" or not isinstance(value, str) or not value:
+        if o.key_or_group != key or not isinstance(value, str) or not value:
             continue
         fixed = value.split("${", 1)[0]
         if "${" in value:  # the run dir is a folder yet to be named inside this one
@@ -82,7 +135,8 @@ def run_dir_problems(argv: list[str]) -> list[str]:
         else:
             problem = folder_problem(Path(value))
         if problem:
-            problems.append(f"hydra.run.dir={value}: {problem}; choose a run directory in a writable folder")
+            what = "a run directory" if key == "hydra.run.dir" else "a sweep folder"
+            problems.append(f"{key}={value}: {problem}; choose {what} in a writable folder")
     return problems
 
 

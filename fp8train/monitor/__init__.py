@@ -1,7 +1,7 @@
 """The outlier monitor: per-layer SwiGLU outlier, alignment and FP8 overflow statistics, alerts and reports.
 
 ``stats`` holds the statistics as pure functions of tensors, ``alerts`` the rules, ``monitor`` the hooks and
-records. Nothing here imports the trainer; the trainer calls ``capture`` around the first micro-batch of a step and
+records. Nothing here imports the trainer; the trainer calls ``capture`` around each micro-batch of a step and
 ``collect`` after its optimizer step.
 """
 

@@ -1,17 +1,17 @@
 """``OutlierMonitor``: per-layer outlier statistics on monitored steps, alerts, outliers.jsonl and wandb.
 
-Monitored steps are step 1 and every ``monitor.interval``-th step. On one of them, and only on its first
-micro-batch, the monitor
+Monitored steps are step 1 and every ``monitor.interval``-th step. On one of them the monitor
 
-1. listens to every SwiGLU MLP (whatever Smooth-SwiGLU variant replaced it: they all keep gate_proj, up_proj,
-   down_proj) through forward hooks: the outputs of gate_proj and up_proj give g and u, from which it computes the
-   plain SwiGLU ``h = silu(g) * u`` (the tensor that grows quadratically under alignment), and the input of
-   down_proj gives what the down projection actually receives (= h for plain SwiGLU, ``silu(g) * u / s_t`` for
-   Smooth-SwiGLU ``token``, ``h / s`` for ``channel``). The statistics are reduced to a few numbers inside the
-   hook, so no activation is kept alive;
-2. turns on ``track_stats`` of every FP8 tensor scaler, through the forward and the backward of that micro-batch
-   (input, weight and output-gradient of each Fp8Linear: amax, scale used, % saturated, % flushed to zero,
-   amax_now / amax_assumed).
+1. on the step's first micro-batch, listens to every SwiGLU MLP (whatever Smooth-SwiGLU variant replaced it: they all
+   keep gate_proj, up_proj, down_proj) through forward hooks: the outputs of gate_proj and up_proj give g and u, from
+   which it computes the plain SwiGLU ``h = silu(g) * u`` (the tensor that grows quadratically under alignment), and
+   the input of down_proj gives what the down projection actually receives (= h for plain SwiGLU,
+   ``silu(g) * u / s_t`` for Smooth-SwiGLU ``token``, ``h / s`` for ``channel``). The statistics are reduced to a
+   few numbers inside the hook, so no activation is kept alive;
+2. turns on ``track_stats`` of every FP8 tensor scaler, through the forward and the backward of every micro-batch
+   of the step (input, weight and output-gradient of each Fp8Linear: amax, scale used, % saturated, % flushed to
+   zero, amax_now / amax_assumed): with gradient accumulation an overflow in any micro-batch is counted, the
+   counts summed and the amaxes and ratios maxed over the micro-batches; the scale is the last one used.
 
 After the optimizer step it adds the W_up / W_gate alignment of every neuron, reads everything with one device
 sync, applies the alert rules and writes one line to outliers.jsonl. Other steps run as without a monitor: no
@@ -21,7 +21,8 @@ Why registered once and switched by ``capturing``, rather than added and removed
 ``torch.compile`` the first monitored step traces the hooks into a graph of their own, which later monitored steps
 reuse. That graph calls the hook functions and fills the dicts it saw when traced; with hooks made anew each time,
 a reused graph could write statistics nobody reads (seen with plain SwiGLU). A flag keeps the objects fixed, and
-dynamo guards on its value: one graph with statistics, one without. The hooks are the same bound methods on every
+dynamo guards on its value: one graph with statistics, one without (and with grad_accum_steps > 1 a third, for the
+later micro-batches of a monitored step: FP8 counters without hooks). The hooks are the same bound methods on every
 layer and find the layer's slot (a dict, cleared in place) on the module they are called for, so a graph compiled
 for one transformer block serves all of them (``backend.compile_scope=block``).
 
@@ -126,21 +127,27 @@ class OutlierMonitor:
 
     # ------------------------------------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def capture(self, step: int, first_micro_batch: bool = True) -> Iterator[bool]:
-        """Around the forward and backward of a micro-batch: hooks and FP8 statistics on, if this is the first
-        micro-batch of a monitored step. Yields whether it captures. Under torch.compile the hooks and counters are
-        traced into a graph of their own (compiled once, at the first monitored step: see the module docstring)."""
-        if not (first_micro_batch and self.is_monitored(step)):
+    def capture(self, step: int, micro_step: int = 0) -> Iterator[bool]:
+        """Around the forward and backward of micro-batch ``micro_step`` of ``step``. On a monitored step the FP8
+        statistics count every micro-batch (counts summed, amaxes and ratios maxed over them; they start from zero
+        at micro-batch 0) and the hooks measure the first one. Yields whether the hooks measure. Under torch.compile
+        the hooks and counters are traced into a graph of their own (compiled once, at the first monitored step: see
+        the module docstring); with grad_accum_steps > 1 the later micro-batches, counters without hooks, take one
+        more."""
+        if not self.is_monitored(step):
             yield False
             return
-        self._clear_slots()
+        first = micro_step == 0
         scalers = self._scalers()
+        if first:
+            self._clear_slots()
+            for s in scalers:
+                s.pop_stats_tensor()  # start from zero (a capture interrupted by an exception may have left counts)
         for s in scalers:
-            s.pop_stats_tensor()  # start from zero (a capture interrupted by an exception may have left counts)
             s.track_stats = True
-        self.capturing = True
+        self.capturing = first
         try:
-            yield True
+            yield first
         finally:
             self.capturing = False
             for s in scalers:
@@ -341,7 +348,7 @@ class DisabledMonitor:
         return False
 
     @contextlib.contextmanager
-    def capture(self, step: int, first_micro_batch: bool = True) -> Iterator[bool]:
+    def capture(self, step: int, micro_step: int = 0) -> Iterator[bool]:
         yield False
 
     def collect(self, step: int, logger: RunLogger | None = None) -> list[Alert]:

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from fp8train.cli.main import main
-from fp8train.cli.train import run_dir_problems
+from fp8train.cli.train import preflight, run_dir_problems
+from tests.helpers import SMALL
 
 
 def run_cli(*args) -> int:
@@ -195,3 +196,42 @@ def test_ctrl_c_during_check_is_a_message_and_status_130(tmp_path, capsys, monke
     assert status == 130
     assert capsys.readouterr().err == "fp8train: interrupted (Ctrl-C)\n"
     assert [p.name.split("-")[0] for p in (tmp_path / "cache").iterdir()] == ["tokenizer"]
+
+
+def preflight_status(argv: list[str]) -> int:
+    try:
+        preflight(argv)
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
+@pytest.mark.parametrize(
+    "sweep, named",
+    [
+        (["-m", "precision=bf16,fp8", "optim.lr=1e-3,-1"], "optim.lr=-1.0: must be > 0"),
+        (["--multirun", "precision=bf16,fp9"], "precision=fp9: unknown option"),
+        # a bad override beside a sweep is named alone, not with Hydra's "Ambiguous value" for the sweep
+        (["-m", "precision=bf16,fp8", "optim.lrr=1"], "optim.lrr: unknown setting"),
+        (["-m", "precision=bf16,fp8", "optim.lr=[1"], "optim.lr=[1: not an override Hydra can parse"),
+        # a config that is a multirun by itself, its arms in hydra.sweeper.params
+        (["experiment=compare_bf16_fp8", "trainer.micro_batch_size=0"], "trainer.micro_batch_size=0: must be > 0"),
+        (["experiment=compare_bf16_fp8", "hydra.sweeper.params.variant='bf16,fp7'"], "variant=fp7: unknown option"),
+    ],
+)
+def test_a_bad_job_of_a_multirun_is_refused_before_any_job_starts(tmp_path, capsys, sweep, named):
+    # Without this check the jobs before the bad one train (hours, on a real sweep) and the sweep stops at it.
+    argv = [*SMALL, *sweep, f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    assert preflight_status(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fp8train: Invalid configuration (1 problem)") and named in err and "Traceback" not in err
+    assert not (tmp_path / "sweep").exists()
+    assert preflight_status([*SMALL, "-m", "precision=bf16,fp8", "optim.lr=1e-3,2e-3"]) == 0
+
+
+def test_a_sweep_folder_in_a_file_is_named_before_hydra_fails_on_it(a_file, capsys):
+    argv = [*SMALL, "-m", "precision=bf16,fp32", f"hydra.sweep.dir={a_file}/sweep"]
+    assert preflight_status(argv) == 2
+    err = capsys.readouterr().err
+    assert f"hydra.sweep.dir={a_file}/sweep: {a_file} is a file, not a folder; choose a sweep folder" in err
+    assert preflight_status([*SMALL, f"hydra.sweep.dir={a_file}/sweep"]) == 0  # a single run does not use it

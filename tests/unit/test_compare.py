@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -225,3 +226,61 @@ def test_the_same_global_batch_split_otherwise_is_comparable(tmp_path):
     )
     rows = rows_of(compare([ref, ranks, accum], tmp_path / "out"))
     assert rows["fp8"]["comparable"] == "yes" and rows["fp8_smooth"]["comparable"] == "yes"
+
+
+def test_tokens_per_s_of_a_run_with_one_logged_line_is_a_dash_not_nan(tmp_path):
+    # The first logged window holds the warm-up and is left out of the mean: a run that logged one line (one step, or
+    # logger.log_every as long as the run) has no speed to show.
+    ref = make_run(tmp_path / "bf16", curve(8, range(1, 4)), {}, ["precision=bf16"], max_steps=3)
+    short = make_run(tmp_path / "fp8", {1: 8.0}, {1: 9.0}, ["precision=fp8"], max_steps=1)
+    rows = rows_of(compare([ref, short], tmp_path / "out"))
+    assert rows["bf16"]["tokens/s"] == "1,000" and rows["fp8"]["tokens/s"] == "-"
+
+
+def test_folders_in_a_sweep_that_are_not_runs_are_skipped_with_a_note(tmp_path):
+    # A sweep folder also holds submitit's .submitit/, a user's notes, another tool's run, a job that died before it
+    # logged: each is named as skipped, and the runs are compared.
+    sweep = tmp_path / "multirun"
+    make_run(sweep / "0_bf16", curve(8, range(1, 11)), curve(9, (5, 10)), ["precision=bf16"])
+    make_run(sweep / "1_fp8", curve(8, range(1, 11), 1.01), curve(9, (5, 10)), ["precision=fp8"])
+    (sweep / ".submitit" / "123_0").mkdir(parents=True)
+    (sweep / ".submitit" / "123_0" / "123_0_submitted.pkl").write_bytes(b"\x80\x04")
+    (sweep / "notes").mkdir()
+    (sweep / "notes" / "todo.txt").write_text("try lr 3e-4\n")
+    other = make_run(sweep / "other_tool", curve(8, range(1, 11)), {}, ["precision=fp8"])
+    (other / "config.yaml").write_text("lr: 0.1\nmodel: resnet\n")
+    (sweep / "2_died" / ".hydra").mkdir(parents=True)
+    (sweep / "3_bad_lines").mkdir()
+    (sweep / "3_bad_lines" / "config.yaml").write_text((sweep / "0_bf16" / "config.yaml").read_text())
+    (sweep / "3_bad_lines" / "metrics.jsonl").write_bytes(b"\xff\xfe\x00garbage\n")
+    table = compare([sweep], tmp_path / "out")
+    assert list(rows_of(table)) == ["bf16", "fp8"]
+    for name in (".submitit", "notes", "2_died"):
+        assert f"skipped {sweep / name}: not an fp8train run directory (needs metrics.jsonl and config.yaml)" in table
+    assert f"skipped {other}: {other / 'config.yaml'}: not the config.yaml of an fp8train run" in table
+    assert f"skipped {sweep / '3_bad_lines'}: {sweep / '3_bad_lines' / 'metrics.jsonl'} cannot be read" in table
+    # a sweep folder with no run at all is still one clear error, naming why its run-like folders are none
+    (tmp_path / "nothing" / "notes").mkdir(parents=True)
+    with pytest.raises(Fp8trainError, match="not an fp8train run directory"):
+        compare([tmp_path / "nothing"], tmp_path / "out2")
+    shutil.move(other, tmp_path / "nothing")
+    with pytest.raises(Fp8trainError, match="not the config.yaml of an fp8train run"):
+        compare([tmp_path / "nothing"], tmp_path / "out2")
+
+
+def test_one_run_compares_without_a_matplotlib_warning(tmp_path, recwarn):
+    # The gap panel of a single run has no curve: a legend call there printed "No artists with labels found".
+    only = make_run(tmp_path / "bf16", curve(8, range(1, 11)), curve(9, (5, 10)), ["precision=bf16"])
+    compare([only], tmp_path / "out")
+    assert not [w for w in recwarn if "legend" in str(w.message)]
+    assert (tmp_path / "out" / "compare.png").stat().st_size > 10_000
+
+
+def test_a_run_named_twice_is_one_row(tmp_path):
+    # `fp8train compare SWEEP SWEEP/0_bf16` (or a glob that overlaps) named one run twice: two rows with the same
+    # numbers, labelled by their whole path.
+    sweep = tmp_path / "multirun"
+    ref = make_run(sweep / "0_bf16", curve(8, range(1, 11)), curve(9, (5, 10)), ["precision=bf16"])
+    make_run(sweep / "1_fp8", curve(8, range(1, 11), 1.01), curve(9, (5, 10)), ["precision=fp8"])
+    rows = rows_of(compare([sweep, ref, sweep / "1_fp8" / ".." / "1_fp8"], tmp_path / "out"))
+    assert list(rows) == ["bf16", "fp8"]

@@ -225,18 +225,22 @@ def test_every_fp8_model_compiles_to_one_graph(name):
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
 
 
-@pytest.mark.parametrize("precision_name,scope", [("fp8_smooth", "model"), ("bf16", "model"), ("fp8_smooth", "block")])
-def test_trainer_with_backend_compile_trains_and_monitors_like_eager(tmp_path, precision_name, scope):
+@pytest.mark.parametrize(
+    "precision_name,scope,accum", [("fp8_smooth", "model", 1), ("bf16", "model", 1), ("fp8_smooth", "block", 2)]
+)
+def test_trainer_with_backend_compile_trains_and_monitors_like_eager(tmp_path, precision_name, scope, accum):
     # backend.compile=true: the compiled model and AdamWFp8 update train, the monitored micro-batches (step 1 and
     # every 2nd step here) run compiled too, with the monitor's hooks and FP8 counters in a graph of their own, and
     # losses and outlier statistics follow the eager run's. Exact equality is not expected: inductor's fused
     # reductions (RMSNorm, softmax) round differently, and FP8 rounding magnifies that (module docstring). bf16 too:
     # with plain nn.Linear layers, hooks added anew for each monitored step left later steps without statistics.
+    # With gradient accumulation the FP8 counters of a monitored step run through every micro-batch, the hooks the
+    # first's.
     def run_trainer(name: str, *overrides: str) -> tuple[list[float], list[dict]]:
         run_dir = tmp_path / name
         cfg = compose(
             [*SMALL, f"precision={precision_name}", "trainer.max_steps=5", "monitor.interval=2", "optim=adamw_fp8"]
-            + list(overrides)
+            + [f"trainer.micro_batch_size={8 // accum}", f"trainer.grad_accum_steps={accum}", *overrides]
         )
         Trainer(cfg, run_dir).fit()
         losses = [m["loss"] for m in read_jsonl(run_dir / "metrics.jsonl") if "loss" in m]
@@ -247,10 +251,11 @@ def test_trainer_with_backend_compile_trains_and_monitors_like_eager(tmp_path, p
     # first step, before the delayed scales have a history, runs eagerly (EagerUntilScalesReady), so the graphs are
     # built once, for scales from the history. A monitored step that recompiled would fail here instead of costing a
     # compilation every monitor.interval steps. With compile_scope=block the three are the block's, built once for
-    # both blocks, the monitor's hooks included (a graph per block would pass the limit).
+    # both blocks, the monitor's hooks included (a graph per block would pass the limit). Accumulation adds one:
+    # the later micro-batches of a monitored step, FP8 counters without hooks.
     with (
         inductor_config.patch(emulate_precision_casts=True),
-        torch._dynamo.config.patch(recompile_limit=3, fail_on_recompile_limit_hit=True),
+        torch._dynamo.config.patch(recompile_limit=3 + (accum > 1), fail_on_recompile_limit_hit=True),
     ):
         got, got_outliers = run_trainer("compiled", "backend.compile=true", f"backend.compile_scope={scope}")
     assert len(got) == len(want) == 5

@@ -17,6 +17,7 @@ from fp8train.config import MonitorConfig, OnAlert, compose
 from fp8train.fp8.formats import E4M3, fp8_max
 from fp8train.fp8.linear import Fp8Linear
 from fp8train.fp8.scaling import ScalingConfig, fp8_scalers, step_scalers
+from fp8train.loggers import read_jsonl
 from fp8train.model.mlp import SwiGLU
 from fp8train.monitor import OUTLIERS_FILE, Alert, DisabledMonitor, OutlierMonitor, build_monitor, stats
 from fp8train.monitor.alerts import SpikeRule, overflowed
@@ -201,13 +202,14 @@ def test_only_monitored_steps_measure_and_count(tmp_path):
     # One hook per tapped module, registered once (a compiled model keeps calling the same ones), idle when not
     # capturing: a forward outside a capture measures nothing and counts nothing.
     assert len(mlp.down_proj._forward_pre_hooks) == len(mlp.up_proj._forward_hooks) == 1
-    with mon.capture(7, first_micro_batch=True) as on:
+    with mon.capture(7) as on:
         assert not on and not mon.capturing and not mlp.down_proj.input_scaler.track_stats
         model(torch.randn(8, 32))
-    with mon.capture(10, first_micro_batch=False) as on:  # later micro-batches of a monitored step
-        assert not on
-        model(torch.randn(8, 32))
     assert mon._slots == [{}] and mlp.down_proj.input_scaler.n_elements.item() == 0
+    with mon.capture(10, micro_step=1) as on:  # a later micro-batch of a monitored step: FP8 counts, no hooks
+        assert not on and not mon.capturing and mlp.down_proj.input_scaler.track_stats
+        model(torch.randn(8, 32))
+    assert mon._slots == [{}] and mlp.down_proj.input_scaler.n_elements.item() == 8 * 64
     with mon.capture(10) as on:
         assert on and mon.capturing and mlp.down_proj.input_scaler.track_stats
         model(torch.randn(8, 32))
@@ -257,6 +259,43 @@ def test_records_match_direct_computation_and_a_saturating_spike_alerts(tmp_path
     assert [(a.layer, a.tensor) for a in overflow] == [(0, "mlp.down_proj.input")]
     assert row["alerts"] == [a.to_json() for a in alerts]
     assert "layer 0 mlp.down_proj.input: FP8 overflow" in overflow[0].message
+
+
+def test_fp8_statistics_cover_every_micro_batch_of_a_monitored_step(tmp_path):
+    # With gradient accumulation an overflow can happen in any micro-batch: the FP8 figures of a monitored step sum
+    # the counts of all its micro-batches and take the largest amax and ratio. The hook statistics (h, u, g) stay
+    # those of the first micro-batch.
+    mlp = planted_mlp()
+    model = TwoLayers([mlp])
+    mon = monitor_for(model, tmp_path, overflow_ratio=2.0)
+    torch.manual_seed(6)
+    with torch.no_grad():
+        for _ in range(4):  # the delayed scale settles on ordinary inputs
+            model(torch.randn(64, 32))
+            step_scalers(model)
+    ordinary, spiked = torch.randn(64, 32), torch.randn(48, 32)
+    spiked[7] = 12.0 * mlp.up_proj.weight[3] / mlp.up_proj.weight[3].norm()  # the outlier is in the second only
+    scale = mlp.down_proj.input_scaler.scale.item()
+    grads = []
+    mlp.down_proj.register_full_backward_hook(lambda m, gin, gout: grads.append(gout[0].detach().double()))
+    for micro_step, x in enumerate((ordinary, spiked)):
+        with mon.capture(10, micro_step=micro_step) as hooked:
+            assert hooked == (micro_step == 0)
+            model(x).square().sum().backward()
+    step_scalers(model)
+    alerts = mon.collect(10)
+    (r,) = json.loads((tmp_path / OUTLIERS_FILE).read_text())["layers"]
+    with torch.no_grad():
+        hs = [F.silu(mlp.gate_proj(x).double()) * mlp.up_proj(x).double() for x in (ordinary, spiked)]
+    fp8 = r["fp8"]["mlp.down_proj.input"]
+    saturated = sum(((h * scale).abs() > 464).sum().item() for h in hs)  # beyond E4M3's max 448 + half an ulp
+    assert saturated > 0 and fp8["saturated_frac"] == pytest.approx(saturated / sum(h.numel() for h in hs))
+    assert fp8["amax"] == pytest.approx(hs[1].abs().max().item(), rel=1e-6)
+    assert fp8["amax_ratio"] == pytest.approx(hs[1].abs().max().item() * scale / 448, rel=1e-5)
+    assert r["fp8"]["mlp.down_proj.grad"]["amax"] == pytest.approx(max(g.abs().max().item() for g in grads), rel=1e-6)
+    assert r["h_amax"] == pytest.approx(hs[0].abs().max().item(), rel=1e-6)  # the hooks: first micro-batch
+    assert [(a.kind, a.tensor) for a in alerts] == [("fp8_overflow", "mlp.down_proj.input")]
+    assert not any(s.track_stats for s in fp8_scalers(model)) and not mon.capturing
 
 
 def test_statistics_never_make_a_float64_tensor(tmp_path):
@@ -418,6 +457,31 @@ def test_on_alert_checkpoint_and_stop(tmp_path, action, caplog):
         assert "monitor.on_alert=stop: planted: stopped after step 4" in caplog.text
     assert rows[2]["alerts"][-1]["message"] == "planted"
     assert "outlier alert: planted" in caplog.text
+
+
+def test_the_trainer_counts_fp8_statistics_over_all_micro_batches(tmp_path):
+    # grad_accum_steps=2: the FP8 amaxes of the monitored step 1 are the largest over both micro-batches, as
+    # independent hooks on each down projection see them.
+    from fp8train.trainer import Trainer
+
+    cfg = compose([*SMALL, "precision=fp8", "trainer.micro_batch_size=4", "trainer.grad_accum_steps=2"])
+    trainer = Trainer(cfg, tmp_path)
+    inputs, grads = {}, {}
+    for name, m in trainer.model.named_modules():
+        if name.endswith("mlp.down_proj"):
+            layer = int(name.split(".")[1])
+            m.register_forward_pre_hook(lambda m, a, i=layer: inputs.setdefault(i, []).append(a[0].abs().max()))
+            m.register_full_backward_hook(lambda m, gi, go, i=layer: grads.setdefault(i, []).append(go[0].abs().max()))
+    trainer.train_step()
+    (row,) = read_jsonl(tmp_path / OUTLIERS_FILE)
+    assert sorted(inputs) == sorted(grads) == [0, 1] and all(len(v) == 2 for v in [*inputs.values(), *grads.values()])
+    # the second micro-batch holds a larger amax somewhere: the first alone would not do
+    assert any(v[1] > v[0] for v in [*inputs.values(), *grads.values()])
+    for r in row["layers"]:
+        fp8 = r["fp8"]
+        assert fp8["mlp.down_proj.input"]["amax"] == pytest.approx(max(inputs[r["layer"]]).item(), rel=1e-6)
+        assert fp8["mlp.down_proj.grad"]["amax"] == pytest.approx(max(grads[r["layer"]]).item(), rel=1e-6)
+    trainer.monitor.close()
 
 
 @pytest.mark.parametrize("enabled", [True, False])

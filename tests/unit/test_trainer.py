@@ -228,3 +228,55 @@ def test_switching_to_or_from_habanas_fused_adam_on_resume_is_refused(tmp_path):
     with pytest.raises(trainer_module.CheckpointError, match=r"optim.habana_fused: false -> true"):
         trainer_module.check_resume_settings(tmp_path, compose([*SMALL, "optim=adamw_fp8", "optim.habana_fused=true"]))
     trainer_module.check_resume_settings(tmp_path, compose([*SMALL, "optim=adamw_fp8", "optim.lr=1e-4"]))
+
+
+@pytest.mark.parametrize(
+    "written, resumed, refused",
+    [
+        # settings the run does not use may change: AdamWFp8's with optim=adamw, FP8's with a bf16 or fp32 recipe,
+        # the blocks of AdamWFp8 with Habana's fused Adam (one scale per tensor), init_std (the weights are loaded)
+        ("optim=adamw", "optim=adamw optim.block_size=64 optim.m_format=e5m2 optim.fp8_min_numel=0", None),
+        ("precision=bf16", "precision=bf16 precision.amax_history_len=32 precision.profile=gaudi2", None),
+        ("precision=fp32", "precision=fp32 precision.scaling=current precision.linears=[q_proj]", None),
+        ("optim=adamw_fp8 optim.habana_fused=true", "optim=adamw_fp8 optim.habana_fused=true optim.block_size=8", None),
+        ("model.init_std=0.02", "model.init_std=0.01", None),
+        # ... and the ones it uses may not
+        ("optim=adamw_fp8", "optim=adamw_fp8 optim.block_size=64", "optim.block_size: 128 -> 64"),
+        ("optim=adamw", "optim=adamw_fp8 optim.block_size=64", "optim.name: adamw -> adamw_fp8; optim.block_size"),
+        ("precision=fp8", "precision=fp8 precision.amax_history_len=32", "precision.amax_history_len: 16 -> 32"),
+        ("precision=bf16", "precision=fp8 precision.amax_history_len=32", "precision.amax_history_len: 16 -> 32"),
+        ("optim=adamw_fp8", "optim=adamw_fp8 optim.m_format=e5m2", "optim.m_format: e4m3 -> e5m2"),
+    ],
+)
+def test_resume_compares_only_the_settings_in_effect(tmp_path, written, resumed, refused):
+    (tmp_path / "config.yaml").write_text(trainer_module.config_yaml(compose([*SMALL, *written.split()])))
+    if refused is None:
+        trainer_module.check_resume_settings(tmp_path, compose([*SMALL, *resumed.split()]))
+        return
+    with pytest.raises(trainer_module.CheckpointError) as err:
+        trainer_module.check_resume_settings(tmp_path, compose([*SMALL, *resumed.split()]))
+    assert all(part in str(err.value) for part in refused.split("; "))
+
+
+def test_in_a_multirun_the_advice_names_hydra_sweep_dir(stopped_run, monkeypatch):
+    # A multirun job ignores hydra.run.dir: advice to choose a new directory, or to continue, names the sweep folder.
+    monkeypatch.setattr(trainer_module, "multirun_sweep_dir", lambda: "/runs/sweep")
+    with pytest.raises(trainer_module.CheckpointError) as taken:
+        make_trainer(stopped_run, *RESUMABLE, "optim.lr=1e-2")  # resume=none in a run dir with checkpoints
+    with pytest.raises(trainer_module.CheckpointError) as changed:
+        make_trainer(stopped_run, *RESUMABLE, "optim.lr=1e-2", "model.n_layers=3", "resume=auto")
+    for err in (taken, changed):
+        assert "hydra.sweep.dir" in str(err.value) and "hydra.run.dir" not in str(err.value)
+    t = make_trainer(stopped_run, *RESUMABLE, "optim.lr=1e-2", "resume=auto")
+    t.saved_path = stopped_run / "checkpoints" / "step_0000002"
+    for err in (t.divergence_error(), t.compile_error(RuntimeError("PassManager::run failed"))):
+        assert "hydra.sweep.dir=/runs/sweep resume=auto" in str(err) and "hydra.run.dir" not in str(err)
+
+
+def test_starting_over_in_a_run_dir_ignores_settings_neither_run_reads(tmp_path):
+    # A run that died before its first checkpoint may start over with the same settings; one it does not read
+    # (optim.block_size with optim=adamw) is not another run.
+    (tmp_path / "config.yaml").write_text(trainer_module.config_yaml(compose([*SMALL, "optim=adamw"])))
+    trainer_module.check_run_dir(tmp_path, compose([*SMALL, "optim=adamw", "optim.block_size=64"]), resuming=False)
+    with pytest.raises(trainer_module.RunDirError, match=r"optim.lr: 0.001 -> 0.002"):
+        trainer_module.check_run_dir(tmp_path, compose([*SMALL, "optim=adamw", "optim.lr=2e-3"]), resuming=False)
