@@ -715,9 +715,15 @@ def settings_differences(old_file: Path, cfg: Config, sections: tuple[str, ...])
     ]
 
 
+# List settings that name a set: their order (or a name listed twice) changes nothing.
+UNORDERED_SETTINGS = ("precision.linears",)
+
+
 def _differences(a, b, prefix: str) -> list[tuple[str, object, object]]:
     if isinstance(a, dict) and isinstance(b, dict):
         return [d for k in sorted(set(a) | set(b), key=str) for d in _differences(a.get(k), b.get(k), f"{prefix}.{k}")]
+    if prefix in UNORDERED_SETTINGS and isinstance(a, list) and isinstance(b, list):
+        return [] if set(a) == set(b) else [(prefix, a, b)]
     return [] if a == b else [(prefix, a, b)]
 
 

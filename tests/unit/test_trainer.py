@@ -240,12 +240,24 @@ def test_switching_to_or_from_habanas_fused_adam_on_resume_is_refused(tmp_path):
         ("precision=fp32", "precision=fp32 precision.scaling=current precision.linears=[q_proj]", None),
         ("optim=adamw_fp8 optim.habana_fused=true", "optim=adamw_fp8 optim.habana_fused=true optim.block_size=8", None),
         ("model.init_std=0.02", "model.init_std=0.01", None),
+        # the same FP8 linears listed in another order (or one twice) are the same precision
+        (
+            "precision=fp8",
+            "precision=fp8 precision.linears=[down_proj,up_proj,gate_proj,o_proj,v_proj,k_proj,q_proj]",
+            None,
+        ),
+        (
+            "precision=fp8 precision.linears=[q_proj,k_proj]",
+            "precision=fp8 precision.linears=[k_proj,q_proj,k_proj]",
+            None,
+        ),
         # ... and the ones it uses may not
         ("optim=adamw_fp8", "optim=adamw_fp8 optim.block_size=64", "optim.block_size: 128 -> 64"),
         ("optim=adamw", "optim=adamw_fp8 optim.block_size=64", "optim.name: adamw -> adamw_fp8; optim.block_size"),
         ("precision=fp8", "precision=fp8 precision.amax_history_len=32", "precision.amax_history_len: 16 -> 32"),
         ("precision=bf16", "precision=fp8 precision.amax_history_len=32", "precision.amax_history_len: 16 -> 32"),
         ("optim=adamw_fp8", "optim=adamw_fp8 optim.m_format=e5m2", "optim.m_format: e4m3 -> e5m2"),
+        ("precision=fp8", "precision=fp8 precision.linears=[o_proj,q_proj]", "precision.linears: [q_proj,k_proj"),
     ],
 )
 def test_resume_compares_only_the_settings_in_effect(tmp_path, written, resumed, refused):
@@ -280,3 +292,12 @@ def test_starting_over_in_a_run_dir_ignores_settings_neither_run_reads(tmp_path)
     trainer_module.check_run_dir(tmp_path, compose([*SMALL, "optim=adamw", "optim.block_size=64"]), resuming=False)
     with pytest.raises(trainer_module.RunDirError, match=r"optim.lr: 0.001 -> 0.002"):
         trainer_module.check_run_dir(tmp_path, compose([*SMALL, "optim=adamw", "optim.lr=2e-3"]), resuming=False)
+
+
+def test_starting_over_in_a_run_dir_takes_fp8_linears_in_any_order(tmp_path):
+    # precision.linears says which linears are FP8; the order they are listed in changes nothing.
+    (tmp_path / "config.yaml").write_text(trainer_module.config_yaml(compose([*SMALL, "precision=fp8"])))
+    reordered = "precision.linears=[v_proj,q_proj,k_proj,o_proj,up_proj,gate_proj,down_proj]"
+    trainer_module.check_run_dir(tmp_path, compose([*SMALL, "precision=fp8", reordered]), resuming=False)
+    with pytest.raises(trainer_module.RunDirError, match=r"precision.linears: \[q_proj,.*\] -> \[q_proj\]"):
+        trainer_module.check_run_dir(tmp_path, compose([*SMALL, "precision=fp8", "precision.linears=[q_proj]"]), False)
