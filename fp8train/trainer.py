@@ -804,8 +804,8 @@ def init_from_weights(model: torch.nn.Module, folder: Path, tokenizer_file: Path
 def tokenizer_beside(folder: Path) -> Path | None:
     """The tokenizer saved with weights: in an import-hf folder, or a checkpoint's run dir (RUN/checkpoints/step_N)."""
     beside = [folder / "tokenizer.json"]
-    if folder.parent.name == "checkpoints":
-        beside.append(folder.parent.parent / "tokenizer.json")
+    if run_dir := checkpoint.run_dir_of(folder):  # also RUN/checkpoints/superseded/after_.../step_N
+        beside.append(run_dir / "tokenizer.json")
     return next((f for f in beside if f.is_file()), None)
 
 

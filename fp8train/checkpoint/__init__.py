@@ -224,6 +224,23 @@ def latest(ckpt_root: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def superseded_checkpoints(ckpt_root: Path) -> list[Path]:
+    """The complete checkpoints ``set_aside_after`` moved into ``superseded/``, oldest move first."""
+    moves = sorted(p for p in (ckpt_root / SUPERSEDED).glob("after_*") if p.is_dir())
+    return [c for move in moves for c in complete_checkpoints(move)]
+
+
+def run_dir_of(path: Path) -> Path | None:
+    """The run directory of a checkpoint folder: ``RUN/checkpoints/step_N``, or one a resume set aside,
+    ``RUN/checkpoints/superseded/after_.../step_N``; None for a folder in neither place."""
+    path = Path(path)
+    if path.parent.name == "checkpoints":
+        return path.parent.parent
+    if path.parent.parent.name == SUPERSEDED and path.parent.parent.parent.name == "checkpoints":
+        return path.parent.parent.parent.parent
+    return None
+
+
 def damage(path: Path) -> str | None:
     """What is wrong with a checkpoint folder (``"optimizer.pt: checksum mismatch"``), or None if it is intact."""
     try:

@@ -142,9 +142,16 @@ def checkpoint_to_export(path: Path) -> Path:
                 f"export; export a checkpoint restored from a backup."
             ) from None
         if newest is None:
+            aside = checkpoint.superseded_checkpoints(root)
             raise CheckpointError(
-                f"{path}: a run directory without a complete checkpoint in {root}; export it once training has "
-                f"written one (trainer.checkpoint_every, or the checkpoint at the end of a run)."
+                f"{path}: a run directory without a complete checkpoint in {root}; "
+                + (
+                    f"a resume set {len(aside)} aside in {root / checkpoint.SUPERSEDED}: pass one by its path to "
+                    f"export it, e.g. the one set aside last, {aside[-1]}."
+                    if aside
+                    else "export it once training has written one (trainer.checkpoint_every, or the checkpoint at "
+                    "the end of a run)."
+                )
             )
         return newest
     if (path / "model.safetensors").is_file() or (path / checkpoint.MANIFEST).is_file():
@@ -179,15 +186,14 @@ def export_hf(ckpt: Path, out: Path, dtype: str = "bf16") -> Path:
     from fp8train.data.tokenizer import declared_eos, find_eos_id
 
     ckpt, out = Path(ckpt), Path(out)
-    tokenizer_file = ckpt.parent.parent / "tokenizer.json"  # the run dir's copy: RUN_DIR/checkpoints/step_N
+    run_dir = checkpoint.run_dir_of(ckpt) or ckpt.parent.parent
+    tokenizer_file = run_dir / "tokenizer.json"  # the run dir's copy
     if not tokenizer_file.is_file():
         raise CheckpointError(f"{ckpt}: no tokenizer.json in its run directory ({tokenizer_file.parent}).")
     check_output_folder(out)
     model = load_checkpoint_model(ckpt)
 
-    eos_id = find_eos_id(
-        Tokenizer.from_file(str(tokenizer_file)), declared_eos(ckpt.parent.parent), f"{tokenizer_file}"
-    )
+    eos_id = find_eos_id(Tokenizer.from_file(str(tokenizer_file)), declared_eos(run_dir), f"{tokenizer_file}")
     hf = LlamaForCausalLM(hf_config(model.cfg, eos_id, DTYPES[dtype]))
     hf.load_state_dict(hf_state_dict(model), strict=True)
     make_output_folder(out)

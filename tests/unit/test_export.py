@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
 
 from fp8train.config import compose
 from fp8train.errors import CheckpointError
@@ -210,3 +211,31 @@ def test_a_run_with_a_declared_eos_of_its_own_exports_with_it(tmp_path):
     out = export_hf(tmp_path / "run" / "checkpoints" / "step_0000001", tmp_path / "hf")
     assert json.loads((out / "config.json").read_text())["eos_token_id"] == 1
     assert AutoTokenizer.from_pretrained(out, local_files_only=True).eos_token == "<|doc|>"
+
+
+def superseded_run(fp8_checkpoint, tmp_path):
+    """A copy of the run whose only checkpoint was set aside by a resume from an earlier step."""
+    run = tmp_path / "run"
+    shutil.copytree(fp8_checkpoint, run)
+    aside = run / "checkpoints" / "superseded" / "after_step_0000001_20260101-000000"
+    aside.mkdir(parents=True)
+    shutil.move(run / "checkpoints" / "step_0000003", aside / "step_0000003")
+    return run, aside / "step_0000003"
+
+
+def test_a_superseded_checkpoint_exports_with_its_runs_tokenizer(fp8_checkpoint, tmp_path):
+    # superseded/ keeps checkpoints a resume replaced, to be used by path: their tokenizer is the run dir's.
+    from transformers import AutoTokenizer
+
+    run, ckpt = superseded_run(fp8_checkpoint, tmp_path)
+    out = export_hf(ckpt, tmp_path / "hf")
+    exported = AutoTokenizer.from_pretrained(out, local_files_only=True)
+    assert exported.get_vocab() == Tokenizer.from_file(str(run / "tokenizer.json")).get_vocab()
+
+
+def test_a_run_dir_with_only_superseded_checkpoints_names_them(fp8_checkpoint, tmp_path, capsys):
+    run, ckpt = superseded_run(fp8_checkpoint, tmp_path)
+    assert run_cli("export-hf", run, tmp_path / "hf") == 2
+    err = capsys.readouterr().err
+    assert "without a complete checkpoint" in err and str(ckpt) in err
+    assert not (tmp_path / "hf").exists()

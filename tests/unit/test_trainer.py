@@ -301,3 +301,12 @@ def test_starting_over_in_a_run_dir_takes_fp8_linears_in_any_order(tmp_path):
     trainer_module.check_run_dir(tmp_path, compose([*SMALL, "precision=fp8", reordered]), resuming=False)
     with pytest.raises(trainer_module.RunDirError, match=r"precision.linears: \[q_proj,.*\] -> \[q_proj\]"):
         trainer_module.check_run_dir(tmp_path, compose([*SMALL, "precision=fp8", "precision.linears=[q_proj]"]), False)
+
+
+def test_weights_of_a_superseded_checkpoint_come_with_their_runs_tokenizer(tmp_path):
+    # model.init_from checks the tokenizer saved beside the weights; a checkpoint a resume set aside in
+    # checkpoints/superseded/ belongs to the same run directory and tokenizer as the others.
+    (tmp_path / "tokenizer.json").write_text("{}")
+    for ckpt in ("checkpoints/step_0000003", "checkpoints/superseded/after_step_0000001_20260101-000000/step_0000003"):
+        (tmp_path / ckpt).mkdir(parents=True)
+        assert trainer_module.tokenizer_beside(tmp_path / ckpt) == tmp_path / "tokenizer.json"
