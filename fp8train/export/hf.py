@@ -132,6 +132,8 @@ def checkpoint_to_export(path: Path) -> Path:
     """The checkpoint export-hf reads for ``path``: a run directory's newest intact checkpoint, or ``path``
     itself, a checkpoint folder checked against its manifest."""
     path = Path(path)
+    if path.name == "checkpoints" and not (path / "checkpoints").is_dir() and (path.parent / "config.yaml").is_file():
+        path = path.parent  # RUN_DIR/checkpoints, the folder listing the step_N folders, means the run
     root = path / "checkpoints"
     if root.is_dir():
         try:

@@ -15,7 +15,7 @@ from tokenizers import Tokenizer
 
 from fp8train.config import compose
 from fp8train.errors import CheckpointError
-from fp8train.export.hf import export_hf, load_checkpoint_model
+from fp8train.export.hf import checkpoint_to_export, export_hf, load_checkpoint_model
 from fp8train.trainer import Trainer
 from tests.helpers import ROOT, SMALL
 
@@ -239,3 +239,11 @@ def test_a_run_dir_with_only_superseded_checkpoints_names_them(fp8_checkpoint, t
     err = capsys.readouterr().err
     assert "without a complete checkpoint" in err and str(ckpt) in err
     assert not (tmp_path / "hf").exists()
+
+
+def test_the_checkpoints_folder_of_a_run_exports_its_newest_checkpoint(fp8_checkpoint, tmp_path, capsys):
+    # RUN_DIR/checkpoints is what a user sees listed beside the step folders; it means the run directory.
+    assert run_cli("export-hf", fp8_checkpoint / "checkpoints", tmp_path / "hf") == 0
+    assert f"wrote {tmp_path / 'hf'}" in capsys.readouterr().out
+    via_run = export_hf(checkpoint_to_export(fp8_checkpoint), tmp_path / "hf_run")
+    assert (tmp_path / "hf" / "model.safetensors").read_bytes() == (via_run / "model.safetensors").read_bytes()
