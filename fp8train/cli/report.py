@@ -137,14 +137,20 @@ def summary(data: Outliers, run_dir: Path) -> str:
             f"kurtosis {entry.get('h_kurtosis', 0):.3g}, top channel {top[0][0]})"
         )
         growth = []
-        for i, layer in enumerate(data.layers):
+        for i, layer in enumerate(data.layers if len(steps) > 1 else []):
             known = [j for j, v in enumerate(h[i]) if math.isfinite(v)]  # a layer may lack values at some steps
             nonzero = [j for j in known if h[i][j] > 0]  # growth from an all-zero h has no ratio: start after it
-            if nonzero:
+            if nonzero and nonzero[0] < known[-1]:  # two steps to compare
                 a, b = nonzero[0], known[-1]
                 span = "" if (a, b) == (0, len(steps) - 1) else f" (step {steps[a]} -> {steps[b]})"
                 growth.append(f"layer {layer} x{h[i][b] / h[i][a]:.3g}{span}")
-        lines.append(f"h amax growth, step {steps[0]} -> {steps[-1]}: " + ", ".join(growth))
+        if len(steps) == 1:
+            lines.append(f"h amax growth: one monitored step ({steps[0]}), nothing to compare yet")
+        else:
+            lines.append(
+                f"h amax growth, step {steps[0]} -> {steps[-1]}: "
+                + (", ".join(growth) or "no layer has two values to compare")
+            )
     cos_last = [(e.get("cos_max_abs"), e["layer"], e) for e in last["layers"] if "cos_max_abs" in e]
     if cos_last:
         cos, layer, e = max(cos_last, key=lambda t: _nan_last(t[0]))

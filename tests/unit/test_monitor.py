@@ -614,3 +614,13 @@ def test_report_names_an_infinite_h_amax_as_the_largest_and_grows_from_the_first
     text = report(tmp_path, tmp_path / "report")
     assert "largest h amax: inf in layer 0 at step 3" in text
     assert "h amax growth, step 1 -> 3: layer 0 x2 (step 1 -> 2), layer 1 x4 (step 2 -> 3)" in text
+
+
+def test_report_of_one_monitored_step_says_growth_needs_two(tmp_path):
+    # Growth from a step to itself (x1) reads as a measured "no growth"; with one monitored step there is none yet.
+    from fp8train.cli.report import report
+
+    write_outliers(tmp_path, [{"step": 1, "layers": [layer_record(0, 1.0), layer_record(1, 2.0)], "alerts": []}])
+    text = report(tmp_path, tmp_path / "report")
+    assert "h amax growth: one monitored step (1), nothing to compare yet" in text
+    assert "x1" not in text
