@@ -280,3 +280,28 @@ def test_starting_over_in_a_run_dir_ignores_settings_neither_run_reads(tmp_path)
     trainer_module.check_run_dir(tmp_path, compose([*SMALL, "optim=adamw", "optim.block_size=64"]), resuming=False)
     with pytest.raises(trainer_module.RunDirError, match=r"optim.lr: 0.001 -> 0.002"):
         trainer_module.check_run_dir(tmp_path, compose([*SMALL, "optim=adamw", "optim.lr=2e-3"]), resuming=False)
+
+
+@pytest.mark.parametrize("precision", ["fp8_smooth", "fp8_smooth_channel", "fp8_smooth_gaudi2"])
+def test_evaluation_leaves_fp8_scaling_state_and_the_monitor_as_training_left_them(tmp_path, precision):
+    """A validation pass between steps must not feed its amaxes into the delayed scales of the next step, nor
+    count FP8 statistics or record outliers: every buffer (amax histories, scales, counters) and outliers.jsonl
+    are what they were, and the next training step is the one it would have been without the pass."""
+    runs = []
+    for name in ("with_eval", "without"):
+        t = Trainer(compose([*SMALL, f"precision={precision}", "monitor.interval=2"]), tmp_path / name)
+        t.train_step()
+        t.step += 1
+        before = {k: v.clone() for k, v in t.model.state_dict().items()}
+        outliers = (tmp_path / name / "outliers.jsonl").read_text()
+        if name == "with_eval":
+            t.evaluate()
+            for k, v in t.model.state_dict().items():
+                assert torch.equal(v, before[k]), k
+            assert (tmp_path / name / "outliers.jsonl").read_text() == outliers
+        runs.append((t.train_step()[0].item(), t.model.state_dict()))
+        t.monitor.close()
+    (loss_a, state_a), (loss_b, state_b) = runs
+    assert loss_a == loss_b
+    for k, v in state_a.items():
+        assert torch.equal(v, state_b[k]), k
