@@ -505,7 +505,9 @@ class TrainerConfig:
     micro_batch_size: int = 16  # sequences per forward pass
     grad_accum_steps: int = 1  # micro-batches per optimizer step
     eval_every: int = 100  # steps between validation passes (and one at the end); 0 = only at the end
-    eval_batches: int = 8  # micro-batches per validation source and pass
+    # Validation windows per source and pass, in global batches (micro_batch_size x grad_accum_steps x ranks
+    # sequences): the first of the val split, the same set for every split of the global batch; ranks share it.
+    eval_batches: int = 8
     checkpoint_every: int = 100  # steps between checkpoints (and one at the end); 0 = only at the end
     keep_last: int = 2  # complete checkpoints kept; older ones are deleted
     seed: int = 1234

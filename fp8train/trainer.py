@@ -333,19 +333,28 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Mean validation loss per source and over all sources (weighted by tokens), and perplexity."""
+        """Mean validation loss per source and over all sources (weighted by tokens), and perplexity.
+
+        Each rank runs its share of every source's validation set (``TokenData.val_batches``: the set depends
+        on the global batch only, not on how it is split); one sum over ranks gives every rank the same numbers.
+        Eval mode: FP8 scaling state and the outlier monitor stay as training left them.
+        """
         self.model.eval()
-        metrics, total, count = {}, 0.0, 0
-        for source in self.data.val_sources:
-            # Each batch's loss is a mean over its rows (seq_len tokens each); the last batch may be short, so
-            # weight by rows to get the mean over tokens.
-            source_total, rows = 0.0, 0
-            for b in self.data.val_batches(source, self.cfg.trainer.eval_batches):
-                source_total += self.loss(*self.batch(b)).item() * len(b[0])
-                rows += len(b[0])
-            metrics[f"val_loss/{source}"] = source_total / rows
-            total, count = total + source_total, count + rows
-        metrics["val_loss"] = total / count
+        sources = self.data.val_sources
+        # Per source: the sum of the windows' mean losses and the number of windows (seq_len tokens each, so their
+        # ratio is the mean over tokens; a short last batch weighs by its rows). float32: Gaudi has no float64, and
+        # the counts are small integers.
+        sums = torch.zeros(len(sources), 2, device=self.backend.device)
+        for i, source in enumerate(sources):
+            for inputs, targets, counted in self.data.val_batches(source, self.cfg.trainer.eval_batches):
+                loss = self.loss(*self.batch((inputs, targets)))
+                if counted:  # else a batch that only keeps this rank's forwards in step with the others'
+                    sums[i, 0] += loss.float() * len(inputs)
+                    sums[i, 1] += len(inputs)
+                self.backend.mark_step()
+        loss_sums, counts = self.engine.sum(sums).cpu().double().T.tolist()
+        metrics = {f"val_loss/{source}": s / n for source, s, n in zip(sources, loss_sums, counts)}
+        metrics["val_loss"] = sum(loss_sums) / sum(counts)
         metrics["val_ppl"] = math.exp(min(metrics["val_loss"], 50.0))
         self.logger.log(metrics, self.step)
         log.info("step %d: val_loss %.4f  val_ppl %.2f", self.step, metrics["val_loss"], metrics["val_ppl"])

@@ -38,6 +38,8 @@ COMPARABLE = {
     "batch": lambda run: {
         "tokens per step": int(run.tokens_per_step) if math.isfinite(run.tokens_per_step) else "unknown",
     },
+    # eval_batches global batches of windows from the start of each val split: with the same global batch (above)
+    # the same windows, however the runs split it.
     "validation set": lambda run: {"trainer.eval_batches": run.config.trainer.get("eval_batches")},
     "seed": lambda run: {"trainer.seed": run.config.trainer.seed},
     # the loss at a step depends on the learning rate that step had

@@ -10,6 +10,9 @@ and takes window ``perm_epoch[g % n_windows]`` of epoch ``g // n_windows``, wher
 the same data, and within an epoch no window repeats across steps, micro steps or ranks. Step k takes samples
 [k * G, (k + 1) * G), G = micro_batch_size * grad_accum_steps * world_size: a run may resume with another split of
 the same G over micro batches, accumulation steps and ranks, but not with another G or seed (``check_resume``).
+
+Validation takes the first ``eval_batches x G`` windows of each val split (all of it when shorter), in order, at
+stride ``seq_len``: a set that such a resume keeps, which the ranks share out (``val_batches``).
 """
 
 from __future__ import annotations
@@ -284,18 +287,35 @@ class TokenData:
         windows = np.array([self._window(g) for g in range(first, first + B)], dtype=np.int64)
         return self._gather(self._train, windows)
 
-    def val_batches(self, source: str, max_batches: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Up to ``max_batches`` batches of consecutive, non-overlapping windows from the start of a val split.
+    def val_batches(self, source: str, eval_batches: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, bool]]:
+        """This rank's share of the validation set of ``source``, in micro-batches: (inputs, targets, counted).
 
-        Every call yields the same batches. The last one has fewer than micro_batch_size rows when the
-        split runs out.
+        The validation set is the first ``eval_batches`` global batches' worth of consecutive, non-overlapping
+        windows of the split: eval_batches x G windows, G = micro_batch_size x grad_accum_steps x world_size (the
+        global batch in sequences, which every resume keeps), or the whole split when it holds fewer. So the set
+        is the same for every split of G, and with one process and no accumulation it is eval_batches batches of
+        micro_batch_size. It is cut into micro-batches of micro_batch_size from its start (the last one is short
+        when the set runs out) and these are dealt to the ranks in contiguous blocks: each rank runs 1/N of them
+        (up to one), and they are the micro-batches of one process with the same micro_batch_size, so a
+        batch-dependent FP8 scale (current scaling, per-channel Smooth-SwiGLU) quantizes them alike on any number
+        of ranks. (With another micro_batch_size such a scale sees other batches: the same windows, other rounding.)
+
+        Every rank yields as many batches: a rank whose block is a batch shorter (their number does not divide
+        by the ranks) ends with a repeat of the set's first batch, ``counted`` False, whose loss must be left out.
+        Its forward is there because a ZeRO-3 forward gathers the weights from every rank. Every call yields
+        the same batches.
         """
         if source not in self._val:
             raise KeyError(f"no validation source '{source}'; the sources are {self.val_sources}")
-        tokens = self._val[source]
-        n_windows = min((len(tokens) - 1) // self.seq_len, max_batches * self.micro_batch_size)
-        for start in range(0, n_windows, self.micro_batch_size):
-            yield self._gather(tokens, np.arange(start, min(start + self.micro_batch_size, n_windows)))
+        tokens, B = self._val[source], self.micro_batch_size
+        global_batch = B * self.grad_accum_steps * self.world_size
+        n_windows = min((len(tokens) - 1) // self.seq_len, eval_batches * global_batch)
+        n_batches = -(-n_windows // B)
+        first, end = (n_batches * r // self.world_size for r in (self.rank, self.rank + 1))
+        for i in range(first, end):
+            yield *self._gather(tokens, np.arange(i * B, min((i + 1) * B, n_windows))), True
+        for _ in range(-(-n_batches // self.world_size) - (end - first)):
+            yield *self._gather(tokens, np.arange(min(B, n_windows))), False
 
     def position(self, step: int) -> dict:
         """Where the data stream stands before ``step``: global samples consumed, the epoch they reach, and the

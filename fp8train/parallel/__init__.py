@@ -2,8 +2,9 @@
 
 Every engine offers the same few methods, so the trainer never branches on the engine:
 ``no_sync`` / ``backward`` per micro-batch, ``optimizer_step`` once per step (clip, skip non-finite steps, update),
-``reduce_amax`` for FP8 delayed scaling, ``save_state`` / ``load_state`` for the model and optimizer part of a
-checkpoint, and ``barrier`` / ``broadcast_object`` for the little coordination the trainer needs.
+``reduce_amax`` for FP8 delayed scaling, ``mean`` / ``sum`` over ranks for the losses it logs, ``save_state`` /
+``load_state`` for the model and optimizer part of a checkpoint, and ``barrier`` / ``broadcast_object`` for the
+little coordination the trainer needs.
 """
 
 from __future__ import annotations
@@ -91,6 +92,10 @@ class SingleEngine:
 
     def mean(self, t: torch.Tensor) -> torch.Tensor:
         """The mean of ``t`` over data-parallel ranks (e.g. the loss of the whole global batch)."""
+        return t
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """The sum of ``t`` over data-parallel ranks (e.g. validation losses of each rank's share of the windows)."""
         return t
 
     def save_state(self, folder: Path) -> None:

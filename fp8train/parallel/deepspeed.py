@@ -215,9 +215,12 @@ class DeepSpeedEngine(SingleEngine):
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
 
     def mean(self, t: torch.Tensor) -> torch.Tensor:
+        return self.sum(t) / self.world_size
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
         t = t.detach().clone()
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return t / self.world_size
+        return t
 
     def no_sync(self, sync: bool) -> contextlib.AbstractContextManager:
         """Only the last micro-batch's backward reduces gradients over ranks (DeepSpeed does it there).

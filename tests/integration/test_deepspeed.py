@@ -76,11 +76,16 @@ def losses(run_dir, key: str = "loss") -> dict[int, float]:
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory):
+def single_dir(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("single")
     done = run_train(run_dir, *COMMON, f"trainer.micro_batch_size={GLOBAL_BATCH}")
     assert done.returncode == 0, done.stderr[-3000:]
-    return losses(run_dir), losses(run_dir, "grad_norm")
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def single(single_dir):
+    return losses(single_dir), losses(single_dir, "grad_norm")
 
 
 @pytest.mark.parametrize(
@@ -88,7 +93,9 @@ def single(tmp_path_factory):
     [(0, GLOBAL_BATCH // 2, 1), (1, GLOBAL_BATCH // 2, 1), (2, GLOBAL_BATCH // 4, 2), (3, GLOBAL_BATCH // 4, 2)],
     ids=["zero0", "zero1", "zero2-accum2", "zero3-accum2"],
 )
-def test_two_ranks_match_one_process_with_the_same_global_batch(tmp_path, single, zero_stage, micro_batch, accum):
+def test_two_ranks_match_one_process_with_the_same_global_batch(
+    tmp_path, single, single_dir, zero_stage, micro_batch, accum
+):
     run_dir = tmp_path / "ds"
     extra = []
     if zero_stage == 3:  # partition every weight: by default ZeRO-3 keeps parameters this small whole on each rank
@@ -112,9 +119,35 @@ def test_two_ranks_match_one_process_with_the_same_global_batch(tmp_path, single
     single_losses, single_norms = single
     for step, loss in single_losses.items():
         assert ds[step] == pytest.approx(loss, rel=1e-4), step
+    # The validation set is fixed by the global batch: the ranks share out the windows one process evaluates.
+    assert losses(run_dir, "val_loss")[STEPS] == pytest.approx(losses(single_dir, "val_loss")[STEPS], rel=1e-4)
     # The norm of the averaged gradient: a rank stepping on its own half-batch gradient has a visibly larger one.
     for step, norm in losses(run_dir, "grad_norm").items():
         assert norm == pytest.approx(single_norms[step], rel=2e-3), step
+
+
+def test_validation_over_two_ranks_scores_the_windows_of_one_process(tmp_path):
+    """In fp32 the same windows give the same val_loss up to summation order. eval_batches=50 global batches of 8
+    ask for more windows than the split holds (333 at seq_len 64), so the set is the whole split; in micro-batches of
+    2 that is 167, 83 on rank 0 and 84 on rank 1: rank 0 runs one more, uncounted, so that each forward of ZeRO-3
+    (which gathers the weights from both ranks) has its peer."""
+    settings = ["precision=fp32", "trainer.max_steps=2", "trainer.eval_batches=50"]
+    one = tmp_path / "one"
+    done = run_train(one, *COMMON, *settings, f"trainer.micro_batch_size={GLOBAL_BATCH}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    (tmp_path / "ds.json").write_text('{"zero_optimization": {"stage3_param_persistence_threshold": 0}}')
+    two = tmp_path / "two"
+    cmd = torchrun_cmd(
+        two,
+        *settings,
+        "parallel.zero_stage=3",
+        f"parallel.ds_config={tmp_path / 'ds.json'}",
+        f"trainer.micro_batch_size={GLOBAL_BATCH // 4}",
+        "trainer.grad_accum_steps=2",
+    )
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180, env=ENV)  # or hangs
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    assert losses(two, "val_loss")[2] == pytest.approx(losses(one, "val_loss")[2], rel=1e-6)
 
 
 def test_optimizer_offload_from_a_ds_config_trains_like_one_process(tmp_path, single):

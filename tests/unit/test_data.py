@@ -198,20 +198,71 @@ def test_one_epoch_over_ranks_and_micro_steps_covers_every_window_once(tmp_path)
 
 
 def test_val_batches_are_fixed_consecutive_windows(tmp_path):
-    data = build(data_cfg(tmp_path, [TEXT], seq_len=16), micro_batch_size=4)
+    """With one process and no accumulation (the defaults) the set is eval_batches batches of consecutive windows."""
+    data = build(data_cfg(tmp_path, [TEXT], seq_len=16), micro_batch_size=4, grad_accum_steps=1)
     val = np.fromfile(data.cache_path / "val_0.bin", dtype=np.uint16)
     n_windows = (len(val) - 1) // 16
     first = list(data.val_batches("src0", 3))
     second = list(data.val_batches("src0", 3))
-    assert len(first) == 3
+    assert len(first) == 3 and all(counted for _, _, counted in first)
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, second))
-    inputs = torch.cat([x for x, _ in first])
-    targets = torch.cat([y for _, y in first])
+    inputs = torch.cat([x for x, _, _ in first])
+    targets = torch.cat([y for _, y, _ in first])
     assert inputs.reshape(-1).tolist() == val[: 12 * 16].tolist()  # windows in order, no overlap
     assert targets.reshape(-1).tolist() == val[1 : 12 * 16 + 1].tolist()
     everything = list(data.val_batches("src0", 10**6))  # capped by the split: the last batch may be short
-    assert sum(len(x) for x, _ in everything) == n_windows
+    assert sum(len(x) for x, _, _ in everything) == n_windows
     assert len(everything) == -(-n_windows // 4)
+
+
+def val_windows_per_rank(cfg, eval_batches, micro_batch_size, grad_accum_steps, world_size):
+    """Per rank, the validation windows (indices into the split) of each batch it runs, and whether it counts."""
+    out = []
+    for rank in range(world_size):
+        data = build(
+            cfg, micro_batch_size=micro_batch_size, grad_accum_steps=grad_accum_steps, rank=rank, world_size=world_size
+        )
+        val = np.fromfile(data.cache_path / "val_0.bin", dtype=np.uint16)
+        T = data.seq_len
+        window_of = {tuple(val[w * T : w * T + T].tolist()): w for w in range((len(val) - 1) // T)}
+        out.append(
+            [
+                ([window_of[tuple(row)] for row in x.tolist()], counted)
+                for x, _, counted in data.val_batches("src0", eval_batches)
+            ]
+        )
+    return out
+
+
+@pytest.mark.parametrize("eval_batches", [3, 10**6], ids=["3-global-batches", "whole-split"])
+def test_the_validation_set_is_the_same_for_every_split_of_the_global_batch(tmp_path, eval_batches):
+    """eval_batches counts global batches: 8 sequences each in all three layouts, so one validation set, which
+    the ranks share out (each runs 1/N of it) instead of each evaluating it whole. The whole split (49 windows of
+    30 tokens, 13 micro-batches of 4) does not divide evenly over 2 ranks: the rank with fewer batches runs one
+    more, not counted, so every rank runs as many forwards (ZeRO-3 gathers weights from every rank in each)."""
+    cfg = data_cfg(tmp_path, [TEXT], seq_len=30)
+    n_split = (len(np.fromfile(build(cfg).cache_path / "val_0.bin", dtype=np.uint16)) - 1) // 30
+    n = min(eval_batches * 8, n_split)
+    layouts = {
+        "micro 8, 1 rank": val_windows_per_rank(cfg, eval_batches, 8, 1, 1),
+        "micro 4, accum 2, 1 rank": val_windows_per_rank(cfg, eval_batches, 4, 2, 1),
+        "micro 4, 2 ranks": val_windows_per_rank(cfg, eval_batches, 4, 1, 2),
+    }
+    for name, ranks in layouts.items():
+        counted = [w for batches in ranks for ws, c in batches if c for w in ws]
+        assert counted == list(range(n)), name  # every window of the set once, over all ranks
+        assert len({len(batches) for batches in ranks}) == 1, name  # the same number of forwards on every rank
+        for batches in ranks:  # 1/N of the set per rank (up to a micro-batch when it does not divide)
+            share = sum(len(ws) for ws, c in batches if c)
+            assert abs(share - n / len(ranks)) <= 4, name
+    # The same micro-batches, on one rank or two: a batch-dependent FP8 scale quantizes them alike too.
+    one, two = layouts["micro 4, accum 2, 1 rank"], layouts["micro 4, 2 ranks"]
+    assert [ws for ws, c in one[0] if c] == [ws for batches in two for ws, c in batches if c]
+    if eval_batches == 3:
+        assert [sum(len(ws) for ws, c in batches if c) for batches in two] == [12, 12]
+    else:
+        assert n == 49 and [len(batches) for batches in two] == [7, 7]
+        assert [sum(c for _, c in batches) for batches in two] == [6, 7]
 
 
 def test_two_named_sources(tmp_path):
@@ -223,7 +274,7 @@ def test_two_named_sources(tmp_path):
     assert ends.tolist() == [ends[0], len(train) - 1]
     assert data.tokenizer.decode(train[: ends[0]].tolist()) == a[: split_point(a, 0.1)]
     assert data.tokenizer.decode(train[ends[0] + 1 : -1].tolist()) == b[: split_point(b, 0.1)]
-    assert len(list(data.val_batches("second", 1))) == 1
+    assert len(list(data.val_batches("second", 1))) == 2  # one global batch: 2 micro-batches of 4
     with pytest.raises(KeyError):
         next(data.val_batches("src0", 1))
 
@@ -774,9 +825,41 @@ def test_val_loss_weights_every_sequence_equally_when_the_last_batch_is_short(tm
     t = Trainer(compose([*SMALL, "precision=fp32", "trainer.eval_batches=50"]), tmp_path / "run")
     t.loss = lambda inputs, targets: inputs.float().mean()
     source = t.data.val_sources[0]
-    rows = torch.cat([x for x, _ in t.data.val_batches(source, 50)])
-    assert [len(x) for x, _ in t.data.val_batches(source, 50)][-2:] == [8, 5]
+    rows = torch.cat([x for x, _, _ in t.data.val_batches(source, 50)])
+    assert [len(x) for x, _, _ in t.data.val_batches(source, 50)][-2:] == [8, 5]
     reference = rows.double().mean().item()
     metrics = t.evaluate()
     assert metrics["val_loss"] == pytest.approx(reference, rel=1e-6)
     assert metrics[f"val_loss/{source}"] == pytest.approx(reference, rel=1e-6)
+
+
+def test_each_rank_evaluates_its_share_and_one_sum_over_ranks_gives_the_whole_set(tmp_path):
+    """Two ranks of micro 2 x accum 2 (the global batch of 8 of SMALL): the 333 windows make 167 micro-batches,
+    83 on rank 0 and 84 on rank 1, so rank 0 runs one more, uncounted. Each rank hands its sums to the engine once
+    per evaluation; with the other rank's sums added, both report the mean over the 333 windows."""
+    from fp8train.config import compose
+    from fp8train.trainer import Trainer
+    from tests.helpers import SMALL
+
+    t = Trainer(compose([*SMALL, "precision=fp32", "trainer.eval_batches=50"]), tmp_path / "run")
+    source = t.data.val_sources[0]
+    reference = torch.cat([x for x, _, _ in t.data.val_batches(source, 50)]).double().mean().item()
+    forwards = []
+    t.loss = lambda inputs, targets: forwards.append(len(inputs)) or inputs.float().mean()
+    ranks = [
+        build_data(t.cfg.data, seed=t.cfg.trainer.seed, micro_batch_size=2, grad_accum_steps=2, rank=r, world_size=2)
+        for r in range(2)
+    ]
+    local = []
+    for data in ranks:  # what each rank has before the sum
+        t.data, forwards[:] = data, []
+        t.engine.sum = lambda x: local.append(x.clone()) or x
+        t.evaluate()
+        assert len(forwards) == 84 and sum(forwards) in (167, 168)  # half the windows (+ one uncounted batch)
+    assert len(local) == 2  # one sum per evaluation
+    for data in ranks:
+        t.data = data
+        t.engine.sum = lambda x: local[0] + local[1]
+        metrics = t.evaluate()
+        assert metrics["val_loss"] == pytest.approx(reference, rel=1e-6)
+        assert metrics[f"val_loss/{source}"] == pytest.approx(reference, rel=1e-6)

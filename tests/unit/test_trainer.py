@@ -310,3 +310,28 @@ def test_weights_of_a_superseded_checkpoint_come_with_their_runs_tokenizer(tmp_p
     for ckpt in ("checkpoints/step_0000003", "checkpoints/superseded/after_step_0000001_20260101-000000/step_0000003"):
         (tmp_path / ckpt).mkdir(parents=True)
         assert trainer_module.tokenizer_beside(tmp_path / ckpt) == tmp_path / "tokenizer.json"
+
+
+@pytest.mark.parametrize("precision", ["fp8_smooth", "fp8_smooth_channel", "fp8_smooth_gaudi2"])
+def test_evaluation_leaves_fp8_scaling_state_and_the_monitor_as_training_left_them(tmp_path, precision):
+    """A validation pass between steps must not feed its amaxes into the delayed scales of the next step, nor
+    count FP8 statistics or record outliers: every buffer (amax histories, scales, counters) and outliers.jsonl
+    are what they were, and the next training step is the one it would have been without the pass."""
+    runs = []
+    for name in ("with_eval", "without"):
+        t = Trainer(compose([*SMALL, f"precision={precision}", "monitor.interval=2"]), tmp_path / name)
+        t.train_step()
+        t.step += 1
+        before = {k: v.clone() for k, v in t.model.state_dict().items()}
+        outliers = (tmp_path / name / "outliers.jsonl").read_text()
+        if name == "with_eval":
+            t.evaluate()
+            for k, v in t.model.state_dict().items():
+                assert torch.equal(v, before[k]), k
+            assert (tmp_path / name / "outliers.jsonl").read_text() == outliers
+        runs.append((t.train_step()[0].item(), t.model.state_dict()))
+        t.monitor.close()
+    (loss_a, state_a), (loss_b, state_b) = runs
+    assert loss_a == loss_b
+    for k, v in state_a.items():
+        assert torch.equal(v, state_b[k]), k
