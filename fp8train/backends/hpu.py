@@ -68,9 +68,11 @@ class HpuFp8Ops(Fp8Ops):
 
     def quantize(self, x, fmt, scale, profile="gaudi2", stochastic=False):
         # Clamped to +-max / scale first, as on every backend: Habana documents E4M3 saturating at 240 but not what
-        # the E5M2 cast does past 57344, and a finite input must never become inf or NaN.
+        # the E5M2 cast does past 57344, and a finite input must never become inf or NaN. An inf becomes NaN, as in
+        # formats.quantize: clamped to max it would hide the overflow from the loss, and the step would not be skipped.
+        x = x.detach()
         limit = formats.fp8_max(fmt, profile) / scale.float()
-        xs = torch.clamp(x.detach(), -limit, limit)
+        xs = torch.where(x.isinf(), x * 0.0, torch.clamp(x, -limit, limit))  # inf * 0 is the NaN
         q, _ = torch.ops.hpu.cast_to_fp8_v2(
             xs, scale.float(), stochastic, False, formats.fp8_dtype(fmt)
         )  # scale multiplies

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import types
 
 import pytest
@@ -317,3 +318,20 @@ def test_hpu_cast_saturates_even_where_the_hardware_cast_would_overflow(monkeypa
     limit = formats.fp8_max(fmt, "gaudi2")
     assert q.float()[3, 5] == limit and q.float()[7, 1] == -limit
     assert torch.equal(q.float(), formats.quantize(x, fmt, scale, "gaudi2").float())
+
+
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+def test_hpu_cast_turns_inf_into_nan_as_the_emulation_does(hpu_ops, fmt):
+    # The clamp before Habana's cast must not saturate an inf to max: on every backend an inf (a bf16 overflow
+    # upstream) becomes NaN, reaches the loss, and the step is skipped, instead of training on a finite stand-in.
+    from fp8train.fp8 import formats
+
+    ops, _ = hpu_ops
+    x = torch.randn(16, 32, generator=torch.Generator().manual_seed(15))
+    x[2, 3], x[5, 7], x[9, 1] = math.inf, -math.inf, math.nan
+    scale = formats.scale_from_amax(torch.tensor(4.0), fmt, "gaudi2", pow2=True)
+    q, _ = ops.quantize(x, fmt, scale, "gaudi2")
+    want = formats.quantize(x, fmt, scale, "gaudi2").float()
+    assert want[2, 3].isnan() and want[5, 7].isnan() and want[9, 1].isnan()
+    assert torch.equal(q.float().isnan(), want.isnan())
+    assert torch.equal(q.float().nan_to_num(), want.nan_to_num())
