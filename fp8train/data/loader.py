@@ -76,8 +76,8 @@ def check_data(cfg: DataConfig, *, max_chars: int | None = None, **layout) -> tu
     if isinstance(data, int):
         return (
             f"data: {len(cfg.sources)} source(s) read and checked, {data:,} characters; not tokenized (over "
-            f"{max_chars:,} characters and no token cache yet), so their token counts are checked when training "
-            "starts",
+            f"{max_chars:,} characters and no usable token cache yet), so their token counts are checked when "
+            "training starts",
             None,
         )
     return (

@@ -284,9 +284,12 @@ def build_token_cache(
         if damage is None:
             log.info("token cache hit: %s", final)
             return open_token_cache(final, key)
-        log.warning("the token cache %s fails its check (%s): it is tokenized again", final, damage)
-        if not may_build:
+        if not may_build:  # fp8train check on a large corpus: the run tokenizes it
+            log.warning(
+                "the token cache %s fails its check (%s): it is tokenized again when training starts", final, damage
+            )
             return None
+        log.warning("the token cache %s fails its check (%s): it is tokenized again", final, damage)
         discard_damaged(final, damage)
     elif not may_build:
         return None

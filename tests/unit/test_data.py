@@ -863,3 +863,22 @@ def test_each_rank_evaluates_its_share_and_one_sum_over_ranks_gives_the_whole_se
         metrics = t.evaluate()
         assert metrics["val_loss"] == pytest.approx(reference, rel=1e-6)
         assert metrics[f"val_loss/{source}"] == pytest.approx(reference, rel=1e-6)
+
+
+def test_check_on_a_large_corpus_with_an_old_cache_says_it_is_tokenized_when_training_starts(tmp_path, caplog):
+    """fp8train check does not tokenize a large corpus: a cache written before meta.json held checksums is then
+    left as it is, and neither the log nor the summary may say it was tokenized again or that there is none."""
+    from fp8train.data.loader import check_data
+
+    cfg = data_cfg(tmp_path, [TEXT])
+    path = build(cfg).cache_path
+    meta = json.loads((path / "meta.json").read_text())
+    del meta["sha256"]  # as fp8train wrote it before the checksums
+    (path / "meta.json").write_text(json.dumps(meta))
+    with caplog.at_level(logging.INFO, logger="fp8train"):
+        summary, vocab = check_data(cfg, max_chars=10, seed=0, micro_batch_size=4, grad_accum_steps=1)
+    assert vocab is None and "not tokenized" in summary
+    assert "no usable token cache" in summary and "no token cache yet" not in summary
+    warned = [r.getMessage() for r in caplog.records if "fails its check" in r.getMessage()]
+    assert len(warned) == 1 and "tokenized again when training starts" in warned[0], caplog.text
+    assert "sha256" not in json.loads((path / "meta.json").read_text())  # left alone: check writes nothing here
