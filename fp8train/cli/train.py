@@ -54,8 +54,8 @@ class Sweep:
         return (
             f"fp8train: {n} of {len(cls.jobs)} jobs of this multirun {'so far ' if stopped else ''}failed: "
             f"{'; '.join(named)}. {stopped}"
-            f"{'Its message' if n == 1 else 'Their messages'} above say{'s' if n == 1 else ''} what to change; "
-            "the other jobs' results stand."
+            f"{'Its message' if n == 1 else 'Their messages'} above say{'s' if n == 1 else ''} what to change"
+            + ("; the other jobs' results stand." if n < len(cls.jobs) else ".")
         )
 
 
