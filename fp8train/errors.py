@@ -1,8 +1,10 @@
 """Errors that end a run with a one-paragraph message and no traceback.
 
 Anything raised as an ``Fp8trainError`` is caught by ``train.py`` and the ``fp8train`` command, printed as
-its message alone and turned into exit status 2. Raise it for problems the user can fix (a config value, a
-data file, missing hardware support); let genuine bugs raise ordinary exceptions with their traceback.
+its message alone and turned into exit status 2. In a Hydra multirun the message names the job, the jobs after it
+still run, and the sweep ends with a summary of the failed jobs and status 2. Raise it for problems the user can
+fix (a config value, a data file, missing hardware support, a run that diverged); let genuine bugs raise ordinary
+exceptions with their traceback.
 """
 
 

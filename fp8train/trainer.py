@@ -773,6 +773,9 @@ class StopSignals:
 
     def handle(self, signum, frame) -> None:
         self.received = signal.Signals(signum).name
+        # Recorded here, not only where the loop stops for it: a signal during a run's last step, or one whose
+        # step then fails (diverges, say), must still keep the later jobs of a multirun from starting.
+        StopSignals.stopped_a_run = StopSignals.stopped_a_run or f"received {self.received}"
         self.restore()
 
     def restore(self) -> None:

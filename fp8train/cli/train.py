@@ -23,6 +23,63 @@ def fail(error: Fp8trainError) -> None:
     sys.exit(2)
 
 
+class Sweep:
+    """The jobs of the Hydra multirun this process runs, and those that ended in an Fp8trainError.
+
+    A job's Fp8trainError (a diverged run, a kernel the compiler cannot build, unusable data) does not stop the
+    sweep: the jobs after it still train (a diverging fp8 arm of compare_bf16_fp8 is a result, and the fp8_smooth
+    arms after it are the point), and the sweep ends with a summary of the failures and status 2.
+    """
+
+    jobs: dict[int, list[str]] = {}  # job number -> its overrides
+    failed: dict[int, tuple[Path, Fp8trainError]] = {}  # job number -> (run dir, error)
+
+    @classmethod
+    def reset(cls) -> None:
+        cls.jobs, cls.failed = {}, {}
+
+    @classmethod
+    def summary(cls, stopped: str = "") -> str | None:
+        """One paragraph naming each failed job (its own overrides, run dir) and why, in short, and ``stopped``:
+        why the jobs after the last one do not start, if they do not; None if no job failed."""
+        if not cls.failed:
+            return None
+        # A job is named by its overrides that are not every job's (what the sweep varies), with one job by none.
+        everywhere = set.intersection(*(set(o) for o in cls.jobs.values())) if cls.jobs else set()
+        named = []
+        for num, (run_dir, error) in sorted(cls.failed.items()):
+            own = " ".join(o for o in cls.jobs.get(num, []) if o not in everywhere)
+            named.append(f"#{num}{' ' + own if own else ''} ({run_dir}): {short_reason(error)}")
+        n = len(cls.failed)
+        return (
+            f"fp8train: {n} of {len(cls.jobs)} jobs of this multirun {'so far ' if stopped else ''}failed: "
+            f"{'; '.join(named)}. {stopped}"
+            f"{'Its message' if n == 1 else 'Their messages'} above say{'s' if n == 1 else ''} what to change"
+            + ("; the other jobs' results stand." if n < len(cls.jobs) else ".")
+        )
+
+
+def short_reason(error: Fp8trainError) -> str:
+    """The gist of an error's message: its problems for a config error, else its first clause (at most ~200
+    characters)."""
+    if isinstance(error, ConfigError):
+        text = "; ".join(error.problems)
+    else:
+        text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        text = min((text.split(sep, 1)[0] for sep in ("; ", ". ")), key=len).rstrip(".")
+    return text if len(text) <= 200 else text[:199].rstrip() + "…"
+
+
+def one_process() -> bool:
+    """Whether this process trains alone. With several ranks, or a DeepSpeed process group still up after a job
+    that failed in it, other ranks may be waiting for this one in a collective: the process must exit, so that
+    the launcher stops them, rather than go on to the next job."""
+    import torch.distributed as dist
+
+    world_size = os.environ.get("WORLD_SIZE") or os.environ.get("OMPI_COMM_WORLD_SIZE") or "1"
+    return int(world_size) <= 1 and not (dist.is_available() and dist.is_initialized())
+
+
 MULTIRUN_FLAGS = ("-m", "--multirun")
 
 
@@ -159,13 +216,33 @@ def folder_problem(folder: Path, inside: bool = False) -> str | None:
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def hydra_main(raw: DictConfig) -> None:
+    from hydra.types import RunMode
+
     from fp8train.trainer import Trainer
 
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    if multirun:
+        Sweep.jobs[hydra_cfg.job.num] = list(hydra_cfg.overrides.task)
     try:
         cfg = to_typed(raw)
-        Trainer(cfg, Path(HydraConfig.get().runtime.output_dir)).fit()
+        Trainer(cfg, run_dir).fit()
     except Fp8trainError as e:
-        fail(e)
+        if not multirun:
+            fail(e)
+        # The message as a single run prints it, naming the job; the sweep goes on (see Sweep) where it can.
+        print(f"fp8train: job #{hydra_cfg.job.num} of this multirun ({run_dir}) failed: {e}", file=sys.stderr)
+        Sweep.failed[hydra_cfg.job.num] = (run_dir, e)
+        if not one_process():
+            stopped = (
+                "The sweep stops here, its later jobs not started: other ranks of this run may be waiting for this "
+                "process, and only its exit lets the launcher stop them (a multirun goes on past a failed job only "
+                "in a single process with no DeepSpeed process group). "
+            )
+            print(Sweep.summary(stopped), file=sys.stderr)
+            Sweep.reset()
+            sys.exit(2)
 
 
 def without_local_rank(argv: list[str]) -> list[str]:
@@ -184,9 +261,18 @@ def without_local_rank(argv: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     argv = without_local_rank(sys.argv[1:] if argv is None else argv)
+    Sweep.reset()
     try:
         preflight(argv)
         sys.argv = [sys.argv[0], *argv]
-        hydra_main()
+        try:
+            hydra_main()
+        finally:  # also when Hydra ends the sweep with a bug's traceback, or Ctrl-C does
+            summary = Sweep.summary()
+            Sweep.reset()
+            if summary:
+                print(summary, file=sys.stderr)
+        if summary:
+            sys.exit(2)
     except KeyboardInterrupt:
         interrupted()

@@ -9,6 +9,7 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
+from fp8train.loggers import read_metrics
 from tests.helpers import ROOT, SMALL
 from tests.unit.test_compare import rows_of
 
@@ -82,3 +83,61 @@ def test_compare_refuses_a_folder_that_is_not_a_run(tmp_path):
     result = subprocess.run(cmp, cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 2 and "not an fp8train run directory" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def diverging_sweep(sweep, lrs: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """A multirun over optim.lr in which an lr of 1e30 diverges at step 2 (trainer.max_bad_steps=1)."""
+    cmd = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "-m",
+        f"hydra.sweep.dir={sweep}",
+        "hydra.sweep.subdir=${hydra.job.num}",
+        *SMALL,
+        "precision=fp32",
+        "trainer.max_steps=3",
+        "trainer.eval_every=0",
+        "trainer.checkpoint_every=0",
+        "trainer.max_bad_steps=1",
+        "optim.grad_clip=0",
+        "optim.warmup_steps=0",
+        f"optim.lr={lrs}",
+    ]
+    env = {**os.environ, **(env or {})}
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_a_job_that_diverges_does_not_stop_the_sweep_and_compare_notes_it(tmp_path):
+    """compare_bf16_fp8 exists to show plain FP8 diverging where Smooth-SwiGLU does not: a job that ends in an
+    fp8train error (here: divergence at an lr of 1e30) must not keep the jobs after it from training. The sweep
+    ends with a summary naming the failed job and exit status 2; fp8train compare shows the run's fate."""
+    sweep = tmp_path / "sweep"
+    out = diverging_sweep(sweep, "1e-3,1e30,2e-3")
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr and "Error executing job" not in out.stderr, out.stderr[-3000:]
+    # the job's own message, where it happened, naming the job and its run dir
+    assert f"fp8train: job #1 of this multirun ({sweep / '1'}) failed: 1 steps in a row (up to step 2)" in out.stderr
+    # the jobs before and after it trained to the end
+    steps = {p.name: [r["step"] for r in read_metrics(p) if "loss" in r] for p in (sweep / "0", sweep / "2")}
+    assert steps == {"0": [1, 2, 3], "2": [1, 2, 3]}
+    summary = out.stderr[out.stderr.index("fp8train: 1 of 3 jobs of this multirun failed") :]
+    assert f"#1 optim.lr=1e+30 ({sweep / '1'}): 1 steps in a row (up to step 2) had a non-finite loss" in summary
+    assert "#0" not in summary and "#2" not in summary
+
+    cmp = [sys.executable, "-m", "fp8train.cli.main", "compare", str(sweep), "--out", str(tmp_path / "cmp")]
+    result = subprocess.run(cmp, cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    notes = {name: row["notes"] for name, row in rows_of(result.stdout).items()}
+    assert notes["fp32 (1)"].startswith("stopped at step 2 of 3; 1 steps skipped (non-finite loss or gradients)")
+    assert notes["fp32 (0)"] == notes["fp32 (2)"] == ""  # trained to the end, validated at the last step
+
+
+def test_a_failed_job_of_one_rank_among_several_ends_the_sweep_at_once(tmp_path):
+    """With several ranks, the others may be waiting for this one in a collective: the process exits at the failed
+    job, as a single run does, so that the launcher stops them; the jobs after it do not start."""
+    sweep = tmp_path / "sweep"
+    out = diverging_sweep(sweep, "1e30,1e-3", env={"WORLD_SIZE": "2"})  # parallel=single trains alone regardless
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert "fp8train: 1 of 1 jobs of this multirun so far failed: #0 (" in out.stderr
+    assert "The sweep stops here, its later jobs not started" in out.stderr
+    assert not (sweep / "1").exists()

@@ -111,7 +111,8 @@ def test_run_dir_of_another_run_is_refused_and_left_alone(tmp_path):
     Trainer(compose([*SMALL, "precision=fp32"]), tmp_path)
 
 
-def test_first_signal_asks_to_stop_and_a_second_one_acts_at_once():
+def test_first_signal_asks_to_stop_and_a_second_one_acts_at_once(monkeypatch):
+    monkeypatch.setattr(StopSignals, "stopped_a_run", None)  # what a signal records for a multirun's later jobs
     with StopSignals() as signals:
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.01)  # Python runs handlers between bytecodes
@@ -120,6 +121,16 @@ def test_first_signal_asks_to_stop_and_a_second_one_acts_at_once():
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.01)
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def test_a_signal_the_loop_never_acts_on_still_keeps_later_multirun_jobs_from_starting(monkeypatch):
+    # SIGTERM during a run's last step (the run just finishes) or during a step that then diverges (the run ends in
+    # its error and a multirun goes on to its next job): the next job must still not start training.
+    monkeypatch.setattr(StopSignals, "stopped_a_run", None)
+    with StopSignals():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.01)
+    assert StopSignals.stopped_a_run == "received SIGTERM"
 
 
 # A checkpoint every two steps, nothing else that takes time.
