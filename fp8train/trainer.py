@@ -259,9 +259,11 @@ class Trainer:
             else "the forward pass is finite, so the gradients overflowed in the backward pass"
         )
         bf16_hint = "" if self.cfg.precision.name in ("bf16", "fp32") else " or try precision=bf16"
+        n = self.bad_in_a_row
+        steps = f"step {self.step}" if n == 1 else f"{n} steps in a row (up to step {self.step})"
         return DivergenceError(
-            f"{self.bad_in_a_row} steps in a row (up to step {self.step}) had a non-finite loss or gradient norm; "
-            f"{where}. The weights were left at the last good step and saved in {self.saved_path}. Lower optim.lr, "
+            f"{steps} had a non-finite loss or gradient norm; {where}. The weights were left at the last good step "
+            f"and saved in {self.saved_path}. Lower optim.lr, "
             f"set optim.grad_clip{bf16_hint}, then continue with {continue_overrides(self.run_dir)} "
             f"(trainer.max_bad_steps=N tolerates more bad steps)."
         )

@@ -111,7 +111,8 @@ class Run:
         if self.last_step < max_steps:
             notes.append(f"stopped at step {self.last_step} of {max_steps}")
         if self.skipped_steps:
-            notes.append(f"{self.skipped_steps} steps skipped (non-finite loss or gradients)")
+            n = self.skipped_steps
+            notes.append(f"{n} step{'' if n == 1 else 's'} skipped (non-finite loss or gradients)")
         if not self.val:
             notes.append("no validation points")
         return notes
