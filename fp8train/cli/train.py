@@ -134,22 +134,29 @@ def sweep_jobs(overrides: list[str], multirun: bool) -> list[list[str]] | None:
     from hydra import initialize_config_dir
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ValueType
     from omegaconf import OmegaConf
 
     parser = OverridesParser.create()
-    parsed, unparsed = [], []
+    parsed, unparsed, intervals = [], [], []
     for arg in overrides:
         try:
-            parsed.append(parser.parse_override(arg))
+            o = parser.parse_override(arg)
         except Exception:
             unparsed.append(arg)
+            continue
+        if o.value_type == ValueType.INTERVAL_SWEEP:  # only a sampling sweeper takes it; composing names it alone
+            intervals.append(arg)
+            unparsed.append(arg)
+        else:
+            parsed.append(o)
     # The config with each swept value at its first choice, less overrides composing would refuse: whether it is a
     # multirun, and its sweeper's params.
     first = [
         f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}" if o.is_sweep_override() else o.input_line
         for o in parsed
     ]
-    params = {}
+    params, raw = {}, None
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             raw = hydra_compose(config_name="config", overrides=override_problems(first)[1], return_hydra_config=True)
@@ -159,6 +166,17 @@ def sweep_jobs(overrides: list[str], multirun: bool) -> list[list[str]] | None:
         pass
     if not multirun:
         return None
+    sweeper = str(OmegaConf.select(raw, "hydra.sweeper._target_", default="")) if raw is not None else ""
+    if intervals and sweeper.endswith("BasicSweeper"):
+        fail(
+            ConfigError(
+                [
+                    f"{arg}: Hydra's basic sweeper cannot enumerate an interval; choose values "
+                    f"({arg.split('=', 1)[0]}=A,B,C or range(start,stop,step))"
+                    for arg in intervals
+                ]
+            )
+        )
     try:
         swept = parser.parse_overrides([f"{k}={v}" for k, v in params.items()]) + parsed
         (jobs,) = BasicSweeper.split_arguments(swept, max_batch_size=None)

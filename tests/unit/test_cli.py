@@ -235,3 +235,15 @@ def test_a_sweep_folder_in_a_file_is_named_before_hydra_fails_on_it(a_file, caps
     err = capsys.readouterr().err
     assert f"hydra.sweep.dir={a_file}/sweep: {a_file} is a file, not a folder; choose a sweep folder" in err
     assert preflight_status([*SMALL, f"hydra.sweep.dir={a_file}/sweep"]) == 0  # a single run does not use it
+
+
+def test_an_interval_sweep_is_named_not_a_traceback(capsys):
+    # interval(a,b) is a sweep only a sampling sweeper (Optuna, ...) can run: without -m it needs --multirun, with
+    # -m Hydra's basic sweeper cannot enumerate it. Both are one message naming the override.
+    assert preflight_status([*SMALL, "optim.lr=interval(0.1,0.2)"]) == 2
+    err = capsys.readouterr().err
+    assert "optim.lr=interval(0.1,0.2)" in err and "--multirun" in err and "Traceback" not in err
+    assert preflight_status([*SMALL, "-m", "optim.lr=interval(0.1,0.2)"]) == 2
+    err = capsys.readouterr().err
+    assert "optim.lr=interval(0.1,0.2): Hydra's basic sweeper cannot enumerate an interval" in err
+    assert "choose values" in err and "Traceback" not in err
