@@ -181,6 +181,15 @@ def planted_mlp(d: int = 32, ffn: int = 64, seed: int = 0) -> SwiGLU:
     return mlp
 
 
+def settle_delayed_scales(model, seed: int, steps: int = 4) -> None:
+    """A few steps of ordinary inputs, so the delayed scales are those of outlier-free history."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for _ in range(steps):
+            model(torch.randn(64, 32))
+            step_scalers(model)
+
+
 def monitor_for(model, tmp_path, **overrides) -> OutlierMonitor:
     cfg = MonitorConfig(enabled=True, interval=10, alerts_after=0, **overrides)
     return build_monitor(cfg, model, tmp_path)
@@ -268,11 +277,7 @@ def test_fp8_statistics_cover_every_micro_batch_of_a_monitored_step(tmp_path):
     mlp = planted_mlp()
     model = TwoLayers([mlp])
     mon = monitor_for(model, tmp_path, overflow_ratio=2.0)
-    torch.manual_seed(6)
-    with torch.no_grad():
-        for _ in range(4):  # the delayed scale settles on ordinary inputs
-            model(torch.randn(64, 32))
-            step_scalers(model)
+    settle_delayed_scales(model, seed=6)
     ordinary, spiked = torch.randn(64, 32), torch.randn(48, 32)
     spiked[7] = 12.0 * mlp.up_proj.weight[3] / mlp.up_proj.weight[3].norm()  # the outlier is in the second only
     scale = mlp.down_proj.input_scaler.scale.item()
@@ -334,11 +339,7 @@ def test_a_shared_input_scaler_that_overflows_alerts_once(tmp_path):
     assert share_input_scalers(mlp) == {("gate_proj", "up_proj")}
     model = TwoLayers([mlp])
     mon = monitor_for(model, tmp_path, overflow_ratio=2.0)
-    torch.manual_seed(5)
-    with torch.no_grad():
-        for _ in range(4):  # the delayed scales settle on ordinary inputs
-            model(torch.randn(64, 32))
-            step_scalers(model)
+    settle_delayed_scales(model, seed=5)
     x = torch.randn(64, 32)
     x[7] *= 10.0  # one token 10x larger: the MLP's input overflows its scale
     with mon.capture(10):
