@@ -169,13 +169,14 @@ def load_runs(paths: list[Path]) -> tuple[list[Run], list[str]]:
             runs.append(Run.load(path))
         elif any(is_run_dir(p) for p in inner):
             for p in inner:
+                if not is_run_dir(p):
+                    skipped.append(f"skipped {p}: {NOT_A_RUN}")
+                    continue
                 try:
-                    if not is_run_dir(p):
-                        raise Fp8trainError(NOT_A_RUN)
                     runs.append(Run.load(p))
                 except Fp8trainError as e:
                     skipped.append(f"skipped {p}: {e}")
-                    unreadable += [str(e)] if is_run_dir(p) else []
+                    unreadable.append(str(e))
         else:
             skipped.append(f"skipped {path}: not a run directory")
     # A run named twice (a sweep folder and one of its runs) is one run: its first mention counts.

@@ -126,12 +126,11 @@ def build_ds_config(
         raise ConfigError([f"parallel.ds_config={cfg.ds_config}: not a readable JSON file ({e})"]) from None
     # The checks below (and DeepSpeed) read these as JSON objects.
     shapes = [("the file", user)] if not isinstance(user, dict) else [(k, user[k]) for k in SECTIONS if k in user]
-    if any(not isinstance(value, dict) for _, value in shapes):
+    if bad := [(where, value) for where, value in shapes if not isinstance(value, dict)]:
         raise ConfigError(
             [
                 f"parallel.ds_config={cfg.ds_config}: {where} must be a JSON object ({{...}}), not {json.dumps(value)}"
-                for where, value in shapes
-                if not isinstance(value, dict)
+                for where, value in bad
             ]
         )
     problems = [
