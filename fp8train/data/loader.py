@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 
 # `fp8train check` trains the tokenizer and tokenizes a corpus up to this size as the run would, and the run then
-# finds both (16.7 M characters took 23 s on 2 CPU cores); a larger one only if that is done already.
+# finds both; a larger one only if that is done already.
 CHECK_TOKENIZE_CHARS = 16 << 20
 
 

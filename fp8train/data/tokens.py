@@ -10,10 +10,11 @@ directory ``cache_dir/tokens-<key>/`` holding flat arrays of ids (uint16 when ev
 
 The key hashes the exact train and val bytes of every source and the tokenizer, so a changed file, split or
 tokenizer gets a new directory and an unchanged one is reused. A reused directory is checked against meta.json
-first (sizes and sha256, about 1 s per GB of ids), so bytes overwritten in place or a partial copy padded to the
-right size are tokenized again, with a warning, rather than trained on. The directory is written under a temporary name
-and renamed into place, so readers never see a half-written cache and concurrent builders do not collide; the
-temporary folder of a killed build is removed by a later build once it is STALE_TMP_S old.
+first (sizes and sha256, about 0.6 s per GiB of ids on 2 CPU cores), so bytes overwritten in place or a partial
+copy padded to the right size are tokenized again, with a warning, rather than trained on. The directory is
+written under a temporary name and renamed into place, so readers never see a half-written cache and concurrent
+builders do not collide; the temporary folder of a killed build is removed by a later build once it is
+STALE_TMP_S old.
 """
 
 from __future__ import annotations
