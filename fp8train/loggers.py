@@ -64,12 +64,13 @@ class RunLogger:
         if self.wandb is not None:
             self.wandb.summary.update(values)
 
-    def finish(self) -> None:
+    def finish(self, failed: bool = False) -> None:
+        """Close the files and the wandb run; a run that ended in an error shows as failed in wandb."""
         if not self.enabled:
             return
         self._file.close()
         if self.wandb is not None:
-            self.wandb.finish()
+            self.wandb.finish(exit_code=1 if failed else 0)
             self.wandb = None
 
 

@@ -180,7 +180,7 @@ class Trainer:
             finally:
                 bar.close()
                 self.logger.summary({k: v for k, v in last.items() if isinstance(v, (int, float))})
-                self.logger.finish()
+                self.logger.finish(failed=not finished_cleanly)
                 self.monitor.close()
                 self.engine.close(clean=finished_cleanly)
         self.log_end(last)

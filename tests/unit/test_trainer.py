@@ -100,6 +100,31 @@ def test_a_run_that_stops_between_log_steps_logs_its_last_step(tmp_path):
     assert [(r["step"], r["tokens"]) for r in rows] == [(3, 3 * t.cfg.tokens_per_step)]
 
 
+@pytest.mark.parametrize("diverges", [True, False])
+def test_a_run_that_ends_in_an_error_is_marked_failed_in_wandb(tmp_path, monkeypatch, diverges):
+    """wandb shows a run whose exit code is not 0 as failed: a diverged arm must not look finished in the group."""
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
+    t = make_trainer(
+        tmp_path / "run",
+        "trainer.max_steps=4",
+        "trainer.eval_every=0",
+        "trainer.checkpoint_every=0",
+        "trainer.max_bad_steps=1",
+        "monitor=disabled",
+        "logger.wandb.mode=offline",
+    )
+    exit_codes, finish = [], t.logger.wandb.finish
+    monkeypatch.setattr(t.logger.wandb, "finish", lambda **kw: (exit_codes.append(kw.get("exit_code")), finish(**kw)))
+    if diverges:
+        layer = t.model.get_submodule("layers.1.mlp.down_proj")
+        layer.register_forward_hook(lambda m, a, out: out * math.inf if t.step >= 2 else None)
+        with pytest.raises(trainer_module.DivergenceError):
+            t.fit()
+    else:
+        t.fit()
+    assert exit_codes == [1 if diverges else 0]
+
+
 def test_vocab_size_comes_from_the_tokenizer_rounded_to_64(tmp_path):
     t = make_trainer(tmp_path, "data.tokenizer.vocab_size=1000")
     assert t.data.vocab_size == 1000 and t.cfg.model.vocab_size == 1024
