@@ -64,9 +64,10 @@ def init_distributed(cfg: ParallelConfig, backend: Backend, env: LaunchEnv) -> N
         raise ConfigError(
             [
                 "parallel=deepspeed: this process has already run a DeepSpeed job, and DeepSpeed cannot set up a "
-                "process group a second time in one process (with several ranks it hangs). A multirun (-m) runs "
-                "its jobs in the same processes: start one torchrun per job (e.g. a shell loop over the "
-                "values of the sweep), or use parallel=single for the multirun"
+                "process group a second time in one process (with several ranks it hangs). Start one launch per "
+                "job: for a multirun (-m), which runs its jobs in the same processes, one torchrun per job (e.g. "
+                "a shell loop over the values of the sweep) or parallel=single for the multirun; from Python, one "
+                "process per Trainer"
             ]
         )
     import deepspeed

@@ -160,3 +160,17 @@ def test_unclipped_grad_norm_is_the_global_norm_on_every_supported_torch(monkeyp
     before = [p.grad.clone() for p in model.parameters()]
     assert clip_grad_norm(model, 0.0).item() == pytest.approx(want, rel=1e-6)
     assert all(torch.equal(a, p.grad) for a, p in zip(before, model.parameters()))  # max_norm 0: no clipping
+
+
+def test_a_second_deepspeed_job_in_one_process_is_refused_with_the_fix_for_each_caller(monkeypatch):
+    """A process group cannot be set up twice (with several ranks it hangs): both ways of getting there are named."""
+    from fp8train.backends import select
+    from fp8train.config import BackendConfig, BackendName
+    from fp8train.parallel import deepspeed as ds_module
+
+    monkeypatch.setattr(ds_module, "_joined_before", True)
+    cfg = ParallelConfig(name=ParallelName.deepspeed)
+    with pytest.raises(ConfigError) as refused:
+        ds_module.init_distributed(cfg, select(BackendConfig(name=BackendName.cpu)), launch_env(cfg))
+    message = str(refused.value)
+    assert "one torchrun per job" in message and "one process per Trainer" in message
