@@ -106,7 +106,8 @@ def preflight(argv: list[str]) -> None:
         return
     problems, missing_backends = run_dir_problems(argv), []
     overrides = [a for a in argv if not a.startswith("-")]
-    jobs = sweep_jobs(overrides, multirun=any(a in MULTIRUN_FLAGS for a in argv))
+    jobs, sweep_problems = sweep_jobs(overrides, multirun=any(a in MULTIRUN_FLAGS for a in argv))
+    problems += sweep_problems
     if jobs is not None:
         problems += run_dir_problems(argv, "hydra.sweep.dir")
     for job in jobs or [overrides]:
@@ -126,10 +127,11 @@ def preflight(argv: list[str]) -> None:
         fail(ConfigError(problems))
 
 
-def sweep_jobs(overrides: list[str], multirun: bool) -> list[list[str]] | None:
+def sweep_jobs(overrides: list[str], multirun: bool) -> tuple[list[list[str]] | None, list[str]]:
     """The overrides of each job Hydra's basic sweeper would launch (the config's hydra.sweeper.params, then the
-    command line's), when ``overrides`` start a multirun; None for a single run. An override Hydra cannot parse
-    goes to every job as it is, for composing to name it."""
+    command line's), when ``overrides`` start a multirun (None for a single run), and the sweeps it cannot launch
+    (an interval) as config problems. An override Hydra cannot parse goes to every job as it is, for composing to
+    name it; an interval it cannot launch is left out of the jobs, so that their other problems are named too."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
@@ -165,24 +167,22 @@ def sweep_jobs(overrides: list[str], multirun: bool) -> list[list[str]] | None:
     except Exception:  # the config itself does not compose: the jobs' composing names why
         pass
     if not multirun:
-        return None
+        return None, []
     sweeper = str(OmegaConf.select(raw, "hydra.sweeper._target_", default="")) if raw is not None else ""
+    problems = []
     if intervals and sweeper.endswith("BasicSweeper"):
-        fail(
-            ConfigError(
-                [
-                    f"{arg}: Hydra's basic sweeper cannot enumerate an interval; choose values "
-                    f"({arg.split('=', 1)[0]}=A,B,C or range(start,stop,step))"
-                    for arg in intervals
-                ]
-            )
-        )
+        problems = [
+            f"{arg}: Hydra's basic sweeper cannot enumerate an interval; choose values "
+            f"({arg.split('=', 1)[0]}=A,B,C or range(start,stop,step))"
+            for arg in intervals
+        ]
+        unparsed = [arg for arg in unparsed if arg not in intervals]
     try:
         swept = parser.parse_overrides([f"{k}={v}" for k, v in params.items()]) + parsed
         (jobs,) = BasicSweeper.split_arguments(swept, max_batch_size=None)
     except Exception:  # a sweep the basic sweeper cannot do (an interval): Hydra says so itself
-        return None
-    return [[*job, *unparsed] for job in jobs]
+        return None, problems
+    return [[*job, *unparsed] for job in jobs], problems
 
 
 def run_dir_problems(argv: list[str], key: str = "hydra.run.dir") -> list[str]:

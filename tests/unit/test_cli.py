@@ -247,3 +247,7 @@ def test_an_interval_sweep_is_named_not_a_traceback(capsys):
     err = capsys.readouterr().err
     assert "optim.lr=interval(0.1,0.2): Hydra's basic sweeper cannot enumerate an interval" in err
     assert "choose values" in err and "Traceback" not in err
+    # and the sweep's other mistakes are named with it, not one per attempt
+    assert preflight_status([*SMALL, "-m", "optim.lr=interval(0.1,0.2)", "trainer.max_steps=-1,2"]) == 2
+    err = capsys.readouterr().err
+    assert "Invalid configuration (2 problems)" in err and "trainer.max_steps=-1" in err, err
