@@ -8,9 +8,13 @@ no extra weights: the exported model is a plain Llama whose logits equal fp8trai
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
+import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -118,14 +122,31 @@ def check_output_folder(out: Path) -> None:
         raise CheckpointError(f"{out} exists and is not an empty folder; choose a new output folder.")
 
 
-def make_output_folder(out: Path) -> None:
-    """Create the (checked) output folder, or say why it cannot be created."""
+@contextlib.contextmanager
+def writing(out: Path) -> Iterator[Path]:
+    """A temporary folder beside ``out`` (checked by check_output_folder) that becomes ``out`` once every file is in
+    it: a full disk or a Ctrl-C mid-write leaves no half-written folder that would pass for a model."""
+    parent, prefix = Path(os.path.abspath(out)).parent, f".tmp-{out.name}-"
+    tmp = parent / f"{prefix}{os.getpid()}"
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        parent.mkdir(parents=True, exist_ok=True)
+        checkpoint.remove_stale_tmp(parent, prefix)  # left by a write that was killed
+        tmp.mkdir()
     except OSError as e:
         raise CheckpointError(
             f"{out}: cannot create the output folder ({e.strerror or e}); choose a folder in a writable location."
         ) from None
+    try:
+        yield tmp
+        os.replace(tmp, out)  # rename(2) takes the place of an empty folder too
+    except (OSError, SafetensorError) as e:
+        cause = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
+        raise CheckpointError(
+            f"{out}: writing it failed ({cause}), so nothing was written there; free some space or choose a "
+            f"writable location, and run it again."
+        ) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def checkpoint_to_export(path: Path) -> Path:
@@ -198,13 +219,13 @@ def export_hf(ckpt: Path, out: Path, dtype: str = "bf16") -> Path:
     eos_id = find_eos_id(Tokenizer.from_file(str(tokenizer_file)), declared_eos(run_dir), f"{tokenizer_file}")
     hf = LlamaForCausalLM(hf_config(model.cfg, eos_id, DTYPES[dtype]))
     hf.load_state_dict(hf_state_dict(model), strict=True)
-    make_output_folder(out)
-    hf.to(DTYPES[dtype]).save_pretrained(out, safe_serialization=True)
-    tok = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file))
-    eos = tok.convert_ids_to_tokens(eos_id)
-    tok.eos_token = tok.bos_token = tok.pad_token = eos
-    tok.save_pretrained(out)
-    write_portable_files(out, model.cfg)
+    with writing(out) as tmp:
+        hf.to(DTYPES[dtype]).save_pretrained(tmp, safe_serialization=True)
+        tok = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file))
+        eos = tok.convert_ids_to_tokens(eos_id)
+        tok.eos_token = tok.bos_token = tok.pad_token = eos
+        tok.save_pretrained(tmp)
+        write_portable_files(tmp, model.cfg)
     log.info("exported %s -> %s (%s, %d parameters)", ckpt, out, dtype, model.num_params())
     return out
 
@@ -327,12 +348,12 @@ def import_hf(hf_dir: Path, out: Path) -> Path:
             f"model's vocab_size is {cfg.vocab_size}: the ids past it have no embedding. Import a folder whose "
             f"tokenizer belongs to these weights."
         )
-    make_output_folder(out)
-    save_model(model, str(out / "model.safetensors"))
-    (out / "model.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-    if tokenizer is not None:
-        tokenizer.save(str(out / "tokenizer.json"))
-        if eos_token:  # the folder's own EOS, which data.tokenizer.path=OUT/tokenizer.json then splits documents with
-            (out / "tokenizer_config.json").write_text(eos_declaration(eos_token))
+    with writing(out) as tmp:
+        save_model(model, str(tmp / "model.safetensors"))
+        (tmp / "model.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+        if tokenizer is not None:
+            tokenizer.save(str(tmp / "tokenizer.json"))
+            if eos_token:  # the folder's own EOS, which data.tokenizer.path=OUT/tokenizer.json splits documents with
+                (tmp / "tokenizer_config.json").write_text(eos_declaration(eos_token))
     log.info("imported %s -> %s (%d parameters)", hf_dir, out, model.num_params())
     return out

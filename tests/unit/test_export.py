@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import shutil
@@ -247,3 +248,34 @@ def test_the_checkpoints_folder_of_a_run_exports_its_newest_checkpoint(fp8_check
     assert f"wrote {tmp_path / 'hf'}" in capsys.readouterr().out
     via_run = export_hf(checkpoint_to_export(fp8_checkpoint), tmp_path / "hf_run")
     assert (tmp_path / "hf" / "model.safetensors").read_bytes() == (via_run / "model.safetensors").read_bytes()
+
+
+def disk_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_a_failed_write_leaves_no_half_written_folder(fp8_checkpoint, tmp_path, monkeypatch, existing):
+    """The disk fills while the tokenizer is written, after the weights: a folder with config.json and weights but no
+    tokenizer would pass for a model, and a second export would refuse it as not empty."""
+    from transformers import PreTrainedTokenizerFast
+
+    if existing:
+        (tmp_path / "hf").mkdir()
+    monkeypatch.setattr(PreTrainedTokenizerFast, "save_pretrained", disk_full)
+    with pytest.raises(CheckpointError, match=r"hf: writing it failed \(No space left on device\)"):
+        export_hf(fp8_checkpoint / "checkpoints" / "step_0000003", tmp_path / "hf")
+    assert [p.name for p in tmp_path.iterdir()] == (["hf"] if existing else [])
+    assert not existing or not any((tmp_path / "hf").iterdir())
+    monkeypatch.undo()
+    out = export_hf(fp8_checkpoint / "checkpoints" / "step_0000003", tmp_path / "hf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"] and (out / "tokenizer.json").is_file()
+
+
+def test_the_temporary_folder_of_a_killed_export_is_removed_by_the_next(fp8_checkpoint, tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".tmp-hf-{dead.stdout.strip()}"
+    stale.mkdir()
+    (stale / "config.json").write_text("{}")
+    export_hf(fp8_checkpoint / "checkpoints" / "step_0000003", tmp_path / "hf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]

@@ -251,3 +251,13 @@ def test_an_imported_tokenizer_keeps_its_declared_eos(hf_folder, tmp_path):
     custom_eos_tokenizer(folder)
     out = import_hf(folder, tmp_path / "imported")
     assert load_tokenizer(str(out / "tokenizer.json"), tmp_path / "cache").eos_id == 1
+
+
+def test_a_failed_write_leaves_no_half_written_folder(hf_folder, tmp_path, monkeypatch):
+    """The disk fills at the last file, after the weights: no folder that passes for an import is left behind."""
+    from tests.unit.test_export import disk_full
+
+    monkeypatch.setattr("fp8train.data.tokenizer.eos_declaration", disk_full)
+    with pytest.raises(CheckpointError, match=r"imported: writing it failed \(No space left on device\)"):
+        import_hf(hf_folder, tmp_path / "imported")
+    assert list(tmp_path.iterdir()) == []
