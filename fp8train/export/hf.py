@@ -244,7 +244,10 @@ def unsupported_features(config: dict) -> list[str]:
         if config.get(key):
             problems.append(f"{key} is true (fp8train's linears have no bias)")
     heads, hidden = config.get("num_attention_heads"), config.get("hidden_size")
-    if config.get("head_dim") is not None and heads and config["head_dim"] != hidden // heads:
+    if isinstance(heads, int) and isinstance(hidden, int) and heads > 0 and hidden % heads:
+        # transformers 4.x builds such a model (head_dim rounded down, o_proj from heads * head_dim); ours cannot
+        problems.append(f"hidden_size {hidden} is not a multiple of num_attention_heads {heads}")
+    elif config.get("head_dim") is not None and heads and config["head_dim"] != hidden // heads:
         problems.append(f"head_dim is {config['head_dim']}, not hidden_size / num_attention_heads = {hidden // heads}")
     return problems
 
@@ -292,7 +295,7 @@ def import_hf(hf_dir: Path, out: Path) -> Path:
     tokenizer_config.json naming its EOS if the folder has a tokenizer) from a local Hugging Face Llama folder;
     train from it with ``model.init_from=OUT``."""
     from safetensors.torch import save_model
-    from transformers import AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from fp8train.data.tokenizer import eos_declaration
 
@@ -311,9 +314,17 @@ def import_hf(hf_dir: Path, out: Path) -> Path:
         )
     check_output_folder(out)
     try:
+        llama_config = LlamaConfig.from_pretrained(hf_dir, local_files_only=True)
+    except Exception as e:  # transformers' checks of the values raise ValueError, TypeError, its own error classes
+        cause = " ".join(str(e).split())[:300].rstrip(".") or type(e).__name__  # 5.x puts the reason on line 2
+        raise CheckpointError(
+            f"{hf_dir}/config.json: transformers cannot read it ({cause}); correct that value, or restore "
+            f"config.json from the model's source."
+        ) from None
+    try:
         # Mismatched shapes are reported in loading_info below rather than raised (5.x's error names no weight).
         hf, loading_info = LlamaForCausalLM.from_pretrained(
-            hf_dir, local_files_only=True, output_loading_info=True, ignore_mismatched_sizes=True
+            hf_dir, config=llama_config, local_files_only=True, output_loading_info=True, ignore_mismatched_sizes=True
         )  # no dtype=: 4.x lacks it
     except (OSError, SafetensorError) as e:  # no weights file, or one that is damaged
         raise CheckpointError(

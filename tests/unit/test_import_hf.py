@@ -261,3 +261,21 @@ def test_a_failed_write_leaves_no_half_written_folder(hf_folder, tmp_path, monke
     with pytest.raises(CheckpointError, match=r"imported: writing it failed \(No space left on device\)"):
         import_hf(hf_folder, tmp_path / "imported")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        ({"tie_word_embeddings": "yes"}, "tie_word_embeddings"),
+        ({"num_attention_heads": 0}, "transformers cannot read it"),
+        ({"hidden_size": 66, "head_dim": 16}, "hidden_size 66 is not a multiple of num_attention_heads 4"),
+    ],
+)
+def test_a_config_transformers_or_fp8train_cannot_build_is_refused_by_name(hf_folder, tmp_path, change, expected):
+    folder = tmp_path / "hf"
+    shutil.copytree(hf_folder, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(CheckpointError, match=expected):
+        import_hf(folder, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
