@@ -138,6 +138,13 @@ def writing(out: Path) -> Iterator[Path]:
         ) from None
     try:
         yield tmp
+        # safetensors creates its files private (0600): give every file the mode the umask gives the others, so that
+        # other users, or a serving container running as another user, can read the model.
+        mask = os.umask(0)
+        os.umask(mask)
+        for file in tmp.iterdir():
+            if file.is_file():
+                file.chmod(0o666 & ~mask)
         os.replace(tmp, out)  # rename(2) takes the place of an empty folder too
     except (OSError, SafetensorError) as e:
         cause = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)

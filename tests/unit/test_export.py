@@ -5,7 +5,9 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import os
 import shutil
+import stat
 import subprocess
 import sys
 
@@ -279,3 +281,17 @@ def test_the_temporary_folder_of_a_killed_export_is_removed_by_the_next(fp8_chec
     (stale / "config.json").write_text("{}")
     export_hf(fp8_checkpoint / "checkpoints" / "step_0000003", tmp_path / "hf")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
+def test_exported_weights_are_as_readable_as_the_other_files(fp8_checkpoint, tmp_path):
+    """safetensors creates its files private (0600); a folder to hand to other users or a serving container that runs
+    as another user must be readable as the umask allows, like the config and tokenizer files beside it."""
+    out = export_hf(fp8_checkpoint / "checkpoints" / "step_0000003", tmp_path / "hf")
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+    assert modes["model.safetensors"] == modes["config.json"] == 0o666 & ~current_umask(), modes
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

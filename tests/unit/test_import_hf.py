@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import stat
 
 import pytest
 import torch
@@ -279,3 +280,11 @@ def test_a_config_transformers_or_fp8train_cannot_build_is_refused_by_name(hf_fo
     with pytest.raises(CheckpointError, match=expected):
         import_hf(folder, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_imported_weights_are_as_readable_as_the_other_files(hf_folder, tmp_path):
+    from tests.unit.test_export import current_umask
+
+    out = import_hf(hf_folder, tmp_path / "imported")
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+    assert modes["model.safetensors"] == modes["model.yaml"] == 0o666 & ~current_umask(), modes
