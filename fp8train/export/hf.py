@@ -184,6 +184,12 @@ def checkpoint_to_export(path: Path) -> Path:
                 )
             )
         return newest
+    if (path / "model.yaml").is_file() and not (path / checkpoint.MANIFEST).is_file():
+        raise CheckpointError(
+            f"{path}: written by fp8train import-hf (weights to start a run from, with model.init_from), not a "
+            f"checkpoint; the Hugging Face folder it came from is that model already. Export a run's checkpoint "
+            f"(RUN_DIR/checkpoints/step_N), or the run directory."
+        )
     if (path / "model.safetensors").is_file() or (path / checkpoint.MANIFEST).is_file():
         if problem := checkpoint.damage(path):
             raise CheckpointError(

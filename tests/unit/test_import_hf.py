@@ -288,3 +288,14 @@ def test_imported_weights_are_as_readable_as_the_other_files(hf_folder, tmp_path
     out = import_hf(hf_folder, tmp_path / "imported")
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
     assert modes["model.safetensors"] == modes["model.yaml"] == 0o666 & ~current_umask(), modes
+
+
+def test_exporting_an_import_folder_says_what_it_is(hf_folder, tmp_path, capsys):
+    """An import-hf folder has weights but no manifest: it is not a damaged checkpoint, and the message says so."""
+    from tests.unit.test_export import run_cli
+
+    out = import_hf(hf_folder, tmp_path / "imported")
+    assert run_cli("export-hf", out, tmp_path / "hf") == 2
+    err = capsys.readouterr().err
+    assert "written by fp8train import-hf" in err and "damaged" not in err
+    assert not (tmp_path / "hf").exists()
