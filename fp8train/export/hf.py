@@ -363,7 +363,13 @@ def import_hf(hf_dir: Path, out: Path) -> Path:
     try:
         hf_tokenizer = AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)
         tokenizer, eos_token = hf_tokenizer.backend_tokenizer, hf_tokenizer.eos_token
-    except (OSError, ValueError, AttributeError):
+    except Exception as e:  # no tokenizer files, a slow one only (sentencepiece), or damaged ones
+        if (hf_dir / "tokenizer.json").is_file():  # there but unreadable: imported without it, nothing checks it
+            raise CheckpointError(
+                f"{hf_dir}: its tokenizer cannot be loaded ({first_line(e).rstrip('.')}); restore its tokenizer files "
+                f"from the model's source, or move tokenizer.json away to import the weights alone (then name the "
+                f"tokenizer they were trained with in data.tokenizer.path)."
+            ) from None
         tokenizer, eos_token = None, None
         log.warning("%s has no fast tokenizer; pass data.tokenizer.path=... yourself", hf_dir)
     if tokenizer is not None and tokenizer.get_vocab_size(with_added_tokens=True) > cfg.vocab_size:

@@ -299,3 +299,24 @@ def test_exporting_an_import_folder_says_what_it_is(hf_folder, tmp_path, capsys)
     err = capsys.readouterr().err
     assert "written by fp8train import-hf" in err and "damaged" not in err
     assert not (tmp_path / "hf").exists()
+
+
+def test_a_damaged_tokenizer_is_refused_not_left_out(hf_folder, tmp_path):
+    """Imported without its tokenizer, the weights would train with whatever tokenizer the run is given, unchecked:
+    a tokenizer.json that is there but cannot be read is named, like damaged weights."""
+    folder = tmp_path / "hf"
+    shutil.copytree(hf_folder, folder)
+    (folder / "tokenizer.json").write_text('{"version": "1.0", "model": ')
+    with pytest.raises(CheckpointError, match=r"hf: its tokenizer cannot be loaded \(.+\)"):
+        import_hf(folder, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_folder_without_a_tokenizer_imports_the_weights_alone(hf_folder, tmp_path, caplog):
+    folder = tmp_path / "hf"
+    shutil.copytree(hf_folder, folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).unlink()
+    out = import_hf(folder, tmp_path / "out")
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "model.yaml"]
+    assert "pass data.tokenizer.path=" in caplog.text
