@@ -320,3 +320,21 @@ def test_a_folder_without_a_tokenizer_imports_the_weights_alone(hf_folder, tmp_p
     out = import_hf(folder, tmp_path / "out")
     assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "model.yaml"]
     assert "pass data.tokenizer.path=" in caplog.text
+
+
+def test_one_kv_head_per_query_head_matches_n_kv_heads_null(hf_folder, tmp_path):
+    """model.n_kv_heads=null means one key/value head per query head (model=llama_125m), which is what an imported
+    folder with num_key_value_heads == num_attention_heads saves as a number: the same model, not a difference."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path / "hf"
+    shutil.copytree(hf_folder, folder)
+    LlamaForCausalLM(LlamaConfig(**{**SHAPE, "num_key_value_heads": 4}, tie_word_embeddings=True)).save_pretrained(
+        folder
+    )
+    out = import_hf(folder, tmp_path / "imported")
+    shape = ["model.vocab_size=320", "model.max_seq_len=256", "model.n_kv_heads=null"]
+    cfg = compose([*SMALL, *shape, f"model.init_from={out}", f"data.tokenizer.path={out / 'tokenizer.json'}"])
+    trainer = Trainer(cfg, tmp_path / "run")
+    imported = load_checkpoint_model(out).state_dict()
+    assert all(torch.equal(v, imported[k]) for k, v in trainer.model.state_dict().items() if "_scaler." not in k)
