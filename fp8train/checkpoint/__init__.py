@@ -16,7 +16,6 @@ A run resumed from an older checkpoint starts a new timeline: the checkpoints af
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import logging
@@ -154,13 +153,13 @@ def _remove(path: Path) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
 
 
-def remove_stale_tmp(ckpt_root: Path, prefix: str = ".tmp-") -> None:
+def remove_stale_tmp(ckpt_root: Path) -> None:
     """Delete temporary folders left by writes of processes that died (killed, out of memory, node lost).
 
-    Folders are named ``<prefix>...-PID``; one whose PID is no longer running on this machine is stale. A folder of a
+    Folders are named ``.tmp-...-PID``; one whose PID is no longer running on this machine is stale. A folder of a
     live process (another run writing into this directory by mistake) is left alone.
     """
-    for p in ckpt_root.glob(f"{glob.escape(prefix)}*"):
+    for p in ckpt_root.glob(".tmp-*"):
         pid = p.name.rsplit("-", 1)[-1]
         if pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid))):
             shutil.rmtree(p, ignore_errors=True)

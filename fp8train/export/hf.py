@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -118,24 +119,27 @@ def load_weights(model: Llama, folder: Path) -> None:
 
 def check_output_folder(out: Path) -> None:
     """Refuse an output path that is a file or a folder with something in it (never overwrite)."""
+    if out.is_dir() and all(re.fullmatch(r"\.tmp-\d+", p.name) for p in out.iterdir()):
+        checkpoint.remove_stale_tmp(out)  # nothing but the temporary folder of a write that was killed (see writing)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CheckpointError(f"{out} exists and is not an empty folder; choose a new output folder.")
 
 
 @contextlib.contextmanager
 def writing(out: Path) -> Iterator[Path]:
-    """A temporary folder beside ``out`` (checked by check_output_folder) that becomes ``out`` once every file is in
-    it: a full disk or a Ctrl-C mid-write leaves no half-written folder that would pass for a model."""
-    parent, prefix = Path(os.path.abspath(out)).parent, f".tmp-{out.name}-"
-    tmp = parent / f"{prefix}{os.getpid()}"
+    """A temporary folder inside ``out`` (checked by check_output_folder) whose files move up into ``out`` once all
+    are written: a full disk or a Ctrl-C mid-write leaves ``out`` absent or empty, never half written so as to pass
+    for a model. Inside rather than beside ``out``: it may be a mount point or a link to another disk."""
+    created = not out.exists()
+    tmp = out / f".tmp-{os.getpid()}"
     try:
-        parent.mkdir(parents=True, exist_ok=True)
-        checkpoint.remove_stale_tmp(parent, prefix)  # left by a write that was killed
+        out.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
     except OSError as e:
         raise CheckpointError(
             f"{out}: cannot create the output folder ({e.strerror or e}); choose a folder in a writable location."
         ) from None
+    done = False
     try:
         yield tmp
         # safetensors creates its files private (0600): give every file the mode the umask gives the others, so that
@@ -145,7 +149,8 @@ def writing(out: Path) -> Iterator[Path]:
         for file in tmp.iterdir():
             if file.is_file():
                 file.chmod(0o666 & ~mask)
-        os.replace(tmp, out)  # rename(2) takes the place of an empty folder too
+            os.replace(file, out / file.name)
+        done = True
     except (OSError, SafetensorError) as e:
         cause = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
         raise CheckpointError(
@@ -154,6 +159,9 @@ def writing(out: Path) -> Iterator[Path]:
         ) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if created and not done:
+            with contextlib.suppress(OSError):
+                out.rmdir()
 
 
 def checkpoint_to_export(path: Path) -> Path:

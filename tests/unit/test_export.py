@@ -276,11 +276,25 @@ def test_a_failed_write_leaves_no_half_written_folder(fp8_checkpoint, tmp_path, 
 
 def test_the_temporary_folder_of_a_killed_export_is_removed_by_the_next(fp8_checkpoint, tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    stale = tmp_path / f".tmp-hf-{dead.stdout.strip()}"
-    stale.mkdir()
+    stale = tmp_path / "hf" / f".tmp-{dead.stdout.strip()}"
+    stale.mkdir(parents=True)
     (stale / "config.json").write_text("{}")
     export_hf(fp8_checkpoint / "checkpoints" / "step_0000003", tmp_path / "hf")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
+
+
+def test_an_output_folder_that_is_a_link_is_written_through(fp8_checkpoint, tmp_path):
+    """An empty OUT may be a link to (or a mount of) a larger disk: the files go there, the link stays."""
+    (tmp_path / "big_disk").mkdir()
+    (tmp_path / "hf").symlink_to(tmp_path / "big_disk")
+    export_hf(fp8_checkpoint / "checkpoints" / "step_0000003", tmp_path / "hf")
+    assert (tmp_path / "hf").is_symlink() and (tmp_path / "big_disk" / "model.safetensors").is_file()
 
 
 def test_exported_weights_are_as_readable_as_the_other_files(fp8_checkpoint, tmp_path):
