@@ -309,3 +309,22 @@ def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+@pytest.mark.parametrize("precision", ["fp8", "fp8_smooth_channel", "fp8_bf16_down", "bf16", "fp32"])
+def test_every_precision_recipe_exports_to_its_logits(precision, tmp_path):
+    """Whatever state a recipe keeps beside the weights stays out of the export (untied embeddings, a vocabulary
+    that is no multiple of 8, FP8 Adam's state in the checkpoint too)."""
+    from transformers import AutoModelForCausalLM
+
+    overrides = ["model.tie_embeddings=false", "model.vocab_size=2053", "optim=adamw_fp8", "monitor=disabled"]
+    cfg = compose([*SMALL, f"precision={precision}", *overrides, "trainer.max_steps=1", "trainer.eval_every=0"])
+    Trainer(cfg, tmp_path / "run").fit()
+    ckpt = tmp_path / "run" / "checkpoints" / "step_0000001"
+    out = export_hf(ckpt, tmp_path / "hf", dtype="fp32")
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, local_files_only=True).eval()
+    ours = load_checkpoint_model(ckpt).eval()
+    x = tokens(2053)
+    with torch.no_grad():
+        assert torch.equal(hf(x).logits, ours(x))
+    assert hf.config.vocab_size == 2053 and not hf.config.tie_word_embeddings
