@@ -793,8 +793,10 @@ def init_from_weights(model: torch.nn.Module, folder: Path, tokenizer_file: Path
     (with another tokenizer the embeddings mean other tokens: the run would start from chance, weights wasted)."""
     from fp8train.export.hf import load_weights, saved_model_config
 
-    saved = dataclasses.asdict(saved_model_config(folder))
-    ours = dataclasses.asdict(dataclasses.replace(model.cfg, init_from=None))
+    saved_cfg = saved_model_config(folder)
+    # n_kv_heads=null is one key/value head per query head, the same weights as that number (an import-hf folder's)
+    saved = dataclasses.asdict(dataclasses.replace(saved_cfg, n_kv_heads=saved_cfg.kv_heads))
+    ours = dataclasses.asdict(dataclasses.replace(model.cfg, init_from=None, n_kv_heads=model.cfg.kv_heads))
     # init_std only draws initial weights, max_seq_len only sizes the RoPE tables (not saved): both are free.
     free = ("name", "init_std", "max_seq_len")
     diffs = [

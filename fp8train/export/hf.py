@@ -8,9 +8,14 @@ no extra weights: the exported model is a plain Llama whose logits equal fp8trai
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
+import os
+import re
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -114,18 +119,49 @@ def load_weights(model: Llama, folder: Path) -> None:
 
 def check_output_folder(out: Path) -> None:
     """Refuse an output path that is a file or a folder with something in it (never overwrite)."""
+    if out.is_dir() and all(re.fullmatch(r"\.tmp-\d+", p.name) for p in out.iterdir()):
+        checkpoint.remove_stale_tmp(out)  # nothing but the temporary folder of a write that was killed (see writing)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CheckpointError(f"{out} exists and is not an empty folder; choose a new output folder.")
 
 
-def make_output_folder(out: Path) -> None:
-    """Create the (checked) output folder, or say why it cannot be created."""
+@contextlib.contextmanager
+def writing(out: Path) -> Iterator[Path]:
+    """A temporary folder inside ``out`` (checked by check_output_folder) whose files move up into ``out`` once all
+    are written: a full disk or a Ctrl-C mid-write leaves ``out`` absent or empty, never half written so as to pass
+    for a model. Inside rather than beside ``out``: it may be a mount point or a link to another disk."""
+    created = not out.exists()
+    tmp = out / f".tmp-{os.getpid()}"
     try:
         out.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
     except OSError as e:
         raise CheckpointError(
             f"{out}: cannot create the output folder ({e.strerror or e}); choose a folder in a writable location."
         ) from None
+    done = False
+    try:
+        yield tmp
+        # safetensors creates its files private (0600): give every file the mode the umask gives the others, so that
+        # other users, or a serving container running as another user, can read the model.
+        mask = os.umask(0)
+        os.umask(mask)
+        for file in tmp.iterdir():
+            if file.is_file():
+                file.chmod(0o666 & ~mask)
+            os.replace(file, out / file.name)
+        done = True
+    except (OSError, SafetensorError) as e:
+        cause = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
+        raise CheckpointError(
+            f"{out}: writing it failed ({cause}), so nothing was written there; free some space or choose a "
+            f"writable location, and run it again."
+        ) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if created and not done:
+            with contextlib.suppress(OSError):
+                out.rmdir()
 
 
 def checkpoint_to_export(path: Path) -> Path:
@@ -156,6 +192,12 @@ def checkpoint_to_export(path: Path) -> Path:
                 )
             )
         return newest
+    if (path / "model.yaml").is_file() and not (path / checkpoint.MANIFEST).is_file():
+        raise CheckpointError(
+            f"{path}: written by fp8train import-hf (weights to start a run from, with model.init_from), not a "
+            f"checkpoint; the Hugging Face folder it came from is that model already. Export a run's checkpoint "
+            f"(RUN_DIR/checkpoints/step_N), or the run directory."
+        )
     if (path / "model.safetensors").is_file() or (path / checkpoint.MANIFEST).is_file():
         if problem := checkpoint.damage(path):
             raise CheckpointError(
@@ -198,13 +240,13 @@ def export_hf(ckpt: Path, out: Path, dtype: str = "bf16") -> Path:
     eos_id = find_eos_id(Tokenizer.from_file(str(tokenizer_file)), declared_eos(run_dir), f"{tokenizer_file}")
     hf = LlamaForCausalLM(hf_config(model.cfg, eos_id, DTYPES[dtype]))
     hf.load_state_dict(hf_state_dict(model), strict=True)
-    make_output_folder(out)
-    hf.to(DTYPES[dtype]).save_pretrained(out, safe_serialization=True)
-    tok = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file))
-    eos = tok.convert_ids_to_tokens(eos_id)
-    tok.eos_token = tok.bos_token = tok.pad_token = eos
-    tok.save_pretrained(out)
-    write_portable_files(out, model.cfg)
+    with writing(out) as tmp:
+        hf.to(DTYPES[dtype]).save_pretrained(tmp, safe_serialization=True)
+        tok = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file))
+        eos = tok.convert_ids_to_tokens(eos_id)
+        tok.eos_token = tok.bos_token = tok.pad_token = eos
+        tok.save_pretrained(tmp)
+        write_portable_files(tmp, model.cfg)
     log.info("exported %s -> %s (%s, %d parameters)", ckpt, out, dtype, model.num_params())
     return out
 
@@ -223,7 +265,10 @@ def unsupported_features(config: dict) -> list[str]:
         if config.get(key):
             problems.append(f"{key} is true (fp8train's linears have no bias)")
     heads, hidden = config.get("num_attention_heads"), config.get("hidden_size")
-    if config.get("head_dim") is not None and heads and config["head_dim"] != hidden // heads:
+    if isinstance(heads, int) and isinstance(hidden, int) and heads > 0 and hidden % heads:
+        # transformers 4.x builds such a model (head_dim rounded down, o_proj from heads * head_dim); ours cannot
+        problems.append(f"hidden_size {hidden} is not a multiple of num_attention_heads {heads}")
+    elif config.get("head_dim") is not None and heads and config["head_dim"] != hidden // heads:
         problems.append(f"head_dim is {config['head_dim']}, not hidden_size / num_attention_heads = {hidden // heads}")
     return problems
 
@@ -271,7 +316,7 @@ def import_hf(hf_dir: Path, out: Path) -> Path:
     tokenizer_config.json naming its EOS if the folder has a tokenizer) from a local Hugging Face Llama folder;
     train from it with ``model.init_from=OUT``."""
     from safetensors.torch import save_model
-    from transformers import AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from fp8train.data.tokenizer import eos_declaration
 
@@ -290,9 +335,17 @@ def import_hf(hf_dir: Path, out: Path) -> Path:
         )
     check_output_folder(out)
     try:
+        llama_config = LlamaConfig.from_pretrained(hf_dir, local_files_only=True)
+    except Exception as e:  # transformers' checks of the values raise ValueError, TypeError, its own error classes
+        cause = " ".join(str(e).split())[:300].rstrip(".") or type(e).__name__  # 5.x puts the reason on line 2
+        raise CheckpointError(
+            f"{hf_dir}/config.json: transformers cannot read it ({cause}); correct that value, or restore "
+            f"config.json from the model's source."
+        ) from None
+    try:
         # Mismatched shapes are reported in loading_info below rather than raised (5.x's error names no weight).
         hf, loading_info = LlamaForCausalLM.from_pretrained(
-            hf_dir, local_files_only=True, output_loading_info=True, ignore_mismatched_sizes=True
+            hf_dir, config=llama_config, local_files_only=True, output_loading_info=True, ignore_mismatched_sizes=True
         )  # no dtype=: 4.x lacks it
     except (OSError, SafetensorError) as e:  # no weights file, or one that is damaged
         raise CheckpointError(
@@ -318,7 +371,13 @@ def import_hf(hf_dir: Path, out: Path) -> Path:
     try:
         hf_tokenizer = AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)
         tokenizer, eos_token = hf_tokenizer.backend_tokenizer, hf_tokenizer.eos_token
-    except (OSError, ValueError, AttributeError):
+    except Exception as e:  # no tokenizer files, a slow one only (sentencepiece), or damaged ones
+        if (hf_dir / "tokenizer.json").is_file():  # there but unreadable: imported without it, nothing checks it
+            raise CheckpointError(
+                f"{hf_dir}: its tokenizer cannot be loaded ({first_line(e).rstrip('.')}); restore its tokenizer files "
+                f"from the model's source, or move tokenizer.json away to import the weights alone (then name the "
+                f"tokenizer they were trained with in data.tokenizer.path)."
+            ) from None
         tokenizer, eos_token = None, None
         log.warning("%s has no fast tokenizer; pass data.tokenizer.path=... yourself", hf_dir)
     if tokenizer is not None and tokenizer.get_vocab_size(with_added_tokens=True) > cfg.vocab_size:
@@ -327,12 +386,12 @@ def import_hf(hf_dir: Path, out: Path) -> Path:
             f"model's vocab_size is {cfg.vocab_size}: the ids past it have no embedding. Import a folder whose "
             f"tokenizer belongs to these weights."
         )
-    make_output_folder(out)
-    save_model(model, str(out / "model.safetensors"))
-    (out / "model.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-    if tokenizer is not None:
-        tokenizer.save(str(out / "tokenizer.json"))
-        if eos_token:  # the folder's own EOS, which data.tokenizer.path=OUT/tokenizer.json then splits documents with
-            (out / "tokenizer_config.json").write_text(eos_declaration(eos_token))
+    with writing(out) as tmp:
+        save_model(model, str(tmp / "model.safetensors"))
+        (tmp / "model.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+        if tokenizer is not None:
+            tokenizer.save(str(tmp / "tokenizer.json"))
+            if eos_token:  # the folder's own EOS, which data.tokenizer.path=OUT/tokenizer.json splits documents with
+                (tmp / "tokenizer_config.json").write_text(eos_declaration(eos_token))
     log.info("imported %s -> %s (%d parameters)", hf_dir, out, model.num_params())
     return out

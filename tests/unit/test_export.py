@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 import shutil
+import stat
 import subprocess
 import sys
 
@@ -247,3 +250,81 @@ def test_the_checkpoints_folder_of_a_run_exports_its_newest_checkpoint(fp8_check
     assert f"wrote {tmp_path / 'hf'}" in capsys.readouterr().out
     via_run = export_hf(checkpoint_to_export(fp8_checkpoint), tmp_path / "hf_run")
     assert (tmp_path / "hf" / "model.safetensors").read_bytes() == (via_run / "model.safetensors").read_bytes()
+
+
+def disk_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_a_failed_write_leaves_no_half_written_folder(fp8_checkpoint, tmp_path, monkeypatch, existing):
+    """The disk fills while the tokenizer is written, after the weights: a folder with config.json and weights but no
+    tokenizer would pass for a model, and a second export would refuse it as not empty."""
+    from transformers import PreTrainedTokenizerFast
+
+    if existing:
+        (tmp_path / "hf").mkdir()
+    monkeypatch.setattr(PreTrainedTokenizerFast, "save_pretrained", disk_full)
+    with pytest.raises(CheckpointError, match=r"hf: writing it failed \(No space left on device\)"):
+        export_hf(fp8_checkpoint / "checkpoints" / "step_0000003", tmp_path / "hf")
+    assert [p.name for p in tmp_path.iterdir()] == (["hf"] if existing else [])
+    assert not existing or not any((tmp_path / "hf").iterdir())
+    monkeypatch.undo()
+    out = export_hf(fp8_checkpoint / "checkpoints" / "step_0000003", tmp_path / "hf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"] and (out / "tokenizer.json").is_file()
+
+
+def test_the_temporary_folder_of_a_killed_export_is_removed_by_the_next(fp8_checkpoint, tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / "hf" / f".tmp-{dead.stdout.strip()}"
+    stale.mkdir(parents=True)
+    (stale / "config.json").write_text("{}")
+    export_hf(fp8_checkpoint / "checkpoints" / "step_0000003", tmp_path / "hf")
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
+
+
+def test_an_output_folder_that_is_a_link_is_written_through(fp8_checkpoint, tmp_path):
+    """An empty OUT may be a link to (or a mount of) a larger disk: the files go there, the link stays."""
+    (tmp_path / "big_disk").mkdir()
+    (tmp_path / "hf").symlink_to(tmp_path / "big_disk")
+    export_hf(fp8_checkpoint / "checkpoints" / "step_0000003", tmp_path / "hf")
+    assert (tmp_path / "hf").is_symlink() and (tmp_path / "big_disk" / "model.safetensors").is_file()
+
+
+def test_exported_weights_are_as_readable_as_the_other_files(fp8_checkpoint, tmp_path):
+    """safetensors creates its files private (0600); a folder to hand to other users or a serving container that runs
+    as another user must be readable as the umask allows, like the config and tokenizer files beside it."""
+    out = export_hf(fp8_checkpoint / "checkpoints" / "step_0000003", tmp_path / "hf")
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+    assert modes["model.safetensors"] == modes["config.json"] == 0o666 & ~current_umask(), modes
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@pytest.mark.parametrize("precision", ["fp8", "fp8_smooth_channel", "fp8_bf16_down", "bf16", "fp32"])
+def test_every_precision_recipe_exports_to_its_logits(precision, tmp_path):
+    """Whatever state a recipe keeps beside the weights stays out of the export (untied embeddings, a vocabulary
+    that is no multiple of 8, FP8 Adam's state in the checkpoint too)."""
+    from transformers import AutoModelForCausalLM
+
+    overrides = ["model.tie_embeddings=false", "model.vocab_size=2053", "optim=adamw_fp8", "monitor=disabled"]
+    cfg = compose([*SMALL, f"precision={precision}", *overrides, "trainer.max_steps=1", "trainer.eval_every=0"])
+    Trainer(cfg, tmp_path / "run").fit()
+    ckpt = tmp_path / "run" / "checkpoints" / "step_0000001"
+    out = export_hf(ckpt, tmp_path / "hf", dtype="fp32")
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, local_files_only=True).eval()
+    ours = load_checkpoint_model(ckpt).eval()
+    x = tokens(2053)
+    with torch.no_grad():
+        assert torch.equal(hf(x).logits, ours(x))
+    assert hf.config.vocab_size == 2053 and not hf.config.tie_word_embeddings

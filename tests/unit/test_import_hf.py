@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import stat
 
 import pytest
 import torch
@@ -251,3 +252,89 @@ def test_an_imported_tokenizer_keeps_its_declared_eos(hf_folder, tmp_path):
     custom_eos_tokenizer(folder)
     out = import_hf(folder, tmp_path / "imported")
     assert load_tokenizer(str(out / "tokenizer.json"), tmp_path / "cache").eos_id == 1
+
+
+def test_a_failed_write_leaves_no_half_written_folder(hf_folder, tmp_path, monkeypatch):
+    """The disk fills at the last file, after the weights: no folder that passes for an import is left behind."""
+    from tests.unit.test_export import disk_full
+
+    monkeypatch.setattr("fp8train.data.tokenizer.eos_declaration", disk_full)
+    with pytest.raises(CheckpointError, match=r"imported: writing it failed \(No space left on device\)"):
+        import_hf(hf_folder, tmp_path / "imported")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        ({"tie_word_embeddings": "yes"}, "tie_word_embeddings"),
+        ({"num_attention_heads": 0}, "transformers cannot read it"),
+        ({"hidden_size": 66, "head_dim": 16}, "hidden_size 66 is not a multiple of num_attention_heads 4"),
+    ],
+)
+def test_a_config_transformers_or_fp8train_cannot_build_is_refused_by_name(hf_folder, tmp_path, change, expected):
+    folder = tmp_path / "hf"
+    shutil.copytree(hf_folder, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(CheckpointError, match=expected):
+        import_hf(folder, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_imported_weights_are_as_readable_as_the_other_files(hf_folder, tmp_path):
+    from tests.unit.test_export import current_umask
+
+    out = import_hf(hf_folder, tmp_path / "imported")
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+    assert modes["model.safetensors"] == modes["model.yaml"] == 0o666 & ~current_umask(), modes
+
+
+def test_exporting_an_import_folder_says_what_it_is(hf_folder, tmp_path, capsys):
+    """An import-hf folder has weights but no manifest: it is not a damaged checkpoint, and the message says so."""
+    from tests.unit.test_export import run_cli
+
+    out = import_hf(hf_folder, tmp_path / "imported")
+    assert run_cli("export-hf", out, tmp_path / "hf") == 2
+    err = capsys.readouterr().err
+    assert "written by fp8train import-hf" in err and "damaged" not in err
+    assert not (tmp_path / "hf").exists()
+
+
+def test_a_damaged_tokenizer_is_refused_not_left_out(hf_folder, tmp_path):
+    """Imported without its tokenizer, the weights would train with whatever tokenizer the run is given, unchecked:
+    a tokenizer.json that is there but cannot be read is named, like damaged weights."""
+    folder = tmp_path / "hf"
+    shutil.copytree(hf_folder, folder)
+    (folder / "tokenizer.json").write_text('{"version": "1.0", "model": ')
+    with pytest.raises(CheckpointError, match=r"hf: its tokenizer cannot be loaded \(.+\)"):
+        import_hf(folder, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_folder_without_a_tokenizer_imports_the_weights_alone(hf_folder, tmp_path, caplog):
+    folder = tmp_path / "hf"
+    shutil.copytree(hf_folder, folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).unlink()
+    out = import_hf(folder, tmp_path / "out")
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "model.yaml"]
+    assert "pass data.tokenizer.path=" in caplog.text
+
+
+def test_one_kv_head_per_query_head_matches_n_kv_heads_null(hf_folder, tmp_path):
+    """model.n_kv_heads=null means one key/value head per query head (model=llama_125m), which is what an imported
+    folder with num_key_value_heads == num_attention_heads saves as a number: the same model, not a difference."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path / "hf"
+    shutil.copytree(hf_folder, folder)
+    LlamaForCausalLM(LlamaConfig(**{**SHAPE, "num_key_value_heads": 4}, tie_word_embeddings=True)).save_pretrained(
+        folder
+    )
+    out = import_hf(folder, tmp_path / "imported")
+    shape = ["model.vocab_size=320", "model.max_seq_len=256", "model.n_kv_heads=null"]
+    cfg = compose([*SMALL, *shape, f"model.init_from={out}", f"data.tokenizer.path={out / 'tokenizer.json'}"])
+    trainer = Trainer(cfg, tmp_path / "run")
+    imported = load_checkpoint_model(out).state_dict()
+    assert all(torch.equal(v, imported[k]) for k, v in trainer.model.state_dict().items() if "_scaler." not in k)
