@@ -237,12 +237,19 @@ def export_hf(ckpt: Path, out: Path, dtype: str = "bf16") -> Path:
     check_output_folder(out)
     model = load_checkpoint_model(ckpt)
 
-    eos_id = find_eos_id(Tokenizer.from_file(str(tokenizer_file)), declared_eos(run_dir), f"{tokenizer_file}")
+    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    eos_id = find_eos_id(tokenizer, declared_eos(run_dir), f"{tokenizer_file}")
+    if tokenizer.post_processor is not None and tokenizer.post_processor.num_special_tokens_to_add(False):
+        # The run encoded its text without special tokens (documents end in EOS, nothing marks their start): a
+        # post-processor that adds a BOS (Llama's tokenizers) would feed the exported model a token it never saw
+        # first. Dropping it leaves the ids of the text as they were.
+        tokenizer.post_processor = None
+        log.info("the exported tokenizer adds no special tokens when encoding, as in training")
     hf = LlamaForCausalLM(hf_config(model.cfg, eos_id, DTYPES[dtype]))
     hf.load_state_dict(hf_state_dict(model), strict=True)
     with writing(out) as tmp:
         hf.to(DTYPES[dtype]).save_pretrained(tmp, safe_serialization=True)
-        tok = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file))
+        tok = PreTrainedTokenizerFast(tokenizer_object=tokenizer)
         eos = tok.convert_ids_to_tokens(eos_id)
         tok.eos_token = tok.bos_token = tok.pad_token = eos
         tok.save_pretrained(tmp)

@@ -216,6 +216,37 @@ def test_a_run_with_a_declared_eos_of_its_own_exports_with_it(tmp_path):
     assert AutoTokenizer.from_pretrained(out, local_files_only=True).eos_token == "<|doc|>"
 
 
+def test_the_exported_tokenizer_encodes_text_as_training_did_with_no_bos_added(tmp_path):
+    """A Llama-style tokenizer.json whose post-processor puts <s> first: the run trained on the text's ids alone, so
+    the export must not make transformers' tokenizer add a BOS the model never saw."""
+    from tokenizers import processors
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from fp8train.data.tokenizer import train_bpe
+    from fp8train.data.tokens import encode_chunks
+
+    tok = train_bpe([(ROOT / "data" / "tinyshakespeare.txt").read_text()[:200_000]], vocab_size=300)
+    tok.add_special_tokens(["<s>"])
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.Sequence(
+        [
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)]),
+        ]
+    )
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<s>").save_pretrained(
+        tmp_path / "tok"
+    )
+    cfg = compose([*SMALL, "trainer.max_steps=1", "trainer.eval_every=0", f"data.tokenizer.path={tmp_path / 'tok'}"])
+    trainer = Trainer(cfg, tmp_path / "run")
+    trainer.fit()
+    out = export_hf(tmp_path / "run" / "checkpoints" / "step_0000001", tmp_path / "hf")
+    text = "First Citizen:\nBefore we proceed any further, hear me speak."
+    trained = [i for _, ids in encode_chunks(trainer.data.tokenizer, text) for i in ids]
+    exported = AutoTokenizer.from_pretrained(out, local_files_only=True)(text)["input_ids"]
+    assert bos not in trained and exported == trained
+
+
 def superseded_run(fp8_checkpoint, tmp_path):
     """A copy of the run whose only checkpoint was set aside by a resume from an earlier step."""
     run = tmp_path / "run"
