@@ -28,7 +28,7 @@ import torch
 from tokenizers import Tokenizer
 
 from fp8train.config import DataConfig, resolve_path
-from fp8train.data.tokenizer import _read_tokenizer_file, build_tokenizer
+from fp8train.data.tokenizer import build_tokenizer, read_tokenizer_file
 from fp8train.data.tokens import (
     SourceText,
     TokenCache,
@@ -180,7 +180,7 @@ def open_shared(
     path, tokenizer_file = Path(shared["cache_path"]), Path(shared["tokenizer_file"])
     if path.is_dir() and tokenizer_file.is_file():
         try:
-            tokenizer = _read_tokenizer_file(tokenizer_file, "data.tokenizer.path")
+            tokenizer = read_tokenizer_file(tokenizer_file, "data.tokenizer.path")
         except DataError:
             tokenizer = None
         if (

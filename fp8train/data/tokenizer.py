@@ -55,7 +55,7 @@ def build_tokenizer(
     if file.is_file():
         log.info("tokenizer cache hit: %s", file)
         fix = f"Delete {final} (it is trained again on the next run), or set data.cache_dir to another folder."
-        tokenizer = _read_tokenizer_file(file, f"data.cache_dir={cache_dir}", fix)
+        tokenizer = read_tokenizer_file(file, f"data.cache_dir={cache_dir}", fix)
     elif not may_train:
         return None
     else:
@@ -105,11 +105,11 @@ def load_tokenizer(path: str, cache_dir: Path) -> LoadedTokenizer:
             "to train a tokenizer on the data."
         )
     if resolved.is_file():
-        tokenizer = _read_tokenizer_file(resolved, key)
+        tokenizer = read_tokenizer_file(resolved, key)
         eos_hint = declared_eos(resolved.parent)
         file = resolved
     elif (resolved / "tokenizer.json").is_file():
-        tokenizer = _read_tokenizer_file(resolved / "tokenizer.json", key)
+        tokenizer = read_tokenizer_file(resolved / "tokenizer.json", key)
         eos_hint = declared_eos(resolved)
         file = resolved / "tokenizer.json"
     else:
@@ -149,7 +149,8 @@ def _untruncated(tokenizer: Tokenizer) -> Tokenizer:
     return tokenizer
 
 
-def _read_tokenizer_file(file: Path, key: str, fix: str | None = None) -> Tokenizer:
+def read_tokenizer_file(file: Path, key: str, fix: str | None = None) -> Tokenizer:
+    """A tokenizer.json, untruncated; DataError naming ``key`` and ``fix`` if tokenizers cannot read it."""
     fix = fix or "Point data.tokenizer.path at a tokenizer.json or a tokenizer folder, or set it to null to train one."
     try:
         return _untruncated(Tokenizer.from_file(str(file)))
