@@ -472,6 +472,98 @@ def test_concurrent_builds_leave_one_complete_cache(tmp_path):
     assert len(train_tokens(data)) == data.n_train_tokens
 
 
+def _build_counting(cfg: DataConfig, start, slow_rebuild: bool, out: str) -> None:
+    """Build ``cfg``'s data in this process once every process has passed ``start``, recording each tokenizer
+    training and tokenization and the log. A tokenization is slowed down so that builders overlap; with
+    ``slow_rebuild``, this process pauses after its first check of an existing cache."""
+    from fp8train.data import tokenizer, tokens
+
+    built, lines = [], []
+    real_train, real_write, real_damage = tokenizer.train_bpe, tokens._write_tokens, tokens.cache_damage
+    tokenizer.train_bpe = lambda *a: built.append("train_bpe") or real_train(*a)
+    tokens._write_tokens = lambda *a: built.append("_write_tokens") or time.sleep(1) or real_write(*a)
+    checks = []
+
+    def cache_damage(*a):
+        damage = real_damage(*a)
+        if not checks and slow_rebuild:
+            time.sleep(2)  # the other process discards the damaged cache and publishes a new one meanwhile
+        checks.append(damage)
+        return damage
+
+    tokens.cache_damage = cache_damage
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logging.getLogger("fp8train").addHandler(handler)
+    logging.getLogger("fp8train").setLevel(logging.INFO)
+    start.wait()
+    data = build_data(cfg, seed=0, micro_batch_size=2, grad_accum_steps=1)
+    with open(out, "w") as f:
+        json.dump(
+            {"built": built, "cache": str(data.cache_path), "tokens": train_tokens(data).tolist(), "log": lines}, f
+        )
+
+
+def _run_builders(cfg: DataConfig, tmp_path: Path, slow: list[bool]) -> list[dict]:
+    ctx = multiprocessing.get_context("spawn")  # fork would copy the thread pools of torch and tokenizers
+    start = ctx.Barrier(len(slow))
+    outs = [tmp_path / f"builder{i}.json" for i in range(len(slow))]
+    procs = [ctx.Process(target=_build_counting, args=(cfg, start, s, str(o))) for s, o in zip(slow, outs)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0] * len(slow)
+    return [json.loads(o.read_text()) for o in outs]
+
+
+def test_concurrent_builders_train_and_tokenize_once_and_the_others_wait(tmp_path):
+    """The ranks of a machine with its own data.cache_dir all build at once: one trains the tokenizer and tokenizes
+    while the others wait for it, say so, and then open what it wrote."""
+    cfg = data_cfg(tmp_path, [TEXT])
+    results = _run_builders(cfg, tmp_path, [False, False, False])
+    built = sorted(b for r in results for b in r["built"])
+    assert built == ["_write_tokens", "train_bpe"], built
+    assert len({r["cache"] for r in results}) == 1 and len({tuple(r["tokens"]) for r in results}) == 1
+    waits = [line for r in results for line in r["log"] if line.startswith("waiting for ")]
+    assert any(f"which builds {results[0]['cache']}" in line for line in waits), waits
+    cache = tmp_path / "cache"
+    assert sorted(p.name.split("-")[0] for p in cache.iterdir()) == ["tokenizer", "tokens"]  # no lock files left
+
+
+def test_two_processes_finding_the_same_damaged_cache_rebuild_it_once(tmp_path):
+    """Both see the damaged cache; the first discards it and publishes a new one; the second, after its lock, finds
+    that one sound instead of discarding it in turn (which pulled the files from under the first)."""
+    cfg = data_cfg(tmp_path, [TEXT])
+    path = build(cfg).cache_path
+    (path / "meta.json").write_text("{")
+    results = _run_builders(cfg, tmp_path, [False, True])
+    assert sorted(b for r in results for b in r["built"]) == ["_write_tokens"]
+    assert [r["cache"] for r in results] == [str(path)] * 2
+    assert results[0]["tokens"] == results[1]["tokens"] == train_tokens(build(cfg)).tolist()
+    assert any("written meanwhile by another process" in line for line in results[1]["log"]), results[1]["log"]
+
+
+def test_a_file_system_without_locks_builds_as_before_with_one_warning(tmp_path, monkeypatch, caplog):
+    import fcntl
+
+    from fp8train.data import tokens
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    monkeypatch.setattr(tokens, "_warned_no_locks", False)
+    with caplog.at_level(logging.INFO, logger="fp8train"):
+        data = build(data_cfg(tmp_path, [TEXT]))
+        build(data_cfg(tmp_path / "other", [TEXT[:20_000]]))
+    warned = [r for r in caplog.records if "refuses file locks" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].levelno == logging.WARNING, caplog.text
+    assert "No locks available" in warned[0].getMessage()
+    assert np.array_equal(train_tokens(data), train_tokens(build(data_cfg(tmp_path / "again", [TEXT]))))
+    assert sorted(p.name.split("-")[0] for p in (tmp_path / "cache").iterdir()) == ["tokenizer", "tokens"]
+
+
 def _build_as_rank(rank: int, cfgs: list[tuple[list[DataConfig], bool]], init_file: str, out: str) -> None:
     """One of two gloo ranks: build each config's data (``cfgs[i][0][rank]``) as the trainer does, recording whether
     this rank read the sources, trained a tokenizer, wrote a token cache or hashed one, and what it got. With
