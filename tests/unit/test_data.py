@@ -609,7 +609,8 @@ def test_data_parallel_ranks_tokenize_once_and_fail_together(tmp_path):
     """Rank 0 reads the sources, trains the tokenizer and writes the token cache; the other ranks then open what it
     made without reading the corpus again (nor hashing a cache rank 0 has just checked), instead of every rank of a
     node doing it all at once. A data error reaches every rank, none waits forever. A rank that cannot see rank 0's
-    cache (a cache folder local to each node) builds its own, which must hold the same tokens."""
+    cache (a cache folder local to each node) builds its own, which must hold the same tokens; if it is other data,
+    that rank says so and the others stop with it."""
     shared = data_cfg(tmp_path / "ok", [TEXT])
     bad = data_cfg(tmp_path / "bad", [b""])
     per_node = [data_cfg(tmp_path / f"node{r}", [TEXT]) for r in (0, 1)]
@@ -629,8 +630,9 @@ def test_data_parallel_ranks_tokenize_once_and_fail_together(tmp_path):
     assert bad0["error"] == bad1["error"] and "is empty" in bad0["error"]
     assert node1["built"] == ["read_sources", "train_bpe", "_write_tokens"]
     assert (node0["batch"], node1["batch"]) == (ok0["batch"], ok1["batch"])
-    assert "error" not in other0
     assert other1["error"].startswith("data.sources: rank 1 sees other data than rank 0")
+    # Rank 0 stops too, rather than wait in the next collective for a rank that has left.
+    assert other0["error"] == "rank 1 could not open the data; see its message."
 
 
 def test_a_late_publisher_discards_its_copy_and_a_failed_one_leaves_nothing(tmp_path):
