@@ -565,9 +565,10 @@ def test_a_file_system_without_locks_builds_as_before_with_one_warning(tmp_path,
 
 
 def _build_as_rank(rank: int, cfgs: list[tuple[list[DataConfig], bool]], init_file: str, out: str) -> None:
-    """One of two gloo ranks: build each config's data (``cfgs[i][0][rank]``) as the trainer does, recording whether
-    this rank read the sources, trained a tokenizer, wrote a token cache or hashed one, and what it got. With
-    ``cfgs[i][1]``, rank 0's files are out of rank 1's sight, as on another machine's local disk."""
+    """One of the gloo ranks (as many as configs in ``cfgs[i][0]``): build each config's data (``cfgs[i][0][rank]``)
+    as the trainer does, recording whether this rank read the sources, trained a tokenizer, wrote a token cache or
+    hashed one, and what it got. With ``cfgs[i][1]``, rank 0's files are out of the other ranks' sight, as on another
+    machine's local disk."""
     import torch.distributed as dist
 
     from fp8train import trainer
@@ -585,16 +586,23 @@ def _build_as_rank(rank: int, cfgs: list[tuple[list[DataConfig], bool]], init_fi
         return real_sha256(*a)
 
     tokens.file_sha256 = file_sha256
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    world_size = len(cfgs[0][0])
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     results = []
     real_shareable = trainer.shareable
-    for by_rank, elsewhere in cfgs:
-        record.clear()
-        trainer.shareable = lambda data, _hide=elsewhere: {
-            **real_shareable(data),
-            **({"cache_path": "/elsewhere/tokens", "tokenizer_file": "/elsewhere/tokenizer.json"} if _hide else {}),
+
+    def elsewhere(shared: dict) -> dict:  # the same names in another machine's folder
+        tokenizer_file = Path(shared["tokenizer_file"])
+        return {
+            **shared,
+            "cache_path": f"/elsewhere/{Path(shared['cache_path']).name}",
+            "tokenizer_file": f"/elsewhere/{tokenizer_file.parent.name}/{tokenizer_file.name}",
         }
-        layout = dict(seed=0, micro_batch_size=2, grad_accum_steps=1, rank=rank, world_size=2)
+
+    for by_rank, hide in cfgs:
+        record.clear()
+        trainer.shareable = lambda data, _hide=hide: (elsewhere if _hide else dict)(real_shareable(data))
+        layout = dict(seed=0, micro_batch_size=2, grad_accum_steps=1, rank=rank, world_size=world_size)
         try:
             data = trainer.build_data_rank0_first(by_rank[rank], **layout)
             results.append({"built": list(record), "batch": data.train_batch(3, 0)[0].tolist()})
@@ -603,6 +611,20 @@ def _build_as_rank(rank: int, cfgs: list[tuple[list[DataConfig], bool]], init_fi
     dist.destroy_process_group()
     with open(out, "w") as f:
         json.dump(results, f)
+
+
+def _run_ranks(tmp_path: Path, cfgs: list[tuple[list[DataConfig], bool]]) -> list[list[dict]]:
+    """_build_as_rank on each rank; what each rank got from each config."""
+    ctx = multiprocessing.get_context("spawn")
+    ranks = range(len(cfgs[0][0]))
+    outs = [tmp_path / f"rank{r}.json" for r in ranks]
+    procs = [ctx.Process(target=_build_as_rank, args=(r, cfgs, str(tmp_path / "init"), str(outs[r]))) for r in ranks]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0] * len(ranks)
+    return [json.loads(o.read_text()) for o in outs]
 
 
 def test_data_parallel_ranks_tokenize_once_and_fail_together(tmp_path):
@@ -616,15 +638,7 @@ def test_data_parallel_ranks_tokenize_once_and_fail_together(tmp_path):
     per_node = [data_cfg(tmp_path / f"node{r}", [TEXT]) for r in (0, 1)]
     other_text = [data_cfg(tmp_path / f"other{r}", [TEXT[: 20_000 + r]]) for r in (0, 1)]
     cfgs = [([shared, shared], False), ([bad, bad], False), (per_node, True), (other_text, True)]
-    ctx = multiprocessing.get_context("spawn")
-    outs = [tmp_path / f"rank{r}.json" for r in range(2)]
-    procs = [ctx.Process(target=_build_as_rank, args=(r, cfgs, str(tmp_path / "init"), str(outs[r]))) for r in (0, 1)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    assert [p.exitcode for p in procs] == [0, 0]
-    (ok0, bad0, node0, other0), (ok1, bad1, node1, other1) = (json.loads(o.read_text()) for o in outs)
+    (ok0, bad0, node0, other0), (ok1, bad1, node1, other1) = _run_ranks(tmp_path, cfgs)
     assert ok0["built"] == ["read_sources", "train_bpe", "_write_tokens"] and ok1["built"] == []
     assert ok0["batch"] != ok1["batch"]  # each rank its own rows, from the same cache
     assert bad0["error"] == bad1["error"] and "is empty" in bad0["error"]
@@ -633,6 +647,21 @@ def test_data_parallel_ranks_tokenize_once_and_fail_together(tmp_path):
     assert other1["error"].startswith("data.sources: rank 1 sees other data than rank 0")
     # Rank 0 stops too, rather than wait in the next collective for a rank that has left.
     assert other0["error"] == "rank 1 could not open the data; see its message."
+
+
+def test_the_ranks_of_a_machine_without_rank_0s_files_read_the_corpus_once(tmp_path):
+    """Ranks 1 and 2 share a cache folder that rank 0's is not (another machine's local disk): one of them reads the
+    sources, trains the tokenizer and tokenizes into it; the other waits, then opens those files under the names
+    rank 0 gave (the names hash the content) without reading the corpus, as it would rank 0's own."""
+    node0, node1 = (data_cfg(tmp_path / f"node{n}", [TEXT]) for n in (0, 1))
+    results = [r[0] for r in _run_ranks(tmp_path, [([node0, node1, node1], True)])]
+    assert results[0]["built"] == ["read_sources", "train_bpe", "_write_tokens"]
+    assert sorted(r["built"] for r in results[1:]) == [["file_sha256"], ["read_sources", "train_bpe", "_write_tokens"]]
+    expected = [
+        build(node0, micro_batch_size=2, grad_accum_steps=1, rank=r, world_size=3).train_batch(3, 0)[0]
+        for r in range(3)
+    ]
+    assert [r["batch"] for r in results] == [b.tolist() for b in expected]
 
 
 def test_a_late_publisher_discards_its_copy_and_a_failed_one_leaves_nothing(tmp_path):
