@@ -14,8 +14,8 @@ first (sizes and sha256, about 0.6 s per GiB of ids on 2 CPU cores), so bytes ov
 copy padded to the right size are tokenized again, with a warning, rather than trained on. The directory is
 written under a temporary name and renamed into place, so readers never see a half-written cache; the temporary
 folder of a killed build is removed by a later build once it is STALE_TMP_S old. Processes that need the same
-missing cache at once (the ranks of a machine with its own cache_dir) take turns on a lock file beside it
-(``building``): one builds, the others wait and then find it.
+missing cache at once (the ranks of a machine with its own cache_dir) take turns on a lock file beside it,
+``.<name>.lock`` (``building``): one builds, the others wait and then find it. Lock files stay, a few bytes each.
 """
 
 from __future__ import annotations
@@ -429,10 +429,10 @@ _warned_no_locks = False
 
 @contextlib.contextmanager
 def building(final: Path) -> Iterator[None]:
-    """Hold the lock file ``.<name>.lock`` beside ``final`` while building it: one process at a time builds a cache,
-    whether the others run on this machine or on another one sharing the folder. After the lock, check again whether
-    ``final`` is there: the process that held it may have built it. Where the file system has no locks, every
-    process builds (``publishing`` keeps them apart), with one warning."""
+    """Hold the lock file ``.<name>.lock`` beside ``final`` (it holds the holder's pid and host) while building it:
+    one process at a time builds a cache, whether the others run on this machine or on another one sharing the
+    folder. After the lock, check again whether ``final`` is there: the process that held it may have built it.
+    Where the file system has no locks, every process builds (``publishing`` keeps them apart), with one warning."""
     lock = final.parent / f".{final.name}.lock"
     if lock in _held:
         yield
@@ -446,10 +446,8 @@ def building(final: Path) -> Iterator[None]:
         yield
     finally:
         _held.discard(lock)
-        # Removed while still locked: a process waiting on this file sees it is gone once it gets the lock, and
-        # locks the path anew (see _lock), so no two processes ever hold the lock of one path.
-        with contextlib.suppress(OSError):
-            os.unlink(lock)
+        # The lock file stays: removing it would let a waiter lock a file no longer at that path (and on NFS
+        # leave it a stale handle), while a newcomer locks a new one.
         os.close(fd)
 
 
@@ -474,7 +472,7 @@ def _lock(lock: Path, final: Path) -> int | None:
                 os.ftruncate(fd, 0)
                 os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
                 return fd
-            os.close(fd)  # its holder removed it when done: lock the path anew
+            os.close(fd)  # deleted meanwhile (by hand, or by a process without locks): lock the path anew
         except OSError as e:  # ENOLCK, EOPNOTSUPP, ENOSYS: NFS without lockd, some FUSE file systems
             os.close(fd)
             with contextlib.suppress(OSError):
@@ -498,7 +496,7 @@ def _same_file(fd: int, path: Path) -> bool:
     try:
         st, now = os.fstat(fd), os.stat(path)
     except FileNotFoundError:
-        return False
+        return False  # any other error: as for flock, the file system's locks cannot be trusted (see _lock)
     return (st.st_dev, st.st_ino) == (now.st_dev, now.st_ino)
 
 

@@ -57,6 +57,11 @@ def build(cfg, seed=0, micro_batch_size=4, grad_accum_steps=2, rank=0, world_siz
     )
 
 
+def cache_entries(cache: Path) -> list[str]:
+    """What a cache folder holds, by kind (tokens, tokenizer, .tmp), leaving out the lock files of its builders."""
+    return [p.name.split("-")[0] for p in cache.iterdir() if not p.name.endswith(".lock")]
+
+
 def train_tokens(data: TokenData) -> np.ndarray:
     dtype = json.loads((data.cache_path / "meta.json").read_text())["dtype"]
     return np.fromfile(data.cache_path / "train.bin", dtype=dtype)
@@ -467,7 +472,7 @@ def test_concurrent_builds_leave_one_complete_cache(tmp_path):
     assert [p.exitcode for p in procs] == [0, 0]
     data = build(cfg)
     cache = tmp_path / "cache"
-    assert sorted(p.name.split("-")[0] for p in cache.iterdir()) == ["tokenizer", "tokens"]
+    assert sorted(cache_entries(cache)) == ["tokenizer", "tokens"]
     assert data.cache_path.parent == cache
     assert len(train_tokens(data)) == data.n_train_tokens
 
@@ -528,7 +533,10 @@ def test_concurrent_builders_train_and_tokenize_once_and_the_others_wait(tmp_pat
     waits = [line for r in results for line in r["log"] if line.startswith("waiting for ")]
     assert any(f"which builds {results[0]['cache']}" in line for line in waits), waits
     cache = tmp_path / "cache"
-    assert sorted(p.name.split("-")[0] for p in cache.iterdir()) == ["tokenizer", "tokens"]  # no lock files left
+    tokens_dir, tokenizer_dir = Path(results[0]["cache"]).name, next(cache.glob("tokenizer-*")).name
+    assert sorted(p.name for p in cache.iterdir()) == sorted(  # each with the lock file of its builders, no .tmp-*
+        [tokens_dir, tokenizer_dir, f".{tokens_dir}.lock", f".{tokenizer_dir}.lock"]
+    )
 
 
 def test_two_processes_finding_the_same_damaged_cache_rebuild_it_once(tmp_path):
@@ -707,7 +715,7 @@ def test_a_damaged_token_cache_is_rebuilt_with_one_log_line(tmp_path, caplog, da
     assert len(damaged) == 1 and damaged[0].levelno == logging.WARNING, caplog.text
     assert str(path) in damaged[0].getMessage() and "tokenized again" in damaged[0].getMessage()
     assert again.cache_path == path and np.array_equal(train_tokens(again), good)
-    assert sorted(p.name.split("-")[0] for p in (tmp_path / "cache").iterdir()) == ["tokenizer", "tokens"]
+    assert sorted(cache_entries(tmp_path / "cache")) == ["tokenizer", "tokens"]
 
 
 def test_a_damaged_token_cache_that_cannot_be_replaced_is_refused_by_name(tmp_path, monkeypatch):
@@ -814,7 +822,7 @@ def test_ctrl_c_while_tokenizing_ends_with_a_message_and_leaves_no_cache(tmp_pat
     assert status == 130
     err = capsys.readouterr().err
     assert err.startswith("fp8train: interrupted (Ctrl-C)") and err.count("\n") == 1, err
-    assert [p.name.split("-")[0] for p in cache.iterdir()] == ["tokenizer"]  # no tokens-*, no .tmp-*
+    assert cache_entries(cache) == ["tokenizer"]  # no tokens-*, no .tmp-*
     monkeypatch.setattr(tokens, "encode_chunks", real_encode)
     assert np.array_equal(train_tokens(build(cfg)), train_tokens(build(data_cfg(tmp_path / "again", [TEXT]))))
 
