@@ -323,9 +323,15 @@ def _read_meta(path: Path) -> tuple[dict, np.dtype, dict[str, int]]:
 
 
 def cache_damage(path: Path) -> str | None:
-    """Why the cache directory ``path`` cannot be trusted (its meta.json, a file's size or sha256), or None."""
+    """Why the cache directory ``path`` cannot be trusted (its meta.json, a file's size or sha256), or None.
+
+    A file this process may not read is no damage (another user's cache, written with a private umask, in a shared
+    data.cache_dir): a DataError, rather than a rebuild that would first move that user's cache away.
+    """
     try:
         meta, dtype, counts = _read_meta(path)
+    except PermissionError as e:
+        raise _unreadable(path, e) from None
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f"no readable meta.json: {first_line(e)}"
     if not isinstance(digests := meta.get("sha256"), dict):
@@ -337,9 +343,19 @@ def cache_damage(path: Path) -> str | None:
                 return f"{name} holds {size:,} bytes, not the {count:,} tokens of meta.json"
             if file_sha256(path / name) != digests.get(name):
                 return f"{name} does not match its sha256 in meta.json"
+        except PermissionError as e:
+            raise _unreadable(path, e) from None
         except OSError as e:
             return f"{name}: {e.strerror or e}"
     return None
+
+
+def _unreadable(path: Path, e: OSError) -> DataError:
+    return DataError(
+        f"data.cache_dir={path.parent}: the token cache {path} cannot be read ({e.strerror or e}: "
+        f"{e.filename or path}). If another user wrote it, ask them to make it readable (chmod -R a+rX {path}), or "
+        "set data.cache_dir to a folder of your own."
+    )
 
 
 def file_identities(path: Path) -> dict[str, list[int]]:

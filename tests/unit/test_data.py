@@ -718,6 +718,28 @@ def test_a_damaged_token_cache_is_rebuilt_with_one_log_line(tmp_path, caplog, da
     assert sorted(cache_entries(tmp_path / "cache")) == ["tokenizer", "tokens"]
 
 
+@pytest.mark.parametrize("unreadable", ["meta", "bin"])
+def test_another_users_unreadable_token_cache_is_refused_not_discarded(tmp_path, monkeypatch, unreadable):
+    """A shared data.cache_dir holding a cache written by another user with a private umask: a permission error is
+    not damage, so the cache is neither renamed away nor rebuilt in its place; the run says whose fix it is."""
+    from fp8train.data import tokens
+
+    cfg = data_cfg(tmp_path, [TEXT])
+    path = build(cfg).cache_path
+    before = tokens.file_identities(path)
+
+    def denied(file, *args):
+        raise PermissionError(errno.EACCES, "Permission denied", str(file))
+
+    monkeypatch.setattr(tokens, "_read_meta" if unreadable == "meta" else "file_sha256", denied)
+    with pytest.raises(DataError) as e:
+        build(cfg)
+    message = str(e.value)
+    assert message.startswith(f"data.cache_dir={path.parent}: the token cache {path} cannot be read (Permission")
+    assert "chmod -R a+rX" in message and "set data.cache_dir to a folder of your own" in message
+    assert tokens.file_identities(path) == before
+
+
 def test_a_damaged_token_cache_that_cannot_be_replaced_is_refused_by_name(tmp_path, monkeypatch):
     cfg = data_cfg(tmp_path, [TEXT])
     path = build(cfg).cache_path
