@@ -422,9 +422,10 @@ def publishing(final: Path) -> Iterator[Path]:
         _remove_abandoned(final.parent)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
     except OSError as e:
+        file = next((p for p in (final.parent, *final.parent.parents) if p.exists() and not p.is_dir()), None)
+        why = f"{file} is a file, not a folder" if file else f"cannot create a folder there ({e.strerror or e})"
         raise DataError(
-            f"data.cache_dir={final.parent}: cannot create a folder there ({e.strerror or e}); "
-            "set data.cache_dir (or FP8TRAIN_CACHE_DIR) to a writable folder."
+            f"data.cache_dir={final.parent}: {why}; set data.cache_dir (or FP8TRAIN_CACHE_DIR) to a writable folder."
         ) from None
     try:
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is plain shared data

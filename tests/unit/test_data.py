@@ -740,6 +740,19 @@ def test_another_users_unreadable_token_cache_is_refused_not_discarded(tmp_path,
     assert tokens.file_identities(path) == before
 
 
+def test_a_cache_dir_that_is_a_file_is_named_a_file(tmp_path):
+    (tmp_path / "notes.txt").write_text("a file")
+    for cache_dir in (tmp_path / "notes.txt", tmp_path / "notes.txt" / "cache"):
+        cfg = data_cfg(tmp_path, [TEXT])
+        cfg.cache_dir = str(cache_dir)
+        with pytest.raises(DataError) as e:
+            build(cfg)
+        assert str(e.value) == (
+            f"data.cache_dir={cache_dir}: {tmp_path / 'notes.txt'} is a file, not a folder; set data.cache_dir (or "
+            "FP8TRAIN_CACHE_DIR) to a writable folder."
+        )
+
+
 def test_a_damaged_token_cache_that_cannot_be_replaced_is_refused_by_name(tmp_path, monkeypatch):
     cfg = data_cfg(tmp_path, [TEXT])
     path = build(cfg).cache_path
