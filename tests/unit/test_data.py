@@ -449,6 +449,15 @@ def test_a_folder_as_source_is_named_a_folder_with_the_way_to_list_its_files(tmp
     assert f"data.sources=[{{path: {tmp_path / 'corpus'}/a.txt}}, " in message
 
 
+def test_a_pipe_as_source_is_named_a_pipe_not_a_missing_file(tmp_path):
+    os.mkfifo(tmp_path / "fifo")  # what a shell's <(zcat corpus.gz) hands over
+    with pytest.raises(ConfigError) as err:
+        compose(["data=text", f"data.sources=[{{path: {tmp_path / 'fifo'}}}]"])
+    message = str(err.value)
+    assert f"data.sources.0.path={tmp_path / 'fifo'}: {tmp_path / 'fifo'} is not a regular file (a pipe" in message
+    assert "no such file" not in message
+
+
 def test_corpus_too_short_for_seq_len(tmp_path):
     with pytest.raises(DataError, match=r"^data\.seq_len=4096: the training split holds only \d+ tokens"):
         build(data_cfg(tmp_path, [TEXT[:3000]], seq_len=4096))
