@@ -76,8 +76,23 @@ class TokenCache:
     path: Path
     key: str
     train: np.memmap  # (n_train_tokens,)
-    val: list[np.memmap]  # one per source, in config order
+    val: list[TokenFile]  # one per source, in config order
     meta: dict
+
+
+class TokenFile:
+    """The ids of a cache file, memory-mapped only while indexed. numpy's memmap keeps a file descriptor open, so
+    mapping the validation split of each of thousands of sources at once would pass the open-file limit (often
+    1024); evaluation reads a few windows of each, a few times per run."""
+
+    def __init__(self, path: Path, dtype: np.dtype, n_tokens: int):
+        self.path, self.dtype, self.n_tokens = path, dtype, n_tokens
+
+    def __len__(self) -> int:
+        return self.n_tokens
+
+    def __getitem__(self, index) -> np.ndarray:
+        return np.array(np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.n_tokens,))[index])
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -399,14 +414,14 @@ def discard_damaged(final: Path, damage: str, what: str = "token cache") -> None
 def open_token_cache(path: Path, key: str) -> TokenCache:
     """Memory-map a finished cache directory (check it first with cache_damage)."""
     try:
-        meta, dtype, _ = _read_meta(path)
+        meta, dtype, counts = _read_meta(path)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise DataError(
             f"data.cache_dir: the token cache {path} has no readable meta.json ({first_line(e)}). Delete {path} (it "
             "is rebuilt on the next run), or set data.cache_dir to another folder."
         ) from None
     train = np.memmap(path / "train.bin", dtype=dtype, mode="r")
-    val = [np.memmap(path / f"val_{i}.bin", dtype=dtype, mode="r") for i in range(len(meta["sources"]))]
+    val = [TokenFile(path / f"val_{i}.bin", dtype, counts[f"val_{i}.bin"]) for i in range(len(meta["sources"]))]
     return TokenCache(path=path, key=key, train=train, val=val, meta=meta)
 
 

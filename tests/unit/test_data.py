@@ -458,6 +458,28 @@ def test_a_pipe_as_source_is_named_a_pipe_not_a_missing_file(tmp_path):
     assert "no such file" not in message
 
 
+def test_thousands_of_sources_do_not_hold_a_file_descriptor_each(tmp_path):
+    """A corpus split into more files than the open-file limit (often 1024): numpy's memmap keeps a descriptor
+    open per file, so mapping every validation split at once failed with 'Too many open files'. Here the limit is
+    lowered to 150 more than the test process uses and there are 200 sources."""
+    import resource
+
+    texts = [SHAKESPEARE[i * 1500 : (i + 1) * 1500] for i in range(200)]
+    cfg = data_cfg(tmp_path, texts, seq_len=8, val_fraction=0.2)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 150, hard))
+    try:
+        data = build(cfg, micro_batch_size=2, grad_accum_steps=1)
+        batches = {name: [x for x, _, _ in data.val_batches(name, 1)] for name in data.val_sources}
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    dtype = json.loads((data.cache_path / "meta.json").read_text())["dtype"]
+    for i, name in enumerate(data.val_sources):
+        val = np.fromfile(data.cache_path / f"val_{i}.bin", dtype=dtype)
+        assert data.n_val_tokens[name] == len(val)
+        assert torch.cat(batches[name]).flatten().tolist() == val[:16].tolist()  # 2 windows of 8, in order
+
+
 def test_corpus_too_short_for_seq_len(tmp_path):
     with pytest.raises(DataError, match=r"^data\.seq_len=4096: the training split holds only \d+ tokens"):
         build(data_cfg(tmp_path, [TEXT[:3000]], seq_len=4096))
