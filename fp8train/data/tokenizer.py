@@ -4,7 +4,8 @@ Trained: GPT-2's recipe with Hugging Face ``tokenizers``: bytes are mapped to 25
 text round-trips and nothing is ever unknown), GPT-2's regex splits words, BPE merges are learned up to
 ``data.tokenizer.vocab_size``, and ``<|endoftext|>`` separates documents. It is stored in
 ``cache_dir/tokenizer-<key>/tokenizer.json``, the key hashing the training text, the vocabulary size and
-``BPE_FORMAT``; the next run with the same text reuses it.
+``BPE_FORMAT``; the next run with the same text reuses it. Processes that need it at once train it once: the others
+wait on its lock file (``tokens.building``).
 
 Given (``data.tokenizer.path``): a ``tokenizer.json``, a folder holding one, or a Hugging Face tokenizer folder
 without one (loaded offline through ``transformers.AutoTokenizer``; its fast backend is what is used).
