@@ -224,8 +224,14 @@ class DataConfig:
                     f"is a pattern (it matches {found}); patterns are not expanded, each file is its own entry: "
                     f"data.sources=[{listed}{', ...' if len(matches) > 2 else ''}]",
                 )
-            elif not resolve_path(s.path).is_file():
+            elif not resolve_path(s.path).exists():
                 p.add(f"sources.{i}.path", f"no such file ({resolve_path(s.path)})")
+            elif not resolve_path(s.path).is_file():  # a pipe such as <(zcat x.gz): runs must read it again
+                p.add(
+                    f"sources.{i}.path",
+                    f"{resolve_path(s.path)} is not a regular file (a pipe or a device); write the text to a file "
+                    "and point the source at that",
+                )
             if names.count(names[i]) > 1:
                 p.add(f"sources.{i}.name", f"'{names[i]}' names two sources; give each a distinct name")
         if self.tokenizer.path is not None and not resolve_path(self.tokenizer.path).exists():

@@ -30,7 +30,7 @@ from fp8train.config import Config, DataConfig, format_value
 from fp8train.data import TokenData, build_data
 from fp8train.data.loader import open_shared, shareable
 from fp8train.data.tokenizer import eos_declaration
-from fp8train.errors import BackendError, CheckpointError, ConfigError, Fp8trainError
+from fp8train.errors import BackendError, CheckpointError, ConfigError, DataError, Fp8trainError
 from fp8train.fp8.scaling import discard_scalers, step_scalers
 from fp8train.loggers import RunLogger, use_progress_bar
 from fp8train.model import build_model
@@ -583,11 +583,28 @@ def quiet_logging() -> None:
 def build_data_rank0_first(data_cfg: DataConfig, **layout) -> TokenData:
     """build_data on rank 0; the other ranks then open its tokenizer and token cache (on a shared cache dir) without
     reading the corpus again: one process reads, hashes and tokenizes it, not every rank of a node at once, each
-    with all its cores and a copy of the text in memory. A data error on rank 0 stops every rank with its message.
-    The others wait in a collective, so at most parallel.timeout_min for a corpus that is not tokenized yet."""
+    with all its cores and a copy of the text in memory. A data error on any rank stops every rank (with its message
+    on that rank), rather than leave the others waiting in the next collective. The others wait in a collective, so
+    at most parallel.timeout_min for a corpus that is not tokenized yet."""
     built: list[TokenData] = []
     shared = on_rank0(lambda: built.append(build_data(data_cfg, **layout)) or shareable(built[0]))  # paths, digests
-    return built[0] if built else open_shared(data_cfg, shared, **layout)
+    error = None
+    if not built:
+        try:
+            built.append(open_shared(data_cfg, shared, **layout))
+        except Exception as e:  # any failure: the other ranks must hear of it, or they wait for this one forever
+            error = e
+    failed = [rank for rank, bad in enumerate(parallel.all_gather_object(error is not None)) if bad]
+    if error is not None:
+        raise error
+    if failed:
+        names = ", ".join(map(str, failed))
+        raise DataError(
+            f"rank {names} could not open the data; see its message."
+            if len(failed) == 1
+            else f"ranks {names} could not open the data; see their messages."
+        )
+    return built[0]
 
 
 def on_rank0(fn, *args):

@@ -28,11 +28,12 @@ import torch
 from tokenizers import Tokenizer
 
 from fp8train.config import DataConfig, resolve_path
-from fp8train.data.tokenizer import _read_tokenizer_file, build_tokenizer
+from fp8train.data.tokenizer import build_tokenizer, read_tokenizer_file
 from fp8train.data.tokens import (
     SourceText,
     TokenCache,
     build_token_cache,
+    building,
     cache_damage,
     file_identities,
     id_space,
@@ -173,35 +174,22 @@ def open_shared(
 
     Safe because the cache's name is a hash of the source bytes and the tokenizer: this rank takes it only when it
     sees the same tokenizer (sha256) and the files rank 0 checked (size, mtime, inode), or else files that pass
-    the cache's sha256 check. A rank that sees neither (a cache folder local to each node) builds the data itself,
-    and refuses to train on other data than rank 0's.
+    the cache's sha256 check. A rank that sees neither (a cache folder local to each machine) looks for them under
+    the same names in its own data.cache_dir, where one rank of the machine builds them while the others wait
+    (tokens.building) instead of each reading and tokenizing the corpus; it refuses to train on other data than
+    rank 0's.
     """
     layout = dict(seed=seed, micro_batch_size=micro_batch_size, grad_accum_steps=grad_accum_steps)
+    layout.update(rank=rank, world_size=world_size)
     path, tokenizer_file = Path(shared["cache_path"]), Path(shared["tokenizer_file"])
-    if path.is_dir() and tokenizer_file.is_file():
-        try:
-            tokenizer = _read_tokenizer_file(tokenizer_file, "data.tokenizer.path")
-        except DataError:
-            tokenizer = None
-        if (
-            tokenizer is not None
-            and tokenizer_sha256(tokenizer) == shared["tokenizer_sha256"]
-            and (file_identities(path) == shared["cache_files"] or cache_damage(path) is None)
-        ):
-            cache = open_token_cache(path, shared["cache_key"])
-            val_sources = shared["val_sources"]
-            return _token_data(
-                cfg,
-                tokenizer,
-                tokenizer_file,
-                shared["eos_id"],
-                cache,
-                val_sources,
-                **layout,
-                rank=rank,
-                world_size=world_size,
-            )
-    data = build_data(cfg, **layout, rank=rank, world_size=world_size)
+    data = _open_built(cfg, shared, path, tokenizer_file, **layout)
+    if data is not None:
+        return data
+    cache_dir = resolve_path(cfg.cache_dir)
+    if tokenizer_file.parent.parent == path.parent:  # trained (or converted) into rank 0's cache folder
+        tokenizer_file = cache_dir / tokenizer_file.parent.name / tokenizer_file.name
+    with building(cache_dir / path.name):
+        data = _open_built(cfg, shared, cache_dir / path.name, tokenizer_file, **layout) or build_data(cfg, **layout)
     if data.cache_key != shared["cache_key"]:
         raise DataError(
             f"data.sources: rank {rank} sees other data than rank 0 (its token cache is {data.cache_path}, rank 0's "
@@ -210,6 +198,23 @@ def open_shared(
             "a folder they all share."
         )
     return data
+
+
+def _open_built(cfg: DataConfig, shared: dict, path: Path, tokenizer_file: Path, **layout) -> TokenData | None:
+    """The token cache ``path`` and the tokenizer ``tokenizer_file`` if they are rank 0's (``shared``): the same
+    tokenizer, and the very files rank 0 checked or files that pass the cache's check; else None."""
+    if not (path.is_dir() and tokenizer_file.is_file()):
+        return None
+    try:
+        tokenizer = read_tokenizer_file(tokenizer_file, "data.tokenizer.path")
+    except DataError:
+        return None
+    if tokenizer_sha256(tokenizer) != shared["tokenizer_sha256"]:
+        return None
+    if file_identities(path) != shared["cache_files"] and cache_damage(path) is not None:
+        return None
+    cache = open_token_cache(path, shared["cache_key"])
+    return _token_data(cfg, tokenizer, tokenizer_file, shared["eos_id"], cache, shared["val_sources"], **layout)
 
 
 def tokenizer_sha256(tokenizer: Tokenizer) -> str:

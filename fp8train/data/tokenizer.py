@@ -4,7 +4,8 @@ Trained: GPT-2's recipe with Hugging Face ``tokenizers``: bytes are mapped to 25
 text round-trips and nothing is ever unknown), GPT-2's regex splits words, BPE merges are learned up to
 ``data.tokenizer.vocab_size``, and ``<|endoftext|>`` separates documents. It is stored in
 ``cache_dir/tokenizer-<key>/tokenizer.json``, the key hashing the training text, the vocabulary size and
-``BPE_FORMAT``; the next run with the same text reuses it.
+``BPE_FORMAT``; the next run with the same text reuses it. Processes that need it at once train it once: the others
+wait on its lock file (``tokens.building``).
 
 Given (``data.tokenizer.path``): a ``tokenizer.json``, a folder holding one, or a Hugging Face tokenizer folder
 without one (loaded offline through ``transformers.AutoTokenizer``; its fast backend is what is used).
@@ -23,7 +24,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from fp8train.config import TokenizerConfig, first_line, resolve_path
-from fp8train.data.tokens import discard_damaged, publishing, text_pieces
+from fp8train.data.tokens import building, discard_damaged, publishing, text_pieces
 from fp8train.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -52,31 +53,40 @@ def build_tokenizer(
     key = hashlib.sha256(f"{BPE_FORMAT}|vocab_size={cfg.vocab_size}|{train_sha256}".encode()).hexdigest()[:16]
     final = cache_dir / f"tokenizer-{key}"
     file = final / "tokenizer.json"
-    if file.is_file():
+    tokenizer = None
+    if not file.is_file():
+        if not may_train:
+            return None
+        with building(final):
+            if not file.is_file():  # else another process trained it while this one waited
+                tokenizer = _train_into(final, cfg.vocab_size, train_texts)
+    if tokenizer is None:
         log.info("tokenizer cache hit: %s", file)
         fix = f"Delete {final} (it is trained again on the next run), or set data.cache_dir to another folder."
-        tokenizer = _read_tokenizer_file(file, f"data.cache_dir={cache_dir}", fix)
-    elif not may_train:
-        return None
-    else:
-        if final.is_dir():  # a partial copy of the cache, or a clean-up that deleted files: publishing would keep it
-            log.warning("the tokenizer cache %s has no tokenizer.json: it is trained again", final)
-            discard_damaged(final, "no tokenizer.json", "tokenizer cache")
-        n_chars = sum(map(len, train_texts))
-        log.info("training a byte-level BPE tokenizer (vocab %d) on %s characters", cfg.vocab_size, f"{n_chars:,}")
-        t0 = time.perf_counter()
-        tokenizer = train_bpe(train_texts, cfg.vocab_size)
-        with publishing(final) as tmp:
-            tokenizer.save(str(tmp / "tokenizer.json"))
-        log.info("tokenizer trained in %.1f s: %s", time.perf_counter() - t0, file)
-        if tokenizer.get_vocab_size() < cfg.vocab_size:
-            log.warning(
-                "the training text only supports %d of data.tokenizer.vocab_size=%d tokens (too few distinct "
-                "words to merge); the model's vocabulary follows the tokenizer",
-                tokenizer.get_vocab_size(),
-                cfg.vocab_size,
-            )
+        tokenizer = read_tokenizer_file(file, f"data.cache_dir={cache_dir}", fix)
     return LoadedTokenizer(tokenizer, file, find_eos_id(tokenizer, None, "data.tokenizer.path=null"))
+
+
+def _train_into(final: Path, vocab_size: int, train_texts: Sequence[str]) -> Tokenizer:
+    """Train the BPE and publish it as ``final/tokenizer.json``."""
+    if final.is_dir():  # a partial copy of the cache, or a clean-up that deleted files: publishing would keep it
+        log.warning("the tokenizer cache %s has no tokenizer.json: it is trained again", final)
+        discard_damaged(final, "no tokenizer.json", "tokenizer cache")
+    n_chars = sum(map(len, train_texts))
+    log.info("training a byte-level BPE tokenizer (vocab %d) on %s characters", vocab_size, f"{n_chars:,}")
+    t0 = time.perf_counter()
+    tokenizer = train_bpe(train_texts, vocab_size)
+    with publishing(final) as tmp:
+        tokenizer.save(str(tmp / "tokenizer.json"))
+    log.info("tokenizer trained in %.1f s: %s", time.perf_counter() - t0, final / "tokenizer.json")
+    if tokenizer.get_vocab_size() < vocab_size:
+        log.warning(
+            "the training text only supports %d of data.tokenizer.vocab_size=%d tokens (too few distinct "
+            "words to merge); the model's vocabulary follows the tokenizer",
+            tokenizer.get_vocab_size(),
+            vocab_size,
+        )
+    return tokenizer
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
@@ -105,11 +115,11 @@ def load_tokenizer(path: str, cache_dir: Path) -> LoadedTokenizer:
             "to train a tokenizer on the data."
         )
     if resolved.is_file():
-        tokenizer = _read_tokenizer_file(resolved, key)
+        tokenizer = read_tokenizer_file(resolved, key)
         eos_hint = declared_eos(resolved.parent)
         file = resolved
     elif (resolved / "tokenizer.json").is_file():
-        tokenizer = _read_tokenizer_file(resolved / "tokenizer.json", key)
+        tokenizer = read_tokenizer_file(resolved / "tokenizer.json", key)
         eos_hint = declared_eos(resolved)
         file = resolved / "tokenizer.json"
     else:
@@ -119,10 +129,12 @@ def load_tokenizer(path: str, cache_dir: Path) -> LoadedTokenizer:
         final = cache_dir / f"tokenizer-{digest}"
         file = final / "tokenizer.json"
         if not file.is_file():
-            if final.is_dir():  # as in build_tokenizer
-                discard_damaged(final, "no tokenizer.json", "tokenizer cache")
-            with publishing(final) as tmp:
-                tokenizer.save(str(tmp / "tokenizer.json"))
+            with building(final):
+                if not file.is_file():  # else another process wrote it while this one waited
+                    if final.is_dir():  # as in _train_into
+                        discard_damaged(final, "no tokenizer.json", "tokenizer cache")
+                    with publishing(final) as tmp:
+                        tokenizer.save(str(tmp / "tokenizer.json"))
     log.info("tokenizer loaded from %s (vocab %d)", resolved, tokenizer.get_vocab_size())
     return LoadedTokenizer(tokenizer, file, find_eos_id(tokenizer, eos_hint, key))
 
@@ -149,7 +161,8 @@ def _untruncated(tokenizer: Tokenizer) -> Tokenizer:
     return tokenizer
 
 
-def _read_tokenizer_file(file: Path, key: str, fix: str | None = None) -> Tokenizer:
+def read_tokenizer_file(file: Path, key: str, fix: str | None = None) -> Tokenizer:
+    """A tokenizer.json, untruncated; DataError naming ``key`` and ``fix`` if tokenizers cannot read it."""
     fix = fix or "Point data.tokenizer.path at a tokenizer.json or a tokenizer folder, or set it to null to train one."
     try:
         return _untruncated(Tokenizer.from_file(str(file)))

@@ -12,14 +12,16 @@ The key hashes the exact train and val bytes of every source and the tokenizer, 
 tokenizer gets a new directory and an unchanged one is reused. A reused directory is checked against meta.json
 first (sizes and sha256, about 0.6 s per GiB of ids on 2 CPU cores), so bytes overwritten in place or a partial
 copy padded to the right size are tokenized again, with a warning, rather than trained on. The directory is
-written under a temporary name and renamed into place, so readers never see a half-written cache and concurrent
-builders do not collide; the temporary folder of a killed build is removed by a later build once it is
-STALE_TMP_S old.
+written under a temporary name and renamed into place, so readers never see a half-written cache; the temporary
+folder of a killed build is removed by a later build once it is STALE_TMP_S old. Processes that need the same
+missing cache at once (the ranks of a machine with its own cache_dir) take turns on a lock file beside it,
+``.<name>.lock`` (``building``): one builds, the others wait and then find it. Lock files stay, a few bytes each.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import itertools
 import json
@@ -27,6 +29,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Iterator
@@ -73,8 +76,23 @@ class TokenCache:
     path: Path
     key: str
     train: np.memmap  # (n_train_tokens,)
-    val: list[np.memmap]  # one per source, in config order
+    val: list[TokenFile]  # one per source, in config order
     meta: dict
+
+
+class TokenFile:
+    """The ids of a cache file, memory-mapped only while indexed. numpy's memmap keeps a file descriptor open, so
+    mapping the validation split of each of thousands of sources at once would pass the open-file limit (often
+    1024); evaluation reads a few windows of each, a few times per run."""
+
+    def __init__(self, path: Path, dtype: np.dtype, n_tokens: int):
+        self.path, self.dtype, self.n_tokens = path, dtype, n_tokens
+
+    def __len__(self) -> int:
+        return self.n_tokens
+
+    def __getitem__(self, index) -> np.ndarray:
+        return np.array(np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.n_tokens,))[index])
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -280,25 +298,33 @@ def build_token_cache(
     }
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
     final = cache_dir / f"tokens-{key}"
-    if final.is_dir():
-        damage = cache_damage(final)
-        if damage is None:
-            log.info("token cache hit: %s", final)
-            return open_token_cache(final, key)
-        if not may_build:  # fp8train check on a large corpus: the run tokenizes it
+    seen = folder_identities(final)
+    damage = None if seen is None else cache_damage(final)
+    if seen is not None and damage is None:
+        log.info("token cache hit: %s", final)
+        return open_token_cache(final, key)
+    if not may_build:
+        if seen is not None:  # fp8train check on a large corpus: the run tokenizes it
             log.warning(
                 "the token cache %s fails its check (%s): it is tokenized again when training starts", final, damage
             )
-            return None
-        log.warning("the token cache %s fails its check (%s): it is tokenized again", final, damage)
-        discard_damaged(final, damage)
-    elif not may_build:
         return None
-    t0 = time.perf_counter()
-    with publishing(final) as tmp:
-        meta = _write_tokens(tmp, sources, tokenizer, eos_id)
-        (tmp / "meta.json").write_text(json.dumps({**meta, "recipe": recipe}, indent=2) + "\n")
-    log.info("token cache written in %.1f s: %s", time.perf_counter() - t0, final)
+    if seen is not None:
+        log.warning("the token cache %s fails its check (%s): it is tokenized again", final, damage)
+    with building(final):
+        now = folder_identities(final)
+        if now != seen:  # another process built (or replaced) it while this one checked or waited
+            damage = None if now is None else cache_damage(final)
+            if now is not None and damage is None:
+                log.info("token cache %s was written meanwhile by another process; using that one", final)
+                return open_token_cache(final, key)
+        if now is not None:
+            discard_damaged(final, damage or "")
+        t0 = time.perf_counter()
+        with publishing(final) as tmp:
+            meta = _write_tokens(tmp, sources, tokenizer, eos_id)
+            (tmp / "meta.json").write_text(json.dumps({**meta, "recipe": recipe}, indent=2) + "\n")
+        log.info("token cache written in %.1f s: %s", time.perf_counter() - t0, final)
     return open_token_cache(final, key)
 
 
@@ -312,9 +338,15 @@ def _read_meta(path: Path) -> tuple[dict, np.dtype, dict[str, int]]:
 
 
 def cache_damage(path: Path) -> str | None:
-    """Why the cache directory ``path`` cannot be trusted (its meta.json, a file's size or sha256), or None."""
+    """Why the cache directory ``path`` cannot be trusted (its meta.json, a file's size or sha256), or None.
+
+    A file this process may not read is no damage (another user's cache, written with a private umask, in a shared
+    data.cache_dir): a DataError, rather than a rebuild that would first move that user's cache away.
+    """
     try:
         meta, dtype, counts = _read_meta(path)
+    except PermissionError as e:
+        raise _unreadable(path, e) from None
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f"no readable meta.json: {first_line(e)}"
     if not isinstance(digests := meta.get("sha256"), dict):
@@ -326,15 +358,33 @@ def cache_damage(path: Path) -> str | None:
                 return f"{name} holds {size:,} bytes, not the {count:,} tokens of meta.json"
             if file_sha256(path / name) != digests.get(name):
                 return f"{name} does not match its sha256 in meta.json"
+        except PermissionError as e:
+            raise _unreadable(path, e) from None
         except OSError as e:
             return f"{name}: {e.strerror or e}"
     return None
+
+
+def _unreadable(path: Path, e: OSError) -> DataError:
+    return DataError(
+        f"data.cache_dir={path.parent}: the token cache {path} cannot be read ({e.strerror or e}: "
+        f"{e.filename or path}). If another user wrote it, ask them to make it readable (chmod -R a+rX {path}), or "
+        "set data.cache_dir to a folder of your own."
+    )
 
 
 def file_identities(path: Path) -> dict[str, list[int]]:
     """Size, modification time (ns) and inode of each file in a cache directory: what tells another process, on a
     shared file system, that it sees the very files this one checked."""
     return {f.name: [(st := f.stat()).st_size, st.st_mtime_ns, st.st_ino] for f in sorted(path.iterdir())}
+
+
+def folder_identities(path: Path) -> dict[str, list[int]] | None:
+    """file_identities of a cache directory, None if there is none: what tells whether another process replaced it."""
+    try:
+        return file_identities(path) if path.is_dir() else None
+    except OSError as e:  # unreadable, or renamed away while listed
+        return {f"unreadable: {e.strerror}": []}
 
 
 def file_sha256(file: Path) -> str:
@@ -364,14 +414,14 @@ def discard_damaged(final: Path, damage: str, what: str = "token cache") -> None
 def open_token_cache(path: Path, key: str) -> TokenCache:
     """Memory-map a finished cache directory (check it first with cache_damage)."""
     try:
-        meta, dtype, _ = _read_meta(path)
+        meta, dtype, counts = _read_meta(path)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise DataError(
             f"data.cache_dir: the token cache {path} has no readable meta.json ({first_line(e)}). Delete {path} (it "
             "is rebuilt on the next run), or set data.cache_dir to another folder."
         ) from None
     train = np.memmap(path / "train.bin", dtype=dtype, mode="r")
-    val = [np.memmap(path / f"val_{i}.bin", dtype=dtype, mode="r") for i in range(len(meta["sources"]))]
+    val = [TokenFile(path / f"val_{i}.bin", dtype, counts[f"val_{i}.bin"]) for i in range(len(meta["sources"]))]
     return TokenCache(path=path, key=key, train=train, val=val, meta=meta)
 
 
@@ -387,9 +437,10 @@ def publishing(final: Path) -> Iterator[Path]:
         _remove_abandoned(final.parent)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
     except OSError as e:
+        file = next((p for p in (final.parent, *final.parent.parents) if p.exists() and not p.is_dir()), None)
+        why = f"{file} is a file, not a folder" if file else f"cannot create a folder there ({e.strerror or e})"
         raise DataError(
-            f"data.cache_dir={final.parent}: cannot create a folder there ({e.strerror or e}); "
-            "set data.cache_dir (or FP8TRAIN_CACHE_DIR) to a writable folder."
+            f"data.cache_dir={final.parent}: {why}; set data.cache_dir (or FP8TRAIN_CACHE_DIR) to a writable folder."
         ) from None
     try:
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is plain shared data
@@ -402,6 +453,83 @@ def publishing(final: Path) -> Iterator[Path]:
             log.info("%s was written meanwhile by another process; using that one", final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+_held: set[Path] = set()  # the lock files this process holds, so that a build inside a build of the same thing passes
+_warned_no_locks = False
+
+
+@contextlib.contextmanager
+def building(final: Path) -> Iterator[None]:
+    """Hold the lock file ``.<name>.lock`` beside ``final`` (it holds the holder's pid and host) while building it:
+    one process at a time builds a cache, whether the others run on this machine or on another one sharing the
+    folder. After the lock, check again whether ``final`` is there: the process that held it may have built it.
+    Where the file system has no locks, every process builds (``publishing`` keeps them apart), with one warning."""
+    lock = final.parent / f".{final.name}.lock"
+    if lock in _held:
+        yield
+        return
+    fd = _lock(lock, final)
+    if fd is None:
+        yield
+        return
+    _held.add(lock)
+    try:
+        yield
+    finally:
+        _held.discard(lock)
+        # The lock file stays: removing it would let a waiter lock a file no longer at that path (and on NFS
+        # leave it a stale handle), while a newcomer locks a new one.
+        os.close(fd)
+
+
+def _lock(lock: Path, final: Path) -> int | None:
+    """An open descriptor of ``lock`` holding its exclusive flock, waiting for it if need be; None where the folder
+    is not writable (building there fails with its own message) or the file system refuses locks."""
+    global _warned_no_locks
+    while True:
+        try:
+            lock.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError:
+            return None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+                log.info("waiting for %s, which builds %s (lock file %s)", holder, final, lock)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            if _same_file(fd, lock):
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+                return fd
+            os.close(fd)  # deleted meanwhile (by hand, or by a process without locks): lock the path anew
+        except OSError as e:  # ENOLCK, EOPNOTSUPP, ENOSYS: NFS without lockd, some FUSE file systems
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(lock)  # no process can hold it: leave no lock files behind
+            if not _warned_no_locks:
+                _warned_no_locks = True
+                log.warning(
+                    "data.cache_dir=%s: the file system refuses file locks (%s), so processes that need the same "
+                    "token cache or tokenizer at once each build it",
+                    lock.parent,
+                    e.strerror or e,
+                )
+            return None
+        except BaseException:  # Ctrl-C while waiting
+            os.close(fd)
+            raise
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether the open ``fd`` is still the file at ``path`` (not one removed, or removed and created again)."""
+    try:
+        st, now = os.fstat(fd), os.stat(path)
+    except FileNotFoundError:
+        return False  # any other error: as for flock, the file system's locks cannot be trusted (see _lock)
+    return (st.st_dev, st.st_ino) == (now.st_dev, now.st_ino)
 
 
 def _remove_abandoned(cache_dir: Path) -> None:

@@ -148,6 +148,15 @@ def broadcast_object(obj):
     return box[0]
 
 
+def all_gather_object(obj) -> list:
+    """Every rank's ``obj``, in rank order (``[obj]`` in a single process)."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
     """The global gradient norm before clipping (clipping only when max_norm > 0)."""
     params = [p for p in model.parameters() if p.grad is not None]

@@ -57,6 +57,11 @@ def build(cfg, seed=0, micro_batch_size=4, grad_accum_steps=2, rank=0, world_siz
     )
 
 
+def cache_entries(cache: Path) -> list[str]:
+    """What a cache folder holds, by kind (tokens, tokenizer, .tmp), leaving out the lock files of its builders."""
+    return [p.name.split("-")[0] for p in cache.iterdir() if not p.name.endswith(".lock")]
+
+
 def train_tokens(data: TokenData) -> np.ndarray:
     dtype = json.loads((data.cache_path / "meta.json").read_text())["dtype"]
     return np.fromfile(data.cache_path / "train.bin", dtype=dtype)
@@ -444,6 +449,37 @@ def test_a_folder_as_source_is_named_a_folder_with_the_way_to_list_its_files(tmp
     assert f"data.sources=[{{path: {tmp_path / 'corpus'}/a.txt}}, " in message
 
 
+def test_a_pipe_as_source_is_named_a_pipe_not_a_missing_file(tmp_path):
+    os.mkfifo(tmp_path / "fifo")  # what a shell's <(zcat corpus.gz) hands over
+    with pytest.raises(ConfigError) as err:
+        compose(["data=text", f"data.sources=[{{path: {tmp_path / 'fifo'}}}]"])
+    message = str(err.value)
+    assert f"data.sources.0.path={tmp_path / 'fifo'}: {tmp_path / 'fifo'} is not a regular file (a pipe" in message
+    assert "no such file" not in message
+
+
+def test_thousands_of_sources_do_not_hold_a_file_descriptor_each(tmp_path):
+    """A corpus split into more files than the open-file limit (often 1024): numpy's memmap keeps a descriptor
+    open per file, so mapping every validation split at once failed with 'Too many open files'. Here the limit is
+    lowered to 150 more than the test process uses and there are 200 sources."""
+    import resource
+
+    texts = [SHAKESPEARE[i * 1500 : (i + 1) * 1500] for i in range(200)]
+    cfg = data_cfg(tmp_path, texts, seq_len=8, val_fraction=0.2)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 150, hard))
+    try:
+        data = build(cfg, micro_batch_size=2, grad_accum_steps=1)
+        batches = {name: [x for x, _, _ in data.val_batches(name, 1)] for name in data.val_sources}
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    dtype = json.loads((data.cache_path / "meta.json").read_text())["dtype"]
+    for i, name in enumerate(data.val_sources):
+        val = np.fromfile(data.cache_path / f"val_{i}.bin", dtype=dtype)
+        assert data.n_val_tokens[name] == len(val)
+        assert torch.cat(batches[name]).flatten().tolist() == val[:16].tolist()  # 2 windows of 8, in order
+
+
 def test_corpus_too_short_for_seq_len(tmp_path):
     with pytest.raises(DataError, match=r"^data\.seq_len=4096: the training split holds only \d+ tokens"):
         build(data_cfg(tmp_path, [TEXT[:3000]], seq_len=4096))
@@ -467,15 +503,111 @@ def test_concurrent_builds_leave_one_complete_cache(tmp_path):
     assert [p.exitcode for p in procs] == [0, 0]
     data = build(cfg)
     cache = tmp_path / "cache"
-    assert sorted(p.name.split("-")[0] for p in cache.iterdir()) == ["tokenizer", "tokens"]
+    assert sorted(cache_entries(cache)) == ["tokenizer", "tokens"]
     assert data.cache_path.parent == cache
     assert len(train_tokens(data)) == data.n_train_tokens
 
 
+def _build_counting(cfg: DataConfig, start, slow_rebuild: bool, out: str) -> None:
+    """Build ``cfg``'s data in this process once every process has passed ``start``, recording each tokenizer
+    training and tokenization and the log. A tokenization is slowed down so that builders overlap; with
+    ``slow_rebuild``, this process pauses after its first check of an existing cache."""
+    from fp8train.data import tokenizer, tokens
+
+    built, lines = [], []
+    real_train, real_write, real_damage = tokenizer.train_bpe, tokens._write_tokens, tokens.cache_damage
+    tokenizer.train_bpe = lambda *a: built.append("train_bpe") or real_train(*a)
+    tokens._write_tokens = lambda *a: built.append("_write_tokens") or time.sleep(1) or real_write(*a)
+    checks = []
+
+    def cache_damage(*a):
+        damage = real_damage(*a)
+        if not checks and slow_rebuild:
+            time.sleep(2)  # the other process discards the damaged cache and publishes a new one meanwhile
+        checks.append(damage)
+        return damage
+
+    tokens.cache_damage = cache_damage
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logging.getLogger("fp8train").addHandler(handler)
+    logging.getLogger("fp8train").setLevel(logging.INFO)
+    start.wait()
+    data = build_data(cfg, seed=0, micro_batch_size=2, grad_accum_steps=1)
+    with open(out, "w") as f:
+        json.dump(
+            {"built": built, "cache": str(data.cache_path), "tokens": train_tokens(data).tolist(), "log": lines}, f
+        )
+
+
+def _run_builders(cfg: DataConfig, tmp_path: Path, slow: list[bool]) -> list[dict]:
+    ctx = multiprocessing.get_context("spawn")  # fork would copy the thread pools of torch and tokenizers
+    start = ctx.Barrier(len(slow))
+    outs = [tmp_path / f"builder{i}.json" for i in range(len(slow))]
+    procs = [ctx.Process(target=_build_counting, args=(cfg, start, s, str(o))) for s, o in zip(slow, outs)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0] * len(slow)
+    return [json.loads(o.read_text()) for o in outs]
+
+
+def test_concurrent_builders_train_and_tokenize_once_and_the_others_wait(tmp_path):
+    """The ranks of a machine with its own data.cache_dir all build at once: one trains the tokenizer and tokenizes
+    while the others wait for it, say so, and then open what it wrote."""
+    cfg = data_cfg(tmp_path, [TEXT])
+    results = _run_builders(cfg, tmp_path, [False, False, False])
+    built = sorted(b for r in results for b in r["built"])
+    assert built == ["_write_tokens", "train_bpe"], built
+    assert len({r["cache"] for r in results}) == 1 and len({tuple(r["tokens"]) for r in results}) == 1
+    waits = [line for r in results for line in r["log"] if line.startswith("waiting for ")]
+    assert any(f"which builds {results[0]['cache']}" in line for line in waits), waits
+    cache = tmp_path / "cache"
+    tokens_dir, tokenizer_dir = Path(results[0]["cache"]).name, next(cache.glob("tokenizer-*")).name
+    assert sorted(p.name for p in cache.iterdir()) == sorted(  # each with the lock file of its builders, no .tmp-*
+        [tokens_dir, tokenizer_dir, f".{tokens_dir}.lock", f".{tokenizer_dir}.lock"]
+    )
+
+
+def test_two_processes_finding_the_same_damaged_cache_rebuild_it_once(tmp_path):
+    """Both see the damaged cache; the first discards it and publishes a new one; the second, after its lock, finds
+    that one sound instead of discarding it in turn (which pulled the files from under the first)."""
+    cfg = data_cfg(tmp_path, [TEXT])
+    path = build(cfg).cache_path
+    (path / "meta.json").write_text("{")
+    results = _run_builders(cfg, tmp_path, [False, True])
+    assert sorted(b for r in results for b in r["built"]) == ["_write_tokens"]
+    assert [r["cache"] for r in results] == [str(path)] * 2
+    assert results[0]["tokens"] == results[1]["tokens"] == train_tokens(build(cfg)).tolist()
+    assert any("written meanwhile by another process" in line for line in results[1]["log"]), results[1]["log"]
+
+
+def test_a_file_system_without_locks_builds_as_before_with_one_warning(tmp_path, monkeypatch, caplog):
+    import fcntl
+
+    from fp8train.data import tokens
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    monkeypatch.setattr(tokens, "_warned_no_locks", False)
+    with caplog.at_level(logging.INFO, logger="fp8train"):
+        data = build(data_cfg(tmp_path, [TEXT]))
+        build(data_cfg(tmp_path / "other", [TEXT[:20_000]]))
+    warned = [r for r in caplog.records if "refuses file locks" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].levelno == logging.WARNING, caplog.text
+    assert "No locks available" in warned[0].getMessage()
+    assert np.array_equal(train_tokens(data), train_tokens(build(data_cfg(tmp_path / "again", [TEXT]))))
+    assert sorted(p.name.split("-")[0] for p in (tmp_path / "cache").iterdir()) == ["tokenizer", "tokens"]
+
+
 def _build_as_rank(rank: int, cfgs: list[tuple[list[DataConfig], bool]], init_file: str, out: str) -> None:
-    """One of two gloo ranks: build each config's data (``cfgs[i][0][rank]``) as the trainer does, recording whether
-    this rank read the sources, trained a tokenizer, wrote a token cache or hashed one, and what it got. With
-    ``cfgs[i][1]``, rank 0's files are out of rank 1's sight, as on another machine's local disk."""
+    """One of the gloo ranks (as many as configs in ``cfgs[i][0]``): build each config's data (``cfgs[i][0][rank]``)
+    as the trainer does, recording whether this rank read the sources, trained a tokenizer, wrote a token cache or
+    hashed one, and what it got. With ``cfgs[i][1]``, rank 0's files are out of the other ranks' sight, as on another
+    machine's local disk."""
     import torch.distributed as dist
 
     from fp8train import trainer
@@ -493,16 +625,23 @@ def _build_as_rank(rank: int, cfgs: list[tuple[list[DataConfig], bool]], init_fi
         return real_sha256(*a)
 
     tokens.file_sha256 = file_sha256
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    world_size = len(cfgs[0][0])
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     results = []
     real_shareable = trainer.shareable
-    for by_rank, elsewhere in cfgs:
-        record.clear()
-        trainer.shareable = lambda data, _hide=elsewhere: {
-            **real_shareable(data),
-            **({"cache_path": "/elsewhere/tokens", "tokenizer_file": "/elsewhere/tokenizer.json"} if _hide else {}),
+
+    def elsewhere(shared: dict) -> dict:  # the same names in another machine's folder
+        tokenizer_file = Path(shared["tokenizer_file"])
+        return {
+            **shared,
+            "cache_path": f"/elsewhere/{Path(shared['cache_path']).name}",
+            "tokenizer_file": f"/elsewhere/{tokenizer_file.parent.name}/{tokenizer_file.name}",
         }
-        layout = dict(seed=0, micro_batch_size=2, grad_accum_steps=1, rank=rank, world_size=2)
+
+    for by_rank, hide in cfgs:
+        record.clear()
+        trainer.shareable = lambda data, _hide=hide: (elsewhere if _hide else dict)(real_shareable(data))
+        layout = dict(seed=0, micro_batch_size=2, grad_accum_steps=1, rank=rank, world_size=world_size)
         try:
             data = trainer.build_data_rank0_first(by_rank[rank], **layout)
             results.append({"built": list(record), "batch": data.train_batch(3, 0)[0].tolist()})
@@ -513,32 +652,55 @@ def _build_as_rank(rank: int, cfgs: list[tuple[list[DataConfig], bool]], init_fi
         json.dump(results, f)
 
 
+def _run_ranks(tmp_path: Path, cfgs: list[tuple[list[DataConfig], bool]]) -> list[list[dict]]:
+    """_build_as_rank on each rank; what each rank got from each config."""
+    ctx = multiprocessing.get_context("spawn")
+    ranks = range(len(cfgs[0][0]))
+    outs = [tmp_path / f"rank{r}.json" for r in ranks]
+    procs = [ctx.Process(target=_build_as_rank, args=(r, cfgs, str(tmp_path / "init"), str(outs[r]))) for r in ranks]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0] * len(ranks)
+    return [json.loads(o.read_text()) for o in outs]
+
+
 def test_data_parallel_ranks_tokenize_once_and_fail_together(tmp_path):
     """Rank 0 reads the sources, trains the tokenizer and writes the token cache; the other ranks then open what it
     made without reading the corpus again (nor hashing a cache rank 0 has just checked), instead of every rank of a
     node doing it all at once. A data error reaches every rank, none waits forever. A rank that cannot see rank 0's
-    cache (a cache folder local to each node) builds its own, which must hold the same tokens."""
+    cache (a cache folder local to each node) builds its own, which must hold the same tokens; if it is other data,
+    that rank says so and the others stop with it."""
     shared = data_cfg(tmp_path / "ok", [TEXT])
     bad = data_cfg(tmp_path / "bad", [b""])
     per_node = [data_cfg(tmp_path / f"node{r}", [TEXT]) for r in (0, 1)]
     other_text = [data_cfg(tmp_path / f"other{r}", [TEXT[: 20_000 + r]]) for r in (0, 1)]
     cfgs = [([shared, shared], False), ([bad, bad], False), (per_node, True), (other_text, True)]
-    ctx = multiprocessing.get_context("spawn")
-    outs = [tmp_path / f"rank{r}.json" for r in range(2)]
-    procs = [ctx.Process(target=_build_as_rank, args=(r, cfgs, str(tmp_path / "init"), str(outs[r]))) for r in (0, 1)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    assert [p.exitcode for p in procs] == [0, 0]
-    (ok0, bad0, node0, other0), (ok1, bad1, node1, other1) = (json.loads(o.read_text()) for o in outs)
+    (ok0, bad0, node0, other0), (ok1, bad1, node1, other1) = _run_ranks(tmp_path, cfgs)
     assert ok0["built"] == ["read_sources", "train_bpe", "_write_tokens"] and ok1["built"] == []
     assert ok0["batch"] != ok1["batch"]  # each rank its own rows, from the same cache
     assert bad0["error"] == bad1["error"] and "is empty" in bad0["error"]
     assert node1["built"] == ["read_sources", "train_bpe", "_write_tokens"]
     assert (node0["batch"], node1["batch"]) == (ok0["batch"], ok1["batch"])
-    assert "error" not in other0
     assert other1["error"].startswith("data.sources: rank 1 sees other data than rank 0")
+    # Rank 0 stops too, rather than wait in the next collective for a rank that has left.
+    assert other0["error"] == "rank 1 could not open the data; see its message."
+
+
+def test_the_ranks_of_a_machine_without_rank_0s_files_read_the_corpus_once(tmp_path):
+    """Ranks 1 and 2 share a cache folder that rank 0's is not (another machine's local disk): one of them reads the
+    sources, trains the tokenizer and tokenizes into it; the other waits, then opens those files under the names
+    rank 0 gave (the names hash the content) without reading the corpus, as it would rank 0's own."""
+    node0, node1 = (data_cfg(tmp_path / f"node{n}", [TEXT]) for n in (0, 1))
+    results = [r[0] for r in _run_ranks(tmp_path, [([node0, node1, node1], True)])]
+    assert results[0]["built"] == ["read_sources", "train_bpe", "_write_tokens"]
+    assert sorted(r["built"] for r in results[1:]) == [["file_sha256"], ["read_sources", "train_bpe", "_write_tokens"]]
+    expected = [
+        build(node0, micro_batch_size=2, grad_accum_steps=1, rank=r, world_size=3).train_batch(3, 0)[0]
+        for r in range(3)
+    ]
+    assert [r["batch"] for r in results] == [b.tolist() for b in expected]
 
 
 def test_a_late_publisher_discards_its_copy_and_a_failed_one_leaves_nothing(tmp_path):
@@ -584,7 +746,42 @@ def test_a_damaged_token_cache_is_rebuilt_with_one_log_line(tmp_path, caplog, da
     assert len(damaged) == 1 and damaged[0].levelno == logging.WARNING, caplog.text
     assert str(path) in damaged[0].getMessage() and "tokenized again" in damaged[0].getMessage()
     assert again.cache_path == path and np.array_equal(train_tokens(again), good)
-    assert sorted(p.name.split("-")[0] for p in (tmp_path / "cache").iterdir()) == ["tokenizer", "tokens"]
+    assert sorted(cache_entries(tmp_path / "cache")) == ["tokenizer", "tokens"]
+
+
+@pytest.mark.parametrize("unreadable", ["meta", "bin"])
+def test_another_users_unreadable_token_cache_is_refused_not_discarded(tmp_path, monkeypatch, unreadable):
+    """A shared data.cache_dir holding a cache written by another user with a private umask: a permission error is
+    not damage, so the cache is neither renamed away nor rebuilt in its place; the run says whose fix it is."""
+    from fp8train.data import tokens
+
+    cfg = data_cfg(tmp_path, [TEXT])
+    path = build(cfg).cache_path
+    before = tokens.file_identities(path)
+
+    def denied(file, *args):
+        raise PermissionError(errno.EACCES, "Permission denied", str(file))
+
+    monkeypatch.setattr(tokens, "_read_meta" if unreadable == "meta" else "file_sha256", denied)
+    with pytest.raises(DataError) as e:
+        build(cfg)
+    message = str(e.value)
+    assert message.startswith(f"data.cache_dir={path.parent}: the token cache {path} cannot be read (Permission")
+    assert "chmod -R a+rX" in message and "set data.cache_dir to a folder of your own" in message
+    assert tokens.file_identities(path) == before
+
+
+def test_a_cache_dir_that_is_a_file_is_named_a_file(tmp_path):
+    (tmp_path / "notes.txt").write_text("a file")
+    for cache_dir in (tmp_path / "notes.txt", tmp_path / "notes.txt" / "cache"):
+        cfg = data_cfg(tmp_path, [TEXT])
+        cfg.cache_dir = str(cache_dir)
+        with pytest.raises(DataError) as e:
+            build(cfg)
+        assert str(e.value) == (
+            f"data.cache_dir={cache_dir}: {tmp_path / 'notes.txt'} is a file, not a folder; set data.cache_dir (or "
+            "FP8TRAIN_CACHE_DIR) to a writable folder."
+        )
 
 
 def test_a_damaged_token_cache_that_cannot_be_replaced_is_refused_by_name(tmp_path, monkeypatch):
@@ -691,7 +888,7 @@ def test_ctrl_c_while_tokenizing_ends_with_a_message_and_leaves_no_cache(tmp_pat
     assert status == 130
     err = capsys.readouterr().err
     assert err.startswith("fp8train: interrupted (Ctrl-C)") and err.count("\n") == 1, err
-    assert [p.name.split("-")[0] for p in cache.iterdir()] == ["tokenizer"]  # no tokens-*, no .tmp-*
+    assert cache_entries(cache) == ["tokenizer"]  # no tokens-*, no .tmp-*
     monkeypatch.setattr(tokens, "encode_chunks", real_encode)
     assert np.array_equal(train_tokens(build(cfg)), train_tokens(build(data_cfg(tmp_path / "again", [TEXT]))))
 
