@@ -210,7 +210,7 @@ class AdamWFp8(torch.optim.Optimizer):
         if fp8 is None:
             fp8 = p.ndim >= 2 and p.numel() >= group["min_numel"]
         if fp8:
-            block = group["block_size"] or p.numel()
+            block = group["block_size"] or max(p.numel(), 1)  # an empty tensor: no block of 0
             n_blocks = math.ceil(p.numel() / block)
             for name, fmt in (("exp_avg", group["m_format"]), ("exp_avg_sq", group["v_format"])):
                 state[f"{name}_fp8"] = torch.zeros(n_blocks, block, dtype=fp8_dtype(fmt), device=p.device)

@@ -425,3 +425,13 @@ def test_a_weight_whose_gradient_stops_comes_to_rest_as_in_adamw():
     moved8 = (p8.detach().double() - at_stop8)[stopped].abs().mean()
     moved64 = (p64.detach() - at_stop64)[stopped].abs().mean()
     assert 0.8 * moved64 <= moved8 <= 1.05 * moved64, (moved8 / LR, moved64 / LR)
+
+
+@pytest.mark.parametrize("block_size", [128, None])
+def test_an_empty_tensor_with_fp8_moments_steps_as_in_adamw(block_size):
+    """A param group that asks for FP8 moments (ZeRO's flat partitions) may hold an empty tensor: one block of 0."""
+    empty, w = nn.Parameter(torch.zeros(0, 64)), nn.Parameter(torch.randn(64, 128))
+    opt = AdamWFp8([{"params": [empty, w], "fp8_moments": True}], lr=LR, block_size=block_size)
+    empty.grad, w.grad = torch.zeros(0, 64), torch.randn(64, 128)
+    opt.step()
+    assert opt.state[empty]["exp_avg_fp8"].numel() == 0 and torch.isfinite(w).all()
