@@ -21,7 +21,9 @@ amax * 2^-17 / 57344 ~ 1.3e-10 * amax. A gradient entry 1000x below its block's 
 E4M3 would flush it to zero, E5M2 keeps it. m is linear in the gradient and signed, so E4M3's extra mantissa
 bit is worth more there than range. Even E5M2 flushes v of entries more than ~1e5x below their block's largest
 gradient, where E4M3 still keeps m: such an m is dropped with its v (``_adamw_fp8_update``), or a later zero
-gradient would divide it by eps alone.
+gradient would divide it by eps alone. Where the gradient is zero, m is stored one code closer to zero whenever
+rounding to nearest would not shrink it: beta1 * m rounds back to m near the bottom of the grid, and the weight would
+go on moving by m / sqrt(v) every step, where torch's AdamW comes to rest.
 
 Tensors under ``min_numel`` elements and 1-D tensors (norms, biases) keep fp32 m and v: they are a negligible
 share of the memory and the most sensitive to noise. A param group may decide for all its tensors with
@@ -208,7 +210,7 @@ class AdamWFp8(torch.optim.Optimizer):
         if fp8 is None:
             fp8 = p.ndim >= 2 and p.numel() >= group["min_numel"]
         if fp8:
-            block = group["block_size"] or p.numel()
+            block = group["block_size"] or max(p.numel(), 1)  # an empty tensor: no block of 0
             n_blocks = math.ceil(p.numel() / block)
             for name, fmt in (("exp_avg", group["m_format"]), ("exp_avg_sq", group["v_format"])):
                 state[f"{name}_fp8"] = torch.zeros(n_blocks, block, dtype=fp8_dtype(fmt), device=p.device)
@@ -264,7 +266,8 @@ def _adamw_fp8_update(
     if n_blocks * block != numel:
         grad_NB = F.pad(grad_NB, (0, n_blocks * block - numel))  # zero padding keeps padded m, v at zero
     grad_NB = grad_NB.view(n_blocks, block)
-    m_NB = dequantize(m_codes, m_scale).lerp(grad_NB, one_minus_beta1)
+    m_old = dequantize(m_codes, m_scale)
+    m_NB = m_old.lerp(grad_NB, one_minus_beta1)
     v_NB = dequantize(v_codes, v_scale).lerp(grad_NB * grad_NB, one_minus_beta2)
 
     # The parameter sees the fresh fp32 moments; only what is carried to the next step is rounded to FP8.
@@ -280,13 +283,34 @@ def _adamw_fp8_update(
     # down to ~1.3e-10 of its block's, 1.2e-5 in gradient units. An m kept over a zero v would, at a step whose
     # gradient is zero (a rare token's embedding row), be divided by eps alone: an update of ~m/eps, hundreds of
     # times lr. Dropped together, the element's moments restart from zero, as at its first step.
-    _requantize(m_NB.masked_fill(v_flushed, 0.0), m_codes, m_scale, m_format, profile)
+    # Where the gradient is 0, m must shrink as beta1 * m does: rounded to nearest it stops at 1 to 4 subnormal steps
+    # above zero (beta1 * m rounds back to m), and the weight would move by m / sqrt(v) every step for good.
+    _requantize(
+        m_NB.masked_fill(v_flushed, 0.0), m_codes, m_scale, m_format, profile, (grad_NB == 0) & (m_old != 0), m_old
+    )
 
 
-def _requantize(moment_NB: Tensor, codes: Tensor, scale: Tensor, fmt: str, profile: str) -> Tensor:
-    """Store an fp32 moment in FP8 with a fresh scale per block (its amax: nothing saturates); returns the codes."""
+def _requantize(
+    moment_NB: Tensor,
+    codes: Tensor,
+    scale: Tensor,
+    fmt: str,
+    profile: str,
+    shrink: Tensor | None = None,
+    prev: Tensor | None = None,
+) -> Tensor:
+    """Store an fp32 moment in FP8 with a fresh scale per block (its amax: nothing saturates); returns the codes.
+
+    Where ``shrink`` holds, a value that rounding to nearest left at or above ``prev`` in magnitude is stored one
+    code closer to zero: a decaying moment then reaches zero instead of stalling on the FP8 grid."""
     new_scale = scale_from_amax(moment_NB.abs().amax(dim=1, keepdim=True), fmt, profile)  # amax 0 -> scale 1
-    codes.copy_(quantize(moment_NB, fmt, new_scale, profile))
+    q = quantize(moment_NB, fmt, new_scale, profile)
+    if shrink is not None:
+        # FP8 codes are sign-magnitude, so code - 1 is the next value toward zero (|q| >= |prev| > 0: q is not 0)
+        stalled = shrink & (dequantize(q, new_scale).abs() >= prev.abs())
+        bits = q.view(torch.uint8)
+        q = torch.where(stalled, bits - 1, bits).view(q.dtype)
+    codes.copy_(q)
     scale.copy_(new_scale)
     return codes
 

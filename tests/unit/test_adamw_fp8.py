@@ -395,3 +395,44 @@ def test_a_gradient_whose_square_overflows_fp32_leaves_every_weight_finite():
             assert torch.isfinite(p).all(), step
     for p, r in ((big, ref_big), (vec, ref_vec)):  # no weight moves more than Adam's ~lr per step
         assert (p.detach() - r.detach()).abs().max() <= 8 * LR
+
+
+def test_a_weight_whose_gradient_stops_comes_to_rest_as_in_adamw():
+    """An element whose gradient becomes exactly zero (the row of a token no later batch holds) keeps moving by
+    m / sqrt(v) while m decays as beta1^k: in torch's AdamW it comes to rest. Rounded to nearest, a stored FP8 m
+    stops decaying once beta1 * m rounds back to m (1 to 4 subnormal steps above zero in E4M3), and v likewise;
+    while the rest of its block keeps the scales in place, the weight would then go on moving by ~0.2 lr per step
+    in the direction of its last gradient, for good."""
+    gen = torch.Generator().manual_seed(0)
+    p8, p64 = nn.Parameter(torch.zeros(64, 128)), nn.Parameter(torch.zeros(64, 128, dtype=torch.float64))
+    opt8 = AdamWFp8([p8], lr=LR, betas=BETAS)
+    opt64 = torch.optim.AdamW([p64], lr=LR, betas=BETAS, weight_decay=0.0)
+    stopped = torch.zeros(64, 128, dtype=torch.bool)
+    stopped[:, 1::2] = True  # every block holds elements that stop and elements that go on
+    for step in range(1, 601):
+        g = 0.1 * torch.randn(64, 128, generator=gen) + 0.05
+        if step > 100:
+            g[stopped] = 0.0
+        before = p8.detach().clone()
+        for p, opt in ((p8, opt8), (p64, opt64)):
+            p.grad = g.to(p.dtype)
+            opt.step()
+        if step == 100:
+            at_stop8, at_stop64 = p8.detach().double().clone(), p64.detach().clone()
+    assert torch.equal(p8.detach()[stopped], before[stopped])  # at rest (float64: steps of ~1e-11 lr)
+    assert not torch.equal(p8.detach()[~stopped], before[~stopped])
+    # after the stop: float64 coasts 5.4 lr on average, the FP8 moments 4.9 lr (rounded to nearest: 6.8 lr by step 600
+    # and 0.03 lr more each step, rising)
+    moved8 = (p8.detach().double() - at_stop8)[stopped].abs().mean()
+    moved64 = (p64.detach() - at_stop64)[stopped].abs().mean()
+    assert 0.8 * moved64 <= moved8 <= 1.05 * moved64, (moved8 / LR, moved64 / LR)
+
+
+@pytest.mark.parametrize("block_size", [128, None])
+def test_an_empty_tensor_with_fp8_moments_steps_as_in_adamw(block_size):
+    """A param group that asks for FP8 moments (ZeRO's flat partitions) may hold an empty tensor: one block of 0."""
+    empty, w = nn.Parameter(torch.zeros(0, 64)), nn.Parameter(torch.randn(64, 128))
+    opt = AdamWFp8([{"params": [empty, w], "fp8_moments": True}], lr=LR, block_size=block_size)
+    empty.grad, w.grad = torch.zeros(0, 64), torch.randn(64, 128)
+    opt.step()
+    assert opt.state[empty]["exp_avg_fp8"].numel() == 0 and torch.isfinite(w).all()
