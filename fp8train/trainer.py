@@ -413,9 +413,9 @@ class Trainer:
             cfg.trainer.max_steps,
             f", resuming after step {self.step}" if self.step else "",
         )
-        warning = optim.warmup_warning(cfg.optim, cfg.trainer.max_steps)
-        if warning and self.engine.is_main:
-            log.warning(warning)
+        for warning in (optim.warmup_warning(cfg.optim, cfg.trainer.max_steps), optim.fp8_moments_warning(cfg.optim)):
+            if warning and self.engine.is_main:
+                log.warning(warning)
 
     def log_end(self, last: dict) -> None:
         parts = [f"{k} {last[k]:.4f}" for k in ("loss", "val_loss") if k in last]

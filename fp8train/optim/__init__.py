@@ -111,6 +111,25 @@ def warmup_warning(cfg: OptimConfig, max_steps: int) -> str | None:
     )
 
 
+# E5M2 has 2 mantissa bits: an entry of v moves to the next value only when the step's change exceeds half its
+# spacing (7-12% of v). With beta2 = 0.95 a step changes v by up to 5% of (g^2 - v) and the stored v tracks its
+# moving average; with a slower average most steps round back to the old value, and v lags a change of the
+# gradient's scale (tests/unit/test_adamw_fp8.py measures it).
+FP8_V_MAX_BETA2 = 0.95
+
+
+def fp8_moments_warning(cfg: OptimConfig) -> str | None:
+    """Why FP8 second moments suit this optim.betas poorly, or None."""
+    if cfg.name != OptimName.adamw_fp8 or cfg.betas[1] <= FP8_V_MAX_BETA2:
+        return None
+    return (
+        f"optim.betas[1]={cfg.betas[1]} with optim=adamw_fp8: its E5M2 second moments follow a moving average this "
+        f"slow only coarsely (most steps round back to the stored value), so they lag changes of the gradient's "
+        f"scale. Use optim.betas=[{cfg.betas[0]},{FP8_V_MAX_BETA2}] (the paper's and fp8train's default), or "
+        "optim=adamw for fp32 moments."
+    )
+
+
 def build_schedule(cfg: OptimConfig, optimizer: torch.optim.Optimizer, max_steps: int):
     """Linear warmup, then cosine to min_lr (or constant); its state is the step count, saved in checkpoints."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg, max_steps))

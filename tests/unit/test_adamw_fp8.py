@@ -436,3 +436,33 @@ def test_an_empty_tensor_with_fp8_moments_steps_as_in_adamw(block_size):
     empty.grad, w.grad = torch.zeros(0, 64), torch.randn(64, 128)
     opt.step()
     assert opt.state[empty]["exp_avg_fp8"].numel() == 0 and torch.isfinite(w).all()
+
+
+def stored_v_over_exact(beta2: float) -> torch.Tensor:
+    """The stored v over float64's moving average, per element, after the gradient's scale fell 3x 300 steps ago."""
+    from fp8train.fp8 import dequantize
+
+    gen = torch.Generator().manual_seed(0)
+    p = nn.Parameter(torch.zeros(64, 128))
+    opt = AdamWFp8([{"params": [p], "fp8_moments": True}], lr=1e-3, betas=(0.9, beta2), block_size=128, min_numel=0)
+    exact = torch.zeros(64, 128, dtype=torch.float64)
+    for step in range(600):
+        p.grad = torch.randn(64, 128, generator=gen) * (1.0 if step < 300 else 1 / 3)
+        opt.step()
+        exact = beta2 * exact + (1 - beta2) * p.grad.double() ** 2
+    state = opt.state[p]
+    return dequantize(state["exp_avg_sq_fp8"], state["exp_avg_sq_scale"]).double().view(64, 128) / exact
+
+
+def test_e5m2_v_follows_beta2_095_and_lags_a_slower_average_as_the_warning_says():
+    """Why optim=adamw_fp8 warns above betas[1] = 0.95: with 2 mantissa bits, a slower average's steps mostly round
+    back to the stored value, and v stays behind a fall of the gradient's scale."""
+    from fp8train import optim
+    from fp8train.config import OptimConfig, OptimName
+
+    assert stored_v_over_exact(0.95).median() == pytest.approx(1.0, abs=0.1)
+    assert stored_v_over_exact(0.99).median() > 1.3
+    warn = optim.fp8_moments_warning(OptimConfig(name=OptimName.adamw_fp8, betas=[0.9, 0.99]))
+    assert warn.startswith("optim.betas[1]=0.99 with optim=adamw_fp8") and "optim.betas=[0.9,0.95]" in warn
+    assert optim.fp8_moments_warning(OptimConfig(name=OptimName.adamw_fp8, betas=[0.9, 0.95])) is None
+    assert optim.fp8_moments_warning(OptimConfig(name=OptimName.adamw, betas=[0.9, 0.999])) is None
