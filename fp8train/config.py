@@ -17,12 +17,15 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from fp8train.errors import ConfigError
+
+if TYPE_CHECKING:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = PROJECT_ROOT / "conf"
@@ -672,16 +675,26 @@ def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "con
     return cfg
 
 
+def override_parser() -> OverridesParser:
+    """Hydra's override parser, able to enumerate a glob(...) sweep over the options of a group in conf/."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return OverridesParser.create(ConfigLoaderImpl(config_search_path=create_config_search_path(str(CONF_DIR))))
+
+
 def override_problems(overrides: list[str] | tuple[str, ...]) -> tuple[list[str], list[str]]:
     """Problems Hydra would stop at one by one (a malformed override, an unknown group option or key), and the
     overrides without them."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ValueType
 
-    parser = OverridesParser.create()
+    parser = override_parser()
     problems, usable = [], []
     for arg in (a for a in overrides if not a.startswith("-")):
         try:
-            o = parser.parse_override(arg)
+            o = parser.parse_override(arg)  # parse_overrides would rewrite the message below
+            o.config_loader = parser.config_loader  # as parse_overrides sets it, for a glob(...) sweep
         except Exception as e:  # Hydra's parse errors say what is wrong, not in which override
             problems.append(
                 f"{arg}: not an override Hydra can parse ({first_line(e)}); write KEY=VALUE, with lists and dicts "
@@ -689,6 +702,19 @@ def override_problems(overrides: list[str] | tuple[str, ...]) -> tuple[list[str]
             )
             continue
         key = o.key_or_group
+        # Hydra's messages for these end before the fix ("Ambiguous value for argument ...", "Multiple values for
+        # model ..."). A sweep reaches composing only in a single run: a multirun is composed job by job.
+        if o.value_type == ValueType.SIMPLE_CHOICE_SWEEP:
+            what = "options" if key in GROUPS else "values"
+            listed = "" if key in GROUPS else f"; a list is written in brackets: {key}=[{arg.split('=', 1)[1]}]"
+            problems.append(f"{arg}: several {what} are a sweep, one job each: add -m (--multirun){listed}")
+            continue
+        if key in GROUPS and (o.is_add() or o.is_force_add()):
+            problems.append(
+                f"{arg}: {key} is in conf/config.yaml's defaults already; choose it without +: "
+                f"{key}={arg.split('=', 1)[1]}"
+            )
+            continue
         if key in GROUPS and not o.package:
             options = sorted(p.stem for p in (CONF_DIR / key).glob("*.yaml"))
             choices = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]

@@ -75,6 +75,12 @@ def problems(overrides: list[str]) -> list[str]:
         ("backend=tpu", "backend=tpu: unknown option; choose one of auto, cpu, cuda, hpu"),
         ("model=null", "model=null: a config group takes one of its options, not null; choose one of llama2_7b,"),
         ("variant=null", "variant=null: a config group takes one of its options, not null; choose one of bf16,"),
+        # Hydra's own messages for these stop at "Ambiguous value ..." or "... appears more than once": no fix named
+        ("model=tiny,llama_1b", "model=tiny,llama_1b: several options are a sweep, one job each: add -m (--multirun)"),
+        ("optim.betas=0.9,0.95", "optim.betas=0.9,0.95: several values are a sweep, one job each: add -m"),
+        ("+model=llama_1b", "+model=llama_1b: model is in conf/config.yaml's defaults already; choose it without +"),
+        ("+variant=bf16", "+variant=bf16: variant is in conf/config.yaml's defaults already; choose it without +"),
+        ("++debug=smoke", "++debug=smoke: debug is in conf/config.yaml's defaults already; choose it without +"),
     ],
 )
 def test_each_bad_value_is_named_in_override_syntax(override, expected):
