@@ -632,6 +632,7 @@ def to_typed(raw: DictConfig | dict) -> Config:
         raise ConfigError([f"cannot resolve an interpolation: {first_line(e)}"]) from None
     schema = OmegaConf.structured(Config)
     problems: list[str] = []
+    refused: list[str] = []  # settings whose value was refused: they stand at the schema's default below
     for path, value in _leaves(plain, whole=lambda path: typing.get_origin(_hint_at(Config, path)) is dict):
         hint = _hint_at(Config, path)
         if hint is _UNKNOWN:
@@ -642,11 +643,14 @@ def to_typed(raw: DictConfig | dict) -> Config:
             except OmegaConfBaseException as e:
                 detail = f" ({first_line(e)})" if isinstance(value, list) else ""
                 problems.append(f"{path}={format_value(value)}: {_expected(hint)}{detail}")
+                refused.append(path)
     # Values of the wrong type kept their defaults above, so the value checks below still run on the rest.
     try:
         cfg = OmegaConf.to_object(schema)  # runs Config.__post_init__, which checks every value
     except ConfigError as e:
-        problems += e.problems
+        # A check that reads a refused setting reads the schema's default, which neither the user nor conf/ chose
+        # (precision.recipe=bf16 under precision=fp8_smooth): its complaint would name a value nobody set.
+        problems += [q for q in e.problems if not any(f"{r}=" in q for r in refused)]
     if problems:
         raise ConfigError(problems)
     return cfg
@@ -721,7 +725,8 @@ def override_problems(overrides: list[str] | tuple[str, ...]) -> tuple[list[str]
             bad = [c for c in choices if c not in options] if not o.is_delete() else []
             problems += [_group_choice_problem(key, c, options) for c in bad]
         elif not key.startswith("hydra") and not o.is_add() and _hint_at(Config, key) is _UNKNOWN:
-            problems.append(_unknown_key(key))
+            free = next((k for k in _prefixes(key) if typing.get_origin(_hint_at(Config, k)) is dict), None)
+            problems.append(f"{key}: a new entry of {free} is added with a +: +{arg}" if free else _unknown_key(key))
             bad = [key]
         else:
             bad = []
@@ -817,6 +822,12 @@ def _hint_at(cls: type, path: str) -> Any:
             return _UNKNOWN
         hint = hints[part]
     return hint
+
+
+def _prefixes(path: str) -> list[str]:
+    """The settings a dotted path lies in, outermost first: a.b.c -> [a, a.b]."""
+    parts = path.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]
 
 
 def _known_keys(cls: type, path: str) -> list[str]:
