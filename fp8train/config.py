@@ -17,12 +17,15 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from fp8train.errors import ConfigError
+
+if TYPE_CHECKING:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = PROJECT_ROOT / "conf"
@@ -635,6 +638,7 @@ def to_typed(raw: DictConfig | dict) -> Config:
         raise ConfigError([f"cannot resolve an interpolation: {first_line(e)}"]) from None
     schema = OmegaConf.structured(Config)
     problems: list[str] = []
+    refused: list[str] = []  # settings whose value was refused: they stand at the schema's default below
     for path, value in _leaves(plain, whole=lambda path: typing.get_origin(_hint_at(Config, path)) is dict):
         hint = _hint_at(Config, path)
         if hint is _UNKNOWN:
@@ -645,11 +649,14 @@ def to_typed(raw: DictConfig | dict) -> Config:
             except OmegaConfBaseException as e:
                 detail = f" ({first_line(e)})" if isinstance(value, list) else ""
                 problems.append(f"{path}={format_value(value)}: {_expected(hint)}{detail}")
+                refused.append(path)
     # Values of the wrong type kept their defaults above, so the value checks below still run on the rest.
     try:
         cfg = OmegaConf.to_object(schema)  # runs Config.__post_init__, which checks every value
     except ConfigError as e:
-        problems += e.problems
+        # A check that reads a refused setting reads the schema's default, which neither the user nor conf/ chose
+        # (precision.recipe=bf16 under precision=fp8_smooth): its complaint would name a value nobody set.
+        problems += [q for q in e.problems if not any(f"{r}=" in q for r in refused)]
     if problems:
         raise ConfigError(problems)
     return cfg
@@ -678,16 +685,26 @@ def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "con
     return cfg
 
 
+def override_parser() -> OverridesParser:
+    """Hydra's override parser, able to enumerate a glob(...) sweep over the options of a group in conf/."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return OverridesParser.create(ConfigLoaderImpl(config_search_path=create_config_search_path(str(CONF_DIR))))
+
+
 def override_problems(overrides: list[str] | tuple[str, ...]) -> tuple[list[str], list[str]]:
     """Problems Hydra would stop at one by one (a malformed override, an unknown group option or key), and the
     overrides without them."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ValueType
 
-    parser = OverridesParser.create()
+    parser = override_parser()
     problems, usable = [], []
     for arg in (a for a in overrides if not a.startswith("-")):
         try:
-            o = parser.parse_override(arg)
+            o = parser.parse_override(arg)  # parse_overrides would rewrite the message below
+            o.config_loader = parser.config_loader  # as parse_overrides sets it, for a glob(...) sweep
         except Exception as e:  # Hydra's parse errors say what is wrong, not in which override
             problems.append(
                 f"{arg}: not an override Hydra can parse ({first_line(e)}); write KEY=VALUE, with lists and dicts "
@@ -695,13 +712,27 @@ def override_problems(overrides: list[str] | tuple[str, ...]) -> tuple[list[str]
             )
             continue
         key = o.key_or_group
+        # Hydra's messages for these end before the fix ("Ambiguous value for argument ...", "Multiple values for
+        # model ..."). A sweep reaches composing only in a single run: a multirun is composed job by job.
+        if o.value_type == ValueType.SIMPLE_CHOICE_SWEEP:
+            what = "options" if key in GROUPS else "values"
+            listed = "" if key in GROUPS else f"; a list is written in brackets: {key}=[{arg.split('=', 1)[1]}]"
+            problems.append(f"{arg}: several {what} are a sweep, one job each: add -m (--multirun){listed}")
+            continue
+        if key in GROUPS and (o.is_add() or o.is_force_add()):
+            problems.append(
+                f"{arg}: {key} is in conf/config.yaml's defaults already; choose it without +: "
+                f"{key}={arg.split('=', 1)[1]}"
+            )
+            continue
         if key in GROUPS and not o.package:
             options = sorted(p.stem for p in (CONF_DIR / key).glob("*.yaml"))
             choices = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
             bad = [c for c in choices if c not in options] if not o.is_delete() else []
             problems += [_group_choice_problem(key, c, options) for c in bad]
         elif not key.startswith("hydra") and not o.is_add() and _hint_at(Config, key) is _UNKNOWN:
-            problems.append(_unknown_key(key))
+            free = next((k for k in _prefixes(key) if typing.get_origin(_hint_at(Config, k)) is dict), None)
+            problems.append(f"{key}: a new entry of {free} is added with a +: +{arg}" if free else _unknown_key(key))
             bad = [key]
         else:
             bad = []
@@ -797,6 +828,12 @@ def _hint_at(cls: type, path: str) -> Any:
             return _UNKNOWN
         hint = hints[part]
     return hint
+
+
+def _prefixes(path: str) -> list[str]:
+    """The settings a dotted path lies in, outermost first: a.b.c -> [a, a.b]."""
+    parts = path.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]
 
 
 def _known_keys(cls: type, path: str) -> list[str]:

@@ -11,7 +11,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from fp8train.config import CONF_DIR, compose, override_problems, register_schema, to_typed
+from fp8train.config import CONF_DIR, compose, override_parser, override_problems, register_schema, to_typed
 from fp8train.errors import ConfigError, Fp8trainError
 
 register_schema()
@@ -112,7 +112,7 @@ def preflight(argv: list[str]) -> None:
         problems += run_dir_problems(argv, "hydra.sweep.dir")
     for job in jobs or [overrides]:
         try:
-            cfg = compose([a for a in job if not a.startswith(("hydra.", "hydra/", "~hydra", "+hydra"))])
+            cfg = compose(job)  # hydra.* overrides too: a mistyped one is then a message, not Hydra's error
         except ConfigError as e:
             problems += [p for p in e.problems if p not in problems]
         except Fp8trainError as e:
@@ -135,15 +135,14 @@ def sweep_jobs(overrides: list[str], multirun: bool) -> tuple[list[list[str]] | 
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.override_parser.types import ValueType
     from omegaconf import OmegaConf
 
-    parser = OverridesParser.create()
+    parser = override_parser()
     parsed, unparsed, intervals = [], [], []
     for arg in overrides:
         try:
-            o = parser.parse_override(arg)
+            (o,) = parser.parse_overrides([arg])  # which sets the config loader a glob(...) sweep needs
         except Exception:
             unparsed.append(arg)
             continue

@@ -252,3 +252,25 @@ def test_an_interval_sweep_is_named_not_a_traceback(capsys):
     assert preflight_status([*SMALL, "-m", "optim.lr=interval(0.1,0.2)", "trainer.max_steps=-1,2"]) == 2
     err = capsys.readouterr().err
     assert "Invalid configuration (2 problems)" in err and "trainer.max_steps=-1" in err, err
+
+
+def test_a_glob_sweep_over_a_group_runs_its_checks_not_a_traceback(tmp_path, capsys):
+    # glob(...) is Hydra's sweep over a group's options; enumerating it needs the config folder, which the checks
+    # before Hydra starts lacked (HydraException: ConfigLoader is not set).
+    sweep = f"hydra.sweep.dir={tmp_path / 'sweep'}"
+    assert preflight_status([*SMALL, "-m", "precision=glob(fp8_smooth*,exclude=*gaudi2)", sweep]) == 0
+    assert preflight_status([*SMALL, "-m", "precision=glob(fp8*)", "precision.margin=14", sweep]) == 2
+    err = capsys.readouterr().err  # the one job whose profile allows only 13 is named
+    assert "precision.margin=14: must be <= 13 for precision.profile=gaudi2" in err and "Traceback" not in err
+    assert preflight_status([*SMALL, "precision=glob(*)"]) == 2
+    err = capsys.readouterr().err
+    assert "precision=glob(*)" in err and "--multirun" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("override", ["hydra.run.dirr=/tmp/x", "hydra/launcher=nosuch", "hydra.jobb.chdir=true"])
+def test_a_mistyped_hydra_setting_is_a_message_and_status_2(capsys, override):
+    # Hydra itself would print its error with a hint to set HYDRA_FULL_ERROR and exit 1.
+    assert preflight_status([*SMALL, override]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fp8train: Invalid configuration (1 problem)") and override.split("=")[0] in err
+    assert preflight_status([*SMALL, "hydra.job.chdir=false", "hydra.verbose=true"]) == 0

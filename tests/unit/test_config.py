@@ -75,6 +75,23 @@ def problems(overrides: list[str]) -> list[str]:
         ("backend=tpu", "backend=tpu: unknown option; choose one of auto, cpu, cuda, hpu"),
         ("model=null", "model=null: a config group takes one of its options, not null; choose one of llama2_7b,"),
         ("variant=null", "variant=null: a config group takes one of its options, not null; choose one of bf16,"),
+        # Hydra's own messages for these stop at "Ambiguous value ..." or "... appears more than once": no fix named
+        ("model=tiny,llama_1b", "model=tiny,llama_1b: several options are a sweep, one job each: add -m (--multirun)"),
+        ("optim.betas=0.9,0.95", "optim.betas=0.9,0.95: several values are a sweep, one job each: add -m"),
+        ("+model=llama_1b", "+model=llama_1b: model is in conf/config.yaml's defaults already; choose it without +"),
+        ("+variant=bf16", "+variant=bf16: variant is in conf/config.yaml's defaults already; choose it without +"),
+        ("++debug=smoke", "++debug=smoke: debug is in conf/config.yaml's defaults already; choose it without +"),
+        # README: +backend.compile_options.NAME=VALUE; without the + the entry was only "unknown setting"
+        (
+            "backend.compile_options.max_autotune=true",
+            "backend.compile_options.max_autotune: a new entry of backend.compile_options is added with a +: "
+            "+backend.compile_options.max_autotune=true",
+        ),
+        (
+            "backend.compile_options.triton.cudagraphs=false",
+            "backend.compile_options.triton.cudagraphs: a new entry of backend.compile_options is added with a +: "
+            "+backend.compile_options.triton.cudagraphs=false",
+        ),
     ],
 )
 def test_each_bad_value_is_named_in_override_syntax(override, expected):
@@ -222,3 +239,15 @@ def test_a_pattern_as_source_path_says_that_each_file_is_listed(tmp_path):
     assert f"data.sources=[{{path: {tmp_path}/a.txt}}, {{path: {tmp_path}/b.txt}}]" in found
     (found,) = problems(["data=text", f"data.sources=[{{path: {tmp_path}/*.md}}]"])
     assert found.startswith(f"data.sources.0.path={tmp_path}/*.md: is a pattern (it matches no file); ")
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        # fp8_smooth's recipe is fp8; the refused value must not leave the schema's bf16 to be checked against
+        (["precision.recipe=fp16"], ["precision.recipe=fp16: must be one of bf16, fp32, fp8"]),
+        (["model.max_seq_len=64", "data.seq_len=abc"], ["data.seq_len=abc: expected an integer"]),
+    ],
+)
+def test_a_refused_value_is_named_alone_not_with_checks_of_the_default_it_leaves(overrides, expected):
+    assert problems(overrides) == expected
