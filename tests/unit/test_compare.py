@@ -284,3 +284,26 @@ def test_a_run_named_twice_is_one_row(tmp_path):
     make_run(sweep / "1_fp8", curve(8, range(1, 11), 1.01), curve(9, (5, 10)), ["precision=fp8"])
     rows = rows_of(compare([sweep, ref, sweep / "1_fp8" / ".." / "1_fp8"], tmp_path / "out"))
     assert list(rows) == ["bf16", "fp8"]
+
+
+def test_a_step_logged_twice_counts_its_last_line_whatever_its_value(tmp_path):
+    # A metrics.jsonl that holds a killed run's lines after the checkpoint and then the resumed run's for the same
+    # steps: the resumed lines win, as in `fp8train report`, even where they are non-finite (the resumed run
+    # diverged), and the replaced lines count for nothing else either (tokens/s, skipped steps).
+    ref = make_run(tmp_path / "bf16", curve(8, range(1, 11)), curve(9, (5, 10)), ["precision=bf16"])
+    run = make_run(tmp_path / "fp8", curve(8, range(1, 11)), curve(9, (5, 10)), ["precision=fp8"])
+    killed = (run / "metrics.jsonl").read_text()
+    resumed = [
+        {"step": s, "loss": "nan", "tokens": s * TOKENS_PER_STEP, "tokens_per_s": 3000.0, "bad_steps": s - 6}
+        for s in range(7, 11)
+    ]
+    resumed.append({"step": 10, "val_loss": "nan"})
+    (run / "metrics.jsonl").write_text(killed + "".join(json.dumps(r) + "\n" for r in resumed))
+    fp8 = rows_of(compare([ref, run], tmp_path / "out"))["fp8"]
+    assert fp8["final loss"] == f"{8 / math.sqrt(6):.4f} (step 6)"
+    assert fp8["final val_loss"] == f"{9 / math.sqrt(5):.4f} (step 5)"
+    assert fp8["tokens/s"] == "1,889"  # (5 x 1000 + 4 x 3000) / 9: steps 2-6, then 7-10; step 1's window left out
+    assert fp8["notes"] == "4 steps skipped (non-finite loss or gradients)"
+    # one killed run's step logged twice with finite values: the later line counts
+    (run / "metrics.jsonl").write_text(killed + json.dumps({"step": 10, "loss": 1.5, "tokens_per_s": 1000.0}) + "\n")
+    assert rows_of(compare([ref, run], tmp_path / "out2"))["fp8"]["final loss"] == "1.5000"
