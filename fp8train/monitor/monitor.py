@@ -214,7 +214,9 @@ class OutlierMonitor:
         for a in self.alerts:
             log.warning("step %d: outlier alert: %s", step, a.message)
             if logger is not None:
-                logger.alert(f"fp8train: {a.kind} in layer {a.layer}", f"step {step}: {a.message}")
+                # wandb sends one alert per title a minute: a title per tensor, so that one tensor's alert never
+                # hides another's (a gradient's, the down projection input's) of the same step or layer
+                logger.alert(f"fp8train: {a.kind} in layer {a.layer} {a.tensor}", f"step {step}: {a.message}")
         if self.file is not None:
             self.file.write({"step": step, "layers": records, "alerts": [a.to_json() for a in self.alerts]})
         if logger is not None:

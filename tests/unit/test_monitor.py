@@ -384,6 +384,40 @@ def test_a_step_that_went_non_finite_alerts_in_words(tmp_path):
     assert spike.message == f"layer 0 h amax {spike.value:.4g}, its running median 0"
 
 
+class SentAlerts:
+    """A RunLogger stand-in that keeps the wandb alerts it is asked to send."""
+
+    def __init__(self):
+        self.titles: list[str] = []
+
+    def alert(self, title: str, text: str) -> None:
+        self.titles.append(title)
+
+    def log_wandb(self, metrics: dict, step: int) -> None:
+        pass
+
+
+def test_each_alerting_tensor_has_a_wandb_alert_title_of_its_own(tmp_path):
+    # wandb sends one alert per title and wait_duration (a minute): alerts of one step on two tensors of one layer
+    # that shared a title left the second (here the down projection's input, after a gradient) unsent.
+    model = TwoLayers([planted_mlp()])
+    mon = monitor_for(model, tmp_path)
+    planted = [
+        Alert(10, 0, "mlp.down_proj.grad", "fp8_overflow", 3.0, 1e-4, "layer 0 mlp.down_proj.grad: FP8 overflow"),
+        Alert(10, 0, "mlp.down_proj.input", "fp8_overflow", 2.5, 1e-4, "layer 0 mlp.down_proj.input: FP8 overflow"),
+        Alert(10, 0, "h", "amax_spike", 9.0, 1.0, "layer 0 h amax 9"),
+        Alert(10, 127, "self_attn.q_proj.input", "fp8_overflow", 2.5, 1e-4, "layer 127 ..."),
+    ]
+    mon._check = lambda step, records: planted
+    sent = SentAlerts()
+    with mon.capture(10):
+        model(torch.randn(8, 32))
+    assert mon.collect(10, sent) == planted
+    assert len(set(sent.titles)) == len(planted)
+    assert "mlp.down_proj.input" in sent.titles[1] and "layer 0" in sent.titles[1]
+    assert all(len(t) < 64 for t in sent.titles)  # wandb's limit on a title
+
+
 def test_smooth_swiglu_down_projection_input_is_the_rescaled_h(tmp_path):
     mlp = planted_mlp()
     model = TwoLayers([SmoothSwiGLUToken(mlp)])
