@@ -262,7 +262,8 @@ def draw(data: Outliers, out: Path) -> None:
     fig, (ax_max, ax_frac) = plt.subplots(1, 2, figsize=(13, 3.6))
     heatmap(ax_max, data.field("cos_max_abs"), "max |cos(W_up[j], W_gate[j])| over neurons j", "|cos|", vmin=0, vmax=1)
     frac = [[100 * v for v in row] for row in data.field("cos_frac_above_half")]
-    heatmap(ax_frac, frac, "neurons with |cos(W_up[j], W_gate[j])| > 0.5", "% of neurons", vmin=0)
+    top_frac = max(_finite(v for row in frac for v in row), default=0.0) or 100.0  # all zero: 0 to 100%, not +-0.1
+    heatmap(ax_frac, frac, "neurons with |cos(W_up[j], W_gate[j])| > 0.5", "% of neurons", vmin=0, vmax=top_frac)
     save(fig, "alignment.png")
 
     present = {tensor_group(n) for r in data.rows for e in r["layers"] for n in e.get("fp8", {})}

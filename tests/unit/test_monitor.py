@@ -7,6 +7,7 @@ import json
 import math
 import random
 import statistics
+from pathlib import Path
 
 import pytest
 import torch
@@ -659,3 +660,32 @@ def test_report_of_one_monitored_step_says_growth_needs_two(tmp_path):
     text = report(tmp_path, tmp_path / "report")
     assert "h amax growth: one monitored step (1), nothing to compare yet" in text
     assert "x1" not in text
+
+
+def saved_figures(monkeypatch) -> dict:
+    """file name -> matplotlib Figure, for every figure saved while the dict is in use."""
+    from matplotlib.figure import Figure
+
+    figures, real = {}, Figure.savefig
+
+    def savefig(fig, path, *args, **kwargs):
+        figures[Path(path).name] = fig
+        return real(fig, path, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    return figures
+
+
+def test_report_colour_scales_start_at_zero_when_nothing_is_aligned(tmp_path, monkeypatch):
+    # Early in a run no neuron is above |cos| 0.5: the "% of neurons" colour bar ran from -0.1 to 0.1, a negative
+    # percentage, with the zeros drawn in its middle colour.
+    from fp8train.cli.report import report
+
+    rows = [{"step": s, "layers": [layer_record(0, 1.0 + s, cos_frac_above_half=0.0)], "alerts": []} for s in (1, 2)]
+    write_outliers(tmp_path, rows)
+    figures = saved_figures(monkeypatch)
+    report(tmp_path, tmp_path / "report")
+    cos_max, frac = (ax.images[0] for ax in figures["alignment.png"].axes if ax.images)
+    assert cos_max.get_clim() == (0, 1)
+    low, high = frac.get_clim()
+    assert low == 0 and high > 0
