@@ -305,12 +305,15 @@ def plot(runs: list[Run], ref: Run, path: Path) -> None:
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, run in enumerate(runs):
         style = {"label": run.label, "color": colors[i % len(colors)]}  # one colour per run in every panel
+        # A legend entry only where the run has a curve: a run with no validation point yet has none to point at.
         steps = sorted(run.train)
-        ax_train.plot(steps, [run.train[s] for s in steps], linewidth=1, **style)
+        if steps:
+            ax_train.plot(steps, [run.train[s] for s in steps], linewidth=1, **style)
         vsteps = sorted(run.val)
-        ax_val.plot(vsteps, [run.val[s] for s in vsteps], marker="o", **style)
-        if run is not ref:
-            gaps = relative_gap(ref.val, run.val)
+        if vsteps:
+            ax_val.plot(vsteps, [run.val[s] for s in vsteps], marker="o", **style)
+        gaps = relative_gap(ref.val, run.val) if run is not ref else {}
+        if gaps:
             ax_gap.plot(list(gaps), [100 * g for g in gaps.values()], marker="o", **style)
     ax_train.set(title="train loss", xlabel="step", ylabel="loss")
     ax_val.set(title="validation loss", xlabel="step", ylabel="val_loss")

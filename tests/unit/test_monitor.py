@@ -7,7 +7,6 @@ import json
 import math
 import random
 import statistics
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,7 +23,7 @@ from fp8train.monitor import OUTLIERS_FILE, Alert, DisabledMonitor, OutlierMonit
 from fp8train.monitor.alerts import SpikeRule, overflowed
 from fp8train.precision import share_input_scalers
 from fp8train.precision.smooth_swiglu import SmoothSwiGLUToken
-from tests.helpers import SMALL
+from tests.helpers import SMALL, saved_figures
 
 # ---------------------------------------------------------------------------------------------------------------
 # statistics
@@ -660,20 +659,6 @@ def test_report_of_one_monitored_step_says_growth_needs_two(tmp_path):
     text = report(tmp_path, tmp_path / "report")
     assert "h amax growth: one monitored step (1), nothing to compare yet" in text
     assert "x1" not in text
-
-
-def saved_figures(monkeypatch) -> dict:
-    """file name -> matplotlib Figure, for every figure saved while the dict is in use."""
-    from matplotlib.figure import Figure
-
-    figures, real = {}, Figure.savefig
-
-    def savefig(fig, path, *args, **kwargs):
-        figures[Path(path).name] = fig
-        return real(fig, path, *args, **kwargs)
-
-    monkeypatch.setattr(Figure, "savefig", savefig)
-    return figures
 
 
 def test_report_colour_scales_start_at_zero_when_nothing_is_aligned(tmp_path, monkeypatch):
