@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fp8train.cli import writing_into
+from fp8train.config import first_line
 from fp8train.errors import Fp8trainError
 from fp8train.loggers import from_jsonable, read_jsonl
 from fp8train.monitor.monitor import OUTLIERS_FILE
@@ -36,7 +37,14 @@ class Outliers:
     @classmethod
     def load(cls, run_dir: Path) -> Outliers:
         path = Path(run_dir) / OUTLIERS_FILE
-        rows = [from_jsonable(r) for r in read_jsonl(path) if is_record(r)]
+        try:
+            lines = read_jsonl(path)
+        except (OSError, UnicodeDecodeError) as e:
+            raise Fp8trainError(
+                f"{path} cannot be read ({first_line(e)}); report on a run directory whose outliers.jsonl train.py "
+                f"wrote."
+            ) from None
+        rows = [from_jsonable(r) for r in lines if is_record(r)]
         if not rows:
             if not path.exists():
                 what = "does not exist"

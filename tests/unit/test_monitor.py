@@ -674,3 +674,19 @@ def test_report_colour_scales_start_at_zero_when_nothing_is_aligned(tmp_path, mo
     assert cos_max.get_clim() == (0, 1)
     low, high = frac.get_clim()
     assert low == 0 and high > 0
+
+
+@pytest.mark.parametrize("damage", ["binary", "directory"])
+def test_report_on_an_unreadable_outliers_file_is_one_message(tmp_path, damage):
+    # As compare does for metrics.jsonl: a message naming the file, no traceback.
+    from fp8train.cli.report import report
+    from fp8train.errors import Fp8trainError
+
+    path = tmp_path / OUTLIERS_FILE
+    if damage == "binary":
+        path.write_bytes(b"\xff\xfe\x00garbage\n")
+    else:
+        path.mkdir()
+    with pytest.raises(Fp8trainError, match=f"{path} cannot be read"):
+        report(tmp_path, tmp_path / "report")
+    assert not (tmp_path / "report").exists()
