@@ -690,3 +690,19 @@ def test_report_on_an_unreadable_outliers_file_is_one_message(tmp_path, damage):
     with pytest.raises(Fp8trainError, match=f"{path} cannot be read"):
         report(tmp_path, tmp_path / "report")
     assert not (tmp_path / "report").exists()
+
+
+def test_report_of_a_run_without_fp8_tensors_fits_its_title(tmp_path, monkeypatch):
+    # A bf16 run's fp8_overflow.png is one panel saying so: its title was cut at both edges of the narrow figure.
+    from fp8train.cli.report import report
+
+    rows = [{"step": s, "layers": [layer_record(0, 1.0 + s, fp8={})], "alerts": []} for s in (1, 2)]
+    write_outliers(tmp_path, rows)
+    figures = saved_figures(monkeypatch)
+    assert "FP8: no FP8 tensors in this run" in report(tmp_path, tmp_path / "report")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = figures["fp8_overflow.png"]
+    title = fig.get_suptitle()
+    box = fig._suptitle.get_window_extent(FigureCanvasAgg(fig).get_renderer())  # a closed figure: draw it again
+    assert title.startswith("FP8 overflow") and 0 <= box.x0 and box.x1 <= fig.bbox.width
