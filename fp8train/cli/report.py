@@ -20,7 +20,7 @@ from fp8train.cli import writing_into
 from fp8train.config import first_line
 from fp8train.errors import Fp8trainError
 from fp8train.loggers import from_jsonable, read_jsonl
-from fp8train.monitor.monitor import OUTLIERS_FILE
+from fp8train.monitor.monitor import OUTLIERS_FILE, worst
 
 FILES = ("h_amax.png", "alignment.png", "fp8_overflow.png", "worst_layers.png", "summary.txt")
 WORST = 4  # layers drawn in worst_layers.png
@@ -105,7 +105,7 @@ def fp8_worst(stat: str, group: str):
             for name, s in entry.get("fp8", {}).items()
             if tensor_group(name) == group and isinstance(s.get(stat), (int, float))
         ]
-        return max(values) if values else None
+        return worst(values) if values else None
 
     return value
 

@@ -412,6 +412,13 @@ WANDB_KEYS = (
 )
 
 
+def worst(values) -> float:
+    """The largest of some FP8 statistics, NaN if one is NaN: a tensor that met a NaN is the worst off (as for the
+    overflow rule), whatever the order of the tensors (max() alone keeps a NaN only when it comes first)."""
+    values = list(values)
+    return math.nan if any(math.isnan(v) for v in values) else max(values)
+
+
 def wandb_metrics(records: list[dict], n_alerts: int) -> dict:
     """``outliers/layer_{i}/...`` scalars of one monitored step."""
     out: dict[str, float] = {"outliers/alerts": n_alerts}
@@ -421,7 +428,7 @@ def wandb_metrics(records: list[dict], n_alerts: int) -> dict:
         fp8 = r.get("fp8", {})
         if fp8:
             for stat in ("saturated_frac", "underflow_frac", "amax_ratio"):
-                out[f"{base}/fp8_{stat}_max"] = max(s[stat] for s in fp8.values())
+                out[f"{base}/fp8_{stat}_max"] = worst(s[stat] for s in fp8.values())
             for stat, value in fp8.get("mlp.down_proj.input", {}).items():
                 out[f"{base}/down_proj_input/{stat}"] = value
     return out

@@ -384,6 +384,26 @@ def test_a_step_that_went_non_finite_alerts_in_words(tmp_path):
     assert spike.message == f"layer 0 h amax {spike.value:.4g}, its running median 0"
 
 
+@pytest.mark.parametrize("nan_first", [True, False])
+def test_a_layers_worst_fp8_tensor_does_not_depend_on_the_order_of_its_tensors(tmp_path, nan_first):
+    # A tensor that met a NaN (a diverging step) has amax_ratio NaN: max() over the layer's tensors returned NaN or
+    # the other tensors' worst depending on which came first. Non-finite is the worst, as the overflow rule has it.
+    from fp8train.cli.report import Outliers, fp8_worst
+    from fp8train.monitor.monitor import wandb_metrics
+
+    stat = {"amax": 1.0, "scale": 1.0, "saturated_frac": 1e-3, "underflow_frac": 0.0}
+    tensors = [("self_attn.o_proj.input", math.nan), ("mlp.down_proj.input", 3.0)]
+    fp8 = {name: {**stat, "amax_ratio": ratio} for name, ratio in (tensors if nan_first else tensors[::-1])}
+    metrics = wandb_metrics([{"layer": 0, "fp8": fp8}], 0)
+    assert math.isnan(metrics["outliers/layer_0/fp8_amax_ratio_max"])
+    assert metrics["outliers/layer_0/down_proj_input/amax_ratio"] == 3.0
+    fp8 = {name: {**stat, "amax_ratio": ratio} for name, ratio in (("mlp.up_proj.input", 3.0), ("x.input", math.nan))}
+    if nan_first:
+        fp8 = dict(reversed(fp8.items()))
+    write_outliers(tmp_path, [{"step": 1, "layers": [layer_record(0, 1.0, fp8=fp8)], "alerts": []}])
+    assert math.isnan(Outliers.load(tmp_path).table(fp8_worst("amax_ratio", "input"))[0][0])
+
+
 class SentAlerts:
     """A RunLogger stand-in that keeps the wandb alerts it is asked to send."""
 
