@@ -371,9 +371,9 @@ def build_monitor(
     """The monitor of monitor.enabled; only the main rank should ``write`` outliers.jsonl."""
     if not cfg.enabled:
         path = Path(run_dir) / OUTLIERS_FILE
-        if write and resume_step and path.exists():
-            # The records after the checkpoint belong to the abandoned trajectory: drop them as an enabled monitor
-            # would, or a later resume with the monitor on would keep them among the new run's.
+        if write and path.exists():
+            # The records after the checkpoint (all of them when a run starts over from step 0) belong to the
+            # abandoned trajectory: drop them as an enabled monitor would, or they would be read as the new run's.
             JsonLines(path, resume_step).close()
         return DisabledMonitor()
     return OutlierMonitor(cfg, model, run_dir, resume_step, write, reduce_max)

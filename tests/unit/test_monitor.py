@@ -548,6 +548,10 @@ def test_a_resume_drops_the_records_after_its_checkpoint_with_or_without_the_mon
     assert path.read_text().count("\n") == 4  # other ranks never touch the file
     build_monitor(MonitorConfig(enabled=enabled), model, tmp_path, resume_step=20).close()
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 10, 20]
+    # A run that died before its first checkpoint starts over from step 0 (same settings, or resume=auto finding
+    # no checkpoint): its records go, as its metrics.jsonl lines do, so none are read as the new run's.
+    build_monitor(MonitorConfig(enabled=enabled), model, tmp_path, resume_step=0).close()
+    assert path.read_text() == ""
 
 
 def test_wandb_alerts_and_outlier_keys_never_fail_an_offline_run(tmp_path):
