@@ -276,7 +276,7 @@ def draw(data: Outliers, out: Path) -> None:
 
     present = {tensor_group(n) for r in data.rows for e in r["layers"] for n in e.get("fp8", {})}
     groups = [g for g in GROUP_NAMES if g in present]
-    # at least two panels wide: the title is, even when a bf16 run has one panel saying there is no FP8 tensor
+    # at least two panels wide, as wide as the title (a bf16 run gets one panel, saying it has no FP8 tensor)
     fig, axes = plt.subplots(2, max(1, len(groups)), figsize=(4.2 * max(2, len(groups)), 6.4), squeeze=False)
     for col, group in enumerate(groups):
         ratio = data.table(fp8_worst("amax_ratio", group))
