@@ -44,7 +44,7 @@ class Outliers:
                 f"{path} cannot be read ({first_line(e)}); report on a run directory whose outliers.jsonl train.py "
                 f"wrote."
             ) from None
-        rows = [from_jsonable(r) for r in lines if is_record(r)]
+        rows = [from_jsonable(r) for r in lines if is_record(r) and r["layers"]]  # a line of no layer: nothing to draw
         if not rows:
             if not path.exists():
                 what = "does not exist"
