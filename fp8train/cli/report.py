@@ -24,6 +24,7 @@ from fp8train.monitor.monitor import OUTLIERS_FILE, worst
 
 FILES = ("h_amax.png", "alignment.png", "fp8_overflow.png", "worst_layers.png", "summary.txt")
 WORST = 4  # layers drawn in worst_layers.png
+ALERT_COLOR = "red"  # of the crosses that mark alerts in worst_layers.png
 
 
 @dataclass
@@ -301,11 +302,15 @@ def draw(data: Outliers, out: Path) -> None:
 def draw_worst(data: Outliers, plt):
     """h amax and the down projection's input amax over steps, for the layers with the largest h amax (at most
     WORST of them); steps with an alert in that layer are marked with a red x."""
+    from matplotlib.colors import to_rgb
+
     h, down = data.field("h_amax"), data.field("down_in_amax")
     peak = {i: max(_finite(h[i]), default=-math.inf) for i in range(len(data.layers))}
     worst = sorted(peak, key=peak.get, reverse=True)[:WORST]
     fig, (ax_h, ax_d) = plt.subplots(1, 2, figsize=(13, 4))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    # The alert crosses are red: the layers take the cycle's other colours (its red, #d62728, would hide them).
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = [c for c in cycle if math.dist(to_rgb(c), to_rgb(ALERT_COLOR)) > 0.4] or cycle
     marks = {"h": ax_h, "mlp.down_proj.input": ax_d}  # spike alerts on h, overflow alerts on the down input
     alerts = {(a["tensor"], a["layer"], a["step"]) for a in data.alerts}
     for n, i in enumerate(worst):
@@ -314,7 +319,7 @@ def draw_worst(data: Outliers, plt):
         ax_d.plot(data.steps, down[i], marker=".", **style)
         for (tensor, ax), table in zip(marks.items(), (h, down)):
             hits = [j for j, s in enumerate(data.steps) if (tensor, layer, s) in alerts]
-            ax.plot([data.steps[j] for j in hits], [table[i][j] for j in hits], "x", color="red", markersize=9)
+            ax.plot([data.steps[j] for j in hits], [table[i][j] for j in hits], "x", color=ALERT_COLOR, markersize=9)
     ax_h.set(title="amax of h = silu(g) * u (x: amax spike alert)", xlabel="step", ylabel="amax", yscale="log")
     ax_d.set(
         title="amax of the down projection's actual input (x: FP8 overflow alert)",

@@ -730,3 +730,23 @@ def test_report_of_a_run_without_fp8_tensors_fits_its_title(tmp_path, monkeypatc
     title = fig.get_suptitle()
     box = fig._suptitle.get_window_extent(FigureCanvasAgg(fig).get_renderer())  # a closed figure: draw it again
     assert title.startswith("FP8 overflow") and 0 <= box.x0 and box.x1 <= fig.bbox.width
+
+
+def test_worst_layers_alert_crosses_have_a_colour_no_layer_line_has(tmp_path, monkeypatch):
+    # Four layers drawn: the fourth line took matplotlib's red (#d62728), next to the red of the alert crosses.
+    from matplotlib.colors import to_rgb
+
+    from fp8train.cli.report import report
+
+    alert = Alert(2, 3, "mlp.down_proj.input", "fp8_overflow", 3.0, 0.01, "layer 3 overflow").to_json()
+    rows = [{"step": s, "layers": [layer_record(i, 1.0 + i * s) for i in range(4)], "alerts": []} for s in (1, 2)]
+    rows[1]["alerts"] = [alert]
+    write_outliers(tmp_path, rows)
+    figures = saved_figures(monkeypatch)
+    report(tmp_path, tmp_path / "report")
+    _, down = figures["worst_layers.png"].axes
+    curves = [line for line in down.get_lines() if line.get_label().startswith("layer")]
+    crosses = [line for line in down.get_lines() if line.get_marker() == "x" and len(line.get_xdata())]
+    assert len(curves) == 4 and len(crosses) == 1
+    cross = to_rgb(crosses[0].get_color())
+    assert all(math.dist(to_rgb(c.get_color()), cross) > 0.4 for c in curves)  # #d62728 is 0.27 from pure red
