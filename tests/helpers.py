@@ -147,3 +147,17 @@ def documented_op(params: str, semantics, calls: list):
         return semantics(**bound.arguments)
 
     return op
+
+
+def saved_figures(monkeypatch) -> dict:
+    """file name -> matplotlib Figure, for every figure saved from now on in the test (to read its axes)."""
+    from matplotlib.figure import Figure
+
+    figures, real = {}, Figure.savefig
+
+    def savefig(fig, path, *args, **kwargs):
+        figures[Path(path).name] = fig
+        return real(fig, path, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    return figures

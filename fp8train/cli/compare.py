@@ -87,9 +87,10 @@ class Run:
                 f"{path / 'metrics.jsonl'} cannot be read ({first_line(e)}); compare the runs whose metrics.jsonl "
                 f"train.py wrote, or leave this one out."
             ) from None
-        train = {r["step"]: r["loss"] for r in rows if isinstance(r.get("loss"), (int, float))}
-        val = {r["step"]: r["val_loss"] for r in rows if isinstance(r.get("val_loss"), (int, float))}
-        speeds = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r][1:]  # the first window holds warm-up
+        lines, evals = last_per_step(rows, "loss"), last_per_step(rows, "val_loss")
+        train = {s: r["loss"] for s, r in lines.items() if isinstance(r["loss"], (int, float))}
+        val = {s: r["val_loss"] for s, r in evals.items() if isinstance(r["val_loss"], (int, float))}
+        speeds = [r["tokens_per_s"] for r in lines.values() if "tokens_per_s" in r][1:]  # the first holds warm-up
         first = next((r for r in rows if isinstance(r.get("tokens"), (int, float)) and r.get("step")), None)
         label = cfg.precision.name + ("+adamw_fp8" if cfg.optim.name == "adamw_fp8" else "")
         return cls(
@@ -100,7 +101,7 @@ class Run:
             sum(speeds) / len(speeds) if speeds else math.nan,
             first["tokens"] / first["step"] if first else math.nan,
             max((r["step"] for r in rows if "step" in r), default=0),
-            max((r["bad_steps"] for r in rows if isinstance(r.get("bad_steps"), int)), default=0),
+            max((r["bad_steps"] for r in lines.values() if isinstance(r.get("bad_steps"), int)), default=0),
             cfg,
         )
 
@@ -116,6 +117,14 @@ class Run:
         if not self.val:
             notes.append("no validation points")
         return notes
+
+
+def last_per_step(rows: list[dict], key: str) -> dict[int, dict]:
+    """step -> the last line holding ``key`` at that step, in step order. A step logged twice (a killed run's lines
+    after its checkpoint, then the resumed run's) counts as its later line says, a non-finite value included, as
+    in ``fp8train report``: an earlier line's finite loss must not stand in for the resumed run's NaN."""
+    found = {r["step"]: r for r in rows if key in r and isinstance(r.get("step"), int)}
+    return dict(sorted(found.items()))
 
 
 # The settings compare reads from a run's config.yaml.
@@ -296,12 +305,15 @@ def plot(runs: list[Run], ref: Run, path: Path) -> None:
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, run in enumerate(runs):
         style = {"label": run.label, "color": colors[i % len(colors)]}  # one colour per run in every panel
+        # A legend entry only where the run has a curve: a run with no validation point yet has none to point at.
         steps = sorted(run.train)
-        ax_train.plot(steps, [run.train[s] for s in steps], linewidth=1, **style)
+        if steps:
+            ax_train.plot(steps, [run.train[s] for s in steps], linewidth=1, **style)
         vsteps = sorted(run.val)
-        ax_val.plot(vsteps, [run.val[s] for s in vsteps], marker="o", **style)
-        if run is not ref:
-            gaps = relative_gap(ref.val, run.val)
+        if vsteps:
+            ax_val.plot(vsteps, [run.val[s] for s in vsteps], marker="o", **style)
+        gaps = relative_gap(ref.val, run.val) if run is not ref else {}
+        if gaps:
             ax_gap.plot(list(gaps), [100 * g for g in gaps.values()], marker="o", **style)
     ax_train.set(title="train loss", xlabel="step", ylabel="loss")
     ax_val.set(title="validation loss", xlabel="step", ylabel="val_loss")

@@ -17,12 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fp8train.cli import writing_into
+from fp8train.config import first_line
 from fp8train.errors import Fp8trainError
 from fp8train.loggers import from_jsonable, read_jsonl
-from fp8train.monitor.monitor import OUTLIERS_FILE
+from fp8train.monitor.monitor import OUTLIERS_FILE, worst
 
 FILES = ("h_amax.png", "alignment.png", "fp8_overflow.png", "worst_layers.png", "summary.txt")
 WORST = 4  # layers drawn in worst_layers.png
+ALERT_COLOR = "red"  # of the crosses that mark alerts in worst_layers.png
 
 
 @dataclass
@@ -36,7 +38,14 @@ class Outliers:
     @classmethod
     def load(cls, run_dir: Path) -> Outliers:
         path = Path(run_dir) / OUTLIERS_FILE
-        rows = [from_jsonable(r) for r in read_jsonl(path) if is_record(r)]
+        try:
+            lines = read_jsonl(path)
+        except (OSError, UnicodeDecodeError) as e:
+            raise Fp8trainError(
+                f"{path} cannot be read ({first_line(e)}); report on a run directory whose outliers.jsonl train.py "
+                f"wrote."
+            ) from None
+        rows = [from_jsonable(r) for r in lines if is_record(r) and r["layers"]]  # a line of no layer: nothing to draw
         if not rows:
             if not path.exists():
                 what = "does not exist"
@@ -97,7 +106,7 @@ def fp8_worst(stat: str, group: str):
             for name, s in entry.get("fp8", {}).items()
             if tensor_group(name) == group and isinstance(s.get(stat), (int, float))
         ]
-        return max(values) if values else None
+        return worst(values) if values else None
 
     return value
 
@@ -262,12 +271,14 @@ def draw(data: Outliers, out: Path) -> None:
     fig, (ax_max, ax_frac) = plt.subplots(1, 2, figsize=(13, 3.6))
     heatmap(ax_max, data.field("cos_max_abs"), "max |cos(W_up[j], W_gate[j])| over neurons j", "|cos|", vmin=0, vmax=1)
     frac = [[100 * v for v in row] for row in data.field("cos_frac_above_half")]
-    heatmap(ax_frac, frac, "neurons with |cos(W_up[j], W_gate[j])| > 0.5", "% of neurons", vmin=0)
+    top_frac = max(_finite(v for row in frac for v in row), default=0.0) or 100.0  # all zero: 0 to 100%, not +-0.1
+    heatmap(ax_frac, frac, "neurons with |cos(W_up[j], W_gate[j])| > 0.5", "% of neurons", vmin=0, vmax=top_frac)
     save(fig, "alignment.png")
 
     present = {tensor_group(n) for r in data.rows for e in r["layers"] for n in e.get("fp8", {})}
     groups = [g for g in GROUP_NAMES if g in present]
-    fig, axes = plt.subplots(2, max(1, len(groups)), figsize=(4.2 * max(1, len(groups)), 6.4), squeeze=False)
+    # at least two panels wide, as wide as the title (a bf16 run gets one panel, saying it has no FP8 tensor)
+    fig, axes = plt.subplots(2, max(1, len(groups)), figsize=(4.2 * max(2, len(groups)), 6.4), squeeze=False)
     for col, group in enumerate(groups):
         ratio = data.table(fp8_worst("amax_ratio", group))
         top = max(_finite(v for row in ratio for v in row), default=1.0)
@@ -291,11 +302,15 @@ def draw(data: Outliers, out: Path) -> None:
 def draw_worst(data: Outliers, plt):
     """h amax and the down projection's input amax over steps, for the layers with the largest h amax (at most
     WORST of them); steps with an alert in that layer are marked with a red x."""
+    from matplotlib.colors import to_rgb
+
     h, down = data.field("h_amax"), data.field("down_in_amax")
     peak = {i: max(_finite(h[i]), default=-math.inf) for i in range(len(data.layers))}
     worst = sorted(peak, key=peak.get, reverse=True)[:WORST]
     fig, (ax_h, ax_d) = plt.subplots(1, 2, figsize=(13, 4))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    # The alert crosses are red: the layers take the cycle's other colours (its red, #d62728, would hide them).
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = [c for c in cycle if math.dist(to_rgb(c), to_rgb(ALERT_COLOR)) > 0.4] or cycle
     marks = {"h": ax_h, "mlp.down_proj.input": ax_d}  # spike alerts on h, overflow alerts on the down input
     alerts = {(a["tensor"], a["layer"], a["step"]) for a in data.alerts}
     for n, i in enumerate(worst):
@@ -304,7 +319,7 @@ def draw_worst(data: Outliers, plt):
         ax_d.plot(data.steps, down[i], marker=".", **style)
         for (tensor, ax), table in zip(marks.items(), (h, down)):
             hits = [j for j, s in enumerate(data.steps) if (tensor, layer, s) in alerts]
-            ax.plot([data.steps[j] for j in hits], [table[i][j] for j in hits], "x", color="red", markersize=9)
+            ax.plot([data.steps[j] for j in hits], [table[i][j] for j in hits], "x", color=ALERT_COLOR, markersize=9)
     ax_h.set(title="amax of h = silu(g) * u (x: amax spike alert)", xlabel="step", ylabel="amax", yscale="log")
     ax_d.set(
         title="amax of the down projection's actual input (x: FP8 overflow alert)",

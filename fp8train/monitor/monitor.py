@@ -214,7 +214,9 @@ class OutlierMonitor:
         for a in self.alerts:
             log.warning("step %d: outlier alert: %s", step, a.message)
             if logger is not None:
-                logger.alert(f"fp8train: {a.kind} in layer {a.layer}", f"step {step}: {a.message}")
+                # wandb sends one alert per title a minute: a title per tensor, so that one tensor's alert never
+                # hides another's (a gradient's, the down projection input's) of the same step or layer
+                logger.alert(f"fp8train: {a.kind} in layer {a.layer} {a.tensor}", f"step {step}: {a.message}")
         if self.file is not None:
             self.file.write({"step": step, "layers": records, "alerts": [a.to_json() for a in self.alerts]})
         if logger is not None:
@@ -369,9 +371,9 @@ def build_monitor(
     """The monitor of monitor.enabled; only the main rank should ``write`` outliers.jsonl."""
     if not cfg.enabled:
         path = Path(run_dir) / OUTLIERS_FILE
-        if write and resume_step and path.exists():
-            # The records after the checkpoint belong to the abandoned trajectory: drop them as an enabled monitor
-            # would, or a later resume with the monitor on would keep them among the new run's.
+        if write and path.exists():
+            # The records after the checkpoint (all of them when a run starts over from step 0) belong to the
+            # abandoned trajectory: drop them as an enabled monitor would, or they would be read as the new run's.
             JsonLines(path, resume_step).close()
         return DisabledMonitor()
     return OutlierMonitor(cfg, model, run_dir, resume_step, write, reduce_max)
@@ -410,6 +412,13 @@ WANDB_KEYS = (
 )
 
 
+def worst(values) -> float:
+    """The largest of some FP8 statistics, NaN if one is NaN: a tensor that met a NaN is the worst off (as for the
+    overflow rule), whatever the order of the tensors (max() alone keeps a NaN only when it comes first)."""
+    values = list(values)
+    return math.nan if any(math.isnan(v) for v in values) else max(values)
+
+
 def wandb_metrics(records: list[dict], n_alerts: int) -> dict:
     """``outliers/layer_{i}/...`` scalars of one monitored step."""
     out: dict[str, float] = {"outliers/alerts": n_alerts}
@@ -419,7 +428,7 @@ def wandb_metrics(records: list[dict], n_alerts: int) -> dict:
         fp8 = r.get("fp8", {})
         if fp8:
             for stat in ("saturated_frac", "underflow_frac", "amax_ratio"):
-                out[f"{base}/fp8_{stat}_max"] = max(s[stat] for s in fp8.values())
+                out[f"{base}/fp8_{stat}_max"] = worst(s[stat] for s in fp8.values())
             for stat, value in fp8.get("mlp.down_proj.input", {}).items():
                 out[f"{base}/down_proj_input/{stat}"] = value
     return out

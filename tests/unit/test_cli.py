@@ -93,7 +93,12 @@ def test_check_names_the_backend_asked_for_and_the_device_it_gets(monkeypatch, c
 
 @pytest.mark.parametrize(
     "lines",
-    ['garbage\n{"step": 1, "layers": [\n', '{"step": 1}\n', '123\n"text"\n[1, 2]\n{"step": 1, "layers": [3]}\n'],
+    [
+        'garbage\n{"step": 1, "layers": [\n',
+        '{"step": 1}\n',
+        '123\n"text"\n[1, 2]\n{"step": 1, "layers": [3]}\n',
+        '{"step": 1, "layers": [], "alerts": []}\n',  # no layer measured: nothing to draw (matplotlib's traceback)
+    ],
 )
 def test_report_on_lines_without_statistics_says_so_rather_than_empty(tmp_path, capsys, lines):
     (tmp_path / "outliers.jsonl").write_text(lines)

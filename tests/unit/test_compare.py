@@ -16,7 +16,7 @@ from fp8train.cli.compare import compare
 from fp8train.config import compose
 from fp8train.errors import Fp8trainError
 from fp8train.trainer import config_yaml
-from tests.helpers import ROOT, SMALL
+from tests.helpers import ROOT, SMALL, saved_figures
 
 TOKENS_PER_STEP = 8 * 64
 
@@ -284,3 +284,41 @@ def test_a_run_named_twice_is_one_row(tmp_path):
     make_run(sweep / "1_fp8", curve(8, range(1, 11), 1.01), curve(9, (5, 10)), ["precision=fp8"])
     rows = rows_of(compare([sweep, ref, sweep / "1_fp8" / ".." / "1_fp8"], tmp_path / "out"))
     assert list(rows) == ["bf16", "fp8"]
+
+
+def test_a_step_logged_twice_counts_its_last_line_whatever_its_value(tmp_path):
+    # A metrics.jsonl that holds a killed run's lines after the checkpoint and then the resumed run's for the same
+    # steps: the resumed lines win, as in `fp8train report`, even where they are non-finite (the resumed run
+    # diverged), and the replaced lines count for nothing else either (tokens/s, skipped steps).
+    ref = make_run(tmp_path / "bf16", curve(8, range(1, 11)), curve(9, (5, 10)), ["precision=bf16"])
+    run = make_run(tmp_path / "fp8", curve(8, range(1, 11)), curve(9, (5, 10)), ["precision=fp8"])
+    killed = (run / "metrics.jsonl").read_text()
+    resumed = [
+        {"step": s, "loss": "nan", "tokens": s * TOKENS_PER_STEP, "tokens_per_s": 3000.0, "bad_steps": s - 6}
+        for s in range(7, 11)
+    ]
+    resumed.append({"step": 10, "val_loss": "nan"})
+    (run / "metrics.jsonl").write_text(killed + "".join(json.dumps(r) + "\n" for r in resumed))
+    fp8 = rows_of(compare([ref, run], tmp_path / "out"))["fp8"]
+    assert fp8["final loss"] == f"{8 / math.sqrt(6):.4f} (step 6)"
+    assert fp8["final val_loss"] == f"{9 / math.sqrt(5):.4f} (step 5)"
+    assert fp8["tokens/s"] == "1,889"  # (5 x 1000 + 4 x 3000) / 9: steps 2-6, then 7-10; step 1's window left out
+    assert fp8["notes"] == "4 steps skipped (non-finite loss or gradients)"
+    # one killed run's step logged twice with finite values: the later line counts
+    (run / "metrics.jsonl").write_text(killed + json.dumps({"step": 10, "loss": 1.5, "tokens_per_s": 1000.0}) + "\n")
+    assert rows_of(compare([ref, run], tmp_path / "out2"))["fp8"]["final loss"] == "1.5000"
+
+
+def test_the_plot_names_each_run_where_it_has_a_curve(tmp_path, monkeypatch):
+    # A run with no validation point at a step the reference has (not evaluated yet, or on other steps) has no gap
+    # curve: the gap panel's legend listed it all the same, beside no line.
+    ref = make_run(tmp_path / "bf16", curve(8, range(1, 11)), curve(9, (5, 10)), ["precision=bf16"])
+    fp8 = make_run(tmp_path / "fp8", curve(8, range(1, 11)), curve(9, (5, 10)), ["precision=fp8"])
+    early = make_run(tmp_path / "fp8_smooth", curve(8, range(1, 5)), {}, ["precision=fp8_smooth"])
+    figures = saved_figures(monkeypatch)
+    compare([ref, fp8, early], tmp_path / "out")
+    train, val, gap = figures["compare.png"].axes
+    assert [t.get_text() for t in train.get_legend().get_texts()] == ["bf16", "fp8", "fp8_smooth"]
+    assert [t.get_text() for t in val.get_legend().get_texts()] == ["bf16", "fp8"]
+    assert [t.get_text() for t in gap.get_legend().get_texts()] == ["fp8"]
+    assert (train.get_xlabel(), train.get_ylabel(), gap.get_ylabel()) == ("step", "loss", "%")

@@ -23,7 +23,7 @@ from fp8train.monitor import OUTLIERS_FILE, Alert, DisabledMonitor, OutlierMonit
 from fp8train.monitor.alerts import SpikeRule, overflowed
 from fp8train.precision import share_input_scalers
 from fp8train.precision.smooth_swiglu import SmoothSwiGLUToken
-from tests.helpers import SMALL
+from tests.helpers import SMALL, saved_figures
 
 # ---------------------------------------------------------------------------------------------------------------
 # statistics
@@ -384,6 +384,60 @@ def test_a_step_that_went_non_finite_alerts_in_words(tmp_path):
     assert spike.message == f"layer 0 h amax {spike.value:.4g}, its running median 0"
 
 
+@pytest.mark.parametrize("nan_first", [True, False])
+def test_a_layers_worst_fp8_tensor_does_not_depend_on_the_order_of_its_tensors(tmp_path, nan_first):
+    # A tensor that met a NaN (a diverging step) has amax_ratio NaN: max() over the layer's tensors returned NaN or
+    # the other tensors' worst depending on which came first. Non-finite is the worst, as the overflow rule has it.
+    from fp8train.cli.report import Outliers, fp8_worst
+    from fp8train.monitor.monitor import wandb_metrics
+
+    stat = {"amax": 1.0, "scale": 1.0, "saturated_frac": 1e-3, "underflow_frac": 0.0}
+    tensors = [("self_attn.o_proj.input", math.nan), ("mlp.down_proj.input", 3.0)]
+    fp8 = {name: {**stat, "amax_ratio": ratio} for name, ratio in (tensors if nan_first else tensors[::-1])}
+    metrics = wandb_metrics([{"layer": 0, "fp8": fp8}], 0)
+    assert math.isnan(metrics["outliers/layer_0/fp8_amax_ratio_max"])
+    assert metrics["outliers/layer_0/down_proj_input/amax_ratio"] == 3.0
+    fp8 = {name: {**stat, "amax_ratio": ratio} for name, ratio in (("mlp.up_proj.input", 3.0), ("x.input", math.nan))}
+    if nan_first:
+        fp8 = dict(reversed(fp8.items()))
+    write_outliers(tmp_path, [{"step": 1, "layers": [layer_record(0, 1.0, fp8=fp8)], "alerts": []}])
+    assert math.isnan(Outliers.load(tmp_path).table(fp8_worst("amax_ratio", "input"))[0][0])
+
+
+class SentAlerts:
+    """A RunLogger stand-in that keeps the wandb alerts it is asked to send."""
+
+    def __init__(self):
+        self.titles: list[str] = []
+
+    def alert(self, title: str, text: str) -> None:
+        self.titles.append(title)
+
+    def log_wandb(self, metrics: dict, step: int) -> None:
+        pass
+
+
+def test_each_alerting_tensor_has_a_wandb_alert_title_of_its_own(tmp_path):
+    # wandb sends one alert per title and wait_duration (a minute): alerts of one step on two tensors of one layer
+    # that shared a title left the second (here the down projection's input, after a gradient) unsent.
+    model = TwoLayers([planted_mlp()])
+    mon = monitor_for(model, tmp_path)
+    planted = [
+        Alert(10, 0, "mlp.down_proj.grad", "fp8_overflow", 3.0, 1e-4, "layer 0 mlp.down_proj.grad: FP8 overflow"),
+        Alert(10, 0, "mlp.down_proj.input", "fp8_overflow", 2.5, 1e-4, "layer 0 mlp.down_proj.input: FP8 overflow"),
+        Alert(10, 0, "h", "amax_spike", 9.0, 1.0, "layer 0 h amax 9"),
+        Alert(10, 127, "self_attn.q_proj.input", "fp8_overflow", 2.5, 1e-4, "layer 127 ..."),
+    ]
+    mon._check = lambda step, records: planted
+    sent = SentAlerts()
+    with mon.capture(10):
+        model(torch.randn(8, 32))
+    assert mon.collect(10, sent) == planted
+    assert len(set(sent.titles)) == len(planted)
+    assert "mlp.down_proj.input" in sent.titles[1] and "layer 0" in sent.titles[1]
+    assert all(len(t) < 64 for t in sent.titles)  # wandb's limit on a title
+
+
 def test_smooth_swiglu_down_projection_input_is_the_rescaled_h(tmp_path):
     mlp = planted_mlp()
     model = TwoLayers([SmoothSwiGLUToken(mlp)])
@@ -494,6 +548,10 @@ def test_a_resume_drops_the_records_after_its_checkpoint_with_or_without_the_mon
     assert path.read_text().count("\n") == 4  # other ranks never touch the file
     build_monitor(MonitorConfig(enabled=enabled), model, tmp_path, resume_step=20).close()
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 10, 20]
+    # A run that died before its first checkpoint starts over from step 0 (same settings, or resume=auto finding
+    # no checkpoint): its records go, as its metrics.jsonl lines do, so none are read as the new run's.
+    build_monitor(MonitorConfig(enabled=enabled), model, tmp_path, resume_step=0).close()
+    assert path.read_text() == ""
 
 
 def test_wandb_alerts_and_outlier_keys_never_fail_an_offline_run(tmp_path):
@@ -625,3 +683,70 @@ def test_report_of_one_monitored_step_says_growth_needs_two(tmp_path):
     text = report(tmp_path, tmp_path / "report")
     assert "h amax growth: one monitored step (1), nothing to compare yet" in text
     assert "x1" not in text
+
+
+def test_report_colour_scales_start_at_zero_when_nothing_is_aligned(tmp_path, monkeypatch):
+    # Early in a run no neuron is above |cos| 0.5: the "% of neurons" colour bar ran from -0.1 to 0.1, a negative
+    # percentage, with the zeros drawn in its middle colour.
+    from fp8train.cli.report import report
+
+    rows = [{"step": s, "layers": [layer_record(0, 1.0 + s, cos_frac_above_half=0.0)], "alerts": []} for s in (1, 2)]
+    write_outliers(tmp_path, rows)
+    figures = saved_figures(monkeypatch)
+    report(tmp_path, tmp_path / "report")
+    cos_max, frac = (ax.images[0] for ax in figures["alignment.png"].axes if ax.images)
+    assert cos_max.get_clim() == (0, 1)
+    low, high = frac.get_clim()
+    assert low == 0 and high > 0
+
+
+@pytest.mark.parametrize("damage", ["binary", "directory"])
+def test_report_on_an_unreadable_outliers_file_is_one_message(tmp_path, damage):
+    # As compare does for metrics.jsonl: a message naming the file, no traceback.
+    from fp8train.cli.report import report
+    from fp8train.errors import Fp8trainError
+
+    path = tmp_path / OUTLIERS_FILE
+    if damage == "binary":
+        path.write_bytes(b"\xff\xfe\x00garbage\n")
+    else:
+        path.mkdir()
+    with pytest.raises(Fp8trainError, match=f"{path} cannot be read"):
+        report(tmp_path, tmp_path / "report")
+    assert not (tmp_path / "report").exists()
+
+
+def test_report_of_a_run_without_fp8_tensors_fits_its_title(tmp_path, monkeypatch):
+    # A bf16 run's fp8_overflow.png is one panel saying so: its title was cut at both edges of the narrow figure.
+    from fp8train.cli.report import report
+
+    rows = [{"step": s, "layers": [layer_record(0, 1.0 + s, fp8={})], "alerts": []} for s in (1, 2)]
+    write_outliers(tmp_path, rows)
+    figures = saved_figures(monkeypatch)
+    assert "FP8: no FP8 tensors in this run" in report(tmp_path, tmp_path / "report")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = figures["fp8_overflow.png"]
+    title = fig.get_suptitle()
+    box = fig._suptitle.get_window_extent(FigureCanvasAgg(fig).get_renderer())  # a closed figure: draw it again
+    assert title.startswith("FP8 overflow") and 0 <= box.x0 and box.x1 <= fig.bbox.width
+
+
+def test_worst_layers_alert_crosses_have_a_colour_no_layer_line_has(tmp_path, monkeypatch):
+    # Four layers drawn: the fourth line took matplotlib's red (#d62728), next to the red of the alert crosses.
+    from matplotlib.colors import to_rgb
+
+    from fp8train.cli.report import report
+
+    alert = Alert(2, 3, "mlp.down_proj.input", "fp8_overflow", 3.0, 0.01, "layer 3 overflow").to_json()
+    rows = [{"step": s, "layers": [layer_record(i, 1.0 + i * s) for i in range(4)], "alerts": []} for s in (1, 2)]
+    rows[1]["alerts"] = [alert]
+    write_outliers(tmp_path, rows)
+    figures = saved_figures(monkeypatch)
+    report(tmp_path, tmp_path / "report")
+    _, down = figures["worst_layers.png"].axes
+    curves = [line for line in down.get_lines() if line.get_label().startswith("layer")]
+    crosses = [line for line in down.get_lines() if line.get_marker() == "x" and len(line.get_xdata())]
+    assert len(curves) == 4 and len(crosses) == 1
+    cross = to_rgb(crosses[0].get_color())
+    assert all(math.dist(to_rgb(c.get_color()), cross) > 0.4 for c in curves)  # #d62728 is 0.27 from pure red
