@@ -484,9 +484,8 @@ class Trainer:
         return {"torch": torch.get_rng_state(), "python": random.getstate(), **self.backend.rng_state()}
 
     def load_checkpoint(self, path: Path) -> int:
-        verified = self.cfg.resume == "auto"  # find_resume_checkpoint has just checked it
         fresh_groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
-        state = checkpoint.load(path, self.engine, self.backend.device, verified)
+        state = checkpoint.load(path, self.engine, self.backend.device, verified=True)  # by find_resume_checkpoint
         if state["data_fingerprint"] != self.data.fingerprint:
             raise CheckpointError(
                 f"resume: {path} was trained on other data or another tokenizer/seq_len than this run's "
@@ -631,17 +630,17 @@ def find_resume_checkpoint(resume: str, ckpt_root: Path) -> Path | None:
             f"resume={path} is a file, not a checkpoint folder: "
             + (f"pass the checkpoint that holds it, resume={holder}." if holder else f"{wanted}.")
         )
-    if (path / checkpoint.MANIFEST).exists():
-        return path  # checked in full, checksums included, when it is loaded
     # A run directory or its checkpoints/ folder where one of its checkpoints was meant.
     run_dir = path if (path / "checkpoints").is_dir() else path.parent if checkpoint.latest(path) else None
-    if run_dir is not None:
+    if run_dir is not None and not (path / checkpoint.MANIFEST).exists():
         newest = checkpoint.latest(run_dir / "checkpoints")
         raise CheckpointError(
             f"resume={path} is {'a run directory' if run_dir == path else 'the checkpoints folder of a run'}, not a "
             f"checkpoint. To continue that run pass hydra.run.dir={run_dir} resume=auto"
             + (f", or its newest checkpoint, resume={newest}." if newest else " (it has no complete checkpoint yet).")
         )
+    # Checked in full before anything reads it: a cut config.yaml is damage, not a run with other settings.
+    checkpoint.verify(path)
     return path
 
 

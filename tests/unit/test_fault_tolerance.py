@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from fp8train import checkpoint
 from fp8train.config import compose
-from fp8train.errors import Fp8trainError
+from fp8train.errors import CheckpointError, Fp8trainError
 from fp8train.fp8.scaling import ScalingConfig, TensorScaler, discard_scalers
 from fp8train.loggers import read_metrics
 from fp8train.trainer import DivergenceError, RunDirError, StopSignals, Trainer
@@ -186,3 +186,14 @@ def test_a_full_disk_at_startup_stops_with_a_message_and_leaves_no_temp_file(tmp
         Trainer(compose(SHORT), tmp_path)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no half-written temp file
     assert (tmp_path / "config.yaml").read_text() == before
+
+
+@pytest.mark.parametrize("config", ["model: [\n", "model:\n  name: tiny\n"])
+def test_resume_path_to_a_checkpoint_with_a_damaged_config_names_the_damage(tmp_path, config):
+    # Its files are checked against the manifest before its config.yaml is compared with this run's settings: an
+    # unreadable or cut config.yaml is damage, not a traceback nor a run "written with other settings".
+    Trainer(compose(SHORT), tmp_path).fit()
+    path = tmp_path / "checkpoints" / "step_0000006"
+    (path / "config.yaml").write_text(config)
+    with pytest.raises(CheckpointError, match=r"step_0000006: config.yaml has \d+ bytes.*the checkpoint is damaged"):
+        Trainer(compose([*SHORT, f"resume={path}", "trainer.max_steps=8"]), tmp_path)
