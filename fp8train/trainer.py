@@ -792,6 +792,12 @@ def init_from_weights(model: torch.nn.Module, folder: Path, tokenizer_file: Path
     (with another tokenizer the embeddings mean other tokens: the run would start from chance, weights wasted)."""
     from fp8train.export.hf import load_weights, saved_model_config
 
+    # A checkpoint's weights are checked as a resume checks them: a flipped bit still loads, as other numbers.
+    if (folder / checkpoint.MANIFEST).is_file() and (problem := checkpoint.damage(folder)):
+        raise CheckpointError(
+            f"model.init_from={folder}: {problem}; the checkpoint is damaged. Start from another checkpoint (an "
+            f"older one of the same run) or restore this one from a backup."
+        )
     saved = dataclasses.asdict(saved_model_config(folder))
     ours = dataclasses.asdict(dataclasses.replace(model.cfg, init_from=None))
     # init_std only draws initial weights, max_seq_len only sizes the RoPE tables (not saved): both are free.

@@ -197,3 +197,14 @@ def test_resume_path_to_a_checkpoint_with_a_damaged_config_names_the_damage(tmp_
     (path / "config.yaml").write_text(config)
     with pytest.raises(CheckpointError, match=r"step_0000006: config.yaml has \d+ bytes.*the checkpoint is damaged"):
         Trainer(compose([*SHORT, f"resume={path}", "trainer.max_steps=8"]), tmp_path)
+
+
+def test_weights_of_a_damaged_checkpoint_are_refused_as_init_from(tmp_path):
+    Trainer(compose(SHORT), tmp_path / "old").fit()
+    path = tmp_path / "old" / "checkpoints" / "step_0000006"
+    weights = bytearray((path / "model.safetensors").read_bytes())
+    weights[-3] ^= 0x40  # one bit of a weight: the file still reads, as other numbers
+    (path / "model.safetensors").write_bytes(bytes(weights))
+    with pytest.raises(CheckpointError, match=r"model.init_from=.*step_0000006: model.safetensors does not match"):
+        Trainer(compose([*SHORT, f"model.init_from={path}"]), tmp_path / "new")
+    assert not (tmp_path / "new" / "checkpoints").exists() and not (tmp_path / "new" / "config.yaml").exists()
