@@ -8,12 +8,14 @@ a run resumed from it trains step 31 on the same data, with the same learning ra
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import logging
 import math
 import os
 import random
 import shutil
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -55,6 +57,7 @@ class Trainer:
         self.backend = backends.select(cfg.backend, self.launch.local_rank)
         parallel.init_distributed(cfg.parallel, self.backend, self.launch)
         self.run_dir = agree_on_run_dir(Path(run_dir))
+        on_rank0(lock_run_dir, self.run_dir)  # before anything in it is read or written
         if self.launch.rank != 0:
             quiet_logging()
         self.ckpt_root = self.run_dir / "checkpoints"
@@ -550,6 +553,45 @@ def agree_on_run_dir(run_dir: Path) -> Path:
         if run_dir.is_dir() and not any(run_dir.iterdir()):
             run_dir.rmdir()
     return chosen
+
+
+RUN_DIR_LOCK = ".lock"
+_locked_run_dirs: dict[Path, int] = {}  # run dir -> the open file holding its lock
+
+
+def lock_run_dir(run_dir: Path) -> None:
+    """Hold RUN_DIR/.lock until this process ends or ``unlock_run_dir``: a second process training in the same
+    directory (a job requeued while the first still runs, a command typed twice) would write its checkpoints and
+    metrics over the first's and delete checkpoints the other is about to load. The kernel drops the lock of a
+    process that dies, however it dies. This process may take it again (the jobs of a multirun, one at a time)."""
+    key = run_dir.resolve()
+    if key in _locked_run_dirs:
+        return
+    fd = os.open(run_dir / RUN_DIR_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise RunDirError(
+            f"The {holder} is training in the run directory {run_dir} (it holds {run_dir / RUN_DIR_LOCK}); two "
+            f"runs in one directory overwrite each other's checkpoints and metrics. Wait for it to end or stop it, "
+            f"then continue with resume=auto, or choose a new directory with {new_dir_override()}."
+        ) from None
+    except OSError:  # a filesystem without flock (some network mounts): train unguarded, as before
+        os.close(fd)
+        log.debug("cannot lock %s; another run in this directory would go unnoticed", run_dir / RUN_DIR_LOCK)
+        return
+    os.ftruncate(fd, 0)
+    os.write(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode())
+    _locked_run_dirs[key] = fd
+
+
+def unlock_run_dir(run_dir: Path) -> None:
+    """Release ``lock_run_dir``'s lock, if this process holds it."""
+    fd = _locked_run_dirs.pop(Path(run_dir).resolve(), None)
+    if fd is not None:
+        os.close(fd)
 
 
 def move_log_files(old_dir: Path, new_dir: Path) -> None:

@@ -10,6 +10,8 @@ import math
 import os
 import pathlib
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -22,7 +24,7 @@ from fp8train.errors import CheckpointError, Fp8trainError
 from fp8train.fp8.scaling import ScalingConfig, TensorScaler, discard_scalers
 from fp8train.loggers import read_metrics
 from fp8train.trainer import DivergenceError, RunDirError, StopSignals, Trainer
-from tests.helpers import SMALL
+from tests.helpers import ROOT, SMALL
 
 FP8 = [*SMALL, "precision=fp8_smooth", "optim=adamw_fp8", "optim.fp8_min_numel=0", "optim.fused=false"]
 
@@ -184,7 +186,7 @@ def test_a_full_disk_at_startup_stops_with_a_message_and_leaves_no_temp_file(tmp
     before = (tmp_path / "config.yaml").read_text()
     with pytest.raises(Fp8trainError, match=r"Cannot write config.yaml .*No space left on device \(\d+ MiB free"):
         Trainer(compose(SHORT), tmp_path)
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no half-written temp file
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == [".lock"]  # no half-written temp file
     assert (tmp_path / "config.yaml").read_text() == before
 
 
@@ -208,3 +210,22 @@ def test_weights_of_a_damaged_checkpoint_are_refused_as_init_from(tmp_path):
     with pytest.raises(CheckpointError, match=r"model.init_from=.*step_0000006: model.safetensors does not match"):
         Trainer(compose([*SHORT, f"model.init_from={path}"]), tmp_path / "new")
     assert not (tmp_path / "new" / "checkpoints").exists() and not (tmp_path / "new" / "config.yaml").exists()
+
+
+def test_a_run_directory_another_process_trains_in_is_refused(tmp_path):
+    # A job requeued while the first still runs, or the same command typed twice: two writers of one run directory
+    # overwrite each other's metrics and checkpoints and delete the checkpoints the other is about to load.
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from fp8train.trainer import lock_run_dir; from pathlib import Path; "
+         "lock_run_dir(Path(sys.argv[1])); print('locked', flush=True); sys.stdin.read()", str(tmp_path)],
+        cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        with pytest.raises(RunDirError, match=rf"process {holder.pid} .*is training in the run directory {tmp_path}"):
+            Trainer(compose([*SHORT, "resume=auto"]), tmp_path)
+        assert not (tmp_path / "config.yaml").exists()
+    finally:
+        holder.communicate("")  # its end releases the lock
+    Trainer(compose([*SHORT, "resume=auto"]), tmp_path)
+    Trainer(compose([*SHORT, "resume=auto"]), tmp_path)  # this process again: the jobs of a multirun, say
