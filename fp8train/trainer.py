@@ -73,7 +73,9 @@ class Trainer:
             world_size=self.launch.world_size,
         )
         self.cfg = cfg = with_vocab_size(cfg, self.data.vocab_size)
-        check_run_dir(self.run_dir, cfg, resuming=self.resume_from is not None)
+        # A checkpoint of another run directory continues here only where a new run could start.
+        own = self.resume_from is not None and self.resume_from.resolve().is_relative_to(self.ckpt_root.resolve())
+        check_run_dir(self.run_dir, cfg, resuming=own)
         if self.resume_from:
             check_resume_settings(self.resume_from, cfg)
         model = build_model(cfg.model)
@@ -687,9 +689,10 @@ def find_resume_checkpoint(resume: str, ckpt_root: Path) -> Path | None:
 
 
 def check_run_dir(run_dir: Path, cfg: Config, resuming: bool) -> None:
-    """Starting at step 0 in a directory that holds a run with other model/data/optim/precision settings would mix
-    two runs' metrics and overwrite the old ones: refuse, naming what differs. The same settings may start over (a
-    run that died before its first checkpoint)."""
+    """Starting at step 0 (or from another run directory's checkpoint) in a directory that holds a run with other
+    model/data/optim/precision settings would mix two runs' metrics and overwrite the old ones: refuse, naming what
+    differs. The same settings may start over (a run that died before its first checkpoint). ``resuming``: this
+    directory's own run continues."""
     old_file = run_dir / "config.yaml"
     if resuming or not old_file.is_file():
         return
@@ -702,8 +705,9 @@ def check_run_dir(run_dir: Path, cfg: Config, resuming: bool) -> None:
         ) from None
     if diffs:
         raise RunDirError(
-            f"The run directory {run_dir} holds a run with other settings ({'; '.join(diffs)}) and no checkpoint to "
-            f"continue it from. Choose a new directory with {new_dir_override()}, or remove that run's files."
+            f"The run directory {run_dir} holds a run with other settings ({'; '.join(diffs)})"
+            + ("" if checkpoint.latest(run_dir / "checkpoints") else " and no checkpoint to continue it from")
+            + f". Choose a new directory with {new_dir_override()}, or remove that run's files."
         )
 
 

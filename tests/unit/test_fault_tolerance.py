@@ -229,3 +229,18 @@ def test_a_run_directory_another_process_trains_in_is_refused(tmp_path):
         holder.communicate("")  # its end releases the lock
     Trainer(compose([*SHORT, "resume=auto"]), tmp_path)
     Trainer(compose([*SHORT, "resume=auto"]), tmp_path)  # this process again: the jobs of a multirun, say
+
+
+def test_resuming_another_runs_checkpoint_in_a_run_directory_of_other_settings_is_refused(tmp_path):
+    # Continuing run A's checkpoint in run B's directory would append A's steps to B's metrics and put A's config
+    # over B's, beside B's checkpoints: refused as starting there would be. The same settings (a checkpoint restored
+    # from a backup, say) may continue there.
+    Trainer(compose(SHORT), tmp_path / "a").fit()
+    Trainer(compose([*SHORT, "optim.lr=0.5"]), tmp_path / "b").fit()
+    before = {f: (tmp_path / "b" / f).read_text() for f in ("config.yaml", "metrics.jsonl")}
+    other = tmp_path / "a" / "checkpoints" / "step_0000004"
+    with pytest.raises(RunDirError, match=r"holds a run with other settings \(optim.lr: 0.5 -> 0.001\)"):
+        Trainer(compose([*SHORT, f"resume={other}", "trainer.max_steps=8"]), tmp_path / "b")
+    assert {f: (tmp_path / "b" / f).read_text() for f in before} == before
+    assert not (tmp_path / "b" / "checkpoints" / "superseded").exists()
+    assert Trainer(compose([*SHORT, f"resume={other}", "trainer.max_steps=8"]), tmp_path / "c").step == 4
