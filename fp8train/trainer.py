@@ -100,7 +100,9 @@ class Trainer:
         self.fp8_step = precision.step_context(cfg.precision, self.backend, self.engine.dp_group)
         self.forward = self.backend.compile(self.model) if cfg.backend.compile else self.model
         self.bad_steps, self.bad_in_a_row = 0, 0  # optimizer steps skipped for non-finite loss/grads
-        self.saved_path: Path | None = None
+        # Until this run writes a checkpoint, its last saved state is the one it resumed from, if resume=auto finds it.
+        here = self.resume_from is not None and self.resume_from.resolve().parent == self.ckpt_root.resolve()
+        self.saved_path: Path | None = self.resume_from if here else None
         self.stopped_by_signal = False  # whether the last stop_reason() came from SIGTERM / SIGINT
         self.step = self.load_checkpoint(self.resume_from) if self.resume_from else 0
         self.write_run_files()
