@@ -571,23 +571,25 @@ def lock_run_dir(run_dir: Path) -> None:
     key = run_dir.resolve()
     if key in _locked_run_dirs:
         return
-    fd = os.open(run_dir / RUN_DIR_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = None
     try:
+        fd = os.open(run_dir / RUN_DIR_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode())
     except BlockingIOError:
         holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
         os.close(fd)
         raise RunDirError(
-            f"The {holder} is training in the run directory {run_dir} (it holds {run_dir / RUN_DIR_LOCK}); two "
-            f"runs in one directory overwrite each other's checkpoints and metrics. Wait for it to end or stop it, "
-            f"then continue with resume=auto, or choose a new directory with {new_dir_override()}."
+            f"The run directory {run_dir} is in use: {holder} is training in it (it holds {run_dir / RUN_DIR_LOCK}). "
+            f"Two runs in one directory overwrite each other's checkpoints and metrics: wait for that one to end or "
+            f"stop it, then continue with resume=auto, or choose a new directory with {new_dir_override()}."
         ) from None
-    except OSError:  # a filesystem without flock (some network mounts): train unguarded, as before
-        os.close(fd)
+    except OSError:  # no flock on this filesystem (some network mounts), or a full disk that write_run_files reports
+        if fd is not None:
+            os.close(fd)
         log.debug("cannot lock %s; another run in this directory would go unnoticed", run_dir / RUN_DIR_LOCK)
         return
-    os.ftruncate(fd, 0)
-    os.write(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode())
     _locked_run_dirs[key] = fd
 
 

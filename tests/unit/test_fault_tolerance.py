@@ -222,7 +222,7 @@ def test_a_run_directory_another_process_trains_in_is_refused(tmp_path):
     )  # fmt: skip
     try:
         assert holder.stdout.readline() == "locked\n"
-        with pytest.raises(RunDirError, match=rf"process {holder.pid} .*is training in the run directory {tmp_path}"):
+        with pytest.raises(RunDirError, match=rf"run directory {tmp_path} is in use: process {holder.pid} on "):
             Trainer(compose([*SHORT, "resume=auto"]), tmp_path)
         assert not (tmp_path / "config.yaml").exists()
     finally:
