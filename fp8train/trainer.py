@@ -8,12 +8,14 @@ a run resumed from it trains step 31 on the same data, with the same learning ra
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import logging
 import math
 import os
 import random
 import shutil
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -55,6 +57,7 @@ class Trainer:
         self.backend = backends.select(cfg.backend, self.launch.local_rank)
         parallel.init_distributed(cfg.parallel, self.backend, self.launch)
         self.run_dir = agree_on_run_dir(Path(run_dir))
+        on_rank0(lock_run_dir, self.run_dir)  # before anything in it is read or written
         if self.launch.rank != 0:
             quiet_logging()
         self.ckpt_root = self.run_dir / "checkpoints"
@@ -70,7 +73,9 @@ class Trainer:
             world_size=self.launch.world_size,
         )
         self.cfg = cfg = with_vocab_size(cfg, self.data.vocab_size)
-        check_run_dir(self.run_dir, cfg, resuming=self.resume_from is not None)
+        # A checkpoint of another run directory continues here only where a new run could start.
+        own = self.resume_from is not None and self.resume_from.resolve().is_relative_to(self.ckpt_root.resolve())
+        check_run_dir(self.run_dir, cfg, resuming=own)
         if self.resume_from:
             check_resume_settings(self.resume_from, cfg)
         model = build_model(cfg.model)
@@ -95,7 +100,9 @@ class Trainer:
         self.fp8_step = precision.step_context(cfg.precision, self.backend, self.engine.dp_group)
         self.forward = self.backend.compile(self.model) if cfg.backend.compile else self.model
         self.bad_steps, self.bad_in_a_row = 0, 0  # optimizer steps skipped for non-finite loss/grads
-        self.saved_path: Path | None = None
+        # Until this run writes a checkpoint, its last saved state is the one it resumed from, if resume=auto finds it.
+        here = self.resume_from is not None and self.resume_from.resolve().parent == self.ckpt_root.resolve()
+        self.saved_path: Path | None = self.resume_from if here else None
         self.stopped_by_signal = False  # whether the last stop_reason() came from SIGTERM / SIGINT
         self.step = self.load_checkpoint(self.resume_from) if self.resume_from else 0
         self.write_run_files()
@@ -484,9 +491,8 @@ class Trainer:
         return {"torch": torch.get_rng_state(), "python": random.getstate(), **self.backend.rng_state()}
 
     def load_checkpoint(self, path: Path) -> int:
-        verified = self.cfg.resume == "auto"  # find_resume_checkpoint has just checked it
         fresh_groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
-        state = checkpoint.load(path, self.engine, self.backend.device, verified)
+        state = checkpoint.load(path, self.engine, self.backend.device, verified=True)  # by find_resume_checkpoint
         if state["data_fingerprint"] != self.data.fingerprint:
             raise CheckpointError(
                 f"resume: {path} was trained on other data or another tokenizer/seq_len than this run's "
@@ -551,6 +557,47 @@ def agree_on_run_dir(run_dir: Path) -> Path:
         if run_dir.is_dir() and not any(run_dir.iterdir()):
             run_dir.rmdir()
     return chosen
+
+
+RUN_DIR_LOCK = ".lock"
+_locked_run_dirs: dict[Path, int] = {}  # run dir -> the open file holding its lock
+
+
+def lock_run_dir(run_dir: Path) -> None:
+    """Hold RUN_DIR/.lock until this process ends or ``unlock_run_dir``: a second process training in the same
+    directory (a job requeued while the first still runs, a command typed twice) would write its checkpoints and
+    metrics over the first's and delete checkpoints the other is about to load. The kernel drops the lock of a
+    process that dies, however it dies. This process may take it again (the jobs of a multirun, one at a time)."""
+    key = run_dir.resolve()
+    if key in _locked_run_dirs:
+        return
+    fd = None
+    try:
+        fd = os.open(run_dir / RUN_DIR_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode())
+    except BlockingIOError:
+        holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise RunDirError(
+            f"The run directory {run_dir} is in use: {holder} is training in it (it holds {run_dir / RUN_DIR_LOCK}). "
+            f"Two runs in one directory overwrite each other's checkpoints and metrics: wait for that one to end or "
+            f"stop it, then continue with resume=auto, or choose a new directory with {new_dir_override()}."
+        ) from None
+    except OSError:  # no flock on this filesystem (some network mounts), or a full disk that write_run_files reports
+        if fd is not None:
+            os.close(fd)
+        log.debug("cannot lock %s; another run in this directory would go unnoticed", run_dir / RUN_DIR_LOCK)
+        return
+    _locked_run_dirs[key] = fd
+
+
+def unlock_run_dir(run_dir: Path) -> None:
+    """Release ``lock_run_dir``'s lock, if this process holds it."""
+    fd = _locked_run_dirs.pop(Path(run_dir).resolve(), None)
+    if fd is not None:
+        os.close(fd)
 
 
 def move_log_files(old_dir: Path, new_dir: Path) -> None:
@@ -648,24 +695,25 @@ def find_resume_checkpoint(resume: str, ckpt_root: Path) -> Path | None:
             f"resume={path} is a file, not a checkpoint folder: "
             + (f"pass the checkpoint that holds it, resume={holder}." if holder else f"{wanted}.")
         )
-    if (path / checkpoint.MANIFEST).exists():
-        return path  # checked in full, checksums included, when it is loaded
     # A run directory or its checkpoints/ folder where one of its checkpoints was meant.
     run_dir = path if (path / "checkpoints").is_dir() else path.parent if checkpoint.latest(path) else None
-    if run_dir is not None:
+    if run_dir is not None and not (path / checkpoint.MANIFEST).exists():
         newest = checkpoint.latest(run_dir / "checkpoints")
         raise CheckpointError(
             f"resume={path} is {'a run directory' if run_dir == path else 'the checkpoints folder of a run'}, not a "
             f"checkpoint. To continue that run pass hydra.run.dir={run_dir} resume=auto"
             + (f", or its newest checkpoint, resume={newest}." if newest else " (it has no complete checkpoint yet).")
         )
+    # Checked in full before anything reads it: a cut config.yaml is damage, not a run with other settings.
+    checkpoint.verify(path)
     return path
 
 
 def check_run_dir(run_dir: Path, cfg: Config, resuming: bool) -> None:
-    """Starting at step 0 in a directory that holds a run with other model/data/optim/precision settings would mix
-    two runs' metrics and overwrite the old ones: refuse, naming what differs. The same settings may start over (a
-    run that died before its first checkpoint)."""
+    """Starting at step 0 (or from another run directory's checkpoint) in a directory that holds a run with other
+    model/data/optim/precision settings would mix two runs' metrics and overwrite the old ones: refuse, naming what
+    differs. The same settings may start over (a run that died before its first checkpoint). ``resuming``: this
+    directory's own run continues."""
     old_file = run_dir / "config.yaml"
     if resuming or not old_file.is_file():
         return
@@ -678,8 +726,9 @@ def check_run_dir(run_dir: Path, cfg: Config, resuming: bool) -> None:
         ) from None
     if diffs:
         raise RunDirError(
-            f"The run directory {run_dir} holds a run with other settings ({'; '.join(diffs)}) and no checkpoint to "
-            f"continue it from. Choose a new directory with {new_dir_override()}, or remove that run's files."
+            f"The run directory {run_dir} holds a run with other settings ({'; '.join(diffs)})"
+            + ("" if checkpoint.latest(run_dir / "checkpoints") else " and no checkpoint to continue it from")
+            + f". Choose a new directory with {new_dir_override()}, or remove that run's files."
         )
 
 
@@ -810,6 +859,12 @@ def init_from_weights(model: torch.nn.Module, folder: Path, tokenizer_file: Path
     (with another tokenizer the embeddings mean other tokens: the run would start from chance, weights wasted)."""
     from fp8train.export.hf import load_weights, saved_model_config
 
+    # A checkpoint's weights are checked as a resume checks them: a flipped bit still loads, as other numbers.
+    if (folder / checkpoint.MANIFEST).is_file() and (problem := checkpoint.damage(folder)):
+        raise CheckpointError(
+            f"model.init_from={folder}: {problem}; the checkpoint is damaged. Start from another checkpoint (an "
+            f"older one of the same run) or restore this one from a backup."
+        )
     saved_cfg = saved_model_config(folder)
     # n_kv_heads=null is one key/value head per query head, the same weights as that number (an import-hf folder's)
     saved = dataclasses.asdict(dataclasses.replace(saved_cfg, n_kv_heads=saved_cfg.kv_heads))

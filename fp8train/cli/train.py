@@ -235,7 +235,7 @@ def folder_problem(folder: Path, inside: bool = False) -> str | None:
 def hydra_main(raw: DictConfig) -> None:
     from hydra.types import RunMode
 
-    from fp8train.trainer import Trainer
+    from fp8train.trainer import Trainer, unlock_run_dir
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
@@ -244,7 +244,10 @@ def hydra_main(raw: DictConfig) -> None:
         Sweep.jobs[hydra_cfg.job.num] = list(hydra_cfg.overrides.task)
     try:
         cfg = to_typed(raw)
-        Trainer(cfg, run_dir).fit()
+        try:
+            Trainer(cfg, run_dir).fit()
+        finally:  # the next job of a multirun, or another process, may use this directory now
+            unlock_run_dir(run_dir)
     except Fp8trainError as e:
         if not multirun:
             fail(e)

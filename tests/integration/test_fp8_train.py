@@ -53,6 +53,8 @@ def test_fp8_scaling_state_and_fp8_moments_resume_exactly(tmp_path):
         "precision=fp8_smooth",
         "optim=adamw_fp8",
         "optim.fp8_min_numel=0",
+        "trainer.micro_batch_size=4",  # the same 8 sequences per step, in two micro-batches: amaxes over both
+        "trainer.grad_accum_steps=2",
         "trainer.max_steps=24",
         "trainer.eval_every=0",
         "trainer.checkpoint_every=8",

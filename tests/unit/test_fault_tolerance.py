@@ -10,6 +10,8 @@ import math
 import os
 import pathlib
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -18,11 +20,11 @@ from safetensors.torch import load_file
 
 from fp8train import checkpoint
 from fp8train.config import compose
-from fp8train.errors import Fp8trainError
+from fp8train.errors import CheckpointError, Fp8trainError
 from fp8train.fp8.scaling import ScalingConfig, TensorScaler, discard_scalers
 from fp8train.loggers import read_metrics
 from fp8train.trainer import DivergenceError, RunDirError, StopSignals, Trainer
-from tests.helpers import SMALL
+from tests.helpers import ROOT, SMALL
 
 FP8 = [*SMALL, "precision=fp8_smooth", "optim=adamw_fp8", "optim.fp8_min_numel=0", "optim.fused=false"]
 
@@ -184,5 +186,61 @@ def test_a_full_disk_at_startup_stops_with_a_message_and_leaves_no_temp_file(tmp
     before = (tmp_path / "config.yaml").read_text()
     with pytest.raises(Fp8trainError, match=r"Cannot write config.yaml .*No space left on device \(\d+ MiB free"):
         Trainer(compose(SHORT), tmp_path)
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no half-written temp file
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == [".lock"]  # no half-written temp file
     assert (tmp_path / "config.yaml").read_text() == before
+
+
+@pytest.mark.parametrize("config", ["model: [\n", "model:\n  name: tiny\n"])
+def test_resume_path_to_a_checkpoint_with_a_damaged_config_names_the_damage(tmp_path, config):
+    # Its files are checked against the manifest before its config.yaml is compared with this run's settings: an
+    # unreadable or cut config.yaml is damage, not a traceback nor a run "written with other settings".
+    Trainer(compose(SHORT), tmp_path).fit()
+    path = tmp_path / "checkpoints" / "step_0000006"
+    (path / "config.yaml").write_text(config)
+    with pytest.raises(CheckpointError, match=r"step_0000006: config.yaml has \d+ bytes.*the checkpoint is damaged"):
+        Trainer(compose([*SHORT, f"resume={path}", "trainer.max_steps=8"]), tmp_path)
+
+
+def test_weights_of_a_damaged_checkpoint_are_refused_as_init_from(tmp_path):
+    Trainer(compose(SHORT), tmp_path / "old").fit()
+    path = tmp_path / "old" / "checkpoints" / "step_0000006"
+    weights = bytearray((path / "model.safetensors").read_bytes())
+    weights[-3] ^= 0x40  # one bit of a weight: the file still reads, as other numbers
+    (path / "model.safetensors").write_bytes(bytes(weights))
+    with pytest.raises(CheckpointError, match=r"model.init_from=.*step_0000006: model.safetensors does not match"):
+        Trainer(compose([*SHORT, f"model.init_from={path}"]), tmp_path / "new")
+    assert not (tmp_path / "new" / "checkpoints").exists() and not (tmp_path / "new" / "config.yaml").exists()
+
+
+def test_a_run_directory_another_process_trains_in_is_refused(tmp_path):
+    # A job requeued while the first still runs, or the same command typed twice: two writers of one run directory
+    # overwrite each other's metrics and checkpoints and delete the checkpoints the other is about to load.
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from fp8train.trainer import lock_run_dir; from pathlib import Path; "
+         "lock_run_dir(Path(sys.argv[1])); print('locked', flush=True); sys.stdin.read()", str(tmp_path)],
+        cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        with pytest.raises(RunDirError, match=rf"run directory {tmp_path} is in use: process {holder.pid} on "):
+            Trainer(compose([*SHORT, "resume=auto"]), tmp_path)
+        assert not (tmp_path / "config.yaml").exists()
+    finally:
+        holder.communicate("")  # its end releases the lock
+    Trainer(compose([*SHORT, "resume=auto"]), tmp_path)
+    Trainer(compose([*SHORT, "resume=auto"]), tmp_path)  # this process again: the jobs of a multirun, say
+
+
+def test_resuming_another_runs_checkpoint_in_a_run_directory_of_other_settings_is_refused(tmp_path):
+    # Continuing run A's checkpoint in run B's directory would append A's steps to B's metrics and put A's config
+    # over B's, beside B's checkpoints: refused as starting there would be. The same settings (a checkpoint restored
+    # from a backup, say) may continue there.
+    Trainer(compose(SHORT), tmp_path / "a").fit()
+    Trainer(compose([*SHORT, "optim.lr=0.5"]), tmp_path / "b").fit()
+    before = {f: (tmp_path / "b" / f).read_text() for f in ("config.yaml", "metrics.jsonl")}
+    other = tmp_path / "a" / "checkpoints" / "step_0000004"
+    with pytest.raises(RunDirError, match=r"holds a run with other settings \(optim.lr: 0.5 -> 0.001\)"):
+        Trainer(compose([*SHORT, f"resume={other}", "trainer.max_steps=8"]), tmp_path / "b")
+    assert {f: (tmp_path / "b" / f).read_text() for f in before} == before
+    assert not (tmp_path / "b" / "checkpoints" / "superseded").exists()
+    assert Trainer(compose([*SHORT, f"resume={other}", "trainer.max_steps=8"]), tmp_path / "c").step == 4

@@ -305,9 +305,16 @@ def test_in_a_multirun_the_advice_names_hydra_sweep_dir(stopped_run, monkeypatch
     for err in (taken, changed):
         assert "hydra.sweep.dir" in str(err.value) and "hydra.run.dir" not in str(err.value)
     t = make_trainer(stopped_run, *RESUMABLE, "optim.lr=1e-2", "resume=auto")
-    t.saved_path = stopped_run / "checkpoints" / "step_0000002"
     for err in (t.divergence_error(), t.compile_error(RuntimeError("PassManager::run failed"))):
         assert "hydra.sweep.dir=/runs/sweep resume=auto" in str(err) and "hydra.run.dir" not in str(err)
+
+
+def test_a_resumed_run_that_fails_before_its_first_checkpoint_names_the_one_it_resumed_from(stopped_run):
+    # torch.compile failing at the first resumed step: the state of step 2 is still on disk and resume=auto takes it.
+    t = make_trainer(stopped_run, *RESUMABLE, "optim.lr=1e-2", "resume=auto")
+    message = str(t.compile_error(RuntimeError("PassManager::run failed")))
+    assert f"The last checkpoint, {stopped_run / 'checkpoints' / 'step_0000002'}, is intact" in message
+    assert f"hydra.run.dir={stopped_run} resume=auto backend.compile=false" in message
 
 
 def test_starting_over_in_a_run_dir_ignores_settings_neither_run_reads(tmp_path):
