@@ -140,10 +140,20 @@ def _finish(tmp: Path, step: int, trainer_state: dict, config_yaml: str) -> None
     torch.save(trainer_state, tmp / "trainer.pt")
     (tmp / "config.yaml").write_text(config_yaml)
     paths = sorted(p for p in tmp.rglob("*") if p.is_file())
+    readable_as_umask(paths)
     files = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in paths}
     _write_synced(tmp / MANIFEST, json.dumps({"step": step, "files": files}, indent=2))
     for p in paths:
         _fsync(p)
+
+
+def readable_as_umask(files: list[Path]) -> None:
+    """Give files the mode the umask gives new files. safetensors creates its files private (0600): other users, or
+    a serving container running as another user, could not read weights that sit beside readable files."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for file in files:
+        file.chmod(0o666 & ~mask)
 
 
 def _remove(path: Path) -> None:

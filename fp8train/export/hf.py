@@ -142,13 +142,9 @@ def writing(out: Path) -> Iterator[Path]:
     done = False
     try:
         yield tmp
-        # safetensors creates its files private (0600): give every file the mode the umask gives the others, so that
-        # other users, or a serving container running as another user, can read the model.
-        mask = os.umask(0)
-        os.umask(mask)
+        files = [file for file in tmp.iterdir() if file.is_file()]
+        checkpoint.readable_as_umask(files)
         for file in tmp.iterdir():
-            if file.is_file():
-                file.chmod(0o666 & ~mask)
             os.replace(file, out / file.name)
         done = True
     except (OSError, SafetensorError) as e:

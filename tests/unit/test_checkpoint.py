@@ -68,6 +68,19 @@ def test_manifest_lists_every_file_with_checksum(tmp_path):
     assert not list(tmp_path.glob(".tmp-*"))
 
 
+def test_checkpoint_weights_are_as_readable_as_the_other_files(tmp_path):
+    """safetensors creates its files private (0600): a run directory shared with a team, or read by an evaluation
+    job running as another user, needs the weights readable as the umask allows, like config.yaml beside them."""
+    import stat
+
+    model, opt = trained(0)
+    path = save(tmp_path, 1, model, opt)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in path.iterdir()}
+    mask = os.umask(0)
+    os.umask(mask)
+    assert modes["model.safetensors"] == modes["config.yaml"] == modes["optimizer.pt"] == 0o666 & ~mask, modes
+
+
 def test_incomplete_folders_are_never_taken(tmp_path):
     model, opt = trained(0)
     save(tmp_path, 5, model, opt)
