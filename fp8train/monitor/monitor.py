@@ -45,7 +45,7 @@ from torch import nn
 
 from fp8train.config import MonitorConfig, OnAlert
 from fp8train.fp8.scaling import STAT_NAMES, TensorScaler
-from fp8train.loggers import JsonLines, RunLogger, read_jsonl
+from fp8train.loggers import JsonLines, RunLogger, read_to_resume
 from fp8train.monitor import stats
 from fp8train.monitor.alerts import Alert, SpikeRule, overflowed
 
@@ -307,9 +307,9 @@ class OutlierMonitor:
 
     def _replay(self, path: Path, resume_step: int) -> None:
         """A resumed run continues the running medians from the monitored steps it keeps (those <= resume_step)."""
-        for row in read_jsonl(path):
-            if row.get("step", 0) <= resume_step:
-                for r in row.get("layers", []):
+        for row in read_to_resume(path):
+            if is_record(row) and row["step"] <= resume_step:
+                for r in row["layers"]:
                     if isinstance(r.get("h_amax"), (int, float)):
                         self.spikes.record(f"layer_{r['layer']}/h_amax", r["h_amax"])
 
@@ -410,6 +410,17 @@ WANDB_KEYS = (
     "cos_max_abs",
     "cos_frac_above_half",
 )
+
+
+def is_record(row) -> bool:
+    """Whether a line of outliers.jsonl is one monitored step's statistics; other lines (hand edits, another
+    tool's output in the file) are skipped rather than read as one."""
+    return (
+        isinstance(row, dict)
+        and isinstance(row.get("step"), int)
+        and isinstance(row.get("layers"), list)
+        and all(isinstance(entry, dict) and isinstance(entry.get("layer"), int) for entry in row["layers"])
+    )
 
 
 def worst(values) -> float:
