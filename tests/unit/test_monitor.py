@@ -773,3 +773,16 @@ def test_resuming_over_a_damaged_outliers_file_is_one_message(tmp_path, damage):
 
     with pytest.raises(Fp8trainError, match=f"^{path} cannot be read \\(.*Move it out of the run directory"):
         OutlierMonitor(cfg, model, tmp_path, resume_step=10)
+
+
+@pytest.mark.parametrize("nan_first", [True, False])
+def test_the_console_line_names_a_nan_layer_whatever_the_layer_order(nan_first):
+    # A NaN h amax (or alignment) is the news of the step: max() alone showed it only when it came first.
+    from fp8train.monitor.monitor import one_line
+
+    finite = {"layer": 0, "h_amax": 5.0, "h_kurtosis": 3.0, "cos_max_abs": 0.5}
+    broken = {"layer": 1, "h_amax": math.nan, "h_kurtosis": math.nan, "cos_max_abs": math.nan}
+    line = one_line([broken, finite] if nan_first else [finite, broken])
+    assert "largest h amax nan (layer 1, kurtosis nan)" in line
+    assert "max |cos(W_up, W_gate)| nan (layer 1)" in line
+    assert "largest h amax inf (layer 0" in one_line([{**finite, "h_amax": math.inf}, broken | {"h_amax": 9.0}])
