@@ -346,7 +346,7 @@ def cache_damage(path: Path) -> str | None:
     try:
         meta, dtype, counts = _read_meta(path)
     except PermissionError as e:
-        raise _unreadable(path, e) from None
+        raise unreadable(path, e) from None
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f"no readable meta.json: {first_line(e)}"
     if not isinstance(digests := meta.get("sha256"), dict):
@@ -359,15 +359,16 @@ def cache_damage(path: Path) -> str | None:
             if file_sha256(path / name) != digests.get(name):
                 return f"{name} does not match its sha256 in meta.json"
         except PermissionError as e:
-            raise _unreadable(path, e) from None
+            raise unreadable(path, e) from None
         except OSError as e:
             return f"{name}: {e.strerror or e}"
     return None
 
 
-def _unreadable(path: Path, e: OSError) -> DataError:
+def unreadable(path: Path, e: OSError, what: str = "token cache") -> DataError:
+    """A cache directory this process may not read: no damage to discard, but another user's to make readable."""
     return DataError(
-        f"data.cache_dir={path.parent}: the token cache {path} cannot be read ({e.strerror or e}: "
+        f"data.cache_dir={path.parent}: the {what} {path} cannot be read ({e.strerror or e}: "
         f"{e.filename or path}). If another user wrote it, ask them to make it readable (chmod -R a+rX {path}), or "
         "set data.cache_dir to a folder of your own."
     )
