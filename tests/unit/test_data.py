@@ -1139,3 +1139,29 @@ def test_check_on_a_large_corpus_with_an_old_cache_says_it_is_tokenized_when_tra
     warned = [r.getMessage() for r in caplog.records if "fails its check" in r.getMessage()]
     assert len(warned) == 1 and "tokenized again when training starts" in warned[0], caplog.text
     assert "sha256" not in json.loads((path / "meta.json").read_text())  # left alone: check writes nothing here
+
+
+@pytest.mark.parametrize("held_s", [0.05, 0.6])
+def test_a_long_wait_for_a_lock_is_a_warning_that_every_rank_shows(tmp_path, monkeypatch, caplog, held_s):
+    """Ranks other than 0 show only warnings: on a machine whose ranks wait while one of them tokenizes into a local
+    data.cache_dir, the INFO line naming the builder was hidden, and the rank looked hung. A short wait stays quiet."""
+    import fcntl
+    import threading
+
+    from fp8train.data import tokens
+
+    monkeypatch.setattr(tokens, "LONG_WAIT_S", 0.3)
+    final = tmp_path / "tokens-abc"
+    lock = tmp_path / ".tokens-abc.lock"
+    lock.write_text("process 123 on node7\n")
+    held = os.open(lock, os.O_RDWR)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    threading.Timer(held_s, os.close, (held,)).start()  # the builder finishes (closing releases its lock)
+    with caplog.at_level(logging.WARNING, logger="fp8train"), tokens.building(final):  # quiet_logging's level
+        pass
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    if held_s < tokens.LONG_WAIT_S:
+        assert warnings == []
+    else:
+        (warning,) = warnings
+        assert warning.startswith(f"still waiting for process 123 on node7, which builds {final} (lock file {lock})")
