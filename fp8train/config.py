@@ -725,10 +725,14 @@ def override_problems(overrides: list[str] | tuple[str, ...]) -> tuple[list[str]
                 f"{key}={arg.split('=', 1)[1]}"
             )
             continue
+        if o.is_delete() and (key in GROUPS or _hint_at(Config, key) is not _UNKNOWN):
+            # as typed: a multirun's jobs carry ~KEY as ~KEY=null
+            problems.append(_delete_problem(f"~{key}" if o.value() is None else arg, key))
+            continue
         if key in GROUPS and not o.package:
-            options = sorted(p.stem for p in (CONF_DIR / key).glob("*.yaml"))
+            options = _options(key)
             choices = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
-            bad = [c for c in choices if c not in options] if not o.is_delete() else []
+            bad = [c for c in choices if c not in options]
             problems += [_group_choice_problem(key, c, options) for c in bad]
         elif not key.startswith("hydra") and not o.is_add() and _hint_at(Config, key) is _UNKNOWN:
             free = next((k for k in _prefixes(key) if typing.get_origin(_hint_at(Config, k)) is dict), None)
@@ -741,18 +745,49 @@ def override_problems(overrides: list[str] | tuple[str, ...]) -> tuple[list[str]
     return problems, usable
 
 
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def _unset_by_default(group: str) -> bool:
+    """Whether conf/config.yaml leaves the group unset (variant, experiment, debug)."""
+    return any(
+        isinstance(entry, DictConfig) and group in entry and entry[group] is None
+        for entry in OmegaConf.load(CONF_DIR / "config.yaml").defaults
+    )
+
+
 def _group_choice_problem(group: str, choice: str, options: list[str]) -> str:
     choose = f"choose one of {', '.join(options)}"
     if choice != "null":
         return f"{group}={choice}: unknown option; {choose}"
     # Hydra rejects null for a group on the command line (a ValueError deep in its defaults list), even for a
     # group conf/config.yaml leaves unset, where leaving the override out is what null would mean.
-    unset = any(
-        isinstance(entry, DictConfig) and group in entry and entry[group] is None
-        for entry in OmegaConf.load(CONF_DIR / "config.yaml").defaults
-    )
-    leave_out = f", or leave {group}= out ({group} is unset unless chosen)" if unset else ""
+    leave_out = f", or leave {group}= out ({group} is unset unless chosen)" if _unset_by_default(group) else ""
     return f"{group}=null: a config group takes one of its options, not null; {choose}{leave_out}"
+
+
+def _delete_problem(arg: str, key: str) -> str:
+    """``~group`` or ``~key``: Hydra drops it, and the schema's default fills the gap without a word."""
+    if key not in GROUPS and _known_keys(Config, key):
+        return (
+            f"{arg}: deleting a section leaves {key}.* at the schema's built-in defaults, not the values conf/ gives "
+            f"them; leave {arg} out, or set a value: {key}.NAME=VALUE"
+        )
+    if key not in GROUPS:
+        return (
+            f"{arg}: deleting a setting leaves it at the schema's built-in default, not the value conf/ gives it; "
+            f"leave {arg} out, or set the value: {key}=VALUE"
+        )
+    choose = f"choose one of {', '.join(_options(key))}: {key}=OPTION"
+    if _unset_by_default(key):  # a group of # @package _global_ deltas: deleting it undoes an option at most
+        return (
+            f"{arg}: a config group is chosen, not deleted ({key} is unset unless chosen); leave {arg} out, or {choose}"
+        )
+    return (
+        f"{arg}: deleting a config group leaves {key}.* at the schema's built-in defaults, not an option of "
+        f"conf/{key}/; leave {arg} out, or {choose}"
+    )
 
 
 def _unknown_key(path: str) -> str:

@@ -99,7 +99,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    """All lines of a JSON-lines file (a torn last line from a killed run is skipped); [] if there is none."""
+    """All objects of a JSON-lines file (a torn last line from a killed run is skipped); [] if there is none."""
     path = Path(path)
     rows = []
     for line in path.read_text().splitlines() if path.exists() else []:
@@ -107,7 +107,18 @@ def read_jsonl(path: Path) -> list[dict]:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
             continue
-    return rows
+    return [r for r in rows if isinstance(r, dict)]  # other JSON values (hand edits) are no lines of a run
+
+
+def read_to_resume(path: Path) -> list[dict]:
+    """``read_jsonl`` for a run that continues the file; one that cannot be read stops it with what to do."""
+    try:
+        return read_jsonl(path)
+    except (OSError, UnicodeDecodeError) as e:  # binary garbage, a folder, no permission
+        raise Fp8trainError(
+            f"{path} cannot be read ({first_line(e)}), so the run cannot continue it. Move it out of the run "
+            f"directory and run again: the run writes a new {path.name} from its checkpoint on."
+        ) from None
 
 
 def setup_console(level: int = logging.INFO) -> None:
@@ -154,7 +165,7 @@ def _truncate_after(path: Path, step: int) -> None:
     """Keep only lines of steps <= step: a resumed run rewrites what came after its checkpoint."""
     if not path.exists():
         return
-    rows = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
+    rows = [r for r in read_to_resume(path) if r.get("step", 0) <= step]
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
     os.replace(tmp, path)

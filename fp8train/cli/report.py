@@ -20,7 +20,7 @@ from fp8train.cli import writing_into
 from fp8train.config import first_line
 from fp8train.errors import Fp8trainError
 from fp8train.loggers import from_jsonable, read_jsonl
-from fp8train.monitor.monitor import OUTLIERS_FILE, worst
+from fp8train.monitor.monitor import OUTLIERS_FILE, is_record, worst
 
 FILES = ("h_amax.png", "alignment.png", "fp8_overflow.png", "worst_layers.png", "summary.txt")
 WORST = 4  # layers drawn in worst_layers.png
@@ -84,17 +84,6 @@ class Outliers:
 def _nan_last(v) -> float:
     """A key for max(): NaN (and anything not a number) below every number, rather than wherever it happens to be."""
     return v if isinstance(v, (int, float)) and not math.isnan(v) else -math.inf
-
-
-def is_record(row) -> bool:
-    """Whether a line of outliers.jsonl is one monitored step's statistics; other lines (hand edits, another
-    tool's output in the file) are skipped rather than read as one."""
-    return (
-        isinstance(row, dict)
-        and isinstance(row.get("step"), int)
-        and isinstance(row.get("layers"), list)
-        and all(isinstance(entry, dict) and isinstance(entry.get("layer"), int) for entry in row["layers"])
-    )
 
 
 def fp8_worst(stat: str, group: str):

@@ -4,8 +4,8 @@ Trained: GPT-2's recipe with Hugging Face ``tokenizers``: bytes are mapped to 25
 text round-trips and nothing is ever unknown), GPT-2's regex splits words, BPE merges are learned up to
 ``data.tokenizer.vocab_size``, and ``<|endoftext|>`` separates documents. It is stored in
 ``cache_dir/tokenizer-<key>/tokenizer.json``, the key hashing the training text, the vocabulary size and
-``BPE_FORMAT``; the next run with the same text reuses it. Processes that need it at once train it once: the others
-wait on its lock file (``tokens.building``).
+``BPE_FORMAT``; the next run with the same text reuses it (and trains it again, identical, if it is damaged).
+Processes that need it at once train it once: the others wait on its lock file (``tokens.building``).
 
 Given (``data.tokenizer.path``): a ``tokenizer.json``, a folder holding one, or a Hugging Face tokenizer folder
 without one (loaded offline through ``transformers.AutoTokenizer``; its fast backend is what is used).
@@ -24,7 +24,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from fp8train.config import TokenizerConfig, first_line, resolve_path
-from fp8train.data.tokens import building, discard_damaged, publishing, text_pieces
+from fp8train.data.tokens import building, discard_damaged, publishing, text_pieces, unreadable
 from fp8train.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -52,26 +52,47 @@ def build_tokenizer(
         return load_tokenizer(cfg.path, cache_dir)
     key = hashlib.sha256(f"{BPE_FORMAT}|vocab_size={cfg.vocab_size}|{train_sha256}".encode()).hexdigest()[:16]
     final = cache_dir / f"tokenizer-{key}"
-    file = final / "tokenizer.json"
-    tokenizer = None
-    if not file.is_file():
+    tokenizer, damage = _cached(final)
+    if tokenizer is not None:
+        log.info("tokenizer cache hit: %s", final / "tokenizer.json")
+    else:
+        # Like a damaged token cache, a damaged tokenizer cache (a torn write, a partial copy, a clean-up that
+        # deleted files) is trained again: BPE training is deterministic, so it comes back byte for byte, and the
+        # token caches keyed by it stay valid.
+        if damage is not None:
+            later = "" if may_train else " when training starts"
+            log.warning("the tokenizer cache %s %s: it is trained again%s", final, damage, later)
         if not may_train:
             return None
         with building(final):
-            if not file.is_file():  # else another process trained it while this one waited
+            tokenizer, damage = _cached(final)  # another process may have trained it while this one waited
+            if tokenizer is None:
+                if damage is not None:
+                    discard_damaged(final, damage, "tokenizer cache")
                 tokenizer = _train_into(final, cfg.vocab_size, train_texts)
-    if tokenizer is None:
-        log.info("tokenizer cache hit: %s", file)
-        fix = f"Delete {final} (it is trained again on the next run), or set data.cache_dir to another folder."
-        tokenizer = read_tokenizer_file(file, f"data.cache_dir={cache_dir}", fix)
-    return LoadedTokenizer(tokenizer, file, find_eos_id(tokenizer, None, "data.tokenizer.path=null"))
+    return LoadedTokenizer(
+        tokenizer, final / "tokenizer.json", find_eos_id(tokenizer, None, "data.tokenizer.path=null")
+    )
+
+
+def _cached(final: Path) -> tuple[Tokenizer | None, str | None]:
+    """The tokenizer cached in the folder ``final``, or None and what is wrong with the folder (None: no folder).
+    A file this process may not read is no damage (as for the token cache): a DataError."""
+    if not final.is_dir():
+        return None, None
+    file = final / "tokenizer.json"
+    if not file.is_file():
+        return None, "has no tokenizer.json"
+    try:
+        return _untruncated(Tokenizer.from_str(file.read_bytes().decode())), None
+    except PermissionError as e:
+        raise unreadable(final, e, "tokenizer cache") from None
+    except Exception as e:  # tokenizers raises a bare Exception for malformed JSON (see read_tokenizer_file)
+        return None, f"has a tokenizer.json that Hugging Face tokenizers cannot read ({first_line(e)})"
 
 
 def _train_into(final: Path, vocab_size: int, train_texts: Sequence[str]) -> Tokenizer:
     """Train the BPE and publish it as ``final/tokenizer.json``."""
-    if final.is_dir():  # a partial copy of the cache, or a clean-up that deleted files: publishing would keep it
-        log.warning("the tokenizer cache %s has no tokenizer.json: it is trained again", final)
-        discard_damaged(final, "no tokenizer.json", "tokenizer cache")
     n_chars = sum(map(len, train_texts))
     log.info("training a byte-level BPE tokenizer (vocab %d) on %s characters", vocab_size, f"{n_chars:,}")
     t0 = time.perf_counter()
@@ -128,11 +149,12 @@ def load_tokenizer(path: str, cache_dir: Path) -> LoadedTokenizer:
         digest = hashlib.sha256(tokenizer.to_str().encode()).hexdigest()[:16]
         final = cache_dir / f"tokenizer-{digest}"
         file = final / "tokenizer.json"
-        if not file.is_file():
+        if _cached(final)[0] is None:
             with building(final):
-                if not file.is_file():  # else another process wrote it while this one waited
-                    if final.is_dir():  # as in _train_into
-                        discard_damaged(final, "no tokenizer.json", "tokenizer cache")
+                written, damage = _cached(final)  # another process may have written it while this one waited
+                if written is None:
+                    if damage is not None:  # as in build_tokenizer
+                        discard_damaged(final, damage, "tokenizer cache")
                     with publishing(final) as tmp:
                         tokenizer.save(str(tmp / "tokenizer.json"))
     log.info("tokenizer loaded from %s (vocab %d)", resolved, tokenizer.get_vocab_size())

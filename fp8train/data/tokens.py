@@ -31,6 +31,7 @@ import re
 import shutil
 import socket
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -52,6 +53,9 @@ PIECE_CHARS = 1 << 16  # characters per encode call; bounds the memory of tokeni
 BATCH_PIECES = 16  # pieces per encode_batch call (tokenizers spreads a batch over its thread pool)
 PROGRESS_CHARS = 16 << 20  # log progress every this many characters, on inputs larger than this
 HASH_CHUNK = 16 << 20  # bytes read at a time when checking a cache file's sha256
+# A wait for another process's build this long is logged as a warning, which ranks other than 0 show too (they
+# hide INFO lines): a rank waiting for a machine's builder would look hung. Shorter waits keep the console quiet.
+LONG_WAIT_S = 30
 STALE_TMP_S = 3600  # a temp folder not written to for this long belongs to a killed build (a live one writes often)
 
 
@@ -346,7 +350,7 @@ def cache_damage(path: Path) -> str | None:
     try:
         meta, dtype, counts = _read_meta(path)
     except PermissionError as e:
-        raise _unreadable(path, e) from None
+        raise unreadable(path, e) from None
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f"no readable meta.json: {first_line(e)}"
     if not isinstance(digests := meta.get("sha256"), dict):
@@ -359,15 +363,16 @@ def cache_damage(path: Path) -> str | None:
             if file_sha256(path / name) != digests.get(name):
                 return f"{name} does not match its sha256 in meta.json"
         except PermissionError as e:
-            raise _unreadable(path, e) from None
+            raise unreadable(path, e) from None
         except OSError as e:
             return f"{name}: {e.strerror or e}"
     return None
 
 
-def _unreadable(path: Path, e: OSError) -> DataError:
+def unreadable(path: Path, e: OSError, what: str = "token cache") -> DataError:
+    """A cache directory this process may not read: no damage to discard, but another user's to make readable."""
     return DataError(
-        f"data.cache_dir={path.parent}: the token cache {path} cannot be read ({e.strerror or e}: "
+        f"data.cache_dir={path.parent}: the {what} {path} cannot be read ({e.strerror or e}: "
         f"{e.filename or path}). If another user wrote it, ask them to make it readable (chmod -R a+rX {path}), or "
         "set data.cache_dir to a folder of your own."
     )
@@ -499,7 +504,11 @@ def _lock(lock: Path, final: Path) -> int | None:
             except BlockingIOError:
                 holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
                 log.info("waiting for %s, which builds %s (lock file %s)", holder, final, lock)
-                fcntl.flock(fd, fcntl.LOCK_EX)
+                late = (
+                    "still waiting for %s, which builds %s (lock file %s), %d s so far; this process goes on after it"
+                )
+                with _warning_after(LONG_WAIT_S, late, holder, final, lock, LONG_WAIT_S):
+                    fcntl.flock(fd, fcntl.LOCK_EX)
             if _same_file(fd, lock):
                 os.ftruncate(fd, 0)
                 os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
@@ -521,6 +530,18 @@ def _lock(lock: Path, final: Path) -> int | None:
         except BaseException:  # Ctrl-C while waiting
             os.close(fd)
             raise
+
+
+@contextlib.contextmanager
+def _warning_after(seconds: float, message: str, *args) -> Iterator[None]:
+    """Log ``message % args`` as a warning if the block still runs after ``seconds``."""
+    timer = threading.Timer(seconds, log.warning, (message, *args))
+    timer.daemon = True  # never what keeps a process alive
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 def _same_file(fd: int, path: Path) -> bool:

@@ -45,7 +45,7 @@ from torch import nn
 
 from fp8train.config import MonitorConfig, OnAlert
 from fp8train.fp8.scaling import STAT_NAMES, TensorScaler
-from fp8train.loggers import JsonLines, RunLogger, read_jsonl
+from fp8train.loggers import JsonLines, RunLogger, read_to_resume
 from fp8train.monitor import stats
 from fp8train.monitor.alerts import Alert, SpikeRule, overflowed
 
@@ -307,9 +307,9 @@ class OutlierMonitor:
 
     def _replay(self, path: Path, resume_step: int) -> None:
         """A resumed run continues the running medians from the monitored steps it keeps (those <= resume_step)."""
-        for row in read_jsonl(path):
-            if row.get("step", 0) <= resume_step:
-                for r in row.get("layers", []):
+        for row in read_to_resume(path):
+            if is_record(row) and row["step"] <= resume_step:
+                for r in row["layers"]:
                     if isinstance(r.get("h_amax"), (int, float)):
                         self.spikes.record(f"layer_{r['layer']}/h_amax", r["h_amax"])
 
@@ -412,11 +412,26 @@ WANDB_KEYS = (
 )
 
 
+def is_record(row) -> bool:
+    """Whether a line of outliers.jsonl is one monitored step's statistics; other lines (hand edits, another
+    tool's output in the file) are skipped rather than read as one."""
+    return (
+        isinstance(row, dict)
+        and isinstance(row.get("step"), int)
+        and isinstance(row.get("layers"), list)
+        and all(isinstance(entry, dict) and isinstance(entry.get("layer"), int) for entry in row["layers"])
+    )
+
+
+def nan_largest(v: float) -> tuple[bool, float]:
+    """A key for max() that puts NaN above every number: max() alone keeps a NaN only when it comes first."""
+    return math.isnan(v), v
+
+
 def worst(values) -> float:
     """The largest of some FP8 statistics, NaN if one is NaN: a tensor that met a NaN is the worst off (as for the
-    overflow rule), whatever the order of the tensors (max() alone keeps a NaN only when it comes first)."""
-    values = list(values)
-    return math.nan if any(math.isnan(v) for v in values) else max(values)
+    overflow rule), whatever the order of the tensors."""
+    return max(values, key=nan_largest)
 
 
 def wandb_metrics(records: list[dict], n_alerts: int) -> dict:
@@ -440,11 +455,11 @@ def one_line(records: list[dict]) -> str:
     parts = []
     with_h = [r for r in records if isinstance(r.get("h_amax"), (int, float))]
     if with_h:
-        w = max(with_h, key=lambda r: r["h_amax"])
+        w = max(with_h, key=lambda r: nan_largest(r["h_amax"]))  # a NaN layer is the news, whatever its place
         parts.append(f"largest h amax {w['h_amax']:.4g} (layer {w['layer']}, kurtosis {w['h_kurtosis']:.3g})")
     with_cos = [r for r in records if "cos_max_abs" in r]
     if with_cos:
-        most = max(with_cos, key=lambda r: r["cos_max_abs"])
+        most = max(with_cos, key=lambda r: nan_largest(r["cos_max_abs"]))
         parts.append(f"max |cos(W_up, W_gate)| {most['cos_max_abs']:.3f} (layer {most['layer']})")
     n_fp8 = sum(len(r.get("fp8", {})) for r in records)
     if n_fp8:

@@ -217,6 +217,7 @@ def preflight_status(argv: list[str]) -> int:
     [
         (["-m", "precision=bf16,fp8", "optim.lr=1e-3,-1"], "optim.lr=-1.0: must be > 0"),
         (["--multirun", "precision=bf16,fp9"], "precision=fp9: unknown option"),
+        (["-m", "precision=bf16,fp8", "~trainer.max_steps"], "~trainer.max_steps: deleting a setting"),
         # a bad override beside a sweep is named alone, not with Hydra's "Ambiguous value" for the sweep
         (["-m", "precision=bf16,fp8", "optim.lrr=1"], "optim.lrr: unknown setting"),
         (["-m", "precision=bf16,fp8", "optim.lr=[1"], "optim.lr=[1: not an override Hydra can parse"),

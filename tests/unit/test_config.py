@@ -75,6 +75,24 @@ def problems(overrides: list[str]) -> list[str]:
         ("backend=tpu", "backend=tpu: unknown option; choose one of auto, cpu, cuda, hpu"),
         ("model=null", "model=null: a config group takes one of its options, not null; choose one of llama2_7b,"),
         ("variant=null", "variant=null: a config group takes one of its options, not null; choose one of bf16,"),
+        # Hydra drops a deleted group or key and the schema's default filled the gap: model.d_model=256 unannounced
+        (
+            "~model",
+            "~model: deleting a config group leaves model.* at the schema's built-in defaults, not an option of "
+            "conf/model/; leave ~model out, or choose one of llama2_7b, llama_125m, llama_1b, tiny: model=OPTION",
+        ),
+        ("~precision=fp8_smooth", "~precision=fp8_smooth: deleting a config group leaves precision.* at the schema's"),
+        (
+            "~trainer.max_steps",
+            "~trainer.max_steps: deleting a setting leaves it at the schema's built-in default, not the value conf/ "
+            "gives it; leave ~trainer.max_steps out, or set the value: trainer.max_steps=VALUE",
+        ),
+        ("~trainer", "~trainer: deleting a section leaves trainer.* at the schema's built-in defaults, not the values"),
+        (
+            "~variant",
+            "~variant: a config group is chosen, not deleted (variant is unset unless chosen); leave ~variant out, or "
+            "choose one of bf16,",
+        ),
         # Hydra's own messages for these stop at "Ambiguous value ..." or "... appears more than once": no fix named
         ("model=tiny,llama_1b", "model=tiny,llama_1b: several options are a sweep, one job each: add -m (--multirun)"),
         ("optim.betas=0.9,0.95", "optim.betas=0.9,0.95: several values are a sweep, one job each: add -m"),

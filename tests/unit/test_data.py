@@ -6,7 +6,6 @@ import json
 import logging
 import multiprocessing
 import os
-import shutil
 import signal
 import sys
 import time
@@ -311,6 +310,12 @@ def test_tokenizer_json_and_folders_load_offline(tmp_path, trained, monkeypatch)
         assert data.vocab_size == trained.vocab_size and data.eos_id == trained.eos_id
         assert data.tokenizer_file.is_file()
         assert torch.equal(data.train_batch(2, 1)[0], reference)  # same ids, same windows
+    # The tokenizer.json written for the folder without one is fp8train's cache: damaged, it is written again (it
+    # was copied into the run dir as it was, and other ranks could not read it).
+    written = data.tokenizer_file.read_bytes()
+    data.tokenizer_file.write_bytes(written[: len(written) // 2])
+    again = build(data_cfg(tmp_path / f"run{i}", [TEXT], tokenizer_path=str(vocab_dir)))
+    assert again.tokenizer_file == data.tokenizer_file and again.tokenizer_file.read_bytes() == written
 
 
 def test_a_tokenizer_saved_with_truncation_or_padding_still_encodes_every_token(tmp_path, trained):
@@ -351,17 +356,38 @@ def test_a_tokenizer_whose_ids_have_gaps_sizes_the_model_by_its_largest_id(tmp_p
     assert with_vocab_size(compose([]), data.vocab_size).model.vocab_size >= eos_id + 1
 
 
-def test_a_damaged_cached_tokenizer_says_to_delete_it_and_is_retrained_after(tmp_path):
+def test_a_damaged_cached_tokenizer_is_trained_again_into_the_same_bytes(tmp_path, caplog):
+    """A torn write or a full disk in data.cache_dir: the tokenizer fp8train trained is fp8train's to replace, as a
+    damaged token cache is (the run stopped with "Delete ..."). BPE training is deterministic, so the retrained
+    tokenizer is the lost one and the token cache keyed by it still serves."""
+    from fp8train.data.loader import check_data
+
     cfg = data_cfg(tmp_path, [TEXT])
     first = build(cfg)
-    first.tokenizer_file.write_text(first.tokenizer_file.read_text()[:1000])  # a torn write, a full disk
-    with pytest.raises(DataError) as e:
-        build(cfg)
-    message = str(e.value)
-    assert f"Delete {first.tokenizer_file.parent} (it is trained again on the next run)" in message
-    assert "data.tokenizer.path" not in message  # it is null already: nothing to point anywhere
-    shutil.rmtree(first.tokenizer_file.parent)
-    assert torch.equal(build(cfg).train_batch(3, 1)[0], first.train_batch(3, 1)[0])
+    intact = first.tokenizer_file.read_bytes()
+    torn = intact[: len(intact) // 2]
+    first.tokenizer_file.write_bytes(torn)
+    # fp8train check on a corpus it would not tokenize: a warning and no training, as for a damaged token cache
+    with caplog.at_level(logging.WARNING, logger="fp8train"):
+        summary, vocab = check_data(cfg, max_chars=10, seed=0, micro_batch_size=4, grad_accum_steps=1)
+    assert vocab is None and "not tokenized" in summary and first.tokenizer_file.read_bytes() == torn
+    assert "cannot read" in caplog.text and "it is trained again when training starts" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="fp8train"):
+        again = build(cfg)
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warning.startswith(f"the tokenizer cache {first.tokenizer_file.parent} has a tokenizer.json that ")
+    assert again.tokenizer_file == first.tokenizer_file and again.tokenizer_file.read_bytes() == intact
+    assert again.cache_path == first.cache_path and "token cache hit" in caplog.text
+    assert torch.equal(again.train_batch(3, 1)[0], first.train_batch(3, 1)[0])
+    assert cache_entries(tmp_path / "cache") == ["tokenizer", "tokens"]  # the damaged copy is gone
+    # A tokenizer the user named is the user's file: refused with what to do, never replaced.
+    mine = tmp_path / "mine" / "tokenizer.json"
+    mine.parent.mkdir()
+    mine.write_bytes(torn)
+    with pytest.raises(DataError, match=f"data.tokenizer.path={mine}: {mine} is not a tokenizer.json that"):
+        build(data_cfg(tmp_path / "run", [TEXT], tokenizer_path=str(mine)))
+    assert mine.read_bytes() == torn
 
 
 def test_a_cached_tokenizer_folder_without_its_tokenizer_json_is_trained_again(tmp_path, caplog):
@@ -583,6 +609,19 @@ def test_two_processes_finding_the_same_damaged_cache_rebuild_it_once(tmp_path):
     assert any("written meanwhile by another process" in line for line in results[1]["log"]), results[1]["log"]
 
 
+def test_processes_finding_the_same_damaged_tokenizer_train_it_once(tmp_path):
+    """As for a damaged token cache: one trains the tokenizer again under its lock, the others then find it sound,
+    and the token cache keyed by it is reused by all."""
+    cfg = data_cfg(tmp_path, [TEXT])
+    first = build(cfg)
+    intact = first.tokenizer_file.read_bytes()
+    first.tokenizer_file.write_bytes(intact[: len(intact) // 2])
+    results = _run_builders(cfg, tmp_path, [False, False, False])
+    assert sorted(b for r in results for b in r["built"]) == ["train_bpe"]
+    assert [r["cache"] for r in results] == [str(first.cache_path)] * 3
+    assert first.tokenizer_file.read_bytes() == intact
+
+
 def test_a_file_system_without_locks_builds_as_before_with_one_warning(tmp_path, monkeypatch, caplog):
     import fcntl
 
@@ -769,6 +808,27 @@ def test_another_users_unreadable_token_cache_is_refused_not_discarded(tmp_path,
     assert message.startswith(f"data.cache_dir={path.parent}: the token cache {path} cannot be read (Permission")
     assert "chmod -R a+rX" in message and "set data.cache_dir to a folder of your own" in message
     assert tokens.file_identities(path) == before
+
+
+def test_another_users_unreadable_tokenizer_cache_is_refused_not_discarded(tmp_path, monkeypatch):
+    """As for the token cache: a cached tokenizer.json this user may not read is not trained again in its place."""
+    cfg = data_cfg(tmp_path, [TEXT])
+    file = build(cfg).tokenizer_file
+    before = file.read_bytes()
+    real = Path.read_bytes
+
+    def denied(path):
+        if path == file:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    with pytest.raises(DataError) as e:
+        build(cfg)
+    message = str(e.value)
+    assert message.startswith(f"data.cache_dir={file.parent.parent}: the tokenizer cache {file.parent} cannot be read")
+    assert "chmod -R a+rX" in message
+    assert real(file) == before
 
 
 def test_a_cache_dir_that_is_a_file_is_named_a_file(tmp_path):
@@ -1079,3 +1139,29 @@ def test_check_on_a_large_corpus_with_an_old_cache_says_it_is_tokenized_when_tra
     warned = [r.getMessage() for r in caplog.records if "fails its check" in r.getMessage()]
     assert len(warned) == 1 and "tokenized again when training starts" in warned[0], caplog.text
     assert "sha256" not in json.loads((path / "meta.json").read_text())  # left alone: check writes nothing here
+
+
+@pytest.mark.parametrize("held_s", [0.05, 0.6])
+def test_a_long_wait_for_a_lock_is_a_warning_that_every_rank_shows(tmp_path, monkeypatch, caplog, held_s):
+    """Ranks other than 0 show only warnings: on a machine whose ranks wait while one of them tokenizes into a local
+    data.cache_dir, the INFO line naming the builder was hidden, and the rank looked hung. A short wait stays quiet."""
+    import fcntl
+    import threading
+
+    from fp8train.data import tokens
+
+    monkeypatch.setattr(tokens, "LONG_WAIT_S", 0.3)
+    final = tmp_path / "tokens-abc"
+    lock = tmp_path / ".tokens-abc.lock"
+    lock.write_text("process 123 on node7\n")
+    held = os.open(lock, os.O_RDWR)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    threading.Timer(held_s, os.close, (held,)).start()  # the builder finishes (closing releases its lock)
+    with caplog.at_level(logging.WARNING, logger="fp8train"), tokens.building(final):  # quiet_logging's level
+        pass
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    if held_s < tokens.LONG_WAIT_S:
+        assert warnings == []
+    else:
+        (warning,) = warnings
+        assert warning.startswith(f"still waiting for process 123 on node7, which builds {final} (lock file {lock})")

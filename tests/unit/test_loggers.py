@@ -83,3 +83,25 @@ def test_wandb_online_without_a_network_is_a_message_naming_offline(tmp_path, mo
     message = str(e.value)
     assert message.startswith("logger.wandb.mode=online: wandb could not start (Failed to get resume status")
     assert "logger.wandb.mode=offline" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("damage", ["binary", "directory", "not objects"])
+def test_resuming_over_a_damaged_metrics_file_is_one_message(tmp_path, damage):
+    # A run directory whose metrics.jsonl is no JSON-lines file (a disk error, another tool's output): resume=auto
+    # names the file and what to do instead of ending in a traceback, and leaves it as it was.
+    path = tmp_path / "metrics.jsonl"
+    if damage == "binary":
+        path.write_bytes(b"\xff\xfe\x00garbage\n")
+    elif damage == "directory":
+        path.mkdir()
+    else:
+        path.write_text('{"step": 1, "loss": 2.0}\n123\n[1, 2]\n{"step": 9, "loss": 1.0}\n')
+    if damage == "not objects":  # JSON values that are no records are dropped like a torn line, the rest kept
+        RunLogger(compose(["logger.wandb.mode=disabled"]), tmp_path, resume_step=5).finish()
+        assert read_metrics(tmp_path) == [{"step": 1, "loss": 2.0}]
+        return
+    with pytest.raises(Fp8trainError) as e:
+        RunLogger(compose(["logger.wandb.mode=disabled"]), tmp_path, resume_step=5)
+    message = str(e.value)
+    assert message.startswith(f"{path} cannot be read (") and "Move it out of the run directory" in message
+    assert path.is_dir() if damage == "directory" else path.read_bytes() == b"\xff\xfe\x00garbage\n"

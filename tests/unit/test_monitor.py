@@ -750,3 +750,39 @@ def test_worst_layers_alert_crosses_have_a_colour_no_layer_line_has(tmp_path, mo
     assert len(curves) == 4 and len(crosses) == 1
     cross = to_rgb(crosses[0].get_color())
     assert all(math.dist(to_rgb(c.get_color()), cross) > 0.4 for c in curves)  # #d62728 is 0.27 from pure red
+
+
+@pytest.mark.parametrize("damage", ["binary", "directory", "not objects"])
+def test_resuming_over_a_damaged_outliers_file_is_one_message(tmp_path, damage):
+    # The replay of the running medians reads outliers.jsonl before anything else: a file that is no JSON-lines file
+    # is named with what to do, not a traceback; lines that are no records are skipped, as the report does.
+    path = tmp_path / OUTLIERS_FILE
+    model = TwoLayers([planted_mlp()])
+    cfg = MonitorConfig(enabled=True, interval=10, min_history=1)
+    if damage == "binary":
+        path.write_bytes(b"\xff\xfe\x00garbage\n")
+    elif damage == "directory":
+        path.mkdir()
+    else:
+        path.write_text('123\n{"step": 1, "layers": [{"layer": 0, "h_amax": 2.0}]}\n[1]\n{"step": 2, "layers": 7}\n')
+        mon = OutlierMonitor(cfg, model, tmp_path, resume_step=10)
+        mon.close()
+        assert list(mon.spikes.history["layer_0/h_amax"]) == [2.0]
+        return
+    from fp8train.errors import Fp8trainError
+
+    with pytest.raises(Fp8trainError, match=f"^{path} cannot be read \\(.*Move it out of the run directory"):
+        OutlierMonitor(cfg, model, tmp_path, resume_step=10)
+
+
+@pytest.mark.parametrize("nan_first", [True, False])
+def test_the_console_line_names_a_nan_layer_whatever_the_layer_order(nan_first):
+    # A NaN h amax (or alignment) is the news of the step: max() alone showed it only when it came first.
+    from fp8train.monitor.monitor import one_line
+
+    finite = {"layer": 0, "h_amax": 5.0, "h_kurtosis": 3.0, "cos_max_abs": 0.5}
+    broken = {"layer": 1, "h_amax": math.nan, "h_kurtosis": math.nan, "cos_max_abs": math.nan}
+    line = one_line([broken, finite] if nan_first else [finite, broken])
+    assert "largest h amax nan (layer 1, kurtosis nan)" in line
+    assert "max |cos(W_up, W_gate)| nan (layer 1)" in line
+    assert "largest h amax inf (layer 0" in one_line([{**finite, "h_amax": math.inf}, broken | {"h_amax": 9.0}])
