@@ -29,7 +29,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from fp8train import backends, checkpoint, optim, parallel, precision
 from fp8train.config import Config, DataConfig, format_value
-from fp8train.data import TokenData, build_data
+from fp8train.data import TokenData, build_data, tokens
 from fp8train.data.loader import open_shared, shareable
 from fp8train.data.tokenizer import eos_declaration
 from fp8train.errors import BackendError, CheckpointError, ConfigError, DataError, Fp8trainError
@@ -641,7 +641,11 @@ def build_data_rank0_first(data_cfg: DataConfig, **layout) -> TokenData:
             built.append(open_shared(data_cfg, shared, **layout))
         except Exception as e:  # any failure: the other ranks must hear of it, or they wait for this one forever
             error = e
-    failed = [rank for rank, bad in enumerate(parallel.all_gather_object(error is not None)) if bad]
+    # With a data.cache_dir per machine, the other machines may be tokenizing now, each on one of its ranks.
+    waiting = "waiting for the other ranks to open the data, %d s so far (with a data.cache_dir on each machine, the"
+    waiting += " other machines tokenize the corpus into theirs); parallel.timeout_min bounds the wait"
+    with tokens.warning_after(tokens.LONG_WAIT_S, waiting, tokens.LONG_WAIT_S):
+        failed = [rank for rank, bad in enumerate(parallel.all_gather_object(error is not None)) if bad]
     if error is not None:
         raise error
     if failed:

@@ -507,7 +507,7 @@ def _lock(lock: Path, final: Path) -> int | None:
                 late = (
                     "still waiting for %s, which builds %s (lock file %s), %d s so far; this process goes on after it"
                 )
-                with _warning_after(LONG_WAIT_S, late, holder, final, lock, LONG_WAIT_S):
+                with warning_after(LONG_WAIT_S, late, holder, final, lock, LONG_WAIT_S):
                     fcntl.flock(fd, fcntl.LOCK_EX)
             if _same_file(fd, lock):
                 os.ftruncate(fd, 0)
@@ -533,8 +533,9 @@ def _lock(lock: Path, final: Path) -> int | None:
 
 
 @contextlib.contextmanager
-def _warning_after(seconds: float, message: str, *args) -> Iterator[None]:
-    """Log ``message % args`` as a warning if the block still runs after ``seconds``."""
+def warning_after(seconds: float, message: str, *args) -> Iterator[None]:
+    """Log ``message % args`` as a warning if the block still runs after ``seconds``: a wait that would otherwise
+    look like a hang, also on ranks whose INFO lines are hidden."""
     timer = threading.Timer(seconds, log.warning, (message, *args))
     timer.daemon = True  # never what keeps a process alive
     timer.start()

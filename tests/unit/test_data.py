@@ -1165,3 +1165,21 @@ def test_a_long_wait_for_a_lock_is_a_warning_that_every_rank_shows(tmp_path, mon
     else:
         (warning,) = warnings
         assert warning.startswith(f"still waiting for process 123 on node7, which builds {final} (lock file {lock})")
+
+
+def test_rank_0_waiting_long_for_the_other_ranks_data_says_so(tmp_path, monkeypatch, caplog):
+    """With a data.cache_dir on each machine, rank 0 waits in a collective while the other machines tokenize: after
+    LONG_WAIT_S a warning says what it waits for, rather than a silence that looks like a hang."""
+    from fp8train import trainer
+    from fp8train.data import tokens
+
+    monkeypatch.setattr(tokens, "LONG_WAIT_S", 0.2)
+    monkeypatch.setattr(trainer.parallel, "all_gather_object", lambda ok: time.sleep(0.6) or [ok])
+    cfg = data_cfg(tmp_path, ["one two three four five six seven eight nine ten " * 400])
+    with caplog.at_level(logging.WARNING, logger="fp8train"):
+        trainer.build_data_rank0_first(cfg, seed=0, micro_batch_size=2, grad_accum_steps=1)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert [w for w in warnings if w.startswith("waiting for the other ranks to open the data")] == [
+        "waiting for the other ranks to open the data, 0 s so far (with a data.cache_dir on each machine, the other "
+        "machines tokenize the corpus into theirs); parallel.timeout_min bounds the wait"
+    ], warnings
