@@ -26,7 +26,7 @@ from tokenizers import Tokenizer
 from fp8train import checkpoint
 from fp8train.config import ModelConfig, first_line
 from fp8train.errors import CheckpointError
-from fp8train.model import Llama, build_model
+from fp8train.model import Llama, empty_model
 
 log = logging.getLogger(__name__)
 
@@ -93,13 +93,6 @@ def saved_model_config(folder: Path) -> ModelConfig:
             cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), raw))
             return dataclasses.replace(cfg, init_from=None)
     raise CheckpointError(f"{folder}: no config.yaml or model.yaml saying which model its weights belong to.")
-
-
-def empty_model(cfg: ModelConfig) -> Llama:
-    """A Llama on the meta device, for load_weights or take_weights to fill: no memory and no time go to random
-    weights that would be overwritten (for a 7B model, 27 GB and minutes of init)."""
-    with torch.device("meta"):
-        return build_model(cfg)
 
 
 def take_weights(model: Llama, weights: dict[str, torch.Tensor], source: Path) -> None:
