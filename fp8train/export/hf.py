@@ -20,14 +20,13 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
 from tokenizers import Tokenizer
 
 from fp8train import checkpoint
 from fp8train.config import ModelConfig, first_line
 from fp8train.errors import CheckpointError
-from fp8train.model import Llama, build_model
+from fp8train.model import Llama, empty_model
 
 log = logging.getLogger(__name__)
 
@@ -96,25 +95,44 @@ def saved_model_config(folder: Path) -> ModelConfig:
     raise CheckpointError(f"{folder}: no config.yaml or model.yaml saying which model its weights belong to.")
 
 
-def load_weights(model: Llama, folder: Path) -> None:
-    """Load a folder's model.safetensors into ``model`` (FP8 scaling state in it is skipped)."""
+def take_weights(model: Llama, weights: dict[str, torch.Tensor], source: Path) -> None:
+    """Load ``weights`` (fp8train's names) into ``model``. A model from empty_model takes the tensors themselves as
+    its weights (no copy, in their dtype); any other model copies them into its own."""
     cfg = model.cfg
+    empty = model.embed_tokens.weight.is_meta
+    with torch.no_grad():
+        missing, unexpected = model.load_state_dict(weights, strict=False, assign=empty)
+    # safetensors stores a tied weight once, under one of its two names.
+    tied = {"lm_head.weight", "embed_tokens.weight"} if cfg.tie_embeddings else set()
+    if unexpected or set(missing) - tied or len(missing) > 1:
+        raise CheckpointError(f"{source}: weights do not match the model (missing {missing}, unexpected {unexpected}).")
+    if cfg.tie_embeddings:  # one side of the tie may have been filled only, and assign=True unties: re-tie
+        if "embed_tokens.weight" in missing:
+            model.embed_tokens.weight = model.lm_head.weight
+        else:
+            model.lm_head.weight = model.embed_tokens.weight
+    if empty:  # the RoPE tables are no weights (not saved): compute them where the weights now are
+        model.rotary_emb.to_empty(device=model.embed_tokens.weight.device).reset_tables()
+
+
+def load_weights(model: Llama, folder: Path, dtype: torch.dtype | None = None) -> None:
+    """Load a folder's model.safetensors into ``model`` (FP8 scaling state in it is skipped). A model from
+    empty_model gets them in ``dtype`` (default: its own, float32), converted a tensor at a time as they are read,
+    so that memory holds one copy of the weights in that dtype."""
+    dtype = dtype or model.embed_tokens.weight.dtype
     try:
-        weights = load_file(str(folder / "model.safetensors"))
+        with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+            # FP8 scaling state is training state, not weights: our scalers' buffers, Transformer Engine's extra state.
+            weights = {
+                k: f.get_tensor(k).to(dtype)
+                for k in f.keys()
+                if "_scaler." not in k and not k.endswith("._extra_state")
+            }
     except SafetensorError as e:  # truncated or overwritten: safetensors' own words name no file
         raise CheckpointError(
             f"{folder}/model.safetensors cannot be read ({e}); the file is damaged. Use another checkpoint."
         ) from None
-    # FP8 scaling state is training state, not weights: our scalers' buffers and Transformer Engine's extra state.
-    saved = {k: v for k, v in weights.items() if "_scaler." not in k and not k.endswith("._extra_state")}
-    with torch.no_grad():
-        missing, unexpected = model.load_state_dict(saved, strict=False)
-    # safetensors stores a tied weight once, under one of its two names.
-    tied = {"lm_head.weight", "embed_tokens.weight"} if cfg.tie_embeddings else set()
-    if unexpected or set(missing) - tied or len(missing) > 1:
-        raise CheckpointError(f"{folder}: weights do not match the model (missing {missing}, unexpected {unexpected}).")
-    if cfg.tie_embeddings:  # load_state_dict may have filled one side of the tie only; re-tie to be sure
-        model.lm_head.weight = model.embed_tokens.weight
+    take_weights(model, weights, folder)
 
 
 def check_output_folder(out: Path) -> None:
@@ -209,13 +227,14 @@ def checkpoint_to_export(path: Path) -> Path:
     )
 
 
-def load_checkpoint_model(ckpt: Path) -> Llama:
-    """The plain (unconverted) Llama of an fp8train checkpoint folder, in fp32."""
+def load_checkpoint_model(ckpt: Path, dtype: torch.dtype = torch.float32) -> Llama:
+    """The plain (unconverted) Llama of an fp8train checkpoint folder, its weights in ``dtype`` (its RoPE tables in
+    float32)."""
     ckpt = Path(ckpt)
     if not (ckpt / "model.safetensors").is_file():
         raise CheckpointError(f"{ckpt}: not an fp8train checkpoint (no model.safetensors).")
-    model = build_model(saved_model_config(ckpt))
-    load_weights(model, ckpt)
+    model = empty_model(saved_model_config(ckpt))
+    load_weights(model, ckpt, dtype)
     return model
 
 
@@ -231,7 +250,7 @@ def export_hf(ckpt: Path, out: Path, dtype: str = "bf16") -> Path:
     if not tokenizer_file.is_file():
         raise CheckpointError(f"{ckpt}: no tokenizer.json in its run directory ({tokenizer_file.parent}).")
     check_output_folder(out)
-    model = load_checkpoint_model(ckpt)
+    model = load_checkpoint_model(ckpt, DTYPES[dtype])  # in the export's dtype: one copy of the weights
 
     tokenizer = Tokenizer.from_file(str(tokenizer_file))
     eos_id = find_eos_id(tokenizer, declared_eos(run_dir), f"{tokenizer_file}")
@@ -241,10 +260,12 @@ def export_hf(ckpt: Path, out: Path, dtype: str = "bf16") -> Path:
         # first. Dropping it leaves the ids of the text as they were.
         tokenizer.post_processor = None
         log.info("the exported tokenizer adds no special tokens when encoding, as in training")
-    hf = LlamaForCausalLM(hf_config(model.cfg, eos_id, DTYPES[dtype]))
-    hf.load_state_dict(hf_state_dict(model), strict=True)
+    with torch.device("meta"):  # transformers' model holds our model's tensors: no second copy, no random init
+        hf = LlamaForCausalLM(hf_config(model.cfg, eos_id, DTYPES[dtype]))
+    hf.load_state_dict(hf_state_dict(model), strict=True, assign=True)
+    hf.tie_weights()
     with writing(out) as tmp:
-        hf.to(DTYPES[dtype]).save_pretrained(tmp, safe_serialization=True)
+        hf.save_pretrained(tmp, safe_serialization=True)
         tok = PreTrainedTokenizerFast(tokenizer_object=tokenizer)
         eos = tok.convert_ids_to_tokens(eos_id)
         tok.eos_token = tok.bos_token = tok.pad_token = eos
@@ -368,9 +389,8 @@ def import_hf(hf_dir: Path, out: Path) -> Path:
     cfg = ModelConfig(
         name=hf_dir.name, rope_theta=float(rope), **{ours: getattr(c, hf) for ours, hf in HF_FIELDS.items()}
     )
-    model = build_model(cfg)
-    renamed = {k.removeprefix("model."): v for k, v in hf.state_dict().items()}
-    model.load_state_dict(renamed, strict=True)
+    model = empty_model(cfg)  # holding transformers' float32 tensors: one copy of the weights
+    take_weights(model, {k.removeprefix("model."): v for k, v in hf.state_dict().items()}, hf_dir)
     try:
         hf_tokenizer = AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)
         tokenizer, eos_token = hf_tokenizer.backend_tokenizer, hf_tokenizer.eos_token

@@ -67,6 +67,54 @@ def test_exported_fp32_weights_equal_the_checkpoint(fp8_checkpoint, tmp_path):
         torch.testing.assert_close(hf(x).logits, ours(x), rtol=1e-5, atol=1e-5)
 
 
+def no_random_init(monkeypatch) -> None:
+    """Make drawing random values into a tensor that holds memory fail (on the meta device it costs nothing)."""
+
+    def drawn(tensor, *args, **kwargs):
+        if not tensor.is_meta:
+            raise AssertionError(f"random values drawn into a {tuple(tensor.shape)} tensor")
+        return tensor
+
+    for method in ("normal_", "uniform_"):  # under every torch.nn.init function and nn.Linear's own init
+        monkeypatch.setattr(torch.Tensor, method, drawn)
+
+
+def test_export_draws_no_random_weights(fp8_checkpoint, tmp_path, monkeypatch):
+    """Both models of an export are filled with the checkpoint's weights: drawing random ones first would cost a 7B
+    model minutes and a 27 GB copy each (build on the meta device, then take the weights)."""
+    ckpt = fp8_checkpoint / "checkpoints" / "step_0000003"
+    expected = {k: v for k, v in load_file(str(ckpt / "model.safetensors")).items() if "_scaler." not in k}
+    no_random_init(monkeypatch)
+    out = export_hf(ckpt, tmp_path / "hf", dtype="fp32")
+    monkeypatch.undo()
+    exported = load_file(str(out / "model.safetensors"))
+    assert all(torch.equal(exported[f"model.{k}"], v) for k, v in expected.items() if not k.startswith("lm_head"))
+
+
+def test_a_checkpoint_model_is_loaded_in_the_dtype_asked_with_its_tie_and_rope_tables(fp8_checkpoint, tmp_path):
+    """The weights in that dtype from the start (export-hf's bf16: half the memory of float32 then a cast), the
+    RoPE tables in float32 as build_model makes them, a tie kept under whichever name the file stores it."""
+    from fp8train.export.hf import saved_model_config
+    from fp8train.model import build_model
+
+    ckpt = fp8_checkpoint / "checkpoints" / "step_0000003"
+    built = build_model(saved_model_config(ckpt))
+    for dtype in (torch.float32, torch.bfloat16):
+        model = load_checkpoint_model(ckpt, dtype)
+        assert {p.dtype for p in model.parameters()} == {dtype}
+        assert torch.equal(model.rotary_emb.cos, built.rotary_emb.cos) and model.rotary_emb.sin.dtype == torch.float32
+        assert model.lm_head.weight is model.embed_tokens.weight and model.num_params() == built.num_params()
+    weights = load_file(str(ckpt / "model.safetensors"))
+    assert "embed_tokens.weight" in weights and "lm_head.weight" not in weights
+    other = tmp_path / "step_0000003"
+    shutil.copytree(ckpt, other)
+    weights["lm_head.weight"] = weights.pop("embed_tokens.weight")
+    save_file(weights, str(other / "model.safetensors"))
+    model = load_checkpoint_model(other)
+    assert model.lm_head.weight is model.embed_tokens.weight
+    assert torch.equal(model.embed_tokens.weight, weights["lm_head.weight"])
+
+
 def test_exported_tokenizer_encodes_like_the_runs_tokenizer(fp8_checkpoint, tmp_path):
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer

@@ -56,6 +56,22 @@ def test_imported_weights_give_the_hf_logits(hf_folder, tmp_path):
     assert (out / "tokenizer.json").is_file()
 
 
+def test_import_draws_no_random_weights(hf_folder, tmp_path, monkeypatch):
+    """fp8train's model is built on the meta device and takes transformers' weights: a random init of a 7B model,
+    to be overwritten, would cost minutes and a second 27 GB copy."""
+    from safetensors.torch import load_file
+
+    from tests.unit.test_export import no_random_init
+
+    no_random_init(monkeypatch)
+    out = import_hf(hf_folder, tmp_path / "imported")
+    monkeypatch.undo()
+    saved = load_file(str(hf_folder / "model.safetensors"))
+    imported = load_file(str(out / "model.safetensors"))
+    assert imported.keys() == {k.removeprefix("model.") for k in saved}
+    assert all(torch.equal(imported[k.removeprefix("model.")], v) for k, v in saved.items())
+
+
 def test_training_starts_from_the_imported_weights_in_fp8(hf_folder, tmp_path):
     out = import_hf(hf_folder, tmp_path / "imported")
     shape = ["model.vocab_size=320", "model.max_seq_len=256", "model.rope_theta=500000.0"]
