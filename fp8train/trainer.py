@@ -35,7 +35,7 @@ from fp8train.data.tokenizer import eos_declaration
 from fp8train.errors import BackendError, CheckpointError, ConfigError, DataError, Fp8trainError
 from fp8train.fp8.scaling import discard_scalers, step_scalers
 from fp8train.loggers import RunLogger, use_progress_bar
-from fp8train.model import build_model
+from fp8train.model import build_model, empty_model
 from fp8train.monitor import build_monitor
 from fp8train.optim.adamw_fp8 import state_bytes_per_param
 
@@ -78,8 +78,10 @@ class Trainer:
         check_run_dir(self.run_dir, cfg, resuming=own)
         if self.resume_from:
             check_resume_settings(self.resume_from, cfg)
-        model = build_model(cfg.model)
-        if cfg.model.init_from and not self.resume_from:  # a resumed run takes its weights from the checkpoint
+        from_weights = cfg.model.init_from and not self.resume_from  # a resumed run takes them from the checkpoint
+        # Weights about to be loaded need no random init (for a 7B model, minutes and a second copy): built on meta.
+        model = empty_model(cfg.model) if from_weights else build_model(cfg.model)
+        if from_weights:
             init_from_weights(model, Path(cfg.model.init_from), self.data.tokenizer_file)
         model = model.to(self.backend.device)
         self.model = self.backend.fuse(precision.convert(model, cfg.precision, self.backend))

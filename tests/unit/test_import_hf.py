@@ -118,6 +118,23 @@ def test_settings_that_do_not_touch_the_weights_may_differ_from_the_saved_ones(h
     assert all(torch.equal(v, imported[k]) for k, v in trainer.model.state_dict().items() if "_scaler." not in k)
 
 
+def test_a_run_from_weights_draws_no_random_weights_first(hf_folder, tmp_path, monkeypatch):
+    """The model a run starts from weights is built on the meta device and filled from the folder: a random init
+    first would cost a 7B model minutes and a second copy."""
+    from tests.unit.test_export import no_random_init
+
+    out = import_hf(hf_folder, tmp_path / "imported")
+    shape = ["model.vocab_size=320", "model.rope_theta=500000.0"]
+    cfg = compose([*SMALL, *shape, f"model.init_from={out}", f"data.tokenizer.path={out / 'tokenizer.json'}"])
+    Trainer(cfg, tmp_path / "warm")  # tokenizer and token cache, which are not the point here
+    no_random_init(monkeypatch)
+    trainer = Trainer(cfg, tmp_path / "run")
+    imported = load_checkpoint_model(out).state_dict()
+    assert all(torch.equal(v, imported[k]) for k, v in trainer.model.state_dict().items() if "_scaler." not in k)
+    tied = trainer.model.lm_head.weight is trainer.model.embed_tokens.weight
+    assert tied == cfg.model.tie_embeddings  # one parameter, as build_model makes it
+
+
 def test_swish_is_imported_as_the_silu_it_is(hf_folder, tmp_path):
     """transformers maps hidden_act "swish" to the same SiLU as "silu": the logits are those of the folder."""
     from transformers import LlamaForCausalLM
