@@ -161,3 +161,14 @@ def saved_figures(monkeypatch) -> dict:
 
     monkeypatch.setattr(Figure, "savefig", savefig)
     return figures
+
+
+def damage_jsonl(path: Path, damage: str, not_objects: str) -> None:
+    """Replace a run's JSON-lines file with what a disk error or another tool leaves: ``binary`` bytes, a
+    ``directory`` of that name, or ``not_objects`` (JSON lines that are no records) for any other ``damage``."""
+    if damage == "binary":
+        path.write_bytes(b"\xff\xfe\x00garbage\n")
+    elif damage == "directory":
+        path.mkdir()
+    else:
+        path.write_text(not_objects)

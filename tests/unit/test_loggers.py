@@ -10,6 +10,7 @@ import pytest
 from fp8train.config import compose
 from fp8train.errors import Fp8trainError
 from fp8train.loggers import RunLogger, read_metrics
+from tests.helpers import damage_jsonl
 
 
 def test_metrics_lines_and_non_finite_values(tmp_path):
@@ -90,12 +91,7 @@ def test_resuming_over_a_damaged_metrics_file_is_one_message(tmp_path, damage):
     # A run directory whose metrics.jsonl is no JSON-lines file (a disk error, another tool's output): resume=auto
     # names the file and what to do instead of ending in a traceback, and leaves it as it was.
     path = tmp_path / "metrics.jsonl"
-    if damage == "binary":
-        path.write_bytes(b"\xff\xfe\x00garbage\n")
-    elif damage == "directory":
-        path.mkdir()
-    else:
-        path.write_text('{"step": 1, "loss": 2.0}\n123\n[1, 2]\n{"step": 9, "loss": 1.0}\n')
+    damage_jsonl(path, damage, '{"step": 1, "loss": 2.0}\n123\n[1, 2]\n{"step": 9, "loss": 1.0}\n')
     if damage == "not objects":  # JSON values that are no records are dropped like a torn line, the rest kept
         RunLogger(compose(["logger.wandb.mode=disabled"]), tmp_path, resume_step=5).finish()
         assert read_metrics(tmp_path) == [{"step": 1, "loss": 2.0}]

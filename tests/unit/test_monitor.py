@@ -23,7 +23,7 @@ from fp8train.monitor import OUTLIERS_FILE, Alert, DisabledMonitor, OutlierMonit
 from fp8train.monitor.alerts import SpikeRule, overflowed
 from fp8train.precision import share_input_scalers
 from fp8train.precision.smooth_swiglu import SmoothSwiGLUToken
-from tests.helpers import SMALL, saved_figures
+from tests.helpers import SMALL, damage_jsonl, saved_figures
 
 # ---------------------------------------------------------------------------------------------------------------
 # statistics
@@ -759,12 +759,10 @@ def test_resuming_over_a_damaged_outliers_file_is_one_message(tmp_path, damage):
     path = tmp_path / OUTLIERS_FILE
     model = TwoLayers([planted_mlp()])
     cfg = MonitorConfig(enabled=True, interval=10, min_history=1)
-    if damage == "binary":
-        path.write_bytes(b"\xff\xfe\x00garbage\n")
-    elif damage == "directory":
-        path.mkdir()
-    else:
-        path.write_text('123\n{"step": 1, "layers": [{"layer": 0, "h_amax": 2.0}]}\n[1]\n{"step": 2, "layers": 7}\n')
+    damage_jsonl(
+        path, damage, '123\n{"step": 1, "layers": [{"layer": 0, "h_amax": 2.0}]}\n[1]\n{"step": 2, "layers": 7}\n'
+    )
+    if damage == "not objects":
         mon = OutlierMonitor(cfg, model, tmp_path, resume_step=10)
         mon.close()
         assert list(mon.spikes.history["layer_0/h_amax"]) == [2.0]
