@@ -15,7 +15,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import threading
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from fp8train import backends, checkpoint, optim, parallel, precision
+from fp8train import backends, checkpoint, locks, optim, parallel, precision
 from fp8train.config import Config, DataConfig, format_value
 from fp8train.data import TokenData, build_data, tokens
 from fp8train.data.loader import open_shared, shareable
@@ -577,10 +576,9 @@ def lock_run_dir(run_dir: Path) -> None:
     try:
         fd = os.open(run_dir / RUN_DIR_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode())
+        locks.mark_holder(fd)
     except BlockingIOError:
-        holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+        holder = locks.holder(fd)
         os.close(fd)
         raise RunDirError(
             f"The run directory {run_dir} is in use: {holder} is training in it (it holds {run_dir / RUN_DIR_LOCK}). "

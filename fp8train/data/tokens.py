@@ -29,7 +29,6 @@ import logging
 import os
 import re
 import shutil
-import socket
 import tempfile
 import threading
 import time
@@ -40,6 +39,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
+from fp8train import locks
 from fp8train.config import DataConfig, SourceConfig, first_line, resolve_path, source_name
 from fp8train.errors import DataError
 
@@ -502,7 +502,7 @@ def _lock(lock: Path, final: Path) -> int | None:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+                holder = locks.holder(fd)
                 log.info("waiting for %s, which builds %s (lock file %s)", holder, final, lock)
                 late = (
                     "still waiting for %s, which builds %s (lock file %s), %d s so far; this process goes on after it"
@@ -510,8 +510,7 @@ def _lock(lock: Path, final: Path) -> int | None:
                 with warning_after(LONG_WAIT_S, late, holder, final, lock, LONG_WAIT_S):
                     fcntl.flock(fd, fcntl.LOCK_EX)
             if _same_file(fd, lock):
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+                locks.mark_holder(fd)
                 return fd
             os.close(fd)  # deleted meanwhile (by hand, or by a process without locks): lock the path anew
         except OSError as e:  # ENOLCK, EOPNOTSUPP, ENOSYS: NFS without lockd, some FUSE file systems
