@@ -489,7 +489,7 @@ class MonitorConfig:
     median_window: int = 20  # monitored steps in that running median
     min_history: int = 3  # monitored steps of history before the amax rule can fire
     overflow_ratio: float = 2.0  # alert on FP8 overflow when a saturating tensor's amax_now / amax_assumed > this
-    alerts_after: int = 100  # no alerts up to this step (statistics are still recorded): early training moves fast
+    alerts_after: int = 100  # no alerts up to this step but on inf/NaN (statistics still recorded): early growth
     on_alert: OnAlert = OnAlert.warn
 
     def check(self, at: str) -> list[str]:

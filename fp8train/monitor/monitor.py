@@ -302,8 +302,11 @@ class OutlierMonitor:
                         f"{100 * s['saturated_frac']:.3g}% of elements saturated",
                     )
                 )
-        # Early training grows every amax many-fold; its values still enter the running medians above.
-        return alerts if step > self.cfg.alerts_after else []
+        # Early training grows every amax many-fold; its values still enter the running medians above. A value that
+        # is not finite is no growth: it alerts at any step.
+        if step > self.cfg.alerts_after:
+            return alerts
+        return [a for a in alerts if not math.isfinite(a.value)]
 
     def _replay(self, path: Path, resume_step: int) -> None:
         """A resumed run continues the running medians from the monitored steps it keeps (those <= resume_step)."""

@@ -384,6 +384,29 @@ def test_a_step_that_went_non_finite_alerts_in_words(tmp_path):
     assert spike.message == f"layer 0 h amax {spike.value:.4g}, its running median 0"
 
 
+def test_a_non_finite_step_alerts_before_alerts_after_too(tmp_path):
+    # monitor.alerts_after holds back the growth alerts of early training; a NaN or inf is no growth, and a run that
+    # goes non-finite at step 20 must say so as one that does at step 200 does.
+    model = TwoLayers([planted_mlp()])
+    mon = build_monitor(MonitorConfig(enabled=True, interval=10, alerts_after=100), model, tmp_path)
+    settle_delayed_scales(model, seed=5)
+    with mon.capture(10):
+        model(torch.randn(64, 32) * 10.0)  # a finite 10x jump: an overflow, held back until step 100
+    assert mon.collect(10) == []
+    (r,) = json.loads((tmp_path / OUTLIERS_FILE).read_text())["layers"]
+    assert r["fp8"]["mlp.down_proj.input"]["amax_ratio"] > 2
+    x = torch.randn(64, 32)
+    x[3, 0] = math.inf
+    with mon.capture(20):
+        model(x)
+    alerts = mon.collect(20)
+    assert sorted(a.kind for a in alerts) == ["fp8_overflow", "non_finite"]
+    assert all(not math.isfinite(a.value) for a in alerts)
+    row = json.loads((tmp_path / OUTLIERS_FILE).read_text().splitlines()[-1])
+    assert [a["kind"] for a in row["alerts"]] == [a.kind for a in alerts]
+    mon.close()
+
+
 @pytest.mark.parametrize("nan_first", [True, False])
 def test_a_layers_worst_fp8_tensor_does_not_depend_on_the_order_of_its_tensors(tmp_path, nan_first):
     # A tensor that met a NaN (a diverging step) has amax_ratio NaN: max() over the layer's tensors returned NaN or
