@@ -250,7 +250,12 @@ class OutlierMonitor:
         if not parts:
             return
         flat = torch.cat(parts)
-        self.reduce_max(flat)
+        # A max that skips NaN (gloo's all-reduce keeps rank 0's number over rank 1's NaN) would hide a diverging
+        # rank: NaN travels as inf, with a flag per value that brings it back, in the same collective.
+        nan = flat.isnan()
+        both = torch.cat([torch.where(nan, math.inf, flat), nan.float()])
+        self.reduce_max(both)
+        flat = torch.where(both[len(flat) :] > 0, math.nan, both[: len(flat)])
         values = iter(flat.unbind())
         for e, k in slots:
             e[k] = next(values)

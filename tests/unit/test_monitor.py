@@ -407,6 +407,36 @@ def test_a_non_finite_step_alerts_before_alerts_after_too(tmp_path):
     mon.close()
 
 
+def test_a_nan_on_another_rank_survives_the_max_over_ranks(tmp_path):
+    # Under data parallelism the amaxes are max-reduced over the ranks. A max that skips NaN (gloo's all-reduce
+    # does, for a NaN on rank 1 and a number on rank 0; fmax too) gave every rank rank 0's finite values: no alert.
+    cfg = MonitorConfig(enabled=True, interval=10, alerts_after=0)
+    sent = {}
+
+    def send(flat):
+        sent["flat"] = flat.clone()
+
+    def receive(flat):
+        flat.copy_(torch.fmax(flat, sent["flat"]))
+
+    (tmp_path / "1").mkdir(), (tmp_path / "0").mkdir()
+    rank1 = build_monitor(cfg, TwoLayers([planted_mlp()]), tmp_path / "1", reduce_max=send)
+    rank0 = build_monitor(cfg, TwoLayers([planted_mlp()]), tmp_path / "0", reduce_max=receive)
+    torch.manual_seed(5)
+    x = torch.randn(64, 32)
+    nan_x = x.clone()
+    nan_x[3, 0] = math.nan  # rank 1's batch
+    for mon, inputs in ((rank1, nan_x), (rank0, x)):  # rank 1 sends its values first, rank 0 takes the max
+        with mon.capture(10):
+            mon.layers[0].mlp(inputs).square().sum().backward()
+        alerts = mon.collect(10)
+        assert [(a.kind, a.layer, a.tensor) for a in alerts] == [("non_finite", 0, "h")]
+        assert math.isnan(alerts[0].value)
+        mon.close()
+    (row,) = read_jsonl(tmp_path / "0" / OUTLIERS_FILE)
+    assert row["layers"][0]["h_amax"] == "nan" and row["layers"][0]["fp8"]["mlp.down_proj.input"]["amax"] == "nan"
+
+
 @pytest.mark.parametrize("nan_first", [True, False])
 def test_a_layers_worst_fp8_tensor_does_not_depend_on_the_order_of_its_tensors(tmp_path, nan_first):
     # A tensor that met a NaN (a diverging step) has amax_ratio NaN: max() over the layer's tensors returned NaN or
