@@ -7,7 +7,8 @@ Two rules, both evaluated on the values of one monitored step:
   next one, and a slow steady drift (which delayed scaling follows) never fires: only sudden jumps do. A value that
   is not finite always fires.
 - ``overflow``: an FP8 tensor had elements beyond its format's max (by more than the half ulp that rounding would
-  absorb) at the scale actually used, and its amax was more than ``min_ratio`` x the amax that scale assumed.
+  absorb) at the scale actually used, and its amax was more than ``min_ratio`` x the amax that scale assumed; or it
+  held an inf or NaN.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ class SpikeRule:
 
 
 def overflowed(stats: dict, min_ratio: float) -> bool:
-    """FP8 elements were clamped this step (saturated_frac > 0), by more than ``min_ratio`` x the assumed amax."""
+    """FP8 elements were clamped this step (saturated_frac > 0), by more than ``min_ratio`` x the assumed amax; or
+    the tensor met an inf or NaN (a NaN is never counted as saturated, but its amax_ratio is NaN)."""
     ratio = stats.get("amax_ratio", 0.0)
-    return stats.get("saturated_frac", 0.0) > 0 and (ratio > min_ratio or not math.isfinite(ratio))
+    return not math.isfinite(ratio) or (stats.get("saturated_frac", 0.0) > 0 and ratio > min_ratio)

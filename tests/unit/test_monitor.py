@@ -144,6 +144,7 @@ def test_overflow_rule():
     assert not overflowed({"saturated_frac": 1e-4, "amax_ratio": 1.5}, min_ratio=2.0)
     assert not overflowed({"saturated_frac": 0.0, "amax_ratio": 0.9}, min_ratio=1.0)
     assert overflowed({"saturated_frac": 1e-4, "amax_ratio": math.inf}, min_ratio=2.0)
+    assert overflowed({"saturated_frac": 0.0, "amax_ratio": math.nan}, min_ratio=2.0)  # a NaN is never saturated
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -407,6 +408,23 @@ def test_a_non_finite_step_alerts_before_alerts_after_too(tmp_path):
     mon.close()
 
 
+def test_an_fp8_tensor_with_a_nan_alerts(tmp_path):
+    # A NaN is not saturated (the count of elements beyond the format's max skips it), so a gradient that met a NaN
+    # in a backward whose forward stayed finite had saturated_frac 0 and raised no alert, its amax and ratio NaN.
+    model = TwoLayers([planted_mlp()])
+    mon = monitor_for(model, tmp_path)
+    settle_delayed_scales(model, seed=5)
+    with mon.capture(10):
+        y = model(torch.randn(64, 32))
+        grad = torch.ones_like(y)
+        grad[5, 2] = math.nan
+        y.backward(grad)
+    (alert,) = mon.collect(10)
+    assert (alert.kind, alert.tensor) == ("fp8_overflow", "mlp.down_proj.grad") and math.isnan(alert.value)
+    assert alert.message == "layer 0 mlp.down_proj.grad: FP8 overflow, amax not finite, 0% of elements saturated"
+    mon.close()
+
+
 def test_a_nan_on_another_rank_survives_the_max_over_ranks(tmp_path):
     # Under data parallelism the amaxes are max-reduced over the ranks. A max that skips NaN (gloo's all-reduce
     # does, for a NaN on rank 1 and a number on rank 0; fmax too) gave every rank rank 0's finite values: no alert.
@@ -430,8 +448,12 @@ def test_a_nan_on_another_rank_survives_the_max_over_ranks(tmp_path):
         with mon.capture(10):
             mon.layers[0].mlp(inputs).square().sum().backward()
         alerts = mon.collect(10)
-        assert [(a.kind, a.layer, a.tensor) for a in alerts] == [("non_finite", 0, "h")]
-        assert math.isnan(alerts[0].value)
+        assert [(a.kind, a.tensor) for a in alerts] == [
+            ("non_finite", "h"),
+            ("fp8_overflow", "mlp.down_proj.input"),
+            ("fp8_overflow", "mlp.down_proj.grad"),
+        ]
+        assert all(math.isnan(a.value) for a in alerts)
         mon.close()
     (row,) = read_jsonl(tmp_path / "0" / OUTLIERS_FILE)
     assert row["layers"][0]["h_amax"] == "nan" and row["layers"][0]["fp8"]["mlp.down_proj.input"]["amax"] == "nan"
