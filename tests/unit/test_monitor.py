@@ -589,6 +589,47 @@ def test_on_alert_checkpoint_and_stop(tmp_path, action, caplog):
     assert "outlier alert: planted" in caplog.text
 
 
+@pytest.mark.parametrize("precision", ["fp8", "bf16"])
+def test_the_monitor_changes_no_loss_gradient_or_weight(tmp_path, precision):
+    # Eager runs with and without the monitor are the same to the bit (docs/outliers.md): its hooks and FP8 counters
+    # only read. Every step monitored, with accumulation (counters through the later micro-batches, hooks not).
+    from fp8train.trainer import Trainer
+
+    runs = []
+    for monitor in ("default", "disabled"):
+        overrides = [f"precision={precision}", f"monitor={monitor}", "monitor.interval=1", "trainer.grad_accum_steps=2"]
+        trainer = Trainer(compose([*SMALL, *overrides, "trainer.micro_batch_size=4"]), tmp_path / monitor)
+        grads = []
+        optimizer_step = trainer.engine.optimizer_step
+
+        def keep_grads(*args, trainer=trainer, optimizer_step=optimizer_step, grads=grads):
+            grads.append([p.grad.clone() for p in trainer.model.parameters() if p.grad is not None])
+            return optimizer_step(*args)
+
+        trainer.engine.optimizer_step = keep_grads
+        losses = []
+        for _ in range(3):
+            losses.append(trainer.train_step()[0].item())
+            trainer.step += 1
+        runs.append((losses, grads, [p.detach().clone() for p in trainer.model.parameters()]))
+        trainer.monitor.close()
+    (losses, grads, weights), (want_losses, want_grads, want_weights) = runs
+    assert losses == want_losses
+    assert len(grads) == 3 and len(grads[0]) > 10
+    for step_grads, want_step_grads in zip(grads, want_grads):
+        assert len(step_grads) == len(want_step_grads)
+        assert all(torch.equal(g, w) for g, w in zip(step_grads, want_step_grads))
+    assert all(torch.equal(p, w) for p, w in zip(weights, want_weights))
+    rows = read_jsonl(tmp_path / "default" / OUTLIERS_FILE)
+    assert [r["step"] for r in rows] == [1, 2, 3] and not read_jsonl(tmp_path / "disabled" / OUTLIERS_FILE)
+    # without FP8 tensors the FP8 figures are absent, not zeros: in outliers.jsonl, in wandb and on the console
+    assert all(bool(layer["fp8"]) == (precision == "fp8") for r in rows for layer in r["layers"])
+    from fp8train.monitor.monitor import wandb_metrics
+
+    keys = wandb_metrics(rows[-1]["layers"], 0)
+    assert any("fp8_" in k or "down_proj_input" in k for k in keys) == (precision == "fp8")
+
+
 def test_the_trainer_counts_fp8_statistics_over_all_micro_batches(tmp_path):
     # grad_accum_steps=2: the FP8 amaxes of the monitored step 1 are the largest over both micro-batches, as
     # independent hooks on each down projection see them.
