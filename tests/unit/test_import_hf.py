@@ -371,3 +371,116 @@ def test_one_kv_head_per_query_head_matches_n_kv_heads_null(hf_folder, tmp_path)
     trainer = Trainer(cfg, tmp_path / "run")
     imported = load_checkpoint_model(out).state_dict()
     assert all(torch.equal(v, imported[k]) for k, v in trainer.model.state_dict().items() if "_scaler." not in k)
+
+
+def _no_weight_reading(monkeypatch):
+    """Make reading the weights fail loudly: what is refused before it is refused without waiting for them."""
+    from transformers import LlamaForCausalLM
+
+    def read(*args, **kwargs):
+        raise AssertionError("the weights were read")
+
+    monkeypatch.setattr(LlamaForCausalLM, "from_pretrained", read)
+
+
+def _unreadable_tokenizer(folder):
+    (folder / "tokenizer.json").write_text('{"version": "1.0", "model": ')
+
+
+def _big_tokenizer(folder):
+    from transformers import PreTrainedTokenizerFast
+
+    text = (ROOT / "data" / "tinyshakespeare.txt").read_text()[:200_000]
+    tok = PreTrainedTokenizerFast(tokenizer_object=train_bpe([text], vocab_size=400), eos_token="<|endoftext|>")
+    tok.save_pretrained(folder)
+
+
+def _drop_weight(folder):
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(folder / "model.safetensors"))
+    weights.pop("model.layers.1.mlp.down_proj.weight")
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+def _wider_vocab(folder):
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "vocab_size": 384}))
+
+
+def _add_bias(folder):
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(folder / "model.safetensors"))
+    weights["model.layers.0.self_attn.q_proj.bias"] = torch.ones(64)
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        (_unreadable_tokenizer, "its tokenizer cannot be loaded"),
+        (_big_tokenizer, "tokenizer has 400 tokens"),
+        (_drop_weight, r"model.layers.1.mlp.down_proj.weight missing"),
+        (_wider_vocab, r"of another shape: model.embed_tokens.weight \(320, 64\) \(the config gives \(384, 64\)\)"),
+        (_add_bias, r"model.layers.0.self_attn.q_proj.bias not part of the model"),
+    ],
+)
+def test_what_can_be_checked_without_the_weights_is_refused_before_reading_them(
+    hf_folder, tmp_path, monkeypatch, change, expected
+):
+    """Reading a large model's weights takes minutes: a broken tokenizer, or weights whose names and shapes (in the
+    safetensors headers) do not match config.json, are refused before that, not after."""
+    folder = tmp_path / "hf"
+    shutil.copytree(hf_folder, folder)
+    change(folder)
+    _no_weight_reading(monkeypatch)
+    with pytest.raises(CheckpointError, match=expected):
+        import_hf(folder, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_sharded_weights_are_checked_from_their_headers_before_reading(hf_folder, tmp_path, monkeypatch):
+    from transformers import LlamaForCausalLM
+
+    folder = tmp_path / "hf"
+    shutil.copytree(hf_folder, folder)
+    (folder / "model.safetensors").unlink()
+    LlamaForCausalLM.from_pretrained(hf_folder, local_files_only=True).save_pretrained(folder, max_shard_size="50KB")
+    assert len(list(folder.glob("model-*-of-*.safetensors"))) > 1
+    _wider_vocab(folder)
+    _no_weight_reading(monkeypatch)
+    with pytest.raises(
+        CheckpointError, match=r"model.embed_tokens.weight \(320, 64\) \(the config gives \(384, 64\)\)"
+    ):
+        import_hf(folder, tmp_path / "out")
+    sorted(folder.glob("model-*-of-*.safetensors"))[0].unlink()
+    with pytest.raises(CheckpointError, match="transformers cannot load its weights"):
+        import_hf(folder, tmp_path / "out")
+
+
+def test_a_tie_config_json_contradicts_is_refused(tmp_path):
+    """config.json says tie_word_embeddings, but the file holds an lm_head.weight of its own: transformers 5.x
+    leaves the two untied (4.x ties them); imported tied, the logits would silently change."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path / "hf"
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**SHAPE, tie_word_embeddings=False)).save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    with pytest.raises(CheckpointError, match=r"tie_word_embeddings is true.*lm_head.weight"):
+        import_hf(folder, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("method", ["fp8", "bitsandbytes", "awq"])
+def test_a_quantized_llama_is_refused_by_name(hf_folder, tmp_path, method):
+    """Quantized weights are not the model's weights (transformers asks for packages to dequantize them)."""
+    folder = tmp_path / "hf"
+    shutil.copytree(hf_folder, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": method}}))
+    with pytest.raises(CheckpointError, match=rf"quantization_config.*{method}"):
+        import_hf(folder, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
