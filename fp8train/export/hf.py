@@ -312,6 +312,8 @@ def weight_problems(loading_info: dict) -> list[str]:
     problems = []
     if missing := sorted(loading_info.get("missing_keys", [])):
         problems.append(f"{', '.join(missing)} missing")
+        if missing == ["lm_head.weight"]:  # reported missing only where config.json leaves the embeddings untied
+            problems[-1] += " (if the model ties it to model.embed_tokens.weight, set tie_word_embeddings: true)"
     if mismatched:
         problems.append(f"of another shape: {', '.join(mismatched)}")
     if unexpected:

@@ -484,3 +484,57 @@ def test_a_quantized_llama_is_refused_by_name(hf_folder, tmp_path, method):
     with pytest.raises(CheckpointError, match=rf"quantization_config.*{method}"):
         import_hf(folder, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def _saved_as(folder, how):
+    """Rewrite ``folder``'s weights as ``how``: sharded safetensors with an index, or pytorch_model.bin only."""
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(folder, local_files_only=True)
+    (folder / "model.safetensors").unlink()
+    if how == "shards":
+        model.save_pretrained(folder, max_shard_size="50KB")
+    else:
+        torch.save(model.state_dict(), folder / "pytorch_model.bin")
+
+
+@pytest.mark.parametrize(
+    "config, saved",
+    [
+        ({"rms_norm_eps": 1e-6, "tie_word_embeddings": False}, None),
+        ({"rope_theta": 123456.0, "rope_parameters": None}, None),  # as transformers 4.x writes it
+        ({"vocab_size": 384}, None),  # a vocabulary padded past the tokenizer's 300 tokens
+        ({"num_key_value_heads": None, "num_attention_heads": 4}, None),
+        ({}, "shards"),
+        ({"tie_word_embeddings": False}, "bin"),
+    ],
+)
+def test_imported_llamas_give_transformers_logits_in_float64(tmp_path, config, saved):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path / "hf"
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**{**SHAPE, "tie_word_embeddings": True, **config})).save_pretrained(folder)
+    written = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(
+        json.dumps({k: v for k, v in {**written, **config}.items() if v is not None or k not in config})
+    )
+    if saved:
+        _saved_as(folder, saved)
+    ours = load_checkpoint_model(import_hf(folder, tmp_path / "imported")).double().eval()
+    hf = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float64, local_files_only=True).eval()
+    assert ours.cfg.norm_eps == hf.config.rms_norm_eps and ours.cfg.vocab_size == hf.config.vocab_size
+    x = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), hf(x).logits, rtol=0, atol=1e-12)
+
+
+def test_a_tied_llama_whose_config_leaves_out_the_tie_is_told_to_set_it(hf_folder, tmp_path):
+    """transformers' default is untied: a tied model's config.json without tie_word_embeddings lacks lm_head.weight."""
+    folder = tmp_path / "hf"
+    shutil.copytree(hf_folder, folder)
+    config = json.loads((folder / "config.json").read_text())
+    del config["tie_word_embeddings"]
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"lm_head.weight missing \(.*set tie_word_embeddings: true\)"):
+        import_hf(folder, tmp_path / "out")
