@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import logging
@@ -390,7 +391,9 @@ def current_umask() -> int:
     return mask
 
 
-@pytest.mark.parametrize("precision", ["fp8", "fp8_smooth_channel", "fp8_bf16_down", "bf16", "fp32"])
+@pytest.mark.parametrize(
+    "precision", ["fp8", "fp8_smooth_channel", "fp8_smooth_gaudi2", "fp8_bf16_down", "bf16", "fp32"]
+)
 def test_every_precision_recipe_exports_to_its_logits(precision, tmp_path):
     """Whatever state a recipe keeps beside the weights stays out of the export (untied embeddings, a vocabulary
     that is no multiple of 8, FP8 Adam's state in the checkpoint too)."""
@@ -407,3 +410,36 @@ def test_every_precision_recipe_exports_to_its_logits(precision, tmp_path):
     with torch.no_grad():
         assert torch.equal(hf(x).logits, ours(x))
     assert hf.config.vocab_size == 2053 and not hf.config.tie_word_embeddings
+
+
+def test_export_import_export_gives_the_same_files(fp8_checkpoint, tmp_path):
+    """A checkpoint exported, imported, trained from (one step too small to move a weight) and exported again gives
+    the first export byte for byte: weights, config.json and tokenizer files carry over unchanged both ways."""
+    from fp8train.export.hf import import_hf, saved_model_config
+
+    ckpt = fp8_checkpoint / "checkpoints" / "step_0000003"
+    first = export_hf(ckpt, tmp_path / "first", dtype="fp32")
+    imported = import_hf(first, tmp_path / "imported")
+    weights = load_file(str(imported / "model.safetensors"))
+    assert weights.keys() == {k for k in load_file(str(ckpt / "model.safetensors")) if "_scaler." not in k}
+    assert all(torch.equal(v, load_file(str(ckpt / "model.safetensors"))[k]) for k, v in weights.items())
+    saved = saved_model_config(imported)
+    assert saved == dataclasses.replace(saved_model_config(ckpt), name="first")
+    cfg = compose(
+        [
+            *SMALL,
+            "precision=fp8_smooth",
+            "model.rope_theta=500000.0",
+            f"model.init_from={imported}",
+            f"data.tokenizer.path={imported / 'tokenizer.json'}",
+            "optim.lr=1e-30",
+            "optim.min_lr=0",
+            "trainer.max_steps=1",
+            "trainer.eval_every=0",
+        ]
+    )
+    Trainer(cfg, tmp_path / "run").fit()
+    again = export_hf(checkpoint_to_export(tmp_path / "run"), tmp_path / "again", dtype="fp32")
+    assert sorted(p.name for p in again.iterdir()) == sorted(p.name for p in first.iterdir())
+    for file in first.iterdir():
+        assert (again / file.name).read_bytes() == file.read_bytes(), file.name
