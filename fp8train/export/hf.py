@@ -391,6 +391,12 @@ def read_hf_config(hf_dir: Path) -> dict:
     return config
 
 
+def imported_model_config(c, name: str) -> ModelConfig:
+    """The model settings of transformers' LlamaConfig ``c`` (rope_theta where 4.x or 5.x keeps it)."""
+    rope = (getattr(c, "rope_parameters", None) or {}).get("rope_theta") or getattr(c, "rope_theta", 10000.0)
+    return ModelConfig(name=name, rope_theta=float(rope), **{ours: getattr(c, hf) for ours, hf in HF_FIELDS.items()})
+
+
 def mismatched_weights(hf_dir: Path, problems: list[str]) -> CheckpointError:
     """The error for a folder whose weights do not match its config.json (``problems``: from weight_problems)."""
     return CheckpointError(
@@ -458,6 +464,13 @@ def import_hf(hf_dir: Path, out: Path) -> Path:
             f"config.json from the model's source."
         ) from None
     # Everything that can be checked without the weights first: reading a large model's takes minutes.
+    cfg = imported_model_config(llama_config, hf_dir.name)
+    if problems := cfg.check("model"):  # in config.json's names: model.n_kv_heads is its num_key_value_heads
+        named = [re.sub(r"model\.(\w+)", lambda m: HF_FIELDS.get(m[1], m[0]), problem) for problem in problems]
+        raise CheckpointError(
+            f"{hf_dir}/config.json describes a model fp8train's Llama cannot be: {'; '.join(named)}. Correct "
+            f"config.json, or restore it from the model's source."
+        )
     tokenizer, eos_token = import_tokenizer(hf_dir, llama_config.vocab_size)
     if problems := header_weight_problems(hf_dir, llama_config):
         raise mismatched_weights(hf_dir, problems)
@@ -479,11 +492,6 @@ def import_hf(hf_dir: Path, out: Path) -> Path:
             f"tie_word_embeddings to false in config.json if lm_head.weight is the model's output layer."
         )
     hf = hf.float()
-    c = hf.config
-    rope = (getattr(c, "rope_parameters", None) or {}).get("rope_theta") or getattr(c, "rope_theta", 10000.0)
-    cfg = ModelConfig(
-        name=hf_dir.name, rope_theta=float(rope), **{ours: getattr(c, hf) for ours, hf in HF_FIELDS.items()}
-    )
     model = empty_model(cfg)  # holding transformers' float32 tensors: one copy of the weights
     take_weights(model, {k.removeprefix("model."): v for k, v in hf.state_dict().items()}, hf_dir)
     with writing(out) as tmp:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import stat
 
@@ -538,3 +539,25 @@ def test_a_tied_llama_whose_config_leaves_out_the_tie_is_told_to_set_it(hf_folde
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=r"lm_head.weight missing \(.*set tie_word_embeddings: true\)"):
         import_hf(folder, tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        ({"num_key_value_heads": 3}, "num_key_value_heads=3: must divide num_attention_heads=4"),
+        ({"rms_norm_eps": 0.0}, "rms_norm_eps=0.0: must be > 0"),
+    ],
+)
+def test_a_config_fp8trains_llama_cannot_be_is_refused_in_its_names_before_reading_weights(
+    hf_folder, tmp_path, monkeypatch, change, expected
+):
+    """transformers builds these (their forward fails or divides by zero later); fp8train's checks refuse them, as
+    one message in config.json's names rather than a traceback after the weights were read."""
+    folder = tmp_path / "hf"
+    shutil.copytree(hf_folder, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **change}))
+    _no_weight_reading(monkeypatch)
+    with pytest.raises(CheckpointError, match=rf"config.json describes a model .*{re.escape(expected)}"):
+        import_hf(folder, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
