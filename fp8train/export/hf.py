@@ -242,18 +242,20 @@ def export_hf(ckpt: Path, out: Path, dtype: str = "bf16") -> Path:
     """Write ``out/`` (config.json, model.safetensors, tokenizer files) from checkpoint folder ``ckpt``."""
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from fp8train.data.tokenizer import declared_eos, find_eos_id
+    from fp8train.data.tokenizer import declared_eos, find_eos_id, read_tokenizer_file
 
     ckpt, out = Path(ckpt), Path(out)
     run_dir = checkpoint.run_dir_of(ckpt) or ckpt.parent.parent
     tokenizer_file = run_dir / "tokenizer.json"  # the run dir's copy
     if not tokenizer_file.is_file():
         raise CheckpointError(f"{ckpt}: no tokenizer.json in its run directory ({tokenizer_file.parent}).")
+    # The tokenizer before the weights, which take minutes to read for a large model.
+    fix = "Copy the tokenizer.json the run was started with (its data.tokenizer.path) into the run directory."
+    tokenizer = read_tokenizer_file(tokenizer_file, f"{ckpt}", fix)
+    eos_id = find_eos_id(tokenizer, declared_eos(run_dir), f"{tokenizer_file}")
     check_output_folder(out)
     model = load_checkpoint_model(ckpt, DTYPES[dtype])  # in the export's dtype: one copy of the weights
 
-    tokenizer = Tokenizer.from_file(str(tokenizer_file))
-    eos_id = find_eos_id(tokenizer, declared_eos(run_dir), f"{tokenizer_file}")
     if tokenizer.post_processor is not None and tokenizer.post_processor.num_special_tokens_to_add(False):
         # The run encoded its text without special tokens (documents end in EOS, nothing marks their start): a
         # post-processor that adds a BOS (Llama's tokenizers) would feed the exported model a token it never saw

@@ -443,3 +443,18 @@ def test_export_import_export_gives_the_same_files(fp8_checkpoint, tmp_path):
     assert sorted(p.name for p in again.iterdir()) == sorted(p.name for p in first.iterdir())
     for file in first.iterdir():
         assert (again / file.name).read_bytes() == file.read_bytes(), file.name
+
+
+def test_a_damaged_run_tokenizer_is_named_before_the_weights_are_read(fp8_checkpoint, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(fp8_checkpoint, run)
+    (run / "tokenizer.json").write_text('{"version": "1.0", "model": ')
+
+    def read(*args, **kwargs):
+        raise AssertionError("the weights were read")
+
+    monkeypatch.setattr("fp8train.export.hf.load_checkpoint_model", read)
+    assert run_cli("export-hf", run, tmp_path / "hf") == 2
+    err = capsys.readouterr().err
+    assert f"{run / 'tokenizer.json'} is not a tokenizer.json" in err and "data.tokenizer.path" in err
+    assert not (tmp_path / "hf").exists()
