@@ -357,6 +357,8 @@ def header_weight_problems(hf_dir: Path, llama_config) -> list[str]:
                 saved.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
     except (OSError, SafetensorError) as e:
         raise unreadable_weights(hf_dir, e) from None
+    if not any(k.startswith("model.") for k in saved):  # a LlamaModel's weights: from_pretrained adds the prefix
+        saved = {f"model.{k}": shape for k, shape in saved.items()}
     with torch.device("meta"):
         wanted = {k: tuple(v.shape) for k, v in LlamaForCausalLM(llama_config).state_dict().items()}
     tied = {"lm_head.weight", "model.embed_tokens.weight"} if llama_config.tie_word_embeddings else set()

@@ -561,3 +561,18 @@ def test_a_config_fp8trains_llama_cannot_be_is_refused_in_its_names_before_readi
     with pytest.raises(CheckpointError, match=rf"config.json describes a model .*{re.escape(expected)}"):
         import_hf(folder, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_weights_of_a_llama_model_without_lm_head_import_tied(tmp_path):
+    """LlamaModel.save_pretrained writes the names without "model.", which from_pretrained adds; a tied model needs
+    no lm_head.weight."""
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
+
+    folder = tmp_path / "hf"
+    torch.manual_seed(0)
+    LlamaModel(LlamaConfig(**SHAPE, tie_word_embeddings=True)).save_pretrained(folder)
+    ours = load_checkpoint_model(import_hf(folder, tmp_path / "imported")).double().eval()
+    hf = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float64, local_files_only=True).eval()
+    x = torch.randint(0, 320, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), hf(x).logits, rtol=0, atol=1e-12)
