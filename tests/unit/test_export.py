@@ -458,3 +458,16 @@ def test_a_damaged_run_tokenizer_is_named_before_the_weights_are_read(fp8_checkp
     err = capsys.readouterr().err
     assert f"{run / 'tokenizer.json'} is not a tokenizer.json" in err and "data.tokenizer.path" in err
     assert not (tmp_path / "hf").exists()
+
+
+def test_an_fp32_export_computes_fp8trains_logits_in_float64(fp8_checkpoint, tmp_path):
+    """In float64 the two forwards agree exactly: the same arithmetic, not float32 rounding that happens to match."""
+    from transformers import AutoModelForCausalLM
+
+    ckpt = fp8_checkpoint / "checkpoints" / "step_0000003"
+    out = export_hf(ckpt, tmp_path / "hf", dtype="fp32")
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float64, local_files_only=True).eval()
+    ours = load_checkpoint_model(ckpt).double().eval()
+    x = tokens(ours.cfg.vocab_size)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, ours(x), rtol=0, atol=1e-12)
