@@ -323,10 +323,10 @@ def weight_problems(loading_info: dict) -> list[str]:
     return problems
 
 
-def unreadable_weights(hf_dir: Path, e: BaseException) -> CheckpointError:
-    """The error for a folder whose weights file is missing or damaged."""
+def unreadable_weights(hf_dir: Path, cause: str) -> CheckpointError:
+    """The error for a folder whose weights file is missing or damaged (``cause``: what the reader said)."""
     return CheckpointError(
-        f"{hf_dir}: transformers cannot load its weights ({first_line(e).rstrip('.')}). import-hf reads a "
+        f"{hf_dir}: transformers cannot load its weights ({cause.rstrip('.')}). import-hf reads a "
         f"folder as save_pretrained writes it: config.json and model.safetensors (or its sharded index, or "
         f"pytorch_model.bin)."
     )
@@ -356,7 +356,7 @@ def header_weight_problems(hf_dir: Path, llama_config) -> list[str]:
             with safe_open(str(file), framework="pt") as f:
                 saved.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
     except (OSError, SafetensorError) as e:
-        raise unreadable_weights(hf_dir, e) from None
+        raise unreadable_weights(hf_dir, first_line(e)) from None
     if not any(k.startswith("model.") for k in saved):  # a LlamaModel's weights: from_pretrained adds the prefix
         saved = {f"model.{k}": shape for k, shape in saved.items()}
     with torch.device("meta"):
@@ -484,7 +484,9 @@ def import_hf(hf_dir: Path, out: Path) -> Path:
             hf_dir, config=llama_config, local_files_only=True, output_loading_info=True, ignore_mismatched_sizes=True
         )  # no dtype=: 4.x lacks it
     except (OSError, SafetensorError) as e:  # no weights file, or one that is damaged
-        raise unreadable_weights(hf_dir, e) from None
+        raise unreadable_weights(hf_dir, first_line(e)) from None
+    except Exception as e:  # a damaged pytorch_model.bin: torch.load raises RuntimeError, UnpicklingError, KeyError
+        raise unreadable_weights(hf_dir, f"{type(e).__name__}: {first_line(e)}") from None
     if problems := weight_problems(loading_info):  # pytorch_model.bin, whose names only reading it gives
         raise mismatched_weights(hf_dir, problems)
     if llama_config.tie_word_embeddings and hf.lm_head.weight is not hf.model.embed_tokens.weight:

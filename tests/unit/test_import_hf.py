@@ -576,3 +576,19 @@ def test_the_weights_of_a_llama_model_without_lm_head_import_tied(tmp_path):
     x = torch.randint(0, 320, (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(ours(x), hf(x).logits, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not a pickle"])
+def test_a_damaged_pytorch_model_bin_is_named(hf_folder, tmp_path, damage):
+    """torch.load raises RuntimeError or KeyError for these, which ended in a traceback."""
+    from transformers import LlamaForCausalLM
+
+    folder = tmp_path / "hf"
+    shutil.copytree(hf_folder, folder)
+    (folder / "model.safetensors").unlink()
+    torch.save(LlamaForCausalLM.from_pretrained(hf_folder).state_dict(), folder / "pytorch_model.bin")
+    data = (folder / "pytorch_model.bin").read_bytes()
+    (folder / "pytorch_model.bin").write_bytes(data[: len(data) // 2] if damage == "truncated" else b"hello" * 20)
+    with pytest.raises(CheckpointError, match=r"hf: transformers cannot load its weights \(\w+: .+\)"):
+        import_hf(folder, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
