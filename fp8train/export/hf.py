@@ -345,9 +345,7 @@ def header_weight_problems(hf_dir: Path, llama_config) -> list[str]:
         try:
             files = sorted({hf_dir / shard for shard in json.loads(index.read_text())["weight_map"].values()})
         except (ValueError, KeyError, TypeError, AttributeError) as e:  # bad JSON, or no {"weight_map": {...}}
-            raise unreadable_weights(
-                hf_dir, ValueError(f"{index.name} is not a shard index: {first_line(e)}")
-            ) from None
+            raise unreadable_weights(hf_dir, f"{index.name} is not a shard index: {first_line(e)}") from None
     else:
         return []
     saved = {}

@@ -458,6 +458,9 @@ def test_sharded_weights_are_checked_from_their_headers_before_reading(hf_folder
     sorted(folder.glob("model-*-of-*.safetensors"))[0].unlink()
     with pytest.raises(CheckpointError, match="transformers cannot load its weights"):
         import_hf(folder, tmp_path / "out")
+    (folder / "model.safetensors.index.json").write_text("{")
+    with pytest.raises(CheckpointError, match=r"weights \(model.safetensors.index.json is not a shard index: .+\)"):
+        import_hf(folder, tmp_path / "out")
 
 
 def test_a_tie_config_json_contradicts_is_refused(tmp_path):
