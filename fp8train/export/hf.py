@@ -285,6 +285,9 @@ def unsupported_features(config: dict) -> list[str]:
         problems.append(f"quantization_config has quant_method {method!r} (import the unquantized model)")
     for key in ("rope_scaling", "rope_parameters"):  # transformers 4.x and 5.x names
         rope = config.get(key) or {}
+        if not isinstance(rope, dict):  # transformers would refuse it too, in words of its own
+            problems.append(f"{key} is {rope!r}, not an object of RoPE settings")
+            continue
         rope_type = rope.get("rope_type") or rope.get("type")
         if rope_type not in (None, "default"):
             problems.append(f"{key} has rope_type {rope_type!r} (only the default RoPE is supported)")
