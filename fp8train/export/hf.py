@@ -297,10 +297,12 @@ def unsupported_features(config: dict) -> list[str]:
         if config.get(key):
             problems.append(f"{key} is true (fp8train's linears have no bias)")
     heads, hidden = config.get("num_attention_heads"), config.get("hidden_size")
-    if isinstance(heads, int) and isinstance(hidden, int) and heads > 0 and hidden % heads:
+    if not (isinstance(heads, int) and isinstance(hidden, int) and heads > 0):
+        pass  # values of another type or range: transformers' own check of config.json names them
+    elif hidden % heads:
         # transformers 4.x builds such a model (head_dim rounded down, o_proj from heads * head_dim); ours cannot
         problems.append(f"hidden_size {hidden} is not a multiple of num_attention_heads {heads}")
-    elif config.get("head_dim") is not None and heads and config["head_dim"] != hidden // heads:
+    elif config.get("head_dim") is not None and config["head_dim"] != hidden // heads:
         problems.append(f"head_dim is {config['head_dim']}, not hidden_size / num_attention_heads = {hidden // heads}")
     return problems
 

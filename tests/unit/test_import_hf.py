@@ -304,6 +304,7 @@ def test_a_failed_write_leaves_no_half_written_folder(hf_folder, tmp_path, monke
     [
         ({"tie_word_embeddings": "yes"}, "tie_word_embeddings"),
         ({"num_attention_heads": 0}, "transformers cannot read it"),
+        ({"num_attention_heads": "4", "head_dim": 16}, "transformers cannot read it.*num_attention_heads"),
         ({"hidden_size": 66, "head_dim": 16}, "hidden_size 66 is not a multiple of num_attention_heads 4"),
     ],
 )
