@@ -242,18 +242,20 @@ def export_hf(ckpt: Path, out: Path, dtype: str = "bf16") -> Path:
     """Write ``out/`` (config.json, model.safetensors, tokenizer files) from checkpoint folder ``ckpt``."""
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from fp8train.data.tokenizer import declared_eos, find_eos_id
+    from fp8train.data.tokenizer import declared_eos, find_eos_id, read_tokenizer_file
 
     ckpt, out = Path(ckpt), Path(out)
     run_dir = checkpoint.run_dir_of(ckpt) or ckpt.parent.parent
     tokenizer_file = run_dir / "tokenizer.json"  # the run dir's copy
     if not tokenizer_file.is_file():
         raise CheckpointError(f"{ckpt}: no tokenizer.json in its run directory ({tokenizer_file.parent}).")
+    # The tokenizer before the weights, which take minutes to read for a large model.
+    fix = "Copy the tokenizer.json the run was started with (its data.tokenizer.path) into the run directory."
+    tokenizer = read_tokenizer_file(tokenizer_file, f"{ckpt}", fix)
+    eos_id = find_eos_id(tokenizer, declared_eos(run_dir), f"{tokenizer_file}")
     check_output_folder(out)
     model = load_checkpoint_model(ckpt, DTYPES[dtype])  # in the export's dtype: one copy of the weights
 
-    tokenizer = Tokenizer.from_file(str(tokenizer_file))
-    eos_id = find_eos_id(tokenizer, declared_eos(run_dir), f"{tokenizer_file}")
     if tokenizer.post_processor is not None and tokenizer.post_processor.num_special_tokens_to_add(False):
         # The run encoded its text without special tokens (documents end in EOS, nothing marks their start): a
         # post-processor that adds a BOS (Llama's tokenizers) would feed the exported model a token it never saw
@@ -278,8 +280,14 @@ def export_hf(ckpt: Path, out: Path, dtype: str = "bf16") -> Path:
 def unsupported_features(config: dict) -> list[str]:
     """What in a Hugging Face Llama config.json fp8train's Llama cannot compute (empty: importable exactly)."""
     problems = []
+    if quantization := config.get("quantization_config"):  # weights stored quantized, not the model's own
+        method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization
+        problems.append(f"quantization_config has quant_method {method!r} (import the unquantized model)")
     for key in ("rope_scaling", "rope_parameters"):  # transformers 4.x and 5.x names
         rope = config.get(key) or {}
+        if not isinstance(rope, dict):  # transformers would refuse it too, in words of its own
+            problems.append(f"{key} is {rope!r}, not an object of RoPE settings")
+            continue
         rope_type = rope.get("rope_type") or rope.get("type")
         if rope_type not in (None, "default"):
             problems.append(f"{key} has rope_type {rope_type!r} (only the default RoPE is supported)")
@@ -289,10 +297,12 @@ def unsupported_features(config: dict) -> list[str]:
         if config.get(key):
             problems.append(f"{key} is true (fp8train's linears have no bias)")
     heads, hidden = config.get("num_attention_heads"), config.get("hidden_size")
-    if isinstance(heads, int) and isinstance(hidden, int) and heads > 0 and hidden % heads:
+    if not (isinstance(heads, int) and isinstance(hidden, int) and heads > 0):
+        pass  # values of another type or range: transformers' own check of config.json names them
+    elif hidden % heads:
         # transformers 4.x builds such a model (head_dim rounded down, o_proj from heads * head_dim); ours cannot
         problems.append(f"hidden_size {hidden} is not a multiple of num_attention_heads {heads}")
-    elif config.get("head_dim") is not None and heads and config["head_dim"] != hidden // heads:
+    elif config.get("head_dim") is not None and config["head_dim"] != hidden // heads:
         problems.append(f"head_dim is {config['head_dim']}, not hidden_size / num_attention_heads = {hidden // heads}")
     return problems
 
@@ -309,11 +319,64 @@ def weight_problems(loading_info: dict) -> list[str]:
     problems = []
     if missing := sorted(loading_info.get("missing_keys", [])):
         problems.append(f"{', '.join(missing)} missing")
+        if missing == ["lm_head.weight"]:  # reported missing only where config.json leaves the embeddings untied
+            problems[-1] += " (if the model ties it to model.embed_tokens.weight, set tie_word_embeddings: true)"
     if mismatched:
         problems.append(f"of another shape: {', '.join(mismatched)}")
     if unexpected:
         problems.append(f"{', '.join(sorted(unexpected))} not part of the model the config describes")
     return problems
+
+
+def unreadable_weights(hf_dir: Path, cause: str) -> CheckpointError:
+    """The error for a folder whose weights file is missing or damaged (``cause``: what the reader said)."""
+    return CheckpointError(
+        f"{hf_dir}: transformers cannot load its weights ({cause.rstrip('.')}). import-hf reads a "
+        f"folder as save_pretrained writes it: config.json and model.safetensors (or its sharded index, or "
+        f"pytorch_model.bin)."
+    )
+
+
+def header_weight_problems(hf_dir: Path, llama_config) -> list[str]:
+    """weight_problems for a folder's safetensors weights, found from their headers (names and shapes) before the
+    weights are read: a large model takes minutes to read. Empty for pytorch_model.bin, which has no header
+    (from_pretrained's report checks it after reading)."""
+    from transformers import LlamaForCausalLM
+
+    index = hf_dir / "model.safetensors.index.json"
+    if (hf_dir / "model.safetensors").is_file():  # the file from_pretrained prefers
+        files = [hf_dir / "model.safetensors"]
+    elif index.is_file():
+        try:
+            files = sorted({hf_dir / shard for shard in json.loads(index.read_text())["weight_map"].values()})
+        except (ValueError, KeyError, TypeError, AttributeError) as e:  # bad JSON, or no {"weight_map": {...}}
+            raise unreadable_weights(hf_dir, f"{index.name} is not a shard index: {first_line(e)}") from None
+    else:
+        return []
+    saved = {}
+    try:
+        for file in files:  # from_pretrained reads every tensor of the files the index names
+            with safe_open(str(file), framework="pt") as f:
+                saved.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+    except (OSError, SafetensorError) as e:
+        raise unreadable_weights(hf_dir, first_line(e)) from None
+    if not any(k.startswith("model.") for k in saved):  # a LlamaModel's weights: from_pretrained adds the prefix
+        saved = {f"model.{k}": shape for k, shape in saved.items()}
+    with torch.device("meta"):
+        wanted = {k: tuple(v.shape) for k, v in LlamaForCausalLM(llama_config).state_dict().items()}
+    tied = {"lm_head.weight", "model.embed_tokens.weight"} if llama_config.tie_word_embeddings else set()
+    missing = set(wanted) - set(saved)
+    if tied & set(saved):  # a tied weight is stored once, under either name
+        missing -= tied
+    return weight_problems(
+        {
+            "missing_keys": missing,
+            "unexpected_keys": set(saved) - set(wanted),
+            "mismatched_keys": [
+                (k, saved[k], wanted[k]) for k in saved.keys() & wanted.keys() if saved[k] != wanted[k]
+            ],
+        }
+    )
 
 
 def read_hf_config(hf_dir: Path) -> dict:
@@ -335,12 +398,53 @@ def read_hf_config(hf_dir: Path) -> dict:
     return config
 
 
+def imported_model_config(c, name: str) -> ModelConfig:
+    """The model settings of transformers' LlamaConfig ``c`` (rope_theta where 4.x or 5.x keeps it)."""
+    rope = (getattr(c, "rope_parameters", None) or {}).get("rope_theta") or getattr(c, "rope_theta", 10000.0)
+    return ModelConfig(name=name, rope_theta=float(rope), **{ours: getattr(c, hf) for ours, hf in HF_FIELDS.items()})
+
+
+def mismatched_weights(hf_dir: Path, problems: list[str]) -> CheckpointError:
+    """The error for a folder whose weights do not match its config.json (``problems``: from weight_problems)."""
+    return CheckpointError(
+        f"{hf_dir}: its weights do not match its config.json: {'; '.join(problems)}. Imported anyway, the "
+        f"model would hold random values in their place or lose them, so nothing is written; check that "
+        f"config.json belongs to these weights."
+    )
+
+
+def import_tokenizer(hf_dir: Path, vocab_size: int) -> tuple[Tokenizer | None, str | None]:
+    """A Hugging Face folder's fast tokenizer and EOS token, (None, None) if it has none; refused if it is damaged
+    or has ids past ``vocab_size``."""
+    from transformers import AutoTokenizer
+
+    try:
+        hf_tokenizer = AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)
+        tokenizer, eos_token = hf_tokenizer.backend_tokenizer, hf_tokenizer.eos_token
+    except Exception as e:  # no tokenizer files, a slow one only (sentencepiece), or damaged ones
+        if (hf_dir / "tokenizer.json").is_file():  # there but unreadable: imported without it, nothing checks it
+            raise CheckpointError(
+                f"{hf_dir}: its tokenizer cannot be loaded ({first_line(e).rstrip('.')}); restore its tokenizer files "
+                f"from the model's source, or move tokenizer.json away to import the weights alone (then name the "
+                f"tokenizer they were trained with in data.tokenizer.path)."
+            ) from None
+        log.warning("%s has no fast tokenizer; pass data.tokenizer.path=... yourself", hf_dir)
+        return None, None
+    if tokenizer.get_vocab_size(with_added_tokens=True) > vocab_size:
+        raise CheckpointError(
+            f"{hf_dir}: its tokenizer has {tokenizer.get_vocab_size(with_added_tokens=True)} tokens, but the "
+            f"model's vocab_size is {vocab_size}: the ids past it have no embedding. Import a folder whose "
+            f"tokenizer belongs to these weights."
+        )
+    return tokenizer, eos_token
+
+
 def import_hf(hf_dir: Path, out: Path) -> Path:
     """Write ``out/`` (model.safetensors under fp8train's names, model.yaml, tokenizer.json and a
     tokenizer_config.json naming its EOS if the folder has a tokenizer) from a local Hugging Face Llama folder;
     train from it with ``model.init_from=OUT``."""
     from safetensors.torch import save_model
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     from fp8train.data.tokenizer import eos_declaration
 
@@ -355,7 +459,7 @@ def import_hf(hf_dir: Path, out: Path) -> Path:
         raise CheckpointError(
             f"{hf_dir}: this Llama computes something fp8train's Llama does not, so its logits would change: "
             + "; ".join(problems)
-            + ". fp8train imports plain Llama models (SwiGLU, no biases, default RoPE)."
+            + ". fp8train imports plain Llama models (SwiGLU, no biases, default RoPE, unquantized weights)."
         )
     check_output_folder(out)
     try:
@@ -366,49 +470,39 @@ def import_hf(hf_dir: Path, out: Path) -> Path:
             f"{hf_dir}/config.json: transformers cannot read it ({cause}); correct that value, or restore "
             f"config.json from the model's source."
         ) from None
+    # Everything that can be checked without the weights first: reading a large model's takes minutes.
+    cfg = imported_model_config(llama_config, hf_dir.name)
+    if problems := cfg.check("model"):  # in config.json's names: model.n_kv_heads is its num_key_value_heads
+        named = [re.sub(r"model\.(\w+)", lambda m: HF_FIELDS.get(m[1], m[0]), problem) for problem in problems]
+        raise CheckpointError(
+            f"{hf_dir}/config.json describes a model fp8train's Llama cannot be: {'; '.join(named)}. Correct "
+            f"config.json, or restore it from the model's source."
+        )
+    tokenizer, eos_token = import_tokenizer(hf_dir, llama_config.vocab_size)
+    if problems := header_weight_problems(hf_dir, llama_config):
+        raise mismatched_weights(hf_dir, problems)
     try:
         # Mismatched shapes are reported in loading_info below rather than raised (5.x's error names no weight).
         hf, loading_info = LlamaForCausalLM.from_pretrained(
             hf_dir, config=llama_config, local_files_only=True, output_loading_info=True, ignore_mismatched_sizes=True
         )  # no dtype=: 4.x lacks it
     except (OSError, SafetensorError) as e:  # no weights file, or one that is damaged
+        raise unreadable_weights(hf_dir, first_line(e)) from None
+    except Exception as e:  # a damaged pytorch_model.bin: torch.load raises RuntimeError, UnpicklingError, KeyError
+        raise unreadable_weights(hf_dir, f"{type(e).__name__}: {first_line(e)}") from None
+    if problems := weight_problems(loading_info):  # pytorch_model.bin, whose names only reading it gives
+        raise mismatched_weights(hf_dir, problems)
+    if llama_config.tie_word_embeddings and hf.lm_head.weight is not hf.model.embed_tokens.weight:
+        # transformers 5.x leaves a tie whose two weights differ in the file undone (4.x ties them): either way,
+        # one of the two would be dropped unnoticed.
         raise CheckpointError(
-            f"{hf_dir}: transformers cannot load its weights ({first_line(e).rstrip('.')}). import-hf reads a "
-            f"folder as save_pretrained writes it: config.json and model.safetensors (or its sharded index, or "
-            f"pytorch_model.bin)."
-        ) from None
-    if problems := weight_problems(loading_info):
-        raise CheckpointError(
-            f"{hf_dir}: its weights do not match its config.json: {'; '.join(problems)}. Imported anyway, the "
-            f"model would hold random values in their place or lose them, so nothing is written; check that "
-            f"config.json belongs to these weights."
+            f"{hf_dir}: config.json's tie_word_embeddings is true, but its weights hold an lm_head.weight that "
+            f"differs from model.embed_tokens.weight, so which of the two the model uses is unclear; set "
+            f"tie_word_embeddings to false in config.json if lm_head.weight is the model's output layer."
         )
     hf = hf.float()
-    c = hf.config
-    rope = (getattr(c, "rope_parameters", None) or {}).get("rope_theta") or getattr(c, "rope_theta", 10000.0)
-    cfg = ModelConfig(
-        name=hf_dir.name, rope_theta=float(rope), **{ours: getattr(c, hf) for ours, hf in HF_FIELDS.items()}
-    )
     model = empty_model(cfg)  # holding transformers' float32 tensors: one copy of the weights
     take_weights(model, {k.removeprefix("model."): v for k, v in hf.state_dict().items()}, hf_dir)
-    try:
-        hf_tokenizer = AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)
-        tokenizer, eos_token = hf_tokenizer.backend_tokenizer, hf_tokenizer.eos_token
-    except Exception as e:  # no tokenizer files, a slow one only (sentencepiece), or damaged ones
-        if (hf_dir / "tokenizer.json").is_file():  # there but unreadable: imported without it, nothing checks it
-            raise CheckpointError(
-                f"{hf_dir}: its tokenizer cannot be loaded ({first_line(e).rstrip('.')}); restore its tokenizer files "
-                f"from the model's source, or move tokenizer.json away to import the weights alone (then name the "
-                f"tokenizer they were trained with in data.tokenizer.path)."
-            ) from None
-        tokenizer, eos_token = None, None
-        log.warning("%s has no fast tokenizer; pass data.tokenizer.path=... yourself", hf_dir)
-    if tokenizer is not None and tokenizer.get_vocab_size(with_added_tokens=True) > cfg.vocab_size:
-        raise CheckpointError(
-            f"{hf_dir}: its tokenizer has {tokenizer.get_vocab_size(with_added_tokens=True)} tokens, but the "
-            f"model's vocab_size is {cfg.vocab_size}: the ids past it have no embedding. Import a folder whose "
-            f"tokenizer belongs to these weights."
-        )
     with writing(out) as tmp:
         save_model(model, str(tmp / "model.safetensors"))
         (tmp / "model.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))

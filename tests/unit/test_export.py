@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import logging
@@ -390,7 +391,9 @@ def current_umask() -> int:
     return mask
 
 
-@pytest.mark.parametrize("precision", ["fp8", "fp8_smooth_channel", "fp8_bf16_down", "bf16", "fp32"])
+@pytest.mark.parametrize(
+    "precision", ["fp8", "fp8_smooth_channel", "fp8_smooth_gaudi2", "fp8_bf16_down", "bf16", "fp32"]
+)
 def test_every_precision_recipe_exports_to_its_logits(precision, tmp_path):
     """Whatever state a recipe keeps beside the weights stays out of the export (untied embeddings, a vocabulary
     that is no multiple of 8, FP8 Adam's state in the checkpoint too)."""
@@ -407,3 +410,64 @@ def test_every_precision_recipe_exports_to_its_logits(precision, tmp_path):
     with torch.no_grad():
         assert torch.equal(hf(x).logits, ours(x))
     assert hf.config.vocab_size == 2053 and not hf.config.tie_word_embeddings
+
+
+def test_export_import_export_gives_the_same_files(fp8_checkpoint, tmp_path):
+    """A checkpoint exported, imported, trained from (one step too small to move a weight) and exported again gives
+    the first export byte for byte: weights, config.json and tokenizer files carry over unchanged both ways."""
+    from fp8train.export.hf import import_hf, saved_model_config
+
+    ckpt = fp8_checkpoint / "checkpoints" / "step_0000003"
+    first = export_hf(ckpt, tmp_path / "first", dtype="fp32")
+    imported = import_hf(first, tmp_path / "imported")
+    weights = load_file(str(imported / "model.safetensors"))
+    assert weights.keys() == {k for k in load_file(str(ckpt / "model.safetensors")) if "_scaler." not in k}
+    assert all(torch.equal(v, load_file(str(ckpt / "model.safetensors"))[k]) for k, v in weights.items())
+    saved = saved_model_config(imported)
+    assert saved == dataclasses.replace(saved_model_config(ckpt), name="first")
+    cfg = compose(
+        [
+            *SMALL,
+            "precision=fp8_smooth",
+            "model.rope_theta=500000.0",
+            f"model.init_from={imported}",
+            f"data.tokenizer.path={imported / 'tokenizer.json'}",
+            "optim.lr=1e-30",
+            "optim.min_lr=0",
+            "trainer.max_steps=1",
+            "trainer.eval_every=0",
+        ]
+    )
+    Trainer(cfg, tmp_path / "run").fit()
+    again = export_hf(checkpoint_to_export(tmp_path / "run"), tmp_path / "again", dtype="fp32")
+    assert sorted(p.name for p in again.iterdir()) == sorted(p.name for p in first.iterdir())
+    for file in first.iterdir():
+        assert (again / file.name).read_bytes() == file.read_bytes(), file.name
+
+
+def test_a_damaged_run_tokenizer_is_named_before_the_weights_are_read(fp8_checkpoint, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(fp8_checkpoint, run)
+    (run / "tokenizer.json").write_text('{"version": "1.0", "model": ')
+
+    def read(*args, **kwargs):
+        raise AssertionError("the weights were read")
+
+    monkeypatch.setattr("fp8train.export.hf.load_checkpoint_model", read)
+    assert run_cli("export-hf", run, tmp_path / "hf") == 2
+    err = capsys.readouterr().err
+    assert f"{run / 'tokenizer.json'} is not a tokenizer.json" in err and "data.tokenizer.path" in err
+    assert not (tmp_path / "hf").exists()
+
+
+def test_an_fp32_export_computes_fp8trains_logits_in_float64(fp8_checkpoint, tmp_path):
+    """In float64 the two forwards agree exactly: the same arithmetic, not float32 rounding that happens to match."""
+    from transformers import AutoModelForCausalLM
+
+    ckpt = fp8_checkpoint / "checkpoints" / "step_0000003"
+    out = export_hf(ckpt, tmp_path / "hf", dtype="fp32")
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float64, local_files_only=True).eval()
+    ours = load_checkpoint_model(ckpt).double().eval()
+    x = tokens(ours.cfg.vocab_size)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, ours(x), rtol=0, atol=1e-12)

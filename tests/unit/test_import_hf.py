@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import stat
 
@@ -161,6 +162,7 @@ def test_a_folder_that_is_not_a_llama_is_refused(tmp_path):
     [
         ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}}, "rope_parameters"),
         ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling"),
+        ({"rope_scaling": "linear"}, "rope_scaling is 'linear'"),
         ({"hidden_act": "gelu"}, "hidden_act"),
         ({"attention_bias": True}, "attention_bias"),
         ({"mlp_bias": True}, "mlp_bias"),
@@ -302,6 +304,7 @@ def test_a_failed_write_leaves_no_half_written_folder(hf_folder, tmp_path, monke
     [
         ({"tie_word_embeddings": "yes"}, "tie_word_embeddings"),
         ({"num_attention_heads": 0}, "transformers cannot read it"),
+        ({"num_attention_heads": "4", "head_dim": 16}, "transformers cannot read it.*num_attention_heads"),
         ({"hidden_size": 66, "head_dim": 16}, "hidden_size 66 is not a multiple of num_attention_heads 4"),
     ],
 )
@@ -371,3 +374,226 @@ def test_one_kv_head_per_query_head_matches_n_kv_heads_null(hf_folder, tmp_path)
     trainer = Trainer(cfg, tmp_path / "run")
     imported = load_checkpoint_model(out).state_dict()
     assert all(torch.equal(v, imported[k]) for k, v in trainer.model.state_dict().items() if "_scaler." not in k)
+
+
+def _no_weight_reading(monkeypatch):
+    """Make reading the weights fail loudly: what is refused before it is refused without waiting for them."""
+    from transformers import LlamaForCausalLM
+
+    def read(*args, **kwargs):
+        raise AssertionError("the weights were read")
+
+    monkeypatch.setattr(LlamaForCausalLM, "from_pretrained", read)
+
+
+def _unreadable_tokenizer(folder):
+    (folder / "tokenizer.json").write_text('{"version": "1.0", "model": ')
+
+
+def _big_tokenizer(folder):
+    from transformers import PreTrainedTokenizerFast
+
+    text = (ROOT / "data" / "tinyshakespeare.txt").read_text()[:200_000]
+    tok = PreTrainedTokenizerFast(tokenizer_object=train_bpe([text], vocab_size=400), eos_token="<|endoftext|>")
+    tok.save_pretrained(folder)
+
+
+def _drop_weight(folder):
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(folder / "model.safetensors"))
+    weights.pop("model.layers.1.mlp.down_proj.weight")
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+def _wider_vocab(folder):
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "vocab_size": 384}))
+
+
+def _add_bias(folder):
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(folder / "model.safetensors"))
+    weights["model.layers.0.self_attn.q_proj.bias"] = torch.ones(64)
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        (_unreadable_tokenizer, "its tokenizer cannot be loaded"),
+        (_big_tokenizer, "tokenizer has 400 tokens"),
+        (_drop_weight, r"model.layers.1.mlp.down_proj.weight missing"),
+        (_wider_vocab, r"of another shape: model.embed_tokens.weight \(320, 64\) \(the config gives \(384, 64\)\)"),
+        (_add_bias, r"model.layers.0.self_attn.q_proj.bias not part of the model"),
+    ],
+)
+def test_what_can_be_checked_without_the_weights_is_refused_before_reading_them(
+    hf_folder, tmp_path, monkeypatch, change, expected
+):
+    """Reading a large model's weights takes minutes: a broken tokenizer, or weights whose names and shapes (in the
+    safetensors headers) do not match config.json, are refused before that, not after."""
+    folder = tmp_path / "hf"
+    shutil.copytree(hf_folder, folder)
+    change(folder)
+    _no_weight_reading(monkeypatch)
+    with pytest.raises(CheckpointError, match=expected):
+        import_hf(folder, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_sharded_weights_are_checked_from_their_headers_before_reading(hf_folder, tmp_path, monkeypatch):
+    from transformers import LlamaForCausalLM
+
+    folder = tmp_path / "hf"
+    shutil.copytree(hf_folder, folder)
+    (folder / "model.safetensors").unlink()
+    LlamaForCausalLM.from_pretrained(hf_folder, local_files_only=True).save_pretrained(folder, max_shard_size="50KB")
+    assert len(list(folder.glob("model-*-of-*.safetensors"))) > 1
+    _wider_vocab(folder)
+    _no_weight_reading(monkeypatch)
+    with pytest.raises(
+        CheckpointError, match=r"model.embed_tokens.weight \(320, 64\) \(the config gives \(384, 64\)\)"
+    ):
+        import_hf(folder, tmp_path / "out")
+    sorted(folder.glob("model-*-of-*.safetensors"))[0].unlink()
+    with pytest.raises(CheckpointError, match="transformers cannot load its weights"):
+        import_hf(folder, tmp_path / "out")
+    (folder / "model.safetensors.index.json").write_text("{")
+    with pytest.raises(CheckpointError, match=r"weights \(model.safetensors.index.json is not a shard index: .+\)"):
+        import_hf(folder, tmp_path / "out")
+
+
+def test_a_tie_config_json_contradicts_is_refused(tmp_path):
+    """config.json says tie_word_embeddings, but the file holds an lm_head.weight of its own: transformers 5.x
+    leaves the two untied (4.x ties them); imported tied, the logits would silently change."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path / "hf"
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**SHAPE, tie_word_embeddings=False)).save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    with pytest.raises(CheckpointError, match=r"tie_word_embeddings is true.*lm_head.weight"):
+        import_hf(folder, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("method", ["fp8", "bitsandbytes", "awq"])
+def test_a_quantized_llama_is_refused_by_name(hf_folder, tmp_path, method):
+    """Quantized weights are not the model's weights (transformers asks for packages to dequantize them)."""
+    folder = tmp_path / "hf"
+    shutil.copytree(hf_folder, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": method}}))
+    with pytest.raises(CheckpointError, match=rf"quantization_config.*{method}"):
+        import_hf(folder, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def _saved_as(folder, how):
+    """Rewrite ``folder``'s weights as ``how``: sharded safetensors with an index, or pytorch_model.bin only."""
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(folder, local_files_only=True)
+    (folder / "model.safetensors").unlink()
+    if how == "shards":
+        model.save_pretrained(folder, max_shard_size="50KB")
+    else:
+        torch.save(model.state_dict(), folder / "pytorch_model.bin")
+
+
+@pytest.mark.parametrize(
+    "config, saved",
+    [
+        ({"rms_norm_eps": 1e-6, "tie_word_embeddings": False}, None),
+        ({"rope_theta": 123456.0, "rope_parameters": None}, None),  # as transformers 4.x writes it
+        ({"vocab_size": 384}, None),  # a vocabulary padded past the tokenizer's 300 tokens
+        ({"num_key_value_heads": None, "num_attention_heads": 4}, None),
+        ({}, "shards"),
+        ({"tie_word_embeddings": False}, "bin"),
+    ],
+)
+def test_imported_llamas_give_transformers_logits_in_float64(tmp_path, config, saved):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path / "hf"
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**{**SHAPE, "tie_word_embeddings": True, **config})).save_pretrained(folder)
+    written = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(
+        json.dumps({k: v for k, v in {**written, **config}.items() if v is not None or k not in config})
+    )
+    if saved:
+        _saved_as(folder, saved)
+    ours = load_checkpoint_model(import_hf(folder, tmp_path / "imported")).double().eval()
+    hf = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float64, local_files_only=True).eval()
+    assert ours.cfg.norm_eps == hf.config.rms_norm_eps and ours.cfg.vocab_size == hf.config.vocab_size
+    x = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), hf(x).logits, rtol=0, atol=1e-12)
+
+
+def test_a_tied_llama_whose_config_leaves_out_the_tie_is_told_to_set_it(hf_folder, tmp_path):
+    """transformers' default is untied: a tied model's config.json without tie_word_embeddings lacks lm_head.weight."""
+    folder = tmp_path / "hf"
+    shutil.copytree(hf_folder, folder)
+    config = json.loads((folder / "config.json").read_text())
+    del config["tie_word_embeddings"]
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"lm_head.weight missing \(.*set tie_word_embeddings: true\)"):
+        import_hf(folder, tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        ({"num_key_value_heads": 3}, "num_key_value_heads=3: must divide num_attention_heads=4"),
+        ({"rms_norm_eps": 0.0}, "rms_norm_eps=0.0: must be > 0"),
+    ],
+)
+def test_a_config_fp8trains_llama_cannot_be_is_refused_in_its_names_before_reading_weights(
+    hf_folder, tmp_path, monkeypatch, change, expected
+):
+    """transformers builds these (their forward fails or divides by zero later); fp8train's checks refuse them, as
+    one message in config.json's names rather than a traceback after the weights were read."""
+    folder = tmp_path / "hf"
+    shutil.copytree(hf_folder, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **change}))
+    _no_weight_reading(monkeypatch)
+    with pytest.raises(CheckpointError, match=rf"config.json describes a model .*{re.escape(expected)}"):
+        import_hf(folder, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_weights_of_a_llama_model_without_lm_head_import_tied(tmp_path):
+    """LlamaModel.save_pretrained writes the names without "model.", which from_pretrained adds; a tied model needs
+    no lm_head.weight."""
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
+
+    folder = tmp_path / "hf"
+    torch.manual_seed(0)
+    LlamaModel(LlamaConfig(**SHAPE, tie_word_embeddings=True)).save_pretrained(folder)
+    ours = load_checkpoint_model(import_hf(folder, tmp_path / "imported")).double().eval()
+    hf = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float64, local_files_only=True).eval()
+    x = torch.randint(0, 320, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), hf(x).logits, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not a pickle"])
+def test_a_damaged_pytorch_model_bin_is_named(hf_folder, tmp_path, damage):
+    """torch.load raises RuntimeError or KeyError for these, which ended in a traceback."""
+    from transformers import LlamaForCausalLM
+
+    folder = tmp_path / "hf"
+    shutil.copytree(hf_folder, folder)
+    (folder / "model.safetensors").unlink()
+    torch.save(LlamaForCausalLM.from_pretrained(hf_folder).state_dict(), folder / "pytorch_model.bin")
+    data = (folder / "pytorch_model.bin").read_bytes()
+    (folder / "pytorch_model.bin").write_bytes(data[: len(data) // 2] if damage == "truncated" else b"hello" * 20)
+    with pytest.raises(CheckpointError, match=r"hf: transformers cannot load its weights \(\w+: .+\)"):
+        import_hf(folder, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
