@@ -26,26 +26,34 @@ from torch import nn
 
 from fp8train.fp8 import formats
 from fp8train.fp8.formats import E4M3, E5M2
-from fp8train.fp8.ops import Fp8Ops
+from fp8train.fp8.ops import Fp8Ops, amax_of
 from fp8train.fp8.scaling import ScalingConfig, TensorScaler
 
 
 class _Fp8LinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, layer: Fp8Linear, out_dtype: torch.dtype, weight_override: bool):
+    def forward(ctx, x, weight, bias, layer: Fp8Linear, out_dtype: torch.dtype, in_scale: torch.Tensor | None):
         ops = layer.ops
         with torch.autocast(x.device.type, enabled=False):  # the dtypes here are chosen, not autocast's
             x_MK = x.reshape(-1, x.shape[-1])
             qx, sx = layer.input_scaler.quantize(x_MK, ops)
-            # A weight passed in (e.g. W_down * s) changes every step: its delayed history would always lag.
-            qw, sw = layer.weight_scaler.quantize(weight, ops, force_current=weight_override)
-            y = ops.scaled_mm(qx, qw, sx, sw, out_dtype, fast_accum=layer.fast_accum)  # (M, N)
+            if in_scale is None:
+                qw, sw = layer.weight_scaler.quantize(weight, ops)
+                y = ops.scaled_mm(qx, qw, sx, sw, out_dtype, fast_accum=layer.fast_accum)  # (M, N)
+            else:
+                # W diag(s) changes every step: its delayed history would always lag.
+                qws, sws = layer.weight_scaler.quantize(weight * in_scale, ops, force_current=True)
+                y = ops.scaled_mm(qx, qws, sx, sws, out_dtype, fast_accum=layer.fast_accum)
+                # dX from W itself: in W diag(s) the columns of small s_j flush to zero next to a large one, and
+                # their inputs would get no gradient at all (see Fp8Linear.forward).
+                qw, sw = _cast(weight, E5M2 if layer.hybrid else E4M3, amax_of(weight), layer.weight_scaler, ops)
             if bias is not None:
                 y = y + bias.to(out_dtype)
             if layer.hybrid:  # the backward GEMMs get E5M2 copies (one byte each, as the E4M3 ones would be)
                 qx, sx = _as_e5m2(x_MK, sx, layer.input_scaler, ops)
-                qw, sw = _as_e5m2(weight, sw, layer.weight_scaler, ops)
-        ctx.save_for_backward(qx, qw, sx, sw)
+                if in_scale is None:
+                    qw, sw = _as_e5m2(weight, sw, layer.weight_scaler, ops)
+        ctx.save_for_backward(qx, qw, sx, sw, in_scale)
         ctx.layer = layer
         ctx.x_shape, ctx.x_dtype, ctx.w_dtype, ctx.out_dtype = x.shape, x.dtype, weight.dtype, out_dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -53,7 +61,7 @@ class _Fp8LinearFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
-        qx, qw, sx, sw = ctx.saved_tensors
+        qx, qw, sx, sw, in_scale = ctx.saved_tensors
         layer = ctx.layer
         ops = layer.ops
         dx = dw = db = None
@@ -66,9 +74,14 @@ class _Fp8LinearFn(torch.autograd.Function):
                 # E5M2 x E4M3: H100 has no E5M2 x E5M2 GEMM, and the weight needs no more than E4M3 (hybrid: the
                 # saved copies are E5M2, as Gaudi2 requires). Out in the compute dtype, not an fp32 x's (RMSNorm's
                 # output): that would double the GEMM's output bytes and its consumer's reads.
-                dx = ops.scaled_mm(qg, qw.t(), sg, sw, ctx.out_dtype).to(ctx.x_dtype).reshape(ctx.x_shape)
+                dx = ops.scaled_mm(qg, qw.t(), sg, sw, ctx.out_dtype)
+                if in_scale is not None:  # d/dx of x . (W diag(s))^T = g . W diag(s), the scale applied in fp32
+                    dx = dx.float() * in_scale
+                dx = dx.to(ctx.x_dtype).reshape(ctx.x_shape)
             if ctx.needs_input_grad[1]:
                 dw = ops.scaled_mm(qg.t(), qx.t(), sg, sx, ctx.w_dtype)  # (N, M) . (K, M)^T -> (N, K)
+                if in_scale is not None:  # d/dW of x . (W diag(s))^T: column j times s_j
+                    dw = (dw.float() * in_scale).to(ctx.w_dtype)
             if ctx.needs_input_grad[2]:
                 db = g_MN.float().sum(0).to(ctx.bias_dtype)  # summed over all tokens: fp32, not bf16
         return dx, dw, db, None, None, None
@@ -79,10 +92,17 @@ def _as_e5m2(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x in E5M2 with the scale for the amax the E4M3 scale assumed (fp8_max / scale): the same recipe, history
     and margin decide both copies, as in Habana TE's hybrid cast."""
+    return _cast(x, E5M2, scaler.fp8_max / scale_e4m3, scaler, ops)
+
+
+def _cast(
+    x: torch.Tensor, fmt: str, amax: torch.Tensor, scaler: TensorScaler, ops: Fp8Ops
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x in ``fmt`` with the scale for ``amax`` (no margin: that amax is not a guess), in ``scaler``'s profile and
+    power-of-two rule; nothing is recorded in the scaler."""
     c = scaler.cfg
-    amax_assumed = scaler.fp8_max / scale_e4m3
-    scale = formats.scale_from_amax(amax_assumed, E5M2, c.profile, 0, c.pow2)
-    q, _ = ops.quantize(x.detach(), E5M2, scale, c.profile)
+    scale = formats.scale_from_amax(amax, fmt, c.profile, 0, c.pow2)
+    q, _ = ops.quantize(x.detach(), fmt, scale, c.profile)
     return q, scale
 
 
@@ -145,16 +165,22 @@ class Fp8Linear(nn.Linear):
         new.train(linear.training)
         return new
 
-    def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-        """``x @ W.T + b`` in FP8. ``weight`` replaces W (e.g. W * s) and is scaled just-in-time; gradients flow
-        to whatever produced it. Output dtype: the autocast dtype when autocast is on for x's device, else x's."""
+    def forward(self, x: torch.Tensor, in_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """``x @ W.T + b`` in FP8, or with ``in_scale`` (K,) ``x @ (W diag(in_scale)).T + b``: x arrives divided by
+        ``in_scale`` per input channel (per-channel Smooth-SwiGLU), so the product is ``x_orig @ W.T``.
+
+        The forward GEMM takes ``W diag(in_scale)``, scaled just-in-time; the gradients are those of that
+        product with ``in_scale`` a constant, and dX comes from W itself times in_scale: in ``W diag(in_scale)``
+        the columns whose scale is small next to the largest flush to zero, and their inputs would get no gradient.
+        Output dtype: the autocast dtype when autocast is on for x's device, else x's."""
         device_type = x.device.type
         if torch.is_autocast_enabled(device_type):
             out_dtype = torch.get_autocast_dtype(device_type)
         else:
             out_dtype = x.dtype
-        w = self.weight if weight is None else weight
-        return _Fp8LinearFn.apply(x, w, self.bias, self, out_dtype, weight is not None)
+        if in_scale is not None:
+            in_scale = in_scale.detach()
+        return _Fp8LinearFn.apply(x, self.weight, self.bias, self, out_dtype, in_scale)
 
     def extra_repr(self) -> str:
         return (

@@ -14,7 +14,9 @@ arithmetic; only what the FP8 quantizer sees changes:
 - ``channel`` (the paper's text): ``s_j = max_t |h_tj|`` per channel over the micro-batch (detached); quantize
   ``h / s`` (amax exactly 1 in every channel) and ``W_down * s`` (column j times s_j):
   ``y = Q(h / s) . Q(W_down diag(s))^T``. The weight changes every step, so it is quantized with current
-  (just-in-time) scaling. With s frozen it folds into W_up and W_down: an exported model is a plain Llama.
+  (just-in-time) scaling. The backward takes dh from ``Q(W_down)`` itself, as plain SwiGLU does: a neuron whose s_j
+  is far below the largest has its column of ``W_down diag(s)`` flushed to zero, and would get no gradient.
+  With s frozen it folds into W_up and W_down: an exported model is a plain Llama.
 
 Both modules keep SwiGLU's attribute names (gate_proj, up_proj, down_proj), so state dicts are unchanged.
 """
@@ -65,9 +67,10 @@ class SmoothSwiGLUChannel(nn.Module):
         h = F.silu(self.gate_proj(x)) * self.up_proj(x)
         s = _safe(h.detach().abs().flatten(0, -2).amax(dim=0).to(_high(h)))  # (F,)
         h_scaled = (h.to(s.dtype) / s).to(h.dtype)
-        w_scaled = self.down_proj.weight * s  # column j of W_down (d_model, ffn) times s_j; grads reach W_down
         if isinstance(self.down_proj, Fp8Linear):
-            return self.down_proj(h_scaled, weight=w_scaled)  # the weight is quantized with current scaling
+            # W_down diag(s) quantized with current scaling; dh from W_down itself (Fp8Linear.forward)
+            return self.down_proj(h_scaled, in_scale=s)
+        w_scaled = self.down_proj.weight * s  # column j of W_down (d_model, ffn) times s_j; grads reach W_down
         return F.linear(h_scaled, w_scaled.to(h_scaled.dtype), self.down_proj.bias)
 
 

@@ -152,3 +152,26 @@ def test_under_delayed_scaling_plain_overflows_worst_and_channel_not_at_all():
     assert sat_none > sat_tok > sat_ch, results
     assert err_none > err_tok > err_ch, results
     assert err_none > 0.5 and err_ch < 0.1, results
+
+
+@pytest.mark.parametrize("quiet", [1e-4, 1e-5, 1e-6])
+def test_channel_keeps_the_gradient_of_neurons_much_quieter_than_the_others(quiet):
+    # s_j of a neuron whose activations are `quiet` times the others' is as small, and so is column j of
+    # W_down * diag(s). Computed from that product, dh_j = (dy . Q(W_down diag(s)))_j / s_j would lose the column to
+    # E4M3's underflow (its range is 2^-9..448 against the largest column): a quiet neuron would get no gradient
+    # and could never recover. dh = dy . W_down does not depend on s; it must be as exact as with plain SwiGLU.
+    rows = slice(100, 164)  # 64 neurons, not the aligned one
+    dy = torch.randn(B, D, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    grads = {}
+    for variant in ("ref", "none", "channel"):
+        mlp, w = planted_mlp(torch.float64 if variant == "ref" else torch.float32)
+        with torch.no_grad():
+            mlp.up_proj.weight[rows] *= quiet
+        if variant != "ref":
+            mlp.down_proj = Fp8Linear.from_linear(mlp.down_proj, scaling=ScalingConfig(recipe="current"))
+        module = VARIANTS.get(variant, VARIANTS["none"])(mlp)
+        x = batch(w, 0, seed=99).to(mlp.up_proj.weight.dtype)
+        module(x).backward(dy.to(x.dtype))
+        grads[variant] = mlp.up_proj.weight.grad[rows].double()
+    err = {v: ((grads[v] - grads["ref"]).norm() / grads["ref"].norm()).item() for v in ("none", "channel")}
+    assert err["none"] < 0.1 and err["channel"] < 0.1, err
