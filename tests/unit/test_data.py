@@ -27,8 +27,11 @@ SHAKESPEARE = (PROJECT_ROOT / "data" / "tinyshakespeare.txt").read_text(encoding
 TEXT = SHAKESPEARE[:30_000]  # ~9k tokens: enough for a 512-token BPE, trained in a few ms
 
 
-def data_cfg(tmp_path, texts, *, vocab_size=512, seq_len=32, val_fraction=0.1, tokenizer_path=None, names=None):
-    """A DataConfig over ``texts`` (str or bytes), each written to its own file in tmp_path."""
+def data_cfg(
+    tmp_path, texts, *, vocab_size=512, seq_len=32, val_fraction=0.1, tokenizer_path=None, names=None, cache_dir=None
+):
+    """A DataConfig over ``texts`` (str or bytes), each written to its own file in tmp_path; caches in
+    ``cache_dir`` (default tmp_path/cache)."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     sources = []
     for i, text in enumerate(texts):
@@ -41,7 +44,7 @@ def data_cfg(tmp_path, texts, *, vocab_size=512, seq_len=32, val_fraction=0.1, t
         tokenizer=TokenizerConfig(path=tokenizer_path, vocab_size=vocab_size),
         seq_len=seq_len,
         val_fraction=val_fraction,
-        cache_dir=str(tmp_path / "cache"),
+        cache_dir=str(cache_dir or tmp_path / "cache"),
     )
 
 
@@ -131,6 +134,22 @@ def test_token_cache_holds_exactly_the_train_and_val_text(tmp_path):
     assert data.tokenizer.decode(train[:-1].tolist()) == TEXT[:cut]
     assert data.tokenizer.decode(val[:-1].tolist()) == TEXT[cut:]
     assert data.n_train_tokens == len(train) and data.n_val_tokens == {"src0": len(val)}
+
+
+def test_a_utf8_byte_order_mark_is_no_part_of_the_text(tmp_path):
+    """Windows editors start UTF-8 files with a byte-order mark (EF BB BF): it marks the encoding, it is not text,
+    so it gets no tokens, and the file trains on the very data (the same caches) as without it. A U+FEFF inside
+    the text stays, as Python's utf-8-sig decoding keeps it."""
+    cache = tmp_path / "cache"
+    plain = build(data_cfg(tmp_path / "plain", [TEXT], cache_dir=cache))
+    marked = build(data_cfg(tmp_path / "marked", [b"\xef\xbb\xbf" + TEXT.encode()], cache_dir=cache))
+    assert marked.cache_path == plain.cache_path and marked.fingerprint == plain.fingerprint
+    assert train_tokens(marked).tolist() == train_tokens(plain).tolist()
+    assert len(list(cache.glob("tokenizer-*"))) == 1
+    inner = build(data_cfg(tmp_path / "inner", [TEXT[:1000] + "\ufeff" + TEXT[1000:]], cache_dir=cache))
+    assert "\ufeff" in inner.tokenizer.decode(train_tokens(inner).tolist())
+    with pytest.raises(DataError, match="is empty"):
+        build(data_cfg(tmp_path / "only", [b"\xef\xbb\xbf"]))
 
 
 def test_tokenizer_never_sees_the_val_text(tmp_path):
@@ -425,8 +444,9 @@ def test_tokenizer_without_eos_is_refused(tmp_path):
             "Caf\u00e9 au lait\nna\u00efve\n".encode("latin-1"),
             r"not valid UTF-8: byte 0xe9 at byte offset 3 \(line 1\)",
         ),
+        (b"\xef\xbb\xbfok\nCaf\xe9\n", r"not valid UTF-8: byte 0xe9 at byte offset 9 \(line 2\)"),  # after a BOM
     ],
-    ids=["missing", "empty", "binary", "latin-1"],
+    ids=["missing", "empty", "binary", "latin-1", "bom-latin-1"],
 )
 def test_unusable_source_names_key_and_file(tmp_path, content, expected):
     cfg = data_cfg(tmp_path, [TEXT, content or b""])
