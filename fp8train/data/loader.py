@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import tokenizers
 import torch
 from tokenizers import Tokenizer
 
@@ -157,6 +158,8 @@ def shareable(data: TokenData) -> dict:
         "tokenizer_sha256": tokenizer_sha256(data.tokenizer),
         "eos_id": data.eos_id,
         "val_sources": data.val_sources,
+        "source_sha256": data.source_sha256,  # and what tells another rank why its cache differs (_other_data)
+        "tokenizers": tokenizers.__version__,
     }
 
 
@@ -193,11 +196,36 @@ def open_shared(
     if data.cache_key != shared["cache_key"]:
         raise DataError(
             f"data.sources: rank {rank} sees other data than rank 0 (its token cache is {data.cache_path}, rank 0's "
-            f"{shared['cache_path']}): the source files or the tokenizer differ between machines. Make "
-            "data.sources and data.tokenizer.path name identical files on every machine, or set data.cache_dir to "
-            "a folder they all share."
+            f"{shared['cache_path']}): {_other_data(cfg, data, shared)}"
         )
     return data
+
+
+def _other_data(cfg: DataConfig, data: TokenData, shared: dict) -> str:
+    """Why this rank's token cache is not rank 0's (``shared``), and what to change: the source files that differ;
+    else the tokenizer, which another tokenizers release explains (0.19 and 0.20 store BPE merges otherwise, so the
+    same tokenizer hashes otherwise)."""
+    ours, theirs = data.source_sha256, shared.get("source_sha256")
+    if theirs is None or len(theirs) != len(ours):
+        differ = "the source files or the tokenizer differ between machines"
+    elif other := [i for i, (a, b) in enumerate(zip(ours, theirs)) if list(a) != list(b)]:
+        named = ", ".join(f"data.sources.{i}.path={cfg.sources[i].path} ('{data.val_sources[i]}')" for i in other)
+        return (
+            f"the bytes of {named} differ from rank 0's. Make data.sources name identical files on every machine, or "
+            "set data.cache_dir to a folder they all share."
+        )
+    elif (version := shared.get("tokenizers")) and version != tokenizers.__version__:
+        return (
+            f"the source files hold the same bytes, but rank {data.rank} runs tokenizers {tokenizers.__version__} "
+            f"and rank 0 tokenizers {version}, which store or train the tokenizer otherwise. Install the same "
+            "tokenizers version on every machine."
+        )
+    else:
+        differ = "the source files hold the same bytes, but the tokenizer differs between machines"
+    return (
+        f"{differ}. Make data.sources and data.tokenizer.path name identical files on every machine, or set "
+        "data.cache_dir to a folder they all share."
+    )
 
 
 def _open_built(cfg: DataConfig, shared: dict, path: Path, tokenizer_file: Path, **layout) -> TokenData | None:
@@ -275,6 +303,8 @@ class TokenData:
         self.world_size = world_size
         self.cache_path = cache.path
         self.cache_key = cache.key  # a hash of the source bytes, the split and the tokenizer
+        # sha256 of each source's train and val bytes; an older cache may lack them
+        self.source_sha256 = [[s.get("train_sha256"), s.get("val_sha256")] for s in cache.meta["sources"]]
         self._train = cache.train
         self._val = dict(zip(self.val_sources, cache.val))
         self.n_train_tokens = len(self._train)

@@ -1203,3 +1203,40 @@ def test_rank_0_waiting_long_for_the_other_ranks_data_says_so(tmp_path, monkeypa
         "waiting for the other ranks to open the data, 0 s so far (with a data.cache_dir on each machine, the other "
         "machines tokenize the corpus into theirs); parallel.timeout_min bounds the wait"
     ], warnings
+
+
+def test_a_rank_seeing_other_data_names_what_differs(tmp_path):
+    """A rank whose token cache is not rank 0's says why: other source bytes (naming the source), or the same files
+    tokenized otherwise, which a tokenizers release other than rank 0's explains (0.19 stores BPE merges otherwise
+    than 0.20 and later, so its tokenizer hashes otherwise even when every id is the same)."""
+    import tokenizers
+
+    from fp8train.data.loader import open_shared, shareable
+
+    cfg = data_cfg(tmp_path, [TEXT[:10_000], TEXT[10_000:20_000]], names=["a", "b"])
+    shared = shareable(build(cfg))
+    elsewhere = {
+        "cache_key": "0" * 16,
+        "cache_path": "/elsewhere/tokens-0000000000000000",
+        "tokenizer_file": "/elsewhere/tokenizer-0000000000000000/tokenizer.json",
+        "tokenizer_sha256": "0" * 64,
+    }
+    layout = dict(seed=0, micro_batch_size=4, grad_accum_steps=2, rank=1, world_size=2)
+
+    def message(**rank0) -> str:
+        with pytest.raises(DataError) as e:
+            open_shared(cfg, {**shared, **elsewhere, **rank0}, **layout)
+        assert str(e.value).startswith("data.sources: rank 1 sees other data than rank 0 ")
+        return str(e.value)
+
+    release = message(tokenizers="0.19.1")
+    assert f"rank 1 runs tokenizers {tokenizers.__version__} and rank 0 tokenizers 0.19.1" in release
+    assert "the same bytes" in release and "same tokenizers version on every machine" in release
+    assert "name identical files" not in release
+    parts = [list(p) for p in shared["source_sha256"]]
+    parts[1][0] = "0" * 64
+    files = message(source_sha256=parts)
+    assert f"data.sources.1.path={tmp_path / 'src1.txt'} ('b')" in files and "src0" not in files
+    assert "name identical files on every machine" in files and "tokenizers 0" not in files
+    tokenizer = message()
+    assert "the same bytes" in tokenizer and "data.tokenizer" in tokenizer and "tokenizers 0" not in tokenizer
