@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 # `fp8train check` trains the tokenizer and tokenizes a corpus up to this size as the run would, and the run then
 # finds both; a larger one only if that is done already.
 CHECK_TOKENIZE_CHARS = 16 << 20
+SHORT_LISTED = 10  # sources a too-short-split message names; the rest it counts
 
 
 def build_data(
@@ -431,11 +432,21 @@ def _check_lengths(cfg: DataConfig, sources: list[SourceText], cache: TokenCache
             f"window of data.seq_len + 1 = {window}. Lower data.seq_len, lower data.val_fraction={cfg.val_fraction}, "
             "or add text to data.sources."
         )
-    for s, val in zip(sources, cache.val):
-        if len(val) < window:
-            raise DataError(
-                f"data.seq_len={cfg.seq_len}: the validation split of source '{s.name}' ({s.path}) holds only "
-                f"{len(val)} tokens (the last data.val_fraction={cfg.val_fraction} of its text), fewer than one "
-                f"window of data.seq_len + 1 = {window}. Lower data.seq_len, raise data.val_fraction, or point "
-                f"data.sources.{s.index}.path at a longer file."
-            )
+    short = [(s, len(val)) for s, val in zip(sources, cache.val) if len(val) < window]
+    if len(short) == 1:
+        s, n = short[0]
+        raise DataError(
+            f"data.seq_len={cfg.seq_len}: the validation split of source '{s.name}' ({s.path}) holds only "
+            f"{n} tokens (the last data.val_fraction={cfg.val_fraction} of its text), fewer than one "
+            f"window of data.seq_len + 1 = {window}. Lower data.seq_len, raise data.val_fraction, or point "
+            f"data.sources.{s.index}.path at a longer file."
+        )
+    if short:  # all at once, as read_sources names every unusable file: each attempt would tokenize again
+        listed = ", ".join(f"data.sources.{s.index}.path={s.path} ('{s.name}'): {n}" for s, n in short[:SHORT_LISTED])
+        more = f", and {len(short) - SHORT_LISTED} more" if len(short) > SHORT_LISTED else ""
+        raise DataError(
+            f"data.seq_len={cfg.seq_len}: the validation splits of {len(short)} of the {len(sources)} sources hold "
+            f"fewer than one window of data.seq_len + 1 = {window} tokens (the last data.val_fraction="
+            f"{cfg.val_fraction} of their text; tokens: {listed}{more}). Lower data.seq_len, raise "
+            "data.val_fraction, or point these sources at longer files (or join short files into one)."
+        )

@@ -533,6 +533,18 @@ def test_corpus_too_short_for_seq_len(tmp_path):
         build(data_cfg(tmp_path, [TEXT[:20_000]], seq_len=512, val_fraction=0.05))
 
 
+def test_every_source_with_a_too_short_validation_split_is_named_at_once(tmp_path):
+    """Short files among a corpus: one run names them all, rather than one per attempt (each retokenizing)."""
+    texts = [TEXT, "Short one.\n" * 20, TEXT[:20_000], "Another short file.\n" * 10]
+    with pytest.raises(DataError) as e:
+        build(data_cfg(tmp_path, texts, seq_len=64, names=["a", "b", "c", "d"]))
+    message = str(e.value)
+    assert message.startswith("data.seq_len=64: the validation splits of 2 of the 4 sources hold fewer than")
+    assert f"data.sources.1.path={tmp_path / 'src1.txt'} ('b'): " in message
+    assert f"data.sources.3.path={tmp_path / 'src3.txt'} ('d'): " in message
+    assert "'a'" not in message and "'c'" not in message and "\n" not in message
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Cache atomicity
 
