@@ -203,6 +203,9 @@ def wide_encoding(raw: bytes) -> str | None:
     return None
 
 
+_NON_ASCII = re.compile(rb"[\x80-\xff]")
+
+
 def decode_utf8(raw: bytes, path: Path, key: str, start: int = 0) -> str:
     """Strict UTF-8 decoding of ``raw[start:]``; the error names the file's byte offset and line of the first bad
     byte."""
@@ -211,10 +214,17 @@ def decode_utf8(raw: bytes, path: Path, key: str, start: int = 0) -> str:
     except UnicodeDecodeError as e:
         at = start + e.start
         line = raw.count(b"\n", 0, at) + 1
+        # Non-ASCII text before it decoded: UTF-8 with damaged bytes, which a conversion from Latin-1 would garble
+        # throughout (é -> Ã©).
+        damaged = _NON_ASCII.search(raw, 0, at) is not None
+        fix = (
+            "The text before it is UTF-8: drop the bytes that are not (`iconv -f utf-8 -t utf-8 -c in.txt > out.txt`)"
+            if damaged
+            else "Convert it to UTF-8 (for example `iconv -f latin1 -t utf-8 in.txt > out.txt`)"
+        )
         raise DataError(
             f"{key}: the file {path} is not valid UTF-8: byte 0x{raw[at]:02x} at byte offset {at} "
-            f"(line {line}) {e.reason}. Convert it to UTF-8 (for example `iconv -f latin1 -t utf-8 in.txt > "
-            f"out.txt`) and point {key.split('=')[0]} at the converted file."
+            f"(line {line}) {e.reason}. {fix} and point {key.split('=')[0]} at the new file."
         ) from None
 
 

@@ -459,6 +459,21 @@ def test_unusable_source_names_key_and_file(tmp_path, content, expected):
     assert "\n" not in str(e.value)
 
 
+def test_a_utf8_file_with_a_damaged_byte_is_not_told_to_convert_from_latin1(tmp_path):
+    """UTF-8 text with a stray bad byte (a cut download, a bad concatenation): converting it from Latin-1 would turn
+    every accented letter into two (é -> Ã©), so the advice is to drop the bad bytes. A Latin-1 file, whose bytes
+    before the first bad one are ASCII, is still told to convert."""
+    damaged = "Caf\u00e9 ok\n".encode() * 3 + b"bad \xff byte\n" + TEXT.encode()
+    with pytest.raises(DataError) as e:
+        build(data_cfg(tmp_path / "damaged", [damaged]))
+    message = str(e.value)
+    assert "byte 0xff at byte offset 31 (line 4)" in message
+    assert "iconv -f utf-8 -t utf-8 -c" in message and "latin1" not in message
+    with pytest.raises(DataError) as e:
+        build(data_cfg(tmp_path / "latin1", ["Caf\u00e9 ok\n".encode("latin-1") + TEXT.encode()]))
+    assert "iconv -f latin1 -t utf-8" in str(e.value) and "-c" not in str(e.value)
+
+
 def test_every_unusable_source_is_named_at_once(tmp_path):
     """Three files of a corpus, two unusable: one run says so for both, not one per attempt."""
     cfg = data_cfg(tmp_path, [b"", TEXT, "Caf\u00e9\n".encode("latin-1")])
