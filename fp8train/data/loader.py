@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -161,7 +162,14 @@ def shareable(data: TokenData) -> dict:
         "val_sources": data.val_sources,
         "source_sha256": data.source_sha256,  # and what tells another rank why its cache differs (_other_data)
         "tokenizers": tokenizers.__version__,
+        "transformers": _transformers_version(),
     }
+
+
+def _transformers_version() -> str | None:
+    """The transformers release, if this process imported it (to convert a tokenizer folder without tokenizer.json);
+    importing it only to ask would take seconds."""
+    return getattr(sys.modules.get("transformers"), "__version__", None)
 
 
 def open_shared(
@@ -205,7 +213,7 @@ def open_shared(
 def _other_data(cfg: DataConfig, data: TokenData, shared: dict) -> str:
     """Why this rank's token cache is not rank 0's (``shared``), and what to change: the source files that differ;
     else the tokenizer, which another tokenizers release explains (0.19 and 0.20 store BPE merges otherwise, so the
-    same tokenizer hashes otherwise)."""
+    same tokenizer hashes otherwise), or another transformers release for a folder it converts."""
     ours, theirs = data.source_sha256, shared.get("source_sha256")
     if theirs is None or len(theirs) != len(ours):
         differ = "the source files or the tokenizer differ between machines"
@@ -217,9 +225,17 @@ def _other_data(cfg: DataConfig, data: TokenData, shared: dict) -> str:
         )
     elif (version := shared.get("tokenizers")) and version != tokenizers.__version__:
         return (
-            f"the source files hold the same bytes, but rank {data.rank} runs tokenizers {tokenizers.__version__} "
-            f"and rank 0 tokenizers {version}, which store or train the tokenizer otherwise. Install the same "
-            "tokenizers version on every machine."
+            f"the source files hold the same bytes, but the tokenizer differs: rank {data.rank} runs tokenizers "
+            f"{tokenizers.__version__} and rank 0 tokenizers {version}, which may store or train it otherwise. "
+            "Install the same tokenizers version on every machine."
+        )
+    elif (version := shared.get("transformers")) and version != _transformers_version() and _converted(cfg):
+        return (
+            f"the source files hold the same bytes, but the tokenizer differs: rank {data.rank} runs transformers "
+            f"{_transformers_version()} and rank 0 transformers {version}, which may convert data.tokenizer.path="
+            f"{cfg.tokenizer.path} (a folder without tokenizer.json) otherwise. Install the same transformers "
+            "version on every machine, or point data.tokenizer.path at the tokenizer.json rank 0 wrote "
+            f"({shared['tokenizer_file']}), copied to every machine."
         )
     else:
         differ = "the source files hold the same bytes, but the tokenizer differs between machines"
@@ -269,6 +285,12 @@ def _token_data(
         seq_len=cfg.seq_len,
         **layout,
     )
+
+
+def _converted(cfg: DataConfig) -> bool:
+    """Whether data.tokenizer.path is a folder that transformers converts, having no tokenizer.json."""
+    folder = None if cfg.tokenizer.path is None else resolve_path(cfg.tokenizer.path)
+    return folder is not None and folder.is_dir() and not (folder / "tokenizer.json").is_file()
 
 
 class TokenData:

@@ -1267,3 +1267,25 @@ def test_a_rank_seeing_other_data_names_what_differs(tmp_path):
     assert "name identical files on every machine" in files and "tokenizers 0" not in files
     tokenizer = message()
     assert "the same bytes" in tokenizer and "data.tokenizer" in tokenizer and "tokenizers 0" not in tokenizer
+
+
+def test_a_rank_seeing_another_conversion_of_a_tokenizer_folder_names_the_transformers_releases(tmp_path, trained):
+    """A tokenizer folder without tokenizer.json is converted by transformers, whose releases may convert it
+    otherwise: the same files then give another tokenizer, and a rank on another release says so."""
+    import transformers
+
+    from fp8train.data.loader import open_shared, shareable
+
+    folder = tmp_path / "hf_vocab"
+    folder.mkdir()
+    trained.tokenizer.model.save(str(folder))  # vocab.json + merges.txt
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "GPT2Tokenizer", "eos_token": "<|endoftext|>"})
+    )
+    cfg = data_cfg(tmp_path / "run", [TEXT], tokenizer_path=str(folder))
+    shared = {**shareable(build(cfg)), "cache_key": "0" * 16, "tokenizer_sha256": "0" * 64, "transformers": "4.45.0"}
+    with pytest.raises(DataError) as e:
+        open_shared(cfg, shared, seed=0, micro_batch_size=4, grad_accum_steps=2, rank=1, world_size=2)
+    message = str(e.value)
+    assert f"rank 1 runs transformers {transformers.__version__} and rank 0 transformers 4.45.0" in message
+    assert f"data.tokenizer.path={folder}" in message and "tokenizer.json" in message
