@@ -157,7 +157,7 @@ def shareable(data: TokenData) -> dict:
         "cache_key": data.cache_key,
         "cache_files": file_identities(data.cache_path),
         "tokenizer_file": str(data.tokenizer_file),
-        "tokenizer_sha256": tokenizer_sha256(data.tokenizer),
+        "tokenizer_sha256": data.tokenizer_sha256,
         "eos_id": data.eos_id,
         "val_sources": data.val_sources,
         "source_sha256": data.source_sha256,  # and what tells another rank why its cache differs (_other_data)
@@ -326,8 +326,10 @@ class TokenData:
         self.world_size = world_size
         self.cache_path = cache.path
         self.cache_key = cache.key  # a hash of the source bytes, the split and the tokenizer
-        # sha256 of each source's train and val bytes; an older cache may lack them
+        # Each source's file and the sha256 of its train and val bytes; an older cache may lack the val one
+        self.source_paths = [s["path"] for s in cache.meta["sources"]]
         self.source_sha256 = [[s.get("train_sha256"), s.get("val_sha256")] for s in cache.meta["sources"]]
+        self.tokenizer_sha256 = tokenizer_sha256(tokenizer)
         self._train = cache.train
         self._val = dict(zip(self.val_sources, cache.val))
         self.n_train_tokens = len(self._train)
@@ -387,6 +389,12 @@ class TokenData:
             "micro_batch_size": self.micro_batch_size,
             "grad_accum_steps": self.grad_accum_steps,
             "world_size": self.world_size,
+            # What the fingerprint is made of, so that a resume on other data can say what changed
+            "fingerprint": self.fingerprint,
+            "seq_len": self.seq_len,
+            "sources": [[name, *digests] for name, digests in zip(self.val_sources, self.source_sha256)],
+            "tokenizer_sha256": self.tokenizer_sha256,
+            "tokenizers": tokenizers.__version__,
         }
 
     def check_resume(self, saved: dict, where: str | Path) -> None:
@@ -397,7 +405,7 @@ class TokenData:
         otherwise over micro steps and ranks), while another G or another seed would repeat or skip sequences.
         """
         step, samples_seen = saved["step"], saved["samples_seen"]
-        problems = []
+        problems = [] if saved.get("fingerprint", self.fingerprint) == self.fingerprint else [self._data_change(saved)]
         if self.position(step)["samples_seen"] != samples_seen:
             was = (
                 f" (trainer.micro_batch_size={saved['micro_batch_size']} x trainer.grad_accum_steps="
@@ -423,6 +431,36 @@ class TokenData:
                 f"resume: {where} cannot continue on the data of an unbroken run: {'; '.join(problems)}. Or start a "
                 f"new run directory from its weights with model.init_from={where}."
             )
+
+    def _data_change(self, saved: dict) -> str:
+        """What differs between the data of a saved ``position`` and this run's: sources, their text, seq_len or the
+        tokenizer (one sentence, ending in what to do)."""
+        was = {name: train_val for name, *train_val in saved["sources"]}
+        changes = []
+        if list(was) != self.val_sources:
+            changes.append(f"its data.sources were {', '.join(was)}; this run's: {', '.join(self.val_sources)}")
+        for i, (name, digests) in enumerate(zip(self.val_sources, self.source_sha256)):
+            if was.get(name, digests) != digests:
+                part = "its training part" if was[name][0] != digests[0] else "its held-out part"
+                changes.append(
+                    f"data.sources.{i}.path={self.source_paths[i]} ('{name}') holds other text than it was trained on "
+                    f"({part})"
+                )
+        # A tokenizer trained on the data follows its training text: another one says nothing more then.
+        retrained = list(was) != self.val_sources or any("training part" in c for c in changes)
+        if saved["tokenizer_sha256"] != self.tokenizer_sha256 and not retrained:
+            release = saved["tokenizers"]
+            other = f"; it ran tokenizers {release}, this run {tokenizers.__version__}"
+            changes.append(
+                "the tokenizer differs (data.tokenizer.*, or the files it names or is trained on)"
+                + (other if release != tokenizers.__version__ else "")
+            )
+        if saved["seq_len"] != self.seq_len:
+            changes.append(f"it was trained with data.seq_len={saved['seq_len']}, not {self.seq_len}")
+        return (
+            f"{'; '.join(changes or ['its data differs from this run'])}. Resume on the files and data settings it was "
+            "trained on"
+        )
 
     def _window(self, g: int) -> int:
         """Index of the training window of global sample ``g``."""

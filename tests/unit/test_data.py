@@ -1,5 +1,6 @@
 """Data pipeline: source checks, split, tokenizer (trained, cached, loaded), token cache, deterministic batches."""
 
+import dataclasses
 import errno
 import hashlib
 import json
@@ -1054,6 +1055,38 @@ def test_another_global_batch_or_seed_is_refused_by_name(tmp_path):
             build(cfg, **kwargs).check_resume(saved, "ckpt")
         message = str(err.value)
         assert named in message and "model.init_from=ckpt" in message and "\n" not in message
+
+
+def test_a_resume_on_other_data_names_what_changed(tmp_path):
+    """Checkpoints refuse to continue on other data; when the config is the same but a file was edited, the refusal
+    names the file (and which part of it) instead of pointing at settings nobody changed."""
+    texts = [TEXT[:12_000], TEXT[12_000:24_000]]
+    cfg = data_cfg(tmp_path, texts, names=["a", "b"])
+    saved = build(cfg).position(5)
+    build(cfg).check_resume(saved, "ckpt")  # the same data: accepted
+
+    def refusal(cfg) -> str:
+        with pytest.raises(DataError) as e:
+            build(cfg).check_resume(saved, "ckpt")
+        assert str(e.value).startswith("resume: ckpt cannot continue on the data of an unbroken run: ")
+        assert "model.init_from=ckpt" in str(e.value) and "\n" not in str(e.value)
+        return str(e.value)
+
+    (tmp_path / "src1.txt").write_text(texts[1][:-2] + "#\n")  # one character of the held-out part
+    message = refusal(cfg)
+    assert f"data.sources.1.path={tmp_path / 'src1.txt'} ('b') holds other text than it was trained on" in message
+    assert "its held-out part" in message and "'a'" not in message and "data.seq_len" not in message
+    assert "tokenizer" not in message  # trained on the training parts alone: the same
+    (tmp_path / "src1.txt").write_text(texts[1])
+    (tmp_path / "src0.txt").write_text("Edited.\n" + texts[0])
+    message = refusal(cfg)
+    assert "('a') holds other text than it was trained on (its training part" in message
+    assert "tokenizer" not in message  # trained on the text: that it differs too says nothing more
+    (tmp_path / "src0.txt").write_text(texts[0])
+    assert "data.seq_len=32, not 16" in refusal(dataclasses.replace(cfg, seq_len=16))
+    other_tokenizer = dataclasses.replace(cfg, tokenizer=TokenizerConfig(vocab_size=600))
+    assert "the tokenizer differs (data.tokenizer" in refusal(other_tokenizer)
+    assert "data.sources were a, b; this run's: a" in refusal(dataclasses.replace(cfg, sources=cfg.sources[:1]))
 
 
 def test_the_trainer_checks_the_data_position_on_resume(tmp_path):
