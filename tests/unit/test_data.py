@@ -424,6 +424,17 @@ def test_a_cached_tokenizer_folder_without_its_tokenizer_json_is_trained_again(t
     assert f"the tokenizer cache {first.tokenizer_file.parent} has no tokenizer.json" in caplog.text
 
 
+def test_a_tokenizer_json_saved_with_a_byte_order_mark_is_named_so(tmp_path, trained):
+    """An editor that saves UTF-8 with a byte-order mark makes a tokenizer.json that tokenizers (and transformers)
+    cannot parse, with "expected value at line 1 column 1": the message says what is at line 1 column 1."""
+    file = tmp_path / "tokenizer.json"
+    file.write_bytes(b"\xef\xbb\xbf" + trained.tokenizer_file.read_bytes())
+    with pytest.raises(DataError) as e:
+        build(data_cfg(tmp_path / "run", [TEXT], tokenizer_path=str(file)))
+    assert f"{file} starts with a UTF-8 byte-order mark" in str(e.value)
+    assert "Save it without one" in str(e.value)
+
+
 def test_tokenizer_without_eos_is_refused(tmp_path):
     file = tmp_path / "tokenizer.json"
     Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]")).save(str(file))
