@@ -130,6 +130,16 @@ def _build(
         rank=rank,
         world_size=world_size,
     )
+    global_batch = micro_batch_size * grad_accum_steps * world_size
+    if data.n_train_windows < global_batch:  # runs, but a loss curve would not show it
+        log.warning(
+            "the training split holds %d windows of data.seq_len=%d, fewer than one global batch of %d sequences "
+            "(micro_batch_size x grad_accum_steps x ranks): every step trains on some of them twice or more. Add "
+            "text to data.sources, or lower data.seq_len or the batch",
+            data.n_train_windows,
+            cfg.seq_len,
+            global_batch,
+        )
     if data.vocab_size > tok.tokenizer.get_vocab_size():
         log.info(
             "the tokenizer's %d tokens have ids up to %d: the model's vocabulary covers them all",

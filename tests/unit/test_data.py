@@ -560,6 +560,22 @@ def test_corpus_too_short_for_seq_len(tmp_path):
         build(data_cfg(tmp_path, [TEXT[:20_000]], seq_len=512, val_fraction=0.05))
 
 
+def test_a_training_split_smaller_than_one_global_batch_is_a_warning(tmp_path, caplog):
+    """Fewer windows than sequences per step: every step holds some windows twice or more (several epochs in one
+    step), which the loss curve does not show."""
+    cfg = data_cfg(tmp_path, [TEXT[:3000]], seq_len=32)
+    with caplog.at_level(logging.WARNING, logger="fp8train.data"):
+        data = build(cfg, micro_batch_size=16, grad_accum_steps=2, world_size=2)
+    assert data.n_train_windows < 64
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and f"holds {data.n_train_windows} windows of data.seq_len=32" in warned[0]
+    assert "one global batch of 64 sequences" in warned[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fp8train.data"):
+        build(cfg, micro_batch_size=2, grad_accum_steps=1)
+    assert not caplog.records
+
+
 def test_every_source_with_a_too_short_validation_split_is_named_at_once(tmp_path):
     """Short files among a corpus: one run names them all, rather than one per attempt (each retokenizing)."""
     texts = [TEXT, "Short one.\n" * 20, TEXT[:20_000], "Another short file.\n" * 10]
