@@ -388,8 +388,8 @@ class TokenData:
             yield *self._gather(tokens, np.arange(min(B, n_windows))), False
 
     def position(self, step: int) -> dict:
-        """Where the data stream stands before ``step``: global samples consumed, the epoch they reach, and the
-        seed and batch layout that put it there."""
+        """Where the data stream stands before ``step``: global samples consumed, the epoch they reach, the seed
+        and batch layout that put it there, and what the data was (its fingerprint and what that is made of)."""
         samples_seen = step * self.grad_accum_steps * self.world_size * self.micro_batch_size
         return {
             "step": step,
@@ -408,7 +408,7 @@ class TokenData:
         }
 
     def check_resume(self, saved: dict, where: str | Path) -> None:
-        """Refuse to continue a saved ``position`` on other data than the unbroken run's.
+        """Refuse to continue a saved ``position`` on other data than the unbroken run's, naming what changed.
 
         Step k trains on global samples [k * G, (k + 1) * G) with G = micro_batch_size * grad_accum_steps *
         world_size, so another layout with the same G continues exactly (each step sees the same sequences, split
