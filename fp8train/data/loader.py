@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import tokenizers
 import torch
 from tokenizers import Tokenizer
 
@@ -48,6 +50,7 @@ log = logging.getLogger(__name__)
 # `fp8train check` trains the tokenizer and tokenizes a corpus up to this size as the run would, and the run then
 # finds both; a larger one only if that is done already.
 CHECK_TOKENIZE_CHARS = 16 << 20
+SHORT_LISTED = 10  # sources a too-short-split message names; the rest it counts
 
 
 def build_data(
@@ -127,6 +130,16 @@ def _build(
         rank=rank,
         world_size=world_size,
     )
+    global_batch = micro_batch_size * grad_accum_steps * world_size
+    if data.n_train_windows < global_batch:  # runs, but a loss curve would not show it
+        log.warning(
+            "the training split holds %d windows of data.seq_len=%d, fewer than one global batch of %d sequences "
+            "(micro_batch_size x grad_accum_steps x ranks): every step trains on some of them twice or more. Add "
+            "text to data.sources, or lower data.seq_len or the batch",
+            data.n_train_windows,
+            cfg.seq_len,
+            global_batch,
+        )
     if data.vocab_size > tok.tokenizer.get_vocab_size():
         log.info(
             "the tokenizer's %d tokens have ids up to %d: the model's vocabulary covers them all",
@@ -154,10 +167,19 @@ def shareable(data: TokenData) -> dict:
         "cache_key": data.cache_key,
         "cache_files": file_identities(data.cache_path),
         "tokenizer_file": str(data.tokenizer_file),
-        "tokenizer_sha256": tokenizer_sha256(data.tokenizer),
+        "tokenizer_sha256": data.tokenizer_sha256,
         "eos_id": data.eos_id,
         "val_sources": data.val_sources,
+        "source_sha256": data.source_sha256,  # and what tells another rank why its cache differs (_other_data)
+        "tokenizers": tokenizers.__version__,
+        "transformers": _transformers_version(),
     }
+
+
+def _transformers_version() -> str | None:
+    """The transformers release, if this process imported it (to convert a tokenizer folder without tokenizer.json);
+    importing it only to ask would take seconds."""
+    return getattr(sys.modules.get("transformers"), "__version__", None)
 
 
 def open_shared(
@@ -193,11 +215,44 @@ def open_shared(
     if data.cache_key != shared["cache_key"]:
         raise DataError(
             f"data.sources: rank {rank} sees other data than rank 0 (its token cache is {data.cache_path}, rank 0's "
-            f"{shared['cache_path']}): the source files or the tokenizer differ between machines. Make "
-            "data.sources and data.tokenizer.path name identical files on every machine, or set data.cache_dir to "
-            "a folder they all share."
+            f"{shared['cache_path']}): {_other_data(cfg, data, shared)}"
         )
     return data
+
+
+def _other_data(cfg: DataConfig, data: TokenData, shared: dict) -> str:
+    """Why this rank's token cache is not rank 0's (``shared``), and what to change: the source files that differ;
+    else the tokenizer, which another tokenizers release explains (0.19 and 0.20 store BPE merges otherwise, so the
+    same tokenizer hashes otherwise), or another transformers release for a folder it converts."""
+    ours, theirs = data.source_sha256, shared.get("source_sha256")
+    if theirs is None or len(theirs) != len(ours):
+        differ = "the source files or the tokenizer differ between machines"
+    elif other := [i for i, (a, b) in enumerate(zip(ours, theirs)) if list(a) != list(b)]:
+        named = ", ".join(f"data.sources.{i}.path={cfg.sources[i].path} ('{data.val_sources[i]}')" for i in other)
+        return (
+            f"the bytes of {named} differ from rank 0's. Make data.sources name identical files on every machine, or "
+            "set data.cache_dir to a folder they all share."
+        )
+    elif (version := shared.get("tokenizers")) and version != tokenizers.__version__:
+        return (
+            f"the source files hold the same bytes, but the tokenizer differs: rank {data.rank} runs tokenizers "
+            f"{tokenizers.__version__} and rank 0 tokenizers {version}, which may store or train it otherwise. "
+            "Install the same tokenizers version on every machine."
+        )
+    elif (version := shared.get("transformers")) and version != _transformers_version() and _converted(cfg):
+        return (
+            f"the source files hold the same bytes, but the tokenizer differs: rank {data.rank} runs transformers "
+            f"{_transformers_version()} and rank 0 transformers {version}, which may convert data.tokenizer.path="
+            f"{cfg.tokenizer.path} (a folder without tokenizer.json) otherwise. Install the same transformers "
+            "version on every machine, or point data.tokenizer.path at the tokenizer.json rank 0 wrote "
+            f"({shared['tokenizer_file']}), copied to every machine."
+        )
+    else:
+        differ = "the source files hold the same bytes, but the tokenizer differs between machines"
+    return (
+        f"{differ}. Make data.sources and data.tokenizer.path name identical files on every machine, or set "
+        "data.cache_dir to a folder they all share."
+    )
 
 
 def _open_built(cfg: DataConfig, shared: dict, path: Path, tokenizer_file: Path, **layout) -> TokenData | None:
@@ -242,6 +297,12 @@ def _token_data(
     )
 
 
+def _converted(cfg: DataConfig) -> bool:
+    """Whether data.tokenizer.path is a folder that transformers converts, having no tokenizer.json."""
+    folder = None if cfg.tokenizer.path is None else resolve_path(cfg.tokenizer.path)
+    return folder is not None and folder.is_dir() and not (folder / "tokenizer.json").is_file()
+
+
 class TokenData:
     """The tokenizer plus deterministic training and validation batches (CPU int64 tensors)."""
 
@@ -275,6 +336,10 @@ class TokenData:
         self.world_size = world_size
         self.cache_path = cache.path
         self.cache_key = cache.key  # a hash of the source bytes, the split and the tokenizer
+        # Each source's file and the sha256 of its train and val bytes; an older cache may lack the val one
+        self.source_paths = [s["path"] for s in cache.meta["sources"]]
+        self.source_sha256 = [[s.get("train_sha256"), s.get("val_sha256")] for s in cache.meta["sources"]]
+        self.tokenizer_sha256 = tokenizer_sha256(tokenizer)
         self._train = cache.train
         self._val = dict(zip(self.val_sources, cache.val))
         self.n_train_tokens = len(self._train)
@@ -323,8 +388,8 @@ class TokenData:
             yield *self._gather(tokens, np.arange(min(B, n_windows))), False
 
     def position(self, step: int) -> dict:
-        """Where the data stream stands before ``step``: global samples consumed, the epoch they reach, and the
-        seed and batch layout that put it there."""
+        """Where the data stream stands before ``step``: global samples consumed, the epoch they reach, the seed
+        and batch layout that put it there, and what the data was (its fingerprint and what that is made of)."""
         samples_seen = step * self.grad_accum_steps * self.world_size * self.micro_batch_size
         return {
             "step": step,
@@ -334,17 +399,23 @@ class TokenData:
             "micro_batch_size": self.micro_batch_size,
             "grad_accum_steps": self.grad_accum_steps,
             "world_size": self.world_size,
+            # What the fingerprint is made of, so that a resume on other data can say what changed
+            "fingerprint": self.fingerprint,
+            "seq_len": self.seq_len,
+            "sources": [[name, *digests] for name, digests in zip(self.val_sources, self.source_sha256)],
+            "tokenizer_sha256": self.tokenizer_sha256,
+            "tokenizers": tokenizers.__version__,
         }
 
     def check_resume(self, saved: dict, where: str | Path) -> None:
-        """Refuse to continue a saved ``position`` on other data than the unbroken run's.
+        """Refuse to continue a saved ``position`` on other data than the unbroken run's, naming what changed.
 
         Step k trains on global samples [k * G, (k + 1) * G) with G = micro_batch_size * grad_accum_steps *
         world_size, so another layout with the same G continues exactly (each step sees the same sequences, split
         otherwise over micro steps and ranks), while another G or another seed would repeat or skip sequences.
         """
         step, samples_seen = saved["step"], saved["samples_seen"]
-        problems = []
+        problems = [] if saved.get("fingerprint", self.fingerprint) == self.fingerprint else [self._data_change(saved)]
         if self.position(step)["samples_seen"] != samples_seen:
             was = (
                 f" (trainer.micro_batch_size={saved['micro_batch_size']} x trainer.grad_accum_steps="
@@ -370,6 +441,36 @@ class TokenData:
                 f"resume: {where} cannot continue on the data of an unbroken run: {'; '.join(problems)}. Or start a "
                 f"new run directory from its weights with model.init_from={where}."
             )
+
+    def _data_change(self, saved: dict) -> str:
+        """What differs between the data of a saved ``position`` and this run's: sources, their text, seq_len or the
+        tokenizer (one sentence, ending in what to do)."""
+        was = {name: train_val for name, *train_val in saved["sources"]}
+        changes = []
+        if list(was) != self.val_sources:
+            changes.append(f"its data.sources were {', '.join(was)}; this run's: {', '.join(self.val_sources)}")
+        for i, (name, digests) in enumerate(zip(self.val_sources, self.source_sha256)):
+            if was.get(name, digests) != digests:
+                part = "its training part" if was[name][0] != digests[0] else "its held-out part"
+                changes.append(
+                    f"data.sources.{i}.path={self.source_paths[i]} ('{name}') holds other text than it was trained on "
+                    f"({part})"
+                )
+        # A tokenizer trained on the data follows its training text: another one says nothing more then.
+        retrained = list(was) != self.val_sources or any("training part" in c for c in changes)
+        if saved["tokenizer_sha256"] != self.tokenizer_sha256 and not retrained:
+            release = saved["tokenizers"]
+            other = f"; it ran tokenizers {release}, this run {tokenizers.__version__}"
+            changes.append(
+                "the tokenizer differs (data.tokenizer.*, or the files it names or is trained on)"
+                + (other if release != tokenizers.__version__ else "")
+            )
+        if saved["seq_len"] != self.seq_len:
+            changes.append(f"it was trained with data.seq_len={saved['seq_len']}, not {self.seq_len}")
+        return (
+            f"{'; '.join(changes or ['its data differs from this run'])}. Resume on the files and data settings it was "
+            "trained on"
+        )
 
     def _window(self, g: int) -> int:
         """Index of the training window of global sample ``g``."""
@@ -401,11 +502,21 @@ def _check_lengths(cfg: DataConfig, sources: list[SourceText], cache: TokenCache
             f"window of data.seq_len + 1 = {window}. Lower data.seq_len, lower data.val_fraction={cfg.val_fraction}, "
             "or add text to data.sources."
         )
-    for s, val in zip(sources, cache.val):
-        if len(val) < window:
-            raise DataError(
-                f"data.seq_len={cfg.seq_len}: the validation split of source '{s.name}' ({s.path}) holds only "
-                f"{len(val)} tokens (the last data.val_fraction={cfg.val_fraction} of its text), fewer than one "
-                f"window of data.seq_len + 1 = {window}. Lower data.seq_len, raise data.val_fraction, or point "
-                f"data.sources.{s.index}.path at a longer file."
-            )
+    short = [(s, len(val)) for s, val in zip(sources, cache.val) if len(val) < window]
+    if len(short) == 1:
+        s, n = short[0]
+        raise DataError(
+            f"data.seq_len={cfg.seq_len}: the validation split of source '{s.name}' ({s.path}) holds only "
+            f"{n} tokens (the last data.val_fraction={cfg.val_fraction} of its text), fewer than one "
+            f"window of data.seq_len + 1 = {window}. Lower data.seq_len, raise data.val_fraction, or point "
+            f"data.sources.{s.index}.path at a longer file."
+        )
+    if short:  # all at once, as read_sources names every unusable file: each attempt would tokenize again
+        listed = ", ".join(f"data.sources.{s.index}.path={s.path} ('{s.name}'): {n}" for s, n in short[:SHORT_LISTED])
+        more = f", and {len(short) - SHORT_LISTED} more" if len(short) > SHORT_LISTED else ""
+        raise DataError(
+            f"data.seq_len={cfg.seq_len}: the validation splits of {len(short)} of the {len(sources)} sources hold "
+            f"fewer than one window of data.seq_len + 1 = {window} tokens (the last data.val_fraction="
+            f"{cfg.val_fraction} of their text; tokens: {listed}{more}). Lower data.seq_len, raise "
+            "data.val_fraction, or point these sources at longer files (or join short files into one)."
+        )

@@ -13,6 +13,7 @@ without one (loaded offline through ``transformers.AutoTokenizer``; its fast bac
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import logging
@@ -189,6 +190,16 @@ def read_tokenizer_file(file: Path, key: str, fix: str | None = None) -> Tokeniz
     try:
         return _untruncated(Tokenizer.from_file(str(file)))
     except Exception as e:  # tokenizers raises a bare Exception for malformed JSON or unknown components
+        try:
+            with open(file, "rb") as f:
+                bom = f.read(len(codecs.BOM_UTF8)) == codecs.BOM_UTF8
+        except OSError:  # unreadable: tokenizers' own message says so
+            bom = False
+        if bom:  # what an editor saving "UTF-8 with BOM" writes: tokenizers and transformers reject it alike
+            raise DataError(
+                f"{key}: {file} starts with a UTF-8 byte-order mark, which Hugging Face tokenizers cannot read "
+                f"({first_line(e)}). Save it without one (for example `sed -i '1s/^\\xEF\\xBB\\xBF//' {file}`)."
+            ) from None
         raise DataError(
             f"{key}: {file} is not a tokenizer.json that Hugging Face tokenizers can read ({first_line(e)}). {fix}"
         ) from None

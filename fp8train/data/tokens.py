@@ -1,8 +1,9 @@
 """Text sources -> train/val split -> token ids on disk.
 
-Each source file is read whole, checked (exists, non-empty, not binary, strict UTF-8) and split by characters:
-its last ``val_fraction`` becomes the validation part, cut at a line start when one is near. The token cache is a
-directory ``cache_dir/tokens-<key>/`` holding flat arrays of ids (uint16 when every id is below 65535, else uint32):
+Each source file is read whole, checked (exists, non-empty, not binary, strict UTF-8; a byte-order mark at its
+start is no text and is dropped, as Python's utf-8-sig does) and split by characters: its last ``val_fraction``
+becomes the validation part, cut at a line start when one is near. The token cache is a directory
+``cache_dir/tokens-<key>/`` holding flat arrays of ids (uint16 when every id is below 65535, else uint32):
 
     train.bin    every source's train part in config order, each followed by one EOS
     val_<i>.bin  source i's val part, followed by one EOS
@@ -20,6 +21,7 @@ missing cache at once (the ranks of a machine with its own cache_dir) take turns
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import fcntl
 import hashlib
@@ -122,7 +124,8 @@ def _read_source(i: int, source: SourceConfig, val_fraction: float) -> SourceTex
     key = f"data.sources.{i}.path={source.path}"
     path = resolve_path(source.path)
     raw = read_bytes(path, key)
-    text = decode_utf8(raw, path, key)
+    start = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0  # a byte-order mark is no text
+    text = decode_utf8(raw, path, key, start)
     n_chars, cut = len(text), split_point(text, val_fraction)
     # The val tail is at most half the text, so encoding it is the cheap way to the byte offset of the cut.
     # The parts are then decoded again from the bytes, so the whole text and its parts never coexist
@@ -135,9 +138,9 @@ def _read_source(i: int, source: SourceConfig, val_fraction: float) -> SourceTex
         name=source_name(source),
         path=path,
         key=key,
-        train=str(view[:byte_cut], "utf-8"),
+        train=str(view[start:byte_cut], "utf-8"),
         val=str(view[byte_cut:], "utf-8"),
-        train_sha256=hashlib.sha256(view[:byte_cut]).hexdigest(),
+        train_sha256=hashlib.sha256(view[start:byte_cut]).hexdigest(),
         val_sha256=hashlib.sha256(view[byte_cut:]).hexdigest(),
     )
     log.info(
@@ -166,7 +169,7 @@ def read_bytes(path: Path, key: str) -> bytes:
         raw = path.read_bytes()
     except OSError as e:
         raise DataError(f"{key}: cannot read {path} ({e.strerror or e}); check its permissions or {fix}.") from None
-    if not raw:
+    if not raw or raw == codecs.BOM_UTF8:
         raise DataError(f"{key}: the file {path} is empty; {fix} that holds some text.")
     nul = raw.find(b"\0")
     if nul >= 0 and (wide := wide_encoding(raw)):
@@ -200,16 +203,28 @@ def wide_encoding(raw: bytes) -> str | None:
     return None
 
 
-def decode_utf8(raw: bytes, path: Path, key: str) -> str:
-    """Strict UTF-8 decoding; the error names the byte offset and line of the first bad byte."""
+_NON_ASCII = re.compile(rb"[\x80-\xff]")
+
+
+def decode_utf8(raw: bytes, path: Path, key: str, start: int = 0) -> str:
+    """Strict UTF-8 decoding of ``raw[start:]``; the error names the file's byte offset and line of the first bad
+    byte."""
     try:
-        return raw.decode("utf-8")
+        return str(memoryview(raw)[start:], "utf-8")
     except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
+        at = start + e.start
+        line = raw.count(b"\n", 0, at) + 1
+        # Non-ASCII text before it decoded: UTF-8 with damaged bytes, which a conversion from Latin-1 would garble
+        # throughout (é -> Ã©).
+        damaged = _NON_ASCII.search(raw, 0, at) is not None
+        fix = (
+            "The text before it is UTF-8: drop the bytes that are not (`iconv -f utf-8 -t utf-8 -c in.txt > out.txt`)"
+            if damaged
+            else "Convert it to UTF-8 (for example `iconv -f latin1 -t utf-8 in.txt > out.txt`)"
+        )
         raise DataError(
-            f"{key}: the file {path} is not valid UTF-8: byte 0x{raw[e.start]:02x} at byte offset {e.start} "
-            f"(line {line}) {e.reason}. Convert it to UTF-8 (for example `iconv -f latin1 -t utf-8 in.txt > "
-            f"out.txt`) and point {key.split('=')[0]} at the converted file."
+            f"{key}: the file {path} is not valid UTF-8: byte 0x{raw[at]:02x} at byte offset {at} "
+            f"(line {line}) {e.reason}. {fix} and point {key.split('=')[0]} at the new file."
         ) from None
 
 

@@ -1,5 +1,6 @@
 """Data pipeline: source checks, split, tokenizer (trained, cached, loaded), token cache, deterministic batches."""
 
+import dataclasses
 import errno
 import hashlib
 import json
@@ -27,8 +28,11 @@ SHAKESPEARE = (PROJECT_ROOT / "data" / "tinyshakespeare.txt").read_text(encoding
 TEXT = SHAKESPEARE[:30_000]  # ~9k tokens: enough for a 512-token BPE, trained in a few ms
 
 
-def data_cfg(tmp_path, texts, *, vocab_size=512, seq_len=32, val_fraction=0.1, tokenizer_path=None, names=None):
-    """A DataConfig over ``texts`` (str or bytes), each written to its own file in tmp_path."""
+def data_cfg(
+    tmp_path, texts, *, vocab_size=512, seq_len=32, val_fraction=0.1, tokenizer_path=None, names=None, cache_dir=None
+):
+    """A DataConfig over ``texts`` (str or bytes), each written to its own file in tmp_path; caches in
+    ``cache_dir`` (default tmp_path/cache)."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     sources = []
     for i, text in enumerate(texts):
@@ -41,7 +45,7 @@ def data_cfg(tmp_path, texts, *, vocab_size=512, seq_len=32, val_fraction=0.1, t
         tokenizer=TokenizerConfig(path=tokenizer_path, vocab_size=vocab_size),
         seq_len=seq_len,
         val_fraction=val_fraction,
-        cache_dir=str(tmp_path / "cache"),
+        cache_dir=str(cache_dir or tmp_path / "cache"),
     )
 
 
@@ -131,6 +135,22 @@ def test_token_cache_holds_exactly_the_train_and_val_text(tmp_path):
     assert data.tokenizer.decode(train[:-1].tolist()) == TEXT[:cut]
     assert data.tokenizer.decode(val[:-1].tolist()) == TEXT[cut:]
     assert data.n_train_tokens == len(train) and data.n_val_tokens == {"src0": len(val)}
+
+
+def test_a_utf8_byte_order_mark_is_no_part_of_the_text(tmp_path):
+    """Windows editors start UTF-8 files with a byte-order mark (EF BB BF): it marks the encoding, it is not text,
+    so it gets no tokens, and the file trains on the very data (the same caches) as without it. A U+FEFF inside
+    the text stays, as Python's utf-8-sig decoding keeps it."""
+    cache = tmp_path / "cache"
+    plain = build(data_cfg(tmp_path / "plain", [TEXT], cache_dir=cache))
+    marked = build(data_cfg(tmp_path / "marked", [b"\xef\xbb\xbf" + TEXT.encode()], cache_dir=cache))
+    assert marked.cache_path == plain.cache_path and marked.fingerprint == plain.fingerprint
+    assert train_tokens(marked).tolist() == train_tokens(plain).tolist()
+    assert len(list(cache.glob("tokenizer-*"))) == 1
+    inner = build(data_cfg(tmp_path / "inner", [TEXT[:1000] + "\ufeff" + TEXT[1000:]], cache_dir=cache))
+    assert "\ufeff" in inner.tokenizer.decode(train_tokens(inner).tolist())
+    with pytest.raises(DataError, match="is empty"):
+        build(data_cfg(tmp_path / "only", [b"\xef\xbb\xbf"]))
 
 
 def test_tokenizer_never_sees_the_val_text(tmp_path):
@@ -404,6 +424,17 @@ def test_a_cached_tokenizer_folder_without_its_tokenizer_json_is_trained_again(t
     assert f"the tokenizer cache {first.tokenizer_file.parent} has no tokenizer.json" in caplog.text
 
 
+def test_a_tokenizer_json_saved_with_a_byte_order_mark_is_named_so(tmp_path, trained):
+    """An editor that saves UTF-8 with a byte-order mark makes a tokenizer.json that tokenizers (and transformers)
+    cannot parse, with "expected value at line 1 column 1": the message says what is at line 1 column 1."""
+    file = tmp_path / "tokenizer.json"
+    file.write_bytes(b"\xef\xbb\xbf" + trained.tokenizer_file.read_bytes())
+    with pytest.raises(DataError) as e:
+        build(data_cfg(tmp_path / "run", [TEXT], tokenizer_path=str(file)))
+    assert f"{file} starts with a UTF-8 byte-order mark" in str(e.value)
+    assert "Save it without one" in str(e.value)
+
+
 def test_tokenizer_without_eos_is_refused(tmp_path):
     file = tmp_path / "tokenizer.json"
     Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]")).save(str(file))
@@ -425,8 +456,9 @@ def test_tokenizer_without_eos_is_refused(tmp_path):
             "Caf\u00e9 au lait\nna\u00efve\n".encode("latin-1"),
             r"not valid UTF-8: byte 0xe9 at byte offset 3 \(line 1\)",
         ),
+        (b"\xef\xbb\xbfok\nCaf\xe9\n", r"not valid UTF-8: byte 0xe9 at byte offset 9 \(line 2\)"),  # after a BOM
     ],
-    ids=["missing", "empty", "binary", "latin-1"],
+    ids=["missing", "empty", "binary", "latin-1", "bom-latin-1"],
 )
 def test_unusable_source_names_key_and_file(tmp_path, content, expected):
     cfg = data_cfg(tmp_path, [TEXT, content or b""])
@@ -437,6 +469,21 @@ def test_unusable_source_names_key_and_file(tmp_path, content, expected):
         build(cfg)
     assert f"data.sources.1.path={path}" in str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_a_utf8_file_with_a_damaged_byte_is_not_told_to_convert_from_latin1(tmp_path):
+    """UTF-8 text with a stray bad byte (a cut download, a bad concatenation): converting it from Latin-1 would turn
+    every accented letter into two (é -> Ã©), so the advice is to drop the bad bytes. A Latin-1 file, whose bytes
+    before the first bad one are ASCII, is still told to convert."""
+    damaged = "Caf\u00e9 ok\n".encode() * 3 + b"bad \xff byte\n" + TEXT.encode()
+    with pytest.raises(DataError) as e:
+        build(data_cfg(tmp_path / "damaged", [damaged]))
+    message = str(e.value)
+    assert "byte 0xff at byte offset 31 (line 4)" in message
+    assert "iconv -f utf-8 -t utf-8 -c" in message and "latin1" not in message
+    with pytest.raises(DataError) as e:
+        build(data_cfg(tmp_path / "latin1", ["Caf\u00e9 ok\n".encode("latin-1") + TEXT.encode()]))
+    assert "iconv -f latin1 -t utf-8" in str(e.value) and "-c" not in str(e.value)
 
 
 def test_every_unusable_source_is_named_at_once(tmp_path):
@@ -511,6 +558,34 @@ def test_corpus_too_short_for_seq_len(tmp_path):
         build(data_cfg(tmp_path, [TEXT[:3000]], seq_len=4096))
     with pytest.raises(DataError, match=r"^data\.seq_len=512: the validation split of source 'src0'.*val_fraction"):
         build(data_cfg(tmp_path, [TEXT[:20_000]], seq_len=512, val_fraction=0.05))
+
+
+def test_a_training_split_smaller_than_one_global_batch_is_a_warning(tmp_path, caplog):
+    """Fewer windows than sequences per step: every step holds some windows twice or more (several epochs in one
+    step), which the loss curve does not show."""
+    cfg = data_cfg(tmp_path, [TEXT[:3000]], seq_len=32)
+    with caplog.at_level(logging.WARNING, logger="fp8train.data"):
+        data = build(cfg, micro_batch_size=16, grad_accum_steps=2, world_size=2)
+    assert data.n_train_windows < 64
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and f"holds {data.n_train_windows} windows of data.seq_len=32" in warned[0]
+    assert "one global batch of 64 sequences" in warned[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fp8train.data"):
+        build(cfg, micro_batch_size=2, grad_accum_steps=1)
+    assert not caplog.records
+
+
+def test_every_source_with_a_too_short_validation_split_is_named_at_once(tmp_path):
+    """Short files among a corpus: one run names them all, rather than one per attempt (each retokenizing)."""
+    texts = [TEXT, "Short one.\n" * 20, TEXT[:20_000], "Another short file.\n" * 10]
+    with pytest.raises(DataError) as e:
+        build(data_cfg(tmp_path, texts, seq_len=64, names=["a", "b", "c", "d"]))
+    message = str(e.value)
+    assert message.startswith("data.seq_len=64: the validation splits of 2 of the 4 sources hold fewer than")
+    assert f"data.sources.1.path={tmp_path / 'src1.txt'} ('b'): " in message
+    assert f"data.sources.3.path={tmp_path / 'src3.txt'} ('d'): " in message
+    assert "'a'" not in message and "'c'" not in message and "\n" not in message
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -1009,6 +1084,38 @@ def test_another_global_batch_or_seed_is_refused_by_name(tmp_path):
         assert named in message and "model.init_from=ckpt" in message and "\n" not in message
 
 
+def test_a_resume_on_other_data_names_what_changed(tmp_path):
+    """Checkpoints refuse to continue on other data; when the config is the same but a file was edited, the refusal
+    names the file (and which part of it) instead of pointing at settings nobody changed."""
+    texts = [TEXT[:12_000], TEXT[12_000:24_000]]
+    cfg = data_cfg(tmp_path, texts, names=["a", "b"])
+    saved = build(cfg).position(5)
+    build(cfg).check_resume(saved, "ckpt")  # the same data: accepted
+
+    def refusal(cfg) -> str:
+        with pytest.raises(DataError) as e:
+            build(cfg).check_resume(saved, "ckpt")
+        assert str(e.value).startswith("resume: ckpt cannot continue on the data of an unbroken run: ")
+        assert "model.init_from=ckpt" in str(e.value) and "\n" not in str(e.value)
+        return str(e.value)
+
+    (tmp_path / "src1.txt").write_text(texts[1][:-2] + "#\n")  # one character of the held-out part
+    message = refusal(cfg)
+    assert f"data.sources.1.path={tmp_path / 'src1.txt'} ('b') holds other text than it was trained on" in message
+    assert "its held-out part" in message and "'a'" not in message and "data.seq_len" not in message
+    assert "tokenizer" not in message  # trained on the training parts alone: the same
+    (tmp_path / "src1.txt").write_text(texts[1])
+    (tmp_path / "src0.txt").write_text("Edited.\n" + texts[0])
+    message = refusal(cfg)
+    assert "('a') holds other text than it was trained on (its training part" in message
+    assert "tokenizer" not in message  # trained on the text: that it differs too says nothing more
+    (tmp_path / "src0.txt").write_text(texts[0])
+    assert "data.seq_len=32, not 16" in refusal(dataclasses.replace(cfg, seq_len=16))
+    other_tokenizer = dataclasses.replace(cfg, tokenizer=TokenizerConfig(vocab_size=600))
+    assert "the tokenizer differs (data.tokenizer" in refusal(other_tokenizer)
+    assert "data.sources were a, b; this run's: a" in refusal(dataclasses.replace(cfg, sources=cfg.sources[:1]))
+
+
 def test_the_trainer_checks_the_data_position_on_resume(tmp_path):
     from fp8train.config import compose
     from fp8train.trainer import Trainer
@@ -1183,3 +1290,62 @@ def test_rank_0_waiting_long_for_the_other_ranks_data_says_so(tmp_path, monkeypa
         "waiting for the other ranks to open the data, 0 s so far (with a data.cache_dir on each machine, the other "
         "machines tokenize the corpus into theirs); parallel.timeout_min bounds the wait"
     ], warnings
+
+
+def test_a_rank_seeing_other_data_names_what_differs(tmp_path):
+    """A rank whose token cache is not rank 0's says why: other source bytes (naming the source), or the same files
+    tokenized otherwise, which a tokenizers release other than rank 0's explains (0.19 stores BPE merges otherwise
+    than 0.20 and later, so its tokenizer hashes otherwise even when every id is the same)."""
+    import tokenizers
+
+    from fp8train.data.loader import open_shared, shareable
+
+    cfg = data_cfg(tmp_path, [TEXT[:10_000], TEXT[10_000:20_000]], names=["a", "b"])
+    shared = shareable(build(cfg))
+    elsewhere = {
+        "cache_key": "0" * 16,
+        "cache_path": "/elsewhere/tokens-0000000000000000",
+        "tokenizer_file": "/elsewhere/tokenizer-0000000000000000/tokenizer.json",
+        "tokenizer_sha256": "0" * 64,
+    }
+    layout = dict(seed=0, micro_batch_size=4, grad_accum_steps=2, rank=1, world_size=2)
+
+    def message(**rank0) -> str:
+        with pytest.raises(DataError) as e:
+            open_shared(cfg, {**shared, **elsewhere, **rank0}, **layout)
+        assert str(e.value).startswith("data.sources: rank 1 sees other data than rank 0 ")
+        return str(e.value)
+
+    release = message(tokenizers="0.19.1")
+    assert f"rank 1 runs tokenizers {tokenizers.__version__} and rank 0 tokenizers 0.19.1" in release
+    assert "the same bytes" in release and "same tokenizers version on every machine" in release
+    assert "name identical files" not in release
+    parts = [list(p) for p in shared["source_sha256"]]
+    parts[1][0] = "0" * 64
+    files = message(source_sha256=parts)
+    assert f"data.sources.1.path={tmp_path / 'src1.txt'} ('b')" in files and "src0" not in files
+    assert "name identical files on every machine" in files and "tokenizers 0" not in files
+    tokenizer = message()
+    assert "the same bytes" in tokenizer and "data.tokenizer" in tokenizer and "tokenizers 0" not in tokenizer
+
+
+def test_a_rank_seeing_another_conversion_of_a_tokenizer_folder_names_the_transformers_releases(tmp_path, trained):
+    """A tokenizer folder without tokenizer.json is converted by transformers, whose releases may convert it
+    otherwise: the same files then give another tokenizer, and a rank on another release says so."""
+    import transformers
+
+    from fp8train.data.loader import open_shared, shareable
+
+    folder = tmp_path / "hf_vocab"
+    folder.mkdir()
+    trained.tokenizer.model.save(str(folder))  # vocab.json + merges.txt
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "GPT2Tokenizer", "eos_token": "<|endoftext|>"})
+    )
+    cfg = data_cfg(tmp_path / "run", [TEXT], tokenizer_path=str(folder))
+    shared = {**shareable(build(cfg)), "cache_key": "0" * 16, "tokenizer_sha256": "0" * 64, "transformers": "4.45.0"}
+    with pytest.raises(DataError) as e:
+        open_shared(cfg, shared, seed=0, micro_batch_size=4, grad_accum_steps=2, rank=1, world_size=2)
+    message = str(e.value)
+    assert f"rank 1 runs transformers {transformers.__version__} and rank 0 transformers 4.45.0" in message
+    assert f"data.tokenizer.path={folder}" in message and "tokenizer.json" in message
