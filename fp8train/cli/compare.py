@@ -11,6 +11,7 @@ validation points say so in the notes.
 from __future__ import annotations
 
 import math
+import statistics
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,7 +91,10 @@ class Run:
         lines, evals = last_per_step(rows, "loss"), last_per_step(rows, "val_loss")
         train = {s: r["loss"] for s, r in lines.items() if isinstance(r["loss"], (int, float))}
         val = {s: r["val_loss"] for s, r in evals.items() if isinstance(r["val_loss"], (int, float))}
-        speeds = [r["tokens_per_s"] for r in lines.values() if "tokens_per_s" in r][1:]  # the first holds warm-up
+        # The median of the logged windows after the first: each start (the first, every resume) compiles and fills
+        # caches in its first window, as a monitored step compiles its graph, and metrics.jsonl does not say which
+        # windows those were; a mean counted them, a resumed run's tokens/s then far below its steady speed.
+        speeds = [r["tokens_per_s"] for r in lines.values() if isinstance(r.get("tokens_per_s"), (int, float))][1:]
         first = next((r for r in rows if isinstance(r.get("tokens"), (int, float)) and r.get("step")), None)
         label = cfg.precision.name + ("+adamw_fp8" if cfg.optim.name == "adamw_fp8" else "")
         return cls(
@@ -98,7 +102,7 @@ class Run:
             label,
             train,
             val,
-            sum(speeds) / len(speeds) if speeds else math.nan,
+            statistics.median(speeds) if speeds else math.nan,
             first["tokens"] / first["step"] if first else math.nan,
             max((r["step"] for r in rows if "step" in r), default=0),
             max((r["bad_steps"] for r in lines.values() if isinstance(r.get("bad_steps"), int)), default=0),

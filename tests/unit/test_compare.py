@@ -294,15 +294,21 @@ def test_a_step_logged_twice_counts_its_last_line_whatever_its_value(tmp_path):
     run = make_run(tmp_path / "fp8", curve(8, range(1, 11)), curve(9, (5, 10)), ["precision=fp8"])
     killed = (run / "metrics.jsonl").read_text()
     resumed = [
-        {"step": s, "loss": "nan", "tokens": s * TOKENS_PER_STEP, "tokens_per_s": 3000.0, "bad_steps": s - 6}
-        for s in range(7, 11)
+        {
+            "step": s,
+            "loss": 8 / math.sqrt(s) if s < 7 else "nan",
+            "tokens": s * TOKENS_PER_STEP,
+            "tokens_per_s": 3000.0,
+            "bad_steps": max(0, s - 6),
+        }
+        for s in range(4, 11)
     ]
     resumed.append({"step": 10, "val_loss": "nan"})
     (run / "metrics.jsonl").write_text(killed + "".join(json.dumps(r) + "\n" for r in resumed))
     fp8 = rows_of(compare([ref, run], tmp_path / "out"))["fp8"]
     assert fp8["final loss"] == f"{8 / math.sqrt(6):.4f} (step 6)"
     assert fp8["final val_loss"] == f"{9 / math.sqrt(5):.4f} (step 5)"
-    assert fp8["tokens/s"] == "1,889"  # (5 x 1000 + 4 x 3000) / 9: steps 2-6, then 7-10; step 1's window left out
+    assert fp8["tokens/s"] == "3,000"  # steps 2-3 at 1000, then 4-10 at 3000 (with the replaced lines: 2,000)
     assert fp8["notes"] == "4 steps skipped (non-finite loss or gradients)"
     # one killed run's step logged twice with finite values: the later line counts
     (run / "metrics.jsonl").write_text(killed + json.dumps({"step": 10, "loss": 1.5, "tokens_per_s": 1000.0}) + "\n")
@@ -322,3 +328,19 @@ def test_the_plot_names_each_run_where_it_has_a_curve(tmp_path, monkeypatch):
     assert [t.get_text() for t in val.get_legend().get_texts()] == ["bf16", "fp8"]
     assert [t.get_text() for t in gap.get_legend().get_texts()] == ["fp8"]
     assert (train.get_xlabel(), train.get_ylabel(), gap.get_ylabel()) == ("step", "loss", "%")
+
+
+def test_tokens_per_s_of_a_resumed_run_leaves_out_the_warm_up_of_each_start(tmp_path):
+    # Each start of a run (the first, then every resume) compiles and fills caches in its first logged window, and
+    # a monitored step compiles a second graph: a run resumed twice logged three such slow windows (as a compiled run
+    # stopped at step 32 and resumed logged 150 and 177 tokens/s among ~5,800). The steady speed is the run's speed.
+    ref = make_run(tmp_path / "bf16", curve(8, range(1, 11)), curve(9, (5, 10)), ["precision=bf16"], max_steps=20)
+    run = make_run(tmp_path / "fp8", curve(8, range(1, 21)), curve(9, (10, 20)), ["precision=fp8"], max_steps=20)
+    speeds = {1: 20.0, 8: 150.0, 15: 177.0}  # the first window of each start
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for r in rows:
+        if "loss" in r:
+            r["tokens_per_s"] = speeds.get(r["step"], 1000.0 + r["step"])
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fp8 = rows_of(compare([ref, run], tmp_path / "out"))["fp8"]
+    assert fp8["tokens/s"] == "1,010"  # the median of the 19 windows after step 1's: 150, 177, 1002..1020
