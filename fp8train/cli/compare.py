@@ -311,8 +311,9 @@ def plot(runs: list[Run], ref: Run, path: Path) -> None:
         style = {"label": run.label, "color": colors[i % len(colors)]}  # one colour per run in every panel
         # A legend entry only where the run has a curve: a run with no validation point yet has none to point at.
         steps = sorted(run.train)
-        if steps:
-            ax_train.plot(steps, [run.train[s] for s in steps], linewidth=1, **style)
+        if steps:  # a lone point is a line of no length: it takes a marker to be seen
+            marker = "o" if len(steps) == 1 else None
+            ax_train.plot(steps, [run.train[s] for s in steps], linewidth=1, marker=marker, **style)
         vsteps = sorted(run.val)
         if vsteps:
             ax_val.plot(vsteps, [run.val[s] for s in vsteps], marker="o", **style)

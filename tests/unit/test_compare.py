@@ -344,3 +344,18 @@ def test_tokens_per_s_of_a_resumed_run_leaves_out_the_warm_up_of_each_start(tmp_
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     fp8 = rows_of(compare([ref, run], tmp_path / "out"))["fp8"]
     assert fp8["tokens/s"] == "1,010"  # the median of the 19 windows after step 1's: 150, 177, 1002..1020
+
+
+def test_a_run_with_one_logged_loss_is_drawn(tmp_path):
+    # A run that logged one training line (logger.log_every as long as the run, or killed after its first line) was
+    # a line of one point in the train panel: nothing drawn, its legend entry beside no curve.
+    import numpy as np
+    from PIL import Image
+
+    ref = make_run(tmp_path / "bf16", curve(8, range(1, 11)), curve(9, (5, 10)), ["precision=bf16"])
+    one = make_run(tmp_path / "fp8", {10: 2.0}, {10: 2.5}, ["precision=fp8"])
+    compare([ref, one], tmp_path / "out")
+    image = np.asarray(Image.open(tmp_path / "out" / "compare.png").convert("RGB")).astype(int)
+    train_panel = image[:, : image.shape[1] // 3]
+    orange = np.abs(train_panel - [0xFF, 0x7F, 0x0E]).sum(axis=-1) < 60  # fp8's colour, the cycle's second
+    assert orange.sum() > 50  # its point (the legend's thin line alone has none of the exact colour)
