@@ -226,8 +226,8 @@ def _shown(value) -> str:
 
 
 def relative_gap(ref: dict[int, float], other: dict[int, float]) -> dict[int, float]:
-    """(other - ref) / ref at the steps both have."""
-    return {s: (other[s] - ref[s]) / ref[s] for s in sorted(ref.keys() & other.keys())}
+    """(other - ref) / ref at the steps both have, but where ref is 0 (a loss learnt to 0.0: no relative gap)."""
+    return {s: (other[s] - ref[s]) / ref[s] for s in sorted(ref.keys() & other.keys()) if ref[s]}
 
 
 def _gap_cells(ref: dict[int, float], other: dict[int, float], last_step: int) -> tuple[str, str]:

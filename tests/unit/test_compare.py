@@ -359,3 +359,12 @@ def test_a_run_with_one_logged_loss_is_drawn(tmp_path):
     train_panel = image[:, : image.shape[1] // 3]
     orange = np.abs(train_panel - [0xFF, 0x7F, 0x0E]).sum(axis=-1) < 60  # fp8's colour, the cycle's second
     assert orange.sum() > 50  # its point (the legend's thin line alone has none of the exact colour)
+
+
+def test_a_reference_loss_of_zero_has_no_gap_rather_than_a_crash(tmp_path):
+    # A tiny corpus learnt by heart reaches a loss of exactly 0.0 in float32: no relative gap to it exists there.
+    ref = make_run(tmp_path / "bf16", {**curve(8, range(1, 10)), 10: 0.0}, {5: 2.0, 10: 0.0}, ["precision=bf16"])
+    run = make_run(tmp_path / "fp8", curve(8, range(1, 11)), {5: 2.2, 10: 0.1}, ["precision=fp8"])
+    fp8 = rows_of(compare([ref, run], tmp_path / "out"))["fp8"]
+    assert fp8["val gap to ref"] == "+10.00% (step 5)" and fp8["largest val gap"] == "+10.00% (step 5)"
+    assert fp8["train gap to ref"] == "+0.00% (step 9)"
