@@ -52,12 +52,13 @@ OPTIMIZER_SETTINGS = ("betas", "eps", "weight_decay", "grad_clip")
 
 
 def lr_schedule(cfg) -> dict:
-    """The settings that fix a run's lr at every step; a cosine decays over optim.decay_steps, or, when that is
-    null, over trainer.max_steps."""
+    """The settings that fix a run's lr at every step; a cosine decays to optim.min_lr over optim.decay_steps, or,
+    when that is null, over trainer.max_steps (a constant lr reads neither)."""
     optim = cfg.optim
-    settings = {f"optim.{k}": optim.get(k) for k in ("lr", "min_lr", "warmup_steps", "schedule")}
+    settings = {f"optim.{k}": optim.get(k) for k in ("lr", "warmup_steps", "schedule")}
     if optim.get("schedule", "cosine") == "cosine":
         decay = optim.get("decay_steps")
+        settings["optim.min_lr"] = optim.get("min_lr")
         settings.update(
             {"optim.decay_steps": decay} if decay is not None else {"trainer.max_steps": cfg.trainer.max_steps}
         )
@@ -215,6 +216,8 @@ def incomparable(ref: Run, run: Run) -> str:
         ]
         if differ:
             reasons.append(name)
+            # a setting only one run reads (a cosine's min_lr beside a constant lr) says nothing the others don't
+            differ = [k for k in differ if k in ours and k in theirs] or differ
             settings += [f"{k} {_shown(ours.get(k))} vs {_shown(theirs.get(k))}" for k in differ]
     return f"{', '.join(reasons)} ({', '.join(settings)})" if reasons else ""
 

@@ -122,6 +122,12 @@ def test_runs_that_differ_in_what_the_curves_depend_on_are_not_comparable(tmp_pa
     [
         (["optim.lr=0.002"], 10, "no: different lr schedule (optim.lr 0.002 vs 0.001)"),
         (["optim.warmup_steps=2"], 10, "no: different lr schedule (optim.warmup_steps 2 vs 30)"),
+        (["optim.schedule=constant"], 10, "no: different lr schedule (optim.schedule constant vs cosine)"),
+        (
+            ["optim.decay_steps=40"],
+            10,
+            "no: different lr schedule (trainer.max_steps None vs 10, optim.decay_steps 40 vs None)",
+        ),
         # the cosine decays over trainer.max_steps: another length is another lr at every step after warmup
         ([], 20, "no: different lr schedule (trainer.max_steps 20 vs 10)"),
         (
@@ -368,3 +374,15 @@ def test_a_reference_loss_of_zero_has_no_gap_rather_than_a_crash(tmp_path):
     fp8 = rows_of(compare([ref, run], tmp_path / "out"))["fp8"]
     assert fp8["val gap to ref"] == "+10.00% (step 5)" and fp8["largest val gap"] == "+10.00% (step 5)"
     assert fp8["train gap to ref"] == "+0.00% (step 9)"
+
+
+def test_a_constant_lr_does_not_depend_on_min_lr(tmp_path):
+    # optim.min_lr is where a cosine ends; a constant schedule never reads it (nor trainer.max_steps).
+    constant = ["optim.schedule=constant"]
+    ref = make_run(tmp_path / "bf16", curve(8, range(1, 11)), curve(9, (5, 10)), ["precision=bf16", *constant])
+    other = make_run(
+        tmp_path / "fp8", curve(8, range(1, 11)), curve(9, (5, 10)), ["precision=fp8", *constant, "optim.min_lr=0"]
+    )
+    longer = make_run(tmp_path / "fp8_smooth", curve(8, range(1, 11)), {}, ["precision=fp8_smooth", *constant], 20)
+    rows = rows_of(compare([ref, other, longer], tmp_path / "out"))
+    assert rows["fp8"]["comparable"] == "yes" and rows["fp8_smooth"]["comparable"] == "yes"
