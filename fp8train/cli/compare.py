@@ -289,10 +289,13 @@ def compare(run_dirs: list[Path], out: Path) -> str:
         train_gap, _ = _gap_cells(ref.train, run.train, run.last_step)
         diff = incomparable(ref, run)
         final_loss, final_val = _last(run.train, run.last_step), _last(run.val, run.last_step)
+        notes = run.notes()
+        if run.val and ref.val and not run.val.keys() & ref.val.keys():  # why its val gaps are n/a
+            notes.append("no validation step in common with the reference")
         lines.append(
             f"| {run.label} | {run.last_step} | {final_loss} | {final_val} | {val_gap} | {worst_val_gap} "
             f"| {train_gap} | {_speed(run.tokens_per_s)} | {'yes' if not diff else 'no: different ' + diff} "
-            f"| {'; '.join(run.notes())} |"
+            f"| {'; '.join(notes)} |"
         )
     table = "\n".join(lines)
     with writing_into(out, "comparison"):

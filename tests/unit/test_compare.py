@@ -386,3 +386,13 @@ def test_a_constant_lr_does_not_depend_on_min_lr(tmp_path):
     longer = make_run(tmp_path / "fp8_smooth", curve(8, range(1, 11)), {}, ["precision=fp8_smooth", *constant], 20)
     rows = rows_of(compare([ref, other, longer], tmp_path / "out"))
     assert rows["fp8"]["comparable"] == "yes" and rows["fp8_smooth"]["comparable"] == "yes"
+
+
+def test_a_run_validated_at_other_steps_than_the_reference_says_why_it_has_no_gap(tmp_path):
+    # Gaps are taken at the steps both runs validated: with trainer.eval_every 3 against 5, and stopped before the last
+    # step, there is none, and "n/a" alone read as a run that never validated.
+    ref = make_run(tmp_path / "bf16", curve(8, range(1, 11)), curve(9, (5, 10)), ["precision=bf16"])
+    other = make_run(tmp_path / "fp8", curve(8, range(1, 8)), curve(9, (3, 6)), ["precision=fp8"])
+    fp8 = rows_of(compare([ref, other], tmp_path / "out"))["fp8"]
+    assert fp8["val gap to ref"] == "n/a" and fp8["final val_loss"] == f"{9 / math.sqrt(6):.4f} (step 6)"
+    assert fp8["notes"] == "stopped at step 7 of 10; no validation step in common with the reference"
