@@ -11,6 +11,7 @@ validation points say so in the notes.
 from __future__ import annotations
 
 import math
+import statistics
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,12 +52,13 @@ OPTIMIZER_SETTINGS = ("betas", "eps", "weight_decay", "grad_clip")
 
 
 def lr_schedule(cfg) -> dict:
-    """The settings that fix a run's lr at every step; a cosine decays over optim.decay_steps, or, when that is
-    null, over trainer.max_steps."""
+    """The settings that fix a run's lr at every step; a cosine decays to optim.min_lr over optim.decay_steps, or,
+    when that is null, over trainer.max_steps (a constant lr reads neither)."""
     optim = cfg.optim
-    settings = {f"optim.{k}": optim.get(k) for k in ("lr", "min_lr", "warmup_steps", "schedule")}
+    settings = {f"optim.{k}": optim.get(k) for k in ("lr", "warmup_steps", "schedule")}
     if optim.get("schedule", "cosine") == "cosine":
         decay = optim.get("decay_steps")
+        settings["optim.min_lr"] = optim.get("min_lr")
         settings.update(
             {"optim.decay_steps": decay} if decay is not None else {"trainer.max_steps": cfg.trainer.max_steps}
         )
@@ -90,7 +92,10 @@ class Run:
         lines, evals = last_per_step(rows, "loss"), last_per_step(rows, "val_loss")
         train = {s: r["loss"] for s, r in lines.items() if isinstance(r["loss"], (int, float))}
         val = {s: r["val_loss"] for s, r in evals.items() if isinstance(r["val_loss"], (int, float))}
-        speeds = [r["tokens_per_s"] for r in lines.values() if "tokens_per_s" in r][1:]  # the first holds warm-up
+        # The median of the logged windows after the first: each start (the first, every resume) compiles and fills
+        # caches in its first window, as a monitored step compiles its graph, and metrics.jsonl does not say which
+        # windows those were; a mean counted them, a resumed run's tokens/s then far below its steady speed.
+        speeds = [r["tokens_per_s"] for r in lines.values() if isinstance(r.get("tokens_per_s"), (int, float))][1:]
         first = next((r for r in rows if isinstance(r.get("tokens"), (int, float)) and r.get("step")), None)
         label = cfg.precision.name + ("+adamw_fp8" if cfg.optim.name == "adamw_fp8" else "")
         return cls(
@@ -98,7 +103,7 @@ class Run:
             label,
             train,
             val,
-            sum(speeds) / len(speeds) if speeds else math.nan,
+            statistics.median(speeds) if speeds else math.nan,
             first["tokens"] / first["step"] if first else math.nan,
             max((r["step"] for r in rows if "step" in r), default=0),
             max((r["bad_steps"] for r in lines.values() if isinstance(r.get("bad_steps"), int)), default=0),
@@ -211,6 +216,8 @@ def incomparable(ref: Run, run: Run) -> str:
         ]
         if differ:
             reasons.append(name)
+            # a setting only one run reads (a cosine's min_lr beside a constant lr) says nothing the others don't
+            differ = [k for k in differ if k in ours and k in theirs] or differ
             settings += [f"{k} {_shown(ours.get(k))} vs {_shown(theirs.get(k))}" for k in differ]
     return f"{', '.join(reasons)} ({', '.join(settings)})" if reasons else ""
 
@@ -222,8 +229,8 @@ def _shown(value) -> str:
 
 
 def relative_gap(ref: dict[int, float], other: dict[int, float]) -> dict[int, float]:
-    """(other - ref) / ref at the steps both have."""
-    return {s: (other[s] - ref[s]) / ref[s] for s in sorted(ref.keys() & other.keys())}
+    """(other - ref) / ref at the steps both have, but where ref is 0 (a loss learnt to 0.0: no relative gap)."""
+    return {s: (other[s] - ref[s]) / ref[s] for s in sorted(ref.keys() & other.keys()) if ref[s]}
 
 
 def _gap_cells(ref: dict[int, float], other: dict[int, float], last_step: int) -> tuple[str, str]:
@@ -282,10 +289,13 @@ def compare(run_dirs: list[Path], out: Path) -> str:
         train_gap, _ = _gap_cells(ref.train, run.train, run.last_step)
         diff = incomparable(ref, run)
         final_loss, final_val = _last(run.train, run.last_step), _last(run.val, run.last_step)
+        notes = run.notes()
+        if run.val and ref.val and not run.val.keys() & ref.val.keys():  # why its val gaps are n/a
+            notes.append("no validation step in common with the reference")
         lines.append(
             f"| {run.label} | {run.last_step} | {final_loss} | {final_val} | {val_gap} | {worst_val_gap} "
             f"| {train_gap} | {_speed(run.tokens_per_s)} | {'yes' if not diff else 'no: different ' + diff} "
-            f"| {'; '.join(run.notes())} |"
+            f"| {'; '.join(notes)} |"
         )
     table = "\n".join(lines)
     with writing_into(out, "comparison"):
@@ -307,8 +317,9 @@ def plot(runs: list[Run], ref: Run, path: Path) -> None:
         style = {"label": run.label, "color": colors[i % len(colors)]}  # one colour per run in every panel
         # A legend entry only where the run has a curve: a run with no validation point yet has none to point at.
         steps = sorted(run.train)
-        if steps:
-            ax_train.plot(steps, [run.train[s] for s in steps], linewidth=1, **style)
+        if steps:  # a lone point is a line of no length: it takes a marker to be seen
+            marker = "o" if len(steps) == 1 else None
+            ax_train.plot(steps, [run.train[s] for s in steps], linewidth=1, marker=marker, **style)
         vsteps = sorted(run.val)
         if vsteps:
             ax_val.plot(vsteps, [run.val[s] for s in vsteps], marker="o", **style)

@@ -24,6 +24,8 @@ from fp8train.monitor.monitor import OUTLIERS_FILE, is_record, worst
 
 FILES = ("h_amax.png", "alignment.png", "fp8_overflow.png", "worst_layers.png", "summary.txt")
 WORST = 4  # layers drawn in worst_layers.png
+# Columns of a heatmap at most: fewer than the narrowest one has pixels (a panel of fp8_overflow.png, ~230).
+COLUMNS = 200
 ALERT_COLOR = "red"  # of the crosses that mark alerts in worst_layers.png
 
 
@@ -235,13 +237,22 @@ def draw(data: Outliers, out: Path) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.colors import LogNorm, TwoSlopeNorm
 
+    # More monitored steps than a heatmap has pixel columns: drawn one column per step, most steps would get no pixel
+    # and a one-step spike, what the heatmaps are for, could vanish. Each column is then the largest of its steps.
+    width = math.ceil(len(data.steps) / COLUMNS)
+    columns = [range(j, min(j + width, len(data.steps))) for j in range(0, len(data.steps), width)]
+    xlabel = "monitored step" + (f" (each column the largest of {width})" if width > 1 else "")
+
     def heatmap(ax, table, title, label, norm=None, cmap="viridis", vmin=None, vmax=None):
+        table = [
+            [max((row[j] for j in c if not math.isnan(row[j])), default=math.nan) for c in columns] for row in table
+        ]
         img = ax.imshow(
             table, aspect="auto", origin="lower", interpolation="nearest", cmap=cmap, norm=norm, vmin=vmin, vmax=vmax
         )
-        ax.set(title=title, xlabel="monitored step", ylabel="layer")
-        ticks = sorted({0, len(data.steps) - 1, *range(0, len(data.steps), max(1, len(data.steps) // 5))})
-        ax.set_xticks(ticks, [str(data.steps[t]) for t in ticks])
+        ax.set(title=title, xlabel=xlabel, ylabel="layer")
+        ticks = sorted({0, len(columns) - 1, *range(0, len(columns), max(1, len(columns) // 5))})
+        ax.set_xticks(ticks, [str(data.steps[columns[t][0]]) for t in ticks])
         ax.set_yticks(range(len(data.layers)), [str(layer) for layer in data.layers])
         plt.colorbar(img, ax=ax, label=label)
 

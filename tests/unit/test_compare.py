@@ -122,6 +122,12 @@ def test_runs_that_differ_in_what_the_curves_depend_on_are_not_comparable(tmp_pa
     [
         (["optim.lr=0.002"], 10, "no: different lr schedule (optim.lr 0.002 vs 0.001)"),
         (["optim.warmup_steps=2"], 10, "no: different lr schedule (optim.warmup_steps 2 vs 30)"),
+        (["optim.schedule=constant"], 10, "no: different lr schedule (optim.schedule constant vs cosine)"),
+        (
+            ["optim.decay_steps=40"],
+            10,
+            "no: different lr schedule (trainer.max_steps None vs 10, optim.decay_steps 40 vs None)",
+        ),
         # the cosine decays over trainer.max_steps: another length is another lr at every step after warmup
         ([], 20, "no: different lr schedule (trainer.max_steps 20 vs 10)"),
         (
@@ -294,15 +300,21 @@ def test_a_step_logged_twice_counts_its_last_line_whatever_its_value(tmp_path):
     run = make_run(tmp_path / "fp8", curve(8, range(1, 11)), curve(9, (5, 10)), ["precision=fp8"])
     killed = (run / "metrics.jsonl").read_text()
     resumed = [
-        {"step": s, "loss": "nan", "tokens": s * TOKENS_PER_STEP, "tokens_per_s": 3000.0, "bad_steps": s - 6}
-        for s in range(7, 11)
+        {
+            "step": s,
+            "loss": 8 / math.sqrt(s) if s < 7 else "nan",
+            "tokens": s * TOKENS_PER_STEP,
+            "tokens_per_s": 3000.0,
+            "bad_steps": max(0, s - 6),
+        }
+        for s in range(4, 11)
     ]
     resumed.append({"step": 10, "val_loss": "nan"})
     (run / "metrics.jsonl").write_text(killed + "".join(json.dumps(r) + "\n" for r in resumed))
     fp8 = rows_of(compare([ref, run], tmp_path / "out"))["fp8"]
     assert fp8["final loss"] == f"{8 / math.sqrt(6):.4f} (step 6)"
     assert fp8["final val_loss"] == f"{9 / math.sqrt(5):.4f} (step 5)"
-    assert fp8["tokens/s"] == "1,889"  # (5 x 1000 + 4 x 3000) / 9: steps 2-6, then 7-10; step 1's window left out
+    assert fp8["tokens/s"] == "3,000"  # steps 2-3 at 1000, then 4-10 at 3000 (with the replaced lines: 2,000)
     assert fp8["notes"] == "4 steps skipped (non-finite loss or gradients)"
     # one killed run's step logged twice with finite values: the later line counts
     (run / "metrics.jsonl").write_text(killed + json.dumps({"step": 10, "loss": 1.5, "tokens_per_s": 1000.0}) + "\n")
@@ -322,3 +334,65 @@ def test_the_plot_names_each_run_where_it_has_a_curve(tmp_path, monkeypatch):
     assert [t.get_text() for t in val.get_legend().get_texts()] == ["bf16", "fp8"]
     assert [t.get_text() for t in gap.get_legend().get_texts()] == ["fp8"]
     assert (train.get_xlabel(), train.get_ylabel(), gap.get_ylabel()) == ("step", "loss", "%")
+
+
+def test_tokens_per_s_of_a_resumed_run_leaves_out_the_warm_up_of_each_start(tmp_path):
+    # Each start of a run (the first, then every resume) compiles and fills caches in its first logged window, and
+    # a monitored step compiles a second graph: a run resumed twice logged three such slow windows (as a compiled run
+    # stopped at step 32 and resumed logged 150 and 177 tokens/s among ~5,800). The steady speed is the run's speed.
+    ref = make_run(tmp_path / "bf16", curve(8, range(1, 11)), curve(9, (5, 10)), ["precision=bf16"], max_steps=20)
+    run = make_run(tmp_path / "fp8", curve(8, range(1, 21)), curve(9, (10, 20)), ["precision=fp8"], max_steps=20)
+    speeds = {1: 20.0, 8: 150.0, 15: 177.0}  # the first window of each start
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for r in rows:
+        if "loss" in r:
+            r["tokens_per_s"] = speeds.get(r["step"], 1000.0 + r["step"])
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fp8 = rows_of(compare([ref, run], tmp_path / "out"))["fp8"]
+    assert fp8["tokens/s"] == "1,010"  # the median of the 19 windows after step 1's: 150, 177, 1002..1020
+
+
+def test_a_run_with_one_logged_loss_is_drawn(tmp_path):
+    # A run that logged one training line (logger.log_every as long as the run, or killed after its first line) was
+    # a line of one point in the train panel: nothing drawn, its legend entry beside no curve.
+    import numpy as np
+    from PIL import Image
+
+    ref = make_run(tmp_path / "bf16", curve(8, range(1, 11)), curve(9, (5, 10)), ["precision=bf16"])
+    one = make_run(tmp_path / "fp8", {10: 2.0}, {10: 2.5}, ["precision=fp8"])
+    compare([ref, one], tmp_path / "out")
+    image = np.asarray(Image.open(tmp_path / "out" / "compare.png").convert("RGB")).astype(int)
+    train_panel = image[:, : image.shape[1] // 3]
+    orange = np.abs(train_panel - [0xFF, 0x7F, 0x0E]).sum(axis=-1) < 60  # fp8's colour, the cycle's second
+    assert orange.sum() > 50  # its point (the legend's thin line alone has none of the exact colour)
+
+
+def test_a_reference_loss_of_zero_has_no_gap_rather_than_a_crash(tmp_path):
+    # A tiny corpus learnt by heart reaches a loss of exactly 0.0 in float32: no relative gap to it exists there.
+    ref = make_run(tmp_path / "bf16", {**curve(8, range(1, 10)), 10: 0.0}, {5: 2.0, 10: 0.0}, ["precision=bf16"])
+    run = make_run(tmp_path / "fp8", curve(8, range(1, 11)), {5: 2.2, 10: 0.1}, ["precision=fp8"])
+    fp8 = rows_of(compare([ref, run], tmp_path / "out"))["fp8"]
+    assert fp8["val gap to ref"] == "+10.00% (step 5)" and fp8["largest val gap"] == "+10.00% (step 5)"
+    assert fp8["train gap to ref"] == "+0.00% (step 9)"
+
+
+def test_a_constant_lr_does_not_depend_on_min_lr(tmp_path):
+    # optim.min_lr is where a cosine ends; a constant schedule never reads it (nor trainer.max_steps).
+    constant = ["optim.schedule=constant"]
+    ref = make_run(tmp_path / "bf16", curve(8, range(1, 11)), curve(9, (5, 10)), ["precision=bf16", *constant])
+    other = make_run(
+        tmp_path / "fp8", curve(8, range(1, 11)), curve(9, (5, 10)), ["precision=fp8", *constant, "optim.min_lr=0"]
+    )
+    longer = make_run(tmp_path / "fp8_smooth", curve(8, range(1, 11)), {}, ["precision=fp8_smooth", *constant], 20)
+    rows = rows_of(compare([ref, other, longer], tmp_path / "out"))
+    assert rows["fp8"]["comparable"] == "yes" and rows["fp8_smooth"]["comparable"] == "yes"
+
+
+def test_a_run_validated_at_other_steps_than_the_reference_says_why_it_has_no_gap(tmp_path):
+    # Gaps are taken at the steps both runs validated: with trainer.eval_every 3 against 5, and stopped before the last
+    # step, there is none, and "n/a" alone read as a run that never validated.
+    ref = make_run(tmp_path / "bf16", curve(8, range(1, 11)), curve(9, (5, 10)), ["precision=bf16"])
+    other = make_run(tmp_path / "fp8", curve(8, range(1, 8)), curve(9, (3, 6)), ["precision=fp8"])
+    fp8 = rows_of(compare([ref, other], tmp_path / "out"))["fp8"]
+    assert fp8["val gap to ref"] == "n/a" and fp8["final val_loss"] == f"{9 / math.sqrt(6):.4f} (step 6)"
+    assert fp8["notes"] == "stopped at step 7 of 10; no validation step in common with the reference"

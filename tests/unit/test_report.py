@@ -1,0 +1,42 @@
+"""fp8train report on hand-written outliers.jsonl files: what its figures show. (The summary's tests are in
+tests/unit/test_monitor.py, beside the monitor that writes the file.)"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from fp8train.cli.report import report
+from tests.helpers import saved_figures
+from tests.unit.test_monitor import layer_record, write_outliers
+
+VIRIDIS_TOP = (253, 231, 37)  # the colour of a heatmap's largest value
+
+
+def heatmap_pixels(figure, ax, png) -> np.ndarray:
+    """The RGB pixels of ``ax``'s image in the saved ``png`` of ``figure``, top row first."""
+    image = np.asarray(Image.open(png).convert("RGB")).astype(int)
+    scale = image.shape[1] / figure.bbox.width  # savefig's dpi over the figure's
+    box = ax.get_window_extent()
+    top, bottom = round(image.shape[0] - box.y1 * scale), round(image.shape[0] - box.y0 * scale)
+    return image[top + 2 : bottom - 2, round(box.x0 * scale) + 2 : round(box.x1 * scale) - 2]
+
+
+def test_a_one_step_spike_shows_in_a_heatmap_of_more_steps_than_pixels(tmp_path, monkeypatch):
+    # A long run monitors more steps than a heatmap is pixels wide (h_amax.png: ~530 columns; each panel of
+    # fp8_overflow.png: ~230, fewer than the 401 monitored steps of experiment=outlier_stress). Drawn as it was, about
+    # half of 1000 steps had no column in h_amax.png: a layer's one-step h amax spike, the thing to look for, could be
+    # missing from the picture.
+    n_layers = 8
+    rows = [{"step": s, "layers": [layer_record(i, 1.0) for i in range(n_layers)], "alerts": []} for s in range(1000)]
+    for layer in range(n_layers):  # one spike per layer, each at another step
+        rows[101 + 97 * layer]["layers"][layer] = layer_record(layer, 1000.0)
+    write_outliers(tmp_path, rows)
+    figures = saved_figures(monkeypatch)
+    report(tmp_path, tmp_path / "report")
+    fig = figures["h_amax.png"]
+    pixels = heatmap_pixels(fig, next(a for a in fig.axes if a.images), tmp_path / "report" / "h_amax.png")
+    spike = (np.abs(pixels - VIRIDIS_TOP).sum(axis=-1) < 40).any(axis=1)  # per pixel row
+    band = len(pixels) / n_layers
+    shown = [spike[round((n_layers - 1 - layer + 0.5) * band)] for layer in range(n_layers)]  # layer 0 at the bottom
+    assert all(shown), shown
