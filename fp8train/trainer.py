@@ -77,10 +77,14 @@ class Trainer:
         check_run_dir(self.run_dir, cfg, resuming=own)
         if self.resume_from:
             check_resume_settings(self.resume_from, cfg)
-        from_weights = cfg.model.init_from and not self.resume_from  # a resumed run takes them from the checkpoint
         # Weights about to be loaded need no random init (for a 7B model, minutes and a second copy): built on meta.
-        model = empty_model(cfg.model) if from_weights else build_model(cfg.model)
-        if from_weights:
+        # A resumed run takes them from its checkpoint (model.init_from included), whose engine state loads after.
+        model = empty_model(cfg.model) if self.resume_from or cfg.model.init_from else build_model(cfg.model)
+        if self.resume_from:
+            from fp8train.export.hf import load_weights
+
+            load_weights(model, self.resume_from)  # checked: find_resume_checkpoint and check_resume_settings
+        elif cfg.model.init_from:
             init_from_weights(model, Path(cfg.model.init_from), self.data.tokenizer_file)
         model = model.to(self.backend.device)
         self.model = self.backend.fuse(precision.convert(model, cfg.precision, self.backend))

@@ -8,6 +8,7 @@ import types
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from fp8train import trainer as trainer_module
 from fp8train.config import compose
@@ -367,3 +368,26 @@ def test_evaluation_leaves_fp8_scaling_state_and_the_monitor_as_training_left_th
     assert loss_a == loss_b
     for k, v in state_a.items():
         assert torch.equal(v, state_b[k]), k
+
+
+def test_a_resumed_run_draws_no_random_weights_and_trains_as_an_unbroken_run(tmp_path, monkeypatch):
+    """A resumed model is built on the meta device and takes the checkpoint's weights: a random init first would
+    cost a 7B model minutes and a second copy. Its losses and weights are those of a run that never stopped."""
+    from tests.unit.test_export import no_random_init
+
+    fp8 = ("precision=fp8_smooth", "optim=adamw_fp8", "optim.fused=false", "optim.lr=1e-2", *RESUMABLE)
+    make_trainer(tmp_path / "unbroken", *fp8, "trainer.max_steps=4").fit()
+    make_trainer(tmp_path / "resumed", *fp8, "trainer.max_steps=4", "trainer.stop_at=2").fit()
+    no_random_init(monkeypatch)
+    resumed = make_trainer(tmp_path / "resumed", *fp8, "trainer.max_steps=4", "resume=auto")
+    monkeypatch.undo()
+    assert resumed.step == 2
+    tied = resumed.model.lm_head.weight is resumed.model.embed_tokens.weight
+    assert tied == resumed.cfg.model.tie_embeddings  # one parameter, as build_model makes it
+    resumed.fit()
+    losses = [[m["loss"] for m in read_jsonl(tmp_path / run / "metrics.jsonl") if "loss" in m] for run in
+              ("unbroken", "resumed")]  # fmt: skip
+    assert len(losses[0]) == 4 and losses[0] == losses[1]
+    unbroken, after = (load_file(tmp_path / run / "checkpoints/step_0000004/model.safetensors") for run in
+                       ("unbroken", "resumed"))  # fmt: skip
+    assert unbroken.keys() == after.keys() and all(torch.equal(v, after[k]) for k, v in unbroken.items())
