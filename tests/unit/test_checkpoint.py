@@ -289,3 +289,18 @@ def test_optimizer_state_of_the_other_adamw_is_refused_naming_optim(tmp_path):
         load(adamw_ckpt, model, AdamWFp8(model.parameters(), min_numel=0))
     with pytest.raises(CheckpointError, match="optim=adamw_fp8.*this run has optim=adamw: resume with optim=adamw_fp8"):
         load(fp8_ckpt, model, torch.optim.AdamW(model.parameters()))
+
+
+def test_a_checkpoint_copied_under_a_later_steps_name_is_refused_by_resume_auto(tmp_path):
+    """``cp -r step_0000002 step_0000009``: resume=auto goes by the names, and would take step 2's state for the
+    newest, retrain from step 3 and move the real later checkpoints aside. It names the folder instead."""
+    model, opt = trained(0)
+    for step in (2, 4):
+        save(tmp_path, step, model, opt)
+    shutil.copytree(tmp_path / "step_0000002", tmp_path / "step_0000009")
+    with pytest.raises(CheckpointError, match=r"step_0000009 holds the state of step 2 \(its manifest.json\)"):
+        find_resume_checkpoint("auto", tmp_path)
+    assert [p.name for p in sorted(tmp_path.iterdir())] == ["step_0000002", "step_0000004", "step_0000009"]  # untouched
+    shutil.move(tmp_path / "step_0000009", tmp_path / "copy")  # as the message says
+    assert find_resume_checkpoint("auto", tmp_path) == tmp_path / "step_0000004"
+    assert find_resume_checkpoint(str(tmp_path / "copy"), tmp_path) == tmp_path / "copy"  # on purpose: as asked
