@@ -77,6 +77,7 @@ class Trainer:
         check_run_dir(self.run_dir, cfg, resuming=own)
         if self.resume_from:
             check_resume_settings(self.resume_from, cfg)
+            self.check_resume_state(self.resume_from)  # before the weights are read: a refusal comes at once
         # Weights about to be loaded need no random init (for a 7B model, minutes and a second copy): built on meta.
         # A resumed run takes them from its checkpoint (model.init_from included), whose engine state loads after.
         model = empty_model(cfg.model) if self.resume_from or cfg.model.init_from else build_model(cfg.model)
@@ -498,14 +499,6 @@ class Trainer:
     def load_checkpoint(self, path: Path) -> int:
         fresh_groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         state = checkpoint.load(path, self.engine, self.backend.device, verified=True)  # by find_resume_checkpoint
-        if state["data_fingerprint"] != self.data.fingerprint:
-            raise CheckpointError(
-                f"resume: {path} was trained on other data or another tokenizer/seq_len than this run's "
-                f"(data.* settings changed). Resume with the data settings in {path / 'config.yaml'}, or start a "
-                f"new run directory."
-            )
-        self.data.check_resume(state["data_position"], path)
-        self.check_resume_step(path, state["step"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.apply_optim_settings(fresh_groups, state["step"])
         rng = state.get("rank_state", state)["rng"]  # each rank continues its own random stream
@@ -515,6 +508,26 @@ class Trainer:
         self.bad_steps, self.bad_in_a_row = state.get("bad_steps", (0, 0))
         log.info("resumed from %s (step %d)", path, state["step"])
         return state["step"]
+
+    def check_resume_state(self, path: Path) -> None:
+        """Refuse a checkpoint this run cannot continue as an unbroken run would: other tokens, another data order or
+        global batch, a step at or past where this invocation stops."""
+        state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
+        if state["data_fingerprint"] != self.data.fingerprint:
+            diffs = settings_differences(path / "config.yaml", self.cfg, ("data",))
+            diffs = [d for d in diffs if not d.startswith("data.cache_dir:")]  # where the caches are changes no token
+            what = (
+                f"data settings changed ({'; '.join(diffs)})"
+                if diffs
+                else "the data settings are the same, so a source or tokenizer file has changed since"
+            )
+            raise CheckpointError(
+                f"resume: {path} was trained on other tokens than this run reads: {what}. Resume with the data "
+                f"settings in {path / 'config.yaml'} and its files, or start a new run directory from its weights "
+                f"with model.init_from={path}."
+            )
+        self.data.check_resume(state["data_position"], path)
+        self.check_resume_step(path, state["step"])
 
     def check_resume_step(self, path: Path, step: int) -> None:
         """A checkpoint at or past where this invocation should stop would train nothing, or one step too many."""

@@ -228,6 +228,18 @@ def test_resuming_with_settings_that_change_the_state_is_refused_by_name(stopped
     assert ((stopped_run / "config.yaml").read_text(), (stopped_run / "metrics.jsonl").read_text()) == before
 
 
+def test_resuming_on_other_data_names_the_data_settings_that_changed(stopped_run, monkeypatch):
+    """The data settings to fix, named before the weights are read (for a 7B model, a minute to wait for a refusal)."""
+    from fp8train.export import hf
+
+    monkeypatch.setattr(hf, "load_weights", lambda *args: pytest.fail("weights read before the data were checked"))
+    with pytest.raises(
+        trainer_module.CheckpointError,
+        match=r"other tokens than this run reads: data settings changed \(data.seq_len: 64 -> 32\)",
+    ):
+        make_trainer(stopped_run, *RESUMABLE, "optim.lr=1e-2", "data.seq_len=32", "resume=auto")
+
+
 def test_resuming_past_max_steps_or_stop_at_is_refused(stopped_run):
     with pytest.raises(trainer_module.ConfigError, match=r"trainer.max_steps=1: raise it above 2"):
         make_trainer(stopped_run, *RESUMABLE, "optim.lr=1e-2", "trainer.max_steps=1", "resume=auto")
