@@ -157,7 +157,11 @@ def readable_as_umask(files: list[Path]) -> None:
 
 
 def _remove(path: Path) -> None:
-    """Rename to a temporary name first: a deletion killed halfway never leaves a damaged step_* folder."""
+    """Rename to a temporary name first: a deletion killed halfway never leaves a damaged step_* folder. A link (to
+    a checkpoint kept elsewhere) goes as a link: what it points to is not this run's to delete."""
+    if path.is_symlink():
+        path.unlink()
+        return
     doomed = path.parent / f".tmp-del-{path.name}-{os.getpid()}"
     os.replace(path, doomed)
     shutil.rmtree(doomed, ignore_errors=True)

@@ -239,6 +239,19 @@ def test_folders_named_other_than_step_digits_are_ignored(tmp_path):
     assert (tmp_path / "step_0000003.bak").is_dir() and (tmp_path / "step_old").is_dir()
 
 
+def test_keep_last_removes_a_linked_checkpoint_as_a_link_and_leaves_what_it_points_to(tmp_path):
+    """A checkpoint linked in from elsewhere (another disk, another run) leaves the rotation as the link alone: the
+    folder it points to is not this run's to delete, and the link must not stay behind under a temporary name."""
+    model, opt = trained(0)
+    elsewhere = save(tmp_path / "elsewhere", 1, model, opt)
+    root = tmp_path / "checkpoints"
+    save(root, 2, model, opt)
+    (root / "step_0000001").symlink_to(elsewhere)
+    save(root, 3, model, opt, keep_last=2)
+    assert sorted(p.name for p in root.iterdir()) == ["step_0000002", "step_0000003"]
+    assert checkpoint.damage(elsewhere) is None
+
+
 @pytest.mark.parametrize("manifest", ["{}", "[1]", '{"files": {"trainer.pt": 12}}', '{"files": []}'])
 def test_a_manifest_of_another_shape_is_reported_as_damage(tmp_path, manifest):
     model, opt = trained(0)
