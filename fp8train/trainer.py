@@ -694,6 +694,18 @@ def on_rank0(fn, *args):
 
 def find_resume_checkpoint(resume: str, ckpt_root: Path) -> Path | None:
     """resume=none refuses to overwrite a run that has checkpoints; auto takes the newest intact one."""
+    # A checkpoints/ that cannot hold checkpoints would pass for an empty one: the run would start over (auto cutting
+    # the metrics back to step 0) and fail at its first checkpoint.
+    if ckpt_root.is_symlink() and not ckpt_root.exists():
+        raise CheckpointError(
+            f"{ckpt_root} is a link to {os.readlink(ckpt_root)}, which does not exist (a disk that is not mounted?): "
+            f"this run could neither find its checkpoints there nor write any. Mount that disk or create the folder, "
+            f"or remove the link for checkpoints in the run directory."
+        )
+    if ckpt_root.exists() and not ckpt_root.is_dir():
+        raise CheckpointError(
+            f"{ckpt_root} is a file, not a folder: the run keeps its checkpoints there. Move the file away."
+        )
     if resume == "auto":
         found = checkpoint.latest_intact(ckpt_root)
         if found is None:

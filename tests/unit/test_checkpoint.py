@@ -281,6 +281,20 @@ def test_resume_paths_other_than_a_checkpoint_folder_say_what_to_pass(tmp_path):
             find_resume_checkpoint(str(given), here)
 
 
+@pytest.mark.parametrize("resume", ["auto", "none"])
+def test_a_checkpoints_folder_that_is_a_broken_link_or_a_file_stops_the_run_before_it_starts(tmp_path, resume):
+    """RUN/checkpoints linked to a disk that is not mounted: resume=auto found no checkpoint, started over at step 0
+    (cutting metrics.jsonl back to it) and failed at its first checkpoint; resume=none failed there too."""
+    ckpt_root = tmp_path / "checkpoints"
+    ckpt_root.symlink_to(tmp_path / "scratch" / "ckpts")
+    with pytest.raises(CheckpointError, match=f"{ckpt_root} is a link to {tmp_path / 'scratch' / 'ckpts'}, which"):
+        find_resume_checkpoint(resume, ckpt_root)
+    ckpt_root.unlink()
+    ckpt_root.write_text("")
+    with pytest.raises(CheckpointError, match=f"{ckpt_root} is a file, not a folder"):
+        find_resume_checkpoint(resume, ckpt_root)
+
+
 def test_a_deepspeed_checkpoint_resumed_by_a_single_process_names_parallel_deepspeed(tmp_path):
     model, opt = trained(0)
     path = save(tmp_path, 3, model, opt)
