@@ -539,6 +539,13 @@ class Trainer:
             problems.append(f"trainer.stop_at={t.stop_at}: raise it above {step}, or drop it to train to max_steps")
         if problems:
             raise ConfigError([f"resume: {path} is at step {step}; {p}" for p in problems])
+        if step == t.max_steps:  # a finished run started again (a requeued job): fine, but say why nothing trains
+            log.info(
+                "resume: %s is at trainer.max_steps=%d already: nothing to train (raise trainer.max_steps to train "
+                "further)",
+                path,
+                step,
+            )
 
     def apply_optim_settings(self, fresh_groups: list[dict], step: int) -> None:
         """Loading a checkpoint restores the optimizer's lr, weight decay, betas and eps as they were saved; the

@@ -247,6 +247,16 @@ def test_resuming_past_max_steps_or_stop_at_is_refused(stopped_run):
         make_trainer(stopped_run, *RESUMABLE, "optim.lr=1e-2", "trainer.stop_at=2", "resume=auto")
 
 
+def test_resuming_at_max_steps_trains_nothing_and_says_why(stopped_run, caplog):
+    before = (stopped_run / "metrics.jsonl").read_text()
+    with caplog.at_level(logging.INFO):
+        t = make_trainer(stopped_run, *RESUMABLE, "optim.lr=1e-2", "trainer.max_steps=2", "resume=auto")
+        assert t.fit() == {} and t.step == 2
+    assert "is at trainer.max_steps=2 already: nothing to train (raise trainer.max_steps" in caplog.text
+    assert (stopped_run / "metrics.jsonl").read_text() == before
+    assert [p.name for p in (stopped_run / "checkpoints").iterdir()] == ["step_0000002"]
+
+
 def test_a_run_without_checkpoints_is_not_overwritten_by_another_with_resume_auto(tmp_path):
     """resume=auto finds no checkpoint and starts at step 0: it must not write over another run's files."""
     make_trainer(tmp_path, "trainer.max_steps=2", "trainer.checkpoint_every=0", "trainer.eval_every=0").fit()
