@@ -33,9 +33,9 @@ from fp8train.data.loader import open_shared, shareable
 from fp8train.data.tokenizer import eos_declaration
 from fp8train.errors import BackendError, CheckpointError, ConfigError, DataError, Fp8trainError
 from fp8train.fp8.scaling import discard_scalers, step_scalers
-from fp8train.loggers import RunLogger, use_progress_bar
+from fp8train.loggers import METRICS_FILE, RunLogger, use_progress_bar
 from fp8train.model import build_model, empty_model
-from fp8train.monitor import build_monitor
+from fp8train.monitor import OUTLIERS_FILE, build_monitor
 from fp8train.optim.adamw_fp8 import state_bytes_per_param
 
 log = logging.getLogger("fp8train")
@@ -456,8 +456,12 @@ class Trainer:
         try:
             if self.ckpt_root.is_dir():  # first: a disk-full stop may have left a temp folder taking the space
                 checkpoint.remove_stale_tmp(self.ckpt_root)
-                if self.resume_from:
-                    checkpoint.set_aside_after(self.ckpt_root, self.step)
+                aside = checkpoint.set_aside_after(self.ckpt_root, self.step) if self.resume_from else None
+                # The metrics of the steps set aside go with them (this run cuts them from its files): undoing the
+                # resume puts that timeline back whole.
+                for name in (METRICS_FILE, OUTLIERS_FILE) if aside else ():
+                    if (self.run_dir / name).is_file():
+                        shutil.copy2(self.run_dir / name, aside / name)
             for writing, content in files.items():
                 tmp = self.run_dir / f".{writing}.{os.getpid()}"  # renamed into place: a kill never leaves half a file
                 try:
