@@ -194,6 +194,7 @@ def _truncate_after(path: Path, step: int) -> None:
             numbered.index(False) + 1,
             first[:80],
         )
+    path = path.resolve()  # a link to a file elsewhere stays a link: the file it points to is cut
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(line if line.endswith("\n") else line + "\n" for line in kept))
     os.replace(tmp, path)

@@ -48,6 +48,21 @@ def test_resume_keeps_the_lines_that_are_no_steps_record_as_they_were(tmp_path, 
     assert "metrics.jsonl: 5 lines that are no step's record (line 2: # lowered optim.lr here) are kept" in caplog.text
 
 
+def test_resume_cuts_a_linked_metrics_file_where_it_lies_and_keeps_the_link(tmp_path):
+    """A metrics.jsonl linked to a file elsewhere (a shared dashboard folder): the cut replaced the link by a copy,
+    and the file it pointed to stopped getting the run's lines."""
+    elsewhere = tmp_path / "shared" / "run.jsonl"
+    elsewhere.parent.mkdir()
+    elsewhere.write_text("".join(json.dumps({"step": s, "loss": s}) + "\n" for s in range(1, 5)))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").symlink_to(elsewhere)
+    logger = RunLogger(compose(["logger.wandb.mode=disabled"]), tmp_path / "run", resume_step=2)
+    logger.log({"loss": 30.0}, step=3)
+    logger.finish()
+    assert (tmp_path / "run" / "metrics.jsonl").is_symlink()
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2, 3] and elsewhere.read_text().count("\n") == 3
+
+
 def test_wandb_run_is_named_after_the_precision_and_grouped(tmp_path):
     cfg = compose(["logger.wandb.mode=offline", "precision=fp32", "logger.wandb.group=compare"])
     logger = RunLogger(cfg, tmp_path)
