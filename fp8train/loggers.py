@@ -94,8 +94,15 @@ class JsonLines:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    """All lines of a run's metrics.jsonl (a torn last line from a killed run is skipped)."""
-    return read_jsonl(Path(run_dir) / METRICS_FILE)
+    """The lines of a run's metrics.jsonl; a torn last line from a killed run and lines of no step (a note added by
+    hand, another tool's line whose "step" is no number) are skipped."""
+    return [r for r in read_jsonl(Path(run_dir) / METRICS_FILE) if step_of(r) is not None]
+
+
+def step_of(row) -> int | float | None:
+    """The step a line of metrics.jsonl or outliers.jsonl records, or None for a line of no step."""
+    step = row.get("step") if isinstance(row, dict) else None
+    return step if isinstance(step, (int, float)) and not isinstance(step, bool) else None
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -181,18 +188,16 @@ def _truncate_after(path: Path, step: int) -> None:
         return
     if not lines[-1].endswith("\n") and _parse(lines[-1]) is None:
         lines.pop()  # torn
-    rows = [_parse(line) for line in lines]
-    steps = [r.get("step") if isinstance(r, dict) else None for r in rows]
-    numbered = [isinstance(s, (int, float)) and not isinstance(s, bool) for s in steps]
-    kept = [line for line, s, n in zip(lines, steps, numbered) if not n or s <= step]
-    if not all(numbered):
-        first = lines[numbered.index(False)].strip()
+    steps = [step_of(_parse(line)) for line in lines]
+    kept = [line for line, s in zip(lines, steps) if s is None or s <= step]
+    if None in steps:
+        first = steps.index(None)
         log.info(
             "%s: %d lines that are no step's record (line %d: %s) are kept as they are; fp8train's tools skip them",
             path.name,
-            numbered.count(False),
-            numbered.index(False) + 1,
-            first[:80],
+            steps.count(None),
+            first + 1,
+            lines[first].strip()[:80],
         )
     path = path.resolve()  # a link to a file elsewhere stays a link: the file it points to is cut
     tmp = path.with_suffix(".tmp")

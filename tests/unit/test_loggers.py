@@ -45,6 +45,7 @@ def test_resume_keeps_the_lines_that_are_no_steps_record_as_they_were(tmp_path, 
     with caplog.at_level(logging.INFO):
         RunLogger(compose(["logger.wandb.mode=disabled"]), tmp_path, resume_step=5).finish()
     assert path.read_text() == "\n".join(kept) + "\n"
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 5]  # what compare reads: the step records
     assert "metrics.jsonl: 5 lines that are no step's record (line 2: # lowered optim.lr here) are kept" in caplog.text
 
 
