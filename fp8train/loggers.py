@@ -94,26 +94,44 @@ class JsonLines:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    """All lines of a run's metrics.jsonl (a torn last line from a killed run is skipped)."""
-    return read_jsonl(Path(run_dir) / METRICS_FILE)
+    """The lines of a run's metrics.jsonl; a torn last line from a killed run and lines of no step (a note added by
+    hand, another tool's line whose "step" is no number) are skipped."""
+    return [r for r in read_jsonl(Path(run_dir) / METRICS_FILE) if step_of(r) is not None]
+
+
+def step_of(row) -> int | float | None:
+    """The step a line of metrics.jsonl or outliers.jsonl records, or None for a line of no step."""
+    step = row.get("step") if isinstance(row, dict) else None
+    return step if isinstance(step, (int, float)) and not isinstance(step, bool) else None
 
 
 def read_jsonl(path: Path) -> list[dict]:
     """All objects of a JSON-lines file (a torn last line from a killed run is skipped); [] if there is none."""
     path = Path(path)
-    rows = []
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return [r for r in rows if isinstance(r, dict)]  # other JSON values (hand edits) are no lines of a run
+    return _parsed(path.read_text().splitlines() if path.exists() else [])
+
+
+def _parsed(lines: list[str]) -> list[dict]:
+    """The JSON objects among ``lines``; other JSON values (hand edits) and text are no lines of a run."""
+    return [r for r in map(_parse, lines) if isinstance(r, dict)]
+
+
+def _parse(line: str):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
 
 
 def read_to_resume(path: Path) -> list[dict]:
     """``read_jsonl`` for a run that continues the file; one that cannot be read stops it with what to do."""
+    return _parsed(_lines_to_resume(path))
+
+
+def _lines_to_resume(path: Path) -> list[str]:
+    """The lines of a file a run continues (newlines kept); one that cannot be read stops it with what to do."""
     try:
-        return read_jsonl(path)
+        return path.read_text().splitlines(keepends=True) if path.exists() else []
     except (OSError, UnicodeDecodeError) as e:  # binary garbage, a folder, no permission
         raise Fp8trainError(
             f"{path} cannot be read ({first_line(e)}), so the run cannot continue it. Move it out of the run "
@@ -162,12 +180,28 @@ def _init_wandb(cfg: Config, run_dir: Path):
 
 
 def _truncate_after(path: Path, step: int) -> None:
-    """Keep only lines of steps <= step: a resumed run rewrites what came after its checkpoint."""
-    if not path.exists():
+    """Drop the records of steps after ``step`` (a resumed run rewrites what came after its checkpoint) and the torn
+    last line of a killed run. Every other line (a note added by hand, another tool's output) belongs to no step the
+    run redoes: it is kept as it was."""
+    lines = _lines_to_resume(path)
+    if not lines:
         return
-    rows = [r for r in read_to_resume(path) if r.get("step", 0) <= step]
+    if not lines[-1].endswith("\n") and _parse(lines[-1]) is None:
+        lines.pop()  # torn
+    steps = [step_of(_parse(line)) for line in lines]
+    kept = [line for line, s in zip(lines, steps) if s is None or s <= step]
+    if None in steps:
+        first = steps.index(None)
+        log.info(
+            "%s: %d lines that are no step's record (line %d: %s) are kept as they are; fp8train's tools skip them",
+            path.name,
+            steps.count(None),
+            first + 1,
+            lines[first].strip()[:80],
+        )
+    path = path.resolve()  # a link to a file elsewhere stays a link: the file it points to is cut
     tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.write_text("".join(line if line.endswith("\n") else line + "\n" for line in kept))
     os.replace(tmp, path)
 
 

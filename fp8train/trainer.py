@@ -33,9 +33,9 @@ from fp8train.data.loader import open_shared, shareable
 from fp8train.data.tokenizer import eos_declaration
 from fp8train.errors import BackendError, CheckpointError, ConfigError, DataError, Fp8trainError
 from fp8train.fp8.scaling import discard_scalers, step_scalers
-from fp8train.loggers import RunLogger, use_progress_bar
+from fp8train.loggers import METRICS_FILE, RunLogger, use_progress_bar
 from fp8train.model import build_model, empty_model
-from fp8train.monitor import build_monitor
+from fp8train.monitor import OUTLIERS_FILE, build_monitor
 from fp8train.optim.adamw_fp8 import state_bytes_per_param
 
 log = logging.getLogger("fp8train")
@@ -77,10 +77,15 @@ class Trainer:
         check_run_dir(self.run_dir, cfg, resuming=own)
         if self.resume_from:
             check_resume_settings(self.resume_from, cfg)
-        from_weights = cfg.model.init_from and not self.resume_from  # a resumed run takes them from the checkpoint
+            self.check_resume_state(self.resume_from)  # before the weights are read: a refusal comes at once
         # Weights about to be loaded need no random init (for a 7B model, minutes and a second copy): built on meta.
-        model = empty_model(cfg.model) if from_weights else build_model(cfg.model)
-        if from_weights:
+        # A resumed run takes them from its checkpoint (model.init_from included), whose engine state loads after.
+        model = empty_model(cfg.model) if self.resume_from or cfg.model.init_from else build_model(cfg.model)
+        if self.resume_from:
+            from fp8train.export.hf import load_weights
+
+            load_weights(model, self.resume_from)  # checked: find_resume_checkpoint and check_resume_settings
+        elif cfg.model.init_from:
             init_from_weights(model, Path(cfg.model.init_from), self.data.tokenizer_file)
         model = model.to(self.backend.device)
         self.model = self.backend.fuse(precision.convert(model, cfg.precision, self.backend))
@@ -451,8 +456,12 @@ class Trainer:
         try:
             if self.ckpt_root.is_dir():  # first: a disk-full stop may have left a temp folder taking the space
                 checkpoint.remove_stale_tmp(self.ckpt_root)
-                if self.resume_from:
-                    checkpoint.set_aside_after(self.ckpt_root, self.step)
+                aside = checkpoint.set_aside_after(self.ckpt_root, self.step) if self.resume_from else None
+                # The metrics of the steps set aside go with them (this run cuts them from its files): undoing the
+                # resume puts that timeline back whole.
+                for name in (METRICS_FILE, OUTLIERS_FILE) if aside else ():
+                    if (self.run_dir / name).is_file():
+                        shutil.copy2(self.run_dir / name, aside / name)
             for writing, content in files.items():
                 tmp = self.run_dir / f".{writing}.{os.getpid()}"  # renamed into place: a kill never leaves half a file
                 try:
@@ -494,14 +503,6 @@ class Trainer:
     def load_checkpoint(self, path: Path) -> int:
         fresh_groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         state = checkpoint.load(path, self.engine, self.backend.device, verified=True)  # by find_resume_checkpoint
-        if state["data_fingerprint"] != self.data.fingerprint:
-            raise CheckpointError(
-                f"resume: {path} was trained on other data or another tokenizer/seq_len than this run's "
-                f"(data.* settings changed). Resume with the data settings in {path / 'config.yaml'}, or start a "
-                f"new run directory."
-            )
-        self.data.check_resume(state["data_position"], path)
-        self.check_resume_step(path, state["step"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.apply_optim_settings(fresh_groups, state["step"])
         rng = state.get("rank_state", state)["rng"]  # each rank continues its own random stream
@@ -511,6 +512,26 @@ class Trainer:
         self.bad_steps, self.bad_in_a_row = state.get("bad_steps", (0, 0))
         log.info("resumed from %s (step %d)", path, state["step"])
         return state["step"]
+
+    def check_resume_state(self, path: Path) -> None:
+        """Refuse a checkpoint this run cannot continue as an unbroken run would: other tokens, another data order or
+        global batch, a step at or past where this invocation stops."""
+        state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
+        if state["data_fingerprint"] != self.data.fingerprint:
+            diffs = settings_differences(path / "config.yaml", self.cfg, ("data",))
+            diffs = [d for d in diffs if not d.startswith("data.cache_dir:")]  # where the caches are changes no token
+            what = (
+                f"data settings changed ({'; '.join(diffs)})"
+                if diffs
+                else "the data settings are the same, so a source or tokenizer file has changed since"
+            )
+            raise CheckpointError(
+                f"resume: {path} was trained on other tokens than this run reads: {what}. Resume with the data "
+                f"settings in {path / 'config.yaml'} and its files, or start a new run directory from its weights "
+                f"with model.init_from={path}."
+            )
+        self.data.check_resume(state["data_position"], path)
+        self.check_resume_step(path, state["step"])
 
     def check_resume_step(self, path: Path, step: int) -> None:
         """A checkpoint at or past where this invocation should stop would train nothing, or one step too many."""
@@ -522,6 +543,13 @@ class Trainer:
             problems.append(f"trainer.stop_at={t.stop_at}: raise it above {step}, or drop it to train to max_steps")
         if problems:
             raise ConfigError([f"resume: {path} is at step {step}; {p}" for p in problems])
+        if step == t.max_steps:  # a finished run started again (a requeued job): fine, but say why nothing trains
+            log.info(
+                "resume: %s is at trainer.max_steps=%d already: nothing to train (raise trainer.max_steps to train "
+                "further)",
+                path,
+                step,
+            )
 
     def apply_optim_settings(self, fresh_groups: list[dict], step: int) -> None:
         """Loading a checkpoint restores the optimizer's lr, weight decay, betas and eps as they were saved; the
@@ -677,6 +705,18 @@ def on_rank0(fn, *args):
 
 def find_resume_checkpoint(resume: str, ckpt_root: Path) -> Path | None:
     """resume=none refuses to overwrite a run that has checkpoints; auto takes the newest intact one."""
+    # A checkpoints/ that cannot hold checkpoints would pass for an empty one: the run would start over (auto cutting
+    # the metrics back to step 0) and fail at its first checkpoint.
+    if ckpt_root.is_symlink() and not ckpt_root.exists():
+        raise CheckpointError(
+            f"{ckpt_root} is a link to {os.readlink(ckpt_root)}, which does not exist (a disk that is not mounted?): "
+            f"this run could neither find its checkpoints there nor write any. Mount that disk or create the folder, "
+            f"or remove the link for checkpoints in the run directory."
+        )
+    if ckpt_root.exists() and not ckpt_root.is_dir():
+        raise CheckpointError(
+            f"{ckpt_root} is a file, not a folder: the run keeps its checkpoints there. Move the file away."
+        )
     if resume == "auto":
         found = checkpoint.latest_intact(ckpt_root)
         if found is None:

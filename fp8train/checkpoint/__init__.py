@@ -157,7 +157,11 @@ def readable_as_umask(files: list[Path]) -> None:
 
 
 def _remove(path: Path) -> None:
-    """Rename to a temporary name first: a deletion killed halfway never leaves a damaged step_* folder."""
+    """Rename to a temporary name first: a deletion killed halfway never leaves a damaged step_* folder. A link (to
+    a checkpoint kept elsewhere) goes as a link: what it points to is not this run's to delete."""
+    if path.is_symlink():
+        path.unlink()
+        return
     doomed = path.parent / f".tmp-del-{path.name}-{os.getpid()}"
     os.replace(path, doomed)
     shutil.rmtree(doomed, ignore_errors=True)
@@ -305,6 +309,7 @@ def latest_intact(ckpt_root: Path) -> Path | None:
     for path in reversed(found):
         problem = damage(path)
         if problem is None:
+            check_named_by_step(path)
             return path
         log.warning("checkpoint %s is damaged: %s; falling back to the previous one", path, problem)
     if found:
@@ -313,6 +318,19 @@ def latest_intact(ckpt_root: Path) -> Path | None:
             f"above). Start over in a new run directory, or restore a checkpoint from a backup."
         )
     return None
+
+
+def check_named_by_step(path: Path) -> None:
+    """Refuse a checkpoint whose name says another step than its manifest (``cp -r step_0000100 step_0000900``):
+    resume=auto goes by the names, and would retrain from the older step and set the later checkpoints aside."""
+    recorded = json.loads((path / MANIFEST).read_text()).get("step")
+    if isinstance(recorded, int) and recorded != step_of(path):
+        raise CheckpointError(
+            f"resume=auto: {path} holds the state of step {recorded} (its {MANIFEST}), not of step {step_of(path)} as "
+            f"its name says: a copy under another name? resume=auto takes the checkpoint with the highest step in its "
+            f"name. Move it out of {path.parent} (or give it its own name, {step_dir_name(recorded)}, if that is "
+            f"free), or resume from it on purpose with resume={path}."
+        )
 
 
 def load(path: Path, engine, map_location: torch.device, verified: bool = False) -> dict:

@@ -165,7 +165,8 @@ def test_resume_from_an_older_checkpoint_replaces_the_later_timeline(tmp_path, s
     # Steps 3-6 are trained again: their old checkpoints are kept aside, never taken or counted by keep_last.
     assert [p.name for p in checkpoint.complete_checkpoints(ckpt_root)] == ["step_0000002", "step_0000003"]
     (aside,) = (ckpt_root / "superseded").iterdir()
-    assert sorted(p.name for p in aside.iterdir()) == [checkpoint.step_dir_name(s) for s in (3, 4, 5, 6)]
+    assert [p.name for p in checkpoint.complete_checkpoints(aside)] == list(map(checkpoint.step_dir_name, (3, 4, 5, 6)))
+    assert max(train_losses(aside)) == 6  # their metrics with them
     assert f"later steps (3, 4, 5, 6), of the timeline this run replaces, moved to {aside}" in out.stdout + out.stderr
     assert max(train_losses(run_dir)) == 3
     out = run_train(run_dir, *args, "resume=auto")

@@ -239,6 +239,19 @@ def test_folders_named_other_than_step_digits_are_ignored(tmp_path):
     assert (tmp_path / "step_0000003.bak").is_dir() and (tmp_path / "step_old").is_dir()
 
 
+def test_keep_last_removes_a_linked_checkpoint_as_a_link_and_leaves_what_it_points_to(tmp_path):
+    """A checkpoint linked in from elsewhere (another disk, another run) leaves the rotation as the link alone: the
+    folder it points to is not this run's to delete, and the link must not stay behind under a temporary name."""
+    model, opt = trained(0)
+    elsewhere = save(tmp_path / "elsewhere", 1, model, opt)
+    root = tmp_path / "checkpoints"
+    save(root, 2, model, opt)
+    (root / "step_0000001").symlink_to(elsewhere)
+    save(root, 3, model, opt, keep_last=2)
+    assert sorted(p.name for p in root.iterdir()) == ["step_0000002", "step_0000003"]
+    assert checkpoint.damage(elsewhere) is None
+
+
 @pytest.mark.parametrize("manifest", ["{}", "[1]", '{"files": {"trainer.pt": 12}}', '{"files": []}'])
 def test_a_manifest_of_another_shape_is_reported_as_damage(tmp_path, manifest):
     model, opt = trained(0)
@@ -268,6 +281,20 @@ def test_resume_paths_other_than_a_checkpoint_folder_say_what_to_pass(tmp_path):
             find_resume_checkpoint(str(given), here)
 
 
+@pytest.mark.parametrize("resume", ["auto", "none"])
+def test_a_checkpoints_folder_that_is_a_broken_link_or_a_file_stops_the_run_before_it_starts(tmp_path, resume):
+    """RUN/checkpoints linked to a disk that is not mounted: resume=auto found no checkpoint, started over at step 0
+    (cutting metrics.jsonl back to it) and failed at its first checkpoint; resume=none failed there too."""
+    ckpt_root = tmp_path / "checkpoints"
+    ckpt_root.symlink_to(tmp_path / "scratch" / "ckpts")
+    with pytest.raises(CheckpointError, match=f"{ckpt_root} is a link to {tmp_path / 'scratch' / 'ckpts'}, which"):
+        find_resume_checkpoint(resume, ckpt_root)
+    ckpt_root.unlink()
+    ckpt_root.write_text("")
+    with pytest.raises(CheckpointError, match=f"{ckpt_root} is a file, not a folder"):
+        find_resume_checkpoint(resume, ckpt_root)
+
+
 def test_a_deepspeed_checkpoint_resumed_by_a_single_process_names_parallel_deepspeed(tmp_path):
     model, opt = trained(0)
     path = save(tmp_path, 3, model, opt)
@@ -289,3 +316,18 @@ def test_optimizer_state_of_the_other_adamw_is_refused_naming_optim(tmp_path):
         load(adamw_ckpt, model, AdamWFp8(model.parameters(), min_numel=0))
     with pytest.raises(CheckpointError, match="optim=adamw_fp8.*this run has optim=adamw: resume with optim=adamw_fp8"):
         load(fp8_ckpt, model, torch.optim.AdamW(model.parameters()))
+
+
+def test_a_checkpoint_copied_under_a_later_steps_name_is_refused_by_resume_auto(tmp_path):
+    """``cp -r step_0000002 step_0000009``: resume=auto goes by the names, and would take step 2's state for the
+    newest, retrain from step 3 and move the real later checkpoints aside. It names the folder instead."""
+    model, opt = trained(0)
+    for step in (2, 4):
+        save(tmp_path, step, model, opt)
+    shutil.copytree(tmp_path / "step_0000002", tmp_path / "step_0000009")
+    with pytest.raises(CheckpointError, match=r"step_0000009 holds the state of step 2 \(its manifest.json\)"):
+        find_resume_checkpoint("auto", tmp_path)
+    assert [p.name for p in sorted(tmp_path.iterdir())] == ["step_0000002", "step_0000004", "step_0000009"]  # untouched
+    shutil.move(tmp_path / "step_0000009", tmp_path / "copy")  # as the message says
+    assert find_resume_checkpoint("auto", tmp_path) == tmp_path / "step_0000004"
+    assert find_resume_checkpoint(str(tmp_path / "copy"), tmp_path) == tmp_path / "copy"  # on purpose: as asked

@@ -157,9 +157,21 @@ def test_resume_past_a_damaged_checkpoint_sets_it_aside_and_keeps_the_new_timeli
         Trainer(compose([*SHORT, "resume=auto", "trainer.keep_last=1", "trainer.stop_at=5"]), tmp_path).fit()
     assert [p.name for p in checkpoint.complete_checkpoints(ckpt_root)] == ["step_0000005"]
     (aside,) = (ckpt_root / "superseded").iterdir()
-    assert [p.name for p in aside.iterdir()] == ["step_0000006"]
+    assert sorted(p.name for p in aside.iterdir()) == ["metrics.jsonl", "outliers.jsonl", "step_0000006"]
     assert f"later steps (6), of the timeline this run replaces, moved to {aside}" in caplog.text
     assert Trainer(compose([*SHORT, "resume=auto"]), tmp_path).step == 5
+
+
+def test_a_resume_from_an_older_checkpoint_sets_the_replaced_metrics_aside_with_its_checkpoints(tmp_path):
+    """The checkpoints of the steps a resume from an older one retrains are kept aside, in case it was a mistake; the
+    metrics and outliers of those steps, which the resumed run cuts from its files, go with them: that timeline can
+    be put back whole."""
+    Trainer(compose([*SHORT, "trainer.keep_last=5"]), tmp_path).fit()
+    before = {name: (tmp_path / name).read_text() for name in ("metrics.jsonl", "outliers.jsonl")}
+    Trainer(compose([*SHORT, f"resume={tmp_path / 'checkpoints' / 'step_0000002'}"]), tmp_path)
+    (aside,) = (tmp_path / "checkpoints" / "superseded").iterdir()
+    assert {name: (aside / name).read_text() for name in before} == before
+    assert max(r["step"] for r in read_metrics(tmp_path)) == 2 and max(r["step"] for r in read_metrics(aside)) == 6
 
 
 def test_startup_removes_the_temp_folders_of_dead_writers(tmp_path):

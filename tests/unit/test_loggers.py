@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 import pytest
@@ -32,6 +33,35 @@ def test_resume_drops_the_lines_of_steps_that_will_be_redone(tmp_path):
     logger.finish()
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4, 5, 6]
     assert read_metrics(tmp_path)[-1]["loss"] == 60.0
+
+
+def test_resume_keeps_the_lines_that_are_no_steps_record_as_they_were(tmp_path, caplog):
+    """A note added by hand, or another tool's line, belongs to no step the resumed run redoes: it stays, word for
+    word (a "step" that is no number once stopped the run with a TypeError); only later steps and a torn line go."""
+    kept = ['{"step": 1, "loss": 1.0}', "# lowered optim.lr here", '{"note": "node 3 replaced"}',
+            '{"step": "7", "by": "another tool"}', '{"step": null}', "[1, 2]", '{"step":5,"loss":5.0}']  # fmt: skip
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("\n".join([*kept, '{"step": 6, "loss": 6.0}']) + '\n{"step": 7, "lo')
+    with caplog.at_level(logging.INFO):
+        RunLogger(compose(["logger.wandb.mode=disabled"]), tmp_path, resume_step=5).finish()
+    assert path.read_text() == "\n".join(kept) + "\n"
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 5]  # what compare reads: the step records
+    assert "metrics.jsonl: 5 lines that are no step's record (line 2: # lowered optim.lr here) are kept" in caplog.text
+
+
+def test_resume_cuts_a_linked_metrics_file_where_it_lies_and_keeps_the_link(tmp_path):
+    """A metrics.jsonl linked to a file elsewhere (a shared dashboard folder): the cut replaced the link by a copy,
+    and the file it pointed to stopped getting the run's lines."""
+    elsewhere = tmp_path / "shared" / "run.jsonl"
+    elsewhere.parent.mkdir()
+    elsewhere.write_text("".join(json.dumps({"step": s, "loss": s}) + "\n" for s in range(1, 5)))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").symlink_to(elsewhere)
+    logger = RunLogger(compose(["logger.wandb.mode=disabled"]), tmp_path / "run", resume_step=2)
+    logger.log({"loss": 30.0}, step=3)
+    logger.finish()
+    assert (tmp_path / "run" / "metrics.jsonl").is_symlink()
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2, 3] and elsewhere.read_text().count("\n") == 3
 
 
 def test_wandb_run_is_named_after_the_precision_and_grouped(tmp_path):

@@ -8,6 +8,7 @@ import types
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from fp8train import trainer as trainer_module
 from fp8train.config import compose
@@ -227,11 +228,33 @@ def test_resuming_with_settings_that_change_the_state_is_refused_by_name(stopped
     assert ((stopped_run / "config.yaml").read_text(), (stopped_run / "metrics.jsonl").read_text()) == before
 
 
+def test_resuming_on_other_data_names_the_data_settings_that_changed(stopped_run, monkeypatch):
+    """The data settings to fix, named before the weights are read (for a 7B model, a minute to wait for a refusal)."""
+    from fp8train.export import hf
+
+    monkeypatch.setattr(hf, "load_weights", lambda *args: pytest.fail("weights read before the data were checked"))
+    with pytest.raises(
+        trainer_module.CheckpointError,
+        match=r"other tokens than this run reads: data settings changed \(data.seq_len: 64 -> 32\)",
+    ):
+        make_trainer(stopped_run, *RESUMABLE, "optim.lr=1e-2", "data.seq_len=32", "resume=auto")
+
+
 def test_resuming_past_max_steps_or_stop_at_is_refused(stopped_run):
     with pytest.raises(trainer_module.ConfigError, match=r"trainer.max_steps=1: raise it above 2"):
         make_trainer(stopped_run, *RESUMABLE, "optim.lr=1e-2", "trainer.max_steps=1", "resume=auto")
     with pytest.raises(trainer_module.ConfigError, match=r"trainer.stop_at=2: raise it above 2, or drop it"):
         make_trainer(stopped_run, *RESUMABLE, "optim.lr=1e-2", "trainer.stop_at=2", "resume=auto")
+
+
+def test_resuming_at_max_steps_trains_nothing_and_says_why(stopped_run, caplog):
+    before = (stopped_run / "metrics.jsonl").read_text()
+    with caplog.at_level(logging.INFO):
+        t = make_trainer(stopped_run, *RESUMABLE, "optim.lr=1e-2", "trainer.max_steps=2", "resume=auto")
+        assert t.fit() == {} and t.step == 2
+    assert "is at trainer.max_steps=2 already: nothing to train (raise trainer.max_steps" in caplog.text
+    assert (stopped_run / "metrics.jsonl").read_text() == before
+    assert [p.name for p in (stopped_run / "checkpoints").iterdir()] == ["step_0000002"]
 
 
 def test_a_run_without_checkpoints_is_not_overwritten_by_another_with_resume_auto(tmp_path):
@@ -367,3 +390,26 @@ def test_evaluation_leaves_fp8_scaling_state_and_the_monitor_as_training_left_th
     assert loss_a == loss_b
     for k, v in state_a.items():
         assert torch.equal(v, state_b[k]), k
+
+
+def test_a_resumed_run_draws_no_random_weights_and_trains_as_an_unbroken_run(tmp_path, monkeypatch):
+    """A resumed model is built on the meta device and takes the checkpoint's weights: a random init first would
+    cost a 7B model minutes and a second copy. Its losses and weights are those of a run that never stopped."""
+    from tests.unit.test_export import no_random_init
+
+    fp8 = ("precision=fp8_smooth", "optim=adamw_fp8", "optim.fused=false", "optim.lr=1e-2", *RESUMABLE)
+    make_trainer(tmp_path / "unbroken", *fp8, "trainer.max_steps=4").fit()
+    make_trainer(tmp_path / "resumed", *fp8, "trainer.max_steps=4", "trainer.stop_at=2").fit()
+    no_random_init(monkeypatch)
+    resumed = make_trainer(tmp_path / "resumed", *fp8, "trainer.max_steps=4", "resume=auto")
+    monkeypatch.undo()
+    assert resumed.step == 2
+    tied = resumed.model.lm_head.weight is resumed.model.embed_tokens.weight
+    assert tied == resumed.cfg.model.tie_embeddings  # one parameter, as build_model makes it
+    resumed.fit()
+    losses = [[m["loss"] for m in read_jsonl(tmp_path / run / "metrics.jsonl") if "loss" in m] for run in
+              ("unbroken", "resumed")]  # fmt: skip
+    assert len(losses[0]) == 4 and losses[0] == losses[1]
+    unbroken, after = (load_file(tmp_path / run / "checkpoints/step_0000004/model.safetensors") for run in
+                       ("unbroken", "resumed"))  # fmt: skip
+    assert unbroken.keys() == after.keys() and all(torch.equal(v, after[k]) for k, v in unbroken.items())
