@@ -520,6 +520,8 @@ class Trainer:
         if state["data_fingerprint"] != self.data.fingerprint:
             diffs = settings_differences(path / "config.yaml", self.cfg, ("data",))
             diffs = [d for d in diffs if not d.startswith("data.cache_dir:")]  # where the caches are changes no token
+            if not diffs:  # the same settings: the saved position names the source or tokenizer that changed
+                self.data.check_resume(state["data_position"], path)
             what = (
                 f"data settings changed ({'; '.join(diffs)})"
                 if diffs

@@ -15,7 +15,7 @@ from fp8train.config import compose
 from fp8train.loggers import read_jsonl
 from fp8train.parallel import clip_grad_norm
 from fp8train.trainer import Trainer
-from tests.helpers import SMALL
+from tests.helpers import ROOT, SMALL
 
 
 def make_trainer(tmp_path, *overrides: str) -> Trainer:
@@ -175,6 +175,21 @@ def stopped_run(tmp_path):
     """A run stopped after step 2 with a checkpoint, lr 1e-2, weight decay 0.1."""
     make_trainer(tmp_path / "run", *RESUMABLE, "trainer.stop_at=2", "optim.lr=1e-2").fit()
     return tmp_path / "run"
+
+
+def test_resuming_on_an_edited_source_names_the_file(tmp_path):
+    """The same settings on other text: the refusal names the source whose text changed, not 'a file'."""
+    from fp8train.errors import DataError
+
+    text = (ROOT / "data" / "tinyshakespeare.txt").read_text()[:200_000]
+    source = tmp_path / "corpus.txt"
+    source.write_text(text)
+    data = ("data=text", f"data.sources=[{{path: {source}}}]", f"data.cache_dir={tmp_path / 'cache'}")
+    make_trainer(tmp_path / "run", *RESUMABLE, *data, "trainer.stop_at=2").fit()
+    source.write_text(text + "An added line.\n")
+    with pytest.raises((DataError, trainer_module.CheckpointError)) as err:
+        make_trainer(tmp_path / "run", *RESUMABLE, *data, "resume=auto")
+    assert f"data.sources.0.path={source}" in str(err.value) and "holds other text" in str(err.value)
 
 
 def test_resuming_with_another_lr_and_weight_decay_uses_them(stopped_run):
