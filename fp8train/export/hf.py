@@ -123,8 +123,10 @@ def load_weights(model: Llama, folder: Path, dtype: torch.dtype | None = None) -
     try:
         with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
             # FP8 scaling state is training state, not weights: our scalers' buffers, Transformer Engine's extra state.
+            # A copy of each tensor: safetensors maps the file, and a weight left mapped would keep the disk space of a
+            # checkpoint rotated away during training in use until the process ends.
             weights = {
-                k: f.get_tensor(k).to(dtype)
+                k: f.get_tensor(k).to(dtype, copy=True)
                 for k in f.keys()
                 if "_scaler." not in k and not k.endswith("._extra_state")
             }

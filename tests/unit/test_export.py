@@ -11,6 +11,7 @@ import shutil
 import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -471,3 +472,24 @@ def test_an_fp32_export_computes_fp8trains_logits_in_float64(fp8_checkpoint, tmp
     x = tokens(ours.cfg.vocab_size)
     with torch.no_grad():
         torch.testing.assert_close(hf(x).logits, ours(x), rtol=0, atol=1e-12)
+
+
+def test_weights_taken_by_an_empty_model_hold_no_mapping_of_their_file(tmp_path):
+    """A resumed run takes its checkpoint's weights this way; were they still mapped from model.safetensors, the
+    disk space of that checkpoint, once rotated away by keep_last, would stay in use until the run ends."""
+    from fp8train.config import ModelConfig
+    from fp8train.export.hf import load_weights
+    from fp8train.model import build_model, empty_model
+
+    cfg = ModelConfig(vocab_size=256, d_model=64, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=32)
+    saved = build_model(cfg)
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in saved.state_dict().items()}, folder / "model.safetensors")
+    model = empty_model(cfg)
+    load_weights(model, folder)
+    maps = Path("/proc/self/maps")
+    if not maps.exists():
+        pytest.skip("needs /proc/self/maps")
+    assert str(folder / "model.safetensors") not in maps.read_text()
+    assert torch.equal(model.embed_tokens.weight, saved.embed_tokens.weight)
