@@ -15,6 +15,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -557,7 +558,44 @@ def agree_on_run_dir(run_dir: Path) -> Path:
         move_log_files(run_dir, chosen)
         if run_dir.is_dir() and not any(run_dir.iterdir()):
             run_dir.rmdir()
+    check_shared(chosen)
     return chosen
+
+
+def check_shared(run_dir: Path) -> None:
+    """Refuse a run directory that is a folder of its own on each node (the same path on node-local disks): every
+    rank writes its part of each checkpoint there, and rank 0 would rename into place checkpoints that lack the
+    other nodes' optimizer partitions and RNG states; a resume would then find them on one node only. Rank 0 writes
+    a file there that every rank must see."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    probe = None
+    if dist.get_rank() == 0:
+        probe = run_dir / f".shared-check-{os.getpid()}-{random.SystemRandom().getrandbits(64):016x}"
+        try:
+            probe.touch()
+        except OSError:  # a directory rank 0 cannot write in: write_run_files reports it
+            probe = None
+    probe = parallel.broadcast_object(probe)
+    if probe is None:
+        return
+    # A file system that caches directory listings (NFS) may show a new file a moment late.
+    for _ in range(20):
+        if seen := probe.exists():
+            break
+        time.sleep(0.25)
+    ranks = parallel.all_gather_object((seen, socket.gethostname()))
+    if dist.get_rank() == 0:
+        probe.unlink(missing_ok=True)
+    blind = [f"rank {r} (host {host})" for r, (ok, host) in enumerate(ranks) if not ok]
+    if blind:
+        raise RunDirError(
+            f"The run directory {run_dir} is not one directory shared by every rank: {', '.join(blind)} "
+            f"{'does' if len(blind) == 1 else 'do'} not see the file rank 0 (host {ranks[0][1]}) wrote there. Every "
+            f"rank writes its part of each checkpoint into the run directory and reads them on resume, so a run over "
+            f"several nodes needs it on a file system all of them mount at the same path (NFS, Lustre, ...): pass "
+            f"hydra.run.dir=PATH on such a file system."
+        )
 
 
 RUN_DIR_LOCK = ".lock"
