@@ -38,6 +38,7 @@ from fp8train.loggers import RunLogger, use_progress_bar
 from fp8train.model import build_model, empty_model
 from fp8train.monitor import build_monitor
 from fp8train.optim.adamw_fp8 import state_bytes_per_param
+from fp8train.parallel import on_rank0
 
 log = logging.getLogger("fp8train")
 
@@ -694,23 +695,6 @@ def build_data_rank0_first(data_cfg: DataConfig, **layout) -> TokenData:
             else f"ranks {names} could not open the data; see their messages."
         )
     return built[0]
-
-
-def on_rank0(fn, *args):
-    """``fn(*args)`` computed by rank 0 and handed to every rank; if it raises an Fp8trainError, every rank raises
-    one with the same message, so all ranks go on or stop together."""
-    result = error = None
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        try:
-            result = fn(*args)
-        except Fp8trainError as e:
-            error = e
-    result, message = parallel.broadcast_object((result, None if error is None else str(error)))
-    if error is not None:
-        raise error
-    if message is not None:
-        raise Fp8trainError(message)
-    return result
 
 
 def find_resume_checkpoint(resume: str, ckpt_root: Path) -> Path | None:
