@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import hashlib
 import logging
 import math
 import os
@@ -63,6 +64,7 @@ class Trainer:
             quiet_logging()
         self.ckpt_root = self.run_dir / "checkpoints"
         self.resume_from = on_rank0(find_resume_checkpoint, cfg.resume, self.ckpt_root)  # checksums read once
+        check_same_checkpoint(self.resume_from)
         torch.manual_seed(cfg.trainer.seed)  # the same initial weights on every rank
         random.seed(cfg.trainer.seed)
         self.data = build_data_rank0_first(
@@ -695,6 +697,28 @@ def build_data_rank0_first(data_cfg: DataConfig, **layout) -> TokenData:
             else f"ranks {names} could not open the data; see their messages."
         )
     return built[0]
+
+
+def check_same_checkpoint(path: Path | None) -> None:
+    """Every rank loads the checkpoint rank 0 chose and verified. At a path that is not shared (node-local scratch)
+    another node may hold another checkpoint or none: its ranks would continue from other weights, or stop with a
+    misleading message while the others wait. Each rank compares its manifest (which holds every file's checksum)
+    with rank 0's."""
+    if path is None or not dist.is_initialized():
+        return
+    try:
+        mine = hashlib.sha256((path / checkpoint.MANIFEST).read_bytes()).hexdigest()
+    except OSError:
+        mine = None
+    seen = parallel.all_gather_object((mine, socket.gethostname()))
+    other = [f"rank {r} (host {host})" for r, (digest, host) in enumerate(seen) if digest != seen[0][0]]
+    if other:
+        raise CheckpointError(
+            f"resume: the checkpoint {path} that rank 0 (host {seen[0][1]}) resumes from is missing or another "
+            f"checkpoint on {', '.join(other)}. Every rank loads it: put it on a file system all nodes mount at the "
+            f"same path (the run directory, with resume=auto, is one), or copy the same folder to that path on "
+            f"every node."
+        )
 
 
 def find_resume_checkpoint(resume: str, ckpt_root: Path) -> Path | None:
