@@ -361,13 +361,19 @@ def test_a_run_dir_that_the_ranks_do_not_share_is_refused_before_training(tmp_pa
     checkpoints that looked complete on rank 0's node but lacked the other ranks' optimizer partitions and RNG
     states (those went into a temporary folder on their own node), and a resume failed with a wrong reason on each
     rank. The run is refused before anything trains, with the directory and the rank that does not see it."""
-    cmd = node_local_cmd(tmp_path, "trainer.micro_batch_size=4", "trainer.max_steps=2", "trainer.checkpoint_every=1")
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
+    overrides = ("trainer.micro_batch_size=4", "trainer.max_steps=2", "trainer.checkpoint_every=1")
+    done = subprocess.run(
+        node_local_cmd(tmp_path, *overrides), cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV
+    )
     out = done.stdout + done.stderr
     assert "exitcode  : 2" in out, out[-3000:]  # a message, not a traceback
-    assert "fp8train: The run directory /proc/self/cwd/run is not one directory shared by every rank" in out, out[
-        -3000:
-    ]
-    assert "rank 1 (host " in out, out[-3000:]
+    refused = "fp8train: The run directory /proc/self/cwd/run is not one directory shared by every rank: rank 1 (host "
+    assert refused in out, out[-3000:]
     assert not (tmp_path / "n0" / "run" / "checkpoints").exists()
     assert not (tmp_path / "n1" / "run" / "checkpoints").exists()
+    # resume=auto where only rank 0's node has a checkpoint: the same refusal, before anything reads it
+    (tmp_path / "n0" / "run" / "checkpoints" / "step_0000002").mkdir(parents=True)
+    cmd = node_local_cmd(tmp_path, *overrides, "resume=auto")
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
+    assert refused in done.stdout + done.stderr, (done.stdout + done.stderr)[-3000:]
+    assert [p.name for p in (tmp_path / "n0" / "run" / "checkpoints").iterdir()] == ["step_0000002"]
