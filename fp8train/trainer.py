@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import hashlib
 import logging
 import math
 import os
 import random
 import shutil
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -37,6 +39,7 @@ from fp8train.loggers import METRICS_FILE, RunLogger, use_progress_bar
 from fp8train.model import build_model, empty_model
 from fp8train.monitor import OUTLIERS_FILE, build_monitor
 from fp8train.optim.adamw_fp8 import state_bytes_per_param
+from fp8train.parallel import on_rank0
 
 log = logging.getLogger("fp8train")
 
@@ -61,6 +64,7 @@ class Trainer:
             quiet_logging()
         self.ckpt_root = self.run_dir / "checkpoints"
         self.resume_from = on_rank0(find_resume_checkpoint, cfg.resume, self.ckpt_root)  # checksums read once
+        check_same_checkpoint(self.resume_from)
         torch.manual_seed(cfg.trainer.seed)  # the same initial weights on every rank
         random.seed(cfg.trainer.seed)
         self.data = build_data_rank0_first(
@@ -587,7 +591,44 @@ def agree_on_run_dir(run_dir: Path) -> Path:
         move_log_files(run_dir, chosen)
         if run_dir.is_dir() and not any(run_dir.iterdir()):
             run_dir.rmdir()
+    check_shared(chosen)
     return chosen
+
+
+def check_shared(run_dir: Path) -> None:
+    """Refuse a run directory that is a folder of its own on each node (the same path on node-local disks): every
+    rank writes its part of each checkpoint there, and rank 0 would rename into place checkpoints that lack the
+    other nodes' optimizer partitions and RNG states; a resume would then find them on one node only. Rank 0 writes
+    a file there that every rank must see."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    probe = None
+    if dist.get_rank() == 0:
+        probe = run_dir / f".shared-check-{os.getpid()}-{random.SystemRandom().getrandbits(64):016x}"
+        try:
+            probe.touch()
+        except OSError:  # a directory rank 0 cannot write in: write_run_files reports it
+            probe = None
+    probe = parallel.broadcast_object(probe)
+    if probe is None:
+        return
+    # A file system that caches directory listings (NFS) may show a new file a moment late.
+    for _ in range(20):
+        if seen := probe.exists():
+            break
+        time.sleep(0.25)
+    ranks = parallel.all_gather_object((seen, socket.gethostname()))
+    if dist.get_rank() == 0:
+        probe.unlink(missing_ok=True)
+    blind = [f"rank {r} (host {host})" for r, (ok, host) in enumerate(ranks) if not ok]
+    if blind:
+        raise RunDirError(
+            f"The run directory {run_dir} is not one directory shared by every rank: {', '.join(blind)} "
+            f"{'does' if len(blind) == 1 else 'do'} not see the file rank 0 (host {ranks[0][1]}) wrote there. Every "
+            f"rank writes its part of each checkpoint into the run directory and reads them on resume, so a run over "
+            f"several nodes needs it on a file system all of them mount at the same path (NFS, Lustre, ...): pass "
+            f"hydra.run.dir=PATH on such a file system."
+        )
 
 
 RUN_DIR_LOCK = ".lock"
@@ -688,21 +729,26 @@ def build_data_rank0_first(data_cfg: DataConfig, **layout) -> TokenData:
     return built[0]
 
 
-def on_rank0(fn, *args):
-    """``fn(*args)`` computed by rank 0 and handed to every rank; if it raises an Fp8trainError, every rank raises
-    one with the same message, so all ranks go on or stop together."""
-    result = error = None
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        try:
-            result = fn(*args)
-        except Fp8trainError as e:
-            error = e
-    result, message = parallel.broadcast_object((result, None if error is None else str(error)))
-    if error is not None:
-        raise error
-    if message is not None:
-        raise Fp8trainError(message)
-    return result
+def check_same_checkpoint(path: Path | None) -> None:
+    """Every rank loads the checkpoint rank 0 chose and verified. At a path that is not shared (node-local scratch)
+    another node may hold another checkpoint or none: its ranks would continue from other weights, or stop with a
+    misleading message while the others wait. Each rank compares its manifest (which holds every file's checksum)
+    with rank 0's."""
+    if path is None or not dist.is_initialized():
+        return
+    try:
+        mine = hashlib.sha256((path / checkpoint.MANIFEST).read_bytes()).hexdigest()
+    except OSError:
+        mine = None
+    seen = parallel.all_gather_object((mine, socket.gethostname()))
+    other = [f"rank {r} (host {host})" for r, (digest, host) in enumerate(seen) if digest != seen[0][0]]
+    if other:
+        raise CheckpointError(
+            f"resume: the checkpoint {path} that rank 0 (host {seen[0][1]}) resumes from is missing or another "
+            f"checkpoint on {', '.join(other)}. Every rank loads it: put it on a file system all nodes mount at the "
+            f"same path (the run directory, with resume=auto, is one), or copy the same folder to that path on "
+            f"every node."
+        )
 
 
 def find_resume_checkpoint(resume: str, ckpt_root: Path) -> Path | None:

@@ -48,6 +48,7 @@ from fp8train.fp8.scaling import STAT_NAMES, TensorScaler
 from fp8train.loggers import JsonLines, RunLogger, read_to_resume
 from fp8train.monitor import stats
 from fp8train.monitor.alerts import Alert, SpikeRule, overflowed
+from fp8train.parallel import on_rank0
 
 log = logging.getLogger("fp8train")
 
@@ -314,12 +315,21 @@ class OutlierMonitor:
         return [a for a in alerts if not math.isfinite(a.value)]
 
     def _replay(self, path: Path, resume_step: int) -> None:
-        """A resumed run continues the running medians from the monitored steps it keeps (those <= resume_step)."""
-        for row in read_to_resume(path):
-            if is_record(row) and row["step"] <= resume_step:
-                for r in row["layers"]:
-                    if isinstance(r.get("h_amax"), (int, float)):
-                        self.spikes.record(f"layer_{r['layer']}/h_amax", r["h_amax"])
+        """A resumed run continues the running medians from the monitored steps it keeps (those <= resume_step).
+        Rank 0 reads them for every rank: ranks with other histories would alert, and with monitor.on_alert=stop or
+        checkpoint stop or save (a collective), on other steps."""
+
+        def read() -> list[tuple[str, float]]:
+            return [
+                (f"layer_{r['layer']}/h_amax", r["h_amax"])
+                for row in read_to_resume(path)
+                if is_record(row) and row["step"] <= resume_step
+                for r in row["layers"]
+                if isinstance(r.get("h_amax"), (int, float))
+            ]
+
+        for key, value in on_rank0(read):
+            self.spikes.record(key, value)
 
     # ------------------------------------------------------------------------------------------------------------
     @property

@@ -21,7 +21,7 @@ from torch import nn
 
 from fp8train.backends import Backend
 from fp8train.config import ParallelConfig, ParallelName
-from fp8train.errors import CheckpointError
+from fp8train.errors import CheckpointError, Fp8trainError
 
 MODEL_FILE, OPTIMIZER_FILE = "model.safetensors", "optimizer.pt"
 DEEPSPEED_DIR = "deepspeed"  # parallel=deepspeed: DeepSpeed's files of a checkpoint, CHECKPOINT/deepspeed/
@@ -155,6 +155,23 @@ def all_gather_object(obj) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def on_rank0(fn, *args):
+    """``fn(*args)`` computed by rank 0 and handed to every rank; if it raises an Fp8trainError, every rank raises
+    one with the same message, so all ranks go on or stop together."""
+    result = error = None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            result = fn(*args)
+        except Fp8trainError as e:
+            error = e
+    result, message = broadcast_object((result, None if error is None else str(error)))
+    if error is not None:
+        raise error
+    if message is not None:
+        raise Fp8trainError(message)
+    return result
 
 
 def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:

@@ -8,6 +8,7 @@ puts the single process's micro-batch rows on the ranks in order and delayed-sca
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -331,3 +332,48 @@ def test_one_process_without_a_launcher_finds_a_free_port(tmp_path):
     del busy
     assert done.returncode == 0, done.stderr[-3000:]
     assert "1 ranks (gloo)" in done.stderr + done.stdout
+
+
+def node_local_cmd(nodes: Path, *overrides: str) -> list[str]:
+    """torchrun of 2 ranks, each started in its own folder nodes/n<RANK> with hydra.run.dir=/proc/self/cwd/run: the
+    same path on every rank, naming another folder on each, as runs/X does on nodes without a shared file system."""
+    for rank in (0, 1):
+        (nodes / f"n{rank}").mkdir(parents=True, exist_ok=True)
+    rank_cmd = f'cd "$0/n$RANK" && exec {shlex.quote(sys.executable)} {shlex.quote(str(ROOT / "train.py"))} "$@"'
+    cmd = torchrun_cmd("/proc/self/cwd/run", *overrides)
+    launcher, train_py, args = cmd[:5], cmd[5], cmd[6:]
+    assert train_py == str(ROOT / "train.py")
+    return [
+        *launcher,
+        "--no-python",
+        "sh",
+        "-c",
+        rank_cmd,
+        str(nodes),
+        *args,
+        f"data.sources.0.path={ROOT / 'data' / 'tinyshakespeare.txt'}",
+        f"data.cache_dir={nodes / 'cache'}",
+    ]
+
+
+def test_a_run_dir_that_the_ranks_do_not_share_is_refused_before_training(tmp_path):
+    """A multi-node run whose run directory is a local folder on each node (the same path, other files) wrote
+    checkpoints that looked complete on rank 0's node but lacked the other ranks' optimizer partitions and RNG
+    states (those went into a temporary folder on their own node), and a resume failed with a wrong reason on each
+    rank. The run is refused before anything trains, with the directory and the rank that does not see it."""
+    overrides = ("trainer.micro_batch_size=4", "trainer.max_steps=2", "trainer.checkpoint_every=1")
+    done = subprocess.run(
+        node_local_cmd(tmp_path, *overrides), cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV
+    )
+    out = done.stdout + done.stderr
+    assert "exitcode  : 2" in out, out[-3000:]  # a message, not a traceback
+    refused = "fp8train: The run directory /proc/self/cwd/run is not one directory shared by every rank: rank 1 (host "
+    assert refused in out, out[-3000:]
+    assert not (tmp_path / "n0" / "run" / "checkpoints").exists()
+    assert not (tmp_path / "n1" / "run" / "checkpoints").exists()
+    # resume=auto where only rank 0's node has a checkpoint: the same refusal, before anything reads it
+    (tmp_path / "n0" / "run" / "checkpoints" / "step_0000002").mkdir(parents=True)
+    cmd = node_local_cmd(tmp_path, *overrides, "resume=auto")
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
+    assert refused in done.stdout + done.stderr, (done.stdout + done.stderr)[-3000:]
+    assert [p.name for p in (tmp_path / "n0" / "run" / "checkpoints").iterdir()] == ["step_0000002"]

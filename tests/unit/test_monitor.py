@@ -7,6 +7,7 @@ import json
 import math
 import random
 import statistics
+from pathlib import Path
 
 import pytest
 import torch
@@ -538,6 +539,60 @@ def test_resumed_monitor_continues_its_running_median(tmp_path):
     mon.close()
     assert list(mon.spikes.history["layer_0/h_amax"]) == [1.0, 1.0, 1.0]  # steps 1, 10, 20: the kept ones
     assert [json.loads(x)["step"] for x in (tmp_path / OUTLIERS_FILE).read_text().splitlines()] == [1, 10, 20]
+
+
+def _replay_on_rank(rank: int, init_file: str, tmp: str, out: str) -> None:
+    """One of 2 gloo ranks: build a resumed monitor over this rank's own folder tmp/n<rank>; write what it replayed
+    (or the message it stopped with) to out<rank>.json."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        cfg = MonitorConfig(enabled=True, interval=10, min_history=3)
+        mon = OutlierMonitor(cfg, TwoLayers([planted_mlp()]), Path(tmp) / f"n{rank}", 20, write=rank == 0)
+        mon.close()
+        result = {k: list(v) for k, v in mon.spikes.history.items()}
+    except Exception as e:
+        result = {"error": str(e)}
+    finally:
+        dist.destroy_process_group()
+    Path(f"{out}{rank}.json").write_text(json.dumps(result))
+
+
+def replay_on_two_ranks(tmp_path, outliers: bytes) -> list[dict]:
+    """What each of 2 ranks replays when only rank 0's folder holds outliers.jsonl (as a node-local run dir)."""
+    import multiprocessing
+
+    for rank in (0, 1):
+        (tmp_path / f"n{rank}").mkdir()
+    (tmp_path / "n0" / OUTLIERS_FILE).write_bytes(outliers)
+    ctx = multiprocessing.get_context("spawn")
+    args = (str(tmp_path / "init"), str(tmp_path), str(tmp_path / "out"))
+    procs = [ctx.Process(target=_replay_on_rank, args=(rank, *args)) for rank in (0, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=60)
+        if p.is_alive():
+            p.kill()
+    assert [p.exitcode for p in procs] == [0, 0], "a rank hung or died"
+    return [json.loads((tmp_path / f"out{rank}.json").read_text()) for rank in (0, 1)]
+
+
+def test_every_rank_continues_rank_0s_running_medians(tmp_path):
+    """A rank that read no outliers.jsonl on resume started with empty histories: its spike alerts, and with
+    monitor.on_alert=stop or checkpoint its decision to stop or save (a collective), differed from rank 0's.
+    Rank 0 reads the file and every rank continues the same medians."""
+    lines = [{"step": s, "layers": [{"layer": 0, "h_amax": float(s)}], "alerts": []} for s in (1, 10, 20, 30)]
+    ranks = replay_on_two_ranks(tmp_path, "".join(json.dumps(r) + "\n" for r in lines).encode())
+    assert ranks[0] == ranks[1] == {"layer_0/h_amax": [1.0, 10.0, 20.0]}
+
+
+def test_an_unreadable_outliers_file_stops_every_rank_with_its_message(tmp_path):
+    """Rank 0's message about the file it cannot replay stops the other ranks too, rather than leave them waiting."""
+    ranks = replay_on_two_ranks(tmp_path, b"\xff\xfe\x00garbage\n")
+    assert "cannot be read" in ranks[0].get("error", "")
+    assert ranks[1] == ranks[0]
 
 
 # ---------------------------------------------------------------------------------------------------------------

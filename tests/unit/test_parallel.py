@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -174,3 +175,57 @@ def test_a_second_deepspeed_job_in_one_process_is_refused_with_the_fix_for_each_
         ds_module.init_distributed(cfg, select(BackendConfig(name=BackendName.cpu)), launch_env(cfg))
     message = str(refused.value)
     assert "one torchrun per job" in message and "one process per Trainer" in message
+
+
+def _check_checkpoint_on_rank(rank: int, init_file: str, tmp: str) -> None:
+    """One of 2 gloo ranks: check_same_checkpoint over this rank's own copy tmp/n<rank>/ckpt (the same path on
+    two nodes); write the message it stopped with, or "ok", to tmp/out<rank>."""
+    import torch.distributed as dist
+
+    from fp8train.trainer import check_same_checkpoint
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        check_same_checkpoint(Path(tmp) / f"n{rank}" / "ckpt")
+        result = "ok"
+    except Exception as e:
+        result = f"{type(e).__name__}: {e}"
+    finally:
+        dist.destroy_process_group()
+    (Path(tmp) / f"out{rank}").write_text(result)
+
+
+@pytest.mark.parametrize("rank1_has", ["the same", "another", "none"])
+def test_a_resume_checkpoint_that_differs_between_nodes_stops_every_rank(tmp_path, rank1_has):
+    """resume=PATH on node-local storage: a node without the checkpoint failed with a wrong reason (written by
+    parallel=single) while the others waited, and one with another checkpoint there continued from other
+    weights. Every rank stops with the path and the ranks that lack it."""
+    import multiprocessing
+
+    from fp8train.checkpoint import MANIFEST
+
+    for rank, manifest in (
+        (0, '{"step": 2}'),
+        (1, {"the same": '{"step": 2}', "another": '{"step": 1}'}.get(rank1_has)),
+    ):
+        (tmp_path / f"n{rank}" / "ckpt").mkdir(parents=True)
+        if manifest is not None:
+            (tmp_path / f"n{rank}" / "ckpt" / MANIFEST).write_text(manifest)
+    ctx = multiprocessing.get_context("spawn")
+    procs = [
+        ctx.Process(target=_check_checkpoint_on_rank, args=(r, str(tmp_path / "init"), str(tmp_path))) for r in (0, 1)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=60)
+        if p.is_alive():
+            p.kill()
+    assert [p.exitcode for p in procs] == [0, 0], "a rank hung or died"
+    for rank in (0, 1):
+        result = (tmp_path / f"out{rank}").read_text()
+        if rank1_has == "the same":
+            assert result == "ok"
+        else:  # each rank names the path as it knows it, here its own folder
+            assert result.startswith(f"CheckpointError: resume: the checkpoint {tmp_path / f'n{rank}' / 'ckpt'} that ")
+            assert "that rank 0 (host " in result and "another checkpoint on rank 1 (host " in result
