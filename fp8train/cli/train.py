@@ -11,6 +11,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from fp8train.cli import interrupted, interruptible
 from fp8train.config import CONF_DIR, compose, override_parser, override_problems, register_schema, to_typed
 from fp8train.errors import ConfigError, Fp8trainError
 
@@ -81,17 +82,6 @@ def one_process() -> bool:
 
 
 MULTIRUN_FLAGS = ("-m", "--multirun")
-
-
-def interrupted() -> None:
-    """Ctrl-C where the training loop does not catch it (it stops the loop itself, after the step, with a
-    checkpoint): setting up, tokenizing, or a second Ctrl-C. A message and status 130 (128 + SIGINT), no traceback."""
-    print(
-        "fp8train: interrupted (Ctrl-C). Token caches, tokenizers and checkpoints are only ever published whole, "
-        "so nothing half-written is left to be taken for a finished one.",
-        file=sys.stderr,
-    )
-    sys.exit(130)
 
 
 def preflight(argv: list[str]) -> None:
@@ -283,7 +273,8 @@ def main(argv: list[str] | None = None) -> None:
     argv = without_local_rank(sys.argv[1:] if argv is None else argv)
     Sweep.reset()
     try:
-        preflight(argv)
+        with interruptible():  # also where Ctrl-C leaves a library to fail in its clean-up
+            preflight(argv)
         sys.argv = [sys.argv[0], *argv]
         try:
             hydra_main()

@@ -280,3 +280,44 @@ def test_a_mistyped_hydra_setting_is_a_message_and_status_2(capsys, override):
     err = capsys.readouterr().err
     assert err.startswith("fp8train: Invalid configuration (1 problem)") and override.split("=")[0] in err
     assert preflight_status([*SMALL, "hydra.job.chdir=false", "hydra.verbose=true"]) == 0
+
+
+@pytest.mark.parametrize("cleanup_fails", [False, True])
+def test_ctrl_c_while_composing_the_config_is_a_message_and_status_130(monkeypatch, capsys, cleanup_fails):
+    """Ctrl-C before the run starts, also where it leaves a library to fail in its clean-up: omegaconf, restoring
+    its flags on a config the interrupt left half-built, raises AttributeError on top of the KeyboardInterrupt."""
+    from fp8train.cli import train
+
+    def ctrl_c(overrides):
+        try:
+            raise KeyboardInterrupt
+        finally:
+            if cleanup_fails:
+                None._invalidate_flags_cache()
+
+    monkeypatch.setattr(train, "compose", ctrl_c)
+    try:
+        train.main([*SMALL, "hydra.run.dir=/nonexistent/never"])
+        status = 0
+    except SystemExit as e:
+        status = e.code
+    except BaseException as e:
+        status = f"{type(e).__name__} escaped: Python prints its traceback"
+    assert status == 130
+    err = capsys.readouterr().err
+    assert err.startswith("fp8train: interrupted (Ctrl-C)") and err.count("\n") == 1, err
+
+
+def test_a_bug_is_not_taken_for_ctrl_c(monkeypatch):
+    from fp8train.cli import train
+
+    def bug(overrides):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            pass  # handled: it has nothing to do with what follows
+        raise ValueError("a bug")
+
+    monkeypatch.setattr(train, "compose", bug)
+    with pytest.raises(ValueError, match="a bug"):
+        train.main([*SMALL])
