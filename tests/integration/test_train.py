@@ -217,3 +217,16 @@ def test_ctrl_c_while_importing_at_start_up_is_a_message_and_status_130(tmp_path
     assert proc.returncode == 130, "".join(messages)
     assert len(messages) == 1 and messages[0].startswith("fp8train: interrupted (Ctrl-C)"), "".join(messages)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (["--info", "defaults", "model=nope"], "model=nope: unknown option"),
+        (["-m", "--cfg", "job"], "--multirun and --cfg: Hydra does one of"),
+        (["--resolve"], "--resolve: only applies with --cfg"),
+    ],
+)
+def test_hydra_flags_used_wrongly_end_without_traceback(flags, named):
+    out = subprocess.run([sys.executable, "train.py", *flags], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and named in out.stderr and "Traceback" not in out.stderr, out.stderr
