@@ -15,6 +15,7 @@ import glob
 import math
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -664,6 +665,21 @@ def to_typed(raw: DictConfig | dict) -> Config:
 
 def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "config") -> Config:
     """Compose conf/ with Hydra overrides (no run dir, no logging) and validate: for tests and `fp8train check`."""
+    raw, problems = compose_untyped(overrides, config_name)
+    try:
+        cfg = to_typed(raw)
+    except ConfigError as e:
+        problems += e.problems
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def compose_untyped(
+    overrides: list[str] | tuple[str, ...] = (), config_name: str = "config"
+) -> tuple[DictConfig, list[str]]:
+    """conf/ composed as Hydra composes it, values unchecked, with the overrides it can apply, and the problems of
+    the others; a ConfigError naming what stops Hydra if it cannot compose them at all."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.errors import HydraException
@@ -672,17 +688,53 @@ def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "con
     problems, usable = override_problems(overrides)
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         try:
-            raw = hydra_compose(config_name=config_name, overrides=usable)
+            return hydra_compose(config_name=config_name, overrides=usable), problems
         except HydraException as e:
-            cause = f" ({first_line(e.__cause__)})" if e.__cause__ else ""  # e.g. list index out of range
-            raise ConfigError([*problems, first_line(e) + cause]) from None
+            cause = f" ({first_line(e.__cause__)})" if e.__cause__ else ""
+            found = _list_index_problems(usable, lambda ok: hydra_compose(config_name=config_name, overrides=ok))
+            raise ConfigError([*problems, *(found or [first_line(e) + cause])]) from None
+
+
+def _list_index_problems(overrides: list[str], compose_with: Callable[[list[str]], DictConfig]) -> list[str]:
+    """Overrides that set an entry past the end of a list (data.sources.1.path=b.txt with one source), named with
+    the list's length and the whole list that adds the entry: Hydra says only "list index out of range"."""
+    from hydra.errors import HydraException
+
+    parser = override_parser()
+    indexed = []  # (override, the list's key, index, the entry's value)
+    for arg in overrides:
+        o = parser.parse_override(arg)
+        parts = o.key_or_group.split(".")
+        for i, part in enumerate(parts):
+            at = ".".join(parts[:i])
+            if i and part.isdigit() and typing.get_origin(_unwrap_optional(_hint_at(Config, at))) is list:
+                entry = o.value()
+                for name in reversed(parts[i + 1 :]):
+                    entry = {name: entry}
+                indexed.append((arg, at, int(part), entry))
+                break
+    if not indexed:
+        return []
     try:
-        cfg = to_typed(raw)
-    except ConfigError as e:
-        problems += e.problems
-    if problems:
-        raise ConfigError(problems)
-    return cfg
+        raw = compose_with([a for a in overrides if a not in {x[0] for x in indexed}])
+    except HydraException:
+        return []
+    problems = []
+    for arg, at, index, entry in indexed:
+        current = OmegaConf.select(raw, at)
+        current = OmegaConf.to_container(current) if isinstance(current, ListConfig) else None
+        if current is not None and index >= len(current):
+            n = len(current)
+            has = (
+                f"has {n} entr{'y' if n == 1 else 'ies'} ({at}.0{f' to {at}.{n - 1}' if n > 1 else ''})"
+                if n
+                else "is empty"
+            )
+            problems.append(
+                f"{arg}: {at} {has}, so there is no {at}.{index}; to add an entry, set the whole list: "
+                f"'{at}={format_value([*current, entry])}'"
+            )
+    return problems
 
 
 def override_parser() -> OverridesParser:

@@ -13,7 +13,15 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from fp8train.cli import interrupted, interruptible
-from fp8train.config import CONF_DIR, compose, override_parser, override_problems, register_schema, to_typed
+from fp8train.config import (
+    CONF_DIR,
+    compose,
+    compose_untyped,
+    override_parser,
+    override_problems,
+    register_schema,
+    to_typed,
+)
 from fp8train.errors import ConfigError, Fp8trainError
 
 register_schema()
@@ -101,7 +109,10 @@ def preflight(argv: list[str]) -> None:
     overrides = args.overrides
     if args.cfg or args.info or args.help or args.hydra_help or args.shell_completion:
         if not args.shell_completion:
-            problems += override_problems(overrides)[0]
+            try:
+                problems += compose_untyped(overrides)[1]
+            except ConfigError as e:
+                problems += e.problems
         if args.resolve and args.cfg in ("job", "all") and not problems:
             try:
                 compose(overrides)

@@ -329,6 +329,7 @@ def test_a_bug_is_not_taken_for_ctrl_c(monkeypatch):
     [
         # Hydra's own errors (status 1) and tracebacks, for what it shows rather than runs
         (["--cfg", "job", "optim.lrr=1"], "optim.lrr: unknown setting"),
+        (["--cfg", "job", "data.sources.2.path=x"], "data.sources.2.path=x: data.sources has 1 entry"),
         (["--info", "defaults", "model=nope"], "model=nope: unknown option"),
         (["--help", "model=nope"], "model=nope: unknown option"),
         (["--cfg", "job", "--resolve", "data.name=${nope}"], "cannot resolve an interpolation"),

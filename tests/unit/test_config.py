@@ -239,7 +239,32 @@ def test_one_entry_of_a_list_is_set_by_its_index_as_the_data_errors_say():
     (found,) = problems(["data.sources.0.nam=x"])
     assert found == "data.sources.0.nam: unknown setting (known here: path, name)"
     (found,) = problems(["data.sources.1.path=b.txt"])  # there is one source: the index is named, and why
-    assert found == "Error merging override data.sources.1.path=b.txt (list index out of range)"
+    assert found == (
+        "data.sources.1.path=b.txt: data.sources has 1 entry (data.sources.0), so there is no data.sources.1; to "
+        "add an entry, set the whole list: "
+        "'data.sources=[{path: data/tinyshakespeare.txt, name: shakespeare},{path: b.txt}]'"
+    )
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        # Hydra said only "Error merging override optim.betas.2=0.99 (list index out of range)"
+        (["optim.betas.2=0.99"], "optim.betas.2=0.99: optim.betas has 2 entries (optim.betas.0 to optim.betas.1)"),
+        (["logger.wandb.tags.0=a"], "logger.wandb.tags.0=a: logger.wandb.tags is empty, so there is no"),
+        (["precision.linears.9=q_proj"], "precision.linears.9=q_proj: precision.linears has 7 entries"),
+        # the length the list has after the overrides that set it whole
+        (
+            ["data.sources=[{path: a.txt}, {path: b.txt}]", "data.sources.2.name=c"],
+            "data.sources.2.name=c: data.sources has 2 entries (data.sources.0 to data.sources.1), so there is no "
+            "data.sources.2; to add an entry, set the whole list: "
+            "'data.sources=[{path: a.txt},{path: b.txt},{name: c}]'",
+        ),
+    ],
+)
+def test_an_entry_past_the_end_of_a_list_is_named_with_the_list_length(overrides, expected):
+    found = problems(overrides)
+    assert len(found) == 1 and found[0].startswith(expected), found
 
 
 def test_an_override_hydra_cannot_parse_is_named_with_the_other_problems():
