@@ -532,6 +532,8 @@ class TrainerConfig:
         p.non_negative("eval_every")
         p.non_negative("checkpoint_every")
         p.non_negative("seed")
+        if self.seed >= 2**64:  # torch.manual_seed's limit; beyond it the run ended in a traceback
+            p.add("seed", "must be < 2^64 (torch's random generators take 64-bit seeds)")
         return p.found
 
 
@@ -577,7 +579,9 @@ class Config:
                 f"precision.engine=te: Habana's Transformer Engine needs backend.name=hpu (this run: "
                 f"{self.backend.name.value}{auto}); use precision.engine=native on this device"
             )
-        if self.resume not in ("none", "auto") and not resolve_path(self.resume).exists():
+        if not self.resume.strip():  # as a path it would be the launch directory, taken for a damaged checkpoint
+            problems.append("resume=: empty; use resume=none, resume=auto or a checkpoint path")
+        elif self.resume not in ("none", "auto") and not resolve_path(self.resume).exists():
             problems.append(f"resume={self.resume}: no such checkpoint; use resume=auto, resume=none or a path")
         if problems:
             raise ConfigError(problems)
