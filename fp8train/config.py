@@ -13,6 +13,7 @@ import dataclasses
 import enum
 import glob
 import math
+import re
 import types
 import typing
 from collections.abc import Callable
@@ -238,6 +239,11 @@ class DataConfig:
                 )
             if names.count(names[i]) > 1:
                 p.add(f"sources.{i}.name", f"'{names[i]}' names two sources; give each a distinct name")
+        if not self.cache_dir.strip():  # as a path it would be the launch directory
+            p.add(
+                "cache_dir",
+                "empty; name a folder for the tokenizer and token caches (an empty FP8TRAIN_CACHE_DIR= gives this too)",
+            )
         if self.tokenizer.path is not None and not resolve_path(self.tokenizer.path).exists():
             p.add("tokenizer.path", f"no such file or folder ({resolve_path(self.tokenizer.path)})")
         return p.found
@@ -640,7 +646,14 @@ def to_typed(raw: DictConfig | dict) -> Config:
     try:
         plain = OmegaConf.to_container(raw, resolve=True)
     except OmegaConfBaseException as e:
-        raise ConfigError([f"cannot resolve an interpolation: {first_line(e)}"]) from None
+        key = re.sub(r"\[(\d+)\]", r".\1", getattr(e, "full_key", None) or "")  # data.sources[0].path -> .0.
+        value: Any = OmegaConf.to_container(raw, resolve=False)
+        for part in key.split(".") if key else []:
+            value = (
+                value[int(part)] if isinstance(value, list) else value.get(part) if isinstance(value, dict) else None
+            )
+        where = f"{key}={format_value(value)}: " if key else ""
+        raise ConfigError([f"{where}cannot resolve an interpolation: {first_line(e)}"]) from None
     schema = OmegaConf.structured(Config)
     problems: list[str] = []
     refused: list[str] = []  # settings whose value was refused: they stand at the schema's default below
@@ -649,6 +662,8 @@ def to_typed(raw: DictConfig | dict) -> Config:
         if hint is _UNKNOWN:
             problems.append(_unknown_key(path))
         elif value != "???":  # a required value left unset keeps the schema default, which check() reports
+            if isinstance(value, str):  # resolved already: a "${" left (in an environment variable) is text
+                value = value.replace("${", "\\${")
             try:
                 OmegaConf.update(schema, path, value, merge=True, force_add=False)
             except OmegaConfBaseException as e:

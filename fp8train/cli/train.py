@@ -117,7 +117,7 @@ def preflight(argv: list[str]) -> None:
             try:
                 compose(overrides)
             except ConfigError as e:  # only the interpolations --resolve fills in; the values are on show
-                problems += [p for p in e.problems if p.startswith("cannot resolve an interpolation")]
+                problems += [p for p in e.problems if "cannot resolve an interpolation" in p]
         if problems:
             fail(ConfigError(problems))
         return

@@ -297,3 +297,33 @@ def test_a_pattern_as_source_path_says_that_each_file_is_listed(tmp_path):
 )
 def test_a_refused_value_is_named_alone_not_with_checks_of_the_default_it_leaves(overrides, expected):
     assert problems(overrides) == expected
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        # "cannot resolve an interpolation: Interpolation key 'nope' not found", without the setting that has it
+        (["data.name=${nope}"], "data.name=${nope}: cannot resolve an interpolation: Interpolation key 'nope' not"),
+        (["model.name=${data.nope}"], "model.name=${data.nope}: cannot resolve an interpolation: Interpolation key"),
+        (["data=text", "data.sources=[{path: '${nope}'}]"], "data.sources.0.path=${nope}: cannot resolve"),
+        (
+            ["data.cache_dir=${oc.env:FP8TRAIN_NO_SUCH_VARIABLE}"],
+            "data.cache_dir=${oc.env:FP8TRAIN_NO_SUCH_VARIABLE}: cannot resolve an interpolation: KeyError raised "
+            "while resolving interpolation: \"Environment variable 'FP8TRAIN_NO_SUCH_VARIABLE' not found\"",
+        ),
+    ],
+)
+def test_an_interpolation_that_fails_is_named_by_its_setting(overrides, expected):
+    found = problems(overrides)
+    assert len(found) == 1 and found[0].startswith(expected), found
+
+
+def test_the_cache_dir_from_the_environment_is_taken_as_it_is(monkeypatch):
+    # Empty, it put the caches in the launch directory; with "${" in it, a traceback from omegaconf.
+    monkeypatch.setenv("FP8TRAIN_CACHE_DIR", "")
+    assert problems([]) == [
+        "data.cache_dir=: empty; name a folder for the tokenizer and token caches (an empty FP8TRAIN_CACHE_DIR= gives "
+        "this too)"
+    ]
+    monkeypatch.setenv("FP8TRAIN_CACHE_DIR", "/tmp/caches/${USER}")
+    assert compose([]).data.cache_dir == "/tmp/caches/${USER}"
