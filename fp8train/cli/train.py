@@ -17,6 +17,7 @@ from fp8train.config import (
     CONF_DIR,
     compose,
     compose_untyped,
+    first_line,
     override_parser,
     override_problems,
     register_schema,
@@ -127,6 +128,9 @@ def preflight(argv: list[str]) -> None:
     problems += sweep_problems
     if jobs is not None:
         problems += run_dir_problems(overrides, "hydra.sweep.dir")
+    problems += dir_interpolation_problems(
+        overrides, ("hydra.run.dir",) if jobs is None else ("hydra.sweep.dir", "hydra.sweep.subdir")
+    )
     for job in jobs or [overrides]:
         try:
             cfg = compose(job)  # hydra.* overrides too: a mistyped one is then a message, not Hydra's error
@@ -296,6 +300,36 @@ def run_dir_problems(argv: list[str], key: str = "hydra.run.dir") -> list[str]:
         if problem:
             what = "a run directory" if key == "hydra.run.dir" else "a sweep folder"
             problems.append(f"{key}={value}: {problem}; choose {what} in a writable folder")
+    return problems
+
+
+def dir_interpolation_problems(overrides: list[str], keys: tuple[str, ...]) -> list[str]:
+    """Overrides of a run or sweep folder (``keys``) with a ``${...}`` Hydra cannot fill in: a key no config has, a
+    resolver that does not exist, an unset environment variable. Hydra would fail creating it, with a traceback.
+    Keys Hydra sets only when the job starts (hydra.job.num, ...) pass."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+    from omegaconf.errors import InterpolationKeyError, InterpolationResolutionError, UnsupportedInterpolationType
+
+    given = {a.split("=", 1)[0].lstrip("+"): a for a in overrides if "=" in a and "${" in a}
+    if not any(key in given for key in keys):
+        return []
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            raw = hydra_compose(
+                config_name="config", overrides=override_problems(overrides)[1], return_hydra_config=True
+            )
+    except Exception:  # the config itself does not compose: composing it for the run names why
+        return []
+    problems = []
+    for key in (k for k in keys if k in given):
+        try:
+            OmegaConf.select(raw, key)
+        except InterpolationResolutionError as e:
+            unset_env = first_line(e).startswith("KeyError raised while resolving")  # oc.env of an unset variable
+            if isinstance(e, (InterpolationKeyError, UnsupportedInterpolationType)) or unset_env:
+                problems.append(f"{given[key]}: cannot resolve an interpolation: {first_line(e)}")
     return problems
 
 

@@ -368,3 +368,20 @@ def test_hydra_flags_used_wrongly_are_a_message_and_status_2(capsys, argv, named
 )
 def test_hydra_flags_used_rightly_pass(argv):
     assert preflight_status(argv) == 0
+
+
+@pytest.mark.parametrize(
+    "argv, named",
+    [
+        (["hydra.run.dir=/tmp/runs/${nope}"], "hydra.run.dir=/tmp/runs/${nope}: cannot resolve an interpolation"),
+        (["hydra.run.dir=/tmp/runs/${oc.env:FP8TRAIN_NO_SUCH_VARIABLE}"], "Environment variable 'FP8TRAIN_NO_SUCH_"),
+        (["-m", "hydra.sweep.dir=/tmp/sweep/${nope}", "precision=bf16,fp32"], "hydra.sweep.dir=/tmp/sweep/${nope}: "),
+    ],
+)
+def test_a_run_dir_hydra_cannot_fill_in_is_named_before_its_traceback(capsys, argv, named):
+    flags = [a for a in argv if a.startswith("-")]
+    assert preflight_status([*flags, *SMALL, *(a for a in argv if a not in flags)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fp8train: Invalid configuration (1 problem)") and named in err, err
+    # what Hydra fills in when the job starts passes
+    assert preflight_status([*SMALL, "hydra.run.dir=/tmp/runs/${now:%H}_${hydra.job.name}_${data.name}"]) == 0
