@@ -772,6 +772,7 @@ def override_problems(overrides: list[str] | tuple[str, ...]) -> tuple[list[str]
 
     parser = override_parser()
     problems, usable = [], []
+    chosen: dict[str, tuple[str, str]] = {}  # group -> (override, option) of each group chosen
     for arg in (a for a in overrides if not a.startswith("-")):
         try:
             o = parser.parse_override(arg)  # parse_overrides would rewrite the message below
@@ -813,7 +814,27 @@ def override_problems(overrides: list[str] | tuple[str, ...]) -> tuple[list[str]
             bad = []
         if not bad:
             usable.append(arg)
+            if key in GROUPS and not o.package and not o.is_sweep_override():
+                chosen[key] = (arg, o.get_value_element_as_str())
+    # A variant (one arm of a comparison) chooses precision and optim through its defaults, and a choice on the
+    # command line wins over it: every arm of experiment=compare_bf16_fp8 would train with the same precision.
+    arm = chosen.get("variant", ("", ""))[1]
+    for group in _groups_chosen_by(f"variant/{arm}") if arm in _options("variant") else []:
+        if group in chosen:
+            arg = chosen[group][0]
+            problems.append(
+                f"{arg}: the chosen variant sets {group} itself (one per arm of a comparison), and {arg} would "
+                f"replace it in every arm. Leave {arg} out, or set single values ({group}.NAME=VALUE), which apply to "
+                "every arm"
+            )
+            usable.remove(arg)
     return problems, usable
+
+
+def _groups_chosen_by(option: str) -> list[str]:
+    """The groups a config file of conf/ chooses through ``override /GROUP: OPTION`` in its defaults list."""
+    defaults = OmegaConf.load(CONF_DIR / f"{option}.yaml").get("defaults") or []
+    return [k.split("/", 1)[1] for entry in defaults if isinstance(entry, DictConfig) for k in entry if "/" in k]
 
 
 def _options(group: str) -> list[str]:

@@ -385,3 +385,9 @@ def test_a_run_dir_hydra_cannot_fill_in_is_named_before_its_traceback(capsys, ar
     assert err.startswith("fp8train: Invalid configuration (1 problem)") and named in err, err
     # what Hydra fills in when the job starts passes
     assert preflight_status([*SMALL, "hydra.run.dir=/tmp/runs/${now:%H}_${hydra.job.name}_${data.name}"]) == 0
+
+
+def test_a_precision_beside_a_comparison_is_named_once_before_any_arm_trains(capsys):
+    assert preflight_status(["-m", *SMALL, "experiment=compare_bf16_fp8", "precision=fp32"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fp8train: Invalid configuration (1 problem)") and "precision=fp32: the chosen variant" in err

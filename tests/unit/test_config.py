@@ -327,3 +327,15 @@ def test_the_cache_dir_from_the_environment_is_taken_as_it_is(monkeypatch):
     ]
     monkeypatch.setenv("FP8TRAIN_CACHE_DIR", "/tmp/caches/${USER}")
     assert compose([]).data.cache_dir == "/tmp/caches/${USER}"
+
+
+@pytest.mark.parametrize(
+    "overrides, group",
+    [(["variant=fp8", "precision=fp32"], "precision"), (["variant=fp8_smooth_adamw_fp8", "optim=adamw"], "optim")],
+)
+def test_a_group_the_variant_chooses_is_not_chosen_again_on_the_command_line(overrides, group):
+    # The command line won over the variant's choice: precision=fp32 beside experiment=compare_bf16_fp8 trained
+    # every arm (bf16, fp8, fp8_smooth) in fp32, with no word.
+    (found,) = problems(overrides)
+    assert found.startswith(f"{overrides[1]}: the chosen variant sets {group} itself"), found
+    assert compose(["variant=fp8", "precision.margin=2"]).precision.margin == 2  # a single value applies to the arm
