@@ -98,6 +98,12 @@ MAX_MARGIN = {Fp8Profile.ocp: 14, Fp8Profile.gaudi2: 13}
 MAX_AMAX_HISTORY_LEN = 16384
 
 
+# The largest data.tokenizer.vocab_size: 4x the largest vocabularies in use (256k). Hugging Face's BPE trainer
+# allocates for the whole vocabulary up front, whatever the text gives: 10^8 took 150 MB for a 28-token vocabulary,
+# and a mistyped 10^11 aborted the process with a Rust allocation backtrace.
+MAX_TOKENIZER_VOCAB = 2**20
+
+
 class OptimName(str, enum.Enum):
     adamw = "adamw"
     adamw_fp8 = "adamw_fp8"  # AdamW with moments stored in FP8 (m in E4M3, v in E5M2), block-scaled
@@ -207,6 +213,12 @@ class DataConfig:
             p.add("val_fraction", "must be > 0 and < 0.5")
         if self.tokenizer.path is None and self.tokenizer.vocab_size < 260:
             p.add("tokenizer.vocab_size", "must be >= 260 (256 bytes plus special tokens)")
+        elif self.tokenizer.path is None and self.tokenizer.vocab_size > MAX_TOKENIZER_VOCAB:
+            p.add(
+                "tokenizer.vocab_size",
+                f"must be <= {MAX_TOKENIZER_VOCAB}: the BPE trainer allocates for the whole vocabulary up front "
+                "(the largest vocabularies in use hold 256k tokens)",
+            )
         if not self.sources:
             p.add("sources", "needs at least one text file")
         names = [source_name(s) for s in self.sources]

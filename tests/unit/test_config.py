@@ -137,6 +137,8 @@ def test_each_bad_value_is_named_in_override_syntax(override, expected):
             ["precision=fp8_smooth_channel", "precision.linears=[q_proj,up_proj]"],
             "precision.smooth_swiglu=channel: rescales the input of the FP8 down projection, but precision.linears",
         ),
+        # Hugging Face's BPE trainer aborted with a Rust allocation backtrace
+        (["data.tokenizer.vocab_size=100000000000"], "data.tokenizer.vocab_size=100000000000: must be <= 1048576"),
         # torch.manual_seed overflowed with a traceback; an empty resume was the launch directory as a checkpoint
         (["trainer.seed=18446744073709551616"], "trainer.seed=18446744073709551616: must be < 2^64"),
         (["resume="], "resume=: empty; use resume=none, resume=auto or a checkpoint path"),
