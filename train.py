@@ -7,7 +7,14 @@
 Every option lives in conf/ (one group per concern); fp8train/config.py holds the typed schema.
 """
 
-from fp8train.cli.train import main
+try:
+    from fp8train.cli.train import main
+except BaseException as e:  # Ctrl-C while Python imports Hydra, before main() can catch it
+    from fp8train.cli import by_ctrl_c, interrupted
+
+    if by_ctrl_c(e):
+        interrupted()
+    raise
 
 if __name__ == "__main__":
     main()

@@ -13,8 +13,10 @@ import dataclasses
 import enum
 import glob
 import math
+import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -94,6 +96,12 @@ MAX_MARGIN = {Fp8Profile.ocp: 14, Fp8Profile.gaudi2: 13}
 # and every optimizer step reduces and rolls all of them, so memory and step time grow with it; a mistyped length
 # (10^11) was a 400 GB allocation and a traceback.
 MAX_AMAX_HISTORY_LEN = 16384
+
+
+# The largest data.tokenizer.vocab_size: 4x the largest vocabularies in use (256k). Hugging Face's BPE trainer
+# allocates for the whole vocabulary up front, whatever the text gives: 10^8 took 150 MB for a 28-token vocabulary,
+# and a mistyped 10^11 aborted the process with a Rust allocation backtrace.
+MAX_TOKENIZER_VOCAB = 2**20
 
 
 class OptimName(str, enum.Enum):
@@ -205,6 +213,12 @@ class DataConfig:
             p.add("val_fraction", "must be > 0 and < 0.5")
         if self.tokenizer.path is None and self.tokenizer.vocab_size < 260:
             p.add("tokenizer.vocab_size", "must be >= 260 (256 bytes plus special tokens)")
+        elif self.tokenizer.path is None and self.tokenizer.vocab_size > MAX_TOKENIZER_VOCAB:
+            p.add(
+                "tokenizer.vocab_size",
+                f"must be <= {MAX_TOKENIZER_VOCAB}: the BPE trainer allocates for the whole vocabulary up front "
+                "(the largest vocabularies in use hold 256k tokens)",
+            )
         if not self.sources:
             p.add("sources", "needs at least one text file")
         names = [source_name(s) for s in self.sources]
@@ -237,6 +251,11 @@ class DataConfig:
                 )
             if names.count(names[i]) > 1:
                 p.add(f"sources.{i}.name", f"'{names[i]}' names two sources; give each a distinct name")
+        if not self.cache_dir.strip():  # as a path it would be the launch directory
+            p.add(
+                "cache_dir",
+                "empty; name a folder for the tokenizer and token caches (an empty FP8TRAIN_CACHE_DIR= gives this too)",
+            )
         if self.tokenizer.path is not None and not resolve_path(self.tokenizer.path).exists():
             p.add("tokenizer.path", f"no such file or folder ({resolve_path(self.tokenizer.path)})")
         return p.found
@@ -531,6 +550,8 @@ class TrainerConfig:
         p.non_negative("eval_every")
         p.non_negative("checkpoint_every")
         p.non_negative("seed")
+        if self.seed >= 2**64:  # torch.manual_seed's limit; beyond it the run ended in a traceback
+            p.add("seed", "must be < 2^64 (torch's random generators take 64-bit seeds)")
         return p.found
 
 
@@ -576,7 +597,9 @@ class Config:
                 f"precision.engine=te: Habana's Transformer Engine needs backend.name=hpu (this run: "
                 f"{self.backend.name.value}{auto}); use precision.engine=native on this device"
             )
-        if self.resume not in ("none", "auto") and not resolve_path(self.resume).exists():
+        if not self.resume.strip():  # as a path it would be the launch directory, taken for a damaged checkpoint
+            problems.append("resume=: empty; use resume=none, resume=auto or a checkpoint path")
+        elif self.resume not in ("none", "auto") and not resolve_path(self.resume).exists():
             problems.append(f"resume={self.resume}: no such checkpoint; use resume=auto, resume=none or a path")
         if problems:
             raise ConfigError(problems)
@@ -635,7 +658,14 @@ def to_typed(raw: DictConfig | dict) -> Config:
     try:
         plain = OmegaConf.to_container(raw, resolve=True)
     except OmegaConfBaseException as e:
-        raise ConfigError([f"cannot resolve an interpolation: {first_line(e)}"]) from None
+        key = re.sub(r"\[(\d+)\]", r".\1", getattr(e, "full_key", None) or "")  # data.sources[0].path -> .0.
+        value: Any = OmegaConf.to_container(raw, resolve=False)
+        for part in key.split(".") if key else []:
+            value = (
+                value[int(part)] if isinstance(value, list) else value.get(part) if isinstance(value, dict) else None
+            )
+        where = f"{key}={format_value(value)}: " if key else ""
+        raise ConfigError([f"{where}cannot resolve an interpolation: {first_line(e)}"]) from None
     schema = OmegaConf.structured(Config)
     problems: list[str] = []
     refused: list[str] = []  # settings whose value was refused: they stand at the schema's default below
@@ -644,6 +674,8 @@ def to_typed(raw: DictConfig | dict) -> Config:
         if hint is _UNKNOWN:
             problems.append(_unknown_key(path))
         elif value != "???":  # a required value left unset keeps the schema default, which check() reports
+            if isinstance(value, str):  # resolved already: a "${" left (in an environment variable) is text
+                value = value.replace("${", "\\${")
             try:
                 OmegaConf.update(schema, path, value, merge=True, force_add=False)
             except OmegaConfBaseException as e:
@@ -664,6 +696,21 @@ def to_typed(raw: DictConfig | dict) -> Config:
 
 def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "config") -> Config:
     """Compose conf/ with Hydra overrides (no run dir, no logging) and validate: for tests and `fp8train check`."""
+    raw, problems = compose_untyped(overrides, config_name)
+    try:
+        cfg = to_typed(raw)
+    except ConfigError as e:
+        problems += e.problems
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def compose_untyped(
+    overrides: list[str] | tuple[str, ...] = (), config_name: str = "config"
+) -> tuple[DictConfig, list[str]]:
+    """conf/ composed as Hydra composes it, values unchecked, with the overrides it can apply, and the problems of
+    the others; a ConfigError naming what stops Hydra if it cannot compose them at all."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.errors import HydraException
@@ -672,17 +719,53 @@ def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "con
     problems, usable = override_problems(overrides)
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         try:
-            raw = hydra_compose(config_name=config_name, overrides=usable)
+            return hydra_compose(config_name=config_name, overrides=usable), problems
         except HydraException as e:
-            cause = f" ({first_line(e.__cause__)})" if e.__cause__ else ""  # e.g. list index out of range
-            raise ConfigError([*problems, first_line(e) + cause]) from None
+            cause = f" ({first_line(e.__cause__)})" if e.__cause__ else ""
+            found = _list_index_problems(usable, lambda ok: hydra_compose(config_name=config_name, overrides=ok))
+            raise ConfigError([*problems, *(found or [first_line(e) + cause])]) from None
+
+
+def _list_index_problems(overrides: list[str], compose_with: Callable[[list[str]], DictConfig]) -> list[str]:
+    """Overrides that set an entry past the end of a list (data.sources.1.path=b.txt with one source), named with
+    the list's length and the whole list that adds the entry: Hydra says only "list index out of range"."""
+    from hydra.errors import HydraException
+
+    parser = override_parser()
+    indexed = []  # (override, the list's key, index, the entry's value)
+    for arg in overrides:
+        o = parser.parse_override(arg)
+        parts = o.key_or_group.split(".")
+        for i, part in enumerate(parts):
+            at = ".".join(parts[:i])
+            if i and part.isdigit() and typing.get_origin(_unwrap_optional(_hint_at(Config, at))) is list:
+                entry = o.value()
+                for name in reversed(parts[i + 1 :]):
+                    entry = {name: entry}
+                indexed.append((arg, at, int(part), entry))
+                break
+    if not indexed:
+        return []
     try:
-        cfg = to_typed(raw)
-    except ConfigError as e:
-        problems += e.problems
-    if problems:
-        raise ConfigError(problems)
-    return cfg
+        raw = compose_with([a for a in overrides if a not in {x[0] for x in indexed}])
+    except HydraException:
+        return []
+    problems = []
+    for arg, at, index, entry in indexed:
+        current = OmegaConf.select(raw, at)
+        current = OmegaConf.to_container(current) if isinstance(current, ListConfig) else None
+        if current is not None and index >= len(current):
+            n = len(current)
+            has = (
+                f"has {n} entr{'y' if n == 1 else 'ies'} ({at}.0{f' to {at}.{n - 1}' if n > 1 else ''})"
+                if n
+                else "is empty"
+            )
+            problems.append(
+                f"{arg}: {at} {has}, so there is no {at}.{index}; to add an entry, set the whole list: "
+                f"'{at}={format_value([*current, entry])}'"
+            )
+    return problems
 
 
 def override_parser() -> OverridesParser:
@@ -701,6 +784,7 @@ def override_problems(overrides: list[str] | tuple[str, ...]) -> tuple[list[str]
 
     parser = override_parser()
     problems, usable = [], []
+    chosen: dict[str, tuple[str, str]] = {}  # group -> (override, option) of each group chosen
     for arg in (a for a in overrides if not a.startswith("-")):
         try:
             o = parser.parse_override(arg)  # parse_overrides would rewrite the message below
@@ -742,7 +826,27 @@ def override_problems(overrides: list[str] | tuple[str, ...]) -> tuple[list[str]
             bad = []
         if not bad:
             usable.append(arg)
+            if key in GROUPS and not o.package and not o.is_sweep_override():
+                chosen[key] = (arg, o.get_value_element_as_str())
+    # A variant (one arm of a comparison) chooses precision and optim through its defaults, and a choice on the
+    # command line wins over it: every arm of experiment=compare_bf16_fp8 would train with the same precision.
+    arm = chosen.get("variant", ("", ""))[1]
+    for group in _groups_chosen_by(f"variant/{arm}") if arm in _options("variant") else []:
+        if group in chosen:
+            arg = chosen[group][0]
+            problems.append(
+                f"{arg}: the chosen variant sets {group} itself (one per arm of a comparison), and {arg} would "
+                f"replace it in every arm. Leave {arg} out, or set single values ({group}.NAME=VALUE), which apply to "
+                "every arm"
+            )
+            usable.remove(arg)
     return problems, usable
+
+
+def _groups_chosen_by(option: str) -> list[str]:
+    """The groups a config file of conf/ chooses through ``override /GROUP: OPTION`` in its defaults list."""
+    defaults = OmegaConf.load(CONF_DIR / f"{option}.yaml").get("defaults") or []
+    return [k.split("/", 1)[1] for entry in defaults if isinstance(entry, DictConfig) for k in entry if "/" in k]
 
 
 def _options(group: str) -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from fp8train.cli import interruptible
 from fp8train.errors import Fp8trainError
 
 
@@ -123,7 +124,8 @@ def main(argv: list[str] | None = None) -> None:
     rep.set_defaults(func=cmd_report)
 
     if argv[:1] == ["train"]:  # Hydra parses its own arguments (overrides, -m, --cfg job, ...)
-        from fp8train.cli.train import main as train_main
+        with interruptible():  # Ctrl-C while Python imports Hydra
+            from fp8train.cli.train import main as train_main
 
         train_main(argv[1:])
         return

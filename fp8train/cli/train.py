@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import tempfile
@@ -11,7 +12,17 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from fp8train.config import CONF_DIR, compose, override_parser, override_problems, register_schema, to_typed
+from fp8train.cli import interrupted, interruptible
+from fp8train.config import (
+    CONF_DIR,
+    compose,
+    compose_untyped,
+    first_line,
+    override_parser,
+    override_problems,
+    register_schema,
+    to_typed,
+)
 from fp8train.errors import ConfigError, Fp8trainError
 
 register_schema()
@@ -80,36 +91,46 @@ def one_process() -> bool:
     return int(world_size) <= 1 and not (dist.is_available() and dist.is_initialized())
 
 
-MULTIRUN_FLAGS = ("-m", "--multirun")
-
-
-def interrupted() -> None:
-    """Ctrl-C where the training loop does not catch it (it stops the loop itself, after the step, with a
-    checkpoint): setting up, tokenizing, or a second Ctrl-C. A message and status 130 (128 + SIGINT), no traceback."""
-    print(
-        "fp8train: interrupted (Ctrl-C). Token caches, tokenizers and checkpoints are only ever published whole, "
-        "so nothing half-written is left to be taken for a finished one.",
-        file=sys.stderr,
-    )
-    sys.exit(130)
-
-
 def preflight(argv: list[str]) -> None:
     """Validate the composed config and an explicit hydra.run.dir before Hydra creates the run directory, so a
     typo leaves nothing behind and a run dir Hydra cannot create is a message, not Hydra's traceback.
 
     A multirun (-m, or a config that sets hydra.mode=MULTIRUN, as experiment=compare_bf16_fp8 does) has the config
     of every job checked, so that a bad value in one job stops the sweep before any job trains, rather than after
-    the jobs before it. Skipped when other Hydra flags are present (--cfg, --help, ...): then Hydra does the work.
+    the jobs before it. With Hydra's flags that show rather than run (--cfg, --info, --help), only what Hydra would
+    stop at with a traceback or its own error is checked (flags it cannot combine, overrides it cannot apply), so
+    that a config can still be looked at; with another config (--config-dir, ...) Hydra does the work.
     """
-    if any(a.startswith("-") and a not in MULTIRUN_FLAGS for a in argv):
+    args = hydra_args(argv)
+    problems = hydra_flag_problems(args)
+    if args.config_path or args.config_name or args.config_dir or args.experimental_rerun:
+        if problems:
+            fail(ConfigError(problems))
         return
-    problems, missing_backends = run_dir_problems(argv), []
-    overrides = [a for a in argv if not a.startswith("-")]
-    jobs, sweep_problems = sweep_jobs(overrides, multirun=any(a in MULTIRUN_FLAGS for a in argv))
+    overrides = args.overrides
+    if args.cfg or args.info or args.help or args.hydra_help or args.shell_completion:
+        if not args.shell_completion:
+            try:
+                problems += compose_untyped(overrides)[1]
+            except ConfigError as e:
+                problems += e.problems
+        if args.resolve and args.cfg in ("job", "all") and not problems:
+            try:
+                compose(overrides)
+            except ConfigError as e:  # only the interpolations --resolve fills in; the values are on show
+                problems += [p for p in e.problems if "cannot resolve an interpolation" in p]
+        if problems:
+            fail(ConfigError(problems))
+        return
+    problems += run_dir_problems(overrides)
+    missing_backends = []
+    jobs, sweep_problems = sweep_jobs(overrides, multirun=args.multirun)
     problems += sweep_problems
     if jobs is not None:
-        problems += run_dir_problems(argv, "hydra.sweep.dir")
+        problems += run_dir_problems(overrides, "hydra.sweep.dir")
+    problems += dir_interpolation_problems(
+        overrides, ("hydra.run.dir",) if jobs is None else ("hydra.sweep.dir", "hydra.sweep.subdir")
+    )
     for job in jobs or [overrides]:
         try:
             cfg = compose(job)  # hydra.* overrides too: a mistyped one is then a message, not Hydra's error
@@ -125,6 +146,74 @@ def preflight(argv: list[str]) -> None:
     problems += missing_backends
     if problems:
         fail(ConfigError(problems))
+
+
+def hydra_args(argv: list[str]) -> argparse.Namespace:
+    """The command line as Hydra's own parser reads it. What that parser refuses ends here as Hydra would end it
+    (usage and status 2), except overrides after a flag, which it refuses without saying why."""
+    from hydra._internal.utils import get_args_parser
+
+    parser = get_args_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not any(a.startswith("-") for a in extra):
+        flag = next(a for a in reversed(argv[: argv.index(extra[0])]) if a.startswith("-"))
+        fail(
+            Fp8trainError(
+                f"{' '.join(extra)}: Hydra takes no overrides after a flag ({flag} here); put the flags "
+                f"(-m, --cfg job, ...) before the first override"
+            )
+        )
+    return parser.parse_args(argv) if extra else args
+
+
+SHELL_COMPLETION = ("install", "uninstall", "query")  # what --shell-completion does, one at a time
+
+
+def hydra_flag_problems(args: argparse.Namespace) -> list[str]:
+    """Hydra's flags used in a way Hydra ends with a traceback, or silently ignores."""
+    problems = []
+    commands = [
+        flag
+        for flag, given in (
+            ("--run", args.run),
+            ("--multirun", args.multirun),
+            ("--cfg", args.cfg),
+            ("--info", args.info),
+            ("--shell-completion", args.shell_completion),
+        )
+        if given
+    ]
+    if len(commands) > 1:
+        problems.append(
+            f"{' and '.join(commands)}: Hydra does one of --run, --multirun, --cfg, --info and "
+            "--shell-completion at a time; give only one"
+        )
+    if args.resolve and not (args.cfg or args.help):
+        problems.append("--resolve: only applies with --cfg (the config with its interpolations filled in) or --help")
+    if args.cfg == "hydra" and args.resolve:
+        problems.append(
+            "--cfg hydra --resolve: the run directory's name (hydra.run.dir, hydra.sweep.subdir) is filled in from "
+            "model.name, precision.name and data.name, which --cfg hydra leaves out; use --cfg all --resolve"
+        )
+    if args.package is not None and not args.cfg:
+        took = f"; it took the override {args.package} as its value" if "=" in args.package else ""
+        problems.append(
+            f"--package {args.package}: only applies with --cfg, to show one part of the config, and Hydra ignores "
+            f"it otherwise{took}; leave it out, or add --cfg job"
+        )
+    if args.shell_completion:
+        subcommands = [o.split("=", 1)[0] for o in args.overrides if o.split("=", 1)[0] in SHELL_COMPLETION]
+        if len(subcommands) != 1:
+            problems.append(
+                f"--shell-completion: needs one of {', '.join(f'{c}=SHELL' for c in SHELL_COMPLETION)}, e.g. "
+                "--shell-completion install=bash"
+            )
+    if args.experimental_rerun and not Path(args.experimental_rerun).is_file():
+        problems.append(
+            f"--experimental-rerun {args.experimental_rerun}: no such file (fp8train runs write no Hydra "
+            "config.pickle: hydra.output_subdir is null); continue a run with hydra.run.dir=RUN_DIR resume=auto"
+        )
+    return problems
 
 
 def sweep_jobs(overrides: list[str], multirun: bool) -> tuple[list[list[str]] | None, list[str]]:
@@ -214,6 +303,36 @@ def run_dir_problems(argv: list[str], key: str = "hydra.run.dir") -> list[str]:
     return problems
 
 
+def dir_interpolation_problems(overrides: list[str], keys: tuple[str, ...]) -> list[str]:
+    """Overrides of a run or sweep folder (``keys``) with a ``${...}`` Hydra cannot fill in: a key no config has, a
+    resolver that does not exist, an unset environment variable. Hydra would fail creating it, with a traceback.
+    Keys Hydra sets only when the job starts (hydra.job.num, ...) pass."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+    from omegaconf.errors import InterpolationKeyError, InterpolationResolutionError, UnsupportedInterpolationType
+
+    given = {a.split("=", 1)[0].lstrip("+"): a for a in overrides if "=" in a and "${" in a}
+    if not any(key in given for key in keys):
+        return []
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            raw = hydra_compose(
+                config_name="config", overrides=override_problems(overrides)[1], return_hydra_config=True
+            )
+    except Exception:  # the config itself does not compose: composing it for the run names why
+        return []
+    problems = []
+    for key in (k for k in keys if k in given):
+        try:
+            OmegaConf.select(raw, key)
+        except InterpolationResolutionError as e:
+            unset_env = first_line(e).startswith("KeyError raised while resolving")  # oc.env of an unset variable
+            if isinstance(e, (InterpolationKeyError, UnsupportedInterpolationType)) or unset_env:
+                problems.append(f"{given[key]}: cannot resolve an interpolation: {first_line(e)}")
+    return problems
+
+
 def folder_problem(folder: Path, inside: bool = False) -> str | None:
     """Why ``folder`` can be neither used nor created (``inside``: why no folder can be created in it), or None."""
     existing = folder
@@ -283,7 +402,8 @@ def main(argv: list[str] | None = None) -> None:
     argv = without_local_rank(sys.argv[1:] if argv is None else argv)
     Sweep.reset()
     try:
-        preflight(argv)
+        with interruptible():  # also where Ctrl-C leaves a library to fail in its clean-up
+            preflight(argv)
         sys.argv = [sys.argv[0], *argv]
         try:
             hydra_main()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import signal
 import subprocess
 import sys
 
@@ -189,3 +190,43 @@ def test_wandb_offline_run_is_written_into_the_run_dir(tmp_path):
     runs = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and runs[0].name.endswith((run_dir / "wandb_id").read_text())
     assert (runs[0] / f"run-{runs[0].name.split('-')[-1]}.wandb").stat().st_size > 0
+
+
+@pytest.mark.parametrize("entry", [["train.py"], ["-m", "fp8train.cli.main", "train"]], ids=["train.py", "fp8train"])
+def test_ctrl_c_while_importing_at_start_up_is_a_message_and_status_130(tmp_path, entry):
+    """Ctrl-C in the first fraction of a second, while Python still imports Hydra: the one-line message and status
+    130 of a Ctrl-C anywhere else, not the traceback of whatever import it lands in."""
+    # -X importtime prints a line to stderr as each module's import ends: the signal goes out when omegaconf's has,
+    # inside `import hydra`, and should land while fp8train.cli.train still imports, before the run's first steps.
+    cmd = [sys.executable, "-X", "importtime", *entry, f"hydra.run.dir={tmp_path / 'run'}", *BF16]
+    for _ in range(5):
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        lines = []
+        for line in proc.stderr:
+            lines.append(line)
+            if line.split("|")[-1].strip() == "omegaconf":
+                proc.send_signal(signal.SIGINT)
+                break
+        lines += proc.communicate(timeout=120)[1].splitlines(keepends=True)
+        imported = [line.split("|")[-1].strip() for line in lines if line.startswith("import time:")]
+        if imported[-1] == "fp8train.cli.train":  # its import ended (in the interrupt) and nothing was imported next
+            break
+    else:
+        pytest.skip("the signal never reached the process during its imports")
+    messages = [line for line in lines if not line.startswith("import time:")]
+    assert proc.returncode == 130, "".join(messages)
+    assert len(messages) == 1 and messages[0].startswith("fp8train: interrupted (Ctrl-C)"), "".join(messages)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (["--info", "defaults", "model=nope"], "model=nope: unknown option"),
+        (["-m", "--cfg", "job"], "--multirun and --cfg: Hydra does one of"),
+        (["--resolve"], "--resolve: only applies with --cfg"),
+    ],
+)
+def test_hydra_flags_used_wrongly_end_without_traceback(flags, named):
+    out = subprocess.run([sys.executable, "train.py", *flags], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and named in out.stderr and "Traceback" not in out.stderr, out.stderr

@@ -228,16 +228,17 @@ def preflight_status(argv: list[str]) -> int:
 )
 def test_a_bad_job_of_a_multirun_is_refused_before_any_job_starts(tmp_path, capsys, sweep, named):
     # Without this check the jobs before the bad one train (hours, on a real sweep) and the sweep stops at it.
-    argv = [*SMALL, *sweep, f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    flags = [a for a in sweep if a.startswith("-")]  # Hydra takes them before the overrides
+    argv = [*flags, *SMALL, *(a for a in sweep if a not in flags), f"hydra.sweep.dir={tmp_path / 'sweep'}"]
     assert preflight_status(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("fp8train: Invalid configuration (1 problem)") and named in err and "Traceback" not in err
     assert not (tmp_path / "sweep").exists()
-    assert preflight_status([*SMALL, "-m", "precision=bf16,fp8", "optim.lr=1e-3,2e-3"]) == 0
+    assert preflight_status(["-m", *SMALL, "precision=bf16,fp8", "optim.lr=1e-3,2e-3"]) == 0
 
 
 def test_a_sweep_folder_in_a_file_is_named_before_hydra_fails_on_it(a_file, capsys):
-    argv = [*SMALL, "-m", "precision=bf16,fp32", f"hydra.sweep.dir={a_file}/sweep"]
+    argv = ["-m", *SMALL, "precision=bf16,fp32", f"hydra.sweep.dir={a_file}/sweep"]
     assert preflight_status(argv) == 2
     err = capsys.readouterr().err
     assert f"hydra.sweep.dir={a_file}/sweep: {a_file} is a file, not a folder; choose a sweep folder" in err
@@ -250,12 +251,12 @@ def test_an_interval_sweep_is_named_not_a_traceback(capsys):
     assert preflight_status([*SMALL, "optim.lr=interval(0.1,0.2)"]) == 2
     err = capsys.readouterr().err
     assert "optim.lr=interval(0.1,0.2)" in err and "--multirun" in err and "Traceback" not in err
-    assert preflight_status([*SMALL, "-m", "optim.lr=interval(0.1,0.2)"]) == 2
+    assert preflight_status(["-m", *SMALL, "optim.lr=interval(0.1,0.2)"]) == 2
     err = capsys.readouterr().err
     assert "optim.lr=interval(0.1,0.2): Hydra's basic sweeper cannot enumerate an interval" in err
     assert "choose values" in err and "Traceback" not in err
     # and the sweep's other mistakes are named with it, not one per attempt
-    assert preflight_status([*SMALL, "-m", "optim.lr=interval(0.1,0.2)", "trainer.max_steps=-1,2"]) == 2
+    assert preflight_status(["-m", *SMALL, "optim.lr=interval(0.1,0.2)", "trainer.max_steps=-1,2"]) == 2
     err = capsys.readouterr().err
     assert "Invalid configuration (2 problems)" in err and "trainer.max_steps=-1" in err, err
 
@@ -264,8 +265,8 @@ def test_a_glob_sweep_over_a_group_runs_its_checks_not_a_traceback(tmp_path, cap
     # glob(...) is Hydra's sweep over a group's options; enumerating it needs the config folder, which the checks
     # before Hydra starts lacked (HydraException: ConfigLoader is not set).
     sweep = f"hydra.sweep.dir={tmp_path / 'sweep'}"
-    assert preflight_status([*SMALL, "-m", "precision=glob(fp8_smooth*,exclude=*gaudi2)", sweep]) == 0
-    assert preflight_status([*SMALL, "-m", "precision=glob(fp8*)", "precision.margin=14", sweep]) == 2
+    assert preflight_status(["-m", *SMALL, "precision=glob(fp8_smooth*,exclude=*gaudi2)", sweep]) == 0
+    assert preflight_status(["-m", *SMALL, "precision=glob(fp8*)", "precision.margin=14", sweep]) == 2
     err = capsys.readouterr().err  # the one job whose profile allows only 13 is named
     assert "precision.margin=14: must be <= 13 for precision.profile=gaudi2" in err and "Traceback" not in err
     assert preflight_status([*SMALL, "precision=glob(*)"]) == 2
@@ -280,3 +281,113 @@ def test_a_mistyped_hydra_setting_is_a_message_and_status_2(capsys, override):
     err = capsys.readouterr().err
     assert err.startswith("fp8train: Invalid configuration (1 problem)") and override.split("=")[0] in err
     assert preflight_status([*SMALL, "hydra.job.chdir=false", "hydra.verbose=true"]) == 0
+
+
+@pytest.mark.parametrize("cleanup_fails", [False, True])
+def test_ctrl_c_while_composing_the_config_is_a_message_and_status_130(monkeypatch, capsys, cleanup_fails):
+    """Ctrl-C before the run starts, also where it leaves a library to fail in its clean-up: omegaconf, restoring
+    its flags on a config the interrupt left half-built, raises AttributeError on top of the KeyboardInterrupt."""
+    from fp8train.cli import train
+
+    def ctrl_c(overrides):
+        try:
+            raise KeyboardInterrupt
+        finally:
+            if cleanup_fails:
+                None._invalidate_flags_cache()
+
+    monkeypatch.setattr(train, "compose", ctrl_c)
+    try:
+        train.main([*SMALL, "hydra.run.dir=/nonexistent/never"])
+        status = 0
+    except SystemExit as e:
+        status = e.code
+    except BaseException as e:
+        status = f"{type(e).__name__} escaped: Python prints its traceback"
+    assert status == 130
+    err = capsys.readouterr().err
+    assert err.startswith("fp8train: interrupted (Ctrl-C)") and err.count("\n") == 1, err
+
+
+def test_a_bug_is_not_taken_for_ctrl_c(monkeypatch):
+    from fp8train.cli import train
+
+    def bug(overrides):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            pass  # handled: it has nothing to do with what follows
+        raise ValueError("a bug")
+
+    monkeypatch.setattr(train, "compose", bug)
+    with pytest.raises(ValueError, match="a bug"):
+        train.main([*SMALL])
+
+
+@pytest.mark.parametrize(
+    "argv, named",
+    [
+        # Hydra's own errors (status 1) and tracebacks, for what it shows rather than runs
+        (["--cfg", "job", "optim.lrr=1"], "optim.lrr: unknown setting"),
+        (["--cfg", "job", "data.sources.2.path=x"], "data.sources.2.path=x: data.sources has 1 entry"),
+        (["--info", "defaults", "model=nope"], "model=nope: unknown option"),
+        (["--help", "model=nope"], "model=nope: unknown option"),
+        (["--cfg", "job", "--resolve", "data.name=${nope}"], "cannot resolve an interpolation"),
+        (["-m", "--cfg", "job"], "--multirun and --cfg: Hydra does one of"),
+        (["--run", "--multirun"], "--run and --multirun: Hydra does one of"),
+        (["--resolve"], "--resolve: only applies with --cfg"),
+        (["--cfg", "hydra", "--resolve"], "which --cfg hydra leaves out; use --cfg all --resolve"),
+        (["-sc"], "--shell-completion: needs one of install=SHELL"),
+        (["--experimental-rerun", "/nonexistent/config.pickle"], "no such file"),
+        # Hydra ignores --package without --cfg, here taking the override after it as its value: the run trained
+        # into a run dir named by the date, not the one given
+        (["--package", "hydra.run.dir=/tmp/x"], "it took the override hydra.run.dir=/tmp/x as its value"),
+        (["-p", "model"], "--package model: only applies with --cfg"),
+        # "unrecognized arguments", without a word on why
+        (["optim.lr=1e-3", "-m", "precision=bf16,fp8"], "precision=bf16,fp8: Hydra takes no overrides after a flag"),
+    ],
+)
+def test_hydra_flags_used_wrongly_are_a_message_and_status_2(capsys, argv, named):
+    assert preflight_status(argv) == 2
+    err = capsys.readouterr().err
+    assert named in err and err.count("\n") <= 2 and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--cfg", "job", "optim.lr=-1"],  # a config with a bad value can still be looked at
+        ["--cfg", "all", "--resolve"],
+        ["--cfg", "job", "-p", "optim"],
+        ["--info", "defaults", "model=llama_1b"],
+        ["--help"],
+        ["-sc", "install=bash"],
+        ["-r", *SMALL],
+        ["--config-dir", "/nonexistent"],  # another config: Hydra checks it
+    ],
+)
+def test_hydra_flags_used_rightly_pass(argv):
+    assert preflight_status(argv) == 0
+
+
+@pytest.mark.parametrize(
+    "argv, named",
+    [
+        (["hydra.run.dir=/tmp/runs/${nope}"], "hydra.run.dir=/tmp/runs/${nope}: cannot resolve an interpolation"),
+        (["hydra.run.dir=/tmp/runs/${oc.env:FP8TRAIN_NO_SUCH_VARIABLE}"], "Environment variable 'FP8TRAIN_NO_SUCH_"),
+        (["-m", "hydra.sweep.dir=/tmp/sweep/${nope}", "precision=bf16,fp32"], "hydra.sweep.dir=/tmp/sweep/${nope}: "),
+    ],
+)
+def test_a_run_dir_hydra_cannot_fill_in_is_named_before_its_traceback(capsys, argv, named):
+    flags = [a for a in argv if a.startswith("-")]
+    assert preflight_status([*flags, *SMALL, *(a for a in argv if a not in flags)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fp8train: Invalid configuration (1 problem)") and named in err, err
+    # what Hydra fills in when the job starts passes
+    assert preflight_status([*SMALL, "hydra.run.dir=/tmp/runs/${now:%H}_${hydra.job.name}_${data.name}"]) == 0
+
+
+def test_a_precision_beside_a_comparison_is_named_once_before_any_arm_trains(capsys):
+    assert preflight_status(["-m", *SMALL, "experiment=compare_bf16_fp8", "precision=fp32"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fp8train: Invalid configuration (1 problem)") and "precision=fp32: the chosen variant" in err

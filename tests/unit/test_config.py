@@ -137,6 +137,11 @@ def test_each_bad_value_is_named_in_override_syntax(override, expected):
             ["precision=fp8_smooth_channel", "precision.linears=[q_proj,up_proj]"],
             "precision.smooth_swiglu=channel: rescales the input of the FP8 down projection, but precision.linears",
         ),
+        # Hugging Face's BPE trainer aborted with a Rust allocation backtrace
+        (["data.tokenizer.vocab_size=100000000000"], "data.tokenizer.vocab_size=100000000000: must be <= 1048576"),
+        # torch.manual_seed overflowed with a traceback; an empty resume was the launch directory as a checkpoint
+        (["trainer.seed=18446744073709551616"], "trainer.seed=18446744073709551616: must be < 2^64"),
+        (["resume="], "resume=: empty; use resume=none, resume=auto or a checkpoint path"),
         (
             ["optim.warmup_steps=10", "optim.decay_steps=5"],
             "optim.decay_steps=5: must be > optim.warmup_steps=10",
@@ -239,7 +244,32 @@ def test_one_entry_of_a_list_is_set_by_its_index_as_the_data_errors_say():
     (found,) = problems(["data.sources.0.nam=x"])
     assert found == "data.sources.0.nam: unknown setting (known here: path, name)"
     (found,) = problems(["data.sources.1.path=b.txt"])  # there is one source: the index is named, and why
-    assert found == "Error merging override data.sources.1.path=b.txt (list index out of range)"
+    assert found == (
+        "data.sources.1.path=b.txt: data.sources has 1 entry (data.sources.0), so there is no data.sources.1; to "
+        "add an entry, set the whole list: "
+        "'data.sources=[{path: data/tinyshakespeare.txt, name: shakespeare},{path: b.txt}]'"
+    )
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        # Hydra said only "Error merging override optim.betas.2=0.99 (list index out of range)"
+        (["optim.betas.2=0.99"], "optim.betas.2=0.99: optim.betas has 2 entries (optim.betas.0 to optim.betas.1)"),
+        (["logger.wandb.tags.0=a"], "logger.wandb.tags.0=a: logger.wandb.tags is empty, so there is no"),
+        (["precision.linears.9=q_proj"], "precision.linears.9=q_proj: precision.linears has 7 entries"),
+        # the length the list has after the overrides that set it whole
+        (
+            ["data.sources=[{path: a.txt}, {path: b.txt}]", "data.sources.2.name=c"],
+            "data.sources.2.name=c: data.sources has 2 entries (data.sources.0 to data.sources.1), so there is no "
+            "data.sources.2; to add an entry, set the whole list: "
+            "'data.sources=[{path: a.txt},{path: b.txt},{name: c}]'",
+        ),
+    ],
+)
+def test_an_entry_past_the_end_of_a_list_is_named_with_the_list_length(overrides, expected):
+    found = problems(overrides)
+    assert len(found) == 1 and found[0].startswith(expected), found
 
 
 def test_an_override_hydra_cannot_parse_is_named_with_the_other_problems():
@@ -269,3 +299,45 @@ def test_a_pattern_as_source_path_says_that_each_file_is_listed(tmp_path):
 )
 def test_a_refused_value_is_named_alone_not_with_checks_of_the_default_it_leaves(overrides, expected):
     assert problems(overrides) == expected
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        # "cannot resolve an interpolation: Interpolation key 'nope' not found", without the setting that has it
+        (["data.name=${nope}"], "data.name=${nope}: cannot resolve an interpolation: Interpolation key 'nope' not"),
+        (["model.name=${data.nope}"], "model.name=${data.nope}: cannot resolve an interpolation: Interpolation key"),
+        (["data=text", "data.sources=[{path: '${nope}'}]"], "data.sources.0.path=${nope}: cannot resolve"),
+        (
+            ["data.cache_dir=${oc.env:FP8TRAIN_NO_SUCH_VARIABLE}"],
+            "data.cache_dir=${oc.env:FP8TRAIN_NO_SUCH_VARIABLE}: cannot resolve an interpolation: KeyError raised "
+            "while resolving interpolation: \"Environment variable 'FP8TRAIN_NO_SUCH_VARIABLE' not found\"",
+        ),
+    ],
+)
+def test_an_interpolation_that_fails_is_named_by_its_setting(overrides, expected):
+    found = problems(overrides)
+    assert len(found) == 1 and found[0].startswith(expected), found
+
+
+def test_the_cache_dir_from_the_environment_is_taken_as_it_is(monkeypatch):
+    # Empty, it put the caches in the launch directory; with "${" in it, a traceback from omegaconf.
+    monkeypatch.setenv("FP8TRAIN_CACHE_DIR", "")
+    assert problems([]) == [
+        "data.cache_dir=: empty; name a folder for the tokenizer and token caches (an empty FP8TRAIN_CACHE_DIR= gives "
+        "this too)"
+    ]
+    monkeypatch.setenv("FP8TRAIN_CACHE_DIR", "/tmp/caches/${USER}")
+    assert compose([]).data.cache_dir == "/tmp/caches/${USER}"
+
+
+@pytest.mark.parametrize(
+    "overrides, group",
+    [(["variant=fp8", "precision=fp32"], "precision"), (["variant=fp8_smooth_adamw_fp8", "optim=adamw"], "optim")],
+)
+def test_a_group_the_variant_chooses_is_not_chosen_again_on_the_command_line(overrides, group):
+    # The command line won over the variant's choice: precision=fp32 beside experiment=compare_bf16_fp8 trained
+    # every arm (bf16, fp8, fp8_smooth) in fp32, with no word.
+    (found,) = problems(overrides)
+    assert found.startswith(f"{overrides[1]}: the chosen variant sets {group} itself"), found
+    assert compose(["variant=fp8", "precision.margin=2"]).precision.margin == 2  # a single value applies to the arm
