@@ -251,8 +251,11 @@ def draw(data: Outliers, out: Path) -> None:
             table, aspect="auto", origin="lower", interpolation="nearest", cmap=cmap, norm=norm, vmin=vmin, vmax=vmax
         )
         ax.set(title=title, xlabel=xlabel, ylabel="layer")
-        ticks = sorted({0, len(columns) - 1, *range(0, len(columns), max(1, len(columns) // 5))})
-        ax.set_xticks(ticks, [str(data.steps[columns[t][0]]) for t in ticks])
+        # About five labels, the last at the last column (its last step, where the run ends); a regular label too
+        # close to it would print over it.
+        last, stride = len(columns) - 1, max(1, len(columns) // 5)
+        ticks = [t for t in range(0, last, stride) if t == 0 or last - t >= stride / 2] + [last]
+        ax.set_xticks(ticks, [str(data.steps[columns[t][-1 if t == last else 0]]) for t in ticks])
         ax.set_yticks(range(len(data.layers)), [str(layer) for layer in data.layers])
         plt.colorbar(img, ax=ax, label=label)
 

@@ -40,3 +40,17 @@ def test_a_one_step_spike_shows_in_a_heatmap_of_more_steps_than_pixels(tmp_path,
     band = len(pixels) / n_layers
     shown = [spike[round((n_layers - 1 - layer + 0.5) * band)] for layer in range(n_layers)]  # layer 0 at the bottom
     assert all(shown), shown
+
+
+def test_a_heatmaps_step_labels_end_at_the_last_step_and_do_not_overlap(tmp_path, monkeypatch):
+    # 401 monitored steps (experiment=outlier_stress) in columns of 3: a label every 27 columns and one for the last
+    # column, 1 column after the previous label, printed both labels over each other.
+    rows = [{"step": s, "layers": [layer_record(0, 1.0)], "alerts": []} for s in [1, *range(10, 4001, 10)]]
+    write_outliers(tmp_path, rows)
+    figures = saved_figures(monkeypatch)
+    report(tmp_path, tmp_path / "report")
+    ax = next(a for a in figures["h_amax.png"].axes if a.images)
+    ticks, labels = list(ax.get_xticks()), [t.get_text() for t in ax.get_xticklabels()]
+    assert labels[0] == "1" and labels[-1] == "4000"
+    columns = ax.images[0].get_array().shape[1]
+    assert min(b - a for a, b in zip(ticks, ticks[1:])) >= columns / 10
