@@ -331,3 +331,41 @@ def test_one_process_without_a_launcher_finds_a_free_port(tmp_path):
     del busy
     assert done.returncode == 0, done.stderr[-3000:]
     assert "1 ranks (gloo)" in done.stderr + done.stdout
+
+
+# Two ranks join through fp8train with a 3-second parallel.timeout_min, then reduce in the data-parallel group
+# DeepSpeed makes for ZeRO (a group of its own, not the world group); rank 1 stops answering.
+HUNG_PEER = """
+import datetime, sys, time, torch, torch.distributed as dist
+from fp8train.backends import select
+from fp8train.config import BackendConfig, BackendName, ParallelConfig, ParallelName
+from fp8train.parallel import deepspeed as ds, launch_env
+from deepspeed.utils import groups
+cfg = ParallelConfig(name=ParallelName.deepspeed, timeout_min=0.05)
+ds.init_distributed(cfg, select(BackendConfig(name=BackendName.cpu)), launch_env(cfg))
+group = groups._get_data_parallel_group()
+t = torch.ones(2)
+dist.all_reduce(t, group=group)
+if dist.get_rank() == 1:
+    time.sleep(20)
+    sys.exit(0)
+t0 = time.monotonic()
+try:
+    dist.all_reduce(t, group=group)
+except RuntimeError:
+    print(f"rank 0 gave up after {time.monotonic() - t0:.0f} s")
+"""
+
+
+def test_a_hung_rank_fails_the_others_after_parallel_timeout_min_in_deepspeeds_groups_too(tmp_path):
+    """parallel.timeout_min bounds every collective. torch gives a group made with new_group (DeepSpeed's
+    data-parallel group, in which ZeRO reduces the gradients) its own default of 30 minutes rather than the world
+    group's timeout: a rank that hung mid-step kept the others waiting half an hour whatever the setting said."""
+    script = tmp_path / "hung_peer.py"
+    script.write_text(HUNG_PEER)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
+    env = {**ENV, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([*cmd, str(script)], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    assert "rank 0 gave up after" in done.stdout, done.stdout[-2000:] + done.stderr[-3000:]
+    waited = int(done.stdout.split("rank 0 gave up after ")[1].split()[0])
+    assert waited < 12, f"rank 0 waited {waited} s for a peer that hung, not parallel.timeout_min (3 s)"
