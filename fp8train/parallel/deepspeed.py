@@ -345,6 +345,14 @@ class DeepSpeedEngine(SingleEngine):
 
         return deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None)
 
+    def lost_contact(self, e: RuntimeError) -> str | None:
+        # NCCL and HCCL fail as torch's DistError; gloo as a RuntimeError from its transport (a connection reset by
+        # a rank that died, or a wait past the timeout), other gloo errors being bugs that keep their traceback.
+        if not (isinstance(e, dist.DistError) or "gloo/transport" in str(e)):
+            return None
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        return first.split(". ")[0][:300]  # gloo goes on with generic advice
+
     def close(self, clean: bool = True) -> None:
         """A barrier, then leave the group: without it a rank can exit while another still talks to it.
 

@@ -369,3 +369,34 @@ def test_a_hung_rank_fails_the_others_after_parallel_timeout_min_in_deepspeeds_g
     assert "rank 0 gave up after" in done.stdout, done.stdout[-2000:] + done.stderr[-3000:]
     waited = int(done.stdout.split("rank 0 gave up after ")[1].split()[0])
     assert waited < 12, f"rank 0 waited {waited} s for a peer that hung, not parallel.timeout_min (3 s)"
+
+
+def test_a_rank_that_dies_where_no_launcher_sees_it_ends_the_others_with_a_message(tmp_path):
+    """Ranks on other machines than the one that died have no launcher that saw it: their next collective fails
+    (connection reset, or parallel.timeout_min for a machine that went silent). That must end the run with what
+    happened and how to continue, not a communication library's traceback."""
+    port = str(free_port())
+    run_dir = tmp_path / "ds"
+    cmd = [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={run_dir}", *COMMON, "parallel=deepspeed"]
+    cmd += ["trainer.micro_batch_size=4", "trainer.max_steps=300", "trainer.checkpoint_every=2"]
+    ranks = []
+    for rank in (0, 1):
+        where = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"}
+        env = {**ENV, **where, "MASTER_PORT": port}
+        ranks.append(
+            subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while not any(r.get("step", 0) >= 3 for r in read_metrics(run_dir)) and ranks[0].poll() is None:
+            assert time.monotonic() < deadline, "no training progress"
+            time.sleep(0.01)
+        ranks[1].kill()
+        _, err = ranks[0].communicate(timeout=120)
+    finally:
+        for p in ranks:
+            p.kill()
+            p.wait()
+    assert ranks[0].returncode == 2, err[-3000:]
+    assert "fp8train: rank 0 lost contact with another rank" in err, err[-3000:]
+    assert "resume=auto" in err and "Error executing job" not in err, err[-3000:]
