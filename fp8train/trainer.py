@@ -244,6 +244,9 @@ class Trainer:
         discard_scalers(self.model)
         self.bad_steps += 1
         self.bad_in_a_row += 1
+        loss = self.engine.mean(loss)  # every rank skips this step (the decision is reduced): the collective lines up
+        if not self.engine.is_main:  # the run's warning, as its metrics are: once, with the global batch's loss
+            return
         log.warning(
             "step %d: loss %s, grad_norm %s: not finite, optimizer step skipped (%d in a row, %d in total; "
             "trainer.max_bad_steps=%d in a row stop the run)",

@@ -463,3 +463,35 @@ def test_fp8_adam_over_two_ranks_keeps_one_scaling_state_and_the_single_process_
         # gradients a rank quantizes are 2 (ranks) times one process's.
         expected = alone[name] * (2 if ".grad_scaler." in name else 1)
         assert torch.allclose(value, expected, rtol=0.1 if ".grad_scaler." not in name else 0.3), name
+
+
+# train.py with a non-finite loss on rank 1 alone at step 3 (a NaN that one rank's rows produced).
+NAN_ON_RANK_1 = """
+import torch
+from fp8train import trainer
+loss = trainer.Trainer.loss
+def nan_on_rank_1(self, inputs, targets):
+    out = loss(self, inputs, targets)
+    return out * float("nan") if self.engine.rank == 1 and self.step == 2 else out
+trainer.Trainer.loss = nan_on_rank_1
+from fp8train.cli.train import main
+main()
+"""
+
+
+def test_a_step_skipped_on_every_rank_is_reported_once_with_the_loss_of_the_global_batch(tmp_path):
+    """A NaN from one rank's rows makes every rank skip the step together (the decision is reduced); the warning is
+    the run's, as the logged metrics are: once, naming the global batch's loss, not one line per rank each with its
+    own rows' loss (finite on the rank whose rows were fine)."""
+    script = tmp_path / "nan.py"
+    script.write_text(NAN_ON_RANK_1)
+    run_dir = tmp_path / "ds"
+    cmd = torchrun_cmd(run_dir, "parallel.zero_stage=0", "trainer.micro_batch_size=4", "trainer.max_steps=4")
+    cmd[cmd.index(str(ROOT / "train.py"))] = str(script)
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**ENV, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    out = done.stdout + done.stderr
+    warnings = [line for line in out.splitlines() if "optimizer step skipped" in line]
+    assert len(warnings) == 1, warnings
+    assert "step 3: loss nan" in warnings[0], warnings
+    assert [r["bad_steps"] for r in read_metrics(run_dir) if "loss" in r] == [0, 0, 1, 1]
