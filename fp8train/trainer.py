@@ -194,6 +194,20 @@ class Trainer:
                 finished_cleanly = True
             except torch._dynamo.exc.BackendCompilerFailed as e:  # inductor's InductorError included
                 raise self.compile_error(e) from None
+            except RuntimeError as e:
+                cause = self.engine.lost_contact(e)
+                if cause is None:
+                    raise
+                raise Fp8trainError(
+                    f"rank {self.engine.rank} lost contact with another rank after step {self.step} ({cause}): that "
+                    f"rank died, or stopped answering for parallel.timeout_min={cfg.parallel.timeout_min} minutes; "
+                    f"its log, or its launcher's, says which and why. "
+                    + (
+                        f"Continue from the checkpoint {self.saved_path} with {continue_overrides(self.run_dir)}."
+                        if self.saved_path
+                        else "No checkpoint had been written yet."
+                    )
+                ) from None
             finally:
                 bar.close()
                 self.logger.summary({k: v for k, v in last.items() if isinstance(v, (int, float))})
@@ -239,6 +253,9 @@ class Trainer:
         discard_scalers(self.model)
         self.bad_steps += 1
         self.bad_in_a_row += 1
+        loss = self.engine.mean(loss)  # every rank skips this step (the decision is reduced): the collective lines up
+        if not self.engine.is_main:  # the run's warning, as its metrics are: once, with the global batch's loss
+            return
         log.warning(
             "step %d: loss %s, grad_norm %s: not finite, optimizer step skipped (%d in a row, %d in total; "
             "trainer.max_bad_steps=%d in a row stop the run)",

@@ -129,6 +129,10 @@ class SingleEngine:
             )
         self.optimizer.load_state_dict(state)
 
+    def lost_contact(self, e: RuntimeError) -> str | None:
+        """The cause, if ``e`` is a collective that failed because another rank died or hung; else None."""
+        return None
+
     def close(self, clean: bool = True) -> None:
         """Leave the process group; ``clean=False`` after an error on this rank (see DeepSpeedEngine.close)."""
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import json
 import logging
 import os
@@ -79,12 +80,28 @@ def init_distributed(cfg: ParallelConfig, backend: Backend, env: LaunchEnv) -> N
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     for name, value in (("RANK", env.rank), ("LOCAL_RANK", env.local_rank), ("WORLD_SIZE", env.world_size)):
         os.environ.setdefault(name, str(value))  # mpirun sets only OMPI_COMM_WORLD_*; DeepSpeed reads these
-    deepspeed.init_distributed(
-        dist_backend=backend.dist_backend,
-        timeout=datetime.timedelta(minutes=cfg.timeout_min),
-        verbose=False,
-    )
+    timeout = datetime.timedelta(minutes=cfg.timeout_min)
+    deepspeed.init_distributed(dist_backend=backend.dist_backend, timeout=timeout, verbose=False)
+    groups_wait(timeout)
     _joined_before = True
+
+
+def groups_wait(timeout: datetime.timedelta) -> None:
+    """Give the process groups made from now on the world group's timeout, unless their maker names one.
+
+    torch's ``new_group`` gives a group its own default (30 minutes) rather than the world group's, and DeepSpeed
+    makes its data-parallel group, in which ZeRO reduces the gradients, that way: a rank that hung mid-step kept the
+    others waiting that long whatever parallel.timeout_min said.
+    """
+    new_group = dist.new_group
+
+    @functools.wraps(new_group)
+    def with_timeout(*args, **kwargs):
+        if len(args) < 2 and kwargs.get("timeout") is None:  # new_group(ranks=None, timeout=None, ...)
+            kwargs["timeout"] = timeout
+        return new_group(*args, **kwargs)
+
+    dist.new_group = with_timeout
 
 
 def free_port() -> int:
@@ -327,6 +344,14 @@ class DeepSpeedEngine(SingleEngine):
         import deepspeed
 
         return deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None)
+
+    def lost_contact(self, e: RuntimeError) -> str | None:
+        # NCCL and HCCL fail as torch's DistError; gloo as a RuntimeError from its transport (a connection reset by
+        # a rank that died, or a wait past the timeout), other gloo errors being bugs that keep their traceback.
+        if not (isinstance(e, dist.DistError) or "gloo/transport" in str(e)):
+            return None
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        return first.split(". ")[0][:300]  # gloo goes on with generic advice
 
     def close(self, clean: bool = True) -> None:
         """A barrier, then leave the group: without it a rank can exit while another still talks to it.
