@@ -165,8 +165,6 @@ class ModelConfig:
         p.positive("rope_theta")
         p.positive("norm_eps")
         p.positive("init_std")
-        if self.init_from is not None and not (resolve_path(self.init_from) / "model.safetensors").is_file():
-            p.add("init_from", "needs a folder with model.safetensors (fp8train import-hf output or a checkpoint)")
         if self.n_heads > 0 and self.d_model > 0:
             if self.d_model % self.n_heads:
                 p.add("n_heads", f"must divide model.d_model={self.d_model}")
@@ -175,6 +173,16 @@ class ModelConfig:
             if self.n_kv_heads and self.n_kv_heads > 0 and self.n_heads % self.n_kv_heads:
                 p.add("n_kv_heads", f"must divide model.n_heads={self.n_heads}")
         return p.found
+
+
+def init_from_problem(model: ModelConfig) -> str | None:
+    """What is wrong with ``model.init_from`` as weights to start from, in override syntax; None when usable."""
+    if (resolve_path(model.init_from) / "model.safetensors").is_file():
+        return None
+    return (
+        f"model.init_from={model.init_from}: needs a folder with model.safetensors (fp8train import-hf output or a "
+        "checkpoint)"
+    )
 
 
 @dataclass
@@ -597,6 +605,10 @@ class Config:
                 f"precision.engine=te: Habana's Transformer Engine needs backend.name=hpu (this run: "
                 f"{self.backend.name.value}{auto}); use precision.engine=native on this device"
             )
+        # A resume takes its weights from its checkpoint: the folder a run started from may be gone by then (with
+        # resume=auto and no checkpoint yet, the trainer checks it before starting from it).
+        if self.model.init_from is not None and self.resume == "none" and (problem := init_from_problem(self.model)):
+            problems.append(problem)
         if not self.resume.strip():  # as a path it would be the launch directory, taken for a damaged checkpoint
             problems.append("resume=: empty; use resume=none, resume=auto or a checkpoint path")
         elif self.resume not in ("none", "auto") and not resolve_path(self.resume).exists():

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from fp8train import backends, checkpoint, locks, optim, parallel, precision
-from fp8train.config import Config, DataConfig, format_value
+from fp8train.config import Config, DataConfig, format_value, init_from_problem
 from fp8train.data import TokenData, build_data, tokens
 from fp8train.data.loader import open_shared, shareable
 from fp8train.data.tokenizer import eos_declaration
@@ -90,6 +90,8 @@ class Trainer:
 
             load_weights(model, self.resume_from)  # checked: find_resume_checkpoint and check_resume_settings
         elif cfg.model.init_from:
+            if problem := init_from_problem(cfg.model):  # resume=auto found no checkpoint: a fresh start needs them
+                raise ConfigError([problem])
             init_from_weights(model, Path(cfg.model.init_from), self.data.tokenizer_file)
         model = model.to(self.backend.device)
         self.model = self.backend.fuse(precision.convert(model, cfg.precision, self.backend))

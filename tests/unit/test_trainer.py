@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import types
 
 import pytest
@@ -371,6 +372,20 @@ def test_starting_over_in_a_run_dir_takes_fp8_linears_in_any_order(tmp_path):
     trainer_module.check_run_dir(tmp_path, compose([*SMALL, "precision=fp8", reordered]), resuming=False)
     with pytest.raises(trainer_module.RunDirError, match=r"precision.linears: \[q_proj,.*\] -> \[q_proj\]"):
         trainer_module.check_run_dir(tmp_path, compose([*SMALL, "precision=fp8", "precision.linears=[q_proj]"]), False)
+
+
+def test_a_run_started_from_weights_resumes_after_they_are_deleted(stopped_run, tmp_path):
+    """A resume takes its weights from its own checkpoint: the model.init_from folder it started from, still on its
+    command line, may be gone (a scratch copy, a deleted import), while a fresh start still needs it."""
+    weights = tmp_path / "weights"
+    shutil.copytree(stopped_run / "checkpoints" / "step_0000002", weights)
+    (weights / "tokenizer.json").write_text((stopped_run / "tokenizer.json").read_text())
+    start = (*RESUMABLE, "optim.lr=1e-2", f"model.init_from={weights}")
+    make_trainer(tmp_path / "second", *start, "trainer.stop_at=4").fit()
+    shutil.rmtree(weights)
+    assert make_trainer(tmp_path / "second", *start, "resume=auto").step == 4
+    with pytest.raises(trainer_module.ConfigError, match=r"model.init_from=.*weights: needs a folder with model"):
+        make_trainer(tmp_path / "fresh", *start, "resume=auto")  # no checkpoint to continue from: a fresh start
 
 
 def test_weights_of_a_superseded_checkpoint_come_with_their_runs_tokenizer(tmp_path):
