@@ -23,7 +23,7 @@ from fp8train.config import (
     register_schema,
     to_typed,
 )
-from fp8train.errors import ConfigError, Fp8trainError
+from fp8train.errors import BackendError, ConfigError, Fp8trainError
 
 register_schema()
 
@@ -365,6 +365,10 @@ def hydra_main(raw: DictConfig) -> None:
         cfg = to_typed(raw)
         try:
             Trainer(cfg, run_dir).fit()
+        except (MemoryError, RuntimeError) as e:
+            if (error := memory_error(e, cfg)) is None:
+                raise
+            raise error from None
         finally:  # the next job of a multirun, or another process, may use this directory now
             unlock_run_dir(run_dir)
     except Fp8trainError as e:
@@ -382,6 +386,28 @@ def hydra_main(raw: DictConfig) -> None:
             print(Sweep.summary(stopped), file=sys.stderr)
             Sweep.reset()
             sys.exit(2)
+
+
+def memory_error(error: BaseException, cfg) -> BackendError | None:
+    """A failed allocation (host or device memory) as the settings to lower; None for any other error."""
+    import torch
+
+    text = str(error).strip()
+    if not (
+        isinstance(error, (MemoryError, torch.OutOfMemoryError))
+        or (isinstance(error, RuntimeError) and "can't allocate memory" in text)
+    ):
+        return None
+    cause = (text.splitlines()[0] if text else type(error).__name__)[:300]
+    m, t = cfg.model, cfg.trainer
+    vocab = f", vocab_size={m.vocab_size}" if m.vocab_size else ""
+    return BackendError(
+        f"out of memory ({cause}). The model (model={m.name}: d_model={m.d_model}, n_layers={m.n_layers}, "
+        f"ffn_dim={m.ffn_dim}{vocab}) with trainer.micro_batch_size={t.micro_batch_size} "
+        f"sequences of data.seq_len={cfg.data.seq_len} tokens does not fit on backend={cfg.backend.name.value}: lower "
+        f"trainer.micro_batch_size (raise trainer.grad_accum_steps to keep the global batch), data.seq_len or the "
+        f"model's size."
+    )
 
 
 def without_local_rank(argv: list[str]) -> list[str]:

@@ -354,7 +354,11 @@ class TokenData:
             raise ValueError(f"{step=} {micro_step=} outside the run (grad_accum_steps={self.grad_accum_steps})")
         B = self.micro_batch_size
         first = ((step * self.grad_accum_steps + micro_step) * self.world_size + self.rank) * B
-        windows = np.array([self._window(g) for g in range(first, first + B)], dtype=np.int64)
+        epoch_B, i_B = np.divmod(np.arange(first, first + B, dtype=np.int64), self.n_train_windows)
+        windows = np.empty_like(i_B)
+        for epoch in np.unique(epoch_B):  # one or two epochs, unless the batch is larger than the split
+            here = epoch_B == epoch
+            windows[here] = self._perm(int(epoch))[i_B[here]]
         return self._gather(self._train, windows)
 
     def val_batches(self, source: str, eval_batches: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, bool]]:
@@ -472,15 +476,14 @@ class TokenData:
             "trained on"
         )
 
-    def _window(self, g: int) -> int:
-        """Index of the training window of global sample ``g``."""
-        epoch, i = divmod(g, self.n_train_windows)
+    def _perm(self, epoch: int) -> np.ndarray:
+        """The order of the training windows in ``epoch``: global sample g is window ``_perm(g // n)[g % n]``."""
         perm = self._perms.get(epoch)
         if perm is None:
             perm = np.random.default_rng([self.seed, epoch]).permutation(self.n_train_windows)
             self._perms = {e: p for e, p in self._perms.items() if e == epoch - 1}  # a batch may straddle epochs
             self._perms[epoch] = perm
-        return int(perm[i])
+        return perm
 
     def _gather(self, tokens: np.ndarray, windows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         rows = torch.from_numpy(tokens[windows[:, None] * self.seq_len + self._offsets].astype(np.int64))  # (B, T+1)

@@ -230,3 +230,17 @@ def test_ctrl_c_while_importing_at_start_up_is_a_message_and_status_130(tmp_path
 def test_hydra_flags_used_wrongly_end_without_traceback(flags, named):
     out = subprocess.run([sys.executable, "train.py", *flags], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and named in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "trainer.micro_batch_size=100000000000",  # built a Python list of window indices until the machine ran out
+        "model.vocab_size=1000000000000",  # the embedding alone: DefaultCPUAllocator's RuntimeError traceback
+    ],
+)
+def test_settings_that_cannot_fit_in_memory_end_in_a_message_naming_what_to_lower(tmp_path, override):
+    out = run_train(tmp_path / "run", *BF16, "trainer.max_steps=1", override, timeout=120)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr and "fp8train: out of memory" in out.stderr, out.stderr[-3000:]
+    assert "lower trainer.micro_batch_size" in out.stderr
