@@ -163,14 +163,19 @@ def all_gather_object(obj) -> list:
 
 def on_rank0(fn, *args):
     """``fn(*args)`` computed by rank 0 and handed to every rank; if it raises an Fp8trainError, every rank raises
-    one with the same message, so all ranks go on or stop together."""
+    one with the same message, so all ranks go on or stop together. Another exception (a bug) keeps its traceback on
+    rank 0, and the other ranks stop with a message pointing at it rather than wait for it."""
     result = error = None
     if not dist.is_initialized() or dist.get_rank() == 0:
         try:
             result = fn(*args)
-        except Fp8trainError as e:
+        except Exception as e:
             error = e
-    result, message = broadcast_object((result, None if error is None else str(error)))
+    if error is None or isinstance(error, Fp8trainError):
+        message = None if error is None else str(error)
+    else:
+        message = f"rank 0 failed ({type(error).__name__}: {error}); its traceback is in its log"
+    result, message = broadcast_object((result, message))
     if error is not None:
         raise error
     if message is not None:

@@ -229,3 +229,45 @@ def test_a_resume_checkpoint_that_differs_between_nodes_stops_every_rank(tmp_pat
         else:  # each rank names the path as it knows it, here its own folder
             assert result.startswith(f"CheckpointError: resume: the checkpoint {tmp_path / f'n{rank}' / 'ckpt'} that ")
             assert "that rank 0 (host " in result and "another checkpoint on rank 1 (host " in result
+
+
+def _fail_on_rank0(rank: int, init_file: str, out: str) -> None:
+    """One of 2 gloo ranks: on_rank0 of a function that fails with a bug (not an Fp8trainError) on rank 0."""
+    import torch.distributed as dist
+
+    from fp8train.parallel import on_rank0
+
+    def broken():
+        raise OSError("a bug's error")
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        on_rank0(broken)
+        result = {"error": None}
+    except Exception as e:
+        result = {"error": f"{type(e).__name__}: {e}"}
+    finally:
+        dist.destroy_process_group()
+    Path(f"{out}{rank}.json").write_text(json.dumps(result))
+
+
+def test_a_bug_on_rank_0_in_what_it_computes_for_all_stops_every_rank(tmp_path):
+    """Only an Fp8trainError reached the other ranks: any other exception on rank 0 left them waiting in the
+    broadcast until parallel.timeout_min. Rank 0 keeps its traceback; the others stop, pointing at it."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    procs = [
+        ctx.Process(target=_fail_on_rank0, args=(rank, str(tmp_path / "init"), str(tmp_path / "out")))
+        for rank in (0, 1)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=60)
+        if p.is_alive():
+            p.kill()
+    assert [p.exitcode for p in procs] == [0, 0], "a rank hung or died"
+    ranks = [json.loads((tmp_path / f"out{rank}.json").read_text())["error"] for rank in (0, 1)]
+    assert ranks[0] == "OSError: a bug's error"
+    assert ranks[1].startswith("Fp8trainError: rank 0 failed") and "OSError" in ranks[1], ranks[1]
