@@ -539,6 +539,7 @@ class Trainer:
     def check_resume_state(self, path: Path) -> None:
         """Refuse a checkpoint this run cannot continue as an unbroken run would: other tokens, another data order or
         global batch, a step at or past where this invocation stops."""
+        parallel.check_resume_layout(path, self.cfg.parallel, self.launch.world_size)  # names the ranks to use
         state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
         if state["data_fingerprint"] != self.data.fingerprint:
             diffs = settings_differences(path / "config.yaml", self.cfg, ("data",))

@@ -104,14 +104,7 @@ class SingleEngine:
         torch.save(self.optimizer.state_dict(), folder / OPTIMIZER_FILE)
 
     def load_state(self, folder: Path, device: torch.device) -> None:
-        # DeepSpeed checkpoints carry a model.safetensors too (for export), but their optimizer state is DeepSpeed's.
-        if (folder / DEEPSPEED_DIR).is_dir():
-            raise CheckpointError(
-                f"resume={folder}: written by parallel=deepspeed (its optimizer state is in {DEEPSPEED_DIR}/, there "
-                f"is no {OPTIMIZER_FILE}): resume it with parallel=deepspeed (any number of ranks for ZeRO stage 0), "
-                f"start a new run directory from its weights alone with model.init_from={folder}, or export it with "
-                f"fp8train export-hf."
-            )
+        check_single_layout(folder)
         try:
             load_weights(self.model, folder / MODEL_FILE, device)
         except RuntimeError as e:
@@ -159,6 +152,29 @@ def all_gather_object(obj) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def check_single_layout(folder: Path) -> None:
+    """Refuse a DeepSpeed checkpoint to a parallel=single run, before anything of it is read."""
+    # DeepSpeed checkpoints carry a model.safetensors too (for export), but their optimizer state is DeepSpeed's.
+    if (folder / DEEPSPEED_DIR).is_dir():
+        raise CheckpointError(
+            f"resume={folder}: written by parallel=deepspeed (its optimizer state is in {DEEPSPEED_DIR}/, there "
+            f"is no {OPTIMIZER_FILE}): resume it with parallel=deepspeed (any number of ranks for ZeRO stage 0), "
+            f"start a new run directory from its weights alone with model.init_from={folder}, or export it with "
+            f"fp8train export-hf."
+        )
+
+
+def check_resume_layout(folder: Path, cfg: ParallelConfig, world_size: int) -> None:
+    """Refuse a checkpoint whose optimizer state this run's process layout (parallel, ZeRO stage, ranks) cannot take
+    up, before any other check of it: its message names the layout to resume with."""
+    if cfg.name == ParallelName.deepspeed:
+        from fp8train.parallel.deepspeed import check_layout
+
+        check_layout(folder, cfg.zero_stage, world_size)
+    else:
+        check_single_layout(folder)
 
 
 def on_rank0(fn, *args):

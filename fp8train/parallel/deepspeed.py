@@ -283,12 +283,7 @@ class DeepSpeedEngine(SingleEngine):
         barrier()
 
     def load_state(self, folder: Path, device: torch.device) -> None:
-        if not (folder / DEEPSPEED_DIR).is_dir():
-            raise CheckpointError(
-                f"resume={folder}: written by parallel=single (no {DEEPSPEED_DIR}/ folder); resume it with "
-                f"parallel=single, or start this run from its weights with model.init_from={folder}."
-            )
-        self.check_layout(folder)
+        check_layout(folder, self.stage, self.world_size)
         try:  # ZeRO stages 1-3 refuse another number of ranks with their own exception class
             from deepspeed.runtime.zero.utils import ZeRORuntimeException
         except ImportError:
@@ -306,36 +301,6 @@ class DeepSpeedEngine(SingleEngine):
             ) from None
         if path is None:
             raise CheckpointError(f"resume={folder}: DeepSpeed found no checkpoint in {folder / DEEPSPEED_DIR}.")
-
-    def check_layout(self, folder: Path) -> None:
-        """Refuse a checkpoint whose optimizer state DeepSpeed would lay out otherwise in this run, before DeepSpeed
-        reads it (it fails on a missing file or a None deep inside, or asserts without a message).
-
-        Each ZeRO stage has its own files: stage 0 keeps the whole optimizer state with the module, stages 1 and 2
-        (which share one format: they resume into each other exactly) and 3 keep one partition per rank, which only
-        that many ranks can take up. Stage 0 resumes on any number of ranks.
-        """
-        try:
-            saved = OmegaConf.load(folder / "config.yaml").parallel.zero_stage
-        except Exception:  # not readable: DeepSpeed's own checks below are all there is
-            return
-        ranks = len(list((folder / DEEPSPEED_DIR).glob("zero_pp_rank_*_optim_states.pt")))
-        fresh = (
-            f"or start a new run directory from its weights alone (fresh optimizer state) with model.init_from={folder}"
-        )
-        if saved != self.stage and {saved, self.stage} != {1, 2}:
-            also = " (or 2)" if saved == 1 else " (or 1)" if saved == 2 else ""
-            raise CheckpointError(
-                f"resume={folder}: written with parallel.zero_stage={saved}, and ZeRO stage {self.stage} keeps the "
-                f"optimizer state in another layout, which cannot take it up: resume with "
-                f"parallel.zero_stage={saved}{also}, {fresh}."
-            )
-        if saved > 0 and ranks and ranks != self.world_size:
-            raise CheckpointError(
-                f"resume={folder}: written by {ranks} ranks with parallel.zero_stage={saved}, which splits the "
-                f"optimizer state into one partition per rank; this run has {self.world_size}. Resume with "
-                f"{ranks} ranks (parallel.zero_stage=0 checkpoints resume on any number), {fresh}."
-            )
 
     def gathered(self):
         """ZeRO-3 keeps a shard of each weight per rank: gather them whole for the duration of the block."""
@@ -378,3 +343,37 @@ def whole_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             state.pop(name, None)
         seen.add(id(p))
     return {k: v.detach().contiguous().clone() for k, v in state.items()}
+
+
+def check_layout(folder: Path, stage: int, world_size: int) -> None:
+    """Refuse a checkpoint whose optimizer state DeepSpeed would lay out otherwise in this run, before DeepSpeed
+    reads it (it fails on a missing file or a None deep inside, or asserts without a message).
+
+    Each ZeRO stage has its own files: stage 0 keeps the whole optimizer state with the module, stages 1 and 2
+    (which share one format: they resume into each other exactly) and 3 keep one partition per rank, which only
+    that many ranks can take up. Stage 0 resumes on any number of ranks.
+    """
+    if not (folder / DEEPSPEED_DIR).is_dir():
+        raise CheckpointError(
+            f"resume={folder}: written by parallel=single (no {DEEPSPEED_DIR}/ folder); resume it with "
+            f"parallel=single, or start this run from its weights with model.init_from={folder}."
+        )
+    try:
+        saved = OmegaConf.load(folder / "config.yaml").parallel.zero_stage
+    except Exception:  # not readable: DeepSpeed's own checks below are all there is
+        return
+    ranks = len(list((folder / DEEPSPEED_DIR).glob("zero_pp_rank_*_optim_states.pt")))
+    fresh = f"or start a new run directory from its weights alone (fresh optimizer state) with model.init_from={folder}"
+    if saved != stage and {saved, stage} != {1, 2}:
+        also = " (or 2)" if saved == 1 else " (or 1)" if saved == 2 else ""
+        raise CheckpointError(
+            f"resume={folder}: written with parallel.zero_stage={saved}, and ZeRO stage {stage} keeps the "
+            f"optimizer state in another layout, which cannot take it up: resume with "
+            f"parallel.zero_stage={saved}{also}, {fresh}."
+        )
+    if saved > 0 and ranks and ranks != world_size:
+        raise CheckpointError(
+            f"resume={folder}: written by {ranks} ranks with parallel.zero_stage={saved}, which splits the "
+            f"optimizer state into one partition per rank; this run has {world_size}. Resume with "
+            f"{ranks} ranks (parallel.zero_stage=0 checkpoints resume on any number), {fresh}."
+        )

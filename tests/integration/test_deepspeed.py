@@ -294,16 +294,35 @@ def test_sigterm_to_one_rank_stops_all_with_a_checkpoint_and_resume_is_exact(tmp
     assert losses(broken) == losses(unbroken)
 
 
+# train.py, with RUN_DIR/checkpoints turned into a file once the run has started (a start refuses one).
+CHECKPOINTS_BECOME_A_FILE = """
+import shutil
+from fp8train import trainer
+init = trainer.Trainer.__init__
+def init_then_break(self, *args):
+    init(self, *args)
+    if self.engine.rank == 0:
+        shutil.rmtree(self.ckpt_root, ignore_errors=True)
+        self.ckpt_root.write_text("not a folder")
+trainer.Trainer.__init__ = init_then_break
+from fp8train.cli.train import main
+main()
+"""
+
+
 def test_an_error_on_rank_0_ends_the_run_at_once_with_its_message(tmp_path):
-    """A checkpoint rank 0 alone cannot write (here: checkpoints/ is a file) fails rank 0 while rank 1 waits in the
-    checkpoint's first collective. Rank 0 must not then wait in a barrier of its own at shutdown (until
+    """A checkpoint rank 0 alone cannot write (here: checkpoints/ became a file) fails rank 0 while rank 1 waits in
+    the checkpoint's first collective. Rank 0 must not then wait in a barrier of its own at shutdown (until
     parallel.timeout_min): it exits with its message and status 2, and the launcher stops the other rank."""
     run_dir = tmp_path / "ds"
-    run_dir.mkdir()
-    (run_dir / "checkpoints").write_text("not a folder")
+    script = tmp_path / "break_checkpoints.py"
+    script.write_text(CHECKPOINTS_BECOME_A_FILE)
     cmd = torchrun_cmd(run_dir, "trainer.micro_batch_size=4", "parallel.timeout_min=1", "trainer.checkpoint_every=2")
+    cmd[cmd.index(str(ROOT / "train.py"))] = str(script)
     t0 = time.monotonic()
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
+    done = subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**ENV, "PYTHONPATH": str(ROOT)}
+    )
     elapsed = time.monotonic() - t0
     out = done.stdout + done.stderr
     assert done.returncode != 0
