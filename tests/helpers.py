@@ -172,3 +172,19 @@ def damage_jsonl(path: Path, damage: str, not_objects: str) -> None:
         path.mkdir()
     else:
         path.write_text(not_objects)
+
+
+def on_two_ranks(target, tmp_path: Path, *args) -> None:
+    """``target(rank, init_file, *args)`` in 2 spawned processes, which join a gloo group through ``init_file``
+    (under tmp_path); fails the test if a rank hangs (60 s) or dies."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=target, args=(rank, str(tmp_path / "init"), *args)) for rank in (0, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=60)
+        if p.is_alive():
+            p.kill()
+    assert [p.exitcode for p in procs] == [0, 0], "a rank hung or died"

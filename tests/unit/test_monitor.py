@@ -24,7 +24,7 @@ from fp8train.monitor import OUTLIERS_FILE, Alert, DisabledMonitor, OutlierMonit
 from fp8train.monitor.alerts import SpikeRule, overflowed
 from fp8train.precision import share_input_scalers
 from fp8train.precision.smooth_swiglu import SmoothSwiGLUToken
-from tests.helpers import SMALL, damage_jsonl, saved_figures
+from tests.helpers import SMALL, damage_jsonl, on_two_ranks, saved_figures
 
 # ---------------------------------------------------------------------------------------------------------------
 # statistics
@@ -561,21 +561,10 @@ def _replay_on_rank(rank: int, init_file: str, tmp: str, out: str) -> None:
 
 def replay_on_two_ranks(tmp_path, outliers: bytes) -> list[dict]:
     """What each of 2 ranks replays when only rank 0's folder holds outliers.jsonl (as a node-local run dir)."""
-    import multiprocessing
-
     for rank in (0, 1):
         (tmp_path / f"n{rank}").mkdir()
     (tmp_path / "n0" / OUTLIERS_FILE).write_bytes(outliers)
-    ctx = multiprocessing.get_context("spawn")
-    args = (str(tmp_path / "init"), str(tmp_path), str(tmp_path / "out"))
-    procs = [ctx.Process(target=_replay_on_rank, args=(rank, *args)) for rank in (0, 1)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=60)
-        if p.is_alive():
-            p.kill()
-    assert [p.exitcode for p in procs] == [0, 0], "a rank hung or died"
+    on_two_ranks(_replay_on_rank, tmp_path, str(tmp_path), str(tmp_path / "out"))
     return [json.loads((tmp_path / f"out{rank}.json").read_text()) for rank in (0, 1)]
 
 

@@ -14,6 +14,7 @@ from fp8train.config import ParallelConfig, ParallelName, compose
 from fp8train.errors import ConfigError
 from fp8train.parallel import launch_env
 from fp8train.parallel.deepspeed import build_ds_config
+from tests.helpers import on_two_ranks
 
 
 def ds_config(tmp_path=None, user: dict | None = None, **batch) -> dict:
@@ -200,8 +201,6 @@ def test_a_resume_checkpoint_that_differs_between_nodes_stops_every_rank(tmp_pat
     """resume=PATH on node-local storage: a node without the checkpoint failed with a wrong reason (written by
     parallel=single) while the others waited, and one with another checkpoint there continued from other
     weights. Every rank stops with the path and the ranks that lack it."""
-    import multiprocessing
-
     from fp8train.checkpoint import MANIFEST
 
     for rank, manifest in (
@@ -211,17 +210,7 @@ def test_a_resume_checkpoint_that_differs_between_nodes_stops_every_rank(tmp_pat
         (tmp_path / f"n{rank}" / "ckpt").mkdir(parents=True)
         if manifest is not None:
             (tmp_path / f"n{rank}" / "ckpt" / MANIFEST).write_text(manifest)
-    ctx = multiprocessing.get_context("spawn")
-    procs = [
-        ctx.Process(target=_check_checkpoint_on_rank, args=(r, str(tmp_path / "init"), str(tmp_path))) for r in (0, 1)
-    ]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=60)
-        if p.is_alive():
-            p.kill()
-    assert [p.exitcode for p in procs] == [0, 0], "a rank hung or died"
+    on_two_ranks(_check_checkpoint_on_rank, tmp_path, str(tmp_path))
     for rank in (0, 1):
         result = (tmp_path / f"out{rank}").read_text()
         if rank1_has == "the same":
@@ -254,20 +243,7 @@ def _fail_on_rank0(rank: int, init_file: str, out: str) -> None:
 def test_a_bug_on_rank_0_in_what_it_computes_for_all_stops_every_rank(tmp_path):
     """Only an Fp8trainError reached the other ranks: any other exception on rank 0 left them waiting in the
     broadcast until parallel.timeout_min. Rank 0 keeps its traceback; the others stop, pointing at it."""
-    import multiprocessing
-
-    ctx = multiprocessing.get_context("spawn")
-    procs = [
-        ctx.Process(target=_fail_on_rank0, args=(rank, str(tmp_path / "init"), str(tmp_path / "out")))
-        for rank in (0, 1)
-    ]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=60)
-        if p.is_alive():
-            p.kill()
-    assert [p.exitcode for p in procs] == [0, 0], "a rank hung or died"
+    on_two_ranks(_fail_on_rank0, tmp_path, str(tmp_path / "out"))
     ranks = [json.loads((tmp_path / f"out{rank}.json").read_text())["error"] for rank in (0, 1)]
     assert ranks[0] == "OSError: a bug's error"
     assert ranks[1].startswith("Fp8trainError: rank 0 failed") and "OSError" in ranks[1], ranks[1]
