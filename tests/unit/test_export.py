@@ -31,7 +31,15 @@ def fp8_checkpoint(tmp_path_factory):
     and all."""
     run_dir = tmp_path_factory.mktemp("run")
     cfg = compose(
-        [*SMALL, "precision=fp8_smooth", "model.rope_theta=500000.0", "trainer.max_steps=3", "trainer.eval_every=0"]
+        [
+            *SMALL,
+            "precision=fp8_smooth",
+            "model.rope_theta=500000.0",
+            "trainer.max_steps=3",
+            "trainer.eval_every=0",
+            "trainer.checkpoint_every=2",  # steps 2 and 3
+            "trainer.keep_last=2",
+        ]
     )
     assert cfg.model.tie_embeddings and cfg.model.kv_heads < cfg.model.n_heads
     Trainer(cfg, run_dir).fit()
@@ -193,7 +201,6 @@ def damaged_run(fp8_checkpoint, tmp_path):
     one (step 2)."""
     run = tmp_path / "run"
     shutil.copytree(fp8_checkpoint, run)
-    shutil.copytree(run / "checkpoints" / "step_0000003", run / "checkpoints" / "step_0000002")
     weights = run / "checkpoints" / "step_0000003" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:5])
     return run
@@ -298,12 +305,13 @@ def test_the_exported_tokenizer_encodes_text_as_training_did_with_no_bos_added(t
 
 
 def superseded_run(fp8_checkpoint, tmp_path):
-    """A copy of the run whose only checkpoint was set aside by a resume from an earlier step."""
+    """A copy of the run whose checkpoints were all set aside by a resume from an earlier step."""
     run = tmp_path / "run"
     shutil.copytree(fp8_checkpoint, run)
     aside = run / "checkpoints" / "superseded" / "after_step_0000001_20260101-000000"
     aside.mkdir(parents=True)
-    shutil.move(run / "checkpoints" / "step_0000003", aside / "step_0000003")
+    for step in ("step_0000002", "step_0000003"):
+        shutil.move(run / "checkpoints" / step, aside / step)
     return run, aside / "step_0000003"
 
 
