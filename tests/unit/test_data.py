@@ -1170,6 +1170,7 @@ def test_resuming_a_zero_checkpoint_on_another_number_of_ranks_is_a_clear_error(
     (tmp_path / DEEPSPEED_DIR).mkdir()
     engine = object.__new__(DeepSpeedEngine)
     engine.ds = SimpleNamespace(load_checkpoint=load_checkpoint)
+    engine.stage, engine.world_size = 2, 1
     with pytest.raises(CheckpointError, match=r"DP world size of 2 but the current world size is 1.*number of ranks"):
         engine.load_state(tmp_path, torch.device("cpu"))
 
