@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import tempfile
@@ -31,7 +32,20 @@ register_schema()
 def fail(error: Fp8trainError) -> None:
     """Print a user-fixable problem as a message alone (no traceback) and exit with status 2."""
     print(f"fp8train: {error}", file=sys.stderr)
-    sys.exit(2)
+    exit_with(2)
+
+
+def exit_with(status: int) -> None:
+    """sys.exit, except with a process group up: its communication threads, still running when the interpreter tears
+    down, abort it now and then ("terminate called without an active exception", SIGABRT instead of the status).
+    Logs and output are flushed, then the process ends at once; the launcher stops the other ranks."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        sys.exit(status)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 class Sweep:
@@ -385,7 +399,7 @@ def hydra_main(raw: DictConfig) -> None:
             )
             print(Sweep.summary(stopped), file=sys.stderr)
             Sweep.reset()
-            sys.exit(2)
+            exit_with(2)
 
 
 def memory_error(error: BaseException, cfg) -> BackendError | None:

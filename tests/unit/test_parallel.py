@@ -247,3 +247,25 @@ def test_a_bug_on_rank_0_in_what_it_computes_for_all_stops_every_rank(tmp_path):
     ranks = [json.loads((tmp_path / f"out{rank}.json").read_text())["error"] for rank in (0, 1)]
     assert ranks[0] == "OSError: a bug's error"
     assert ranks[1].startswith("Fp8trainError: rank 0 failed") and "OSError" in ranks[1], ranks[1]
+
+
+def test_an_error_with_a_process_group_up_exits_with_its_status_message_and_logs(tmp_path):
+    """With a group up, the interpreter's teardown could abort (SIGABRT, gloo's threads) instead of exiting 2: the
+    error exit skips it, and still leaves the message on stderr and the log lines in their file."""
+    import subprocess
+    import sys
+
+    script = f"""
+import logging, torch.distributed as dist
+from fp8train.cli.train import fail
+from fp8train.errors import Fp8trainError
+dist.init_process_group("gloo", init_method="file://{tmp_path / "init"}", rank=0, world_size=1)
+logging.basicConfig(filename="{tmp_path / "train.log"}", level=logging.INFO)
+logging.getLogger("fp8train").info("a line before the error")
+print("on stdout", end="")
+fail(Fp8trainError("what to change"))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip().endswith("fp8train: what to change") and done.stdout == "on stdout"
+    assert "a line before the error" in (tmp_path / "train.log").read_text()
