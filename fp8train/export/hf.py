@@ -473,7 +473,8 @@ def import_hf(hf_dir: Path, out: Path) -> Path:
             f"config.json from the model's source."
         ) from None
     # Everything that can be checked without the weights first: reading a large model's takes minutes.
-    cfg = imported_model_config(llama_config, hf_dir.name)
+    # Named by the folder, also when given as "." or "..", whose Path.name is "" or "..".
+    cfg = imported_model_config(llama_config, Path(os.path.abspath(hf_dir)).name)
     if problems := cfg.check("model"):  # in config.json's names: model.n_kv_heads is its num_key_value_heads
         named = [re.sub(r"model\.(\w+)", lambda m: HF_FIELDS.get(m[1], m[0]), problem) for problem in problems]
         raise CheckpointError(

@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 import stat
+from pathlib import Path
 
 import pytest
 import torch
@@ -597,3 +598,14 @@ def test_a_damaged_pytorch_model_bin_is_named(hf_folder, tmp_path, damage):
     with pytest.raises(CheckpointError, match=r"hf: transformers cannot load its weights \(\w+: .+\)"):
         import_hf(folder, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("given", [".", "sub/..", ".."])
+def test_a_folder_given_as_dot_or_dotdot_is_named_for_what_it_is(hf_folder, tmp_path, monkeypatch, given):
+    """`import-hf . OUT` inside the model's folder: the saved model.name is that folder's name, not '' or '..'."""
+    folder = tmp_path / "llama-7b"
+    shutil.copytree(hf_folder, folder)
+    (folder / "sub").mkdir()
+    monkeypatch.chdir(folder / "sub" if given == ".." else folder)
+    out = import_hf(Path(given), tmp_path / "imported")
+    assert "name: llama-7b\n" in (out / "model.yaml").read_text()
