@@ -279,6 +279,26 @@ def export_hf(ckpt: Path, out: Path, dtype: str = "bf16") -> Path:
     return out
 
 
+def value_type_problems(config: dict) -> list[str]:
+    """config.json values fp8train reads itself that are of another JSON type than transformers reads them as
+    (``"false"`` in quotes): a string is true to Python, and transformers 4.x takes it as it is and builds biases."""
+    problems = [
+        f"{key} is {json.dumps(config[key])}, not true or false"  # as config.json has it: "false", null
+        for key in ("attention_bias", "mlp_bias", "tie_word_embeddings")
+        if key in config and not isinstance(config[key], bool)
+    ]
+    for where, rope in (
+        ("", config),
+        ("rope_scaling.", config.get("rope_scaling")),
+        ("rope_parameters.", config.get("rope_parameters")),
+    ):
+        theta = rope.get("rope_theta") if isinstance(rope, dict) else None
+        # transformers 5.x takes a string here too, and fails deep in torch with it
+        if theta is not None and (isinstance(theta, bool) or not isinstance(theta, (int, float))):
+            problems.append(f"{where}rope_theta is {json.dumps(theta)}, not a number")
+    return problems
+
+
 def unsupported_features(config: dict) -> list[str]:
     """What in a Hugging Face Llama config.json fp8train's Llama cannot compute (empty: importable exactly)."""
     problems = []
@@ -304,7 +324,7 @@ def unsupported_features(config: dict) -> list[str]:
     elif hidden % heads:
         # transformers 4.x builds such a model (head_dim rounded down, o_proj from heads * head_dim); ours cannot
         problems.append(f"hidden_size {hidden} is not a multiple of num_attention_heads {heads}")
-    elif config.get("head_dim") is not None and config["head_dim"] != hidden // heads:
+    elif isinstance(config.get("head_dim"), int) and config["head_dim"] != hidden // heads:
         problems.append(f"head_dim is {config['head_dim']}, not hidden_size / num_attention_heads = {hidden // heads}")
     return problems
 
@@ -456,6 +476,11 @@ def import_hf(hf_dir: Path, out: Path) -> Path:
         raise CheckpointError(
             f"{hf_dir}: not a Hugging Face Llama folder (config.json model_type is "
             f"{config.get('model_type')!r}, expected 'llama')."
+        )
+    if problems := value_type_problems(config):
+        raise CheckpointError(
+            f"{hf_dir}/config.json: {'; '.join(problems)}. Write these values as JSON writes them, without quotes "
+            f"(true, false, 500000.0), or restore config.json from the model's source."
         )
     if problems := unsupported_features(config):
         raise CheckpointError(

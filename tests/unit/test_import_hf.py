@@ -609,3 +609,27 @@ def test_a_folder_given_as_dot_or_dotdot_is_named_for_what_it_is(hf_folder, tmp_
     monkeypatch.chdir(folder / "sub" if given == ".." else folder)
     out = import_hf(Path(given), tmp_path / "imported")
     assert "name: llama-7b\n" in (out / "model.yaml").read_text()
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        ({"attention_bias": "false"}, 'attention_bias is "false", not true or false'),
+        ({"mlp_bias": "false", "tie_word_embeddings": 1}, 'mlp_bias is "false".*; tie_word_embeddings is 1, not true'),
+        ({"rope_parameters": {"rope_type": "default", "rope_theta": "5e5"}}, r'rope_parameters.rope_theta is "5e5"'),
+        ({"rope_parameters": None, "rope_theta": "5e5"}, 'rope_theta is "5e5", not a number'),
+        ({"head_dim": "16"}, "transformers cannot read it.*head_dim"),
+    ],
+)
+def test_a_value_of_another_json_type_is_refused_by_name(hf_folder, tmp_path, monkeypatch, change, expected):
+    """A hand-edited config.json with "false" in quotes: a string is true to Python (and to transformers 4.x, which
+    would build the biases), so it is refused naming the key, not read as true nor left to fail deep in torch."""
+    folder = tmp_path / "hf"
+    shutil.copytree(hf_folder, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({k: v for k, v in {**config, **change}.items() if v is not None}))
+    _no_weight_reading(monkeypatch)
+    with pytest.raises(CheckpointError, match=rf"hf/config.json: .*{expected}") as e:
+        import_hf(folder, tmp_path / "out")
+    assert "is true" not in str(e.value) and "not hidden_size / num_attention_heads" not in str(e.value)
+    assert not (tmp_path / "out").exists()
