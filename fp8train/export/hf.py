@@ -138,7 +138,19 @@ def load_weights(model: Llama, folder: Path, dtype: torch.dtype | None = None) -
 
 
 def check_output_folder(out: Path) -> None:
-    """Refuse an output path that is a file or a folder with something in it (never overwrite)."""
+    """Refuse an output path that is a file, a folder with something in it (never overwrite), or one in a run's
+    checkpoints folder."""
+    absolute = Path(os.path.abspath(out))  # RUN/checkpoints/../hf is RUN/hf
+    for folder in (absolute, *absolute.parents):
+        if folder.name == "checkpoints" and (
+            (folder.parent / "config.yaml").is_file() or checkpoint.complete_checkpoints(folder)
+        ):
+            # Training replaces a step_N folder when it reaches step N, a resume moves later ones into superseded/,
+            # keep_last deletes a checkpoint with whatever lies in it: the files written there would be lost.
+            raise CheckpointError(
+                f"{out} lies in the run's checkpoints folder {folder}, whose folders training replaces, sets aside "
+                f"and deletes (trainer.keep_last); write it outside, e.g. {folder.parent / 'hf'}."
+            )
     if out.is_dir() and all(re.fullmatch(r"\.tmp-\d+", p.name) for p in out.iterdir()):
         checkpoint.remove_stale_tmp(out)  # nothing but the temporary folder of a write that was killed (see writing)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

@@ -501,3 +501,18 @@ def test_weights_taken_by_an_empty_model_hold_no_mapping_of_their_file(tmp_path)
         pytest.skip("needs /proc/self/maps")
     assert str(folder / "model.safetensors") not in maps.read_text()
     assert torch.equal(model.embed_tokens.weight, saved.embed_tokens.weight)
+
+
+@pytest.mark.parametrize("out", ["checkpoints/step_0000004", "checkpoints/step_0000003/hf", "checkpoints/hf"])
+def test_an_output_folder_inside_the_runs_checkpoints_is_refused(fp8_checkpoint, tmp_path, capsys, out):
+    """Training owns RUN/checkpoints: it replaces a step_N folder when it reaches step N, a resume moves it into
+    superseded/ as a checkpoint of the replaced timeline, and keep_last deletes a checkpoint with what lies in it.
+    An export there would be lost that way, so it is refused and the run's folders stay as they were."""
+    run = tmp_path / "run"
+    shutil.copytree(fp8_checkpoint, run)
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    assert run_cli("export-hf", run, run / out) == 2
+    err = capsys.readouterr().err
+    assert f"{run / out} lies in the run's checkpoints folder {run / 'checkpoints'}" in err, err
+    assert f"e.g. {run / 'hf'}" in err
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before

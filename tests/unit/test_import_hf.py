@@ -633,3 +633,12 @@ def test_a_value_of_another_json_type_is_refused_by_name(hf_folder, tmp_path, mo
         import_hf(folder, tmp_path / "out")
     assert "is true" not in str(e.value) and "not hidden_size / num_attention_heads" not in str(e.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_an_output_folder_inside_a_runs_checkpoints_is_refused(hf_folder, tmp_path):
+    """Training deletes and replaces what lies in RUN/checkpoints (see test_export): weights imported there would go."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("model: {}\n")
+    with pytest.raises(CheckpointError, match=r"imported lies in the run's checkpoints folder .*run/checkpoints"):
+        import_hf(hf_folder, tmp_path / "run" / "checkpoints" / "imported")
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.yaml"]
