@@ -171,13 +171,16 @@ def writing(out: Path) -> Iterator[Path]:
         raise CheckpointError(
             f"{out}: cannot create the output folder ({e.strerror or e}); choose a folder in a writable location."
         ) from None
-    done = False
+    done, moved = False, []
     try:
         yield tmp
         files = [file for file in tmp.iterdir() if file.is_file()]
         checkpoint.readable_as_umask(files)
-        for file in tmp.iterdir():
+        # The file that makes a folder a model (transformers' config.json, init_from's model.yaml) moves last: a kill
+        # between two renames leaves a folder that is refused, not one that passes for a model without its tokenizer.
+        for file in sorted(tmp.iterdir(), key=lambda file: file.name in ("config.json", "model.yaml")):
             os.replace(file, out / file.name)
+            moved.append(out / file.name)
         done = True
     except (OSError, SafetensorError) as e:
         cause = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
@@ -187,6 +190,8 @@ def writing(out: Path) -> Iterator[Path]:
         ) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        for file in moved if not done else ():  # a Ctrl-C or an error between two renames: out was empty before
+            file.unlink(missing_ok=True)
         if created and not done:
             with contextlib.suppress(OSError):
                 out.rmdir()

@@ -516,3 +516,28 @@ def test_an_output_folder_inside_the_runs_checkpoints_is_refused(fp8_checkpoint,
     assert f"{run / out} lies in the run's checkpoints folder {run / 'checkpoints'}" in err, err
     assert f"e.g. {run / 'hf'}" in err
     assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_an_export_stopped_while_its_files_move_into_place_leaves_no_part_of_them(
+    fp8_checkpoint, tmp_path, monkeypatch, existing
+):
+    """A Ctrl-C between two of the renames that move the files into OUT: the files moved so far go again (OUT empty
+    or absent), and config.json, which makes a folder a model to transformers, is the last to move, so that a kill
+    there leaves a folder transformers refuses rather than one without tokenizer files that passes for a model."""
+    if existing:
+        (tmp_path / "hf").mkdir()
+    moved = []
+
+    def replace(src, dst):
+        if len(moved) == 4:  # of the 5 files: before the last
+            raise KeyboardInterrupt
+        os.rename(src, dst)
+        moved.append(Path(dst).name)
+
+    monkeypatch.setattr("fp8train.export.hf.os.replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        export_hf(fp8_checkpoint / "checkpoints" / "step_0000003", tmp_path / "hf")
+    assert "config.json" not in moved
+    assert [p.name for p in tmp_path.iterdir()] == (["hf"] if existing else [])
+    assert not existing or not any((tmp_path / "hf").iterdir())
