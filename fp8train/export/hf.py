@@ -200,7 +200,7 @@ def writing(out: Path) -> Iterator[Path]:
 def checkpoint_to_export(path: Path) -> Path:
     """The checkpoint export-hf reads for ``path``: a run directory's newest intact checkpoint, or ``path``
     itself, a checkpoint folder checked against its manifest."""
-    path = Path(path)
+    path = Path(os.path.abspath(path))  # "." or "..", whose name says nothing, as the folder they are
     if path.name == "checkpoints" and not (path / "checkpoints").is_dir() and (path.parent / "config.yaml").is_file():
         path = path.parent  # RUN_DIR/checkpoints, the folder listing the step_N folders, means the run
     root = path / "checkpoints"
@@ -263,7 +263,7 @@ def export_hf(ckpt: Path, out: Path, dtype: str = "bf16") -> Path:
 
     from fp8train.data.tokenizer import declared_eos, find_eos_id, read_tokenizer_file
 
-    ckpt, out = Path(ckpt), Path(out)
+    ckpt, out = Path(os.path.abspath(ckpt)), Path(out)  # run_dir_of goes by the names of its parents
     run_dir = checkpoint.run_dir_of(ckpt) or ckpt.parent.parent
     tokenizer_file = run_dir / "tokenizer.json"  # the run dir's copy
     if not tokenizer_file.is_file():

@@ -541,3 +541,20 @@ def test_an_export_stopped_while_its_files_move_into_place_leaves_no_part_of_the
     assert "config.json" not in moved
     assert [p.name for p in tmp_path.iterdir()] == (["hf"] if existing else [])
     assert not existing or not any((tmp_path / "hf").iterdir())
+
+
+@pytest.mark.parametrize(
+    "cwd, given",
+    [
+        ("checkpoints", "step_0000003"),
+        ("checkpoints/step_0000003", "."),
+        ("checkpoints", "."),
+        ("checkpoints/step_0000003", ".."),
+    ],
+)
+def test_a_checkpoint_or_run_given_by_a_relative_path_exports(fp8_checkpoint, tmp_path, monkeypatch, cwd, given):
+    """`cd RUN/checkpoints; fp8train export-hf step_N OUT` found no tokenizer.json in its run directory ("."), and
+    "." or ".." were neither a checkpoint nor a run directory to it."""
+    monkeypatch.chdir(fp8_checkpoint / cwd)
+    assert run_cli("export-hf", given, tmp_path / "hf") == 0
+    assert (tmp_path / "hf" / "tokenizer.json").is_file()
