@@ -420,6 +420,11 @@ def header_weight_problems(hf_dir: Path, llama_config) -> list[str]:
 
 def read_hf_config(hf_dir: Path) -> dict:
     """A Hugging Face folder's config.json, or a CheckpointError saying why there is none to read."""
+    if hf_dir.is_file():  # its config.json or model.safetensors
+        raise CheckpointError(
+            f"{hf_dir} is a file, not a folder; pass the folder that holds it, {hf_dir.parent}, if that is the "
+            f"Hugging Face Llama folder (config.json, model.safetensors, tokenizer files)."
+        )
     if not hf_dir.is_dir():
         raise CheckpointError(f"{hf_dir}: no such folder; import-hf reads a local Hugging Face Llama folder.")
     file = hf_dir / "config.json"

@@ -642,3 +642,12 @@ def test_an_output_folder_inside_a_runs_checkpoints_is_refused(hf_folder, tmp_pa
     with pytest.raises(CheckpointError, match=r"imported lies in the run's checkpoints folder .*run/checkpoints"):
         import_hf(hf_folder, tmp_path / "run" / "checkpoints" / "imported")
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.yaml"]
+
+
+def test_a_file_of_the_folder_given_instead_of_the_folder_is_named(hf_folder, tmp_path, capsys):
+    from tests.unit.test_export import run_cli
+
+    assert run_cli("import-hf", hf_folder / "config.json", tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert f"{hf_folder / 'config.json'} is a file, not a folder; pass the folder that holds it, {hf_folder}" in err
+    assert "no such folder" not in err and not (tmp_path / "out").exists()
