@@ -533,9 +533,16 @@ def import_hf(hf_dir: Path, out: Path) -> Path:
         raise mismatched_weights(hf_dir, problems)
     try:
         # Mismatched shapes are reported in loading_info below rather than raised (5.x's error names no weight).
+        # In float32 whatever config.json's dtype says: 5.x loads in that dtype by default, and many configs say
+        # bfloat16 over float32 weights. torch_dtype, the name 4.x knows too (5.x's dtype=).
         hf, loading_info = LlamaForCausalLM.from_pretrained(
-            hf_dir, config=llama_config, local_files_only=True, output_loading_info=True, ignore_mismatched_sizes=True
-        )  # no dtype=: 4.x lacks it
+            hf_dir,
+            config=llama_config,
+            local_files_only=True,
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,
+            torch_dtype=torch.float32,
+        )
     except (OSError, SafetensorError) as e:  # no weights file, or one that is damaged
         raise unreadable_weights(hf_dir, first_line(e)) from None
     except Exception as e:  # a damaged pytorch_model.bin: torch.load raises RuntimeError, UnpicklingError, KeyError

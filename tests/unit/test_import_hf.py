@@ -651,3 +651,19 @@ def test_a_file_of_the_folder_given_instead_of_the_folder_is_named(hf_folder, tm
     err = capsys.readouterr().err
     assert f"{hf_folder / 'config.json'} is a file, not a folder; pass the folder that holds it, {hf_folder}" in err
     assert "no such folder" not in err and not (tmp_path / "out").exists()
+
+
+def test_float32_weights_of_a_config_that_says_bfloat16_are_imported_unrounded(hf_folder, tmp_path):
+    """Many configs say "torch_dtype": "bfloat16" over float32 weights; transformers 5.x loads in the config's dtype
+    by default, which rounded every weight to bfloat16 before the float32 run started from them."""
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "hf"
+    shutil.copytree(hf_folder, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("dtype", None)
+    (folder / "config.json").write_text(json.dumps({**config, "torch_dtype": "bfloat16"}))
+    out = import_hf(folder, tmp_path / "imported")
+    saved, imported = load_file(str(folder / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert {v.dtype for v in saved.values()} == {torch.float32}
+    assert all(torch.equal(imported[k.removeprefix("model.")], v) for k, v in saved.items())
