@@ -19,7 +19,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+import yaml
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from safetensors import SafetensorError, safe_open
 from tokenizers import Tokenizer
 
@@ -89,8 +91,21 @@ def saved_model_config(folder: Path) -> ModelConfig:
     """The model settings stored with a checkpoint (config.yaml) or an import-hf folder (model.yaml)."""
     for name, pick in (("config.yaml", lambda raw: raw.model), ("model.yaml", lambda raw: raw)):
         if (folder / name).is_file():
-            raw = pick(OmegaConf.load(folder / name))
-            cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), raw))
+            try:
+                raw = pick(OmegaConf.load(folder / name))
+                cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), raw))
+                problems = cfg.check("model") + (["no vocab_size"] if cfg.vocab_size is None else [])
+            except (OmegaConfBaseException, yaml.YAMLError) as e:  # an unknown key, a value of another type, no YAML
+                problems = [" ".join(str(e).split())]
+            if problems:  # edited by hand, or written by a version of fp8train with other model settings
+                fix = {
+                    "model.yaml": "Write the folder again with fp8train import-hf from the Hugging Face folder.",
+                    "config.yaml": "Read the checkpoint with the version of fp8train that wrote it.",
+                }[name]
+                raise CheckpointError(
+                    f"{folder / name}: {'; '.join(problems)}; not model settings this version of fp8train can "
+                    f"build. {fix}"
+                )
             return dataclasses.replace(cfg, init_from=None)
     raise CheckpointError(f"{folder}: no config.yaml or model.yaml saying which model its weights belong to.")
 

@@ -667,3 +667,27 @@ def test_float32_weights_of_a_config_that_says_bfloat16_are_imported_unrounded(h
     saved, imported = load_file(str(folder / "model.safetensors")), load_file(str(out / "model.safetensors"))
     assert {v.dtype for v in saved.values()} == {torch.float32}
     assert all(torch.equal(imported[k.removeprefix("model.")], v) for k, v in saved.items())
+
+
+@pytest.mark.parametrize(
+    "edit, expected",
+    [
+        (lambda text: text + "n_experts: 8\n", "n_experts"),
+        (lambda text: text.replace("d_model: 64", "d_model: sixty-four"), "sixty-four"),
+        (lambda text: text.replace("d_model: 64", "d_model: 65"), "model.n_heads=4: must divide model.d_model=65"),
+        (lambda text: "vocab_size: [\n", "model.yaml"),
+        (lambda text: "", "no vocab_size"),
+    ],
+)
+def test_model_settings_edited_into_what_fp8train_cannot_build_are_named(hf_folder, tmp_path, edit, expected):
+    """A hand-edited model.yaml (or a checkpoint's config.yaml from a version with other model settings) failed with
+    OmegaConf's, YAML's or the model's own traceback when a run started from it or it was exported."""
+    from fp8train.export.hf import saved_model_config
+
+    out = import_hf(hf_folder, tmp_path / "imported")
+    (out / "model.yaml").write_text(edit((out / "model.yaml").read_text()))
+    with pytest.raises(
+        CheckpointError,
+        match=rf"imported/model.yaml: .*{expected}.*not model settings this version of fp8train can build",
+    ):
+        saved_model_config(out)
