@@ -95,7 +95,9 @@ def saved_model_config(folder: Path) -> ModelConfig:
                 raw = pick(OmegaConf.load(folder / name))
                 cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), raw))
                 problems = cfg.check("model") + (["no vocab_size"] if cfg.vocab_size is None else [])
-            except (OmegaConfBaseException, yaml.YAMLError) as e:  # an unknown key, a value of another type, no YAML
+            except OmegaConfBaseException as e:  # an unknown key, a value of another type
+                problems = [f"{e.full_key}: {first_line(e)}" if getattr(e, "full_key", None) else first_line(e)]
+            except yaml.YAMLError as e:  # not YAML: its first line names no place, the lines after it do
                 problems = [" ".join(str(e).split())]
             if problems:  # edited by hand, or written by a version of fp8train with other model settings
                 fix = {
@@ -572,7 +574,6 @@ def import_hf(hf_dir: Path, out: Path) -> Path:
             f"differs from model.embed_tokens.weight, so which of the two the model uses is unclear; set "
             f"tie_word_embeddings to false in config.json if lm_head.weight is the model's output layer."
         )
-    hf = hf.float()
     model = empty_model(cfg)  # holding transformers' float32 tensors: one copy of the weights
     take_weights(model, {k.removeprefix("model."): v for k, v in hf.state_dict().items()}, hf_dir)
     with writing(out) as tmp:

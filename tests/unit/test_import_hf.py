@@ -673,7 +673,7 @@ def test_float32_weights_of_a_config_that_says_bfloat16_are_imported_unrounded(h
     "edit, expected",
     [
         (lambda text: text + "n_experts: 8\n", "n_experts"),
-        (lambda text: text.replace("d_model: 64", "d_model: sixty-four"), "sixty-four"),
+        (lambda text: text.replace("d_model: 64", "d_model: sixty-four"), "d_model: Value 'sixty-four'"),
         (lambda text: text.replace("d_model: 64", "d_model: 65"), "model.n_heads=4: must divide model.d_model=65"),
         (lambda text: "vocab_size: [\n", "model.yaml"),
         (lambda text: "", "no vocab_size"),
