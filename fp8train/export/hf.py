@@ -168,6 +168,11 @@ def check_output_folder(out: Path) -> None:
                 f"{out} lies in the run's checkpoints folder {folder}, whose folders training replaces, sets aside "
                 f"and deletes (trainer.keep_last); write it outside, e.g. {folder.parent / 'hf'}."
             )
+    if out.is_symlink() and not out.exists():
+        raise CheckpointError(
+            f"{out} is a link to {os.readlink(out)}, which does not exist (a disk that is not mounted?); mount it or "
+            f"create that folder, or choose another output folder."
+        )
     if out.is_dir() and all(re.fullmatch(r"\.tmp-\d+", p.name) for p in out.iterdir()):
         checkpoint.remove_stale_tmp(out)  # nothing but the temporary folder of a write that was killed (see writing)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

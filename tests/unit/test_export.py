@@ -558,3 +558,11 @@ def test_a_checkpoint_or_run_given_by_a_relative_path_exports(fp8_checkpoint, tm
     monkeypatch.chdir(fp8_checkpoint / cwd)
     assert run_cli("export-hf", given, tmp_path / "hf") == 0
     assert (tmp_path / "hf" / "tokenizer.json").is_file()
+
+
+def test_an_output_link_to_a_missing_folder_is_named_as_such(fp8_checkpoint, tmp_path):
+    """A link to a disk that is not mounted: 'cannot create the output folder (File exists)' said nothing useful."""
+    (tmp_path / "hf").symlink_to(tmp_path / "unmounted" / "hf")
+    with pytest.raises(CheckpointError, match=r"hf is a link to .*unmounted/hf, which does not exist \(a disk"):
+        export_hf(fp8_checkpoint / "checkpoints" / "step_0000003", tmp_path / "hf")
+    assert not (tmp_path / "unmounted").exists()
