@@ -318,23 +318,33 @@ def export_hf(ckpt: Path, out: Path, dtype: str = "bf16") -> Path:
     return out
 
 
+# config.json's values fp8train reads, by the JSON type they must have (null: transformers' default).
+JSON_TYPES = {
+    **dict.fromkeys(("attention_bias", "mlp_bias", "tie_word_embeddings"), (bool, "true or false")),
+    **dict.fromkeys(
+        ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"),
+        (int, "an integer"),
+    ),
+    "max_position_embeddings": (int, "an integer"),
+    **dict.fromkeys(("num_key_value_heads", "head_dim"), ((int, type(None)), "an integer or null")),
+    **dict.fromkeys(("rms_norm_eps", "rope_theta"), ((int, float), "a number")),
+}
+
+
 def value_type_problems(config: dict) -> list[str]:
-    """config.json values fp8train reads itself that are of another JSON type than transformers reads them as
-    (``"false"`` in quotes): a string is true to Python, and transformers 4.x takes it as it is and builds biases."""
-    problems = [
-        f"{key} is {json.dumps(config[key])}, not true or false"  # as config.json has it: "false", null
-        for key in ("attention_bias", "mlp_bias", "tie_word_embeddings")
-        if key in config and not isinstance(config[key], bool)
+    """config.json values fp8train reads that are of another JSON type than they must be (``"false"`` in quotes): a
+    string is true to Python, transformers 4.x takes such values as they are (and builds biases for "false"), and
+    5.x fails deep in torch on a string rope_theta."""
+    rope = [
+        (f"{key}.", config[key]) for key in ("rope_scaling", "rope_parameters") if isinstance(config.get(key), dict)
     ]
-    for where, rope in (
-        ("", config),
-        ("rope_scaling.", config.get("rope_scaling")),
-        ("rope_parameters.", config.get("rope_parameters")),
-    ):
-        theta = rope.get("rope_theta") if isinstance(rope, dict) else None
-        # transformers 5.x takes a string here too, and fails deep in torch with it
-        if theta is not None and (isinstance(theta, bool) or not isinstance(theta, (int, float))):
-            problems.append(f"{where}rope_theta is {json.dumps(theta)}, not a number")
+    problems = []
+    for where, values in [("", config), *rope]:
+        for key, (wanted, what) in JSON_TYPES.items():
+            value = values.get(key)
+            # JSON's true and false are ints to Python too: a bool only where one is wanted
+            if key in values and (isinstance(value, bool) != (wanted is bool) or not isinstance(value, wanted)):
+                problems.append(f"{where}{key} is {json.dumps(value)}, not {what}")  # as config.json has it
     return problems
 
 
@@ -523,8 +533,8 @@ def import_hf(hf_dir: Path, out: Path) -> Path:
         )
     if problems := value_type_problems(config):
         raise CheckpointError(
-            f"{hf_dir}/config.json: {'; '.join(problems)}. Write these values as JSON writes them, without quotes "
-            f"(true, false, 500000.0), or restore config.json from the model's source."
+            f"{hf_dir}/config.json: {'; '.join(problems)}. Correct these values (true, false and numbers without "
+            f"quotes, integers without a decimal point), or restore config.json from the model's source."
         )
     if problems := unsupported_features(config):
         raise CheckpointError(
