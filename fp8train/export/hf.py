@@ -460,6 +460,11 @@ def read_hf_config(hf_dir: Path) -> dict:
     if not hf_dir.is_dir():
         raise CheckpointError(f"{hf_dir}: no such folder; import-hf reads a local Hugging Face Llama folder.")
     file = hf_dir / "config.json"
+    if not file.is_file() and any((hf_dir / name).is_file() for name in (checkpoint.MANIFEST, "model.yaml")):
+        raise CheckpointError(
+            f"{hf_dir}: written by fp8train (a checkpoint, or import-hf's output), not a Hugging Face folder; there "
+            f"is nothing to import: start a run from it with model.init_from={hf_dir}."
+        )
     if not file.is_file():
         raise CheckpointError(
             f"{hf_dir}: no config.json, so not a Hugging Face model folder; import-hf reads a folder as "

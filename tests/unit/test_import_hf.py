@@ -696,3 +696,11 @@ def test_model_settings_edited_into_what_fp8train_cannot_build_are_named(hf_fold
         match=rf"imported/model.yaml: .*{expected}.*not model settings this version of fp8train can build",
     ):
         saved_model_config(out)
+
+
+def test_importing_fp8train_weights_says_to_start_from_them_directly(hf_folder, tmp_path):
+    """An fp8train checkpoint, or an import-hf folder, is what model.init_from takes already."""
+    out = import_hf(hf_folder, tmp_path / "imported")
+    with pytest.raises(CheckpointError, match=rf"written by fp8train.*start a run from it with model.init_from={out}"):
+        import_hf(out, tmp_path / "again")
+    assert not (tmp_path / "again").exists()
