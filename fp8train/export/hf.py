@@ -541,6 +541,14 @@ def import_hf(hf_dir: Path, out: Path) -> Path:
             f"{hf_dir}/config.json: {'; '.join(problems)}. Correct these values (true, false and numbers without "
             f"quotes, integers without a decimal point), or restore config.json from the model's source."
         )
+    rope = config.get("rope_parameters")
+    top, nested = config.get("rope_theta"), rope.get("rope_theta") if isinstance(rope, dict) else None
+    if None not in (top, nested) and top != nested:  # 4.x reads the first, 5.x the second and ignores the first
+        raise CheckpointError(
+            f"{hf_dir}/config.json: rope_theta is {top} but rope_parameters.rope_theta is {nested}; transformers "
+            f"4.x uses the first, 5.x the second, so which one the model was trained with is unclear. Set both to "
+            f"the model's value."
+        )
     if problems := unsupported_features(config):
         raise CheckpointError(
             f"{hf_dir}: this Llama computes something fp8train's Llama does not, so its logits would change: "

@@ -704,3 +704,17 @@ def test_importing_fp8train_weights_says_to_start_from_them_directly(hf_folder, 
     with pytest.raises(CheckpointError, match=rf"written by fp8train.*start a run from it with model.init_from={out}"):
         import_hf(out, tmp_path / "again")
     assert not (tmp_path / "again").exists()
+
+
+def test_two_rope_thetas_that_disagree_are_refused(hf_folder, tmp_path, monkeypatch):
+    """transformers 5.x reads rope_parameters.rope_theta and ignores a top-level rope_theta beside it, which 4.x
+    reads: a config.json whose top-level one was edited (to lengthen the context, say) imported the other unnoticed."""
+    folder = tmp_path / "hf"
+    shutil.copytree(hf_folder, folder)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["rope_parameters"]["rope_theta"] == 5e5
+    (folder / "config.json").write_text(json.dumps({**config, "rope_theta": 1e6}))
+    _no_weight_reading(monkeypatch)
+    with pytest.raises(CheckpointError, match=r"rope_theta is 1000000.0 but rope_parameters.rope_theta is 500000.0"):
+        import_hf(folder, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
