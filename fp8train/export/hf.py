@@ -499,6 +499,8 @@ def import_tokenizer(hf_dir: Path, vocab_size: int) -> tuple[Tokenizer | None, s
     or has ids past ``vocab_size``."""
     from transformers import AutoTokenizer
 
+    from fp8train.data.tokens import id_space
+
     try:
         hf_tokenizer = AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)
         tokenizer, eos_token = hf_tokenizer.backend_tokenizer, hf_tokenizer.eos_token
@@ -511,10 +513,12 @@ def import_tokenizer(hf_dir: Path, vocab_size: int) -> tuple[Tokenizer | None, s
             ) from None
         log.warning("%s has no fast tokenizer; pass data.tokenizer.path=... yourself", hf_dir)
         return None, None
-    if tokenizer.get_vocab_size(with_added_tokens=True) > vocab_size:
+    # By ids, not tokens, as the run's data loader counts them: the ids of a tokenizer.json may have gaps.
+    if (ids := id_space(tokenizer)) > vocab_size:
+        count = tokenizer.get_vocab_size(with_added_tokens=True)
         raise CheckpointError(
-            f"{hf_dir}: its tokenizer has {tokenizer.get_vocab_size(with_added_tokens=True)} tokens, but the "
-            f"model's vocab_size is {vocab_size}: the ids past it have no embedding. Import a folder whose "
+            f"{hf_dir}: its tokenizer has {count} tokens{f' with ids up to {ids - 1}' if ids > count else ''}, but "
+            f"the model's vocab_size is {vocab_size}: the ids past it have no embedding. Import a folder whose "
             f"tokenizer belongs to these weights."
         )
     return tokenizer, eos_token

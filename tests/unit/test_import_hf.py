@@ -718,3 +718,24 @@ def test_two_rope_thetas_that_disagree_are_refused(hf_folder, tmp_path, monkeypa
     with pytest.raises(CheckpointError, match=r"rope_theta is 1000000.0 but rope_parameters.rope_theta is 500000.0"):
         import_hf(folder, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_tokenizer_with_ids_past_the_vocabulary_is_refused_though_it_has_fewer_tokens(
+    hf_folder, tmp_path, monkeypatch
+):
+    """A tokenizer.json whose EOS sits at id 1000 (ids with gaps): 300 tokens, fewer than vocab_size 320, but the
+    EOS that ends every document would have no embedding; counted by tokens, it was imported."""
+    folder = tmp_path / "hf"
+    shutil.copytree(hf_folder, folder)
+    tok = json.loads((folder / "tokenizer.json").read_text())
+    for added in tok["added_tokens"]:
+        if added["content"] == "<|endoftext|>":
+            added["id"] = 1000
+    tok["model"]["vocab"]["<|endoftext|>"] = 1000
+    (folder / "tokenizer.json").write_text(json.dumps(tok))
+    _no_weight_reading(monkeypatch)
+    with pytest.raises(
+        CheckpointError, match=r"tokenizer has 300 tokens with ids up to 1000, but the model's vocab_si"
+    ):
+        import_hf(folder, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
