@@ -680,9 +680,10 @@ def test_float32_weights_of_a_config_that_says_bfloat16_are_imported_unrounded(h
         (lambda text: text + "n_experts: 8\n", "n_experts"),
         (lambda text: text.replace("d_model: 64", "d_model: sixty-four"), "d_model: Value 'sixty-four'"),
         (lambda text: text.replace("d_model: 64", "d_model: 65"), "model.n_heads=4: must divide model.d_model=65"),
-        (lambda text: "vocab_size: [\n", "model.yaml"),
+        (lambda text: "vocab_size: [\n", "while parsing .* line 2"),
         (lambda text: "", "no vocab_size"),
     ],
+    ids=["unknown key", "not an integer", "heads do not divide", "not YAML", "empty"],
 )
 def test_model_settings_edited_into_what_fp8train_cannot_build_are_named(hf_folder, tmp_path, edit, expected):
     """A hand-edited model.yaml (or a checkpoint's config.yaml from a version with other model settings) failed with
