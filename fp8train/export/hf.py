@@ -159,9 +159,9 @@ def check_output_folder(out: Path) -> None:
     checkpoints folder."""
     absolute = Path(os.path.abspath(out))  # RUN/checkpoints/../hf is RUN/hf
     for folder in (absolute, *absolute.parents):
-        if folder.name == "checkpoints" and (
-            (folder.parent / "config.yaml").is_file() or checkpoint.complete_checkpoints(folder)
-        ):
+        # A run directory holds config.yaml and tokenizer.json from its start, before its first checkpoint.
+        run_files = all((folder.parent / name).is_file() for name in ("config.yaml", "tokenizer.json"))
+        if folder.name == "checkpoints" and (run_files or checkpoint.complete_checkpoints(folder)):
             # Training replaces a step_N folder when it reaches step N, a resume moves later ones into superseded/,
             # keep_last deletes a checkpoint with whatever lies in it: the files written there would be lost.
             raise CheckpointError(

@@ -643,10 +643,13 @@ def test_a_value_of_another_json_type_is_refused_by_name(hf_folder, tmp_path, mo
 def test_an_output_folder_inside_a_runs_checkpoints_is_refused(hf_folder, tmp_path):
     """Training deletes and replaces what lies in RUN/checkpoints (see test_export): weights imported there would go."""
     (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "config.yaml").write_text("model: {}\n")
+    for name in ("config.yaml", "tokenizer.json"):  # a run that has written no checkpoint yet
+        (tmp_path / "run" / name).write_text("{}\n")
     with pytest.raises(CheckpointError, match=r"imported lies in the run's checkpoints folder .*run/checkpoints"):
         import_hf(hf_folder, tmp_path / "run" / "checkpoints" / "imported")
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.yaml"]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.yaml", "tokenizer.json"]
+    (tmp_path / "run" / "tokenizer.json").unlink()  # a project of another tool with a config.yaml: no run
+    assert import_hf(hf_folder, tmp_path / "run" / "checkpoints" / "imported").is_dir()
 
 
 def test_a_file_of_the_folder_given_instead_of_the_folder_is_named(hf_folder, tmp_path, capsys):
