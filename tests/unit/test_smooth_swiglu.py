@@ -175,3 +175,38 @@ def test_channel_keeps_the_gradient_of_neurons_much_quieter_than_the_others(quie
         grads[variant] = mlp.up_proj.weight.grad[rows].double()
     err = {v: ((grads[v] - grads["ref"]).norm() / grads["ref"].norm()).item() for v in ("none", "channel")}
     assert err["none"] < 0.1 and err["channel"] < 0.1, err
+
+
+def hold_weights_as_zero3_does(module: torch.nn.Module) -> None:
+    """ZeRO-3's rule for every linear in ``module``: its parameters hold no data outside the linear's own forward
+    (ZeRO-3: only this rank's shard), which gathers them whole. A variant that reads W_down elsewhere gets nothing."""
+    for linear in module.modules():
+        if not isinstance(linear, torch.nn.Linear):
+            continue
+        whole = {name: p.data for name, p in linear.named_parameters(recurse=False)}
+
+        def gather(m, args, whole=whole):
+            for name, p in m.named_parameters(recurse=False):
+                p.data = whole[name]
+
+        def release(m, args=None, out=None):
+            for p in m.parameters(recurse=False):
+                p.data = torch.empty(0, dtype=p.dtype)
+
+        linear.register_forward_pre_hook(gather)
+        linear.register_forward_hook(release)
+        release(linear)
+
+
+@pytest.mark.parametrize("down", ["fp8", "plain"])
+@pytest.mark.parametrize("variant", ["token", "channel"])
+def test_variants_read_each_weight_only_inside_its_own_module_as_zero3_needs(variant, down):
+    mlp, w = planted_mlp(torch.float32)
+    if down == "fp8":
+        mlp.down_proj = Fp8Linear.from_linear(mlp.down_proj, scaling=ScalingConfig(recipe="current"))
+    whole, sharded = VARIANTS[variant](mlp), VARIANTS[variant](copy.deepcopy(mlp))
+    hold_weights_as_zero3_does(sharded)
+    x = batch(w, m=8).float()
+    with torch.no_grad():
+        torch.testing.assert_close(sharded(x), whole(x), rtol=0, atol=0)
+    assert sharded.down_proj.weight.numel() == 0  # released again after the forward
