@@ -585,16 +585,6 @@ class Config:
                 f"data.seq_len={self.data.seq_len}: exceeds model.max_seq_len={self.model.max_seq_len} "
                 f"of model '{self.model.name}'; lower data.seq_len or raise model.max_seq_len"
             )
-        if (
-            self.parallel.name == ParallelName.deepspeed
-            and self.parallel.zero_stage == 3
-            and self.precision.recipe == Recipe.fp8
-            and self.precision.smooth_swiglu == SmoothSwiGLU.channel
-        ):
-            problems.append(
-                "precision.smooth_swiglu=channel: reads W_down outside its module, where ZeRO-3 holds only a shard "
-                "of it; use parallel.zero_stage=2 or lower, or precision.smooth_swiglu=token"
-            )
         if self.precision.engine == Fp8Engine.te and not self.backend._habana():
             auto = (
                 ", which picks cpu or cuda on a machine without habana_frameworks"

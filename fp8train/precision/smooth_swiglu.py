@@ -16,7 +16,9 @@ arithmetic; only what the FP8 quantizer sees changes:
   ``y = Q(h / s) . Q(W_down diag(s))^T``. The weight changes every step, so it is quantized with current
   (just-in-time) scaling. The backward takes dh from ``Q(W_down)`` itself, as plain SwiGLU does: a neuron whose s_j
   is far below the largest has its column of ``W_down diag(s)`` flushed to zero, and would get no gradient.
-  With s frozen it folds into W_up and W_down: an exported model is a plain Llama.
+  With s frozen it folds into W_up and W_down: an exported model is a plain Llama. W_down is only read inside
+  ``down_proj``'s forward (``Fp8Linear(h / s, in_scale=s)``), so this works with ZeRO-3, which holds a shard of each
+  weight and gathers it whole only for the forward of the module that owns it.
 
 Both modules keep SwiGLU's attribute names (gate_proj, up_proj, down_proj), so state dicts are unchanged.
 """
@@ -65,13 +67,15 @@ class SmoothSwiGLUChannel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.silu(self.gate_proj(x)) * self.up_proj(x)
+        if not isinstance(self.down_proj, Fp8Linear):
+            # Nothing quantizes h, so there is nothing to rescale: (h / s) . (W_down diag(s))^T is h . W_down^T.
+            # (The converter installs this variant only over an Fp8Linear down_proj.)
+            return self.down_proj(h)
         s = _safe(h.detach().abs().flatten(0, -2).amax(dim=0).to(_high(h)))  # (F,)
         h_scaled = (h.to(s.dtype) / s).to(h.dtype)
-        if isinstance(self.down_proj, Fp8Linear):
-            # W_down diag(s) quantized with current scaling; dh from W_down itself (Fp8Linear.forward)
-            return self.down_proj(h_scaled, in_scale=s)
-        w_scaled = self.down_proj.weight * s  # column j of W_down (d_model, ffn) times s_j; grads reach W_down
-        return F.linear(h_scaled, w_scaled.to(h_scaled.dtype), self.down_proj.bias)
+        # W_down diag(s) is formed and quantized (current scaling) inside down_proj's own forward, where ZeRO-3 has
+        # gathered W_down whole; dh comes from W_down itself (Fp8Linear.forward).
+        return self.down_proj(h_scaled, in_scale=s)
 
 
 VARIANTS = {"token": SmoothSwiGLUToken, "channel": SmoothSwiGLUChannel}

@@ -484,13 +484,18 @@ main()
 """
 
 
-@pytest.mark.parametrize("zero_stage", [0, 3])
-def test_fp8_adam_over_two_ranks_keeps_one_scaling_state_and_the_single_process_losses(tmp_path, zero_stage):
-    """precision=fp8_smooth with optim=adamw_fp8, gradient accumulation and clipping that acts (grad norms ~0.75-0.9):
-    the losses of one process with the same global batch (measured: relative 2.4e-5; grad norms 1.3e-3, the first
-    step's just-in-time FP8 scales coming from each rank's own rows), and every rank ends with the same amax
-    histories and scales, bit for bit, because the amaxes are max-reduced before each scaler step."""
-    common = ["optim=adamw_fp8", "optim.fp8_min_numel=0", "optim.grad_clip=0.5", "trainer.checkpoint_every=0"]
+@pytest.mark.parametrize(
+    "zero_stage, precision", [(0, "fp8_smooth"), (3, "fp8_smooth_channel")], ids=["zero0-token", "zero3-channel"]
+)
+def test_fp8_adam_over_two_ranks_keeps_one_scaling_state_and_the_single_process_losses(tmp_path, zero_stage, precision):
+    """FP8 Smooth-SwiGLU with optim=adamw_fp8, gradient accumulation and clipping that acts (grad norms ~0.75-0.9):
+    the losses of one process with the same global batch (measured, token: relative 2.4e-5, grad norms 1.3e-3, the
+    first step's just-in-time FP8 scales coming from each rank's own rows; channel, whose s is each micro-batch's
+    own: 3.6e-5 and 1.4e-3), and every rank ends with the same amax histories and scales, bit for bit, because the
+    amaxes are max-reduced before each scaler step. Under ZeRO-3 the per-channel variant's W_down diag(s) is formed
+    inside the partitioned down_proj's forward, where W_down is gathered whole."""
+    common = [f"precision={precision}", "optim=adamw_fp8", "optim.fp8_min_numel=0", "optim.grad_clip=0.5"]
+    common += ["trainer.checkpoint_every=0"]
     script = tmp_path / "with_scalers.py"
     script.write_text(WITH_SCALERS)
     env = {**ENV, "PYTHONPATH": str(ROOT)}

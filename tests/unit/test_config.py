@@ -181,6 +181,13 @@ def test_engine_te_on_a_machine_without_habana_is_refused_before_the_run_starts(
     assert "auto" in found
 
 
+def test_zero3_with_per_channel_smooth_swiglu_is_accepted():
+    # W_down diag(s) is formed inside down_proj's own forward, where ZeRO-3 has gathered W_down whole
+    # (test_smooth_swiglu.py, and test_deepspeed.py on 2 ranks).
+    cfg = compose(["parallel=deepspeed", "parallel.zero_stage=3", "precision=fp8_smooth_channel"])
+    assert (cfg.parallel.zero_stage, cfg.precision.smooth_swiglu.value) == (3, "channel")
+
+
 def test_null_for_an_unset_group_says_to_leave_it_out():
     (found,) = problems(["experiment=null"])
     assert found.endswith("or leave experiment= out (experiment is unset unless chosen)")

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from fp8train.fp8.linear import Fp8Linear
+from fp8train.fp8.ops import Fp8Ops, amax_of
 from fp8train.fp8.scaling import ScalingConfig, fp8_scalers, step_scalers
 from fp8train.model.mlp import SwiGLU
 from fp8train.precision.smooth_swiglu import SmoothSwiGLUChannel, SmoothSwiGLUToken, down_proj_input
@@ -61,6 +62,35 @@ def test_variants_equal_plain_swiglu_in_real_arithmetic(variant):
     torch.testing.assert_close(x2.grad, x.grad, rtol=1e-10, atol=1e-14)
     for (name, p), p2 in zip(mlp.named_parameters(), smooth.parameters()):
         torch.testing.assert_close(p2.grad, p.grad, rtol=1e-10, atol=1e-14, msg=name)
+
+
+class UnroundedOps(Fp8Ops):
+    """FP8's scaled arithmetic without its rounding: the quantizer only multiplies by the scale, the matmul runs in
+    float64. Fp8Linear's formulas can then be checked in real arithmetic."""
+
+    def quantize(self, x, fmt, scale, profile="ocp", stochastic=False):
+        return x.detach().double() * scale.double(), amax_of(x)
+
+    def scaled_mm(self, a_q, b_q, scale_a, scale_b, out_dtype, fast_accum=False):
+        return ((a_q @ b_q.t()) / (scale_a.double() * scale_b.double())).to(out_dtype)
+
+
+def test_channel_over_an_fp8_down_projection_is_plain_swiglu_without_fp8_rounding():
+    # The path training takes: Fp8Linear(h / s, in_scale=s) forms W_down diag(s) itself and has a backward of its
+    # own (dh from W_down, times s; dW_down times s). Its gradients are multiplied by s in fp32: fp32 rounding.
+    mlp, w = planted_mlp(torch.float64)
+    smooth = SmoothSwiGLUChannel(copy.deepcopy(mlp))
+    scaling = ScalingConfig(recipe="current")
+    smooth.down_proj = Fp8Linear.from_linear(smooth.down_proj, scaling=scaling, ops=UnroundedOps())
+    x = batch(w, m=8).requires_grad_()
+    x2 = x.detach().clone().requires_grad_()
+    y, y_smooth = mlp(x), smooth(x2)
+    torch.testing.assert_close(y_smooth, y, rtol=1e-12, atol=1e-15)
+    y.square().sum().backward()
+    y_smooth.square().sum().backward()
+    assert ((x2.grad - x.grad).norm() / x.grad.norm()).item() < 1e-6
+    for (name, p), p2 in zip(mlp.named_parameters(), smooth.parameters()):
+        assert ((p2.grad - p.grad).norm() / p.grad.norm()).item() < 1e-6, name
 
 
 @pytest.mark.parametrize("variant", ["token", "channel"])
@@ -175,3 +205,38 @@ def test_channel_keeps_the_gradient_of_neurons_much_quieter_than_the_others(quie
         grads[variant] = mlp.up_proj.weight.grad[rows].double()
     err = {v: ((grads[v] - grads["ref"]).norm() / grads["ref"].norm()).item() for v in ("none", "channel")}
     assert err["none"] < 0.1 and err["channel"] < 0.1, err
+
+
+def hold_weights_as_zero3_does(module: torch.nn.Module) -> None:
+    """ZeRO-3's rule for every linear in ``module``: its parameters hold no data outside the linear's own forward
+    (ZeRO-3: only this rank's shard), which gathers them whole. A variant that reads W_down elsewhere gets nothing."""
+    for linear in module.modules():
+        if not isinstance(linear, torch.nn.Linear):
+            continue
+        whole = {name: p.data for name, p in linear.named_parameters(recurse=False)}
+
+        def gather(m, args, whole=whole):
+            for name, p in m.named_parameters(recurse=False):
+                p.data = whole[name]
+
+        def release(m, args=None, out=None):
+            for p in m.parameters(recurse=False):
+                p.data = torch.empty(0, dtype=p.dtype)
+
+        linear.register_forward_pre_hook(gather)
+        linear.register_forward_hook(release)
+        release(linear)
+
+
+@pytest.mark.parametrize("down", ["fp8", "plain"])
+@pytest.mark.parametrize("variant", ["token", "channel"])
+def test_variants_read_each_weight_only_inside_its_own_module_as_zero3_needs(variant, down):
+    mlp, w = planted_mlp(torch.float32)
+    if down == "fp8":
+        mlp.down_proj = Fp8Linear.from_linear(mlp.down_proj, scaling=ScalingConfig(recipe="current"))
+    whole, sharded = VARIANTS[variant](mlp), VARIANTS[variant](copy.deepcopy(mlp))
+    hold_weights_as_zero3_does(sharded)
+    x = batch(w, m=8).float()
+    with torch.no_grad():
+        torch.testing.assert_close(sharded(x), whole(x), rtol=0, atol=0)
+    assert sharded.down_proj.weight.numel() == 0  # released again after the forward
