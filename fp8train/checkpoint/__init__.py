@@ -247,7 +247,7 @@ def superseded_checkpoints(ckpt_root: Path) -> list[Path]:
 def run_dir_of(path: Path) -> Path | None:
     """The run directory of a checkpoint folder: ``RUN/checkpoints/step_N``, or one a resume set aside,
     ``RUN/checkpoints/superseded/after_.../step_N``; None for a folder in neither place."""
-    path = Path(path)
+    path = Path(os.path.abspath(path))  # by the names of its parents: "step_N" given from inside checkpoints/ too
     if path.parent.name == "checkpoints":
         return path.parent.parent
     if path.parent.parent.name == SUPERSEDED and path.parent.parent.parent.name == "checkpoints":

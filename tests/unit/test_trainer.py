@@ -6,6 +6,7 @@ import logging
 import math
 import shutil
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -395,6 +396,14 @@ def test_weights_of_a_superseded_checkpoint_come_with_their_runs_tokenizer(tmp_p
     for ckpt in ("checkpoints/step_0000003", "checkpoints/superseded/after_step_0000001_20260101-000000/step_0000003"):
         (tmp_path / ckpt).mkdir(parents=True)
         assert trainer_module.tokenizer_beside(tmp_path / ckpt) == tmp_path / "tokenizer.json"
+
+
+def test_weights_named_by_a_relative_path_come_with_their_runs_tokenizer(tmp_path, monkeypatch):
+    # model.init_from=step_0000003 typed from inside RUN/checkpoints: the run is found by the folder's real parents.
+    (tmp_path / "tokenizer.json").write_text("{}")
+    (tmp_path / "checkpoints" / "step_0000003").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "checkpoints")
+    assert trainer_module.tokenizer_beside(Path("step_0000003")).resolve() == tmp_path / "tokenizer.json"
 
 
 @pytest.mark.parametrize("precision", ["fp8_smooth", "fp8_smooth_channel", "fp8_smooth_gaudi2"])
