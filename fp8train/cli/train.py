@@ -141,7 +141,7 @@ def preflight(argv: list[str]) -> None:
     jobs, sweep_problems = sweep_jobs(overrides, multirun=args.multirun)
     problems += sweep_problems
     if jobs is not None:
-        problems += run_dir_problems(overrides, "hydra.sweep.dir")
+        problems += run_dir_problems(overrides, "hydra.sweep.dir") + sweep_run_dir_problems(overrides)
     problems += dir_interpolation_problems(
         overrides, ("hydra.run.dir",) if jobs is None else ("hydra.sweep.dir", "hydra.sweep.subdir")
     )
@@ -315,6 +315,19 @@ def run_dir_problems(argv: list[str], key: str = "hydra.run.dir") -> list[str]:
             what = "a run directory" if key == "hydra.run.dir" else "a sweep folder"
             problems.append(f"{key}={value}: {problem}; choose {what} in a writable folder")
     return problems
+
+
+def sweep_run_dir_problems(overrides: list[str]) -> list[str]:
+    """A multirun's hydra.run.dir without hydra.sweep.dir: Hydra ignores it, and the jobs would train in
+    multirun/DATE/ rather than where the user looks for them."""
+    given = {a.split("=", 1)[0].lstrip("+"): a for a in overrides if "=" in a}
+    if "hydra.run.dir" not in given or "hydra.sweep.dir" in given:
+        return []
+    arg = given["hydra.run.dir"]
+    return [
+        f"{arg}: a multirun puts its jobs in hydra.sweep.dir (one hydra.sweep.subdir each) and ignores "
+        f"hydra.run.dir; give hydra.sweep.dir={arg.split('=', 1)[1]} instead"
+    ]
 
 
 def dir_interpolation_problems(overrides: list[str], keys: tuple[str, ...]) -> list[str]:

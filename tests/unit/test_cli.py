@@ -391,3 +391,21 @@ def test_a_precision_beside_a_comparison_is_named_once_before_any_arm_trains(cap
     assert preflight_status(["-m", *SMALL, "experiment=compare_bf16_fp8", "precision=fp32"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("fp8train: Invalid configuration (1 problem)") and "precision=fp32: the chosen variant" in err
+
+
+def test_a_run_dir_given_to_a_multirun_is_refused_naming_the_sweep_folder(tmp_path, capsys):
+    # A multirun puts its jobs in hydra.sweep.dir: hydra.run.dir was ignored and the runs went to multirun/<date>/.
+    run_dir = tmp_path / "mine"
+    for argv in (
+        ["-m", *SMALL, "precision=bf16,fp32", f"hydra.run.dir={run_dir}"],
+        [*SMALL, "experiment=compare_bf16_fp8", f"hydra.run.dir={run_dir}"],  # a multirun by its config
+    ):
+        assert preflight_status(argv) == 2
+        err = capsys.readouterr().err
+        assert f"hydra.run.dir={run_dir}: a multirun puts its jobs in hydra.sweep.dir" in err, err
+        assert f"hydra.sweep.dir={run_dir}" in err and err.count("\n") == 2
+        assert not run_dir.exists()
+    # with the sweep folder given too, the run dir is a leftover the sweep does not need
+    argv = ["-m", *SMALL, "precision=bf16,fp32", f"hydra.run.dir={run_dir}", f"hydra.sweep.dir={tmp_path / 's'}"]
+    assert preflight_status(argv) == 0
+    assert preflight_status([*SMALL, f"hydra.run.dir={run_dir}"]) == 0
