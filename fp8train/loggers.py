@@ -74,6 +74,20 @@ class RunLogger:
             self.wandb = None
 
 
+def finish_open_wandb(exit_code: int) -> None:
+    """Finish the wandb run an error left open (the trainer closes its own), as wandb's exit hook would: os._exit
+    skips that hook, leaving an offline run's .wandb file without a single record, and in a multirun the next job's
+    wandb.init would return the open run and log into it."""
+    wandb = sys.modules.get("wandb")
+    run = getattr(wandb, "run", None)
+    if run is None:
+        return
+    try:
+        run.finish(exit_code=exit_code)
+    except Exception as e:  # the process is ending on an error already: this one must not hide it
+        log.warning("wandb run %s not finished: %s", run.id, first_line(e))
+
+
 class JsonLines:
     """An append-only JSON-lines file of one run (metrics.jsonl, outliers.jsonl), one object per line.
 

@@ -25,6 +25,7 @@ from fp8train.config import (
     to_typed,
 )
 from fp8train.errors import BackendError, ConfigError, Fp8trainError
+from fp8train.loggers import finish_open_wandb
 
 register_schema()
 
@@ -38,10 +39,12 @@ def fail(error: Fp8trainError) -> None:
 def exit_with(status: int) -> None:
     """sys.exit, except with a process group up: its communication threads, still running when the interpreter tears
     down, abort it now and then ("terminate called without an active exception", SIGABRT instead of the status).
-    Logs and output are flushed, then the process ends at once; the launcher stops the other ranks."""
+    A wandb run still open is finished and logs and output are flushed (exit hooks do not run), then the process
+    ends at once; the launcher stops the other ranks."""
     dist = sys.modules.get("torch.distributed")
     if dist is None or not dist.is_available() or not dist.is_initialized():
         sys.exit(status)
+    finish_open_wandb(status)
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -404,6 +407,7 @@ def hydra_main(raw: DictConfig) -> None:
         # The message as a single run prints it, naming the job; the sweep goes on (see Sweep) where it can.
         print(f"fp8train: job #{hydra_cfg.job.num} of this multirun ({run_dir}) failed: {e}", file=sys.stderr)
         Sweep.failed[hydra_cfg.job.num] = (run_dir, e)
+        finish_open_wandb(2)  # an error before the trainer closed it: the next job would log into it
         if not one_process():
             stopped = (
                 "The sweep stops here, its later jobs not started: other ranks of this run may be waiting for this "
