@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -31,9 +32,33 @@ register_schema()
 
 
 def fail(error: Fp8trainError) -> None:
-    """Print a user-fixable problem as a message alone (no traceback) and exit with status 2."""
-    print(f"fp8train: {error}", file=sys.stderr)
+    """Print a user-fixable problem as a message alone (no traceback) and exit with status 2.
+
+    Every rank of a launch checks the same command line, mostly with the same result: rank 0 prints the message,
+    the other ranks one line each naming their rank and host, so that one whose problem differs (its node lacks the
+    device, or a file) still shows it, without the same paragraph once per rank."""
+    launch = launch_rank()
+    if launch is None or launch[0] == 0:
+        print(f"fp8train: {error}", file=sys.stderr)
+    else:
+        text = "; ".join(error.problems) if isinstance(error, ConfigError) else str(error)
+        print(
+            f"fp8train: rank {launch[0]} of {launch[1]} ({socket.gethostname()}): {' '.join(text.split())}",
+            file=sys.stderr,
+        )
     exit_with(2)
+
+
+def launch_rank() -> tuple[int, int] | None:
+    """(rank, world size) of a launch of several ranks as its launcher's environment gives them (deepspeed,
+    torchrun, mpirun); None for a single process, or an environment that does not say."""
+
+    def read(*names: str) -> int | None:
+        value = next((os.environ[name] for name in names if name in os.environ), "").strip()
+        return int(value) if value.isdigit() else None
+
+    rank, world_size = read("RANK", "OMPI_COMM_WORLD_RANK"), read("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE")
+    return (rank, world_size) if rank is not None and world_size is not None and world_size > 1 else None
 
 
 def exit_with(status: int) -> None:

@@ -475,3 +475,28 @@ def test_a_job_of_a_multirun_failing_with_its_wandb_run_open_does_not_lend_it_to
     assert e.value.code == 2 and "2 of 2 jobs of this multirun failed" in capsys.readouterr().err
     ids = [(job / "wandb_id").read_text() for job in sorted(p for p in sweep.iterdir() if p.is_dir())]
     assert finished_wandb_runs == [(ids[0], 2), (ids[1], 2)] and ids[0] != ids[1]
+
+
+@pytest.mark.parametrize(
+    "env", [{"RANK": "3", "WORLD_SIZE": "16"}, {"OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "16"}]
+)
+def test_a_config_error_of_a_multi_rank_launch_is_one_paragraph_from_rank_0_and_a_line_from_each_other(
+    monkeypatch, capsys, env
+):
+    # Every rank printed the same paragraph, none saying whose it was: 16 identical paragraphs for 16 ranks.
+    import socket
+
+    argv = [*SMALL, "optim.lr=-1", "trainer.max_steps=0"]
+    assert preflight_status(argv) == 2
+    single = capsys.readouterr().err
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert preflight_status(argv) == 2
+    line = capsys.readouterr().err
+    assert line == (
+        f"fp8train: rank 3 of 16 ({socket.gethostname()}): optim.lr=-1.0: must be > 0; trainer.max_steps=0: must be "
+        "> 0\n"
+    )
+    monkeypatch.setenv(next(iter(env)), "0")
+    assert preflight_status(argv) == 2
+    assert capsys.readouterr().err == single and single.startswith("fp8train: Invalid configuration (2 problems):\n")
