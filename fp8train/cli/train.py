@@ -20,6 +20,7 @@ from fp8train.config import (
     compose,
     compose_untyped,
     first_line,
+    launch_vars,
     override_parser,
     override_problems,
     register_schema,
@@ -51,14 +52,10 @@ def fail(error: Fp8trainError) -> None:
 
 def launch_rank() -> tuple[int, int] | None:
     """(rank, world size) of a launch of several ranks as its launcher's environment gives them (deepspeed,
-    torchrun, mpirun); None for a single process, or an environment that does not say."""
-
-    def read(*names: str) -> int | None:
-        value = next((os.environ[name] for name in names if name in os.environ), "").strip()
-        return int(value) if value.isdigit() else None
-
-    rank, world_size = read("RANK", "OMPI_COMM_WORLD_RANK"), read("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE")
-    return (rank, world_size) if rank is not None and world_size is not None and world_size > 1 else None
+    torchrun, mpirun); None for a single process, or an environment that does not say (or contradicts itself)."""
+    found, problems = launch_vars()
+    rank, world_size = found.get("rank"), found.get("world_size", 1)
+    return (rank, world_size) if rank is not None and world_size > 1 and not problems else None
 
 
 def exit_with(status: int) -> None:
@@ -129,8 +126,7 @@ def one_process() -> bool:
     the launcher stops them, rather than go on to the next job."""
     import torch.distributed as dist
 
-    world_size = os.environ.get("WORLD_SIZE") or os.environ.get("OMPI_COMM_WORLD_SIZE") or "1"
-    return int(world_size) <= 1 and not (dist.is_available() and dist.is_initialized())
+    return launch_vars()[0].get("world_size", 1) <= 1 and not (dist.is_available() and dist.is_initialized())
 
 
 def preflight(argv: list[str]) -> None:

@@ -500,3 +500,40 @@ def test_a_config_error_of_a_multi_rank_launch_is_one_paragraph_from_rank_0_and_
     monkeypatch.setenv(next(iter(env)), "0")
     assert preflight_status(argv) == 2
     assert capsys.readouterr().err == single and single.startswith("fp8train: Invalid configuration (2 problems):\n")
+
+
+LAUNCH_NAMES = (
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "OMPI_COMM_WORLD_RANK",
+    "OMPI_COMM_WORLD_LOCAL_RANK",
+    "OMPI_COMM_WORLD_SIZE",
+)
+
+
+@pytest.mark.parametrize(
+    "env, named",
+    [
+        # ValueError's traceback from int(), after Hydra had created the run dir
+        ({"LOCAL_RANK": "abc"}, "parallel=deepspeed: LOCAL_RANK=abc in the environment is not a rank number"),
+        ({"RANK": "0", "WORLD_SIZE": " 2x", "LOCAL_RANK": "0"}, "WORLD_SIZE= 2x in the environment is not a number"),
+        # DeepSpeed, missing RANK, went looking for MPI: "No module named 'mpi4py'" in a traceback
+        ({"WORLD_SIZE": "2"}, "WORLD_SIZE=2 in the environment, but no RANK"),
+        ({"RANK": "2", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}, "RANK=2 in the environment is not below WORLD_SIZE=2"),
+        ({"OMPI_COMM_WORLD_RANK": "-1", "OMPI_COMM_WORLD_SIZE": "2"}, "OMPI_COMM_WORLD_RANK=-1 in the environment is"),
+    ],
+)
+def test_a_launch_environment_that_names_no_rank_is_a_message_before_the_run_dir_is_made(
+    tmp_path, monkeypatch, capsys, env, named
+):
+    for name in LAUNCH_NAMES:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    run_dir = tmp_path / "run"
+    assert preflight_status([*SMALL, "parallel=deepspeed", f"hydra.run.dir={run_dir}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fp8train: Invalid configuration (1 problem)") and named in err, err
+    assert "unset it" in err and not run_dir.exists()
+    assert preflight_status([*SMALL, f"hydra.run.dir={run_dir}"]) == 0  # parallel=single does not read it
