@@ -8,6 +8,7 @@ has ``step``, the number of optimizer steps completed.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -157,6 +158,26 @@ def setup_console(level: int = logging.INFO) -> None:
     """Console logging for runs started outside Hydra (Hydra configures its own, plus RUN_DIR/train.log)."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=level, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+
+
+def drop_unwritable_log_files() -> None:
+    """A log file that cannot be written (RUN_DIR/train.log on a full disk) is named once and dropped, the console
+    keeping the log, instead of logging's traceback for every line."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handleError = functools.partial(_drop_log_file, handler, handler.handleError)
+
+
+def _drop_log_file(handler: logging.FileHandler, handle_error, record: logging.LogRecord) -> None:
+    error = sys.exc_info()[1]
+    if not isinstance(error, OSError):  # a bug (a message and its arguments that do not match): logging's traceback
+        return handle_error(record)
+    handler.setLevel(logging.CRITICAL + 1)  # not removed: the logger may be going through its list of handlers now
+    reason = error.strerror or first_line(error)
+    print(
+        f"fp8train: {handler.baseFilename} cannot be written ({reason}): the log goes to the console only",
+        file=sys.stderr,
+    )
 
 
 def use_progress_bar(cfg: Config) -> bool:

@@ -27,7 +27,7 @@ from fp8train.config import (
     to_typed,
 )
 from fp8train.errors import BackendError, ConfigError, Fp8trainError
-from fp8train.loggers import finish_open_wandb
+from fp8train.loggers import drop_unwritable_log_files, finish_open_wandb
 
 register_schema()
 
@@ -407,6 +407,7 @@ def hydra_main(raw: DictConfig) -> None:
 
     from fp8train.trainer import Trainer, unlock_run_dir
 
+    drop_unwritable_log_files()  # Hydra's RUN_DIR/train.log
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
