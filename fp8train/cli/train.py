@@ -328,7 +328,14 @@ def run_dir_problems(argv: list[str], key: str = "hydra.run.dir") -> list[str]:
     problems = []
     for o in overrides:
         value = o.value()
-        if o.key_or_group != key or not isinstance(value, str) or not value:
+        if o.key_or_group != key or not isinstance(value, str):
+            continue
+        if not value:  # Hydra would take the folder the run is started from, its files among the run's
+            default = "runs/DATE_..." if key == "hydra.run.dir" else "multirun/DATE"
+            problems.append(
+                f"{o.input_line}: empty (an unset shell variable?); name the folder, or leave the override out "
+                f"for {default}"
+            )
             continue
         fixed = value.split("${", 1)[0]
         if "${" in value:  # the run dir is a folder yet to be named inside this one

@@ -537,3 +537,16 @@ def test_a_launch_environment_that_names_no_rank_is_a_message_before_the_run_dir
     assert err.startswith("fp8train: Invalid configuration (1 problem)") and named in err, err
     assert "unset it" in err and not run_dir.exists()
     assert preflight_status([*SMALL, f"hydra.run.dir={run_dir}"]) == 0  # parallel=single does not read it
+
+
+@pytest.mark.parametrize(
+    "argv", [["hydra.run.dir="], ["hydra.run.dir=''"], ["-m", "hydra.sweep.dir=", "precision=bf16,fp32"]]
+)
+def test_an_empty_run_dir_is_refused_not_taken_for_the_current_folder(capsys, argv):
+    # hydra.run.dir=$RUN_DIR with the variable unset: the run wrote config.yaml, metrics.jsonl, checkpoints/, ... in
+    # among the files of the folder it was started from.
+    flags = [a for a in argv if a.startswith("-")]
+    assert preflight_status([*flags, *SMALL, *(a for a in argv if a not in flags)]) == 2
+    err = capsys.readouterr().err
+    given = argv[1] if flags else argv[0]
+    assert f"{given}: empty (an unset shell variable?); name the folder, or leave the override out" in err, err
