@@ -166,6 +166,7 @@ def preflight(argv: list[str]) -> None:
     problems += sweep_problems
     if jobs is not None:
         problems += run_dir_problems(overrides, "hydra.sweep.dir") + sweep_run_dir_problems(overrides)
+        problems += shared_subdir_problems(jobs)
     problems += dir_interpolation_problems(
         overrides, ("hydra.run.dir",) if jobs is None else ("hydra.sweep.dir", "hydra.sweep.subdir")
     )
@@ -358,6 +359,39 @@ def sweep_run_dir_problems(overrides: list[str]) -> list[str]:
     return [
         f"{arg}: a multirun puts its jobs in hydra.sweep.dir (one hydra.sweep.subdir each) and ignores "
         f"hydra.run.dir; give hydra.sweep.dir={arg.split('=', 1)[1]} instead"
+    ]
+
+
+def shared_subdir_problems(jobs: list[list[str]]) -> list[str]:
+    """Jobs of a multirun whose hydra.sweep.subdir comes out the same: the later one would meet the earlier one's
+    run directory after that trained, and stop there. A subdir with ${hydra.job.num} (the default) keeps them apart;
+    one with ${now:...} is filled in as each job starts, so it is not compared."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    by_subdir: dict[str, list[int]] = {}
+    template = None
+    for num, job in enumerate(jobs):
+        try:
+            with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+                raw = hydra_compose(
+                    config_name="config",
+                    overrides=[*override_problems(job)[1], f"hydra.job.num={num}"],
+                    return_hydra_config=True,
+                )
+            template = str(raw.hydra.sweep._get_node("subdir")._value())
+            if "hydra.job.num" in template or "${now:" in template:
+                return []
+            by_subdir.setdefault(str(OmegaConf.select(raw, "hydra.sweep.subdir")), []).append(num)
+        except Exception:  # a job that does not compose, or an interpolation that fails: named by the other checks
+            return []
+    return [
+        f"hydra.sweep.subdir={template}: jobs {', '.join(f'#{n}' for n in nums[:-1])} and #{nums[-1]} would share "
+        f"the run directory {subdir}, a later one meeting the earlier one's files after it trained; put what the "
+        "sweep varies in it, or ${hydra.job.num}"
+        for subdir, nums in by_subdir.items()
+        if len(nums) > 1
     ]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -468,6 +469,9 @@ def test_a_job_of_a_multirun_failing_with_its_wandb_run_open_does_not_lend_it_to
         raise DataError("outliers.jsonl cannot be read")
 
     monkeypatch.setattr(trainer, "build_monitor", damaged)
+    root = logging.getLogger()  # Hydra's logging set-up, its console handler on capsys' stream, goes with the test
+    monkeypatch.setattr(root, "handlers", list(root.handlers))
+    monkeypatch.setattr(root, "level", root.level)
     sweep = tmp_path / "sweep"
     argv = ["-m", *SMALL, "logger.wandb.mode=offline", "precision=bf16,fp32", f"hydra.sweep.dir={sweep}"]
     with pytest.raises(SystemExit) as e:
@@ -550,3 +554,20 @@ def test_an_empty_run_dir_is_refused_not_taken_for_the_current_folder(capsys, ar
     err = capsys.readouterr().err
     given = argv[1] if flags else argv[0]
     assert f"{given}: empty (an unset shell variable?); name the folder, or leave the override out" in err, err
+
+
+def test_jobs_of_a_multirun_sharing_a_run_dir_are_refused_before_the_first_trains(tmp_path, capsys):
+    # The second job found the first one's checkpoints and failed, after the first had trained; its message named
+    # hydra.sweep.dir, not the subdir that made them share.
+    from fp8train.cli.train import shared_subdir_problems
+
+    jobs = [[*SMALL, f"optim.lr={lr}"] for lr in (1e-3, 2e-3)]
+    (problem,) = shared_subdir_problems([[*job, "hydra.sweep.subdir=${precision.name}"] for job in jobs])
+    assert problem.startswith("hydra.sweep.subdir=${precision.name}: jobs #0 and #1 would share the run directory ")
+    assert "fp8_smooth," in problem and "put what the sweep varies in it, or ${hydra.job.num}" in problem
+    assert shared_subdir_problems([[*job, "hydra.sweep.subdir=${precision.name}_${optim.lr}"] for job in jobs]) == []
+    assert shared_subdir_problems([[*job, "hydra.sweep.subdir=${now:%H}"] for job in jobs]) == []  # filled in later
+    sweep = ["-m", *SMALL, "optim.lr=1e-3,2e-3", f"hydra.sweep.dir={tmp_path / 's'}", "hydra.sweep.subdir=x"]
+    assert preflight_status(sweep) == 2
+    assert "hydra.sweep.subdir=x: jobs #0 and #1 would share the run directory x," in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
