@@ -160,7 +160,7 @@ def preflight(argv: list[str]) -> None:
         if problems:
             fail(ConfigError(problems))
         return
-    problems += run_dir_problems(overrides)
+    problems += run_dir_problems(overrides) + chdir_problems(overrides)
     missing_backends = []
     jobs, sweep_problems = sweep_jobs(overrides, multirun=args.multirun)
     problems += sweep_problems
@@ -347,6 +347,24 @@ def run_dir_problems(argv: list[str], key: str = "hydra.run.dir") -> list[str]:
             what = "a run directory" if key == "hydra.run.dir" else "a sweep folder"
             problems.append(f"{key}={value}: {problem}; choose {what} in a writable folder")
     return problems
+
+
+def chdir_problems(overrides: list[str]) -> list[str]:
+    """hydra.job.chdir=true: Hydra would change into the run directory after the checks, and every relative path of
+    the config (the data, its cache, a checkpoint to resume) would be looked for there."""
+    parser = override_parser()
+    for arg in overrides:
+        try:
+            (o,) = parser.parse_overrides([arg])
+        except Exception:  # composing names it
+            continue
+        if o.key_or_group == "hydra.job.chdir" and o.value() is True:
+            return [
+                f"{arg}: fp8train reads the config's relative paths (data.sources, data.cache_dir, resume, "
+                "model.init_from) from the folder it is started in, and writes into the run directory by its path: "
+                "leave it out"
+            ]
+    return []
 
 
 def sweep_run_dir_problems(overrides: list[str]) -> list[str]:

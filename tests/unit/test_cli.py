@@ -571,3 +571,14 @@ def test_jobs_of_a_multirun_sharing_a_run_dir_are_refused_before_the_first_train
     assert preflight_status(sweep) == 2
     assert "hydra.sweep.subdir=x: jobs #0 and #1 would share the run directory x," in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
+
+
+def test_hydra_changing_into_the_run_dir_is_refused(tmp_path, capsys):
+    # Hydra changed into the run dir after the checks: data/tinyshakespeare.txt was then "no such file", looked for
+    # in the run dir, which was left behind with a train.log.
+    argv = [*SMALL, "hydra.job.chdir=true", f"hydra.run.dir={tmp_path / 'run'}"]
+    assert preflight_status(argv) == 2
+    err = capsys.readouterr().err
+    assert "hydra.job.chdir=true: fp8train reads the config's relative paths (data.sources" in err, err
+    assert "leave it out" in err and not (tmp_path / "run").exists()
+    assert preflight_status([*SMALL, "hydra.job.chdir=false"]) == 0
