@@ -85,8 +85,8 @@ def finish_open_wandb(exit_code: int) -> None:
         return
     try:
         run.finish(exit_code=exit_code)
-    except Exception as e:  # the process is ending on an error already: this one must not hide it
-        log.warning("wandb run %s not finished: %s", run.id, first_line(e))
+    except (Exception, KeyboardInterrupt) as e:  # ending on an error already (or a second Ctrl-C): give it up
+        log.warning("wandb run %s not finished: %s", run.id, first_line(e) or type(e).__name__)
 
 
 class JsonLines:

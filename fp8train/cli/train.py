@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import socket
 import sys
@@ -14,7 +13,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from fp8train.cli import interrupted, interruptible
+from fp8train.cli import exit_with, interrupted, interruptible
 from fp8train.config import (
     CONF_DIR,
     compose,
@@ -56,21 +55,6 @@ def launch_rank() -> tuple[int, int] | None:
     found, problems = launch_vars()
     rank, world_size = found.get("rank"), found.get("world_size", 1)
     return (rank, world_size) if rank is not None and world_size > 1 and not problems else None
-
-
-def exit_with(status: int) -> None:
-    """sys.exit, except with a process group up: its communication threads, still running when the interpreter tears
-    down, abort it now and then ("terminate called without an active exception", SIGABRT instead of the status).
-    A wandb run still open is finished and logs and output are flushed (exit hooks do not run), then the process
-    ends at once; the launcher stops the other ranks."""
-    dist = sys.modules.get("torch.distributed")
-    if dist is None or not dist.is_available() or not dist.is_initialized():
-        sys.exit(status)
-    finish_open_wandb(status)
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(status)
 
 
 class Sweep:

@@ -582,3 +582,19 @@ def test_hydra_changing_into_the_run_dir_is_refused(tmp_path, capsys):
     assert "hydra.job.chdir=true: fp8train reads the config's relative paths (data.sources" in err, err
     assert "leave it out" in err and not (tmp_path / "run").exists()
     assert preflight_status([*SMALL, "hydra.job.chdir=false"]) == 0
+
+
+def test_ctrl_c_with_a_process_group_up_ends_as_an_error_exit_does(monkeypatch, capsys):
+    # sys.exit(130): the interpreter's teardown with gloo's threads running, which could abort it (SIGABRT) instead.
+    import torch.distributed as dist
+
+    from fp8train import cli
+
+    def os_exit(status):
+        raise SystemExit(f"os._exit({status})")
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(cli.os, "_exit", os_exit)
+    with pytest.raises(SystemExit) as e:
+        cli.interrupted()
+    assert e.value.code == "os._exit(130)" and capsys.readouterr().err.startswith("fp8train: interrupted (Ctrl-C)")
