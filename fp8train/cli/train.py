@@ -431,6 +431,8 @@ def folder_problem(folder: Path, inside: bool = False) -> str | None:
     """Why ``folder`` can be neither used nor created (``inside``: why no folder can be created in it), or None."""
     existing = folder
     while not existing.exists() and existing != existing.parent:
+        if existing.is_symlink():  # mkdir would meet it as a file that exists
+            return f"{existing} is a link to {os.readlink(existing)}, which does not exist"
         existing = existing.parent
     if not existing.is_dir():
         return f"{existing} is a file, not a folder"

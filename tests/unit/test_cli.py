@@ -598,3 +598,12 @@ def test_ctrl_c_with_a_process_group_up_ends_as_an_error_exit_does(monkeypatch, 
     with pytest.raises(SystemExit) as e:
         cli.interrupted()
     assert e.value.code == "os._exit(130)" and capsys.readouterr().err.startswith("fp8train: interrupted (Ctrl-C)")
+
+
+@pytest.mark.parametrize("suffix", ["", "/run", "/${now:%H}"])
+def test_a_run_dir_in_or_at_a_link_to_nothing_is_named(tmp_path, suffix):
+    # Hydra's mkdir failed on it: FileExistsError's traceback.
+    link = tmp_path / "latest"
+    link.symlink_to(tmp_path / "deleted")
+    (problem,) = run_dir_problems([f"hydra.run.dir={link}{suffix}"])
+    assert f"{link} is a link to {tmp_path / 'deleted'}, which does not exist" in problem, problem
