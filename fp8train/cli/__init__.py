@@ -36,7 +36,7 @@ def interrupted() -> NoReturn:
     exit_with(130)
 
 
-def exit_with(status: int) -> None:
+def exit_with(status: int) -> NoReturn:
     """sys.exit, except with a process group up: its communication threads, still running when the interpreter tears
     down, abort it now and then ("terminate called without an active exception", SIGABRT instead of the status).
     A wandb run still open is finished and logs and output are flushed (exit hooks do not run), then the process

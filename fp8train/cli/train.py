@@ -382,7 +382,7 @@ def shared_subdir_problems(jobs: list[list[str]]) -> list[str]:
                     overrides=[*override_problems(job)[1], f"hydra.job.num={num}"],
                     return_hydra_config=True,
                 )
-            template = str(raw.hydra.sweep._get_node("subdir")._value())
+            template = str(OmegaConf.to_container(raw.hydra.sweep)["subdir"])  # as written, ${...} unresolved
             if "hydra.job.num" in template or "${now:" in template:
                 return []
             by_subdir.setdefault(str(OmegaConf.select(raw, "hydra.sweep.subdir")), []).append(num)
