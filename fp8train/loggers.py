@@ -161,23 +161,33 @@ def setup_console(level: int = logging.INFO) -> None:
 
 
 def drop_unwritable_log_files() -> None:
-    """A log file that cannot be written (RUN_DIR/train.log on a full disk) is named once and dropped, the console
-    keeping the log, instead of logging's traceback for every line."""
+    """A log destination that cannot be written (RUN_DIR/train.log on a full disk, the console piped into a
+    ``head`` that has exited) is named once and dropped, the other keeping the log, instead of logging's traceback
+    for every line."""
     for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.FileHandler):
-            handler.handleError = functools.partial(_drop_log_file, handler, handler.handleError)
+        if isinstance(handler, logging.StreamHandler):  # FileHandler included
+            handler.handleError = functools.partial(_drop_log_stream, handler, handler.handleError)
 
 
-def _drop_log_file(handler: logging.FileHandler, handle_error, record: logging.LogRecord) -> None:
+def _drop_log_stream(handler: logging.StreamHandler, handle_error, record: logging.LogRecord) -> None:
     error = sys.exc_info()[1]
     if not isinstance(error, OSError):  # a bug (a message and its arguments that do not match): logging's traceback
         return handle_error(record)
     handler.setLevel(logging.CRITICAL + 1)  # not removed: the logger may be going through its list of handlers now
-    reason = error.strerror or first_line(error)
-    print(
-        f"fp8train: {handler.baseFilename} cannot be written ({reason}): the log goes to the console only",
-        file=sys.stderr,
-    )
+    if isinstance(error, BrokenPipeError) and hasattr(handler.stream, "fileno"):
+        # The reader is gone: what is written there from now on (tqdm's handler takes this stream over during
+        # training, and the interpreter flushes it at exit) goes to /dev/null rather than failing again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, handler.stream.fileno())
+        os.close(devnull)
+    if isinstance(handler, logging.FileHandler):
+        where, rest = handler.baseFilename, "the log goes to the console only"
+    else:
+        where, rest = getattr(handler.stream, "name", "the console"), "the log goes on in the run directory's train.log"
+    try:
+        print(f"fp8train: {where} cannot be written ({error.strerror or first_line(error)}): {rest}", file=sys.stderr)
+    except OSError:  # stderr itself is the one closed
+        pass
 
 
 def use_progress_bar(cfg: Config) -> bool:

@@ -153,3 +153,30 @@ def test_a_log_file_on_a_full_disk_is_named_once_not_a_traceback_per_line(capsys
     err = capsys.readouterr().err
     assert err == "fp8train: /dev/full cannot be written (No space left on device): the log goes to the console only\n"
     assert console.getvalue() == "line 0\nline 1\nline 2\n"
+
+
+def test_a_console_closed_under_the_log_is_named_once_not_a_traceback_per_line(capsys):
+    # python train.py | head: every line logged after head exited printed logging's traceback (BrokenPipeError).
+    read, write = os.pipe()
+    os.close(read)  # head has exited
+    closed = os.fdopen(write, "w")
+    root, train_log = logging.getLogger(), io.StringIO()
+    handlers = [logging.StreamHandler(closed), logging.StreamHandler(train_log)]
+    for handler in handlers:
+        root.addHandler(handler)
+    try:
+        drop_unwritable_log_files()
+        for n in range(2):
+            logging.getLogger("fp8train").warning("line %d", n)
+        handlers.append(logging.StreamHandler(closed))  # as tqdm's, over the same stream, during training
+        root.addHandler(handlers[-1])
+        logging.getLogger("fp8train").warning("line 2")
+    finally:
+        for handler in handlers:
+            root.removeHandler(handler)
+        closed.close()
+    err = capsys.readouterr().err
+    assert err == (
+        f"fp8train: {closed.name} cannot be written (Broken pipe): the log goes on in the run directory's train.log\n"
+    )
+    assert train_log.getvalue() == "line 0\nline 1\nline 2\n"
