@@ -390,8 +390,8 @@ def shared_subdir_problems(jobs: list[list[str]]) -> list[str]:
             return []
     return [
         f"hydra.sweep.subdir={template}: jobs {', '.join(f'#{n}' for n in nums[:-1])} and #{nums[-1]} would share "
-        f"the run directory {subdir}, a later one meeting the earlier one's files after it trained; put what the "
-        "sweep varies in it, or ${hydra.job.num}"
+        f"the run directory {subdir or 'hydra.sweep.dir itself'}, a later one meeting the earlier one's files after "
+        "it trained; put what the sweep varies in it, or ${hydra.job.num}"
         for subdir, nums in by_subdir.items()
         if len(nums) > 1
     ]
