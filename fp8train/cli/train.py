@@ -322,6 +322,12 @@ def run_dir_problems(argv: list[str], key: str = "hydra.run.dir") -> list[str]:
                 f"for {default}"
             )
             continue
+        if value.startswith("~"):  # a folder named ~ in the current one, one `rm -rf ~` from the home folder
+            problems.append(
+                f"{o.input_line}: Hydra does not expand ~ (it would make a folder named ~ in the current one); "
+                "write the home folder out instead ($HOME/..., or what `echo $HOME` prints)"
+            )
+            continue
         fixed = value.split("${", 1)[0]
         if "${" in value:  # the run dir is a folder yet to be named inside this one
             problem = folder_problem(Path(fixed if fixed.endswith("/") else Path(fixed).parent), inside=True)

@@ -605,3 +605,12 @@ def test_a_run_dir_in_or_at_a_link_to_nothing_is_named(tmp_path, suffix):
     link.symlink_to(tmp_path / "deleted")
     (problem,) = run_dir_problems([f"hydra.run.dir={link}{suffix}"])
     assert f"{link} is a link to {tmp_path / 'deleted'}, which does not exist" in problem, problem
+
+
+@pytest.mark.parametrize("value", ['"~/runs/mine"', "'~/runs/${now:%H}'"])
+def test_a_run_dir_under_a_tilde_is_refused_naming_home(value):
+    # Hydra expands no ~ (and parses none unquoted): quoted, it made a folder named ~ in the current folder, one
+    # `rm -rf ~` away from the home folder.
+    for key in ("hydra.run.dir", "hydra.sweep.dir"):
+        (problem,) = run_dir_problems([f"{key}={value}"], key)
+        assert problem.startswith(f"{key}={value}: Hydra does not expand ~") and "$HOME/" in problem, problem
