@@ -479,11 +479,21 @@ def test_a_job_of_a_multirun_failing_with_its_wandb_run_open_does_not_lend_it_to
     assert finished_wandb_runs == [(ids[0], 2), (ids[1], 2)] and ids[0] != ids[1]
 
 
+@pytest.fixture
+def no_launcher(monkeypatch):
+    """An environment that no launcher set: none of RANK, LOCAL_RANK, WORLD_SIZE and mpirun's."""
+    from fp8train.config import LAUNCH_VARS
+
+    for names in LAUNCH_VARS.values():
+        for name in names:
+            monkeypatch.delenv(name, raising=False)
+
+
 @pytest.mark.parametrize(
     "env", [{"RANK": "3", "WORLD_SIZE": "16"}, {"OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "16"}]
 )
 def test_a_config_error_of_a_multi_rank_launch_is_one_paragraph_from_rank_0_and_a_line_from_each_other(
-    monkeypatch, capsys, env
+    monkeypatch, capsys, no_launcher, env
 ):
     # Every rank printed the same paragraph, none saying whose it was: 16 identical paragraphs for 16 ranks.
     import socket
@@ -504,16 +514,6 @@ def test_a_config_error_of_a_multi_rank_launch_is_one_paragraph_from_rank_0_and_
     assert capsys.readouterr().err == single and single.startswith("fp8train: Invalid configuration (2 problems):\n")
 
 
-LAUNCH_NAMES = (
-    "RANK",
-    "LOCAL_RANK",
-    "WORLD_SIZE",
-    "OMPI_COMM_WORLD_RANK",
-    "OMPI_COMM_WORLD_LOCAL_RANK",
-    "OMPI_COMM_WORLD_SIZE",
-)
-
-
 @pytest.mark.parametrize(
     "env, named",
     [
@@ -527,10 +527,8 @@ LAUNCH_NAMES = (
     ],
 )
 def test_a_launch_environment_that_names_no_rank_is_a_message_before_the_run_dir_is_made(
-    tmp_path, monkeypatch, capsys, env, named
+    tmp_path, monkeypatch, capsys, no_launcher, env, named
 ):
-    for name in LAUNCH_NAMES:
-        monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     run_dir = tmp_path / "run"
