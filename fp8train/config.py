@@ -13,6 +13,7 @@ import dataclasses
 import enum
 import glob
 import math
+import os
 import re
 import types
 import typing
@@ -470,7 +471,47 @@ class ParallelConfig:
         if self.ds_config is not None and not resolve_path(self.ds_config).is_file():
             p.add("ds_config", f"no such file ({resolve_path(self.ds_config)})")
         p.positive("timeout_min")
+        if self.name == ParallelName.deepspeed:
+            p.found += [f"{at}=deepspeed: {problem}" for problem in launch_vars()[1]]
         return p.found
+
+
+# Where a launcher says which process this is: deepspeed and torchrun set the first name, mpirun the second.
+LAUNCH_VARS = {
+    "rank": ("RANK", "OMPI_COMM_WORLD_RANK"),
+    "local_rank": ("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK"),
+    "world_size": ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE"),
+}
+
+
+def launch_vars() -> tuple[dict[str, int], list[str]]:
+    """The rank, local rank and world size a launcher set in the environment (those it set, keyed as LAUNCH_VARS),
+    and why the environment cannot place this process: a value that is no number, several ranks without this one's,
+    a rank outside the world."""
+    found, named, problems = {}, {}, []
+    fix = (
+        "a launcher (deepspeed, torchrun, mpirun) sets it for each process it starts: start the run through one, or "
+        "unset it for a single process"
+    )
+    for key, names in LAUNCH_VARS.items():
+        name = next((n for n in names if n in os.environ), None)
+        if name is None:
+            continue
+        value = os.environ[name]
+        if not value.strip().isdigit():
+            what = "a number of processes" if key == "world_size" else "a rank number (0, 1, ...)"
+            problems.append(f"{name}={value} in the environment is not {what}; {fix}")
+            continue
+        found[key], named[key] = int(value), f"{name}={int(value)}"
+    world_size = found.get("world_size", 1)
+    if "world_size" in found and world_size < 1:
+        problems.append(f"{named['world_size']} in the environment: must be >= 1; {fix}")
+    elif world_size > 1 and "rank" not in found and not any(p.startswith(LAUNCH_VARS["rank"]) for p in problems):
+        problems.append(f"{named['world_size']} in the environment, but no RANK to say which of them this is; {fix}")
+    if "rank" in found and found["rank"] >= world_size:
+        world = named.get("world_size", "WORLD_SIZE=1")
+        problems.append(f"{named['rank']} in the environment is not below {world}; {fix}")
+    return found, problems
 
 
 @dataclass

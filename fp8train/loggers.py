@@ -8,6 +8,7 @@ has ``step``, the number of optimizer steps completed.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -72,6 +73,20 @@ class RunLogger:
         if self.wandb is not None:
             self.wandb.finish(exit_code=1 if failed else 0)
             self.wandb = None
+
+
+def finish_open_wandb(exit_code: int) -> None:
+    """Finish the wandb run an error left open (the trainer closes its own), as wandb's exit hook would: os._exit
+    skips that hook, leaving an offline run's .wandb file without a single record, and in a multirun the next job's
+    wandb.init would return the open run and log into it."""
+    wandb = sys.modules.get("wandb")
+    run = getattr(wandb, "run", None)
+    if run is None:
+        return
+    try:
+        run.finish(exit_code=exit_code)
+    except (Exception, KeyboardInterrupt) as e:  # ending on an error already (or a second Ctrl-C): give it up
+        log.warning("wandb run %s not finished: %s", run.id, first_line(e) or type(e).__name__)
 
 
 class JsonLines:
@@ -143,6 +158,36 @@ def setup_console(level: int = logging.INFO) -> None:
     """Console logging for runs started outside Hydra (Hydra configures its own, plus RUN_DIR/train.log)."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=level, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+
+
+def drop_unwritable_log_files() -> None:
+    """A log destination that cannot be written (RUN_DIR/train.log on a full disk, the console piped into a
+    ``head`` that has exited) is named once and dropped, the other keeping the log, instead of logging's traceback
+    for every line."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler):  # FileHandler included
+            handler.handleError = functools.partial(_drop_log_stream, handler, handler.handleError)
+
+
+def _drop_log_stream(handler: logging.StreamHandler, handle_error, record: logging.LogRecord) -> None:
+    error = sys.exc_info()[1]
+    if not isinstance(error, OSError):  # a bug (a message and its arguments that do not match): logging's traceback
+        return handle_error(record)
+    handler.setLevel(logging.CRITICAL + 1)  # not removed: the logger may be going through its list of handlers now
+    if isinstance(error, BrokenPipeError) and hasattr(handler.stream, "fileno"):
+        # The reader is gone: what is written there from now on (tqdm's handler takes this stream over during
+        # training, and the interpreter flushes it at exit) goes to /dev/null rather than failing again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, handler.stream.fileno())
+        os.close(devnull)
+    if isinstance(handler, logging.FileHandler):
+        where, rest = handler.baseFilename, "the log goes to the console only"
+    else:
+        where, rest = getattr(handler.stream, "name", "the console"), "the log goes on in the run directory's train.log"
+    try:
+        print(f"fp8train: {where} cannot be written ({error.strerror or first_line(error)}): {rest}", file=sys.stderr)
+    except OSError:  # stderr itself is the one closed
+        pass
 
 
 def use_progress_bar(cfg: Config) -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,7 +33,24 @@ def interrupted() -> NoReturn:
         "so nothing half-written is left to be taken for a finished one.",
         file=sys.stderr,
     )
-    sys.exit(130)
+    exit_with(130)
+
+
+def exit_with(status: int) -> NoReturn:
+    """sys.exit, except with a process group up: its communication threads, still running when the interpreter tears
+    down, abort it now and then ("terminate called without an active exception", SIGABRT instead of the status).
+    A wandb run still open is finished and logs and output are flushed (exit hooks do not run), then the process
+    ends at once; the launcher stops the other ranks."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        sys.exit(status)
+    from fp8train.loggers import finish_open_wandb  # here: this module must import where Ctrl-C cut imports short
+
+    finish_open_wandb(status)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def by_ctrl_c(error: BaseException) -> bool:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
+import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -13,39 +13,48 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from fp8train.cli import interrupted, interruptible
+from fp8train.cli import exit_with, interrupted, interruptible
 from fp8train.config import (
     CONF_DIR,
     compose,
     compose_untyped,
     first_line,
+    launch_vars,
     override_parser,
     override_problems,
     register_schema,
     to_typed,
 )
 from fp8train.errors import BackendError, ConfigError, Fp8trainError
+from fp8train.loggers import drop_unwritable_log_files, finish_open_wandb
 
 register_schema()
 
 
 def fail(error: Fp8trainError) -> None:
-    """Print a user-fixable problem as a message alone (no traceback) and exit with status 2."""
-    print(f"fp8train: {error}", file=sys.stderr)
+    """Print a user-fixable problem as a message alone (no traceback) and exit with status 2.
+
+    Every rank of a launch checks the same command line, mostly with the same result: rank 0 prints the message,
+    the other ranks one line each naming their rank and host, so that one whose problem differs (its node lacks the
+    device, or a file) still shows it, without the same paragraph once per rank."""
+    launch = launch_rank()
+    if launch is None or launch[0] == 0:
+        print(f"fp8train: {error}", file=sys.stderr)
+    else:
+        text = "; ".join(error.problems) if isinstance(error, ConfigError) else str(error)
+        print(
+            f"fp8train: rank {launch[0]} of {launch[1]} ({socket.gethostname()}): {' '.join(text.split())}",
+            file=sys.stderr,
+        )
     exit_with(2)
 
 
-def exit_with(status: int) -> None:
-    """sys.exit, except with a process group up: its communication threads, still running when the interpreter tears
-    down, abort it now and then ("terminate called without an active exception", SIGABRT instead of the status).
-    Logs and output are flushed, then the process ends at once; the launcher stops the other ranks."""
-    dist = sys.modules.get("torch.distributed")
-    if dist is None or not dist.is_available() or not dist.is_initialized():
-        sys.exit(status)
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(status)
+def launch_rank() -> tuple[int, int] | None:
+    """(rank, world size) of a launch of several ranks as its launcher's environment gives them (deepspeed,
+    torchrun, mpirun); None for a single process, or an environment that does not say (or contradicts itself)."""
+    found, problems = launch_vars()
+    rank, world_size = found.get("rank"), found.get("world_size", 1)
+    return (rank, world_size) if rank is not None and world_size > 1 and not problems else None
 
 
 class Sweep:
@@ -101,8 +110,7 @@ def one_process() -> bool:
     the launcher stops them, rather than go on to the next job."""
     import torch.distributed as dist
 
-    world_size = os.environ.get("WORLD_SIZE") or os.environ.get("OMPI_COMM_WORLD_SIZE") or "1"
-    return int(world_size) <= 1 and not (dist.is_available() and dist.is_initialized())
+    return launch_vars()[0].get("world_size", 1) <= 1 and not (dist.is_available() and dist.is_initialized())
 
 
 def preflight(argv: list[str]) -> None:
@@ -136,12 +144,13 @@ def preflight(argv: list[str]) -> None:
         if problems:
             fail(ConfigError(problems))
         return
-    problems += run_dir_problems(overrides)
+    problems += run_dir_problems(overrides) + chdir_problems(overrides)
     missing_backends = []
     jobs, sweep_problems = sweep_jobs(overrides, multirun=args.multirun)
     problems += sweep_problems
     if jobs is not None:
-        problems += run_dir_problems(overrides, "hydra.sweep.dir")
+        problems += run_dir_problems(overrides, "hydra.sweep.dir") + sweep_run_dir_problems(overrides)
+        problems += shared_subdir_problems(jobs)
     problems += dir_interpolation_problems(
         overrides, ("hydra.run.dir",) if jobs is None else ("hydra.sweep.dir", "hydra.sweep.subdir")
     )
@@ -304,7 +313,20 @@ def run_dir_problems(argv: list[str], key: str = "hydra.run.dir") -> list[str]:
     problems = []
     for o in overrides:
         value = o.value()
-        if o.key_or_group != key or not isinstance(value, str) or not value:
+        if o.key_or_group != key or not isinstance(value, str):
+            continue
+        if not value:  # Hydra would take the folder the run is started from, its files among the run's
+            default = "runs/DATE_..." if key == "hydra.run.dir" else "multirun/DATE"
+            problems.append(
+                f"{o.input_line}: empty (an unset shell variable?); name the folder, or leave the override out "
+                f"for {default}"
+            )
+            continue
+        if value.startswith("~"):  # a folder named ~ in the current one, one `rm -rf ~` from the home folder
+            problems.append(
+                f"{o.input_line}: Hydra does not expand ~ (it would make a folder named ~ in the current one); "
+                "write the home folder out instead ($HOME/..., or what `echo $HOME` prints)"
+            )
             continue
         fixed = value.split("${", 1)[0]
         if "${" in value:  # the run dir is a folder yet to be named inside this one
@@ -315,6 +337,70 @@ def run_dir_problems(argv: list[str], key: str = "hydra.run.dir") -> list[str]:
             what = "a run directory" if key == "hydra.run.dir" else "a sweep folder"
             problems.append(f"{key}={value}: {problem}; choose {what} in a writable folder")
     return problems
+
+
+def chdir_problems(overrides: list[str]) -> list[str]:
+    """hydra.job.chdir=true: Hydra would change into the run directory after the checks, and every relative path of
+    the config (the data, its cache, a checkpoint to resume) would be looked for there."""
+    parser = override_parser()
+    for arg in overrides:
+        try:
+            (o,) = parser.parse_overrides([arg])
+        except Exception:  # composing names it
+            continue
+        if o.key_or_group == "hydra.job.chdir" and o.value() is True:
+            return [
+                f"{arg}: fp8train reads the config's relative paths (data.sources, data.cache_dir, resume, "
+                "model.init_from) from the folder it is started in, and writes into the run directory by its path: "
+                "leave it out"
+            ]
+    return []
+
+
+def sweep_run_dir_problems(overrides: list[str]) -> list[str]:
+    """A multirun's hydra.run.dir without hydra.sweep.dir: Hydra ignores it, and the jobs would train in
+    multirun/DATE/ rather than where the user looks for them."""
+    given = {a.split("=", 1)[0].lstrip("+"): a for a in overrides if "=" in a}
+    if "hydra.run.dir" not in given or "hydra.sweep.dir" in given:
+        return []
+    arg = given["hydra.run.dir"]
+    return [
+        f"{arg}: a multirun puts its jobs in hydra.sweep.dir (one hydra.sweep.subdir each) and ignores "
+        f"hydra.run.dir; give hydra.sweep.dir={arg.split('=', 1)[1]} instead"
+    ]
+
+
+def shared_subdir_problems(jobs: list[list[str]]) -> list[str]:
+    """Jobs of a multirun whose hydra.sweep.subdir comes out the same: the later one would meet the earlier one's
+    run directory after that trained, and stop there. A subdir with ${hydra.job.num} (the default) keeps them apart;
+    one with ${now:...} is filled in as each job starts, so it is not compared."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    by_subdir: dict[str, list[int]] = {}
+    template = None
+    for num, job in enumerate(jobs):
+        try:
+            with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+                raw = hydra_compose(
+                    config_name="config",
+                    overrides=[*override_problems(job)[1], f"hydra.job.num={num}"],
+                    return_hydra_config=True,
+                )
+            template = str(OmegaConf.to_container(raw.hydra.sweep)["subdir"])  # as written, ${...} unresolved
+            if "hydra.job.num" in template or "${now:" in template:
+                return []
+            by_subdir.setdefault(str(OmegaConf.select(raw, "hydra.sweep.subdir")), []).append(num)
+        except Exception:  # a job that does not compose, or an interpolation that fails: named by the other checks
+            return []
+    return [
+        f"hydra.sweep.subdir={template}: jobs {', '.join(f'#{n}' for n in nums[:-1])} and #{nums[-1]} would share "
+        f"the run directory {subdir or 'hydra.sweep.dir itself'}, a later one meeting the earlier one's files after "
+        "it trained; put what the sweep varies in it, or ${hydra.job.num}"
+        for subdir, nums in by_subdir.items()
+        if len(nums) > 1
+    ]
 
 
 def dir_interpolation_problems(overrides: list[str], keys: tuple[str, ...]) -> list[str]:
@@ -351,6 +437,8 @@ def folder_problem(folder: Path, inside: bool = False) -> str | None:
     """Why ``folder`` can be neither used nor created (``inside``: why no folder can be created in it), or None."""
     existing = folder
     while not existing.exists() and existing != existing.parent:
+        if existing.is_symlink():  # mkdir would meet it as a file that exists
+            return f"{existing} is a link to {os.readlink(existing)}, which does not exist"
         existing = existing.parent
     if not existing.is_dir():
         return f"{existing} is a file, not a folder"
@@ -370,6 +458,7 @@ def hydra_main(raw: DictConfig) -> None:
 
     from fp8train.trainer import Trainer, unlock_run_dir
 
+    drop_unwritable_log_files()  # Hydra's RUN_DIR/train.log
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
@@ -391,6 +480,7 @@ def hydra_main(raw: DictConfig) -> None:
         # The message as a single run prints it, naming the job; the sweep goes on (see Sweep) where it can.
         print(f"fp8train: job #{hydra_cfg.job.num} of this multirun ({run_dir}) failed: {e}", file=sys.stderr)
         Sweep.failed[hydra_cfg.job.num] = (run_dir, e)
+        finish_open_wandb(2)  # an error before the trainer closed it: the next job would log into it
         if not one_process():
             stopped = (
                 "The sweep stops here, its later jobs not started: other ranks of this run may be waiting for this "

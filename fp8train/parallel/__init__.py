@@ -10,7 +10,6 @@ little coordination the trainer needs.
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,8 +19,8 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from fp8train.backends import Backend
-from fp8train.config import ParallelConfig, ParallelName
-from fp8train.errors import CheckpointError, Fp8trainError
+from fp8train.config import ParallelConfig, ParallelName, launch_vars
+from fp8train.errors import CheckpointError, ConfigError, Fp8trainError
 
 MODEL_FILE, OPTIMIZER_FILE = "model.safetensors", "optimizer.pt"
 DEEPSPEED_DIR = "deepspeed"  # parallel=deepspeed: DeepSpeed's files of a checkpoint, CHECKPOINT/deepspeed/
@@ -40,19 +39,10 @@ def launch_env(cfg: ParallelConfig) -> LaunchEnv:
     """RANK / LOCAL_RANK / WORLD_SIZE as set by deepspeed, torchrun, or mpirun (OMPI_COMM_WORLD_*)."""
     if cfg.name == ParallelName.single:
         return LaunchEnv()
-    env = os.environ
-
-    def read(*names: str, default: int) -> int:
-        for name in names:
-            if name in env:
-                return int(env[name])
-        return default
-
-    return LaunchEnv(
-        rank=read("RANK", "OMPI_COMM_WORLD_RANK", default=0),
-        local_rank=read("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", default=0),
-        world_size=read("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", default=1),
-    )
+    found, problems = launch_vars()
+    if problems:  # checked with the config already; for a Trainer built from Python
+        raise ConfigError([f"parallel=deepspeed: {p}" for p in problems])
+    return LaunchEnv(**found)
 
 
 class SingleEngine:

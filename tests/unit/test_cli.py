@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
 
 from fp8train.cli.main import main
-from fp8train.cli.train import preflight, run_dir_problems
+from fp8train.cli.train import preflight, run_dir_problems, sweep_run_dir_problems
 from tests.helpers import SMALL
 
 
@@ -391,3 +392,223 @@ def test_a_precision_beside_a_comparison_is_named_once_before_any_arm_trains(cap
     assert preflight_status(["-m", *SMALL, "experiment=compare_bf16_fp8", "precision=fp32"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("fp8train: Invalid configuration (1 problem)") and "precision=fp32: the chosen variant" in err
+
+
+def test_a_run_dir_given_to_a_multirun_is_refused_naming_the_sweep_folder(tmp_path, capsys):
+    # A multirun puts its jobs in hydra.sweep.dir: hydra.run.dir was ignored and the runs went to multirun/<date>/.
+    run_dir = tmp_path / "mine"
+    for argv in (
+        ["-m", *SMALL, "precision=bf16,fp32", f"hydra.run.dir={run_dir}"],
+        [*SMALL, "experiment=compare_bf16_fp8", f"hydra.run.dir={run_dir}"],  # a multirun by its config
+    ):
+        assert preflight_status(argv) == 2
+        err = capsys.readouterr().err
+        assert f"hydra.run.dir={run_dir}: a multirun puts its jobs in hydra.sweep.dir" in err, err
+        assert f"hydra.sweep.dir={run_dir}" in err and err.count("\n") == 2
+        assert not run_dir.exists()
+    # with the sweep folder given too, the run dir is a leftover the sweep does not need
+    assert sweep_run_dir_problems([f"hydra.run.dir={run_dir}", f"hydra.sweep.dir={tmp_path / 's'}"]) == []
+
+
+@pytest.fixture
+def finished_wandb_runs(monkeypatch) -> list:
+    """(run id, exit code) of each wandb run finished from now on."""
+    from wandb.sdk.wandb_run import Run
+
+    finished, finish = [], Run.finish
+
+    def spy(run, exit_code=None):
+        finished.append((run.id, exit_code))
+        finish(run, exit_code=exit_code)
+
+    monkeypatch.setattr(Run, "finish", spy)
+    yield finished
+    import wandb
+
+    if wandb.run is not None:  # left open by a failing test: not to leak into the next one
+        finish(wandb.run)
+
+
+def test_an_error_exit_with_a_process_group_up_finishes_the_wandb_run_first(tmp_path, monkeypatch, finished_wandb_runs):
+    # os._exit skips wandb's exit hook: an offline run's .wandb file was left with its 7-byte header alone, every
+    # metric logged to it lost.
+    import torch.distributed as dist
+    import wandb
+
+    from fp8train.cli import train
+    from fp8train.config import compose
+    from fp8train.loggers import RunLogger
+
+    logger = RunLogger(compose(["logger.wandb.mode=offline"]), tmp_path)
+    logger.log({"loss": 2.0}, step=1)
+    run_id = logger.wandb.id
+    ended = []
+
+    def os_exit(status):
+        ended.append((status, wandb.run))
+        raise SystemExit(status)
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(train.os, "_exit", os_exit)
+    with pytest.raises(SystemExit):
+        train.exit_with(2)
+    assert ended == [(2, None)] and finished_wandb_runs == [(run_id, 2)]
+
+
+def test_a_job_of_a_multirun_failing_with_its_wandb_run_open_does_not_lend_it_to_the_next(
+    tmp_path, monkeypatch, capsys, finished_wandb_runs
+):
+    # wandb.init returns the run still open: the next job logged into the failed job's wandb run.
+    from fp8train import trainer
+    from fp8train.cli import train
+    from fp8train.errors import DataError
+
+    def damaged(*args, **kwargs):  # as a resumed job's unreadable outliers.jsonl is, after its wandb run started
+        raise DataError("outliers.jsonl cannot be read")
+
+    monkeypatch.setattr(trainer, "build_monitor", damaged)
+    root = logging.getLogger()  # Hydra's logging set-up, its console handler on capsys' stream, goes with the test
+    monkeypatch.setattr(root, "handlers", list(root.handlers))
+    monkeypatch.setattr(root, "level", root.level)
+    sweep = tmp_path / "sweep"
+    argv = ["-m", *SMALL, "logger.wandb.mode=offline", "precision=bf16,fp32", f"hydra.sweep.dir={sweep}"]
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    assert e.value.code == 2 and "2 of 2 jobs of this multirun failed" in capsys.readouterr().err
+    ids = [(job / "wandb_id").read_text() for job in sorted(p for p in sweep.iterdir() if p.is_dir())]
+    assert finished_wandb_runs == [(ids[0], 2), (ids[1], 2)] and ids[0] != ids[1]
+
+
+@pytest.fixture
+def no_launcher(monkeypatch):
+    """An environment that no launcher set: none of RANK, LOCAL_RANK, WORLD_SIZE and mpirun's."""
+    from fp8train.config import LAUNCH_VARS
+
+    for names in LAUNCH_VARS.values():
+        for name in names:
+            monkeypatch.delenv(name, raising=False)
+
+
+@pytest.mark.parametrize(
+    "env", [{"RANK": "3", "WORLD_SIZE": "16"}, {"OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "16"}]
+)
+def test_a_config_error_of_a_multi_rank_launch_is_one_paragraph_from_rank_0_and_a_line_from_each_other(
+    monkeypatch, capsys, no_launcher, env
+):
+    # Every rank printed the same paragraph, none saying whose it was: 16 identical paragraphs for 16 ranks.
+    import socket
+
+    argv = [*SMALL, "optim.lr=-1", "trainer.max_steps=0"]
+    assert preflight_status(argv) == 2
+    single = capsys.readouterr().err
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert preflight_status(argv) == 2
+    line = capsys.readouterr().err
+    assert line == (
+        f"fp8train: rank 3 of 16 ({socket.gethostname()}): optim.lr=-1.0: must be > 0; trainer.max_steps=0: must be "
+        "> 0\n"
+    )
+    monkeypatch.setenv(next(iter(env)), "0")
+    assert preflight_status(argv) == 2
+    assert capsys.readouterr().err == single and single.startswith("fp8train: Invalid configuration (2 problems):\n")
+
+
+@pytest.mark.parametrize(
+    "env, named",
+    [
+        # ValueError's traceback from int(), after Hydra had created the run dir
+        ({"LOCAL_RANK": "abc"}, "parallel=deepspeed: LOCAL_RANK=abc in the environment is not a rank number"),
+        ({"RANK": "0", "WORLD_SIZE": " 2x", "LOCAL_RANK": "0"}, "WORLD_SIZE= 2x in the environment is not a number"),
+        # DeepSpeed, missing RANK, went looking for MPI: "No module named 'mpi4py'" in a traceback
+        ({"WORLD_SIZE": "2"}, "WORLD_SIZE=2 in the environment, but no RANK"),
+        ({"RANK": "2", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}, "RANK=2 in the environment is not below WORLD_SIZE=2"),
+        ({"OMPI_COMM_WORLD_RANK": "-1", "OMPI_COMM_WORLD_SIZE": "2"}, "OMPI_COMM_WORLD_RANK=-1 in the environment is"),
+    ],
+)
+def test_a_launch_environment_that_names_no_rank_is_a_message_before_the_run_dir_is_made(
+    tmp_path, monkeypatch, capsys, no_launcher, env, named
+):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    run_dir = tmp_path / "run"
+    assert preflight_status([*SMALL, "parallel=deepspeed", f"hydra.run.dir={run_dir}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fp8train: Invalid configuration (1 problem)") and named in err, err
+    assert "unset it" in err and not run_dir.exists()
+    assert preflight_status([*SMALL, f"hydra.run.dir={run_dir}"]) == 0  # parallel=single does not read it
+
+
+@pytest.mark.parametrize(
+    "argv", [["hydra.run.dir="], ["hydra.run.dir=''"], ["-m", "hydra.sweep.dir=", "precision=bf16,fp32"]]
+)
+def test_an_empty_run_dir_is_refused_not_taken_for_the_current_folder(capsys, argv):
+    # hydra.run.dir=$RUN_DIR with the variable unset: the run wrote config.yaml, metrics.jsonl, checkpoints/, ... in
+    # among the files of the folder it was started from.
+    flags = [a for a in argv if a.startswith("-")]
+    assert preflight_status([*flags, *SMALL, *(a for a in argv if a not in flags)]) == 2
+    err = capsys.readouterr().err
+    given = argv[1] if flags else argv[0]
+    assert f"{given}: empty (an unset shell variable?); name the folder, or leave the override out" in err, err
+
+
+def test_jobs_of_a_multirun_sharing_a_run_dir_are_refused_before_the_first_trains(tmp_path, capsys):
+    # The second job found the first one's checkpoints and failed, after the first had trained; its message named
+    # hydra.sweep.dir, not the subdir that made them share.
+    from fp8train.cli.train import shared_subdir_problems
+
+    jobs = [[*SMALL, f"optim.lr={lr}"] for lr in (1e-3, 2e-3)]
+    (problem,) = shared_subdir_problems([[*job, "hydra.sweep.subdir=${precision.name}"] for job in jobs])
+    assert problem.startswith("hydra.sweep.subdir=${precision.name}: jobs #0 and #1 would share the run directory ")
+    assert "fp8_smooth," in problem and "put what the sweep varies in it, or ${hydra.job.num}" in problem
+    assert shared_subdir_problems([[*job, "hydra.sweep.subdir=${precision.name}_${optim.lr}"] for job in jobs]) == []
+    assert shared_subdir_problems([[*job, "hydra.sweep.subdir=${now:%H}"] for job in jobs]) == []  # filled in later
+    sweep = ["-m", *SMALL, "optim.lr=1e-3,2e-3", f"hydra.sweep.dir={tmp_path / 's'}", "hydra.sweep.subdir=x"]
+    assert preflight_status(sweep) == 2
+    assert "hydra.sweep.subdir=x: jobs #0 and #1 would share the run directory x," in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+
+
+def test_hydra_changing_into_the_run_dir_is_refused(tmp_path, capsys):
+    # Hydra changed into the run dir after the checks: data/tinyshakespeare.txt was then "no such file", looked for
+    # in the run dir, which was left behind with a train.log.
+    argv = [*SMALL, "hydra.job.chdir=true", f"hydra.run.dir={tmp_path / 'run'}"]
+    assert preflight_status(argv) == 2
+    err = capsys.readouterr().err
+    assert "hydra.job.chdir=true: fp8train reads the config's relative paths (data.sources" in err, err
+    assert "leave it out" in err and not (tmp_path / "run").exists()
+    assert preflight_status([*SMALL, "hydra.job.chdir=false"]) == 0
+
+
+def test_ctrl_c_with_a_process_group_up_ends_as_an_error_exit_does(monkeypatch, capsys):
+    # sys.exit(130): the interpreter's teardown with gloo's threads running, which could abort it (SIGABRT) instead.
+    import torch.distributed as dist
+
+    from fp8train import cli
+
+    def os_exit(status):
+        raise SystemExit(f"os._exit({status})")
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(cli.os, "_exit", os_exit)
+    with pytest.raises(SystemExit) as e:
+        cli.interrupted()
+    assert e.value.code == "os._exit(130)" and capsys.readouterr().err.startswith("fp8train: interrupted (Ctrl-C)")
+
+
+@pytest.mark.parametrize("suffix", ["", "/run", "/${now:%H}"])
+def test_a_run_dir_in_or_at_a_link_to_nothing_is_named(tmp_path, suffix):
+    # Hydra's mkdir failed on it: FileExistsError's traceback.
+    link = tmp_path / "latest"
+    link.symlink_to(tmp_path / "deleted")
+    (problem,) = run_dir_problems([f"hydra.run.dir={link}{suffix}"])
+    assert f"{link} is a link to {tmp_path / 'deleted'}, which does not exist" in problem, problem
+
+
+@pytest.mark.parametrize("value", ['"~/runs/mine"', "'~/runs/${now:%H}'"])
+def test_a_run_dir_under_a_tilde_is_refused_naming_home(value):
+    # Hydra expands no ~ (and parses none unquoted): quoted, it made a folder named ~ in the current folder, one
+    # `rm -rf ~` away from the home folder.
+    for key in ("hydra.run.dir", "hydra.sweep.dir"):
+        (problem,) = run_dir_problems([f"{key}={value}"], key)
+        assert problem.startswith(f"{key}={value}: Hydra does not expand ~") and "$HOME/" in problem, problem
