@@ -12,6 +12,7 @@ Files written (default: RUN_DIR/report/):
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +20,7 @@ from pathlib import Path
 from fp8train.cli import writing_into
 from fp8train.config import first_line
 from fp8train.errors import Fp8trainError
-from fp8train.loggers import from_jsonable, read_jsonl
-from fp8train.monitor.monitor import OUTLIERS_FILE, is_record, worst
+from fp8train.loggers import OUTLIERS_FILE, is_record, read_jsonl  # not from fp8train.monitor: it imports torch
 
 FILES = ("h_amax.png", "alignment.png", "fp8_overflow.png", "worst_layers.png", "summary.txt")
 WORST = 4  # layers drawn in worst_layers.png
@@ -41,13 +41,13 @@ class Outliers:
     def load(cls, run_dir: Path) -> Outliers:
         path = Path(run_dir) / OUTLIERS_FILE
         try:
-            lines = read_jsonl(path)
+            lines = read_jsonl(path, numbers=True)
         except (OSError, UnicodeDecodeError) as e:
             raise Fp8trainError(
                 f"{path} cannot be read ({first_line(e)}); report on a run directory whose outliers.jsonl train.py "
                 f"wrote."
             ) from None
-        rows = [from_jsonable(r) for r in lines if is_record(r) and r["layers"]]  # a line of no layer: nothing to draw
+        rows = [r for r in lines if is_record(r) and r["layers"]]  # a line of no layer: nothing to draw
         if not rows:
             if not path.exists():
                 what = "does not exist"
@@ -79,6 +79,43 @@ class Outliers:
         return self.table(lambda e: e.get(key))
 
     @property
+    def fp8_groups(self) -> list[str]:
+        """The groups of FP8 tensors (GROUP_NAMES, in its order) this run has."""
+        return [g for g in GROUP_NAMES if (FP8_DRAWN[0], g) in self._fp8_tables]
+
+    def fp8_table(self, stat: str, group: str) -> list[list[float]]:
+        """[layer][step] of the largest ``stat`` over the layer's FP8 tensors of ``group`` (NaN if one is NaN, as
+        for :func:`fp8train.monitor.monitor.worst`; NaN where the layer has none)."""
+        table = self._fp8_tables.get((stat, group))
+        if table is None:
+            return [[math.nan] * len(self.steps) for _ in self.layers]
+        return [[math.nan if v is None else float(v) for v in row] for row in table]
+
+    @functools.cached_property
+    def _fp8_tables(self) -> dict[tuple[str, str], list[list]]:
+        """fp8_table of every (stat, group) drawn, None where there is no value, in one pass: a long run's file
+        holds millions of FP8 tensor records, and a pass over them per table was most of the report's time."""
+        tables: dict[tuple[str, str], list[list]] = {}
+        where = {layer: i for i, layer in enumerate(self.layers)}
+        for j, r in enumerate(self.rows):
+            for entry in r["layers"]:
+                i = where[entry["layer"]]
+                for name, s in entry.get("fp8", {}).items():
+                    group = tensor_group(name)
+                    for stat in FP8_DRAWN:
+                        table = tables.get((stat, group))
+                        if table is None:
+                            table = tables[stat, group] = [[None] * len(self.steps) for _ in self.layers]
+                        v = s.get(stat)
+                        if not isinstance(v, (int, float)):
+                            continue
+                        old = table[i][j]
+                        # worst(): the largest, a NaN above every number, the first of equals
+                        if old is None or v > old or (v != v and old == old):
+                            table[i][j] = v
+        return tables
+
+    @property
     def alerts(self) -> list[dict]:
         return [a for r in self.rows for a in r.get("alerts", [])]
 
@@ -86,20 +123,6 @@ class Outliers:
 def _nan_last(v) -> float:
     """A key for max(): NaN (and anything not a number) below every number, rather than wherever it happens to be."""
     return v if isinstance(v, (int, float)) and not math.isnan(v) else -math.inf
-
-
-def fp8_worst(stat: str, group: str):
-    """The largest ``stat`` over one layer entry's FP8 tensors of ``group`` (None if it has none)."""
-
-    def value(entry: dict):
-        values = [
-            s[stat]
-            for name, s in entry.get("fp8", {}).items()
-            if tensor_group(name) == group and isinstance(s.get(stat), (int, float))
-        ]
-        return worst(values) if values else None
-
-    return value
 
 
 def report(run_dir: Path, out: Path) -> str:
@@ -180,8 +203,10 @@ def summary(data: Outliers, run_dir: Path) -> str:
 # FP8 tensors are summarised in four groups: the down projection's input (the tensor Smooth-SwiGLU changes), the
 # other linears' inputs, the weights and the output gradients.
 GROUP_NAMES = {"down_in": "down_proj input", "input": "other inputs", "weight": "weights", "grad": "gradients"}
+FP8_DRAWN = ("amax_ratio", "saturated_frac")  # the statistics of fp8_overflow.png
 
 
+@functools.cache  # called for every FP8 tensor of every line, with the same few dozen names
 def tensor_group(name: str) -> str:
     """ "mlp.down_proj.input" -> "down_in"; "self_attn.q_proj.grad" -> "grad"."""
     return "down_in" if name == "mlp.down_proj.input" else name.rsplit(".", 1)[-1]
@@ -189,25 +214,32 @@ def tensor_group(name: str) -> str:
 
 def _overflow_lines(data: Outliers) -> list[str]:
     """Per group of FP8 tensors: at how many (layer, monitored step) pairs some element saturated, and the worst."""
-    groups: dict[str, list[tuple]] = {g: [] for g in GROUP_NAMES}
+    # group -> its (step, layer) pairs, those of them where some tensor saturated
+    pairs: dict[str, tuple[set, set]] = {g: (set(), set()) for g in GROUP_NAMES}
+    worst: dict[str, tuple] = {}  # group -> (key, amax ratio, saturated fraction, step, layer): the first largest key
     for r in data.rows:
         for e in r["layers"]:
+            pair = (r["step"], e["layer"])
             for name, s in e.get("fp8", {}).items():
-                saturated = s["saturated_frac"] > 0
-                groups.setdefault(tensor_group(name), []).append(
-                    (s["amax_ratio"] if saturated else 0.0, s["saturated_frac"], r["step"], e["layer"], saturated)
-                )
-    if not any(groups.values()):
+                group, sat = tensor_group(name), s["saturated_frac"]
+                saturated = sat > 0
+                ratio = s["amax_ratio"] if saturated else 0.0
+                found, hit = pairs.setdefault(group, (set(), set()))
+                found.add(pair)
+                if saturated:
+                    hit.add(pair)
+                key = (_nan_last(ratio), _nan_last(sat))
+                if group not in worst or key > worst[group][0]:
+                    worst[group] = (key, ratio, sat, *pair)
+    if not worst:
         return ["FP8: no FP8 tensors in this run"]
     lines = []
-    for group, found in groups.items():
+    for group, (found, hit) in pairs.items():
         if not found:
             continue
-        n_pairs = len({(step, layer) for _, _, step, layer, _ in found})
-        hit = {(step, layer) for _, _, step, layer, saturated in found if saturated}
-        line = f"FP8 {GROUP_NAMES.get(group, group)}: saturated at {len(hit)} of {n_pairs} (layer, step) pairs"
+        line = f"FP8 {GROUP_NAMES.get(group, group)}: saturated at {len(hit)} of {len(found)} (layer, step) pairs"
         if hit:
-            ratio, sat, step, layer, _ = max(found, key=lambda f: (_nan_last(f[0]), _nan_last(f[1])))
+            _, ratio, sat, step, layer = worst[group]
             line += f"; worst {ratio:.3g}x the amax its scale assumed (layer {layer}, step {step}, {100 * sat:.3g}%)"
         lines.append(line)
     return lines
@@ -278,18 +310,17 @@ def draw(data: Outliers, out: Path) -> None:
     heatmap(ax_frac, frac, "neurons with |cos(W_up[j], W_gate[j])| > 0.5", "% of neurons", vmin=0, vmax=top_frac)
     save(fig, "alignment.png")
 
-    present = {tensor_group(n) for r in data.rows for e in r["layers"] for n in e.get("fp8", {})}
-    groups = [g for g in GROUP_NAMES if g in present]
+    groups = data.fp8_groups
     # at least two panels wide, as wide as the title (a bf16 run gets one panel, saying it has no FP8 tensor)
     fig, axes = plt.subplots(2, max(1, len(groups)), figsize=(4.2 * max(2, len(groups)), 6.4), squeeze=False)
     for col, group in enumerate(groups):
-        ratio = data.table(fp8_worst("amax_ratio", group))
+        ratio = data.fp8_table("amax_ratio", group)
         top = max(_finite(v for row in ratio for v in row), default=1.0)
         centred = TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=max(2.0, top))  # white at 1, red: overflow
         heatmap(
             axes[0][col], ratio, f"{GROUP_NAMES[group]}: amax ratio", "amax_now / amax_assumed", centred, "coolwarm"
         )
-        sat = [[100 * v for v in row] for row in data.table(fp8_worst("saturated_frac", group))]
+        sat = [[100 * v for v in row] for row in data.fp8_table("saturated_frac", group)]
         top_sat = max(max(_finite(v for row in sat for v in row), default=0.0), 1e-3)  # all zero: black, not grey
         heatmap(axes[1][col], sat, f"{GROUP_NAMES[group]}: saturated elements", "%", cmap="magma", vmin=0, vmax=top_sat)
     if not groups:

@@ -45,14 +45,13 @@ from torch import nn
 
 from fp8train.config import MonitorConfig, OnAlert
 from fp8train.fp8.scaling import STAT_NAMES, TensorScaler
-from fp8train.loggers import JsonLines, RunLogger, read_to_resume
+from fp8train.loggers import OUTLIERS_FILE, JsonLines, RunLogger, is_record, read_to_resume
 from fp8train.monitor import stats
 from fp8train.monitor.alerts import Alert, SpikeRule, overflowed
 from fp8train.parallel import on_rank0
 
 log = logging.getLogger("fp8train")
 
-OUTLIERS_FILE = "outliers.jsonl"
 # amaxes and FP8 figures taken as the max over data-parallel ranks; the scale is rank 0's, the same on every rank
 # once a delayed history exists (before, at step 1, each rank scales from its own amax)
 _REDUCED = ("h_amax", "u_amax", "g_amax", "down_in_amax")
@@ -428,17 +427,6 @@ WANDB_KEYS = (
     "cos_max_abs",
     "cos_frac_above_half",
 )
-
-
-def is_record(row) -> bool:
-    """Whether a line of outliers.jsonl is one monitored step's statistics; other lines (hand edits, another
-    tool's output in the file) are skipped rather than read as one."""
-    return (
-        isinstance(row, dict)
-        and isinstance(row.get("step"), int)
-        and isinstance(row.get("layers"), list)
-        and all(isinstance(entry, dict) and isinstance(entry.get("layer"), int) for entry in row["layers"])
-    )
 
 
 def nan_largest(v: float) -> tuple[bool, float]:

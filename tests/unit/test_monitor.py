@@ -464,7 +464,7 @@ def test_a_nan_on_another_rank_survives_the_max_over_ranks(tmp_path):
 def test_a_layers_worst_fp8_tensor_does_not_depend_on_the_order_of_its_tensors(tmp_path, nan_first):
     # A tensor that met a NaN (a diverging step) has amax_ratio NaN: max() over the layer's tensors returned NaN or
     # the other tensors' worst depending on which came first. Non-finite is the worst, as the overflow rule has it.
-    from fp8train.cli.report import Outliers, fp8_worst
+    from fp8train.cli.report import Outliers
     from fp8train.monitor.monitor import wandb_metrics
 
     stat = {"amax": 1.0, "scale": 1.0, "saturated_frac": 1e-3, "underflow_frac": 0.0}
@@ -477,7 +477,7 @@ def test_a_layers_worst_fp8_tensor_does_not_depend_on_the_order_of_its_tensors(t
     if nan_first:
         fp8 = dict(reversed(fp8.items()))
     write_outliers(tmp_path, [{"step": 1, "layers": [layer_record(0, 1.0, fp8=fp8)], "alerts": []}])
-    assert math.isnan(Outliers.load(tmp_path).table(fp8_worst("amax_ratio", "input"))[0][0])
+    assert math.isnan(Outliers.load(tmp_path).fp8_table("amax_ratio", "input")[0][0])
 
 
 class SentAlerts:
