@@ -146,15 +146,18 @@ class TensorScaler(nn.Module):
 
     @torch.no_grad()
     def count(self, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, stochastic: bool = False) -> None:
-        """Add to the counters: elements the clamp to the format's max changed (saturated), nonzeros quantized to
-        0 (flushed), and the largest |x * scale| / fp8_max (the amax ratio)."""
+        """Add to the counters: finite elements the clamp to the format's max changed (saturated), nonzeros
+        quantized to 0 (flushed), and the largest |x * scale| / fp8_max (the amax ratio: inf or NaN where x holds
+        an inf or NaN)."""
         if x.numel() == 0:
             return
         # Saturated = beyond max + half an ulp: below that, rounding alone gives max, so the clamp loses nothing.
         # (This also keeps rounding noise out of the count: with scale = fp8_max / amax the largest element can land
         # a few fp32 ulps above max, and a compiled graph may take the amax before a bf16 rounding the cast sees.)
+        # An inf is not counted: quantize makes it NaN or inf, not max (it is no overflow of the scale but a
+        # non-finite input, flagged by an inf or NaN amax_ratio). A finite x whose product overflows fp32 is.
         scaled = (x.float() * scale).abs()  # the same fp32 product quantize rounds
-        self.n_saturated.add_((scaled > self.overflow_threshold).sum())
+        self.n_saturated.add_(((scaled > self.overflow_threshold) & ~x.isinf()).sum())
         # max |x * scale| = amax * scale exactly (rounding is monotonic), taken here rather than from the amax in
         # scale_for: there, products of one amax with the scales of several scalers (q, k and v share their input)
         # fused after the amax reduction made Triton 3.6 fail to build the kernel for an H100.
