@@ -26,9 +26,9 @@ later micro-batches of a monitored step: FP8 counters without hooks). The hooks 
 layer and find the layer's slot (a dict, cleared in place) on the module they are called for, so a graph compiled
 for one transformer block serves all of them (``backend.compile_scope=block``).
 
-Under data parallelism the amaxes and FP8 figures are max-reduced over ranks before the alert rules run, so every
-rank takes the same decision (an ``on_alert=stop`` stops them all); the distribution statistics (RMS, kurtosis,
-top channels) are those of rank 0's micro-batch.
+Under data parallelism the amaxes and FP8 figures are max-reduced over ranks (the scales min-reduced) before the
+alert rules run, so every rank takes the same decision (an ``on_alert=stop`` stops them all); the distribution
+statistics (RMS, kurtosis, top channels) are those of rank 0's micro-batch.
 """
 
 from __future__ import annotations
@@ -52,10 +52,13 @@ from fp8train.parallel import on_rank0
 
 log = logging.getLogger("fp8train")
 
-# amaxes and FP8 figures taken as the max over data-parallel ranks; the scale is rank 0's, the same on every rank
-# once a delayed history exists (before, at step 1, each rank scales from its own amax)
+# amaxes and FP8 figures taken as the max over data-parallel ranks, the scale as the min: where ranks scale from
+# their own amax (step 1, before a delayed history; current scaling; the per-channel variant's rescaled weight), the
+# smallest scale is that of the rank with the largest amax, and a record's amax and scale belong together
+# (amax * scale / fp8_max is its amax_ratio, not an overflow that happened nowhere). With a delayed history the
+# scale is the same on every rank.
 _REDUCED = ("h_amax", "u_amax", "g_amax", "down_in_amax")
-_FP8_REDUCED = tuple(i for i, name in enumerate(STAT_NAMES) if name != "scale")
+_SCALE = STAT_NAMES.index("scale")
 
 
 @dataclass
@@ -241,12 +244,17 @@ class OutlierMonitor:
         return [_record(layer.index, entry) for layer, entry in zip(self.layers, host)]
 
     def _reduce(self, tree: list[dict]) -> None:
-        """Max-reduce the amaxes and FP8 figures over data-parallel ranks, in place, in one collective."""
+        """Max-reduce the amaxes and FP8 figures (min-reduce the scales) over data-parallel ranks, in place, in one
+        collective."""
         if self.reduce_max is None:
             return
         slots = [(e, k) for e in tree for k in _REDUCED if k in e]
         fp8 = [(e["fp8"], name) for e in tree for name in e["fp8"]]
-        parts = [e[k].reshape(1).float() for e, k in slots] + [d[n][list(_FP8_REDUCED)].float() for d, n in fp8]
+        parts = [e[k].reshape(1).float() for e, k in slots]
+        if fp8:
+            stats = torch.stack([d[n] for d, n in fp8]).float()  # (tensors, STAT_NAMES)
+            stats[:, _SCALE] *= -1  # the max of -scale is minus the smallest scale
+            parts.append(stats.flatten())
         if not parts:
             return
         flat = torch.cat(parts)
@@ -256,14 +264,13 @@ class OutlierMonitor:
         both = torch.cat([torch.where(nan, math.inf, flat), nan.float()])
         self.reduce_max(both)
         flat = torch.where(both[len(flat) :] > 0, math.nan, both[: len(flat)])
-        values = iter(flat.unbind())
-        for e, k in slots:
-            e[k] = next(values)
-        for d, n in fp8:
-            merged = d[n].clone()
-            for i in _FP8_REDUCED:
-                merged[i] = next(values)
-            d[n] = merged
+        for (e, k), value in zip(slots, flat[: len(slots)].unbind()):
+            e[k] = value
+        if fp8:
+            stats = flat[len(slots) :].view(len(fp8), -1).clone()
+            stats[:, _SCALE] *= -1
+            for (d, n), values in zip(fp8, stats.unbind()):
+                d[n] = values
 
     def _check(self, step: int, records: list[dict]) -> list[Alert]:
         alerts = []

@@ -460,6 +460,38 @@ def test_a_nan_on_another_rank_survives_the_max_over_ranks(tmp_path):
     assert row["layers"][0]["h_amax"] == "nan" and row["layers"][0]["fp8"]["mlp.down_proj.input"]["amax"] == "nan"
 
 
+def test_the_recorded_scale_is_that_of_the_rank_with_the_largest_amax(tmp_path):
+    # Where ranks scale from their own amax (step 1, before a delayed history; current scaling; the per-channel
+    # variant's rescaled weight) their scales differ. The record paired the largest amax over ranks with rank 0's
+    # scale: amax * scale / fp8_max read 4x (an overflow of the scale) where every rank's amax_ratio was 1.
+    cfg = MonitorConfig(enabled=True, interval=10, alerts_after=0)
+    sent = {}
+
+    def send(flat):
+        sent["flat"] = flat.clone()
+
+    def receive(flat):
+        flat.copy_(torch.maximum(flat, sent["flat"]))
+
+    (tmp_path / "1").mkdir(), (tmp_path / "0").mkdir()
+    rank1 = build_monitor(cfg, TwoLayers([planted_mlp()]), tmp_path / "1", reduce_max=send)
+    rank0 = build_monitor(cfg, TwoLayers([planted_mlp()]), tmp_path / "0", reduce_max=receive)
+    torch.manual_seed(5)
+    x = torch.randn(64, 32)
+    scales = {}
+    for mon, inputs in ((rank1, 4 * x), (rank0, x)):  # step 1: each rank scales from its own amax
+        with mon.capture(1):
+            mon.layers[0].mlp(inputs).square().sum().backward()
+        scales[mon] = mon.layers[0].fp8["mlp.down_proj.input"].stat_scale.item()
+        assert mon.collect(1) == []
+        mon.close()
+    assert scales[rank1] < scales[rank0] / 2
+    (row,) = read_jsonl(tmp_path / "0" / OUTLIERS_FILE)
+    stat = row["layers"][0]["fp8"]["mlp.down_proj.input"]
+    assert stat["scale"] == scales[rank1]
+    assert stat["amax"] * stat["scale"] / fp8_max(E4M3) == pytest.approx(stat["amax_ratio"], rel=1e-6)
+
+
 @pytest.mark.parametrize("nan_first", [True, False])
 def test_a_layers_worst_fp8_tensor_does_not_depend_on_the_order_of_its_tensors(tmp_path, nan_first):
     # A tensor that met a NaN (a diverging step) has amax_ratio NaN: max() over the layer's tensors returned NaN or
