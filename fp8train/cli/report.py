@@ -216,22 +216,24 @@ def _overflow_lines(data: Outliers) -> list[str]:
     """Per group of FP8 tensors: at how many (layer, monitored step) pairs some element saturated, and the worst."""
     # group -> its (step, layer) pairs, those of them where some tensor saturated
     pairs: dict[str, tuple[set, set]] = {g: (set(), set()) for g in GROUP_NAMES}
-    worst: dict[str, tuple] = {}  # group -> (key, amax ratio, saturated fraction, step, layer): the first largest key
+    # group -> (key, amax ratio, saturated fraction, step, layer) of its worst saturated tensor: the largest ratio, a
+    # NaN above every number (a tensor that met a NaN, as for worst() and the overflow rule), then the largest fraction
+    worst: dict[str, tuple] = {}
     for r in data.rows:
         for e in r["layers"]:
             pair = (r["step"], e["layer"])
             for name, s in e.get("fp8", {}).items():
                 group, sat = tensor_group(name), s["saturated_frac"]
-                saturated = sat > 0
-                ratio = s["amax_ratio"] if saturated else 0.0
                 found, hit = pairs.setdefault(group, (set(), set()))
                 found.add(pair)
-                if saturated:
-                    hit.add(pair)
-                key = (_nan_last(ratio), _nan_last(sat))
+                if not sat > 0:
+                    continue
+                hit.add(pair)
+                ratio = s["amax_ratio"]
+                key = (math.isnan(ratio), 0.0 if math.isnan(ratio) else ratio, sat)
                 if group not in worst or key > worst[group][0]:
                     worst[group] = (key, ratio, sat, *pair)
-    if not worst:
+    if not any(found for found, _ in pairs.values()):
         return ["FP8: no FP8 tensors in this run"]
     lines = []
     for group, (found, hit) in pairs.items():

@@ -826,6 +826,19 @@ def test_report_of_a_run_that_went_non_finite(tmp_path):
     )
 
 
+def test_report_names_a_saturated_tensor_that_met_a_nan_as_the_worst(tmp_path):
+    # A tensor that met a NaN and saturated too has amax_ratio NaN: taken as the smallest ratio, the summary named as
+    # the worst saturated pair one where nothing saturated ("worst 0x ... (layer 1, step 1, 0%)").
+    from fp8train.cli.report import report
+
+    layers = [layer_record(0, 1.0, ratio=math.nan, saturated=0.01), layer_record(1, 1.0), layer_record(2, 1.0, 3.0)]
+    write_outliers(tmp_path, [{"step": 1, "layers": layers, "alerts": []}])
+    text = report(tmp_path, tmp_path / "report")
+    assert (
+        "saturated at 1 of 3 (layer, step) pairs; worst nanx the amax its scale assumed (layer 0, step 1, 1%)" in text
+    )
+
+
 def test_report_names_the_steps_a_layers_growth_is_taken_over(tmp_path):
     # A layer recorded from step 2 on only, a layer whose last value is NaN, and step 3 written twice (the later
     # line counts): each layer's growth names the steps it compares when they are not the run's first and last.
