@@ -300,18 +300,20 @@ class OutlierMonitor:
                 alerted.add(scaler)
                 same = [n for n, other in taps[i].items() if other is scaler and n != name]
                 tensor = f"{name} (= {', '.join(same)})" if same else name
-                ratio = s["amax_ratio"]
-                how = f"{ratio:.3g}x what its scale assumed" if math.isfinite(ratio) else "not finite"
+                saturated = f"{100 * s['saturated_frac']:.3g}% of elements saturated"
+                if math.isfinite(s["amax"]):
+                    kind, what = "fp8_overflow", f"FP8 overflow, amax {s['amax_ratio']:.3g}x what its scale assumed"
+                else:  # an inf or NaN in the tensor: no overflow of its scale, a step gone non-finite (as h's)
+                    kind, what = "non_finite", f"amax {s['amax']:.4g}, not finite"
                 alerts.append(
                     Alert(
                         step,
                         i,
                         name,
-                        "fp8_overflow",
+                        kind,
                         s["amax_ratio"],
                         s["saturated_frac"],
-                        f"layer {i} {tensor}: FP8 overflow, amax {how}, "
-                        f"{100 * s['saturated_frac']:.3g}% of elements saturated",
+                        f"layer {i} {tensor}: {what}, {saturated}",
                     )
                 )
         # Early training grows every amax many-fold; its values still enter the running medians above. A value that
