@@ -94,7 +94,7 @@ class Outliers:
     @functools.cached_property
     def _fp8_tables(self) -> dict[tuple[str, str], list[list]]:
         """fp8_table of every (stat, group) drawn, None where there is no value, in one pass: a long run's file
-        holds millions of FP8 tensor records, and a pass over them per table was most of the report's time."""
+        holds millions of FP8 tensor records, and a pass over them for each of the 8 tables took seconds."""
         tables: dict[tuple[str, str], list[list]] = {}
         where = {layer: i for i, layer in enumerate(self.layers)}
         for j, r in enumerate(self.rows):

@@ -54,9 +54,9 @@ log = logging.getLogger("fp8train")
 
 # amaxes and FP8 figures taken as the max over data-parallel ranks, the scale as the min: where ranks scale from
 # their own amax (step 1, before a delayed history; current scaling; the per-channel variant's rescaled weight), the
-# smallest scale is that of the rank with the largest amax, and a record's amax and scale belong together
-# (amax * scale / fp8_max is its amax_ratio, not an overflow that happened nowhere). With a delayed history the
-# scale is the same on every rank.
+# smallest scale is that of the rank with the largest amax, so that a record's amax and scale belong together (rank
+# 0's scale beside another rank's larger amax read as an overflow no rank had). With a delayed history every rank
+# has the same scale.
 _REDUCED = ("h_amax", "u_amax", "g_amax", "down_in_amax")
 _SCALE = STAT_NAMES.index("scale")
 
