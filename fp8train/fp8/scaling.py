@@ -130,7 +130,9 @@ class TensorScaler(nn.Module):
                 self.scale.copy_(scale)
         if self.track_stats:
             self.stat_amax.copy_(torch.maximum(self.stat_amax, amax_now))
-            self.stat_scale.copy_(scale)
+            # The smallest scale (0: none yet): where micro-batches are scaled from their own amax (current scaling,
+            # delayed before its first step), the one the largest amax was quantized with, so the two belong together.
+            self.stat_scale.copy_(torch.where(self.stat_scale > 0, torch.minimum(self.stat_scale, scale), scale))
         return scale
 
     def quantize(
@@ -195,7 +197,7 @@ class TensorScaler(nn.Module):
     def pop_stats(self) -> dict:
         """Statistics since the last call (one step when called every step), then reset them.
 
-        amax: largest amax seen; scale: the last scale used; saturated_frac / underflow_frac: fraction of elements
+        amax: largest amax seen; scale: the smallest scale used; saturated_frac / underflow_frac: fraction of elements
         clamped beyond what rounding would do (above max + half an ulp) / nonzero but flushed to zero; amax_ratio:
         the largest amax_now / amax_assumed, where amax_assumed = fp8_max / scale (> 1 means that tensor overflowed
         its scale). All zero unless ``track_stats`` was on. One device sync per call.
@@ -217,7 +219,14 @@ class TensorScaler(nn.Module):
                 self.stat_ratio.float(),
             ]
         )
-        for buf in (self.n_saturated, self.n_underflow, self.n_elements, self.stat_amax, self.stat_ratio):
+        for buf in (
+            self.n_saturated,
+            self.n_underflow,
+            self.n_elements,
+            self.stat_amax,
+            self.stat_scale,
+            self.stat_ratio,
+        ):
             buf.zero_()
         return values
 

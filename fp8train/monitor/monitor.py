@@ -11,7 +11,7 @@ Monitored steps are step 1 and every ``monitor.interval``-th step. On one of the
 2. turns on ``track_stats`` of every FP8 tensor scaler, through the forward and the backward of every micro-batch
    of the step (input, weight and output-gradient of each Fp8Linear: amax, scale used, % saturated, % flushed to
    zero, amax_now / amax_assumed): with gradient accumulation an overflow in any micro-batch is counted, the
-   counts summed and the amaxes and ratios maxed over the micro-batches; the scale is the last one used.
+   counts summed and the amaxes and ratios maxed over the micro-batches; the scale is the smallest one used.
 
 After the optimizer step it adds the W_up / W_gate alignment of every neuron, reads everything with one device
 sync, applies the alert rules and writes one line to outliers.jsonl. Other steps run as without a monitor: no

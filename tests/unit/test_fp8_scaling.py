@@ -269,6 +269,20 @@ def test_counters_agree_with_a_count_of_the_fp8_result(fmt, stochastic):
     assert saturated == 32 and flushed >= (32 if stochastic else 96)
 
 
+@pytest.mark.parametrize("recipe", ["current", "delayed"])
+def test_the_scale_popped_with_the_largest_amax_is_the_one_that_amax_was_quantized_with(recipe):
+    # Where a tensor is scaled from its own amax (current scaling, delayed before its first step), micro-batches
+    # have scales of their own. The stats paired the largest amax with the last micro-batch's scale: amax * scale
+    # read 4x fp8_max, an overflow that never happened (amax_ratio 1). The smallest scale goes with the largest amax.
+    s = TensorScaler(E4M3, ScalingConfig(recipe=recipe))
+    s.track_stats = True
+    for amax in (4.0, 1.0):  # two micro-batches
+        s.quantize(torch.tensor([amax, -amax / 3]), Fp8Ops())
+    stats = s.pop_stats()
+    assert (stats["amax"], stats["scale"], stats["amax_ratio"]) == (4.0, 112.0, 1.0)
+    assert s.pop_stats() == dict.fromkeys(stats, 0.0)  # nothing tracked since: all zero, the scale too
+
+
 @pytest.mark.parametrize("fmt,stochastic", [(E4M3, False), (E5M2, False), (E5M2, True)])
 @pytest.mark.parametrize("nan", [False, True])
 def test_an_inf_or_nan_input_is_neither_saturated_nor_flushed(fmt, stochastic, nan):
