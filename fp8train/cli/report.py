@@ -337,7 +337,8 @@ def draw(data: Outliers, out: Path) -> None:
 
 def draw_worst(data: Outliers, plt):
     """h amax and the down projection's input amax over steps, for the layers with the largest h amax (at most
-    WORST of them); steps with an alert in that layer are marked with a red x."""
+    WORST of them); steps with an alert in that layer are marked with a red x (on the top edge where the amax is not
+    finite)."""
     from matplotlib.colors import to_rgb
 
     h, down = data.field("h_amax"), data.field("down_in_amax")
@@ -355,10 +356,18 @@ def draw_worst(data: Outliers, plt):
         ax_d.plot(data.steps, down[i], marker=".", **style)
         for (tensor, ax), table in zip(marks.items(), (h, down)):
             hits = [j for j, s in enumerate(data.steps) if (tensor, layer, s) in alerts]
-            ax.plot([data.steps[j] for j in hits], [table[i][j] for j in hits], "x", color=ALERT_COLOR, markersize=9)
-    ax_h.set(title="amax of h = silu(g) * u (x: amax spike alert)", xlabel="step", ylabel="amax", yscale="log")
+            finite = [j for j in hits if math.isfinite(table[i][j])]
+            ax.plot(
+                [data.steps[j] for j in finite], [table[i][j] for j in finite], "x", color=ALERT_COLOR, markersize=9
+            )
+            # a NaN or inf amax has no place on the axis: its alert goes on the panel's top edge
+            edge = [data.steps[j] for j in hits if j not in finite]
+            if edge:
+                top = {"transform": ax.get_xaxis_transform(), "clip_on": False}  # x: step, y: fraction of the panel
+                ax.plot(edge, [1.0] * len(edge), "x", color=ALERT_COLOR, markersize=9, **top)
+    ax_h.set(title="amax of h = silu(g) * u (x: spike or non-finite alert)", xlabel="step", ylabel="amax", yscale="log")
     ax_d.set(
-        title="amax of the down projection's actual input (x: FP8 overflow alert)",
+        title="amax of down_proj's actual input (x: overflow or non-finite alert)",
         xlabel="step",
         ylabel="amax",
         yscale="log",

@@ -958,6 +958,24 @@ def test_worst_layers_alert_crosses_have_a_colour_no_layer_line_has(tmp_path, mo
     assert all(math.dist(to_rgb(c.get_color()), cross) > 0.4 for c in curves)  # #d62728 is 0.27 from pure red
 
 
+def test_worst_layers_marks_the_alert_of_a_step_gone_non_finite(tmp_path, monkeypatch):
+    # The cross of an alert sits at the layer's value that step: a NaN or inf amax put it nowhere, and the alert of a
+    # diverging step, the one a report is read for, did not show. It goes on the top edge of the panel instead.
+    from fp8train.cli.report import report
+
+    alerts = [Alert(3, 0, "h", "non_finite", math.nan, 2.0, "layer 0 h amax nan").to_json()]
+    alerts.append(Alert(3, 0, "mlp.down_proj.input", "non_finite", math.inf, 0.0, "layer 0 down inf").to_json())
+    rows = [{"step": s, "layers": [layer_record(0, 1.0 + s, down_in_amax=1.0)], "alerts": []} for s in (1, 2)]
+    rows.append({"step": 3, "layers": [layer_record(0, math.nan, down_in_amax=math.inf)], "alerts": alerts})
+    write_outliers(tmp_path, rows)
+    figures = saved_figures(monkeypatch)
+    report(tmp_path, tmp_path / "report")
+    for ax in figures["worst_layers.png"].axes:
+        crosses = [line for line in ax.get_lines() if line.get_marker() == "x" and len(line.get_xdata())]
+        assert len(crosses) == 1 and list(crosses[0].get_xdata()) == [3]
+        assert all(math.isfinite(y) for y in crosses[0].get_ydata()), crosses[0].get_ydata()
+
+
 @pytest.mark.parametrize("damage", ["binary", "directory", "not objects"])
 def test_resuming_over_a_damaged_outliers_file_is_one_message(tmp_path, damage):
     # The replay of the running medians reads outliers.jsonl before anything else: a file that is no JSON-lines file
