@@ -120,6 +120,11 @@ class Outliers:
         return [a for r in self.rows for a in r.get("alerts", [])]
 
 
+def _not_finite(v) -> bool:
+    """An inf or NaN number (rather than no value at all)."""
+    return isinstance(v, (int, float)) and not math.isfinite(v)
+
+
 def _nan_last(v) -> float:
     """A key for max(): NaN (and anything not a number) below every number, rather than wherever it happens to be."""
     return v if isinstance(v, (int, float)) and not math.isnan(v) else -math.inf
@@ -342,7 +347,9 @@ def draw_worst(data: Outliers, plt):
     from matplotlib.colors import to_rgb
 
     h, down = data.field("h_amax"), data.field("down_in_amax")
-    peak = {i: max(_finite(h[i]), default=-math.inf) for i in range(len(data.layers))}
+    # A layer whose h amax went inf or NaN is among the worst, as in the summary, whatever its values before.
+    went_bad = data.table(lambda e: float(_not_finite(e.get("h_amax"))))  # 1.0 where it did (NaN: no value)
+    peak = {i: (1.0 in went_bad[i], max(_finite(h[i]), default=-math.inf)) for i in range(len(data.layers))}
     worst = sorted(peak, key=peak.get, reverse=True)[:WORST]
     fig, (ax_h, ax_d) = plt.subplots(1, 2, figsize=(13, 4))
     # The alert crosses are red: the layers take the cycle's other colours (its red, #d62728, would hide them).

@@ -976,6 +976,22 @@ def test_worst_layers_marks_the_alert_of_a_step_gone_non_finite(tmp_path, monkey
         assert all(math.isfinite(y) for y in crosses[0].get_ydata()), crosses[0].get_ydata()
 
 
+@pytest.mark.parametrize("bad", [math.inf, math.nan])
+def test_worst_layers_draws_a_layer_whose_h_amax_went_non_finite(tmp_path, monkeypatch, bad):
+    # The layers drawn were those of the largest finite h amax: a layer whose h overflowed to inf (the largest of
+    # all, as the summary says) or went NaN first, with small values before, was left out of the picture.
+    from fp8train.cli.report import WORST, report
+
+    rows = [{"step": s, "layers": [layer_record(i, 10.0 + i) for i in range(WORST + 2)], "alerts": []} for s in (1, 2)]
+    rows[1]["layers"][0] = layer_record(0, bad)
+    write_outliers(tmp_path, rows)
+    figures = saved_figures(monkeypatch)
+    report(tmp_path, tmp_path / "report")
+    ax_h, _ = figures["worst_layers.png"].axes
+    drawn = [line.get_label() for line in ax_h.get_lines() if line.get_label().startswith("layer")]
+    assert drawn[0] == "layer 0" and len(drawn) == WORST
+
+
 @pytest.mark.parametrize("damage", ["binary", "directory", "not objects"])
 def test_resuming_over_a_damaged_outliers_file_is_one_message(tmp_path, damage):
     # The replay of the running medians reads outliers.jsonl before anything else: a file that is no JSON-lines file
