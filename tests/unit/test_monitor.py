@@ -830,11 +830,11 @@ def test_report_of_a_run_that_went_non_finite(tmp_path):
 def test_report_names_a_saturated_tensor_that_met_a_nan_as_the_worst(tmp_path):
     # A tensor that met a NaN and saturated too has amax_ratio NaN: taken as the smallest ratio, the summary named as
     # the worst saturated pair one where nothing saturated ("worst 0x ... (layer 1, step 1, 0%)").
-    from fp8train.cli.report import report
+    from fp8train.cli.report import Outliers, summary
 
     layers = [layer_record(0, 1.0, ratio=math.nan, saturated=0.01), layer_record(1, 1.0), layer_record(2, 1.0, 3.0)]
     write_outliers(tmp_path, [{"step": 1, "layers": layers, "alerts": []}])
-    text = report(tmp_path, tmp_path / "report")
+    text = summary(Outliers.load(tmp_path), tmp_path)
     assert (
         "saturated at 1 of 3 (layer, step) pairs; worst nanx the amax its scale assumed (layer 0, step 1, 1%)" in text
     )
@@ -958,36 +958,40 @@ def test_worst_layers_alert_crosses_have_a_colour_no_layer_line_has(tmp_path, mo
     assert all(math.dist(to_rgb(c.get_color()), cross) > 0.4 for c in curves)  # #d62728 is 0.27 from pure red
 
 
-def test_worst_layers_marks_the_alert_of_a_step_gone_non_finite(tmp_path, monkeypatch):
+def test_worst_layers_marks_the_alert_of_a_step_gone_non_finite(tmp_path):
     # The cross of an alert sits at the layer's value that step: a NaN or inf amax put it nowhere, and the alert of a
     # diverging step, the one a report is read for, did not show. It goes on the top edge of the panel instead.
-    from fp8train.cli.report import report
+    import matplotlib.pyplot as plt
+
+    from fp8train.cli.report import Outliers, draw_worst
 
     alerts = [Alert(3, 0, "h", "non_finite", math.nan, 2.0, "layer 0 h amax nan").to_json()]
     alerts.append(Alert(3, 0, "mlp.down_proj.input", "non_finite", math.inf, 0.0, "layer 0 down inf").to_json())
     rows = [{"step": s, "layers": [layer_record(0, 1.0 + s, down_in_amax=1.0)], "alerts": []} for s in (1, 2)]
     rows.append({"step": 3, "layers": [layer_record(0, math.nan, down_in_amax=math.inf)], "alerts": alerts})
     write_outliers(tmp_path, rows)
-    figures = saved_figures(monkeypatch)
-    report(tmp_path, tmp_path / "report")
-    for ax in figures["worst_layers.png"].axes:
+    fig = draw_worst(Outliers.load(tmp_path), plt)
+    plt.close(fig)
+    for ax in fig.axes:
         crosses = [line for line in ax.get_lines() if line.get_marker() == "x" and len(line.get_xdata())]
         assert len(crosses) == 1 and list(crosses[0].get_xdata()) == [3]
         assert all(math.isfinite(y) for y in crosses[0].get_ydata()), crosses[0].get_ydata()
 
 
 @pytest.mark.parametrize("bad", [math.inf, math.nan])
-def test_worst_layers_draws_a_layer_whose_h_amax_went_non_finite(tmp_path, monkeypatch, bad):
+def test_worst_layers_draws_a_layer_whose_h_amax_went_non_finite(tmp_path, bad):
     # The layers drawn were those of the largest finite h amax: a layer whose h overflowed to inf (the largest of
     # all, as the summary says) or went NaN first, with small values before, was left out of the picture.
-    from fp8train.cli.report import WORST, report
+    import matplotlib.pyplot as plt
+
+    from fp8train.cli.report import WORST, Outliers, draw_worst
 
     rows = [{"step": s, "layers": [layer_record(i, 10.0 + i) for i in range(WORST + 2)], "alerts": []} for s in (1, 2)]
     rows[1]["layers"][0] = layer_record(0, bad)
     write_outliers(tmp_path, rows)
-    figures = saved_figures(monkeypatch)
-    report(tmp_path, tmp_path / "report")
-    ax_h, _ = figures["worst_layers.png"].axes
+    fig = draw_worst(Outliers.load(tmp_path), plt)
+    plt.close(fig)
+    ax_h, _ = fig.axes
     drawn = [line.get_label() for line in ax_h.get_lines() if line.get_label().startswith("layer")]
     assert drawn[0] == "layer 0" and len(drawn) == WORST
 
