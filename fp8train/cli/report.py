@@ -27,6 +27,7 @@ WORST = 4  # layers drawn in worst_layers.png
 # Columns of a heatmap at most: fewer than the narrowest one has pixels (a panel of fp8_overflow.png, ~230).
 COLUMNS = 200
 ALERT_COLOR = "red"  # of the crosses that mark alerts in worst_layers.png
+NON_FINITE_COLOR = "magenta"  # of heatmap cells holding an inf or NaN: in none of the colour maps used
 
 
 @dataclass
@@ -78,6 +79,10 @@ class Outliers:
     def field(self, key: str) -> list[list[float]]:
         return self.table(lambda e: e.get(key))
 
+    def non_finite(self, key: str) -> list[list[bool]]:
+        """[layer][step]: whether ``key`` is an inf or NaN there (a NaN of ``field`` may also be no value at all)."""
+        return [[v == 1.0 for v in row] for row in self.table(lambda e: float(_not_finite(e.get(key))))]
+
     @property
     def fp8_groups(self) -> list[str]:
         """The groups of FP8 tensors (GROUP_NAMES, in its order) this run has."""
@@ -90,6 +95,11 @@ class Outliers:
         if table is None:
             return [[math.nan] * len(self.steps) for _ in self.layers]
         return [[math.nan if v is None else float(v) for v in row] for row in table]
+
+    def fp8_non_finite(self, stat: str, group: str) -> list[list[bool]]:
+        """[layer][step]: whether fp8_table(stat, group) is an inf or NaN there (rather than no value)."""
+        table = self._fp8_tables.get((stat, group)) or [[None] * len(self.steps) for _ in self.layers]
+        return [[_not_finite(v) for v in row] for row in table]
 
     @functools.cached_property
     def _fp8_tables(self) -> dict[tuple[str, str], list[list]]:
@@ -274,7 +284,7 @@ def draw(data: Outliers, out: Path) -> None:
 
     matplotlib.use("Agg")  # files only: works on machines without a display
     import matplotlib.pyplot as plt
-    from matplotlib.colors import LogNorm, TwoSlopeNorm
+    from matplotlib.colors import ListedColormap, LogNorm, TwoSlopeNorm
 
     # More monitored steps than a heatmap has pixel columns: drawn one column per step, most steps would get no pixel
     # and a one-step spike, what the heatmaps are for, could vanish. Each column is then the largest of its steps.
@@ -282,14 +292,23 @@ def draw(data: Outliers, out: Path) -> None:
     columns = [range(j, min(j + width, len(data.steps))) for j in range(0, len(data.steps), width)]
     xlabel = "monitored step" + (f" (each column the largest of {width})" if width > 1 else "")
 
-    def heatmap(ax, table, title, label, norm=None, cmap="viridis", vmin=None, vmax=None):
+    def heatmap(ax, table, title, label, non_finite, norm=None, cmap="viridis", vmin=None, vmax=None):
         table = [
             [max((row[j] for j in c if not math.isnan(row[j])), default=math.nan) for c in columns] for row in table
         ]
         img = ax.imshow(
             table, aspect="auto", origin="lower", interpolation="nearest", cmap=cmap, norm=norm, vmin=vmin, vmax=vmax
         )
-        ax.set(title=title, xlabel=xlabel, ylabel="layer")
+        # An inf or NaN has no colour on the scale: matplotlib leaves its cell blank, white, the colour coolwarm gives
+        # an amax ratio of 1 (no overflow). Those cells, the news of a diverging run, get a colour of their own.
+        non_finite = [[any(row[j] for j in c) for c in columns] for row in non_finite]
+        note = ""
+        if any(map(any, non_finite)):
+            cells = [[1.0 if bad else math.nan for bad in row] for row in non_finite]
+            only = ListedColormap([NON_FINITE_COLOR])
+            ax.imshow(cells, aspect="auto", origin="lower", interpolation="nearest", cmap=only)
+            note = f"; {NON_FINITE_COLOR}: inf or NaN"
+        ax.set(title=title, xlabel=xlabel + note, ylabel="layer")
         # About five labels, the last at the last column (its last step, where the run ends); a regular label too
         # close to it would print over it.
         last, stride = len(columns) - 1, max(1, len(columns) // 5)
@@ -307,14 +326,17 @@ def draw(data: Outliers, out: Path) -> None:
     positive = [v for row in h for v in row if math.isfinite(v) and v > 0]
     fig, ax = plt.subplots(figsize=(8, 3.6))
     norm = LogNorm(vmin=min(positive), vmax=max(positive)) if positive else None
-    heatmap(ax, h, "amax of h = silu(g) * u (down-projection input, plain SwiGLU)", "amax (log scale)", norm=norm)
+    title = "amax of h = silu(g) * u (down-projection input, plain SwiGLU)"
+    heatmap(ax, h, title, "amax (log scale)", data.non_finite("h_amax"), norm=norm)
     save(fig, "h_amax.png")
 
     fig, (ax_max, ax_frac) = plt.subplots(1, 2, figsize=(13, 3.6))
-    heatmap(ax_max, data.field("cos_max_abs"), "max |cos(W_up[j], W_gate[j])| over neurons j", "|cos|", vmin=0, vmax=1)
+    cos_max, title = data.field("cos_max_abs"), "max |cos(W_up[j], W_gate[j])| over neurons j"
+    heatmap(ax_max, cos_max, title, "|cos|", data.non_finite("cos_max_abs"), vmin=0, vmax=1)
     frac = [[100 * v for v in row] for row in data.field("cos_frac_above_half")]
     top_frac = max(_finite(v for row in frac for v in row), default=0.0) or 100.0  # all zero: 0 to 100%, not +-0.1
-    heatmap(ax_frac, frac, "neurons with |cos(W_up[j], W_gate[j])| > 0.5", "% of neurons", vmin=0, vmax=top_frac)
+    title, bad = "neurons with |cos(W_up[j], W_gate[j])| > 0.5", data.non_finite("cos_frac_above_half")
+    heatmap(ax_frac, frac, title, "% of neurons", bad, vmin=0, vmax=top_frac)
     save(fig, "alignment.png")
 
     groups = data.fp8_groups
@@ -324,12 +346,12 @@ def draw(data: Outliers, out: Path) -> None:
         ratio = data.fp8_table("amax_ratio", group)
         top = max(_finite(v for row in ratio for v in row), default=1.0)
         centred = TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=max(2.0, top))  # white at 1, red: overflow
-        heatmap(
-            axes[0][col], ratio, f"{GROUP_NAMES[group]}: amax ratio", "amax_now / amax_assumed", centred, "coolwarm"
-        )
+        title, bad = f"{GROUP_NAMES[group]}: amax ratio", data.fp8_non_finite("amax_ratio", group)
+        heatmap(axes[0][col], ratio, title, "amax_now / amax_assumed", bad, centred, "coolwarm")
         sat = [[100 * v for v in row] for row in data.fp8_table("saturated_frac", group)]
         top_sat = max(max(_finite(v for row in sat for v in row), default=0.0), 1e-3)  # all zero: black, not grey
-        heatmap(axes[1][col], sat, f"{GROUP_NAMES[group]}: saturated elements", "%", cmap="magma", vmin=0, vmax=top_sat)
+        title, bad = f"{GROUP_NAMES[group]}: saturated elements", data.fp8_non_finite("saturated_frac", group)
+        heatmap(axes[1][col], sat, title, "%", bad, cmap="magma", vmin=0, vmax=top_sat)
     if not groups:
         for ax in axes.flat:
             ax.set_axis_off()
@@ -348,8 +370,8 @@ def draw_worst(data: Outliers, plt):
 
     h, down = data.field("h_amax"), data.field("down_in_amax")
     # A layer whose h amax went inf or NaN is among the worst, as in the summary, whatever its values before.
-    went_bad = data.table(lambda e: float(_not_finite(e.get("h_amax"))))  # 1.0 where it did (NaN: no value)
-    peak = {i: (1.0 in went_bad[i], max(_finite(h[i]), default=-math.inf)) for i in range(len(data.layers))}
+    went_bad = data.non_finite("h_amax")
+    peak = {i: (any(went_bad[i]), max(_finite(h[i]), default=-math.inf)) for i in range(len(data.layers))}
     worst = sorted(peak, key=peak.get, reverse=True)[:WORST]
     fig, (ax_h, ax_d) = plt.subplots(1, 2, figsize=(13, 4))
     # The alert crosses are red: the layers take the cycle's other colours (its red, #d62728, would hide them).

@@ -105,3 +105,24 @@ def test_fp8_tables_and_overflow_summary_match_a_direct_count(tmp_path):
         ]
         hit = {(step, layer) for step, layer, s in tensors if s["saturated_frac"] > 0}
         assert f"FP8 {label}: saturated at {len(hit)} of {len({t[:2] for t in tensors})} (layer, step) pairs" in text
+
+
+def test_heatmap_cells_of_an_inf_or_nan_have_a_colour_of_their_own(tmp_path, monkeypatch):
+    # matplotlib leaves an inf or NaN cell blank: white, which the amax-ratio map (coolwarm, centred on 1) gives to
+    # "no overflow". A tensor whose amax ratio went inf or NaN, the step a report is read for, read as a healthy one.
+    import math
+
+    from fp8train.cli.report import NON_FINITE_COLOR
+
+    rows = [{"step": s, "layers": [layer_record(0, 1.0), layer_record(1, 1.0)], "alerts": []} for s in (1, 2, 3)]
+    rows[2]["layers"] = [layer_record(0, math.inf, ratio=math.inf, saturated=0.5), layer_record(1, 1.0, math.nan)]
+    write_outliers(tmp_path, rows)
+    figures = saved_figures(monkeypatch)
+    report(tmp_path, tmp_path / "report")
+    ratio_ax, sat_ax = (ax for ax in figures["fp8_overflow.png"].axes if ax.images)
+    values, cells = (image.get_array() for image in ratio_ax.images)  # the map, then the inf/NaN cells over it
+    assert values.mask.tolist() == [[False, False, True], [False, False, True]]  # blank where not finite
+    assert (~cells.mask).tolist() == values.mask.tolist()  # ... and coloured there
+    assert NON_FINITE_COLOR in ratio_ax.get_xlabel() and len(sat_ax.images) == 1  # nothing to colour there
+    h_ax = next(ax for ax in figures["h_amax.png"].axes if ax.images)
+    assert (~h_ax.images[1].get_array().mask).tolist() == [[False, False, True], [False, False, False]]
