@@ -27,6 +27,7 @@ WORST = 4  # layers drawn in worst_layers.png
 # Columns of a heatmap at most: fewer than the narrowest one has pixels (a panel of fp8_overflow.png, ~230).
 COLUMNS = 200
 ALERT_COLOR = "red"  # of the crosses that mark alerts in worst_layers.png
+LAYER_LABELS = 8  # about as many layer labels on a heatmap's side (the shortest panels are ~170 pixels tall)
 NON_FINITE_COLOR = "magenta"  # of heatmap cells holding an inf or NaN: in none of the colour maps used
 
 
@@ -128,6 +129,13 @@ class Outliers:
     @property
     def alerts(self) -> list[dict]:
         return [a for r in self.rows for a in r.get("alerts", [])]
+
+
+def _ticks(n: int, about: int) -> list[int]:
+    """About ``about`` evenly spaced positions of ``n``, the first and the last included; none of the others so close
+    to the last that their labels would print over each other."""
+    last, stride = n - 1, max(1, n // about)
+    return [t for t in range(0, last, stride) if t == 0 or last - t >= stride / 2] + [last]
 
 
 def _not_finite(v) -> bool:
@@ -309,12 +317,11 @@ def draw(data: Outliers, out: Path) -> None:
             ax.imshow(cells, aspect="auto", origin="lower", interpolation="nearest", cmap=only)
             note = f"; {NON_FINITE_COLOR}: inf or NaN"
         ax.set(title=title, xlabel=xlabel + note, ylabel="layer")
-        # About five labels, the last at the last column (its last step, where the run ends); a regular label too
-        # close to it would print over it.
-        last, stride = len(columns) - 1, max(1, len(columns) // 5)
-        ticks = [t for t in range(0, last, stride) if t == 0 or last - t >= stride / 2] + [last]
+        ticks, last = _ticks(len(columns), 5), len(columns) - 1  # the last column ends at its last step
         ax.set_xticks(ticks, [str(data.steps[columns[t][-1 if t == last else 0]]) for t in ticks])
-        ax.set_yticks(range(len(data.layers)), [str(layer) for layer in data.layers])
+        # Rows too: a label per layer printed the 32 of a Llama-7B over each other.
+        rows = _ticks(len(data.layers), LAYER_LABELS)
+        ax.set_yticks(rows, [str(data.layers[i]) for i in rows])
         plt.colorbar(img, ax=ax, label=label)
 
     def save(fig, name):

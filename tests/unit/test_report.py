@@ -126,3 +126,16 @@ def test_heatmap_cells_of_an_inf_or_nan_have_a_colour_of_their_own(tmp_path, mon
     assert NON_FINITE_COLOR in ratio_ax.get_xlabel() and len(sat_ax.images) == 1  # nothing to colour there
     h_ax = next(ax for ax in figures["h_amax.png"].axes if ax.images)
     assert (~h_ax.images[1].get_array().mask).tolist() == [[False, False, True], [False, False, False]]
+
+
+def test_a_heatmap_of_32_layers_labels_a_few_of_them(tmp_path, monkeypatch):
+    # A label per layer: the 32 layers of a Llama-7B (the paper's model) printed their numbers over each other in
+    # ~170 pixels of panel.
+    rows = [{"step": s, "layers": [layer_record(i, 1.0 + i) for i in range(32)], "alerts": []} for s in (1, 2)]
+    write_outliers(tmp_path, rows)
+    figures = saved_figures(monkeypatch)
+    report(tmp_path, tmp_path / "report")
+    for name in ("h_amax.png", "fp8_overflow.png"):
+        for ax in (a for a in figures[name].axes if a.images):
+            labels = [t.get_text() for t in ax.get_yticklabels()]
+            assert labels[0] == "0" and labels[-1] == "31" and len(labels) <= 9, labels
