@@ -155,7 +155,7 @@ def report(run_dir: Path, out: Path) -> str:
     with writing_into(out, "report"):
         out.mkdir(parents=True, exist_ok=True)
         (out / "summary.txt").write_text(text + "\n")
-        draw(data, out)
+        draw(data, out, no_fp8_text(run_dir))
     return text
 
 
@@ -207,7 +207,7 @@ def summary(data: Outliers, run_dir: Path) -> str:
             f"alignment: max |cos(W_up, W_gate)| {first_cos:.3f} at step {steps[0]} -> {cos:.3f} at step {steps[-1]} "
             f"(layer {layer}, neuron {neuron}); largest fraction of neurons above 0.5: {100 * frac:.2f}%"
         )
-    lines += _overflow_lines(data)
+    lines += _overflow_lines(data, no_fp8_text(run_dir))
     alerts = data.alerts
     if alerts:
         counts: dict[str, int] = {}
@@ -235,7 +235,7 @@ def tensor_group(name: str) -> str:
     return "down_in" if name == "mlp.down_proj.input" else name.rsplit(".", 1)[-1]
 
 
-def _overflow_lines(data: Outliers) -> list[str]:
+def _overflow_lines(data: Outliers, no_fp8: str) -> list[str]:
     """Per group of FP8 tensors: at how many (layer, monitored step) pairs some element saturated, and the worst."""
     # group -> its (step, layer) pairs, those of them where some tensor saturated
     pairs: dict[str, tuple[set, set]] = {g: (set(), set()) for g in GROUP_NAMES}
@@ -257,7 +257,7 @@ def _overflow_lines(data: Outliers) -> list[str]:
                 if group not in worst or key > worst[group][0]:
                     worst[group] = (key, ratio, sat, *pair)
     if not any(found for found, _ in pairs.values()):
-        return ["FP8: no FP8 tensors in this run"]
+        return [f"FP8: {no_fp8}"]
     lines = []
     for group, (found, hit) in pairs.items():
         if not found:
@@ -275,19 +275,32 @@ def _entry(row: dict, layer: int) -> dict:
 
 
 def _precision(run_dir: Path) -> str:
+    name = _config_value(run_dir, "precision.name")
+    return "" if name is None else f", precision {name}"
+
+
+def no_fp8_text(run_dir: Path) -> str:
+    """What a run without FP8 statistics has: no FP8 tensors (bf16), or FP8 tensors the monitor cannot see."""
+    if _config_value(run_dir, "precision.recipe") == "fp8" and _config_value(run_dir, "precision.engine") == "te":
+        return "no FP8 statistics: precision.engine=te (Transformer Engine's scaling is not monitored)"
+    return "no FP8 tensors in this run"
+
+
+def _config_value(run_dir: Path, key: str):
+    """``key`` (e.g. "precision.name") of the run's config.yaml, or None where there is none to read."""
     cfg = Path(run_dir) / "config.yaml"
     if not cfg.is_file():
-        return ""
+        return None
     from omegaconf import OmegaConf
 
     try:
-        return f", precision {OmegaConf.load(cfg).precision.name}"
+        return OmegaConf.select(OmegaConf.load(cfg), key)
     except Exception:  # a config from another version: the summary does without it
-        return ""
+        return None
 
 
 # ----------------------------------------------------------------------------------------------------------------
-def draw(data: Outliers, out: Path) -> None:
+def draw(data: Outliers, out: Path, no_fp8: str = "no FP8 tensors in this run") -> None:
     import matplotlib
 
     matplotlib.use("Agg")  # files only: works on machines without a display
@@ -362,7 +375,7 @@ def draw(data: Outliers, out: Path) -> None:
     if not groups:
         for ax in axes.flat:
             ax.set_axis_off()
-        axes[0][0].text(0.5, 0.5, "no FP8 tensors in this run", ha="center", va="center")
+        axes[0][0].text(0.5, 0.5, no_fp8, ha="center", va="center")
     fig.suptitle("FP8 overflow per layer and monitored step (worst tensor of each group)")
     save(fig, "fp8_overflow.png")
 

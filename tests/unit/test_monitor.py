@@ -938,6 +938,23 @@ def test_report_of_a_run_without_fp8_tensors_fits_its_title(tmp_path, monkeypatc
     assert title.startswith("FP8 overflow") and 0 <= box.x0 and box.x1 <= fig.bbox.width
 
 
+def test_report_of_an_fp8_run_through_transformer_engine_does_not_call_it_fp8_free(tmp_path, monkeypatch):
+    # With precision.engine=te Habana's Transformer Engine scales the FP8 tensors, and the monitor records none of
+    # them: the summary and fp8_overflow.png said "no FP8 tensors in this run" of an FP8 run.
+    from fp8train.cli.report import report
+
+    rows = [{"step": s, "layers": [layer_record(0, 1.0 + s, fp8={})], "alerts": []} for s in (1, 2)]
+    write_outliers(tmp_path, rows)
+    precision = {"name": "fp8_smooth_gaudi2", "recipe": "fp8", "engine": "te"}
+    (tmp_path / "config.yaml").write_text(json.dumps({"precision": precision}))  # JSON is YAML
+    figures = saved_figures(monkeypatch)
+    text = report(tmp_path, tmp_path / "report")
+    assert "FP8: no FP8 statistics: precision.engine=te (Transformer Engine's scaling is not monitored)" in text
+    assert "no FP8 tensors" not in text
+    (panel_text,) = figures["fp8_overflow.png"].axes[0].texts
+    assert panel_text.get_text().startswith("no FP8 statistics: precision.engine=te")
+
+
 def test_worst_layers_alert_crosses_have_a_colour_no_layer_line_has(tmp_path, monkeypatch):
     # Four layers drawn: the fourth line took matplotlib's red (#d62728), next to the red of the alert crosses.
     from matplotlib.colors import to_rgb
