@@ -25,6 +25,7 @@ from fp8train.errors import Fp8trainError
 log = logging.getLogger("fp8train")
 
 METRICS_FILE = "metrics.jsonl"
+OUTLIERS_FILE = "outliers.jsonl"  # the outlier monitor's records (fp8train/monitor), one line per monitored step
 
 
 class RunLogger:
@@ -120,22 +121,42 @@ def step_of(row) -> int | float | None:
     return step if isinstance(step, (int, float)) and not isinstance(step, bool) else None
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """All objects of a JSON-lines file (a torn last line from a killed run is skipped); [] if there is none."""
+def is_record(row) -> bool:
+    """Whether a line of outliers.jsonl is one monitored step's statistics; other lines (hand edits, another
+    tool's output in the file) are skipped rather than read as one."""
+    return (
+        isinstance(row, dict)
+        and isinstance(row.get("step"), int)
+        and isinstance(row.get("layers"), list)
+        and all(isinstance(entry, dict) and isinstance(entry.get("layer"), int) for entry in row["layers"])
+    )
+
+
+def read_jsonl(path: Path, numbers: bool = False) -> list[dict]:
+    """All objects of a JSON-lines file (a torn last line from a killed run is skipped); [] if there is none.
+    ``numbers``: the strings JsonLines writes for NaN and inf read back as floats (:func:`from_jsonable`)."""
     path = Path(path)
-    return _parsed(path.read_text().splitlines() if path.exists() else [])
+    return _parsed(path.read_text().splitlines() if path.exists() else [], numbers)
 
 
-def _parsed(lines: list[str]) -> list[dict]:
+def _parsed(lines: list[str], numbers: bool = False) -> list[dict]:
     """The JSON objects among ``lines``; other JSON values (hand edits) and text are no lines of a run."""
-    return [r for r in map(_parse, lines) if isinstance(r, dict)]
+    return [r for r in (_parse(line, numbers) for line in lines) if isinstance(r, dict)]
 
 
-def _parse(line: str):
+# How JsonLines writes the non-finite floats (as JSON strings): a line holding none of them needs no from_jsonable,
+# a walk over every value of the line that took most of the time `fp8train report` spent reading a long run.
+_NON_FINITE_TEXT = ('"nan"', '"inf"', '"-inf"')
+
+
+def _parse(line: str, numbers: bool = False):
     try:
-        return json.loads(line)
+        row = json.loads(line)
     except json.JSONDecodeError:
         return None
+    if numbers and any(text in line for text in _NON_FINITE_TEXT):
+        return from_jsonable(row)
+    return row
 
 
 def read_to_resume(path: Path) -> list[dict]:

@@ -12,6 +12,7 @@ Files written (default: RUN_DIR/report/):
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,14 +20,15 @@ from pathlib import Path
 from fp8train.cli import writing_into
 from fp8train.config import first_line
 from fp8train.errors import Fp8trainError
-from fp8train.loggers import from_jsonable, read_jsonl
-from fp8train.monitor.monitor import OUTLIERS_FILE, is_record, worst
+from fp8train.loggers import OUTLIERS_FILE, is_record, read_jsonl  # not from fp8train.monitor: it imports torch
 
 FILES = ("h_amax.png", "alignment.png", "fp8_overflow.png", "worst_layers.png", "summary.txt")
 WORST = 4  # layers drawn in worst_layers.png
 # Columns of a heatmap at most: fewer than the narrowest one has pixels (a panel of fp8_overflow.png, ~230).
 COLUMNS = 200
 ALERT_COLOR = "red"  # of the crosses that mark alerts in worst_layers.png
+LAYER_LABELS = 8  # about as many layer labels on a heatmap's side (the shortest panels are ~170 pixels tall)
+NON_FINITE_COLOR = "magenta"  # of heatmap cells holding an inf or NaN: in none of the colour maps used
 
 
 @dataclass
@@ -41,13 +43,13 @@ class Outliers:
     def load(cls, run_dir: Path) -> Outliers:
         path = Path(run_dir) / OUTLIERS_FILE
         try:
-            lines = read_jsonl(path)
+            lines = read_jsonl(path, numbers=True)
         except (OSError, UnicodeDecodeError) as e:
             raise Fp8trainError(
                 f"{path} cannot be read ({first_line(e)}); report on a run directory whose outliers.jsonl train.py "
                 f"wrote."
             ) from None
-        rows = [from_jsonable(r) for r in lines if is_record(r) and r["layers"]]  # a line of no layer: nothing to draw
+        rows = [r for r in lines if is_record(r) and r["layers"]]  # a line of no layer: nothing to draw
         if not rows:
             if not path.exists():
                 what = "does not exist"
@@ -78,28 +80,72 @@ class Outliers:
     def field(self, key: str) -> list[list[float]]:
         return self.table(lambda e: e.get(key))
 
+    def non_finite(self, key: str) -> list[list[bool]]:
+        """[layer][step]: whether ``key`` is an inf or NaN there (a NaN of ``field`` may also be no value at all)."""
+        return [[v == 1.0 for v in row] for row in self.table(lambda e: float(_not_finite(e.get(key))))]
+
+    @property
+    def fp8_groups(self) -> list[str]:
+        """The groups of FP8 tensors (GROUP_NAMES, in its order) this run has."""
+        return [g for g in GROUP_NAMES if (FP8_DRAWN[0], g) in self._fp8_tables]
+
+    def fp8_table(self, stat: str, group: str) -> list[list[float]]:
+        """[layer][step] of the largest ``stat`` over the layer's FP8 tensors of ``group`` (NaN if one is NaN, as
+        for :func:`fp8train.monitor.monitor.worst`; NaN where the layer has none)."""
+        table = self._fp8_tables.get((stat, group))
+        if table is None:
+            return [[math.nan] * len(self.steps) for _ in self.layers]
+        return [[math.nan if v is None else float(v) for v in row] for row in table]
+
+    def fp8_non_finite(self, stat: str, group: str) -> list[list[bool]]:
+        """[layer][step]: whether fp8_table(stat, group) is an inf or NaN there (rather than no value)."""
+        table = self._fp8_tables.get((stat, group)) or [[None] * len(self.steps) for _ in self.layers]
+        return [[_not_finite(v) for v in row] for row in table]
+
+    @functools.cached_property
+    def _fp8_tables(self) -> dict[tuple[str, str], list[list]]:
+        """fp8_table of every (stat, group) drawn, None where there is no value, in one pass: a long run's file
+        holds millions of FP8 tensor records, and a pass over them for each of the 8 tables took seconds."""
+        tables: dict[tuple[str, str], list[list]] = {}
+        where = {layer: i for i, layer in enumerate(self.layers)}
+        for j, r in enumerate(self.rows):
+            for entry in r["layers"]:
+                i = where[entry["layer"]]
+                for name, s in entry.get("fp8", {}).items():
+                    group = tensor_group(name)
+                    for stat in FP8_DRAWN:
+                        table = tables.get((stat, group))
+                        if table is None:
+                            table = tables[stat, group] = [[None] * len(self.steps) for _ in self.layers]
+                        v = s.get(stat)
+                        if not isinstance(v, (int, float)):
+                            continue
+                        old = table[i][j]
+                        # worst(): the largest, a NaN above every number, the first of equals
+                        if old is None or v > old or (v != v and old == old):
+                            table[i][j] = v
+        return tables
+
     @property
     def alerts(self) -> list[dict]:
         return [a for r in self.rows for a in r.get("alerts", [])]
 
 
+def _ticks(n: int, about: int) -> list[int]:
+    """About ``about`` evenly spaced positions of ``n``, the first and the last included; none of the others so close
+    to the last that their labels would print over each other."""
+    last, stride = n - 1, max(1, n // about)
+    return [t for t in range(0, last, stride) if t == 0 or last - t >= stride / 2] + [last]
+
+
+def _not_finite(v) -> bool:
+    """An inf or NaN number (rather than no value at all)."""
+    return isinstance(v, (int, float)) and not math.isfinite(v)
+
+
 def _nan_last(v) -> float:
     """A key for max(): NaN (and anything not a number) below every number, rather than wherever it happens to be."""
     return v if isinstance(v, (int, float)) and not math.isnan(v) else -math.inf
-
-
-def fp8_worst(stat: str, group: str):
-    """The largest ``stat`` over one layer entry's FP8 tensors of ``group`` (None if it has none)."""
-
-    def value(entry: dict):
-        values = [
-            s[stat]
-            for name, s in entry.get("fp8", {}).items()
-            if tensor_group(name) == group and isinstance(s.get(stat), (int, float))
-        ]
-        return worst(values) if values else None
-
-    return value
 
 
 def report(run_dir: Path, out: Path) -> str:
@@ -109,7 +155,7 @@ def report(run_dir: Path, out: Path) -> str:
     with writing_into(out, "report"):
         out.mkdir(parents=True, exist_ok=True)
         (out / "summary.txt").write_text(text + "\n")
-        draw(data, out)
+        draw(data, out, no_fp8_text(run_dir))
     return text
 
 
@@ -161,7 +207,7 @@ def summary(data: Outliers, run_dir: Path) -> str:
             f"alignment: max |cos(W_up, W_gate)| {first_cos:.3f} at step {steps[0]} -> {cos:.3f} at step {steps[-1]} "
             f"(layer {layer}, neuron {neuron}); largest fraction of neurons above 0.5: {100 * frac:.2f}%"
         )
-    lines += _overflow_lines(data)
+    lines += _overflow_lines(data, no_fp8_text(run_dir))
     alerts = data.alerts
     if alerts:
         counts: dict[str, int] = {}
@@ -180,34 +226,45 @@ def summary(data: Outliers, run_dir: Path) -> str:
 # FP8 tensors are summarised in four groups: the down projection's input (the tensor Smooth-SwiGLU changes), the
 # other linears' inputs, the weights and the output gradients.
 GROUP_NAMES = {"down_in": "down_proj input", "input": "other inputs", "weight": "weights", "grad": "gradients"}
+FP8_DRAWN = ("amax_ratio", "saturated_frac")  # the statistics of fp8_overflow.png
 
 
+@functools.cache  # called for every FP8 tensor of every line, with the same few dozen names
 def tensor_group(name: str) -> str:
     """ "mlp.down_proj.input" -> "down_in"; "self_attn.q_proj.grad" -> "grad"."""
     return "down_in" if name == "mlp.down_proj.input" else name.rsplit(".", 1)[-1]
 
 
-def _overflow_lines(data: Outliers) -> list[str]:
+def _overflow_lines(data: Outliers, no_fp8: str) -> list[str]:
     """Per group of FP8 tensors: at how many (layer, monitored step) pairs some element saturated, and the worst."""
-    groups: dict[str, list[tuple]] = {g: [] for g in GROUP_NAMES}
+    # group -> its (step, layer) pairs, those of them where some tensor saturated
+    pairs: dict[str, tuple[set, set]] = {g: (set(), set()) for g in GROUP_NAMES}
+    # group -> (key, amax ratio, saturated fraction, step, layer) of its worst saturated tensor: the largest ratio, a
+    # NaN above every number (a tensor that met a NaN, as for worst() and the overflow rule), then the largest fraction
+    worst: dict[str, tuple] = {}
     for r in data.rows:
         for e in r["layers"]:
+            pair = (r["step"], e["layer"])
             for name, s in e.get("fp8", {}).items():
-                saturated = s["saturated_frac"] > 0
-                groups.setdefault(tensor_group(name), []).append(
-                    (s["amax_ratio"] if saturated else 0.0, s["saturated_frac"], r["step"], e["layer"], saturated)
-                )
-    if not any(groups.values()):
-        return ["FP8: no FP8 tensors in this run"]
+                group, sat = tensor_group(name), s["saturated_frac"]
+                found, hit = pairs.setdefault(group, (set(), set()))
+                found.add(pair)
+                if not sat > 0:
+                    continue
+                hit.add(pair)
+                ratio = s["amax_ratio"]
+                key = (math.isnan(ratio), 0.0 if math.isnan(ratio) else ratio, sat)
+                if group not in worst or key > worst[group][0]:
+                    worst[group] = (key, ratio, sat, *pair)
+    if not any(found for found, _ in pairs.values()):
+        return [f"FP8: {no_fp8}"]
     lines = []
-    for group, found in groups.items():
+    for group, (found, hit) in pairs.items():
         if not found:
             continue
-        n_pairs = len({(step, layer) for _, _, step, layer, _ in found})
-        hit = {(step, layer) for _, _, step, layer, saturated in found if saturated}
-        line = f"FP8 {GROUP_NAMES.get(group, group)}: saturated at {len(hit)} of {n_pairs} (layer, step) pairs"
+        line = f"FP8 {GROUP_NAMES.get(group, group)}: saturated at {len(hit)} of {len(found)} (layer, step) pairs"
         if hit:
-            ratio, sat, step, layer, _ = max(found, key=lambda f: (_nan_last(f[0]), _nan_last(f[1])))
+            _, ratio, sat, step, layer = worst[group]
             line += f"; worst {ratio:.3g}x the amax its scale assumed (layer {layer}, step {step}, {100 * sat:.3g}%)"
         lines.append(line)
     return lines
@@ -218,24 +275,37 @@ def _entry(row: dict, layer: int) -> dict:
 
 
 def _precision(run_dir: Path) -> str:
+    name = _config_value(run_dir, "precision.name")
+    return "" if name is None else f", precision {name}"
+
+
+def no_fp8_text(run_dir: Path) -> str:
+    """What a run without FP8 statistics has: no FP8 tensors (bf16), or FP8 tensors the monitor cannot see."""
+    if _config_value(run_dir, "precision.recipe") == "fp8" and _config_value(run_dir, "precision.engine") == "te":
+        return "no FP8 statistics: precision.engine=te (Transformer Engine's scaling is not monitored)"
+    return "no FP8 tensors in this run"
+
+
+def _config_value(run_dir: Path, key: str):
+    """``key`` (e.g. "precision.name") of the run's config.yaml, or None where there is none to read."""
     cfg = Path(run_dir) / "config.yaml"
     if not cfg.is_file():
-        return ""
+        return None
     from omegaconf import OmegaConf
 
     try:
-        return f", precision {OmegaConf.load(cfg).precision.name}"
+        return OmegaConf.select(OmegaConf.load(cfg), key)
     except Exception:  # a config from another version: the summary does without it
-        return ""
+        return None
 
 
 # ----------------------------------------------------------------------------------------------------------------
-def draw(data: Outliers, out: Path) -> None:
+def draw(data: Outliers, out: Path, no_fp8: str = "no FP8 tensors in this run") -> None:
     import matplotlib
 
     matplotlib.use("Agg")  # files only: works on machines without a display
     import matplotlib.pyplot as plt
-    from matplotlib.colors import LogNorm, TwoSlopeNorm
+    from matplotlib.colors import ListedColormap, LogNorm, TwoSlopeNorm
 
     # More monitored steps than a heatmap has pixel columns: drawn one column per step, most steps would get no pixel
     # and a one-step spike, what the heatmaps are for, could vanish. Each column is then the largest of its steps.
@@ -243,20 +313,28 @@ def draw(data: Outliers, out: Path) -> None:
     columns = [range(j, min(j + width, len(data.steps))) for j in range(0, len(data.steps), width)]
     xlabel = "monitored step" + (f" (each column the largest of {width})" if width > 1 else "")
 
-    def heatmap(ax, table, title, label, norm=None, cmap="viridis", vmin=None, vmax=None):
+    def heatmap(ax, table, title, label, non_finite, norm=None, cmap="viridis", vmin=None, vmax=None):
         table = [
             [max((row[j] for j in c if not math.isnan(row[j])), default=math.nan) for c in columns] for row in table
         ]
         img = ax.imshow(
             table, aspect="auto", origin="lower", interpolation="nearest", cmap=cmap, norm=norm, vmin=vmin, vmax=vmax
         )
-        ax.set(title=title, xlabel=xlabel, ylabel="layer")
-        # About five labels, the last at the last column (its last step, where the run ends); a regular label too
-        # close to it would print over it.
-        last, stride = len(columns) - 1, max(1, len(columns) // 5)
-        ticks = [t for t in range(0, last, stride) if t == 0 or last - t >= stride / 2] + [last]
+        # An inf or NaN has no colour on the scale: matplotlib leaves its cell blank, white, the colour coolwarm gives
+        # an amax ratio of 1 (no overflow). Those cells, the news of a diverging run, get a colour of their own.
+        non_finite = [[any(row[j] for j in c) for c in columns] for row in non_finite]
+        note = ""
+        if any(map(any, non_finite)):
+            cells = [[1.0 if bad else math.nan for bad in row] for row in non_finite]
+            only = ListedColormap([NON_FINITE_COLOR])
+            ax.imshow(cells, aspect="auto", origin="lower", interpolation="nearest", cmap=only)
+            note = f"; {NON_FINITE_COLOR}: inf or NaN"
+        ax.set(title=title, xlabel=xlabel + note, ylabel="layer")
+        ticks, last = _ticks(len(columns), 5), len(columns) - 1  # the last column ends at its last step
         ax.set_xticks(ticks, [str(data.steps[columns[t][-1 if t == last else 0]]) for t in ticks])
-        ax.set_yticks(range(len(data.layers)), [str(layer) for layer in data.layers])
+        # Rows too: a label per layer printed the 32 of a Llama-7B over each other.
+        rows = _ticks(len(data.layers), LAYER_LABELS)
+        ax.set_yticks(rows, [str(data.layers[i]) for i in rows])
         plt.colorbar(img, ax=ax, label=label)
 
     def save(fig, name):
@@ -268,34 +346,36 @@ def draw(data: Outliers, out: Path) -> None:
     positive = [v for row in h for v in row if math.isfinite(v) and v > 0]
     fig, ax = plt.subplots(figsize=(8, 3.6))
     norm = LogNorm(vmin=min(positive), vmax=max(positive)) if positive else None
-    heatmap(ax, h, "amax of h = silu(g) * u (down-projection input, plain SwiGLU)", "amax (log scale)", norm=norm)
+    title = "amax of h = silu(g) * u (down-projection input, plain SwiGLU)"
+    heatmap(ax, h, title, "amax (log scale)", data.non_finite("h_amax"), norm=norm)
     save(fig, "h_amax.png")
 
     fig, (ax_max, ax_frac) = plt.subplots(1, 2, figsize=(13, 3.6))
-    heatmap(ax_max, data.field("cos_max_abs"), "max |cos(W_up[j], W_gate[j])| over neurons j", "|cos|", vmin=0, vmax=1)
+    cos_max, title = data.field("cos_max_abs"), "max |cos(W_up[j], W_gate[j])| over neurons j"
+    heatmap(ax_max, cos_max, title, "|cos|", data.non_finite("cos_max_abs"), vmin=0, vmax=1)
     frac = [[100 * v for v in row] for row in data.field("cos_frac_above_half")]
     top_frac = max(_finite(v for row in frac for v in row), default=0.0) or 100.0  # all zero: 0 to 100%, not +-0.1
-    heatmap(ax_frac, frac, "neurons with |cos(W_up[j], W_gate[j])| > 0.5", "% of neurons", vmin=0, vmax=top_frac)
+    title, bad = "neurons with |cos(W_up[j], W_gate[j])| > 0.5", data.non_finite("cos_frac_above_half")
+    heatmap(ax_frac, frac, title, "% of neurons", bad, vmin=0, vmax=top_frac)
     save(fig, "alignment.png")
 
-    present = {tensor_group(n) for r in data.rows for e in r["layers"] for n in e.get("fp8", {})}
-    groups = [g for g in GROUP_NAMES if g in present]
+    groups = data.fp8_groups
     # at least two panels wide, as wide as the title (a bf16 run gets one panel, saying it has no FP8 tensor)
     fig, axes = plt.subplots(2, max(1, len(groups)), figsize=(4.2 * max(2, len(groups)), 6.4), squeeze=False)
     for col, group in enumerate(groups):
-        ratio = data.table(fp8_worst("amax_ratio", group))
+        ratio = data.fp8_table("amax_ratio", group)
         top = max(_finite(v for row in ratio for v in row), default=1.0)
         centred = TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=max(2.0, top))  # white at 1, red: overflow
-        heatmap(
-            axes[0][col], ratio, f"{GROUP_NAMES[group]}: amax ratio", "amax_now / amax_assumed", centred, "coolwarm"
-        )
-        sat = [[100 * v for v in row] for row in data.table(fp8_worst("saturated_frac", group))]
+        title, bad = f"{GROUP_NAMES[group]}: amax ratio", data.fp8_non_finite("amax_ratio", group)
+        heatmap(axes[0][col], ratio, title, "amax_now / amax_assumed", bad, centred, "coolwarm")
+        sat = [[100 * v for v in row] for row in data.fp8_table("saturated_frac", group)]
         top_sat = max(max(_finite(v for row in sat for v in row), default=0.0), 1e-3)  # all zero: black, not grey
-        heatmap(axes[1][col], sat, f"{GROUP_NAMES[group]}: saturated elements", "%", cmap="magma", vmin=0, vmax=top_sat)
+        title, bad = f"{GROUP_NAMES[group]}: saturated elements", data.fp8_non_finite("saturated_frac", group)
+        heatmap(axes[1][col], sat, title, "%", bad, cmap="magma", vmin=0, vmax=top_sat)
     if not groups:
         for ax in axes.flat:
             ax.set_axis_off()
-        axes[0][0].text(0.5, 0.5, "no FP8 tensors in this run", ha="center", va="center")
+        axes[0][0].text(0.5, 0.5, no_fp8, ha="center", va="center")
     fig.suptitle("FP8 overflow per layer and monitored step (worst tensor of each group)")
     save(fig, "fp8_overflow.png")
 
@@ -304,11 +384,14 @@ def draw(data: Outliers, out: Path) -> None:
 
 def draw_worst(data: Outliers, plt):
     """h amax and the down projection's input amax over steps, for the layers with the largest h amax (at most
-    WORST of them); steps with an alert in that layer are marked with a red x."""
+    WORST of them); steps with an alert in that layer are marked with a red x (on the top edge where the amax is not
+    finite)."""
     from matplotlib.colors import to_rgb
 
     h, down = data.field("h_amax"), data.field("down_in_amax")
-    peak = {i: max(_finite(h[i]), default=-math.inf) for i in range(len(data.layers))}
+    # A layer whose h amax went inf or NaN is among the worst, as in the summary, whatever its values before.
+    went_bad = data.non_finite("h_amax")
+    peak = {i: (any(went_bad[i]), max(_finite(h[i]), default=-math.inf)) for i in range(len(data.layers))}
     worst = sorted(peak, key=peak.get, reverse=True)[:WORST]
     fig, (ax_h, ax_d) = plt.subplots(1, 2, figsize=(13, 4))
     # The alert crosses are red: the layers take the cycle's other colours (its red, #d62728, would hide them).
@@ -322,10 +405,18 @@ def draw_worst(data: Outliers, plt):
         ax_d.plot(data.steps, down[i], marker=".", **style)
         for (tensor, ax), table in zip(marks.items(), (h, down)):
             hits = [j for j, s in enumerate(data.steps) if (tensor, layer, s) in alerts]
-            ax.plot([data.steps[j] for j in hits], [table[i][j] for j in hits], "x", color=ALERT_COLOR, markersize=9)
-    ax_h.set(title="amax of h = silu(g) * u (x: amax spike alert)", xlabel="step", ylabel="amax", yscale="log")
+            finite = [j for j in hits if math.isfinite(table[i][j])]
+            ax.plot(
+                [data.steps[j] for j in finite], [table[i][j] for j in finite], "x", color=ALERT_COLOR, markersize=9
+            )
+            # a NaN or inf amax has no place on the axis: its alert goes on the panel's top edge
+            edge = [data.steps[j] for j in hits if j not in finite]
+            if edge:
+                top = {"transform": ax.get_xaxis_transform(), "clip_on": False}  # x: step, y: fraction of the panel
+                ax.plot(edge, [1.0] * len(edge), "x", color=ALERT_COLOR, markersize=9, **top)
+    ax_h.set(title="amax of h = silu(g) * u (x: spike or non-finite alert)", xlabel="step", ylabel="amax", yscale="log")
     ax_d.set(
-        title="amax of the down projection's actual input (x: FP8 overflow alert)",
+        title="amax of down_proj's actual input (x: overflow or non-finite alert)",
         xlabel="step",
         ylabel="amax",
         yscale="log",

@@ -130,7 +130,9 @@ class TensorScaler(nn.Module):
                 self.scale.copy_(scale)
         if self.track_stats:
             self.stat_amax.copy_(torch.maximum(self.stat_amax, amax_now))
-            self.stat_scale.copy_(scale)
+            # The smallest scale (0: none yet): where micro-batches are scaled from their own amax (current scaling,
+            # delayed before its first step), the one the largest amax was quantized with, so the two belong together.
+            self.stat_scale.copy_(torch.where(self.stat_scale > 0, torch.minimum(self.stat_scale, scale), scale))
         return scale
 
     def quantize(
@@ -146,15 +148,18 @@ class TensorScaler(nn.Module):
 
     @torch.no_grad()
     def count(self, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, stochastic: bool = False) -> None:
-        """Add to the counters: elements the clamp to the format's max changed (saturated), nonzeros quantized to
-        0 (flushed), and the largest |x * scale| / fp8_max (the amax ratio)."""
+        """Add to the counters: finite elements the clamp to the format's max changed (saturated), nonzeros
+        quantized to 0 (flushed), and the largest |x * scale| / fp8_max (the amax ratio: inf or NaN where x holds
+        an inf or NaN)."""
         if x.numel() == 0:
             return
         # Saturated = beyond max + half an ulp: below that, rounding alone gives max, so the clamp loses nothing.
         # (This also keeps rounding noise out of the count: with scale = fp8_max / amax the largest element can land
         # a few fp32 ulps above max, and a compiled graph may take the amax before a bf16 rounding the cast sees.)
+        # An inf is not counted: quantize makes it NaN or inf, not max (it is no overflow of the scale but a
+        # non-finite input, flagged by an inf or NaN amax_ratio). A finite x whose product overflows fp32 is.
         scaled = (x.float() * scale).abs()  # the same fp32 product quantize rounds
-        self.n_saturated.add_((scaled > self.overflow_threshold).sum())
+        self.n_saturated.add_(((scaled > self.overflow_threshold) & ~x.isinf()).sum())
         # max |x * scale| = amax * scale exactly (rounding is monotonic), taken here rather than from the amax in
         # scale_for: there, products of one amax with the scales of several scalers (q, k and v share their input)
         # fused after the amax reduction made Triton 3.6 fail to build the kernel for an H100.
@@ -192,7 +197,7 @@ class TensorScaler(nn.Module):
     def pop_stats(self) -> dict:
         """Statistics since the last call (one step when called every step), then reset them.
 
-        amax: largest amax seen; scale: the last scale used; saturated_frac / underflow_frac: fraction of elements
+        amax: largest amax seen; scale: the smallest scale used; saturated_frac / underflow_frac: fraction of elements
         clamped beyond what rounding would do (above max + half an ulp) / nonzero but flushed to zero; amax_ratio:
         the largest amax_now / amax_assumed, where amax_assumed = fp8_max / scale (> 1 means that tensor overflowed
         its scale). All zero unless ``track_stats`` was on. One device sync per call.
@@ -214,7 +219,14 @@ class TensorScaler(nn.Module):
                 self.stat_ratio.float(),
             ]
         )
-        for buf in (self.n_saturated, self.n_underflow, self.n_elements, self.stat_amax, self.stat_ratio):
+        for buf in (
+            self.n_saturated,
+            self.n_underflow,
+            self.n_elements,
+            self.stat_amax,
+            self.stat_scale,
+            self.stat_ratio,
+        ):
             buf.zero_()
         return values
 

@@ -8,7 +8,7 @@ Two rules, both evaluated on the values of one monitored step:
   is not finite always fires.
 - ``overflow``: an FP8 tensor had elements beyond its format's max (by more than the half ulp that rounding would
   absorb) at the scale actually used, and its amax was more than ``min_ratio`` x the amax that scale assumed; or it
-  held an inf or NaN.
+  held an inf or NaN (alerted as ``non_finite``, as a non-finite h is: no overflow of the scale, a step gone bad).
 """
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ class Alert:
     layer: int
     tensor: str  # "h" (the SwiGLU down-projection input), or an FP8 tensor such as "mlp.down_proj.input"
     kind: str  # "amax_spike" | "fp8_overflow" | "non_finite"
-    value: float  # amax_spike: the amax; fp8_overflow: amax_now / amax_assumed
-    reference: float  # amax_spike: the running median; fp8_overflow: the fraction of elements saturated
+    # amax_spike: the amax; fp8_overflow: amax_now / amax_assumed; non_finite: h's amax, or an FP8 tensor's ratio
+    value: float
+    reference: float  # amax_spike (h): the running median; FP8 tensors: the fraction of elements saturated
     message: str
 
     def to_json(self) -> dict:

@@ -11,7 +11,7 @@ Monitored steps are step 1 and every ``monitor.interval``-th step. On one of the
 2. turns on ``track_stats`` of every FP8 tensor scaler, through the forward and the backward of every micro-batch
    of the step (input, weight and output-gradient of each Fp8Linear: amax, scale used, % saturated, % flushed to
    zero, amax_now / amax_assumed): with gradient accumulation an overflow in any micro-batch is counted, the
-   counts summed and the amaxes and ratios maxed over the micro-batches; the scale is the last one used.
+   counts summed and the amaxes and ratios maxed over the micro-batches; the scale is the smallest one used.
 
 After the optimizer step it adds the W_up / W_gate alignment of every neuron, reads everything with one device
 sync, applies the alert rules and writes one line to outliers.jsonl. Other steps run as without a monitor: no
@@ -26,9 +26,9 @@ later micro-batches of a monitored step: FP8 counters without hooks). The hooks 
 layer and find the layer's slot (a dict, cleared in place) on the module they are called for, so a graph compiled
 for one transformer block serves all of them (``backend.compile_scope=block``).
 
-Under data parallelism the amaxes and FP8 figures are max-reduced over ranks before the alert rules run, so every
-rank takes the same decision (an ``on_alert=stop`` stops them all); the distribution statistics (RMS, kurtosis,
-top channels) are those of rank 0's micro-batch.
+Under data parallelism the amaxes and FP8 figures are max-reduced over ranks (the scales min-reduced) before the
+alert rules run, so every rank takes the same decision (an ``on_alert=stop`` stops them all); the distribution
+statistics (RMS, kurtosis, top channels) are those of rank 0's micro-batch.
 """
 
 from __future__ import annotations
@@ -45,18 +45,20 @@ from torch import nn
 
 from fp8train.config import MonitorConfig, OnAlert
 from fp8train.fp8.scaling import STAT_NAMES, TensorScaler
-from fp8train.loggers import JsonLines, RunLogger, read_to_resume
+from fp8train.loggers import OUTLIERS_FILE, JsonLines, RunLogger, is_record, read_to_resume
 from fp8train.monitor import stats
 from fp8train.monitor.alerts import Alert, SpikeRule, overflowed
 from fp8train.parallel import on_rank0
 
 log = logging.getLogger("fp8train")
 
-OUTLIERS_FILE = "outliers.jsonl"
-# amaxes and FP8 figures taken as the max over data-parallel ranks; the scale is rank 0's, the same on every rank
-# once a delayed history exists (before, at step 1, each rank scales from its own amax)
+# amaxes and FP8 figures taken as the max over data-parallel ranks, the scale as the min: where ranks scale from
+# their own amax (step 1, before a delayed history; current scaling; the per-channel variant's rescaled weight), the
+# smallest scale is that of the rank with the largest amax, so that a record's amax and scale belong together (rank
+# 0's scale beside another rank's larger amax read as an overflow no rank had). With a delayed history every rank
+# has the same scale.
 _REDUCED = ("h_amax", "u_amax", "g_amax", "down_in_amax")
-_FP8_REDUCED = tuple(i for i, name in enumerate(STAT_NAMES) if name != "scale")
+_SCALE = STAT_NAMES.index("scale")
 
 
 @dataclass
@@ -242,12 +244,17 @@ class OutlierMonitor:
         return [_record(layer.index, entry) for layer, entry in zip(self.layers, host)]
 
     def _reduce(self, tree: list[dict]) -> None:
-        """Max-reduce the amaxes and FP8 figures over data-parallel ranks, in place, in one collective."""
+        """Max-reduce the amaxes and FP8 figures (min-reduce the scales) over data-parallel ranks, in place, in one
+        collective."""
         if self.reduce_max is None:
             return
         slots = [(e, k) for e in tree for k in _REDUCED if k in e]
         fp8 = [(e["fp8"], name) for e in tree for name in e["fp8"]]
-        parts = [e[k].reshape(1).float() for e, k in slots] + [d[n][list(_FP8_REDUCED)].float() for d, n in fp8]
+        parts = [e[k].reshape(1).float() for e, k in slots]
+        if fp8:
+            stats = torch.stack([d[n] for d, n in fp8]).float()  # (tensors, STAT_NAMES)
+            stats[:, _SCALE] *= -1  # the max of -scale is minus the smallest scale
+            parts.append(stats.flatten())
         if not parts:
             return
         flat = torch.cat(parts)
@@ -257,14 +264,13 @@ class OutlierMonitor:
         both = torch.cat([torch.where(nan, math.inf, flat), nan.float()])
         self.reduce_max(both)
         flat = torch.where(both[len(flat) :] > 0, math.nan, both[: len(flat)])
-        values = iter(flat.unbind())
-        for e, k in slots:
-            e[k] = next(values)
-        for d, n in fp8:
-            merged = d[n].clone()
-            for i in _FP8_REDUCED:
-                merged[i] = next(values)
-            d[n] = merged
+        for (e, k), value in zip(slots, flat[: len(slots)].unbind()):
+            e[k] = value
+        if fp8:
+            stats = flat[len(slots) :].view(len(fp8), -1).clone()
+            stats[:, _SCALE] *= -1
+            for (d, n), values in zip(fp8, stats.unbind()):
+                d[n] = values
 
     def _check(self, step: int, records: list[dict]) -> list[Alert]:
         alerts = []
@@ -294,18 +300,20 @@ class OutlierMonitor:
                 alerted.add(scaler)
                 same = [n for n, other in taps[i].items() if other is scaler and n != name]
                 tensor = f"{name} (= {', '.join(same)})" if same else name
-                ratio = s["amax_ratio"]
-                how = f"{ratio:.3g}x what its scale assumed" if math.isfinite(ratio) else "not finite"
+                saturated = f"{100 * s['saturated_frac']:.3g}% of elements saturated"
+                if math.isfinite(s["amax"]):
+                    kind, what = "fp8_overflow", f"FP8 overflow, amax {s['amax_ratio']:.3g}x what its scale assumed"
+                else:  # an inf or NaN in the tensor: no overflow of its scale, a step gone non-finite (as h's)
+                    kind, what = "non_finite", f"amax {s['amax']:.4g}, not finite"
                 alerts.append(
                     Alert(
                         step,
                         i,
                         name,
-                        "fp8_overflow",
+                        kind,
                         s["amax_ratio"],
                         s["saturated_frac"],
-                        f"layer {i} {tensor}: FP8 overflow, amax {how}, "
-                        f"{100 * s['saturated_frac']:.3g}% of elements saturated",
+                        f"layer {i} {tensor}: {what}, {saturated}",
                     )
                 )
         # Early training grows every amax many-fold; its values still enter the running medians above. A value that
@@ -428,17 +436,6 @@ WANDB_KEYS = (
     "cos_max_abs",
     "cos_frac_above_half",
 )
-
-
-def is_record(row) -> bool:
-    """Whether a line of outliers.jsonl is one monitored step's statistics; other lines (hand edits, another
-    tool's output in the file) are skipped rather than read as one."""
-    return (
-        isinstance(row, dict)
-        and isinstance(row.get("step"), int)
-        and isinstance(row.get("layers"), list)
-        and all(isinstance(entry, dict) and isinstance(entry.get("layer"), int) for entry in row["layers"])
-    )
 
 
 def nan_largest(v: float) -> tuple[bool, float]:

@@ -4,6 +4,7 @@ and the overflow / underflow counters."""
 from __future__ import annotations
 
 import io
+import math
 
 import pytest
 import torch
@@ -266,6 +267,40 @@ def test_counters_agree_with_a_count_of_the_fp8_result(fmt, stochastic):
     q, scale = s.quantize(x, Fp8Ops(), stochastic=stochastic)
     saturated, flushed = check_counts(s, x, q, scale)
     assert saturated == 32 and flushed >= (32 if stochastic else 96)
+
+
+@pytest.mark.parametrize("recipe", ["current", "delayed"])
+def test_the_scale_popped_with_the_largest_amax_is_the_one_that_amax_was_quantized_with(recipe):
+    # Where a tensor is scaled from its own amax (current scaling, delayed before its first step), micro-batches
+    # have scales of their own. The stats paired the largest amax with the last micro-batch's scale: amax * scale
+    # read 4x fp8_max, an overflow that never happened (amax_ratio 1). The smallest scale goes with the largest amax.
+    s = TensorScaler(E4M3, ScalingConfig(recipe=recipe))
+    s.track_stats = True
+    for amax in (4.0, 1.0):  # two micro-batches
+        s.quantize(torch.tensor([amax, -amax / 3]), Fp8Ops())
+    stats = s.pop_stats()
+    assert (stats["amax"], stats["scale"], stats["amax_ratio"]) == (4.0, 112.0, 1.0)
+    assert s.pop_stats() == dict.fromkeys(stats, 0.0)  # nothing tracked since: all zero, the scale too
+
+
+@pytest.mark.parametrize("fmt,stochastic", [(E4M3, False), (E5M2, False), (E5M2, True)])
+@pytest.mark.parametrize("nan", [False, True])
+def test_an_inf_or_nan_input_is_neither_saturated_nor_flushed(fmt, stochastic, nan):
+    # quantize turns +-inf into NaN (E4M3) or inf (E5M2), never into max: no clamp to the scale's range happened.
+    # Counted as saturated, an inf made the tensor that met it look like an FP8 overflow of its scale (the summary's,
+    # wandb's and the console's saturated counts) where a NaN did not; the monitor flags both as non-finite through
+    # amax_ratio. A finite element whose product with the scale overflows fp32 is saturated: the clamp gives max.
+    s = counting_scaler(fmt, 64.0)
+    inf = float("inf")
+    special = [inf, -inf, 3e38, -inf] + ([float("nan")] if nan else [])
+    x = torch.cat([counter_inputs(fmt, 64.0), torch.tensor(special, dtype=torch.bfloat16)])
+    q, scale = s.quantize(x, Fp8Ops(), stochastic=stochastic)
+    assert not q[-len(special) :].float()[[0, 1, 3]].isfinite().any()  # the infs stay non-finite
+    stats = s.pop_stats()
+    n = x.numel()
+    assert stats["saturated_frac"] * n == pytest.approx(33)  # the 32 beyond max and 3e38; no inf
+    assert stats["underflow_frac"] * n == pytest.approx(((x != 0) & (q.float() == 0)).sum().item())
+    assert (math.isnan if nan else math.isinf)(stats["amax_ratio"])  # what the overflow alert fires on
 
 
 def test_delayed_scale_is_one_select_between_the_history_scale_and_the_current_one():

@@ -370,14 +370,15 @@ def test_a_step_that_went_non_finite_alerts_in_words(tmp_path):
     x[3, 0] = math.inf
     with mon.capture(30):
         model(x)
-    alerts = {a.kind: a for a in mon.collect(30)}
-    assert sorted(alerts) == ["fp8_overflow", "non_finite"]
-    spike, overflow = alerts["non_finite"], alerts["fp8_overflow"]
+    # An FP8 tensor that met the NaN or inf is as non-finite as h: no overflow of its scale (kind and words).
+    alerts = {a.tensor: a for a in mon.collect(30)}
+    assert sorted(alerts) == ["h", "mlp.down_proj.input"] and {a.kind for a in alerts.values()} == {"non_finite"}
+    spike, down = alerts["h"], alerts["mlp.down_proj.input"]
     assert math.isnan(spike.value) and spike.reference > 0
     assert spike.message == f"layer 0 h amax nan, not finite (running median {spike.reference:.4g})"
-    assert overflow.tensor == "mlp.down_proj.input" and not math.isfinite(overflow.value)
-    saturated = f"{100 * overflow.reference:.3g}% of elements saturated"
-    assert overflow.message == f"layer 0 mlp.down_proj.input: FP8 overflow, amax not finite, {saturated}"
+    assert not math.isfinite(down.value)
+    saturated = f"{100 * down.reference:.3g}% of elements saturated"
+    assert down.message == f"layer 0 mlp.down_proj.input: amax nan, not finite, {saturated}"
     # A layer whose h was all zeros so far has a running median of 0: any amax is a spike, named without a ratio.
     mon.spikes.history["layer_0/h_amax"].extend([0.0] * 3)
     with mon.capture(40):
@@ -402,7 +403,7 @@ def test_a_non_finite_step_alerts_before_alerts_after_too(tmp_path):
     with mon.capture(20):
         model(x)
     alerts = mon.collect(20)
-    assert sorted(a.kind for a in alerts) == ["fp8_overflow", "non_finite"]
+    assert [(a.kind, a.tensor) for a in alerts] == [("non_finite", "h"), ("non_finite", "mlp.down_proj.input")]
     assert all(not math.isfinite(a.value) for a in alerts)
     row = json.loads((tmp_path / OUTLIERS_FILE).read_text().splitlines()[-1])
     assert [a["kind"] for a in row["alerts"]] == [a.kind for a in alerts]
@@ -421,8 +422,8 @@ def test_an_fp8_tensor_with_a_nan_alerts(tmp_path):
         grad[5, 2] = math.nan
         y.backward(grad)
     (alert,) = mon.collect(10)
-    assert (alert.kind, alert.tensor) == ("fp8_overflow", "mlp.down_proj.grad") and math.isnan(alert.value)
-    assert alert.message == "layer 0 mlp.down_proj.grad: FP8 overflow, amax not finite, 0% of elements saturated"
+    assert (alert.kind, alert.tensor) == ("non_finite", "mlp.down_proj.grad") and math.isnan(alert.value)
+    assert alert.message == "layer 0 mlp.down_proj.grad: amax nan, not finite, 0% of elements saturated"
     mon.close()
 
 
@@ -451,8 +452,8 @@ def test_a_nan_on_another_rank_survives_the_max_over_ranks(tmp_path):
         alerts = mon.collect(10)
         assert [(a.kind, a.tensor) for a in alerts] == [
             ("non_finite", "h"),
-            ("fp8_overflow", "mlp.down_proj.input"),
-            ("fp8_overflow", "mlp.down_proj.grad"),
+            ("non_finite", "mlp.down_proj.input"),
+            ("non_finite", "mlp.down_proj.grad"),
         ]
         assert all(math.isnan(a.value) for a in alerts)
         mon.close()
@@ -460,11 +461,43 @@ def test_a_nan_on_another_rank_survives_the_max_over_ranks(tmp_path):
     assert row["layers"][0]["h_amax"] == "nan" and row["layers"][0]["fp8"]["mlp.down_proj.input"]["amax"] == "nan"
 
 
+def test_the_recorded_scale_is_that_of_the_rank_with_the_largest_amax(tmp_path):
+    # Where ranks scale from their own amax (step 1, before a delayed history; current scaling; the per-channel
+    # variant's rescaled weight) their scales differ. The record paired the largest amax over ranks with rank 0's
+    # scale: amax * scale / fp8_max read 4x (an overflow of the scale) where every rank's amax_ratio was 1.
+    cfg = MonitorConfig(enabled=True, interval=10, alerts_after=0)
+    sent = {}
+
+    def send(flat):
+        sent["flat"] = flat.clone()
+
+    def receive(flat):
+        flat.copy_(torch.maximum(flat, sent["flat"]))
+
+    (tmp_path / "1").mkdir(), (tmp_path / "0").mkdir()
+    rank1 = build_monitor(cfg, TwoLayers([planted_mlp()]), tmp_path / "1", reduce_max=send)
+    rank0 = build_monitor(cfg, TwoLayers([planted_mlp()]), tmp_path / "0", reduce_max=receive)
+    torch.manual_seed(5)
+    x = torch.randn(64, 32)
+    scales = {}
+    for mon, inputs in ((rank1, 4 * x), (rank0, x)):  # step 1: each rank scales from its own amax
+        with mon.capture(1):
+            mon.layers[0].mlp(inputs).square().sum().backward()
+        scales[mon] = mon.layers[0].fp8["mlp.down_proj.input"].stat_scale.item()
+        assert mon.collect(1) == []
+        mon.close()
+    assert scales[rank1] < scales[rank0] / 2
+    (row,) = read_jsonl(tmp_path / "0" / OUTLIERS_FILE)
+    stat = row["layers"][0]["fp8"]["mlp.down_proj.input"]
+    assert stat["scale"] == scales[rank1]
+    assert stat["amax"] * stat["scale"] / fp8_max(E4M3) == pytest.approx(stat["amax_ratio"], rel=1e-6)
+
+
 @pytest.mark.parametrize("nan_first", [True, False])
 def test_a_layers_worst_fp8_tensor_does_not_depend_on_the_order_of_its_tensors(tmp_path, nan_first):
     # A tensor that met a NaN (a diverging step) has amax_ratio NaN: max() over the layer's tensors returned NaN or
     # the other tensors' worst depending on which came first. Non-finite is the worst, as the overflow rule has it.
-    from fp8train.cli.report import Outliers, fp8_worst
+    from fp8train.cli.report import Outliers
     from fp8train.monitor.monitor import wandb_metrics
 
     stat = {"amax": 1.0, "scale": 1.0, "saturated_frac": 1e-3, "underflow_frac": 0.0}
@@ -477,7 +510,7 @@ def test_a_layers_worst_fp8_tensor_does_not_depend_on_the_order_of_its_tensors(t
     if nan_first:
         fp8 = dict(reversed(fp8.items()))
     write_outliers(tmp_path, [{"step": 1, "layers": [layer_record(0, 1.0, fp8=fp8)], "alerts": []}])
-    assert math.isnan(Outliers.load(tmp_path).table(fp8_worst("amax_ratio", "input"))[0][0])
+    assert math.isnan(Outliers.load(tmp_path).fp8_table("amax_ratio", "input")[0][0])
 
 
 class SentAlerts:
@@ -794,6 +827,19 @@ def test_report_of_a_run_that_went_non_finite(tmp_path):
     )
 
 
+def test_report_names_a_saturated_tensor_that_met_a_nan_as_the_worst(tmp_path):
+    # A tensor that met a NaN and saturated too has amax_ratio NaN: taken as the smallest ratio, the summary named as
+    # the worst saturated pair one where nothing saturated ("worst 0x ... (layer 1, step 1, 0%)").
+    from fp8train.cli.report import Outliers, summary
+
+    layers = [layer_record(0, 1.0, ratio=math.nan, saturated=0.01), layer_record(1, 1.0), layer_record(2, 1.0, 3.0)]
+    write_outliers(tmp_path, [{"step": 1, "layers": layers, "alerts": []}])
+    text = summary(Outliers.load(tmp_path), tmp_path)
+    assert (
+        "saturated at 1 of 3 (layer, step) pairs; worst nanx the amax its scale assumed (layer 0, step 1, 1%)" in text
+    )
+
+
 def test_report_names_the_steps_a_layers_growth_is_taken_over(tmp_path):
     # A layer recorded from step 2 on only, a layer whose last value is NaN, and step 3 written twice (the later
     # line counts): each layer's growth names the steps it compares when they are not the run's first and last.
@@ -892,6 +938,23 @@ def test_report_of_a_run_without_fp8_tensors_fits_its_title(tmp_path, monkeypatc
     assert title.startswith("FP8 overflow") and 0 <= box.x0 and box.x1 <= fig.bbox.width
 
 
+def test_report_of_an_fp8_run_through_transformer_engine_does_not_call_it_fp8_free(tmp_path, monkeypatch):
+    # With precision.engine=te Habana's Transformer Engine scales the FP8 tensors, and the monitor records none of
+    # them: the summary and fp8_overflow.png said "no FP8 tensors in this run" of an FP8 run.
+    from fp8train.cli.report import report
+
+    rows = [{"step": s, "layers": [layer_record(0, 1.0 + s, fp8={})], "alerts": []} for s in (1, 2)]
+    write_outliers(tmp_path, rows)
+    precision = {"name": "fp8_smooth_gaudi2", "recipe": "fp8", "engine": "te"}
+    (tmp_path / "config.yaml").write_text(json.dumps({"precision": precision}))  # JSON is YAML
+    figures = saved_figures(monkeypatch)
+    text = report(tmp_path, tmp_path / "report")
+    assert "FP8: no FP8 statistics: precision.engine=te (Transformer Engine's scaling is not monitored)" in text
+    assert "no FP8 tensors" not in text
+    (panel_text,) = figures["fp8_overflow.png"].axes[0].texts
+    assert panel_text.get_text().startswith("no FP8 statistics: precision.engine=te")
+
+
 def test_worst_layers_alert_crosses_have_a_colour_no_layer_line_has(tmp_path, monkeypatch):
     # Four layers drawn: the fourth line took matplotlib's red (#d62728), next to the red of the alert crosses.
     from matplotlib.colors import to_rgb
@@ -910,6 +973,44 @@ def test_worst_layers_alert_crosses_have_a_colour_no_layer_line_has(tmp_path, mo
     assert len(curves) == 4 and len(crosses) == 1
     cross = to_rgb(crosses[0].get_color())
     assert all(math.dist(to_rgb(c.get_color()), cross) > 0.4 for c in curves)  # #d62728 is 0.27 from pure red
+
+
+def test_worst_layers_marks_the_alert_of_a_step_gone_non_finite(tmp_path):
+    # The cross of an alert sits at the layer's value that step: a NaN or inf amax put it nowhere, and the alert of a
+    # diverging step, the one a report is read for, did not show. It goes on the top edge of the panel instead.
+    import matplotlib.pyplot as plt
+
+    from fp8train.cli.report import Outliers, draw_worst
+
+    alerts = [Alert(3, 0, "h", "non_finite", math.nan, 2.0, "layer 0 h amax nan").to_json()]
+    alerts.append(Alert(3, 0, "mlp.down_proj.input", "non_finite", math.inf, 0.0, "layer 0 down inf").to_json())
+    rows = [{"step": s, "layers": [layer_record(0, 1.0 + s, down_in_amax=1.0)], "alerts": []} for s in (1, 2)]
+    rows.append({"step": 3, "layers": [layer_record(0, math.nan, down_in_amax=math.inf)], "alerts": alerts})
+    write_outliers(tmp_path, rows)
+    fig = draw_worst(Outliers.load(tmp_path), plt)
+    plt.close(fig)
+    for ax in fig.axes:
+        crosses = [line for line in ax.get_lines() if line.get_marker() == "x" and len(line.get_xdata())]
+        assert len(crosses) == 1 and list(crosses[0].get_xdata()) == [3]
+        assert all(math.isfinite(y) for y in crosses[0].get_ydata()), crosses[0].get_ydata()
+
+
+@pytest.mark.parametrize("bad", [math.inf, math.nan])
+def test_worst_layers_draws_a_layer_whose_h_amax_went_non_finite(tmp_path, bad):
+    # The layers drawn were those of the largest finite h amax: a layer whose h overflowed to inf (the largest of
+    # all, as the summary says) or went NaN first, with small values before, was left out of the picture.
+    import matplotlib.pyplot as plt
+
+    from fp8train.cli.report import WORST, Outliers, draw_worst
+
+    rows = [{"step": s, "layers": [layer_record(i, 10.0 + i) for i in range(WORST + 2)], "alerts": []} for s in (1, 2)]
+    rows[1]["layers"][0] = layer_record(0, bad)
+    write_outliers(tmp_path, rows)
+    fig = draw_worst(Outliers.load(tmp_path), plt)
+    plt.close(fig)
+    ax_h, _ = fig.axes
+    drawn = [line.get_label() for line in ax_h.get_lines() if line.get_label().startswith("layer")]
+    assert drawn[0] == "layer 0" and len(drawn) == WORST
 
 
 @pytest.mark.parametrize("damage", ["binary", "directory", "not objects"])

@@ -54,3 +54,88 @@ def test_a_heatmaps_step_labels_end_at_the_last_step_and_do_not_overlap(tmp_path
     assert labels[0] == "1" and labels[-1] == "4000"
     columns = ax.images[0].get_array().shape[1]
     assert min(b - a for a, b in zip(ticks, ticks[1:])) >= columns / 10
+
+
+def test_fp8_tables_and_overflow_summary_match_a_direct_count(tmp_path):
+    # The tables of fp8_overflow.png and the summary's FP8 lines are taken in one pass over every FP8 tensor record
+    # (a long run's file holds millions): checked against the plain definition, one (layer, step, group) at a time,
+    # on records with NaN, inf, ties, layers missing at some steps and a repeated step (the later line counts).
+    import math
+    import random
+
+    from fp8train.cli.report import FP8_DRAWN, GROUP_NAMES, Outliers, summary, tensor_group
+    from fp8train.monitor.monitor import worst
+
+    rng = random.Random(0)
+    names = ["self_attn.q_proj.input", "self_attn.o_proj.grad", "mlp.up_proj.weight", "mlp.down_proj.input"]
+    names += ["mlp.down_proj.grad", "mlp.gate_proj.input"]
+
+    def value():
+        return rng.choice([0.0, 0.5, 2.0, 2.0, math.nan, math.inf, rng.random()])
+
+    def layer(i):
+        fp8 = {
+            n: {"amax": 1.0, "scale": 2.0, "saturated_frac": value(), "underflow_frac": 0.0, "amax_ratio": value()}
+            for n in rng.sample(names, 4)
+        }
+        return layer_record(i, rng.random(), fp8=fp8)
+
+    rows = [{"step": s, "layers": [layer(i) for i in range(3) if rng.random() < 0.8], "alerts": []} for s in range(9)]
+    rows.append({"step": 4, "layers": [layer(0), layer(2)], "alerts": []})
+    write_outliers(tmp_path, rows)
+    data = Outliers.load(tmp_path)
+    by_step = {r["step"]: r for r in rows}  # the last line of a step
+    for stat in FP8_DRAWN:
+        for group in GROUP_NAMES:
+            table = data.fp8_table(stat, group)
+            for i, layer_index in enumerate(data.layers):
+                for j, step in enumerate(data.steps):
+                    entries = [e for e in by_step[step]["layers"] if e["layer"] == layer_index]
+                    values = [s[stat] for e in entries for n, s in e["fp8"].items() if tensor_group(n) == group]
+                    want = worst(values) if values else math.nan
+                    assert table[i][j] == want or (math.isnan(want) and math.isnan(table[i][j])), (stat, group, i, j)
+    text = summary(data, tmp_path)
+    for group, label in GROUP_NAMES.items():
+        tensors = [
+            (step, e["layer"], s)
+            for step, r in by_step.items()
+            for e in r["layers"]
+            for n, s in e["fp8"].items()
+            if tensor_group(n) == group
+        ]
+        hit = {(step, layer) for step, layer, s in tensors if s["saturated_frac"] > 0}
+        assert f"FP8 {label}: saturated at {len(hit)} of {len({t[:2] for t in tensors})} (layer, step) pairs" in text
+
+
+def test_heatmap_cells_of_an_inf_or_nan_have_a_colour_of_their_own(tmp_path, monkeypatch):
+    # matplotlib leaves an inf or NaN cell blank: white, which the amax-ratio map (coolwarm, centred on 1) gives to
+    # "no overflow". A tensor whose amax ratio went inf or NaN, the step a report is read for, read as a healthy one.
+    import math
+
+    from fp8train.cli.report import NON_FINITE_COLOR
+
+    rows = [{"step": s, "layers": [layer_record(0, 1.0), layer_record(1, 1.0)], "alerts": []} for s in (1, 2, 3)]
+    rows[2]["layers"] = [layer_record(0, math.inf, ratio=math.inf, saturated=0.5), layer_record(1, 1.0, math.nan)]
+    write_outliers(tmp_path, rows)
+    figures = saved_figures(monkeypatch)
+    report(tmp_path, tmp_path / "report")
+    ratio_ax, sat_ax = (ax for ax in figures["fp8_overflow.png"].axes if ax.images)
+    values, cells = (image.get_array() for image in ratio_ax.images)  # the map, then the inf/NaN cells over it
+    assert values.mask.tolist() == [[False, False, True], [False, False, True]]  # blank where not finite
+    assert (~cells.mask).tolist() == values.mask.tolist()  # ... and coloured there
+    assert NON_FINITE_COLOR in ratio_ax.get_xlabel() and len(sat_ax.images) == 1  # nothing to colour there
+    h_ax = next(ax for ax in figures["h_amax.png"].axes if ax.images)
+    assert (~h_ax.images[1].get_array().mask).tolist() == [[False, False, True], [False, False, False]]
+
+
+def test_a_heatmap_of_32_layers_labels_a_few_of_them(tmp_path, monkeypatch):
+    # A label per layer: the 32 layers of a Llama-7B (the paper's model) printed their numbers over each other in
+    # ~170 pixels of panel.
+    rows = [{"step": s, "layers": [layer_record(i, 1.0 + i) for i in range(32)], "alerts": []} for s in (1, 2)]
+    write_outliers(tmp_path, rows)
+    figures = saved_figures(monkeypatch)
+    report(tmp_path, tmp_path / "report")
+    for name in ("h_amax.png", "fp8_overflow.png"):
+        for ax in (a for a in figures[name].axes if a.images):
+            labels = [t.get_text() for t in ax.get_yticklabels()]
+            assert labels[0] == "0" and labels[-1] == "31" and len(labels) <= 9, labels
