@@ -123,12 +123,40 @@ def step_of(row) -> int | float | None:
 
 def is_record(row) -> bool:
     """Whether a line of outliers.jsonl is one monitored step's statistics; other lines (hand edits, another
-    tool's output in the file) are skipped rather than read as one."""
+    tool's output in the file) are skipped rather than read as one. It checks the structure its readers walk: a
+    value in it that is no number (a hand edit's null or text) is read as no value."""
     return (
         isinstance(row, dict)
-        and isinstance(row.get("step"), int)
+        and _is_int(row.get("step"))
         and isinstance(row.get("layers"), list)
-        and all(isinstance(entry, dict) and isinstance(entry.get("layer"), int) for entry in row["layers"])
+        and all(_is_layer_record(entry) for entry in row["layers"])
+        and isinstance(row.get("alerts", []), list)
+        and all(_is_alert_record(a) for a in row.get("alerts", []))
+    )
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON's true is no step or layer
+
+
+def _is_layer_record(entry) -> bool:
+    """One layer's statistics: its index, and its FP8 tensors' statistics (name -> stat -> value) if any."""
+    fp8 = entry.get("fp8", {}) if isinstance(entry, dict) else None
+    return (
+        isinstance(entry, dict)
+        and _is_int(entry.get("layer"))
+        and isinstance(fp8, dict)
+        and all(isinstance(stats, dict) for stats in fp8.values())
+    )
+
+
+def _is_alert_record(alert) -> bool:
+    """An alert as Alert.to_json() writes it: where it fired, on which tensor, in words."""
+    return (
+        isinstance(alert, dict)
+        and _is_int(alert.get("step"))
+        and _is_int(alert.get("layer"))
+        and all(isinstance(alert.get(k), str) for k in ("tensor", "kind", "message"))
     )
 
 

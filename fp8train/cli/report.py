@@ -38,6 +38,7 @@ class Outliers:
     steps: list[int]
     layers: list[int]
     rows: list[dict]  # the lines of outliers.jsonl, one per monitored step
+    skipped: int = 0  # lines of the file that are objects but no per-step record (hand edits, another tool's)
 
     @classmethod
     def load(cls, run_dir: Path) -> Outliers:
@@ -49,7 +50,8 @@ class Outliers:
                 f"{path} cannot be read ({first_line(e)}); report on a run directory whose outliers.jsonl train.py "
                 f"wrote."
             ) from None
-        rows = [r for r in lines if is_record(r) and r["layers"]]  # a line of no layer: nothing to draw
+        records = [r for r in lines if is_record(r)]
+        rows = [r for r in records if r["layers"]]  # a line of no layer: nothing to draw
         if not rows:
             if not path.exists():
                 what = "does not exist"
@@ -64,7 +66,7 @@ class Outliers:
         rows = list({r["step"]: r for r in rows}.values())  # one line per step (the last, should a step repeat)
         rows.sort(key=lambda r: r["step"])
         layers = sorted({entry["layer"] for r in rows for entry in r["layers"]})
-        return cls([r["step"] for r in rows], layers, rows)
+        return cls([r["step"] for r in rows], layers, rows, len(lines) - len(records))
 
     def table(self, value) -> list[list[float]]:
         """[layer][step] of ``value(layer_entry)`` (a number or None)."""
@@ -72,9 +74,7 @@ class Outliers:
         where = {layer: i for i, layer in enumerate(self.layers)}
         for j, r in enumerate(self.rows):
             for entry in r["layers"]:
-                v = value(entry)
-                if isinstance(v, (int, float)):
-                    out[where[entry["layer"]]][j] = float(v)
+                out[where[entry["layer"]]][j] = _value(value(entry))
         return out
 
     def field(self, key: str) -> list[list[float]]:
@@ -138,6 +138,18 @@ def _ticks(n: int, about: int) -> list[int]:
     return [t for t in range(0, last, stride) if t == 0 or last - t >= stride / 2] + [last]
 
 
+def _value(v) -> float:
+    """A statistic of a record as a float; NaN for no value (absent, or the null, text or bool of a hand edit:
+    is_record() checks a line's structure, not its values)."""
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan
+
+
+def _first(pairs):
+    """The first index of a list of [index, value] pairs (top_channels, aligned_neurons); None if there is none."""
+    ok = isinstance(pairs, list) and pairs and isinstance(pairs[0], list) and pairs[0]
+    return pairs[0][0] if ok else None
+
+
 def _not_finite(v) -> bool:
     """An inf or NaN number (rather than no value at all)."""
     return isinstance(v, (int, float)) and not math.isfinite(v)
@@ -171,16 +183,21 @@ def summary(data: Outliers, run_dir: Path) -> str:
         f"{run_dir}: {len(steps)} monitored steps ({steps[0]}..{steps[-1]}), {len(data.layers)} layers"
         + _precision(run_dir)
     ]
+    if data.skipped:
+        n, many = data.skipped, data.skipped > 1
+        lines.append(
+            f"skipped {n} line{'s' * many} of {OUTLIERS_FILE} that {'are' if many else 'is'} no per-step record"
+        )
     h = data.field("h_amax")
     # an h amax that overflowed to inf is the largest of all; only NaN (nothing measured) is left out
     peaks = [(v, data.layers[i], steps[j]) for i, row in enumerate(h) for j, v in enumerate(row) if not math.isnan(v)]
     if peaks:
         v, layer, step = max(peaks)
         entry = _entry(data.rows[steps.index(step)], layer)
-        top = entry.get("top_channels") or [[None, None]]
+        ratio, kurtosis = (_value(entry.get(k, 0)) for k in ("h_amax_over_rms", "h_kurtosis"))
         lines.append(
-            f"largest h amax: {v:.4g} in layer {layer} at step {step} (amax/RMS {entry.get('h_amax_over_rms', 0):.3g}, "
-            f"kurtosis {entry.get('h_kurtosis', 0):.3g}, top channel {top[0][0]})"
+            f"largest h amax: {v:.4g} in layer {layer} at step {step} (amax/RMS {ratio:.3g}, "
+            f"kurtosis {kurtosis:.3g}, top channel {_first(entry.get('top_channels'))})"
         )
         growth = []
         for i, layer in enumerate(data.layers if len(steps) > 1 else []):
@@ -197,11 +214,11 @@ def summary(data: Outliers, run_dir: Path) -> str:
                 f"h amax growth, step {steps[0]} -> {steps[-1]}: "
                 + (", ".join(growth) or "no layer has two values to compare")
             )
-    cos_last = [(e.get("cos_max_abs"), e["layer"], e) for e in last["layers"] if "cos_max_abs" in e]
+    cos_last = [(_value(e.get("cos_max_abs")), e["layer"], e) for e in last["layers"] if "cos_max_abs" in e]
     if cos_last:
         cos, layer, e = max(cos_last, key=lambda t: _nan_last(t[0]))
         first_cos = max(_finite(e0.get("cos_max_abs") for e0 in first["layers"]), default=math.nan)
-        neuron = (e.get("aligned_neurons") or [[None]])[0][0]
+        neuron = _first(e.get("aligned_neurons"))
         frac = max(_finite(x.get("cos_frac_above_half") for x in last["layers"]), default=math.nan)
         lines.append(
             f"alignment: max |cos(W_up, W_gate)| {first_cos:.3f} at step {steps[0]} -> {cos:.3f} at step {steps[-1]} "
@@ -212,7 +229,8 @@ def summary(data: Outliers, run_dir: Path) -> str:
     if alerts:
         counts: dict[str, int] = {}
         for a in alerts:
-            what = f"{a['kind']} ({GROUP_NAMES[tensor_group(a['tensor'])]})" if a["tensor"] != "h" else a["kind"]
+            group = tensor_group(a["tensor"])
+            what = f"{a['kind']} ({GROUP_NAMES.get(group, group)})" if a["tensor"] != "h" else a["kind"]
             counts[what] = counts.get(what, 0) + 1
         lines.append(
             f"alerts: {len(alerts)}: {', '.join(f'{n} {k}' for k, n in sorted(counts.items()))}; "
@@ -246,13 +264,13 @@ def _overflow_lines(data: Outliers, no_fp8: str) -> list[str]:
         for e in r["layers"]:
             pair = (r["step"], e["layer"])
             for name, s in e.get("fp8", {}).items():
-                group, sat = tensor_group(name), s["saturated_frac"]
+                group, sat = tensor_group(name), _value(s.get("saturated_frac"))
                 found, hit = pairs.setdefault(group, (set(), set()))
                 found.add(pair)
                 if not sat > 0:
                     continue
                 hit.add(pair)
-                ratio = s["amax_ratio"]
+                ratio = _value(s.get("amax_ratio"))
                 key = (math.isnan(ratio), 0.0 if math.isnan(ratio) else ratio, sat)
                 if group not in worst or key > worst[group][0]:
                     worst[group] = (key, ratio, sat, *pair)

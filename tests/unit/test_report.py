@@ -3,7 +3,10 @@ tests/unit/test_monitor.py, beside the monitor that writes the file.)"""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
+import pytest
 from PIL import Image
 
 from fp8train.cli.report import report
@@ -139,3 +142,58 @@ def test_a_heatmap_of_32_layers_labels_a_few_of_them(tmp_path, monkeypatch):
         for ax in (a for a in figures[name].axes if a.images):
             labels = [t.get_text() for t in ax.get_yticklabels()]
             assert labels[0] == "0" and labels[-1] == "31" and len(labels) <= 9, labels
+
+
+DROP = object()  # a key _edited() removes
+
+
+def _edited(**changes) -> dict:
+    """A line of outliers.jsonl as a hand edit leaves it: layer 1's record of step 2 with ``changes`` applied."""
+    row = {"step": 2, "layers": [layer_record(1, 5.0, ratio=3.0, saturated=0.1)], "alerts": []}
+    alert = {"step": 2, "layer": 1, "tensor": "h", "kind": "spike", "value": 5.0, "saturated_frac": 0.0}
+    row["alerts"] = [{**alert, "message": "layer 1 h spike"}]
+    for key, value in changes.items():
+        where, _, key = key.rpartition("__")
+        target = {"": row, "layer": row["layers"][0], "fp8": row["layers"][0]["fp8"]["mlp.down_proj.input"]}
+        target = row["alerts"][0] if where == "alert" else target[where]
+        target[key] = value
+        if value is DROP:
+            del target[key]
+    return row
+
+
+@pytest.mark.parametrize(
+    "line, skipped",
+    [
+        ({"step": 2, "layers": [7], "alerts": []}, True),  # a layer that is not an object
+        (_edited(step=True), True),  # a bool is no step
+        (_edited(layer__layer=True), True),
+        (_edited(alerts=None), True),
+        (_edited(alerts=[{"step": 2}]), True),  # an alert without tensor, kind, layer, message
+        (_edited(alerts=["spike"]), True),
+        (_edited(layer__fp8=[1, 2]), True),
+        (_edited(layer__fp8={"mlp.down_proj.input": 0.5}), True),
+        (_edited(fp8__saturated_frac=DROP), False),  # values the report reads as no value
+        (_edited(fp8__saturated_frac=None), False),
+        (_edited(fp8__amax_ratio="big"), False),
+        (_edited(layer__h_amax_over_rms="10"), False),
+        (_edited(layer__h_kurtosis=None), False),
+        (_edited(layer__top_channels=[5]), False),
+        (_edited(layer__cos_max_abs="high", layer__aligned_neurons=7), False),
+        (_edited(alert__tensor="attn.q"), False),  # a tensor of no group the report knows
+    ],
+)
+def test_a_hand_edited_line_is_skipped_or_read_without_a_traceback(tmp_path, line, skipped):
+    # is_record() accepted these lines, and the summary ended in a KeyError, TypeError, AttributeError or ValueError.
+    from fp8train.cli.report import Outliers, summary
+
+    write_outliers(tmp_path, [{"step": 1, "layers": [layer_record(0, 1.0), layer_record(1, 1.0)], "alerts": []}])
+    with (tmp_path / "outliers.jsonl").open("a") as f:
+        f.write(json.dumps(line) + "\n")
+    data = Outliers.load(tmp_path)
+    text = summary(data, tmp_path)
+    assert data._fp8_tables  # what fp8_overflow.png draws, taken
+    if skipped:
+        assert data.steps == [1] and "skipped 1 line of outliers.jsonl that is no per-step record" in text
+    else:
+        assert data.steps == [1, 2] and "skipped" not in text
