@@ -432,14 +432,12 @@ def draw_worst(data: Outliers, plt):
             if edge:
                 top = {"transform": ax.get_xaxis_transform(), "clip_on": False}  # x: step, y: fraction of the panel
                 ax.plot(edge, [1.0] * len(edge), "x", color=ALERT_COLOR, markersize=9, **top)
-    ax_h.set(title="amax of h = silu(g) * u (x: spike or non-finite alert)", xlabel="step", ylabel="amax", yscale="log")
-    ax_d.set(
-        title="amax of down_proj's actual input (x: overflow or non-finite alert)",
-        xlabel="step",
-        ylabel="amax",
-        yscale="log",
-    )
-    for ax in (ax_h, ax_d):
+    ax_h.set(title="amax of h = silu(g) * u (x: spike or non-finite alert)", xlabel="step", ylabel="amax")
+    ax_d.set(title="amax of down_proj's actual input (x: overflow or non-finite alert)", xlabel="step", ylabel="amax")
+    for ax, table in ((ax_h, h), (ax_d, down)):
+        # a log scale, but for a panel of no positive amax (an all-zero h): matplotlib warned it cannot be log-scaled
+        if any(v > 0 for i in worst for v in _finite(table[i])):
+            ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     return fig

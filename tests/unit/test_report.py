@@ -197,3 +197,20 @@ def test_a_hand_edited_line_is_skipped_or_read_without_a_traceback(tmp_path, lin
         assert data.steps == [1] and "skipped 1 line of outliers.jsonl that is no per-step record" in text
     else:
         assert data.steps == [1, 2] and "skipped" not in text
+
+
+def test_worst_layers_of_an_all_zero_h_draws_without_a_warning(tmp_path, recwarn):
+    # A zero-initialised down projection (or a hand-made file) gives h amax 0 at every step: the log y axis printed
+    # matplotlib's "Data has no positive values, and therefore cannot be log-scaled".
+    import matplotlib.pyplot as plt
+
+    from fp8train.cli.report import Outliers, draw_worst
+
+    rows = [{"step": s, "layers": [layer_record(0, 0.0, down_in_amax=0.0)], "alerts": []} for s in (1, 2)]
+    rows.append({"step": 3, "layers": [layer_record(0, 0.0, down_in_amax=2.0)], "alerts": []})
+    write_outliers(tmp_path, rows)
+    fig = draw_worst(Outliers.load(tmp_path), plt)
+    fig.savefig(tmp_path / "worst.png")
+    plt.close(fig)
+    assert [ax.get_yscale() for ax in fig.axes if ax.get_lines()] == ["linear", "log"]
+    assert not [str(w.message) for w in recwarn]
