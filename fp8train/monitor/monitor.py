@@ -122,7 +122,11 @@ class OutlierMonitor:
             self._replay(path, resume_step)
         self.file = JsonLines(path, resume_step) if write else None
         if not self.layers:
-            log.warning("monitor: the model has no SwiGLU MLP (gate_proj, up_proj, down_proj): only FP8 statistics")
+            # its FP8 tensors too are found through the SwiGLU layers (find_layers): none of them is recorded either
+            log.warning(
+                "monitor: the model has no SwiGLU MLP (gate_proj, up_proj, down_proj), the layers the monitor "
+                "watches: it records no statistics, h or FP8; set monitor.enabled=false for this model"
+            )
 
     def is_monitored(self, step: int) -> bool:
         """Step 1 and every interval-th step (steps count from 1: the step being trained)."""

@@ -205,6 +205,20 @@ def test_layers_and_fp8_tensors_are_found_by_name(tmp_path):
     assert isinstance(build_monitor(MonitorConfig(enabled=False), model, tmp_path), DisabledMonitor)
 
 
+def test_a_model_without_swiglu_is_warned_that_nothing_is_recorded(tmp_path, caplog):
+    # The warning said "only FP8 statistics", but FP8 scalers are found through the SwiGLU layers: none were recorded.
+    model = nn.Sequential(Fp8Linear.from_linear(nn.Linear(32, 32), scaling=ScalingConfig(recipe="delayed")))
+    with caplog.at_level("WARNING", logger="fp8train"):
+        mon = monitor_for(model, tmp_path)
+    with mon.capture(1):
+        model(torch.randn(8, 32)).sum().backward()
+    mon.collect(1)
+    mon.close()
+    assert read_jsonl(tmp_path / OUTLIERS_FILE) == [{"step": 1, "layers": [], "alerts": []}]
+    assert "no SwiGLU MLP" in caplog.text and "records no statistics" in caplog.text
+    assert "only FP8" not in caplog.text
+
+
 def test_only_monitored_steps_measure_and_count(tmp_path):
     mlp = planted_mlp()
     model = TwoLayers([mlp])
