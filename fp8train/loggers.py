@@ -39,7 +39,11 @@ class RunLogger:
             return
         self._file = JsonLines(self.metrics_path, resume_step)
         if cfg.logger.wandb.mode != WandbMode.disabled:
-            self.wandb = _init_wandb(cfg, run_dir)
+            try:
+                self.wandb = _init_wandb(cfg, run_dir)
+            except BaseException:  # no RunLogger to finish: the file would stay open
+                self._file.close()
+                raise
 
     def log(self, metrics: dict, step: int) -> None:
         if not self.enabled:

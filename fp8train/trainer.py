@@ -54,11 +54,36 @@ class RunDirError(Fp8trainError):
 
 class Trainer:
     def __init__(self, cfg: Config, run_dir: Path):
+        self.logger: RunLogger | None = None
+        self.took_lock = False
+        try:
+            self.start(cfg, run_dir)
+        except BaseException:
+            self.release_failed_start()
+            raise
+
+    def release_failed_start(self) -> None:
+        """Close what a start that raised had opened: the CLI's process exits, but a Trainer built from Python would
+        leave an open wandb run (the next wandb.init would log into it), metrics.jsonl and the run directory's lock
+        (the next Trainer there would be refused as a second run)."""
+        try:
+            if self.logger is not None:
+                self.logger.finish(failed=True)
+        except Exception as e:  # the error that stopped the start is the one to show
+            log.warning("the logger of the failed start was not closed: %s", e)
+        finally:
+            if self.took_lock:
+                unlock_run_dir(self.run_dir)
+
+    def start(self, cfg: Config, run_dir: Path) -> None:
+        """Everything __init__ builds, in order; on an error __init__ releases what it took."""
         self.cfg = cfg
         self.launch = parallel.launch_env(cfg.parallel)
         self.backend = backends.select(cfg.backend, self.launch.local_rank)
         parallel.init_distributed(cfg.parallel, self.backend, self.launch)
         self.run_dir = agree_on_run_dir(Path(run_dir))
+        # A lock this process held before (an earlier job of a multirun) is not this start's to release.
+        self.took_lock = self.run_dir.resolve() not in _locked_run_dirs
         on_rank0(lock_run_dir, self.run_dir)  # before anything in it is read or written
         if self.launch.rank != 0:
             quiet_logging()

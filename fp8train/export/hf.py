@@ -184,12 +184,16 @@ def writing(out: Path) -> Iterator[Path]:
     """A temporary folder inside ``out`` (checked by check_output_folder) whose files move up into ``out`` once all
     are written: a full disk or a Ctrl-C mid-write leaves ``out`` absent or empty, never half written so as to pass
     for a model. Inside rather than beside ``out``: it may be a mount point or a link to another disk."""
-    created = not out.exists()
+    created, folder = [], out  # out and the parents mkdir makes, innermost first: a failed write removes them alone
+    while not folder.exists() and folder.parent != folder:
+        created.append(folder)
+        folder = folder.parent
     tmp = out / f".tmp-{os.getpid()}"
     try:
         out.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
     except OSError as e:
+        remove_empty(created)
         raise CheckpointError(
             f"{out}: cannot create the output folder ({e.strerror or e}); choose a folder in a writable location."
         ) from None
@@ -214,9 +218,20 @@ def writing(out: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         for file in moved if not done else ():  # a Ctrl-C or an error between two renames: out was empty before
             file.unlink(missing_ok=True)
-        if created and not done:
-            with contextlib.suppress(OSError):
-                out.rmdir()
+        if not done:
+            remove_empty(created)
+
+
+def remove_empty(folders: list[Path]) -> None:
+    """rmdir each of ``folders`` (innermost first) that exists, stopping at one that cannot be removed (something
+    else wrote there meanwhile): never a folder with anything in it."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except FileNotFoundError:  # mkdir failed before making it
+            continue
+        except OSError:
+            return
 
 
 def checkpoint_to_export(path: Path) -> Path:

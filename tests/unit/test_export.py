@@ -363,6 +363,17 @@ def test_a_failed_write_leaves_no_half_written_folder(fp8_checkpoint, tmp_path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"] and (out / "tokenizer.json").is_file()
 
 
+def test_a_failed_write_removes_the_parent_folders_it_created_and_only_those(fp8_checkpoint, tmp_path, monkeypatch):
+    """out=a/b/c/hf where only a existed: a failed export leaves a as it was and no empty b/c behind it."""
+    from transformers import PreTrainedTokenizerFast
+
+    (tmp_path / "a").mkdir()
+    monkeypatch.setattr(PreTrainedTokenizerFast, "save_pretrained", disk_full)
+    with pytest.raises(CheckpointError, match="writing it failed"):
+        export_hf(fp8_checkpoint / "checkpoints" / "step_0000003", tmp_path / "a" / "b" / "c" / "hf")
+    assert [p.name for p in tmp_path.iterdir()] == ["a"] and not any((tmp_path / "a").iterdir())
+
+
 def test_the_temporary_folder_of_a_killed_export_is_removed_by_the_next(fp8_checkpoint, tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     stale = tmp_path / "hf" / f".tmp-{dead.stdout.strip()}"

@@ -452,3 +452,37 @@ def test_a_resumed_run_draws_no_random_weights_and_trains_as_an_unbroken_run(tmp
     unbroken, after = (load_file(tmp_path / run / "checkpoints/step_0000004/model.safetensors") for run in
                        ("unbroken", "resumed"))  # fmt: skip
     assert unbroken.keys() == after.keys() and all(torch.equal(v, after[k]) for k, v in unbroken.items())
+
+
+@pytest.mark.parametrize("fails_in", ["build_monitor", "RunLogger"])
+def test_a_trainer_that_fails_to_start_releases_the_run_dir_lock_its_files_and_wandb(tmp_path, monkeypatch, fails_in):
+    """A Trainer built from Python whose start fails (here once the logger is built, or in wandb.init) leaves no
+    open wandb run, metrics.jsonl handle or run directory lock behind: the next Trainer may start in that place."""
+    import fcntl
+    import os
+
+    import wandb
+
+    from fp8train import loggers
+
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
+    opened, json_lines = [], loggers.JsonLines
+    monkeypatch.setattr(loggers, "JsonLines", lambda *a, **kw: opened.append(json_lines(*a, **kw)) or opened[-1])
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("injected")
+
+    if fails_in == "build_monitor":
+        monkeypatch.setattr(trainer_module, "build_monitor", fail)
+    else:
+        monkeypatch.setattr(wandb, "init", fail)
+    run_dir = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="injected"):
+        make_trainer(run_dir, "trainer.max_steps=2", "logger.wandb.mode=offline")
+    assert wandb.run is None
+    assert [f._file.closed for f in opened] == [True]
+    fd = os.open(run_dir / trainer_module.RUN_DIR_LOCK, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError while a failed start still holds it
+    finally:
+        os.close(fd)
