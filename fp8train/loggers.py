@@ -70,13 +70,14 @@ class RunLogger:
         if self.wandb is not None:
             self.wandb.summary.update(values)
 
-    def finish(self, failed: bool = False) -> None:
-        """Close the files and the wandb run; a run that ended in an error shows as failed in wandb."""
+    def finish(self, failed: bool = False, exit_code: int = 1) -> None:
+        """Close the files and the wandb run; a run that ended in an error shows as failed in wandb, with
+        ``exit_code``."""
         if not self.enabled:
             return
         self._file.close()
         if self.wandb is not None:
-            self.wandb.finish(exit_code=1 if failed else 0)
+            self.wandb.finish(exit_code=exit_code if failed else 0)
             self.wandb = None
 
 

@@ -58,17 +58,20 @@ class Trainer:
         self.took_lock = False
         try:
             self.start(cfg, run_dir)
-        except BaseException:
-            self.release_failed_start()
+        except BaseException as e:
+            # The status the command line ends with: 2 for a message, 130 for Ctrl-C, 1 for a bug.
+            self.release_failed_start(
+                2 if isinstance(e, Fp8trainError) else 130 if isinstance(e, KeyboardInterrupt) else 1
+            )
             raise
 
-    def release_failed_start(self) -> None:
+    def release_failed_start(self, exit_code: int) -> None:
         """Close what a start that raised had opened: the CLI's process exits, but a Trainer built from Python would
         leave an open wandb run (the next wandb.init would log into it), metrics.jsonl and the run directory's lock
         (the next Trainer there would be refused as a second run)."""
         try:
             if self.logger is not None:
-                self.logger.finish(failed=True)
+                self.logger.finish(failed=True, exit_code=exit_code)
         except Exception as e:  # the error that stopped the start is the one to show
             log.warning("the logger of the failed start was not closed: %s", e)
         finally:
