@@ -49,16 +49,23 @@ def batch(w: torch.Tensor, m: float, seed: int = 1) -> torch.Tensor:
     return x
 
 
-@pytest.mark.parametrize("variant", ["token", "channel"])
-def test_variants_equal_plain_swiglu_in_real_arithmetic(variant):
-    mlp, w = planted_mlp(torch.float64)
-    smooth = VARIANTS[variant](copy.deepcopy(mlp))
+def same_forward_then_backward(mlp, smooth, w) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check that ``smooth`` gives ``mlp``'s output in float64 on a batch with an outlier, then back-propagate
+    through both; returns the two inputs, whose .grad hold the gradients."""
     x = batch(w, m=8).requires_grad_()
     x2 = x.detach().clone().requires_grad_()
     y, y_smooth = mlp(x), smooth(x2)
     torch.testing.assert_close(y_smooth, y, rtol=1e-12, atol=1e-15)
     y.square().sum().backward()
     y_smooth.square().sum().backward()
+    return x, x2
+
+
+@pytest.mark.parametrize("variant", ["token", "channel"])
+def test_variants_equal_plain_swiglu_in_real_arithmetic(variant):
+    mlp, w = planted_mlp(torch.float64)
+    smooth = VARIANTS[variant](copy.deepcopy(mlp))
+    x, x2 = same_forward_then_backward(mlp, smooth, w)
     torch.testing.assert_close(x2.grad, x.grad, rtol=1e-10, atol=1e-14)
     for (name, p), p2 in zip(mlp.named_parameters(), smooth.parameters()):
         torch.testing.assert_close(p2.grad, p.grad, rtol=1e-10, atol=1e-14, msg=name)
@@ -82,12 +89,7 @@ def test_channel_over_an_fp8_down_projection_is_plain_swiglu_without_fp8_roundin
     smooth = SmoothSwiGLUChannel(copy.deepcopy(mlp))
     scaling = ScalingConfig(recipe="current")
     smooth.down_proj = Fp8Linear.from_linear(smooth.down_proj, scaling=scaling, ops=UnroundedOps())
-    x = batch(w, m=8).requires_grad_()
-    x2 = x.detach().clone().requires_grad_()
-    y, y_smooth = mlp(x), smooth(x2)
-    torch.testing.assert_close(y_smooth, y, rtol=1e-12, atol=1e-15)
-    y.square().sum().backward()
-    y_smooth.square().sum().backward()
+    x, x2 = same_forward_then_backward(mlp, smooth, w)
     assert ((x2.grad - x.grad).norm() / x.grad.norm()).item() < 1e-6
     for (name, p), p2 in zip(mlp.named_parameters(), smooth.parameters()):
         assert ((p2.grad - p.grad).norm() / p.grad.norm()).item() < 1e-6, name
