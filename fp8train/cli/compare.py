@@ -90,13 +90,13 @@ class Run:
                 f"train.py wrote, or leave this one out."
             ) from None
         lines, evals = last_per_step(rows, "loss"), last_per_step(rows, "val_loss")
-        train = {s: r["loss"] for s, r in lines.items() if isinstance(r["loss"], (int, float))}
-        val = {s: r["val_loss"] for s, r in evals.items() if isinstance(r["val_loss"], (int, float))}
+        train = {s: r["loss"] for s, r in lines.items() if is_number(r["loss"])}
+        val = {s: r["val_loss"] for s, r in evals.items() if is_number(r["val_loss"])}
         # The median of the logged windows after the first: each start (the first, every resume) compiles and fills
         # caches in its first window, as a monitored step compiles its graph, and metrics.jsonl does not say which
         # windows those were; a mean counted them, a resumed run's tokens/s then far below its steady speed.
-        speeds = [r["tokens_per_s"] for r in lines.values() if isinstance(r.get("tokens_per_s"), (int, float))][1:]
-        first = next((r for r in rows if isinstance(r.get("tokens"), (int, float)) and r.get("step")), None)
+        speeds = [r["tokens_per_s"] for r in lines.values() if is_number(r.get("tokens_per_s"))][1:]
+        first = next((r for r in rows if is_number(r.get("tokens")) and is_step(r.get("step")) and r["step"]), None)
         label = cfg.precision.name + ("+adamw_fp8" if cfg.optim.name == "adamw_fp8" else "")
         return cls(
             path,
@@ -105,8 +105,8 @@ class Run:
             val,
             statistics.median(speeds) if speeds else math.nan,
             first["tokens"] / first["step"] if first else math.nan,
-            max((r["step"] for r in rows if "step" in r), default=0),
-            max((r["bad_steps"] for r in lines.values() if isinstance(r.get("bad_steps"), int)), default=0),
+            max((r["step"] for r in rows if is_step(r.get("step"))), default=0),
+            max((r["bad_steps"] for r in lines.values() if is_step(r.get("bad_steps"))), default=0),
             cfg,
         )
 
@@ -128,8 +128,18 @@ def last_per_step(rows: list[dict], key: str) -> dict[int, dict]:
     """step -> the last line holding ``key`` at that step, in step order. A step logged twice (a killed run's lines
     after its checkpoint, then the resumed run's) counts as its later line says, a non-finite value included, as
     in ``fp8train report``: an earlier line's finite loss must not stand in for the resumed run's NaN."""
-    found = {r["step"]: r for r in rows if key in r and isinstance(r.get("step"), int)}
+    found = {r["step"]: r for r in rows if key in r and is_step(r.get("step"))}
     return dict(sorted(found.items()))
+
+
+def is_number(value) -> bool:
+    """A JSON number: true and false are ints to Python, but a hand-edited ``"loss": true`` is no loss of 1.0."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def is_step(value) -> bool:
+    """A count of steps as train.py writes it: an integer (not 2.5, 1e308 or true)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 # The settings compare reads from a run's config.yaml.

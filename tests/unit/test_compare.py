@@ -396,3 +396,28 @@ def test_a_run_validated_at_other_steps_than_the_reference_says_why_it_has_no_ga
     fp8 = rows_of(compare([ref, other], tmp_path / "out"))["fp8"]
     assert fp8["val gap to ref"] == "n/a" and fp8["final val_loss"] == f"{9 / math.sqrt(6):.4f} (step 6)"
     assert fp8["notes"] == "stopped at step 7 of 10; no validation step in common with the reference"
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        {"step": 11, "loss": True},  # was read as a loss of 1.0
+        {"step": 10, "loss": 2.0, "bad_steps": True},  # was "True step skipped"
+        {"step": 1e308, "loss": 1.0},  # the steps column read 1e+308
+        {"step": True, "loss": 1.0},
+        {"step": 2.5, "loss": 1.0},
+    ],
+)
+def test_a_hand_edited_value_of_another_json_type_is_not_read_as_a_number(tmp_path, line):
+    from fp8train.cli.compare import Run
+
+    losses = {s: 3.0 - 0.1 * s for s in range(1, 11)}
+    clean = Run.load(make_run(tmp_path / "clean", losses, {10: 2.5}))
+    path = make_run(tmp_path / "edited", losses, {10: 2.5})
+    with open(path / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(line) + "\n")
+    edited = Run.load(path)
+    assert edited.train == clean.train
+    assert edited.skipped_steps == clean.skipped_steps == 0
+    if not isinstance(line["step"], int) or isinstance(line["step"], bool):  # no step at all
+        assert edited.last_step == clean.last_step == 10
