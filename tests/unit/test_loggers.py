@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
 import math
 import os
+from collections.abc import Iterator
 
 import pytest
 
@@ -135,21 +137,28 @@ def test_resuming_over_a_damaged_metrics_file_is_one_message(tmp_path, damage):
     assert path.is_dir() if damage == "directory" else path.read_bytes() == b"\xff\xfe\x00garbage\n"
 
 
+@contextlib.contextmanager
+def on_the_root_logger(handlers: list[logging.Handler]) -> Iterator[None]:
+    """``handlers`` on the root logger for the block, removed after it (also any the block appends to the list)."""
+    root = logging.getLogger()
+    for handler in handlers:
+        root.addHandler(handler)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            root.removeHandler(handler)
+
+
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full, a file every write to fails: ENOSPC")
 def test_a_log_file_on_a_full_disk_is_named_once_not_a_traceback_per_line(capsys):
     # Hydra's RUN_DIR/train.log on a full disk: logging printed "--- Logging error ---" and a traceback for every
     # line logged (200 lines before the run's own message about the disk).
-    root, console = logging.getLogger(), io.StringIO()
-    handlers = [logging.FileHandler("/dev/full"), logging.StreamHandler(console)]
-    for handler in handlers:
-        root.addHandler(handler)
-    try:
+    console = io.StringIO()
+    with on_the_root_logger([logging.FileHandler("/dev/full"), logging.StreamHandler(console)]):
         drop_unwritable_log_files()
         for n in range(3):
             logging.getLogger("fp8train").warning("line %d", n)
-    finally:
-        for handler in handlers:
-            root.removeHandler(handler)
     err = capsys.readouterr().err
     assert err == "fp8train: /dev/full cannot be written (No space left on device): the log goes to the console only\n"
     assert console.getvalue() == "line 0\nline 1\nline 2\n"
@@ -160,20 +169,17 @@ def test_a_console_closed_under_the_log_is_named_once_not_a_traceback_per_line(c
     read, write = os.pipe()
     os.close(read)  # head has exited
     closed = os.fdopen(write, "w")
-    root, train_log = logging.getLogger(), io.StringIO()
+    train_log = io.StringIO()
     handlers = [logging.StreamHandler(closed), logging.StreamHandler(train_log)]
-    for handler in handlers:
-        root.addHandler(handler)
     try:
-        drop_unwritable_log_files()
-        for n in range(2):
-            logging.getLogger("fp8train").warning("line %d", n)
-        handlers.append(logging.StreamHandler(closed))  # as tqdm's, over the same stream, during training
-        root.addHandler(handlers[-1])
-        logging.getLogger("fp8train").warning("line 2")
+        with on_the_root_logger(handlers):
+            drop_unwritable_log_files()
+            for n in range(2):
+                logging.getLogger("fp8train").warning("line %d", n)
+            handlers.append(logging.StreamHandler(closed))  # as tqdm's, over the same stream, during training
+            logging.getLogger().addHandler(handlers[-1])
+            logging.getLogger("fp8train").warning("line 2")
     finally:
-        for handler in handlers:
-            root.removeHandler(handler)
         closed.close()
     err = capsys.readouterr().err
     assert err == (

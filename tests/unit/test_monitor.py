@@ -441,9 +441,9 @@ def test_an_fp8_tensor_with_a_nan_alerts(tmp_path):
     mon.close()
 
 
-def test_a_nan_on_another_rank_survives_the_max_over_ranks(tmp_path):
-    # Under data parallelism the amaxes are max-reduced over the ranks. A max that skips NaN (gloo's all-reduce
-    # does, for a NaN on rank 1 and a number on rank 0; fmax too) gave every rank rank 0's finite values: no alert.
+def monitors_of_two_ranks(tmp_path, combine):
+    """Monitors of rank 1 and rank 0 of a simulated reduction over ranks: rank 1's collect sends its values, rank 0's
+    takes ``combine`` of its own and those."""
     cfg = MonitorConfig(enabled=True, interval=10, alerts_after=0)
     sent = {}
 
@@ -451,11 +451,18 @@ def test_a_nan_on_another_rank_survives_the_max_over_ranks(tmp_path):
         sent["flat"] = flat.clone()
 
     def receive(flat):
-        flat.copy_(torch.fmax(flat, sent["flat"]))
+        flat.copy_(combine(flat, sent["flat"]))
 
     (tmp_path / "1").mkdir(), (tmp_path / "0").mkdir()
     rank1 = build_monitor(cfg, TwoLayers([planted_mlp()]), tmp_path / "1", reduce_max=send)
     rank0 = build_monitor(cfg, TwoLayers([planted_mlp()]), tmp_path / "0", reduce_max=receive)
+    return rank1, rank0
+
+
+def test_a_nan_on_another_rank_survives_the_max_over_ranks(tmp_path):
+    # Under data parallelism the amaxes are max-reduced over the ranks. A max that skips NaN (gloo's all-reduce
+    # does, for a NaN on rank 1 and a number on rank 0; fmax too) gave every rank rank 0's finite values: no alert.
+    rank1, rank0 = monitors_of_two_ranks(tmp_path, torch.fmax)
     torch.manual_seed(5)
     x = torch.randn(64, 32)
     nan_x = x.clone()
@@ -479,18 +486,7 @@ def test_the_recorded_scale_is_that_of_the_rank_with_the_largest_amax(tmp_path):
     # Where ranks scale from their own amax (step 1, before a delayed history; current scaling; the per-channel
     # variant's rescaled weight) their scales differ. The record paired the largest amax over ranks with rank 0's
     # scale: amax * scale / fp8_max read 4x (an overflow of the scale) where every rank's amax_ratio was 1.
-    cfg = MonitorConfig(enabled=True, interval=10, alerts_after=0)
-    sent = {}
-
-    def send(flat):
-        sent["flat"] = flat.clone()
-
-    def receive(flat):
-        flat.copy_(torch.maximum(flat, sent["flat"]))
-
-    (tmp_path / "1").mkdir(), (tmp_path / "0").mkdir()
-    rank1 = build_monitor(cfg, TwoLayers([planted_mlp()]), tmp_path / "1", reduce_max=send)
-    rank0 = build_monitor(cfg, TwoLayers([planted_mlp()]), tmp_path / "0", reduce_max=receive)
+    rank1, rank0 = monitors_of_two_ranks(tmp_path, torch.maximum)
     torch.manual_seed(5)
     x = torch.randn(64, 32)
     scales = {}
