@@ -123,7 +123,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
 def step_of(row) -> int | float | None:
     """The step a line of metrics.jsonl or outliers.jsonl records, or None for a line of no step."""
     step = row.get("step") if isinstance(row, dict) else None
-    return step if isinstance(step, (int, float)) and not isinstance(step, bool) else None
+    return step if is_number(step) else None
 
 
 def is_record(row) -> bool:
@@ -132,7 +132,7 @@ def is_record(row) -> bool:
     value in it that is no number (a hand edit's null or text) is read as no value."""
     return (
         isinstance(row, dict)
-        and _is_int(row.get("step"))
+        and is_count(row.get("step"))
         and isinstance(row.get("layers"), list)
         and all(_is_layer_record(entry) for entry in row["layers"])
         and isinstance(row.get("alerts", []), list)
@@ -140,8 +140,14 @@ def is_record(row) -> bool:
     )
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)  # JSON's true is no step or layer
+def is_number(value) -> bool:
+    """A JSON number: true and false are ints to Python, but a hand edit's ``"loss": true`` is no loss of 1.0."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def is_count(value) -> bool:
+    """An integer as train.py writes a step, a layer or a count (not 2.5, 1e308 or true)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _is_layer_record(entry) -> bool:
@@ -149,7 +155,7 @@ def _is_layer_record(entry) -> bool:
     fp8 = entry.get("fp8", {}) if isinstance(entry, dict) else None
     return (
         isinstance(entry, dict)
-        and _is_int(entry.get("layer"))
+        and is_count(entry.get("layer"))
         and isinstance(fp8, dict)
         and all(isinstance(stats, dict) for stats in fp8.values())
     )
@@ -159,8 +165,8 @@ def _is_alert_record(alert) -> bool:
     """An alert as Alert.to_json() writes it: where it fired, on which tensor, in words."""
     return (
         isinstance(alert, dict)
-        and _is_int(alert.get("step"))
-        and _is_int(alert.get("layer"))
+        and is_count(alert.get("step"))
+        and is_count(alert.get("layer"))
         and all(isinstance(alert.get(k), str) for k in ("tensor", "kind", "message"))
     )
 

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from fp8train.cli import writing_into
 from fp8train.config import first_line
 from fp8train.errors import Fp8trainError
-from fp8train.loggers import read_metrics
+from fp8train.loggers import is_count, is_number, read_metrics
 
 # What must be equal for two loss curves to be compared step by step: per reason, the settings it covers, each
 # under the name a user types (or, for what config.yaml does not hold, a description).
@@ -96,7 +96,7 @@ class Run:
         # caches in its first window, as a monitored step compiles its graph, and metrics.jsonl does not say which
         # windows those were; a mean counted them, a resumed run's tokens/s then far below its steady speed.
         speeds = [r["tokens_per_s"] for r in lines.values() if is_number(r.get("tokens_per_s"))][1:]
-        first = next((r for r in rows if is_number(r.get("tokens")) and is_step(r.get("step")) and r["step"]), None)
+        first = next((r for r in rows if is_number(r.get("tokens")) and is_count(r.get("step")) and r["step"]), None)
         label = cfg.precision.name + ("+adamw_fp8" if cfg.optim.name == "adamw_fp8" else "")
         return cls(
             path,
@@ -105,8 +105,8 @@ class Run:
             val,
             statistics.median(speeds) if speeds else math.nan,
             first["tokens"] / first["step"] if first else math.nan,
-            max((r["step"] for r in rows if is_step(r.get("step"))), default=0),
-            max((r["bad_steps"] for r in lines.values() if is_step(r.get("bad_steps"))), default=0),
+            max((r["step"] for r in rows if is_count(r.get("step"))), default=0),
+            max((r["bad_steps"] for r in lines.values() if is_count(r.get("bad_steps"))), default=0),
             cfg,
         )
 
@@ -128,18 +128,8 @@ def last_per_step(rows: list[dict], key: str) -> dict[int, dict]:
     """step -> the last line holding ``key`` at that step, in step order. A step logged twice (a killed run's lines
     after its checkpoint, then the resumed run's) counts as its later line says, a non-finite value included, as
     in ``fp8train report``: an earlier line's finite loss must not stand in for the resumed run's NaN."""
-    found = {r["step"]: r for r in rows if key in r and is_step(r.get("step"))}
+    found = {r["step"]: r for r in rows if key in r and is_count(r.get("step"))}
     return dict(sorted(found.items()))
-
-
-def is_number(value) -> bool:
-    """A JSON number: true and false are ints to Python, but a hand-edited ``"loss": true`` is no loss of 1.0."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def is_step(value) -> bool:
-    """A count of steps as train.py writes it: an integer (not 2.5, 1e308 or true)."""
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 # The settings compare reads from a run's config.yaml.

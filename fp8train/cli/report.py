@@ -20,7 +20,9 @@ from pathlib import Path
 from fp8train.cli import writing_into
 from fp8train.config import first_line
 from fp8train.errors import Fp8trainError
-from fp8train.loggers import OUTLIERS_FILE, is_record, read_jsonl  # not from fp8train.monitor: it imports torch
+
+# not from fp8train.monitor: it imports torch
+from fp8train.loggers import OUTLIERS_FILE, is_number, is_record, read_jsonl
 
 FILES = ("h_amax.png", "alignment.png", "fp8_overflow.png", "worst_layers.png", "summary.txt")
 WORST = 4  # layers drawn in worst_layers.png
@@ -141,7 +143,7 @@ def _ticks(n: int, about: int) -> list[int]:
 def _value(v) -> float:
     """A statistic of a record as a float; NaN for no value (absent, or the null, text or bool of a hand edit:
     is_record() checks a line's structure, not its values)."""
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan
+    return float(v) if is_number(v) else math.nan
 
 
 def _first(pairs):
